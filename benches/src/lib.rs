@@ -1,0 +1,1 @@
+//! keel's criterion benches live in `benches/`; this library is empty.

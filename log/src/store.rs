@@ -1,0 +1,1205 @@
+//! The store: streams on fjall, the group-commit thread, reads, cursor
+//! checks, compaction and recovery.
+//!
+//! Storage layout (three fjall keyspaces in one database, so one batch is
+//! atomic across them and one journal fsync makes it durable):
+//! - `records`:   `stream ‖ 0x00 ‖ seq(u64 BE)` → [`crate::codec`] record
+//! - `streams`:   `stream` → stream meta (role, epoch, compaction horizon)
+//! - `snapshots`: `stream ‖ 0x00 ‖ object key` → `seq(u64 LE) ‖ state`
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use tracing::{debug, error, info, warn};
+
+use crate::codec::{decode_record, encode_record};
+use crate::record::{validate_entry, validate_stream_name};
+use crate::ticket::{Completer, ticket};
+use crate::{Clock, Cursor, Entry, Error, Fold, Hash, Hlc, Record, Result, SystemClock, Ticket};
+
+/// Who writes a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// This store is the stream's single writer: it assigns seq and hash.
+    Writer,
+    /// This store keeps a copy of a stream written elsewhere.
+    Replica,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Writer => "writer",
+            Role::Replica => "replica",
+        }
+    }
+    fn tag(self) -> u8 {
+        match self {
+            Role::Writer => 1,
+            Role::Replica => 2,
+        }
+    }
+    fn from_tag(t: u8) -> Option<Role> {
+        match t {
+            1 => Some(Role::Writer),
+            2 => Some(Role::Replica),
+            _ => None,
+        }
+    }
+}
+
+/// How much of each stream's chain to verify when the store opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyOnOpen {
+    /// The last `n` records of every stream (and contiguity at the horizon).
+    Tail(u64),
+    /// Every record of every stream.
+    Full,
+}
+
+/// Options for [`Store::open`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub clock: Arc<dyn Clock>,
+    pub verify_on_open: VerifyOnOpen,
+    /// Upper bound of records in one group commit.
+    pub max_group_records: usize,
+    /// Upper bound of payload bytes in one group commit.
+    pub max_group_bytes: usize,
+    /// Fault injection for tests: the fsync of the group commit with this
+    /// ordinal (1-based) fails as if the disk had failed.
+    #[doc(hidden)]
+    pub fail_sync_at_group: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            clock: Arc::new(SystemClock),
+            verify_on_open: VerifyOnOpen::Tail(1024),
+            max_group_records: 64 * 1024,
+            max_group_bytes: 64 << 20,
+            fail_sync_at_group: None,
+        }
+    }
+}
+
+/// Limits of one read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_records: 1024,
+            max_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Contiguous records of one stream following `prev`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub stream: String,
+    pub epoch: u64,
+    /// The record (or horizon) the first record chains to.
+    pub prev: Cursor,
+    pub records: Vec<Record>,
+}
+
+impl Segment {
+    /// Cursor after the last record (or `prev` when empty).
+    pub fn end(&self) -> Cursor {
+        self.records.last().map(Record::cursor).unwrap_or(self.prev)
+    }
+}
+
+/// The folded state of one object at a compaction horizon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectSnapshot {
+    pub key: String,
+    /// Seq of the last record folded into `state`.
+    pub seq: u64,
+    pub state: Bytes,
+}
+
+/// Everything of a stream up to and including `base`, as per-object state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub base: Cursor,
+    pub objects: Vec<ObjectSnapshot>,
+}
+
+/// The result of [`Store::read`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The records after the requested seq.
+    Records(Segment),
+    /// The requested seq is below the compaction horizon: the snapshot at
+    /// the horizon and the records after it.
+    Snapshot { snapshot: Snapshot, tail: Segment },
+}
+
+/// How a peer's cursor relates to this store's copy of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CursorCheck {
+    /// The cursor names a record (or the horizon) of this chain: resume after it.
+    Match,
+    /// The cursor is below the compaction horizon: send snapshot + tail.
+    BelowHorizon,
+    /// Same seq, different hash or epoch: the peer holds another history.
+    Mismatch,
+    /// The cursor is past this store's durable head.
+    Ahead,
+}
+
+/// What a store knows about one stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub name: String,
+    pub role: Role,
+    pub epoch: u64,
+    /// Last durable record.
+    pub head: Cursor,
+    /// Records up to here are folded into snapshots.
+    pub horizon: Cursor,
+}
+
+/// Counters for benches and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Group commits (= journal fsyncs) performed.
+    pub groups: u64,
+    /// Records made durable.
+    pub records: u64,
+}
+
+#[derive(Clone, Debug)]
+struct StreamState {
+    role: Role,
+    epoch: u64,
+    head: Cursor,
+    horizon: Cursor,
+}
+
+impl StreamState {
+    fn info(&self, name: &str) -> StreamInfo {
+        StreamInfo {
+            name: name.to_owned(),
+            role: self.role,
+            epoch: self.epoch,
+            head: self.head,
+            horizon: self.horizon,
+        }
+    }
+}
+
+enum Op {
+    Create { role: Role, epoch: u64 },
+    Append(Vec<Entry>),
+    Replicate(Vec<Record>),
+    Reset(Snapshot),
+}
+
+struct Pending {
+    stream: String,
+    op: Op,
+    done: Completer<Cursor>,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Vec<Pending>,
+    shutdown: bool,
+}
+
+struct Shared {
+    db: Database,
+    records: Keyspace,
+    streams: Keyspace,
+    snaps: Keyspace,
+    state: RwLock<BTreeMap<String, StreamState>>,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    poisoned: AtomicBool,
+    compaction: Mutex<()>,
+    groups: AtomicU64,
+    committed: AtomicU64,
+    opts: StoreOptions,
+}
+
+struct Committer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.queue_cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A durable log store. Cheap to clone; all clones share one database and
+/// one group-commit thread, which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    _committer: Arc<Committer>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.shared.db.disk_space().ok())
+            .field("poisoned", &self.is_poisoned())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn stream_prefix(stream: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 9);
+    k.extend_from_slice(stream.as_bytes());
+    k.push(0);
+    k
+}
+
+fn record_key(stream: &str, seq: u64) -> Vec<u8> {
+    let mut k = stream_prefix(stream);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn snap_key(stream: &str, key: &str) -> Vec<u8> {
+    let mut k = stream_prefix(stream);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn seq_of_key(key: &[u8], prefix_len: usize) -> Option<u64> {
+    let tail = key.get(prefix_len..)?;
+    Some(u64::from_be_bytes(<[u8; 8]>::try_from(tail).ok()?))
+}
+
+const META_V1: u8 = 1;
+
+fn encode_meta(s: &StreamState) -> Vec<u8> {
+    let mut v = Vec::with_capacity(66);
+    v.push(META_V1);
+    v.push(s.role.tag());
+    v.extend_from_slice(&s.epoch.to_le_bytes());
+    v.extend_from_slice(&s.horizon.epoch.to_le_bytes());
+    v.extend_from_slice(&s.horizon.seq.to_le_bytes());
+    v.extend_from_slice(s.horizon.hash.as_bytes());
+    v
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(
+        <[u8; 8]>::try_from(b.get(at..at + 8)?).ok()?,
+    ))
+}
+
+fn decode_meta(b: &[u8]) -> Option<(Role, u64, Cursor)> {
+    if b.len() != 58 || b.first() != Some(&META_V1) {
+        return None;
+    }
+    let role = Role::from_tag(*b.get(1)?)?;
+    let epoch = u64_at(b, 2)?;
+    let horizon = Cursor {
+        epoch: u64_at(b, 10)?,
+        seq: u64_at(b, 18)?,
+        hash: Hash::from_slice(b.get(26..58)?)?,
+    };
+    Some((role, epoch, horizon))
+}
+
+fn encode_snap(seq: u64, state: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + state.len());
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(state);
+    v
+}
+
+fn decode_snap(stream: &str, b: &[u8]) -> Result<(u64, Bytes)> {
+    let seq = u64_at(b, 0).ok_or_else(|| Error::corrupt(stream, 0, "object snapshot too short"))?;
+    Ok((seq, Bytes::copy_from_slice(b.get(8..).unwrap_or_default())))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in directory `path`, recovering
+    /// to the durable prefix of what was written before.
+    pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        let path = path.as_ref();
+        std::fs::create_dir_all(path)?;
+        let db = Database::builder(path)
+            .manual_journal_persist(true)
+            .open()?;
+        let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
+        let streams = db.keyspace("streams", KeyspaceCreateOptions::default)?;
+        let snaps = db.keyspace("snapshots", KeyspaceCreateOptions::default)?;
+        let shared = Arc::new(Shared {
+            db,
+            records,
+            streams,
+            snaps,
+            state: RwLock::new(BTreeMap::new()),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+            compaction: Mutex::new(()),
+            groups: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
+            opts,
+        });
+        let hlc = shared.recover()?;
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("keel-log-commit".into())
+            .spawn(move || thread_shared.commit_loop(Hlc::new(hlc)))?;
+        info!(path = %path.display(), streams = shared.read_state().len(), "log store open");
+        Ok(Store {
+            _committer: Arc::new(Committer {
+                shared: shared.clone(),
+                thread: Some(thread),
+            }),
+            shared,
+        })
+    }
+
+    /// Creates a stream (idempotent for the same role). Writers start at
+    /// `epoch`; a replica takes the epoch of what it receives.
+    pub fn create_stream(&self, stream: &str, role: Role, epoch: u64) -> Result<StreamInfo> {
+        self.submit(stream, Op::Create { role, epoch })?.wait()?;
+        self.info(stream)
+    }
+
+    /// Appends entries to a stream this store writes. Returns once they are
+    /// durable, with the cursor after the last one.
+    pub fn append(&self, stream: &str, entries: Vec<Entry>) -> Result<Cursor> {
+        self.append_async(stream, entries)?.wait()
+    }
+
+    /// Like [`Store::append`], returning a ticket to wait on or await.
+    pub fn append_async(&self, stream: &str, entries: Vec<Entry>) -> Result<Ticket<Cursor>> {
+        for e in &entries {
+            validate_entry(e)?;
+        }
+        self.submit(stream, Op::Append(entries))
+    }
+
+    /// Appends records received from a stream's writer to this store's
+    /// replica. They must extend the local chain; records already held (same
+    /// seq and hash) are skipped, so redelivery is harmless. Returns once
+    /// durable, with the replica's new head.
+    pub fn append_replicated(&self, stream: &str, records: Vec<Record>) -> Result<Cursor> {
+        self.append_replicated_async(stream, records)?.wait()
+    }
+
+    /// Like [`Store::append_replicated`], returning a ticket.
+    pub fn append_replicated_async(
+        &self,
+        stream: &str,
+        records: Vec<Record>,
+    ) -> Result<Ticket<Cursor>> {
+        self.submit(stream, Op::Replicate(records))
+    }
+
+    /// Replaces a replica's content with a snapshot received from its
+    /// writer (new epoch, or a cursor below the writer's horizon): atomically
+    /// drops the local records and snapshots and installs these.
+    pub fn install_snapshot(&self, stream: &str, snapshot: Snapshot) -> Result<Cursor> {
+        self.submit(stream, Op::Reset(snapshot))?.wait()
+    }
+
+    fn submit(&self, stream: &str, op: Op) -> Result<Ticket<Cursor>> {
+        validate_stream_name(stream)?;
+        if self.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        let (done, t) = ticket();
+        let mut q = lock(&self.shared.queue);
+        if q.shutdown {
+            return Err(Error::Closed);
+        }
+        q.items.push(Pending {
+            stream: stream.to_owned(),
+            op,
+            done,
+        });
+        drop(q);
+        self.shared.queue_cv.notify_one();
+        Ok(t)
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            groups: self.shared.groups.load(Ordering::Relaxed),
+            records: self.shared.committed.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn info(&self, stream: &str) -> Result<StreamInfo> {
+        self.shared
+            .read_state()
+            .get(stream)
+            .map(|s| s.info(stream))
+            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))
+    }
+
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.shared
+            .read_state()
+            .iter()
+            .map(|(n, s)| s.info(n))
+            .collect()
+    }
+
+    /// Reads durable records after seq `after`, verifying the chain. Below
+    /// the compaction horizon the result is snapshot + tail.
+    pub fn read(&self, stream: &str, after: u64, limits: ReadLimits) -> Result<Read> {
+        let st = self.info(stream)?;
+        if after > st.head.seq {
+            return Err(Error::BeyondHead {
+                stream: stream.to_owned(),
+                seq: after,
+                head: st.head.seq,
+            });
+        }
+        // Head first, then the snapshot: the snapshot then holds every
+        // record up to the head, and a horizon consistent with the records.
+        let snap = self.shared.db.snapshot();
+        let horizon = self.shared.horizon_in(&snap, stream)?;
+        if after < horizon.seq {
+            let objects = self.shared.objects_in(&snap, stream)?;
+            let tail = self
+                .shared
+                .segment_in(&snap, stream, horizon, st.head.seq, limits)?;
+            return Ok(Read::Snapshot {
+                snapshot: Snapshot {
+                    base: horizon,
+                    objects,
+                },
+                tail,
+            });
+        }
+        let prev = if after == horizon.seq {
+            horizon
+        } else {
+            self.shared.record_in(&snap, stream, after)?.cursor()
+        };
+        Ok(Read::Records(self.shared.segment_in(
+            &snap,
+            stream,
+            prev,
+            st.head.seq,
+            limits,
+        )?))
+    }
+
+    /// How `cursor` (a peer's position in `stream`) relates to this chain.
+    pub fn check_cursor(&self, stream: &str, cursor: &Cursor) -> Result<CursorCheck> {
+        let st = self.info(stream)?;
+        if cursor.seq > st.head.seq {
+            return Ok(CursorCheck::Ahead);
+        }
+        let snap = self.shared.db.snapshot();
+        let horizon = self.shared.horizon_in(&snap, stream)?;
+        if cursor.seq < horizon.seq {
+            return Ok(CursorCheck::BelowHorizon);
+        }
+        let here = if cursor.seq == horizon.seq {
+            horizon
+        } else {
+            self.shared.record_in(&snap, stream, cursor.seq)?.cursor()
+        };
+        Ok(if here.hash == cursor.hash && here.epoch == cursor.epoch {
+            CursorCheck::Match
+        } else {
+            CursorCheck::Mismatch
+        })
+    }
+
+    /// The snapshot at the stream's compaction horizon.
+    pub fn snapshot(&self, stream: &str) -> Result<Snapshot> {
+        self.info(stream)?;
+        let snap = self.shared.db.snapshot();
+        Ok(Snapshot {
+            base: self.shared.horizon_in(&snap, stream)?,
+            objects: self.shared.objects_in(&snap, stream)?,
+        })
+    }
+
+    /// Verifies the whole chain of a stream from its horizon to its head;
+    /// returns the head, or [`Error::Corrupt`] naming the first bad seq.
+    pub fn verify(&self, stream: &str) -> Result<Cursor> {
+        let st = self.info(stream)?;
+        let snap = self.shared.db.snapshot();
+        let horizon = self.shared.horizon_in(&snap, stream)?;
+        self.shared
+            .verify_range(&snap, stream, horizon, st.head.seq)
+    }
+
+    /// Folds the records up to `upto` into per-object snapshots with `fold`
+    /// and drops them. Runs beside appends without blocking them; one
+    /// compaction at a time. Returns the new horizon.
+    pub fn compact(&self, stream: &str, upto: u64, fold: &dyn Fold) -> Result<Cursor> {
+        let _one = lock(&self.shared.compaction);
+        if self.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        let st = self.info(stream)?;
+        if upto > st.head.seq {
+            return Err(Error::BeyondHead {
+                stream: stream.to_owned(),
+                seq: upto,
+                head: st.head.seq,
+            });
+        }
+        let shared = &self.shared;
+        let snap = shared.db.snapshot();
+        let horizon = shared.horizon_in(&snap, stream)?;
+        if upto <= horizon.seq {
+            return Ok(horizon);
+        }
+        // Fold in chunks so memory holds object states, not the records.
+        let mut states: BTreeMap<String, Option<(u64, Vec<u8>)>> = BTreeMap::new();
+        let mut prev = horizon;
+        while prev.seq < upto {
+            let seg = shared.segment_in(
+                &snap,
+                stream,
+                prev,
+                upto,
+                ReadLimits {
+                    max_records: 4096,
+                    max_bytes: 16 << 20,
+                },
+            )?;
+            for r in &seg.records {
+                if !states.contains_key(&r.key) {
+                    let old = match snap.get(&shared.snaps, snap_key(stream, &r.key))? {
+                        Some(v) => Some(decode_snap(stream, &v).map(|(s, b)| (s, b.to_vec()))?),
+                        None => None,
+                    };
+                    states.insert(r.key.clone(), old);
+                }
+                let slot = states.entry(r.key.clone()).or_insert(None);
+                let next = fold
+                    .fold(&r.key, slot.as_ref().map(|(_, s)| s.as_slice()), r)
+                    .map_err(|source| Error::Fold {
+                        stream: stream.to_owned(),
+                        key: r.key.clone(),
+                        source,
+                    })?;
+                *slot = next.map(|s| (r.seq, s));
+            }
+            let end = seg.end();
+            if end.seq == prev.seq {
+                return Err(Error::corrupt(stream, prev.seq + 1, "record missing"));
+            }
+            prev = end;
+        }
+        let new_horizon = prev;
+        let mut batch = shared.db.batch();
+        for (key, state) in &states {
+            match state {
+                Some((seq, s)) => {
+                    batch.insert(&shared.snaps, snap_key(stream, key), encode_snap(*seq, s))
+                }
+                None => batch.remove(&shared.snaps, snap_key(stream, key)),
+            }
+        }
+        let meta = {
+            let mut state = shared.write_state();
+            let s = state
+                .get_mut(stream)
+                .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+            let mut m = s.clone();
+            m.horizon = new_horizon;
+            encode_meta(&m)
+        };
+        batch.insert(&shared.streams, stream.as_bytes(), meta);
+        shared.commit_durable(batch)?;
+        if let Some(s) = shared.write_state().get_mut(stream) {
+            s.horizon = new_horizon;
+        }
+        // The records below the horizon are now unreachable; drop them in
+        // chunks. A crash here leaves leftovers that recovery removes.
+        shared.delete_records(stream, horizon.seq + 1, new_horizon.seq)?;
+        debug!(
+            stream,
+            horizon = new_horizon.seq,
+            objects = states.len(),
+            "compacted"
+        );
+        Ok(new_horizon)
+    }
+
+    /// Test helper: overwrites the stored bytes of one record, bypassing
+    /// every check, to prove that verification catches tampering.
+    #[doc(hidden)]
+    pub fn tamper_record(&self, stream: &str, seq: u64, bytes: Vec<u8>) -> Result<()> {
+        self.shared.records.insert(record_key(stream, seq), bytes)?;
+        self.shared.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, StreamState>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, StreamState>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn poison(&self, why: &dyn std::fmt::Display) {
+        error!(error = %why, "log write failed; store poisoned, refusing all further writes");
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+
+    /// Commits a batch and fsyncs the journal; poisons the store on failure.
+    fn commit_durable(&self, batch: fjall::OwnedWriteBatch) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Poisoned);
+        }
+        let r = batch
+            .commit()
+            .and_then(|()| self.db.persist(PersistMode::SyncAll));
+        if let Err(e) = r {
+            self.poison(&e);
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    fn horizon_in(&self, snap: &fjall::Snapshot, stream: &str) -> Result<Cursor> {
+        let v = snap
+            .get(&self.streams, stream.as_bytes())?
+            .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+        decode_meta(&v)
+            .map(|(_, _, h)| h)
+            .ok_or_else(|| Error::corrupt(stream, 0, "stream meta does not decode"))
+    }
+
+    fn record_in(&self, snap: &fjall::Snapshot, stream: &str, seq: u64) -> Result<Record> {
+        let v = snap
+            .get(&self.records, record_key(stream, seq))?
+            .ok_or_else(|| Error::corrupt(stream, seq, "record missing"))?;
+        let r = decode_record(&v).map_err(|e| Error::corrupt(stream, seq, e.to_string()))?;
+        if r.seq != seq {
+            return Err(Error::corrupt(stream, seq, format!("holds seq {}", r.seq)));
+        }
+        Ok(r)
+    }
+
+    fn objects_in(&self, snap: &fjall::Snapshot, stream: &str) -> Result<Vec<ObjectSnapshot>> {
+        let prefix = stream_prefix(stream);
+        let mut out = Vec::new();
+        for g in snap.prefix(&self.snaps, &prefix) {
+            let (k, v) = g.into_inner()?;
+            let key = k
+                .get(prefix.len()..)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(|| Error::corrupt(stream, 0, "object snapshot key is not UTF-8"))?
+                .to_owned();
+            let (seq, state) = decode_snap(stream, &v)?;
+            out.push(ObjectSnapshot { key, seq, state });
+        }
+        Ok(out)
+    }
+
+    /// Records after `prev` up to `last`, within `limits` (always at least
+    /// one record if any), each checked against the chain.
+    fn segment_in(
+        &self,
+        snap: &fjall::Snapshot,
+        stream: &str,
+        prev: Cursor,
+        last: u64,
+        limits: ReadLimits,
+    ) -> Result<Segment> {
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        let mut want = prev.seq + 1;
+        let mut hash = prev.hash;
+        if want <= last {
+            let range = record_key(stream, want)..=record_key(stream, last);
+            for g in snap.range(&self.records, range) {
+                if records.len() >= limits.max_records.max(1)
+                    || (bytes >= limits.max_bytes && !records.is_empty())
+                {
+                    break;
+                }
+                let (_, v) = g.into_inner()?;
+                let r =
+                    decode_record(&v).map_err(|e| Error::corrupt(stream, want, e.to_string()))?;
+                if r.seq != want {
+                    return Err(Error::corrupt(
+                        stream,
+                        want,
+                        format!("record missing (found seq {} next)", r.seq),
+                    ));
+                }
+                if r.expected_hash(&hash) != r.hash {
+                    return Err(Error::corrupt(stream, r.seq, "hash chain broken"));
+                }
+                hash = r.hash;
+                want += 1;
+                bytes += r.size_hint();
+                records.push(r);
+            }
+            if records.is_empty() {
+                return Err(Error::corrupt(stream, want, "record missing"));
+            }
+        }
+        Ok(Segment {
+            stream: stream.to_owned(),
+            epoch: records.first().map(|r| r.epoch).unwrap_or(prev.epoch),
+            prev,
+            records,
+        })
+    }
+
+    fn verify_range(
+        &self,
+        snap: &fjall::Snapshot,
+        stream: &str,
+        from: Cursor,
+        last: u64,
+    ) -> Result<Cursor> {
+        let mut prev = from;
+        while prev.seq < last {
+            let seg = self.segment_in(
+                snap,
+                stream,
+                prev,
+                last,
+                ReadLimits {
+                    max_records: 4096,
+                    max_bytes: 16 << 20,
+                },
+            )?;
+            prev = seg.end();
+        }
+        Ok(prev)
+    }
+
+    fn delete_records(&self, stream: &str, from: u64, to: u64) -> Result<()> {
+        let mut seq = from;
+        while seq <= to {
+            let end = to.min(seq.saturating_add(4095));
+            let mut batch = self.db.batch();
+            for s in seq..=end {
+                batch.remove(&self.records, record_key(stream, s));
+            }
+            batch.commit()?;
+            seq = end + 1;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the in-memory stream table from disk and checks it. Returns
+    /// the highest HLC seen, to seed the clock.
+    fn recover(&self) -> Result<u64> {
+        let mut table = BTreeMap::new();
+        let mut max_hlc = 0;
+        let snap = self.db.snapshot();
+        for g in snap.iter(&self.streams) {
+            let (k, v) = g.into_inner()?;
+            let name = std::str::from_utf8(&k)
+                .map_err(|_| Error::corrupt("?", 0, "stream name is not UTF-8"))?
+                .to_owned();
+            let (role, epoch, horizon) = decode_meta(&v)
+                .ok_or_else(|| Error::corrupt(&name, 0, "stream meta does not decode"))?;
+            let prefix = stream_prefix(&name);
+            // Leftovers of a compaction interrupted by a crash.
+            let first = match snap.prefix(&self.records, &prefix).next() {
+                Some(g) => {
+                    let k = g.key()?;
+                    seq_of_key(&k, prefix.len())
+                        .ok_or_else(|| Error::corrupt(&name, 0, "bad record key"))?
+                }
+                None => 0,
+            };
+            if first != 0 && first <= horizon.seq {
+                warn!(stream = %name, from = first, to = horizon.seq, "removing records left below the compaction horizon");
+                self.delete_records(&name, first, horizon.seq)?;
+            }
+            let head = match snap.prefix(&self.records, &prefix).next_back() {
+                Some(g) => {
+                    let (k, v) = g.into_inner()?;
+                    let seq = seq_of_key(&k, prefix.len())
+                        .ok_or_else(|| Error::corrupt(&name, 0, "bad record key"))?;
+                    let r =
+                        decode_record(&v).map_err(|e| Error::corrupt(&name, seq, e.to_string()))?;
+                    if r.seq != seq {
+                        return Err(Error::corrupt(&name, seq, format!("holds seq {}", r.seq)));
+                    }
+                    max_hlc = max_hlc.max(r.hlc);
+                    r.cursor()
+                }
+                None => horizon,
+            };
+            if head.seq < horizon.seq {
+                return Err(Error::corrupt(
+                    &name,
+                    head.seq,
+                    "head below compaction horizon",
+                ));
+            }
+            let from = match self.opts.verify_on_open {
+                VerifyOnOpen::Full => horizon,
+                VerifyOnOpen::Tail(n) => {
+                    let start = head.seq.saturating_sub(n).max(horizon.seq);
+                    if start == horizon.seq {
+                        horizon
+                    } else {
+                        self.record_in(&snap, &name, start)?.cursor()
+                    }
+                }
+            };
+            // A chain whose first record after the horizon is missing or
+            // does not follow the horizon is caught here too.
+            if head.seq > horizon.seq && from.seq > horizon.seq {
+                self.segment_in(
+                    &snap,
+                    &name,
+                    horizon,
+                    horizon.seq + 1,
+                    ReadLimits::default(),
+                )?;
+            }
+            let verified = self.verify_range(&snap, &name, from, head.seq)?;
+            if verified != head {
+                return Err(Error::corrupt(&name, head.seq, "tail does not verify"));
+            }
+            table.insert(
+                name,
+                StreamState {
+                    role,
+                    epoch,
+                    head,
+                    horizon,
+                },
+            );
+        }
+        *self.write_state() = table;
+        Ok(max_hlc)
+    }
+
+    fn commit_loop(self: Arc<Self>, mut hlc: Hlc) {
+        loop {
+            let items = {
+                let mut q = lock(&self.queue);
+                while q.items.is_empty() && !q.shutdown {
+                    q = self
+                        .queue_cv
+                        .wait(q)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                if q.items.is_empty() {
+                    return;
+                }
+                self.take_group(&mut q)
+            };
+            self.commit_group(items, &mut hlc);
+        }
+    }
+
+    /// Takes pending items up to the group limits (at least one).
+    fn take_group(&self, q: &mut Queue) -> Vec<Pending> {
+        let mut records = 0usize;
+        let mut bytes = 0usize;
+        let mut n = 0;
+        for p in &q.items {
+            let (r, b) = match &p.op {
+                Op::Append(es) => (es.len(), es.iter().map(|e| e.payload.len()).sum()),
+                Op::Replicate(rs) => (rs.len(), rs.iter().map(|r| r.payload.len()).sum()),
+                Op::Create { .. } | Op::Reset(_) => (1, 0),
+            };
+            if n > 0
+                && (records + r > self.opts.max_group_records
+                    || bytes + b > self.opts.max_group_bytes)
+            {
+                break;
+            }
+            records += r;
+            bytes += b;
+            n += 1;
+        }
+        q.items.drain(..n).collect()
+    }
+
+    fn commit_group(&self, items: Vec<Pending>, hlc: &mut Hlc) {
+        if self.poisoned.load(Ordering::SeqCst) {
+            for p in items {
+                p.done.complete(Err(Error::Poisoned));
+            }
+            return;
+        }
+        let mut batch = self.db.batch();
+        // Stream states as they will be once this group is durable.
+        let mut staged: BTreeMap<String, StreamState> = BTreeMap::new();
+        // Streams created or reset by this group: their whole state is new.
+        let mut created: Vec<String> = Vec::new();
+        let mut results: Vec<(Completer<Cursor>, Result<Cursor>)> = Vec::with_capacity(items.len());
+        let mut n_records = 0u64;
+        let now = self.opts.clock.now_ms();
+        for p in items {
+            let current = staged
+                .get(&p.stream)
+                .cloned()
+                .or_else(|| self.read_state().get(&p.stream).cloned());
+            let resets = matches!(p.op, Op::Reset(_));
+            let r = self.stage(&p.stream, p.op, current, &mut batch, hlc, now);
+            let r = match r {
+                Ok((state, is_new, n)) => {
+                    n_records += n;
+                    let c = state.head;
+                    if is_new || resets {
+                        created.push(p.stream.clone());
+                    }
+                    staged.insert(p.stream, state);
+                    Ok(c)
+                }
+                Err(e) => Err(e),
+            };
+            results.push((p.done, r));
+        }
+        if !batch.is_empty() {
+            let failpoint =
+                self.opts.fail_sync_at_group == Some(self.groups.load(Ordering::Relaxed) + 1);
+            let r = batch.commit().and_then(|()| {
+                if failpoint {
+                    Err(fjall::Error::Io(std::io::Error::other(
+                        "injected fsync failure",
+                    )))
+                } else {
+                    self.db.persist(PersistMode::SyncAll)
+                }
+            });
+            self.groups.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = r {
+                self.poison(&e);
+                for (done, _) in results {
+                    done.complete(Err(Error::Poisoned));
+                }
+                return;
+            }
+            self.committed.fetch_add(n_records, Ordering::Relaxed);
+        }
+        {
+            let mut state = self.write_state();
+            for (name, s) in staged {
+                match state.get_mut(&name) {
+                    // Compaction owns the horizon of an existing stream,
+                    // unless this group created or reset it.
+                    Some(cur) if !created.contains(&name) => {
+                        cur.head = s.head;
+                        cur.epoch = s.epoch;
+                    }
+                    _ => {
+                        state.insert(name, s);
+                    }
+                }
+            }
+        }
+        for (done, r) in results {
+            done.complete(r);
+        }
+    }
+
+    /// Validates one pending op against the stream's staged state and adds
+    /// its writes to the batch. Returns (new state, created?, records).
+    fn stage(
+        &self,
+        stream: &str,
+        op: Op,
+        current: Option<StreamState>,
+        batch: &mut fjall::OwnedWriteBatch,
+        hlc: &mut Hlc,
+        now: u64,
+    ) -> Result<(StreamState, bool, u64)> {
+        match op {
+            Op::Create { role, epoch } => match current {
+                Some(s) if s.role == role => Ok((s, false, 0)),
+                Some(s) => Err(Error::RoleConflict {
+                    stream: stream.to_owned(),
+                    existing: s.role.name(),
+                }),
+                None => {
+                    let s = StreamState {
+                        role,
+                        epoch,
+                        head: Cursor {
+                            epoch,
+                            seq: 0,
+                            hash: Hash::ZERO,
+                        },
+                        horizon: Cursor {
+                            epoch,
+                            seq: 0,
+                            hash: Hash::ZERO,
+                        },
+                    };
+                    batch.insert(&self.streams, stream.as_bytes(), encode_meta(&s));
+                    Ok((s, true, 0))
+                }
+            },
+            Op::Append(entries) => {
+                let mut s = current.ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+                if s.role != Role::Writer {
+                    return Err(Error::WrongRole {
+                        stream: stream.to_owned(),
+                        role: s.role.name(),
+                        op: "append",
+                    });
+                }
+                let n = entries.len() as u64;
+                for e in entries {
+                    let seq = s.head.seq + 1;
+                    let ts = hlc.tick(now);
+                    let hash = Record::chain_hash(
+                        &s.head.hash,
+                        seq,
+                        s.epoch,
+                        ts,
+                        &e.origin,
+                        &e.key,
+                        e.kind,
+                        &e.payload,
+                    );
+                    let r = Record {
+                        seq,
+                        epoch: s.epoch,
+                        hlc: ts,
+                        origin: e.origin,
+                        key: e.key,
+                        kind: e.kind,
+                        payload: e.payload,
+                        hash,
+                    };
+                    batch.insert(&self.records, record_key(stream, seq), encode_record(&r));
+                    s.head = r.cursor();
+                }
+                Ok((s, false, n))
+            }
+            Op::Replicate(records) => {
+                let mut s = current.ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+                if s.role != Role::Replica {
+                    return Err(Error::WrongRole {
+                        stream: stream.to_owned(),
+                        role: s.role.name(),
+                        op: "append_replicated",
+                    });
+                }
+                let mismatch = |seq, reason: &str| Error::ChainMismatch {
+                    stream: stream.to_owned(),
+                    seq,
+                    reason: reason.to_owned(),
+                };
+                // Validate everything before writing anything: an op is
+                // all or nothing.
+                let mut fresh = Vec::new();
+                let mut head = s.head;
+                let mut epoch = s.epoch;
+                for r in records {
+                    if r.seq <= head.seq {
+                        // Redelivery of what we hold is fine; anything else
+                        // at an old seq is another history.
+                        if r.seq == head.seq && r.hash == head.hash {
+                            continue;
+                        }
+                        if r.seq <= s.horizon.seq {
+                            continue;
+                        }
+                        if fresh.is_empty() && r.seq < head.seq {
+                            // Older than the durable head: compare on disk.
+                            let snap = self.db.snapshot();
+                            if matches!(self.record_in(&snap, stream, r.seq), Ok(held) if held.hash == r.hash)
+                            {
+                                continue;
+                            }
+                        }
+                        return Err(mismatch(r.seq, "a different record is held at this seq"));
+                    }
+                    if r.seq != head.seq + 1 {
+                        return Err(mismatch(r.seq, &format!("gap after seq {}", head.seq)));
+                    }
+                    if r.epoch < epoch {
+                        return Err(mismatch(r.seq, "record from an older epoch"));
+                    }
+                    if r.expected_hash(&head.hash) != r.hash {
+                        return Err(mismatch(r.seq, "hash does not chain"));
+                    }
+                    epoch = r.epoch;
+                    head = r.cursor();
+                    fresh.push(r);
+                }
+                let n = fresh.len() as u64;
+                for r in &fresh {
+                    hlc.observe(r.hlc);
+                    batch.insert(&self.records, record_key(stream, r.seq), encode_record(r));
+                }
+                if epoch != s.epoch {
+                    s.epoch = epoch;
+                    batch.insert(&self.streams, stream.as_bytes(), encode_meta(&s));
+                }
+                s.head = head;
+                Ok((s, false, n))
+            }
+            Op::Reset(snapshot) => {
+                let mut s = current.ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+                if s.role != Role::Replica {
+                    return Err(Error::WrongRole {
+                        stream: stream.to_owned(),
+                        role: s.role.name(),
+                        op: "install_snapshot",
+                    });
+                }
+                let prefix = stream_prefix(stream);
+                let snap = self.db.snapshot();
+                for g in snap.prefix(&self.records, &prefix) {
+                    batch.remove(&self.records, g.key()?);
+                }
+                for g in snap.prefix(&self.snaps, &prefix) {
+                    batch.remove(&self.snaps, g.key()?);
+                }
+                for o in &snapshot.objects {
+                    batch.insert(
+                        &self.snaps,
+                        snap_key(stream, &o.key),
+                        encode_snap(o.seq, &o.state),
+                    );
+                }
+                s.epoch = snapshot.base.epoch;
+                s.head = snapshot.base;
+                s.horizon = snapshot.base;
+                batch.insert(&self.streams, stream.as_bytes(), encode_meta(&s));
+                Ok((s, false, 0))
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Defences against hostile bytes: chunk splitting, structural checks of
+//! changes, and a panic guard around automerge.
+//!
+//! automerge verifies a change's checksum and column encoding, but a
+//! well-formed change with a valid checksum can still be semantically broken
+//! (an op on an object that does not exist, a map key on a list, ...) and some
+//! of those make automerge 0.12 panic instead of returning an error. Every
+//! call that feeds foreign bytes or foreign changes into automerge therefore
+//! goes through [`guarded`], and [`check_change`] rejects the common broken
+//! shapes up front so that the guard is rarely needed.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use automerge::{Automerge, Change, ExpandedChange, ObjType};
+
+use super::CrdtError;
+
+/// Run `f`, turning a panic inside automerge into [`CrdtError::Panicked`].
+/// Callers only ever let `f` mutate values they throw away on error (a clone
+/// or a freshly loaded document), so no half-updated state survives a panic.
+/// With `panic = "abort"` this guard cannot help; keel builds with unwinding.
+pub(crate) fn guarded<T>(what: &'static str, f: impl FnOnce() -> T) -> Result<T, CrdtError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| {
+        tracing::warn!(what, "automerge panicked on input; rejected");
+        CrdtError::Panicked(what)
+    })
+}
+
+/// Parse the bytes of one automerge change (plain or compressed chunk).
+/// automerge's parser does not verify the chunk checksum (bytes 4..8: the
+/// first 4 bytes of the change hash), so it is checked here: a corrupted
+/// change must not be accepted as a different, "new" change.
+pub(crate) fn parse_change(bytes: &[u8]) -> Result<Change, CrdtError> {
+    let change = guarded("parsing a change", || Change::try_from(bytes))?
+        .map_err(CrdtError::MalformedChange)?;
+    if bytes.get(4..8) != change.hash().0.get(..4) {
+        return Err(CrdtError::BadChecksum);
+    }
+    Ok(change)
+}
+
+/// Parse saved state: zero or more document chunks and change chunks, in any
+/// order (the output of `save`, of `fold_change`, or a concatenation of change
+/// bytes). Returns the chunks in order; nothing is applied.
+pub(crate) fn parse_state(bytes: &[u8]) -> Result<Vec<Chunk>, CrdtError> {
+    let mut out = Vec::new();
+    for (kind, raw) in split_chunks(bytes)? {
+        match kind {
+            CHUNK_DOCUMENT => {
+                let doc = guarded("loading a document chunk", || Automerge::load(raw))?
+                    .map_err(|e| CrdtError::MalformedSnapshot(e.to_string()))?;
+                out.push(Chunk::Document(Box::new(doc)));
+            }
+            CHUNK_CHANGE | CHUNK_COMPRESSED => {
+                out.push(Chunk::Change(Box::new(parse_change(raw)?)))
+            }
+            other => {
+                return Err(CrdtError::MalformedSnapshot(format!(
+                    "unsupported chunk type {other}"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+pub(crate) enum Chunk {
+    Document(Box<Automerge>),
+    Change(Box<Change>),
+}
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED: u8 = 2;
+
+/// Split concatenated automerge chunks: each is `magic(4) checksum(4) type(1)
+/// uleb128(len) body(len)`. Only framing is checked here; the contents are
+/// verified by automerge when each chunk is parsed.
+fn split_chunks(mut rest: &[u8]) -> Result<Vec<(u8, &[u8])>, CrdtError> {
+    let bad = |why: &str| CrdtError::MalformedSnapshot(why.to_owned());
+    let mut out = Vec::new();
+    if rest.is_empty() {
+        return Err(bad("empty input"));
+    }
+    while !rest.is_empty() {
+        if rest.get(..4) != Some(&MAGIC[..]) {
+            return Err(bad("bad magic bytes"));
+        }
+        let kind = *rest.get(8).ok_or_else(|| bad("truncated chunk header"))?;
+        let mut len: u64 = 0;
+        let mut header = 9usize;
+        let mut shift = 0u32;
+        loop {
+            let b = *rest
+                .get(header)
+                .ok_or_else(|| bad("truncated chunk length"))?;
+            header += 1;
+            let bits = u64::from(b & 0x7f);
+            if shift >= 64 || (shift == 63 && bits > 1) {
+                return Err(bad("chunk length overflows"));
+            }
+            len |= bits << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let total = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(header))
+            .ok_or_else(|| bad("chunk length overflows"))?;
+        let chunk = rest
+            .get(..total)
+            .ok_or_else(|| bad("truncated chunk body"))?;
+        out.push((kind, chunk));
+        rest = rest.get(total..).unwrap_or_default();
+    }
+    Ok(out)
+}
+
+/// Structural checks of `change` against the document it is about to be
+/// applied to (`None`: a fresh document): every op must target the root, an
+/// object created earlier in the same change, or an object that exists in
+/// `doc`; map keys only on maps, list positions only on lists/text; only list
+/// ops may insert.
+pub(crate) fn check_change(doc: Option<&Automerge>, change: &Change) -> Result<(), CrdtError> {
+    use automerge::legacy::{Key, ObjectId, OpId, OpType};
+
+    let expanded: ExpandedChange = guarded("decoding a change", || change.decode())?;
+    let invalid = |i: usize, why: String| CrdtError::InvalidChange(format!("op {i}: {why}"));
+    let start = expanded.start_op.get();
+    let mut created: HashMap<OpId, ObjType> = HashMap::new();
+    for (i, op) in expanded.operations.iter().enumerate() {
+        let obj_type = match &op.obj {
+            ObjectId::Root => Some(ObjType::Map),
+            ObjectId::Id(id) => created.get(id).copied().or_else(|| {
+                doc.and_then(|d| {
+                    d.import(&format!("{}@{}", id.counter(), id.actor()))
+                        .ok()
+                        .map(|(_, t)| t)
+                })
+            }),
+        };
+        let Some(obj_type) = obj_type else {
+            return Err(invalid(i, "targets an object that does not exist".into()));
+        };
+        let key_ok = match (&op.key, obj_type) {
+            (Key::Map(_), ObjType::Map | ObjType::Table) => !op.insert,
+            (Key::Seq(_), ObjType::List | ObjType::Text) => true,
+            _ => false,
+        };
+        if !key_ok {
+            return Err(invalid(
+                i,
+                format!("key {:?} does not fit a {obj_type:?}", op.key),
+            ));
+        }
+        if let OpType::Make(t) = op.action {
+            let counter = u64::try_from(i)
+                .ok()
+                .and_then(|i| start.checked_add(i))
+                .ok_or_else(|| invalid(i, "op counter overflows".into()))?;
+            created.insert(OpId(counter, expanded.actor_id.clone()), t);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,595 @@
+//! The CRDT object store: one automerge document per object key.
+//!
+//! Every Kubernetes-style object (key `pods/default/web-1`, ...) is an automerge
+//! document. Writers never send state, only changes: the cloud edits
+//! spec-like fields, the edge edits status-like fields, each under its own
+//! [`ActorId`], and [`ObjectStore::edit_replace`] / [`ObjectStore::edit_merge_patch`]
+//! emit *minimal* changes (only the fields that differ), so concurrent edits to
+//! different fields by the two writers both survive the merge.
+//!
+//! Changes arrive from the log in any interleaving, possibly duplicated;
+//! [`ObjectStore::apply_change`] is idempotent, holds changes whose
+//! dependencies have not arrived yet, and applies them once they have. Any two
+//! stores that applied the same set of changes render byte-identical JSON
+//! (see [`json`] for the mapping and the sorted-key output order).
+//!
+//! ## Deletion
+//!
+//! [`ObjectStore::apply_tombstone`] drops the document and remembers the hashes
+//! of all its changes ("dead" history). A later change that depends on dead
+//! history — a straggler from a writer that had not seen the deletion, or a
+//! duplicate of a dead change — is discarded ([`Applied::Discarded`]) and never
+//! resurrects the object. A change with no dependencies starts a new
+//! incarnation. Tombstones are not CRDT operations: the log must deliver a
+//! tombstone before the re-creation that follows it (it does, both come from
+//! the cloud's stream in order).
+
+mod actor;
+mod guard;
+pub mod json;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::transaction::CommitOptions;
+use automerge::{Automerge, Change, ChangeHash, ROOT, ReadDoc};
+use serde_json::Value;
+
+pub use actor::ActorId;
+pub use json::MAX_DEPTH;
+
+use guard::{Chunk, check_change, guarded, parse_change, parse_state};
+
+/// Errors of the object store. Malformed input of any kind (change bytes,
+/// snapshot bytes, JSON) is reported here; nothing panics on input.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CrdtError {
+    /// The bytes are not one well-formed automerge change.
+    #[error("malformed change: {0}")]
+    MalformedChange(#[source] automerge::LoadChangeError),
+    /// The change's checksum does not match its contents (corruption).
+    #[error("change checksum does not match its contents")]
+    BadChecksum,
+    /// The bytes are not well-formed saved state.
+    #[error("malformed snapshot: {0}")]
+    MalformedSnapshot(String),
+    /// The change is well-formed but does not make sense against the document
+    /// (an op on a missing object, a map key on a list, ...).
+    #[error("invalid change: {0}")]
+    InvalidChange(String),
+    /// automerge refused the change or the edit (e.g. an actor reused a
+    /// sequence number with different content).
+    #[error("automerge rejected the operation: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// automerge panicked on hostile input; the input was rejected and the
+    /// store left unchanged.
+    #[error("automerge panicked while {0}; input rejected")]
+    Panicked(&'static str),
+    /// An edit's value (or merge patch) is not a JSON object.
+    #[error("the object value must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    /// A JSON number that is neither an `i64`, a `u64`, nor a finite `f64`.
+    #[error("unsupported JSON number {0}")]
+    UnsupportedNumber(String),
+    /// The JSON nests deeper than the store accepts.
+    #[error("JSON nests deeper than {max} levels")]
+    TooDeep { max: usize },
+    /// The editing actor has its own changes for this object waiting for
+    /// dependencies; a new edit would reuse their sequence numbers.
+    #[error("actor {actor} has changes to {key} still waiting for dependencies")]
+    PendingOwnChanges { key: String, actor: ActorId },
+    /// Could not produce a re-creation change distinct from deleted history.
+    #[error("could not re-create {0}: every candidate change is already dead history")]
+    Recreate(String),
+}
+
+/// What [`ObjectStore::apply_change`] did with a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Applied {
+    /// Applied now (possibly unblocking queued changes as well).
+    New,
+    /// Already part of the document; nothing changed.
+    Duplicate,
+    /// Dependencies missing: kept and applied as soon as they arrive. A
+    /// re-delivery of a change that is still queued also reports `Queued`.
+    Queued,
+    /// Belongs to (or depends on) history removed by a tombstone; dropped.
+    Discarded,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    /// The live document; `None` when the object does not exist. A document
+    /// is only ever stored with at least one change applied, and its automerge
+    /// queue is always empty (this module queues changes itself, below).
+    doc: Option<Automerge>,
+    /// Changes whose dependencies are not all applied yet.
+    pending: BTreeMap<ChangeHash, Change>,
+    /// Hashes of changes removed by a tombstone, and of changes discarded
+    /// because they depend on such changes or could not be applied.
+    dead: BTreeSet<ChangeHash>,
+}
+
+/// Check that `doc` reproduces each of `hashes` exactly from its op set.
+///
+/// automerge accepts some well-formed but inconsistent changes (e.g. one that
+/// overwrites an op that does not exist) that its op set cannot represent:
+/// the change rebuilt from the document differs from the one applied, and
+/// the saved document then fails to load ("mismatching heads"). Rebuilding
+/// the change and comparing hashes catches every such case.
+fn verify_faithful(doc: &Automerge, hashes: &[ChangeHash]) -> Result<(), CrdtError> {
+    for hash in hashes {
+        let rebuilt = guarded("rebuilding an applied change", || {
+            doc.get_change_by_hash(hash)
+        })?;
+        if rebuilt.map(|c| c.hash()) != Some(*hash) {
+            return Err(CrdtError::InvalidChange(format!(
+                "{hash} is inconsistent with the document (it references ops that do not exist)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    // With an empty automerge queue, "not missing" means "applied".
+    doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
+}
+
+impl Entry {
+    fn is_ready(&self, change: &Change) -> bool {
+        match &self.doc {
+            None => change.deps().is_empty(),
+            Some(doc) => change.deps().iter().all(|d| has_change(doc, d)),
+        }
+    }
+
+    fn knows(&self, hash: &ChangeHash) -> Option<Applied> {
+        if self.dead.contains(hash) {
+            Some(Applied::Discarded)
+        } else if self.doc.as_ref().is_some_and(|d| has_change(d, hash)) {
+            Some(Applied::Duplicate)
+        } else if self.pending.contains_key(hash) {
+            Some(Applied::Queued)
+        } else {
+            None
+        }
+    }
+
+    /// Route one change: discard, queue, or apply (then drain the queue).
+    fn ingest(&mut self, change: Change) -> Result<Applied, CrdtError> {
+        let hash = change.hash();
+        if let Some(known) = self.knows(&hash) {
+            return Ok(known);
+        }
+        if change.deps().iter().any(|d| self.dead.contains(d)) {
+            self.dead.insert(hash);
+            // Queued changes that depend on this one are dead as well.
+            self.drain_pending();
+            return Ok(Applied::Discarded);
+        }
+        if !self.is_ready(&change) {
+            self.pending.insert(hash, change);
+            return Ok(Applied::Queued);
+        }
+        self.apply_ready(change)?;
+        self.drain_pending();
+        Ok(Applied::New)
+    }
+
+    /// Apply a causally ready change, atomically: on any error (or a panic
+    /// inside automerge) the document is left as it was.
+    fn apply_ready(&mut self, change: Change) -> Result<(), CrdtError> {
+        check_change(self.doc.as_ref(), &change)?;
+        let hash = change.hash();
+        let base = self.doc.clone().unwrap_or_default();
+        let doc = guarded("applying a change", move || {
+            let mut doc = base;
+            doc.apply_changes([change]).map(|()| doc)
+        })??;
+        if !has_change(&doc, &hash) {
+            return Err(CrdtError::InvalidChange(format!("{hash} was not applied")));
+        }
+        verify_faithful(&doc, &[hash])?;
+        self.doc = Some(doc);
+        Ok(())
+    }
+
+    /// Apply every queued change that has become ready, discard those that
+    /// depend on dead history, until nothing moves.
+    fn drain_pending(&mut self) {
+        loop {
+            let mut progressed = false;
+            let hashes: Vec<ChangeHash> = self.pending.keys().copied().collect();
+            for hash in hashes {
+                let Some(change) = self.pending.get(&hash) else {
+                    continue;
+                };
+                if change.deps().iter().any(|d| self.dead.contains(d)) {
+                    self.pending.remove(&hash);
+                    self.dead.insert(hash);
+                    progressed = true;
+                } else if self.doc.as_ref().is_some_and(|d| has_change(d, &hash)) {
+                    self.pending.remove(&hash);
+                    progressed = true;
+                } else if self.is_ready(change) {
+                    if let Some(change) = self.pending.remove(&hash)
+                        && let Err(error) = self.apply_ready(change)
+                    {
+                        tracing::warn!(%hash, %error, "queued change could not be applied; discarded");
+                        self.dead.insert(hash);
+                    }
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    /// Merge a whole loaded document: its changes that are new to us, minus
+    /// dead history, are applied as one batch.
+    fn merge_doc(&mut self, loaded: Automerge) -> Result<(), CrdtError> {
+        if loaded.get_heads().is_empty() {
+            return Ok(());
+        }
+        if self.doc.is_none() && self.dead.is_empty() {
+            // Fast path: adopt the loaded document as is.
+            self.doc = Some(loaded);
+            self.drain_pending();
+            return Ok(());
+        }
+        let mut batch: Vec<Change> = guarded("reading loaded changes", || loaded.get_changes(&[]))?
+            .into_iter()
+            .filter(|c| {
+                let h = c.hash();
+                !self.dead.contains(&h) && !self.doc.as_ref().is_some_and(|d| has_change(d, &h))
+            })
+            .collect();
+        // Anything depending (transitively) on dead history is dead too.
+        loop {
+            let before = batch.len();
+            let dead = &mut self.dead;
+            batch.retain(|c| {
+                if c.deps().iter().any(|d| dead.contains(d)) {
+                    dead.insert(c.hash());
+                    false
+                } else {
+                    true
+                }
+            });
+            if batch.len() == before {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let hashes: Vec<ChangeHash> = batch.iter().map(Change::hash).collect();
+        let base = self.doc.clone().unwrap_or_default();
+        let doc = guarded("merging a loaded document", move || {
+            let mut doc = base;
+            doc.apply_changes(batch).map(|()| doc)
+        })??;
+        if !hashes.iter().all(|h| has_change(&doc, h)) {
+            return Err(CrdtError::MalformedSnapshot(
+                "snapshot changes depend on history this store does not have".into(),
+            ));
+        }
+        self.doc = Some(doc);
+        self.drain_pending();
+        Ok(())
+    }
+}
+
+/// All objects this replica knows, keyed by object key.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectStore {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl ObjectStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Apply one change (the bytes of one automerge change, as produced by
+    /// the `edit_*` methods) to the object's document. Idempotent.
+    pub fn apply_change(&mut self, key: &str, change: &[u8]) -> Result<Applied, CrdtError> {
+        let change = parse_change(change)?;
+        self.entry_mut(key).ingest(change)
+    }
+
+    /// The object was deleted: drop its document and remember its history as
+    /// dead, so that stragglers depending on it cannot resurrect it. Queued
+    /// changes that depend on it are discarded. A later change with no
+    /// dependencies re-creates the object from scratch.
+    pub fn apply_tombstone(&mut self, key: &str) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        if let Some(doc) = entry.doc.take() {
+            entry
+                .dead
+                .extend(doc.get_changes_meta(&[]).into_iter().map(|m| m.hash));
+        }
+        entry.drain_pending();
+    }
+
+    /// The object as JSON (an object, keys sorted), or `None` if it does not
+    /// exist.
+    pub fn get_json(&self, key: &str) -> Option<Value> {
+        let doc = self.entries.get(key)?.doc.as_ref()?;
+        Some(json::read_root(doc))
+    }
+
+    /// Keys of the objects that exist, in sorted order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.doc.is_some())
+            .map(|(k, _)| k.as_str())
+    }
+
+    /// Whether the object exists.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.get(key).is_some_and(|e| e.doc.is_some())
+    }
+
+    /// Number of changes for `key` waiting for their dependencies.
+    pub fn queued(&self, key: &str) -> usize {
+        self.entries.get(key).map_or(0, |e| e.pending.len())
+    }
+
+    /// Hashes of the current heads of the object's document, sorted (empty if
+    /// it does not exist). Equal heads mean equal change sets.
+    pub fn heads(&self, key: &str) -> Vec<[u8; 32]> {
+        let mut heads: Vec<[u8; 32]> = self
+            .entries
+            .get(key)
+            .and_then(|e| e.doc.as_ref())
+            .map(|d| d.get_heads().into_iter().map(|h| h.0).collect())
+            .unwrap_or_default();
+        heads.sort_unstable();
+        heads
+    }
+
+    /// The writer `actor` replaces the whole object with `value` (a JSON
+    /// object). Emits a minimal change — only fields that differ are written,
+    /// so a concurrent edit to other fields by another writer survives the
+    /// merge — applies it locally and returns its bytes; `None` when nothing
+    /// changed. Lists are diffed element-wise over the common prefix
+    /// (recursing into objects), then the tail is deleted or appended.
+    ///
+    /// Creating an object (the key does not exist) always emits a change, even
+    /// for `{}`, so that the object comes into existence on every replica.
+    ///
+    /// "Whole object" means whole: a field owned by the other writer that
+    /// differs from this replica's current value is overwritten too (e.g. a
+    /// stale `status` in the cloud's value reverts the edge's newer one). A
+    /// writer that only owns some fields should build `value` from
+    /// [`Self::get_json`] or use [`Self::edit_merge_patch`].
+    pub fn edit_replace(
+        &mut self,
+        key: &str,
+        actor: &ActorId,
+        value: &Value,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
+        let Value::Object(new) = value else {
+            return Err(CrdtError::NotAnObject(kind_name(value)));
+        };
+        json::check_depth(value)?;
+        self.edit(key, *actor, new)
+    }
+
+    /// RFC 7386 JSON merge patch (`null` deletes a field) applied by `actor`;
+    /// emits a minimal change as [`Self::edit_replace`] does. Arrays in the
+    /// patch replace the whole array (per RFC 7386), diffed element-wise.
+    pub fn edit_merge_patch(
+        &mut self,
+        key: &str,
+        actor: &ActorId,
+        patch: &Value,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
+        if !patch.is_object() {
+            return Err(CrdtError::NotAnObject(kind_name(patch)));
+        }
+        json::check_depth(patch)?;
+        let mut target = self
+            .get_json(key)
+            .unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+        json::merge_patch(&mut target, patch);
+        // The patch can graft a deep subtree below an existing deep one.
+        json::check_depth(&target)?;
+        let Value::Object(new) = &target else {
+            return Err(CrdtError::NotAnObject(kind_name(&target)));
+        };
+        self.edit(key, *actor, new)
+    }
+
+    fn edit(
+        &mut self,
+        key: &str,
+        actor: ActorId,
+        new: &serde_json::Map<String, Value>,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
+        let am_actor = actor.to_automerge();
+        let entry = self.entry_mut(key);
+        if entry.pending.values().any(|c| *c.actor_id() == am_actor) {
+            return Err(CrdtError::PendingOwnChanges {
+                key: key.to_owned(),
+                actor,
+            });
+        }
+        let Some(doc) = entry.doc.as_mut() else {
+            return create(entry, key, am_actor, new).map(Some);
+        };
+        doc.set_actor(am_actor);
+        let mut tx = doc.transaction();
+        if let Err(e) = json::sync_map(&mut tx, &ROOT, new, 0) {
+            tx.rollback();
+            return Err(e);
+        }
+        let (hash, _) = tx.commit();
+        match hash {
+            None => Ok(None),
+            Some(hash) => change_bytes(doc, &hash).map(Some),
+        }
+    }
+
+    /// The object's whole state for log compaction or snapshot transfer:
+    /// automerge's saved document, followed by any changes still queued for
+    /// it (as automerge does with orphans). `None` if the object does not
+    /// exist.
+    pub fn save(&self, key: &str) -> Option<Vec<u8>> {
+        let entry = self.entries.get(key)?;
+        let mut bytes = entry.doc.as_ref()?.save();
+        for change in entry.pending.values() {
+            bytes.extend_from_slice(change.raw_bytes());
+        }
+        Some(bytes)
+    }
+
+    /// Merge saved state (from [`Self::save`], [`fold_change`], or a plain
+    /// concatenation of change bytes) into the object's document, creating it
+    /// if needed. Duplicates, queueing and dead history are handled exactly as
+    /// in [`Self::apply_change`]. The bytes are fully parsed before anything
+    /// is applied, so malformed bytes leave the store unchanged; each
+    /// document chunk and each change is then applied atomically.
+    pub fn load(&mut self, key: &str, bytes: &[u8]) -> Result<(), CrdtError> {
+        let chunks = parse_state(bytes)?;
+        let entry = self.entry_mut(key);
+        for chunk in chunks {
+            match chunk {
+                Chunk::Document(doc) => entry.merge_doc(*doc)?,
+                Chunk::Change(change) => {
+                    entry.ingest(*change)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn entry_mut(&mut self, key: &str) -> &mut Entry {
+        self.entries.entry(key.to_owned()).or_default()
+    }
+}
+
+/// Create a new incarnation of an object: a fresh document whose first
+/// change has no dependencies. If that change happens to be identical to one
+/// in the dead history (same actor re-creating the same content after a
+/// delete), a commit message makes it distinct.
+fn create(
+    entry: &mut Entry,
+    key: &str,
+    actor: automerge::ActorId,
+    new: &serde_json::Map<String, Value>,
+) -> Result<Vec<u8>, CrdtError> {
+    const ATTEMPTS: u32 = 16;
+    for attempt in 0..ATTEMPTS {
+        let options = || {
+            let o = CommitOptions::default();
+            if attempt == 0 {
+                o
+            } else {
+                o.with_message(format!("keel: re-creation {attempt}"))
+            }
+        };
+        let mut doc = Automerge::new().with_actor(actor.clone());
+        let mut tx = doc.transaction();
+        if let Err(e) = json::sync_map(&mut tx, &ROOT, new, 0) {
+            tx.rollback();
+            return Err(e);
+        }
+        let hash = match tx.commit_with(options()).0 {
+            Some(h) => h,
+            // `{}`: an empty change still creates the object.
+            None => doc.empty_commit(options()),
+        };
+        if entry.dead.contains(&hash) {
+            continue;
+        }
+        let bytes = change_bytes(&doc, &hash)?;
+        entry.doc = Some(doc);
+        entry.drain_pending();
+        return Ok(bytes);
+    }
+    Err(CrdtError::Recreate(key.to_owned()))
+}
+
+fn change_bytes(doc: &Automerge, hash: &ChangeHash) -> Result<Vec<u8>, CrdtError> {
+    doc.get_change_by_hash(hash)
+        .map(|c| c.raw_bytes().to_vec())
+        .ok_or(CrdtError::Automerge(
+            automerge::AutomergeError::MissingHash(*hash),
+        ))
+}
+
+fn kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A folder for log compaction: saved state + one change -> new saved state.
+///
+/// `state` is what a previous `fold_change` returned, what
+/// [`ObjectStore::save`] returned, or a concatenation of change bytes;
+/// `None` starts from an empty document. A change whose dependencies are
+/// missing is kept in the state (as an automerge orphan) and applied when a
+/// later fold supplies them. Folding a change twice is a no-op. The folder
+/// keeps no tombstone memory: on a tombstone the compactor drops the state,
+/// and must not fold older records of the same object afterwards.
+pub fn fold_change(state: Option<&[u8]>, change: &[u8]) -> Result<Vec<u8>, CrdtError> {
+    let change = parse_change(change)?;
+    let mut doc = match state {
+        None => Automerge::new(),
+        Some(bytes) => load_for_fold(bytes)?,
+    };
+    if change.deps().iter().all(|d| has_change(&doc, d)) {
+        check_change(Some(&doc), &change)?;
+    }
+    let before = doc.get_heads();
+    let doc = guarded("folding a change", move || {
+        doc.apply_changes([change])?;
+        Ok::<_, CrdtError>(doc)
+    })??;
+    // Everything this fold applied (the change, and queued ones it unblocked).
+    let applied: Vec<ChangeHash> = doc
+        .get_changes_meta(&before)
+        .into_iter()
+        .map(|m| m.hash)
+        .collect();
+    verify_faithful(&doc, &applied)?;
+    guarded("saving a folded document", || doc.save())
+}
+
+/// Load saved state into one automerge document, keeping orphans queued.
+fn load_for_fold(bytes: &[u8]) -> Result<Automerge, CrdtError> {
+    let mut doc: Option<Automerge> = None;
+    let mut changes = Vec::new();
+    for chunk in parse_state(bytes)? {
+        match chunk {
+            Chunk::Document(loaded) => match doc.as_mut() {
+                None => doc = Some(*loaded),
+                Some(d) => {
+                    let mut loaded = *loaded;
+                    guarded("merging document chunks", || d.merge(&mut loaded))??;
+                }
+            },
+            Chunk::Change(c) => changes.push(*c),
+        }
+    }
+    let mut doc = doc.unwrap_or_default();
+    guarded("loading changes", move || {
+        doc.apply_changes(changes)?;
+        Ok::<_, CrdtError>(doc)
+    })?
+}

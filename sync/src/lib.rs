@@ -1,0 +1,5 @@
+//! keel-sync: the replication protocol as a sans-IO state machine, the CRDT
+//! object store, and (later) the QUIC driver that runs the protocol on sockets.
+
+pub mod crdt;
+pub mod frame;
