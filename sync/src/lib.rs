@@ -3,3 +3,7 @@
 
 pub mod crdt;
 pub mod frame;
+pub mod link;
+pub mod objects;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;

@@ -20,9 +20,23 @@
 //! history — a straggler from a writer that had not seen the deletion, or a
 //! duplicate of a dead change — is discarded ([`Applied::Discarded`]) and never
 //! resurrects the object. A change with no dependencies starts a new
-//! incarnation. Tombstones are not CRDT operations: the log must deliver a
-//! tombstone before the re-creation that follows it (it does, both come from
-//! the cloud's stream in order).
+//! incarnation. Tombstones are not CRDT operations and do not name the
+//! history they delete (the API takes just the key): the dead set is whatever
+//! this replica had applied when the tombstone arrived. So the log must
+//! deliver a tombstone after the changes it deletes that have no dependencies
+//! (an object's creation) and before any re-creation that follows it;
+//! otherwise replicas can disagree on whether the object exists.
+//!
+//! ## Hostile input
+//!
+//! Change and snapshot bytes are untrusted. The checksum is verified, ops are
+//! checked structurally against the document, automerge runs on a copy under
+//! a panic guard (automerge 0.12 panics on some well-formed but inconsistent
+//! changes), and an applied change must be rebuildable bit-for-bit from the
+//! document (otherwise the document could not be saved and loaded again). A
+//! rejected change leaves the store unchanged. Actor ids are not
+//! authenticated here: the sync layer must check that a stream only carries
+//! changes by that stream's writer.
 
 mod actor;
 mod guard;

@@ -1,0 +1,154 @@
+use super::*;
+
+fn seeds() -> std::ops::Range<u64> {
+    if let Ok(s) = std::env::var("KEEL_SIM_SEED") {
+        let s: u64 = s.parse().unwrap_or(0);
+        return s..s + 1;
+    }
+    let n: u64 = std::env::var("KEEL_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    0..n
+}
+
+#[test]
+fn simulated_faults_lose_nothing_and_converge() {
+    let seeds = seeds();
+    let edges = 16;
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
+    let list: Vec<u64> = seeds.clone().collect();
+    let chunks: Vec<Vec<u64>> = (0..threads)
+        .map(|t| list.iter().copied().skip(t).step_by(threads).collect())
+        .collect();
+    let reports: Vec<SimReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|seed| Sim::new(SimConfig::new(seed, edges)).run())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let failed: Vec<&SimReport> = reports
+        .iter()
+        .filter(|r| !r.violations.is_empty())
+        .collect();
+    let total = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
+    println!(
+        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections; {} runs with violations",
+        seeds.start,
+        seeds.end,
+        reports.len(),
+        total(|r| r.records_written),
+        total(|r| r.acks),
+        total(|r| r.messages),
+        total(|r| r.lost_messages),
+        total(|r| r.crashes),
+        total(|r| r.partitions),
+        total(|r| r.compactions),
+        total(|r| r.snapshots_sent),
+        total(|r| r.connections),
+        failed.len(),
+    );
+    for r in failed.iter().take(5) {
+        println!(
+            "FAILED seed {} (replay: KEEL_SIM_SEED={} cargo test -p keel-sync sim::)",
+            r.seed, r.seed
+        );
+        for v in r.violations.iter().take(5) {
+            println!("    {v}");
+        }
+    }
+    assert_eq!(reports.len(), seeds.count());
+    assert!(
+        failed.is_empty(),
+        "{} of {} seeds violated an invariant; see the seeds above",
+        failed.len(),
+        reports.len()
+    );
+    assert!(reports.iter().all(|r| r.converged));
+    // The faults really happened.
+    if reports.len() >= 100 {
+        assert!(
+            total(|r| r.crashes) > 0
+                && total(|r| r.partitions) > 0
+                && total(|r| r.lost_messages) > 0
+        );
+        assert!(total(|r| r.compactions) > 0);
+    }
+}
+
+/// A link that acknowledges before persisting is caught.
+#[test]
+fn checker_catches_ack_before_persist() {
+    let caught = (0..20)
+        .map(|seed| {
+            let mut cfg = SimConfig::new(seed, 4);
+            cfg.fault = Some(Fault::AckBeforePersist);
+            Sim::new(cfg).run()
+        })
+        .filter(|r| {
+            r.violations
+                .iter()
+                .any(|v| v.contains("acknowledged but the receiver") || v.contains("lost"))
+        })
+        .count();
+    assert!(
+        caught >= 10,
+        "only {caught} of 20 runs caught acks before persist"
+    );
+}
+
+/// A link that skips a record is caught.
+#[test]
+fn checker_catches_a_skipped_record() {
+    let caught = (0..20)
+        .map(|seed| {
+            let mut cfg = SimConfig::new(seed, 4);
+            cfg.fault = Some(Fault::SkipRecord);
+            Sim::new(cfg).run()
+        })
+        .filter(|r| r.violations.iter().any(|v| v.contains("do not chain")))
+        .count();
+    assert!(
+        caught >= 10,
+        "only {caught} of 20 runs caught a skipped record"
+    );
+}
+
+/// The same seed gives the same run.
+#[test]
+fn runs_are_deterministic() {
+    let a = Sim::new(SimConfig::new(7, 4)).run();
+    let b = Sim::new(SimConfig::new(7, 4)).run();
+    assert_eq!(
+        (
+            a.steps,
+            a.records_written,
+            a.acks,
+            a.messages,
+            a.lost_messages,
+            a.crashes
+        ),
+        (
+            b.steps,
+            b.records_written,
+            b.acks,
+            b.messages,
+            b.lost_messages,
+            b.crashes
+        )
+    );
+    assert!(a.records_written > 0 && a.acks > 0);
+}
