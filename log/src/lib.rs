@@ -7,10 +7,11 @@
 //! and only accepts records that extend its chain
 //! ([`Store::append_replicated`]).
 //!
-//! Durability: every append goes through one group-commit thread, which
-//! writes all pending appends of all streams as one atomic fjall batch, makes
-//! the journal durable with a single fsync, and only then completes the
-//! callers. A failed write or fsync poisons the store: every later write is
+//! Durability: every append goes through group commit: a staging thread
+//! writes all pending appends of all streams as one atomic fjall batch, and
+//! a sync thread makes the journal durable with a single fdatasync for every
+//! batch staged meanwhile, and only then completes the callers. Staging the
+//! next group overlaps with the previous group's fsync. A failed write or fsync poisons the store: every later write is
 //! refused with [`Error::Poisoned`]. Reads only ever return durable records.
 //!
 //! Compaction folds records up to a seq into one snapshot per object

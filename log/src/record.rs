@@ -96,13 +96,19 @@ impl fmt::Debug for Record {
 /// Domain separation for the chain hash; bump with the canonical layout.
 const HASH_CONTEXT: &str = "keel record chain v1";
 
+/// The chain hash key, derived once from [`HASH_CONTEXT`].
+fn chain_key() -> &'static [u8; 32] {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| blake3::derive_key(HASH_CONTEXT, b""))
+}
+
 impl Record {
     /// The chain hash of a record with these fields following `prev`.
     ///
     /// Canonical layout (all integers little-endian):
     /// `prev(32) seq(8) epoch(8) hlc(8) kind(1) len(origin)(4) origin
     /// len(key)(4) key len(payload)(8) payload`, hashed with blake3 in
-    /// derive-key mode under the context `"keel record chain v1"`.
+    /// keyed mode; the key is `blake3::derive_key("keel record chain v1", b"")`.
     #[allow(clippy::too_many_arguments)]
     pub fn chain_hash(
         prev: &Hash,
@@ -114,7 +120,7 @@ impl Record {
         kind: PayloadKind,
         payload: &[u8],
     ) -> Hash {
-        let mut h = blake3::Hasher::new_derive_key(HASH_CONTEXT);
+        let mut h = blake3::Hasher::new_keyed(chain_key());
         h.update(&prev.0);
         h.update(&seq.to_le_bytes());
         h.update(&epoch.to_le_bytes());

@@ -209,6 +209,21 @@ enum Op {
     Reset(Snapshot),
 }
 
+/// One staged group on its way from the staging thread to the sync thread.
+#[derive(Default)]
+struct Group {
+    results: Vec<(Completer<Cursor>, Result<Cursor>)>,
+    /// Stream states as they are once this group is durable.
+    staged: BTreeMap<String, StreamState>,
+    /// Streams created or reset by this group: their whole state is new.
+    created: Vec<String>,
+    records: u64,
+    /// The group wrote to the journal (needs an fsync).
+    wrote: bool,
+    /// Its journal write failed; the store is poisoned.
+    failed: bool,
+}
+
 struct Pending {
     stream: String,
     op: Op,
@@ -238,14 +253,16 @@ struct Shared {
 
 struct Committer {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Committer {
     fn drop(&mut self) {
         lock(&self.shared.queue).shutdown = true;
         self.shared.queue_cv.notify_all();
-        if let Some(t) = self.thread.take() {
+        // The staging thread exits first; its channel closing ends the sync
+        // thread once every staged group is durable and completed.
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -368,15 +385,22 @@ impl Store {
             opts,
         });
         let hlc = shared.recover()?;
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("keel-log-commit".into())
-            .spawn(move || thread_shared.commit_loop(Hlc::new(hlc)))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let stager = shared.clone();
+        let syncer = shared.clone();
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("keel-log-stage".into())
+                .spawn(move || stager.stage_loop(Hlc::new(hlc), tx))?,
+            std::thread::Builder::new()
+                .name("keel-log-sync".into())
+                .spawn(move || syncer.sync_loop(rx))?,
+        ];
         info!(path = %path.display(), streams = shared.read_state().len(), "log store open");
         Ok(Store {
             _committer: Arc::new(Committer {
                 shared: shared.clone(),
-                thread: Some(thread),
+                threads,
             }),
             shared,
         })
@@ -909,7 +933,13 @@ impl Shared {
         Ok(max_hlc)
     }
 
-    fn commit_loop(self: Arc<Self>, mut hlc: Hlc) {
+    /// The staging half of group commit: takes pending appends, assigns
+    /// seq / HLC / hash against the staged heads (which run ahead of the
+    /// durable ones), writes them to the journal as one batch, and hands
+    /// the group to the sync thread. Staging the next group overlaps with
+    /// the fsync of the previous one.
+    fn stage_loop(self: Arc<Self>, mut hlc: Hlc, tx: std::sync::mpsc::SyncSender<Group>) {
+        let mut heads: BTreeMap<String, StreamState> = self.read_state().clone();
         loop {
             let items = {
                 let mut q = lock(&self.queue);
@@ -924,7 +954,66 @@ impl Shared {
                 }
                 self.take_group(&mut q)
             };
-            self.commit_group(items, &mut hlc);
+            let group = self.stage_group(items, &mut heads, &mut hlc);
+            if tx.send(group).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The durable half of group commit: one fsync for every group staged
+    /// meanwhile, then the heads are published and the callers completed.
+    fn sync_loop(self: Arc<Self>, rx: std::sync::mpsc::Receiver<Group>) {
+        while let Ok(first) = rx.recv() {
+            let mut groups = vec![first];
+            while let Ok(g) = rx.try_recv() {
+                groups.push(g);
+            }
+            let mut ok = !self.poisoned.load(Ordering::SeqCst);
+            if ok && groups.iter().any(|g| g.wrote) {
+                let ordinal = self.groups.fetch_add(1, Ordering::Relaxed) + 1;
+                let r = if self.opts.fail_sync_at_group == Some(ordinal) {
+                    Err(fjall::Error::Io(std::io::Error::other(
+                        "injected fsync failure",
+                    )))
+                } else {
+                    self.db.persist(PersistMode::SyncData)
+                };
+                if let Err(e) = r {
+                    self.poison(&e);
+                    ok = false;
+                }
+            }
+            for g in groups {
+                if !ok || g.failed {
+                    for (done, _) in g.results {
+                        done.complete(Err(Error::Poisoned));
+                    }
+                    continue;
+                }
+                self.committed.fetch_add(g.records, Ordering::Relaxed);
+                self.publish(g.staged, &g.created);
+                for (done, r) in g.results {
+                    done.complete(r);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, staged: BTreeMap<String, StreamState>, created: &[String]) {
+        let mut state = self.write_state();
+        for (name, s) in staged {
+            match state.get_mut(&name) {
+                // Compaction owns the horizon of an existing stream,
+                // unless this group created or reset it.
+                Some(cur) if !created.contains(&name) => {
+                    cur.head = s.head;
+                    cur.epoch = s.epoch;
+                }
+                _ => {
+                    state.insert(name, s);
+                }
+            }
         }
     }
 
@@ -952,83 +1041,57 @@ impl Shared {
         q.items.drain(..n).collect()
     }
 
-    fn commit_group(&self, items: Vec<Pending>, hlc: &mut Hlc) {
+    fn stage_group(
+        &self,
+        items: Vec<Pending>,
+        heads: &mut BTreeMap<String, StreamState>,
+        hlc: &mut Hlc,
+    ) -> Group {
+        let mut group = Group::default();
         if self.poisoned.load(Ordering::SeqCst) {
-            for p in items {
-                p.done.complete(Err(Error::Poisoned));
-            }
-            return;
+            group.failed = true;
+            group.results = items
+                .into_iter()
+                .map(|p| (p.done, Err(Error::Poisoned)))
+                .collect();
+            return group;
         }
         let mut batch = self.db.batch();
-        // Stream states as they will be once this group is durable.
-        let mut staged: BTreeMap<String, StreamState> = BTreeMap::new();
-        // Streams created or reset by this group: their whole state is new.
-        let mut created: Vec<String> = Vec::new();
-        let mut results: Vec<(Completer<Cursor>, Result<Cursor>)> = Vec::with_capacity(items.len());
-        let mut n_records = 0u64;
         let now = self.opts.clock.now_ms();
         for p in items {
-            let current = staged
-                .get(&p.stream)
-                .cloned()
-                .or_else(|| self.read_state().get(&p.stream).cloned());
             let resets = matches!(p.op, Op::Reset(_));
-            let r = self.stage(&p.stream, p.op, current, &mut batch, hlc, now);
-            let r = match r {
+            let mut current = heads.get(&p.stream).cloned();
+            // Compaction moves horizons beside staging; take the newest.
+            if let (Some(cur), Some(published)) =
+                (current.as_mut(), self.read_state().get(&p.stream))
+                && published.horizon.seq > cur.horizon.seq
+                && published.epoch == cur.epoch
+            {
+                cur.horizon = published.horizon;
+            }
+            let r = match self.stage(&p.stream, p.op, current, &mut batch, hlc, now) {
                 Ok((state, is_new, n)) => {
-                    n_records += n;
+                    group.records += n;
                     let c = state.head;
                     if is_new || resets {
-                        created.push(p.stream.clone());
+                        group.created.push(p.stream.clone());
                     }
-                    staged.insert(p.stream, state);
+                    heads.insert(p.stream.clone(), state.clone());
+                    group.staged.insert(p.stream, state);
                     Ok(c)
                 }
                 Err(e) => Err(e),
             };
-            results.push((p.done, r));
+            group.results.push((p.done, r));
         }
         if !batch.is_empty() {
-            let failpoint =
-                self.opts.fail_sync_at_group == Some(self.groups.load(Ordering::Relaxed) + 1);
-            let r = batch.commit().and_then(|()| {
-                if failpoint {
-                    Err(fjall::Error::Io(std::io::Error::other(
-                        "injected fsync failure",
-                    )))
-                } else {
-                    self.db.persist(PersistMode::SyncAll)
-                }
-            });
-            self.groups.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = r {
+            group.wrote = true;
+            if let Err(e) = batch.commit() {
                 self.poison(&e);
-                for (done, _) in results {
-                    done.complete(Err(Error::Poisoned));
-                }
-                return;
-            }
-            self.committed.fetch_add(n_records, Ordering::Relaxed);
-        }
-        {
-            let mut state = self.write_state();
-            for (name, s) in staged {
-                match state.get_mut(&name) {
-                    // Compaction owns the horizon of an existing stream,
-                    // unless this group created or reset it.
-                    Some(cur) if !created.contains(&name) => {
-                        cur.head = s.head;
-                        cur.epoch = s.epoch;
-                    }
-                    _ => {
-                        state.insert(name, s);
-                    }
-                }
+                group.failed = true;
             }
         }
-        for (done, r) in results {
-            done.complete(r);
-        }
+        group
     }
 
     /// Validates one pending op against the stream's staged state and adds

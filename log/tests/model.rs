@@ -261,9 +261,9 @@ fn run(ops: Vec<Op>) {
         }
     }
     // The whole chain still verifies at the end.
-    for s in 0..STREAMS {
+    for (s, m) in model.iter().enumerate() {
         let st = store.as_ref().unwrap();
-        assert_eq!(st.verify(&name(s)).unwrap().seq, model[s].head());
+        assert_eq!(st.verify(&name(s)).unwrap().seq, m.head());
     }
 }
 
