@@ -152,3 +152,74 @@ fn runs_are_deterministic() {
     );
     assert!(a.records_written > 0 && a.acks > 0);
 }
+
+/// A pair catches up both ways, applying every record once.
+#[test]
+fn pair_catches_up_both_ways() {
+    let node = "edge-0";
+    let mut cloud = MemLog::with_streams([
+        (down_stream(node), Role::Writer),
+        (up_stream(node), Role::Replica),
+    ]);
+    let mut edge = MemLog::with_streams([
+        (up_stream(node), Role::Writer),
+        (down_stream(node), Role::Replica),
+    ]);
+    let (mut cs, mut es) = (ObjectStore::new(), ObjectStore::new());
+    let (ca, ea) = (ActorId::from_name("cloud"), ActorId::from_name(node));
+    for i in 0..10u64 {
+        let key = format!("pods/default/p{i}");
+        let c = cs
+            .edit_merge_patch(&key, &ca, &json!({"spec": {"nodeName": node, "n": i}}))
+            .unwrap()
+            .unwrap();
+        cloud.append_local(
+            &down_stream(node),
+            Entry::new("kubectl", key, PayloadKind::Change, c),
+            i,
+        );
+    }
+    edge.append_local(
+        &up_stream(node),
+        Entry::new(node, "devices/default/t", PayloadKind::Event, &b"21.5"[..]),
+        1,
+    );
+    let mut pair = Pair::new(node, cloud, edge, Some((cs, es.clone())));
+    assert_eq!(pair.run().unwrap(), 11);
+    let (cs, es2) = pair.objects.take().unwrap();
+    for i in 0..10u64 {
+        let key = format!("pods/default/p{i}");
+        assert_eq!(cs.get_json(&key), es2.get_json(&key));
+        assert!(es2.get_json(&key).is_some());
+    }
+    // The edge writes status on what it received; it flows back.
+    es = es2;
+    let change = es
+        .edit_merge_patch(
+            "pods/default/p3",
+            &ea,
+            &json!({"status": {"phase": "Running"}}),
+        )
+        .unwrap()
+        .unwrap();
+    pair.edge.append_local(
+        &up_stream(node),
+        Entry::new(node, "pods/default/p3", PayloadKind::Change, change),
+        2,
+    );
+    pair.objects = Some((cs, es));
+    assert_eq!(pair.run().unwrap(), 1);
+    let (cs, es) = pair.objects.take().unwrap();
+    assert_eq!(
+        cs.get_json("pods/default/p3"),
+        es.get_json("pods/default/p3")
+    );
+    assert_eq!(
+        cs.get_json("pods/default/p3").unwrap()["status"]["phase"],
+        "Running"
+    );
+    assert_eq!(
+        pair.cloud.head(&up_stream(node)),
+        pair.edge.head(&up_stream(node))
+    );
+}

@@ -1,0 +1,206 @@
+//! Sync engine throughput, in memory (no sockets, no disk):
+//!
+//! - `catchup/10000-nodes/*`: 10,000 edge nodes, each 10 records behind in
+//!   each direction, caught up through both link state machines (frames
+//!   encoded and decoded), with and without applying every record to the
+//!   CRDT object stores.
+//! - `automerge/apply-pod-status`: applying pod-status-sized changes.
+//!
+//! `cargo bench -p keel-benches --bench sync_catchup`
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use keel_log::{Entry, PayloadKind, Role};
+use keel_sync::crdt::{ActorId, ObjectStore};
+use keel_sync::link::{LogSource, down_stream, up_stream};
+use keel_sync::sim::{MemLog, Pair};
+use serde_json::json;
+
+const NODES: usize = 10_000;
+const BEHIND: u64 = 10;
+const NODE: &str = "edge-template";
+
+fn status(i: u64) -> serde_json::Value {
+    json!({"status": {
+        "phase": if i % 2 == 0 { "Running" } else { "Pending" },
+        "podIP": format!("10.42.0.{}", i % 250),
+        "conditions": [
+            {"type": "Ready", "status": if i % 2 == 0 { "True" } else { "False" }, "lastTransitionTime": format!("2026-11-23T08:{:02}:00Z", i % 60)},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-11-23T08:00:00Z"}
+        ],
+        "containerStatuses": [{"name": "app", "ready": i % 2 == 0, "restartCount": i, "image": "registry.local/app:1",
+            "state": {"running": {"startedAt": format!("2026-11-23T08:{:02}:00Z", i % 60)}}}]
+    }})
+}
+
+/// Template logs and stores for one node: 20 records per stream, the
+/// receiving side holding the first 10 of each.
+struct Template {
+    cloud: MemLog,
+    edge: MemLog,
+    cloud_store: ObjectStore,
+    edge_store: ObjectStore,
+}
+
+fn template() -> Template {
+    let (down, up) = (down_stream(NODE), up_stream(NODE));
+    let mut cloud =
+        MemLog::with_streams([(down.clone(), Role::Writer), (up.clone(), Role::Replica)]);
+    let mut edge =
+        MemLog::with_streams([(up.clone(), Role::Writer), (down.clone(), Role::Replica)]);
+    let (mut cs, mut es) = (ObjectStore::new(), ObjectStore::new());
+    let (ca, ea) = (ActorId::from_name("cloud"), ActorId::from_name(NODE));
+    let mut t = 0;
+    for round in 0..2u64 {
+        for i in 0..BEHIND {
+            let key = format!("pods/default/web-{i}");
+            let patch = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("web-{i}"), "namespace": "default", "labels": {"app": "web", "rev": round.to_string()}},
+                "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": format!("registry.local/app:{round}")}]}});
+            let c = cs.edit_merge_patch(&key, &ca, &patch).unwrap().unwrap();
+            t += 1;
+            cloud.append_local(&down, Entry::new("kubectl", key, PayloadKind::Change, c), t);
+        }
+        if round == 0 {
+            // The edge has seen the first round and reported on it.
+            let recs = match cloud.read(&down, 0, Default::default()).unwrap() {
+                keel_log::Read::Records(s) => s.records,
+                keel_log::Read::Snapshot { .. } => unreachable!(),
+            };
+            for r in &recs {
+                es.apply_change(&r.key, &r.payload).unwrap();
+            }
+            edge.append_replicated(&down, recs).unwrap();
+        }
+        for i in 0..BEHIND {
+            let key = format!("pods/default/web-{i}");
+            let c = es
+                .edit_merge_patch(&key, &ea, &status(round * BEHIND + i))
+                .unwrap()
+                .unwrap();
+            t += 1;
+            edge.append_local(&up, Entry::new(NODE, key, PayloadKind::Change, c), t);
+        }
+        if round == 0 {
+            let recs = match edge.read(&up, 0, Default::default()).unwrap() {
+                keel_log::Read::Records(s) => s.records,
+                keel_log::Read::Snapshot { .. } => unreachable!(),
+            };
+            for r in &recs {
+                cs.apply_change(&r.key, &r.payload).unwrap();
+            }
+            cloud.append_replicated(&up, recs).unwrap();
+        }
+    }
+    Template {
+        cloud,
+        edge,
+        cloud_store: cs,
+        edge_store: es,
+    }
+}
+
+fn rename(log: &MemLog, node: &str) -> MemLog {
+    let mut out = log.clone();
+    out.streams = log
+        .streams
+        .iter()
+        .map(|(k, v)| (k.replace(NODE, node), v.clone()))
+        .collect();
+    out
+}
+
+fn pairs(t: &Template, with_objects: bool) -> Vec<Pair> {
+    (0..NODES)
+        .map(|i| {
+            let node = format!("edge-{i}");
+            let objects = with_objects.then(|| (t.cloud_store.clone(), t.edge_store.clone()));
+            Pair::new(
+                &node,
+                rename(&t.cloud, &node),
+                rename(&t.edge, &node),
+                objects,
+            )
+        })
+        .collect()
+}
+
+fn catchup(c: &mut Criterion) {
+    let t = template();
+    let mut g = c.benchmark_group("catchup/10000-nodes");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(NODES as u64 * BEHIND * 2));
+    for (name, with_objects) in [("links-only", false), ("with-crdt-apply", true)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut ps = pairs(&t, with_objects);
+                    let start = Instant::now();
+                    let mut moved = 0;
+                    for p in &mut ps {
+                        moved += p.run().unwrap();
+                    }
+                    total += start.elapsed();
+                    assert_eq!(moved, NODES as u64 * BEHIND * 2);
+                    drop(ps);
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+fn automerge_apply(c: &mut Criterion) {
+    const N: u64 = 1000;
+    let (ca, ea) = (ActorId::from_name("cloud"), ActorId::from_name("edge-1"));
+    let mut source = ObjectStore::new();
+    let key = "pods/default/web-0";
+    let create = source
+        .edit_merge_patch(key, &ca, &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0"}, "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]}}))
+        .unwrap()
+        .unwrap();
+    let changes: Vec<Vec<u8>> = (0..N)
+        .map(|i| {
+            source
+                .edit_merge_patch(key, &ea, &status(i))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let bytes: usize = changes.iter().map(Vec::len).sum();
+    eprintln!("pod-status change: {} bytes on average", bytes as u64 / N);
+    let mut g = c.benchmark_group("automerge");
+    g.sample_size(10).throughput(Throughput::Elements(N));
+    g.bench_function("apply-pod-status", |b| {
+        b.iter_batched(
+            || {
+                let mut s = ObjectStore::new();
+                s.apply_change(key, &create).unwrap();
+                s
+            },
+            |mut s| {
+                for ch in &changes {
+                    s.apply_change(key, ch).unwrap();
+                }
+                s
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, catchup, automerge_apply);
+criterion_main!(benches);

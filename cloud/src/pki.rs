@@ -1,0 +1,995 @@
+//! The cluster CA, the certificates it issues, revocation, and the rustls
+//! configurations of the QUIC hub.
+//!
+//! Layout of `data_dir/pki/` (directory mode 0700):
+//!
+//! | file      | content                                             | mode |
+//! |-----------|-----------------------------------------------------|------|
+//! | `ca.key`  | the CA's ECDSA P-256 private key, PKCS#8 PEM        | 0600 |
+//! | `ca.pem`  | the self-signed CA certificate                      | 0644 |
+//! | `revoked` | revoked serial numbers, one lowercase hex per line  | 0644 |
+//!
+//! Every file is written atomically (temporary file, fsync, rename, fsync of
+//! the directory). On first start the key is written before the
+//! certificate; a key without a certificate (a crash in between) is
+//! replaced, a certificate without its key is an error, since every node
+//! already pins that certificate.
+//!
+//! Identities: a node certificate has CN = node name, O = [`NODE_ORGANIZATION`]
+//! and EKU clientAuth; the admin certificate has CN = [`ADMIN_COMMON_NAME`],
+//! O = [`ADMIN_ORGANIZATION`]; the server certificate has EKU serverAuth.
+//! [`node_name_from_cert`] accepts only the first kind.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use ring::rand::SecureRandom as _;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
+use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+use crate::error::{Error, Result};
+
+/// ALPN protocol of the QUIC sync hub.
+pub const ALPN_SYNC: &[u8] = b"keel-sync/1";
+/// ALPN protocol of the HTTPS bootstrap endpoint.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Common name of the cluster CA.
+pub const CA_COMMON_NAME: &str = "keel-cluster-ca";
+/// Common name of the admin client certificate.
+pub const ADMIN_COMMON_NAME: &str = "keel-admin";
+/// Organisation of the admin client certificate.
+pub const ADMIN_ORGANIZATION: &str = "system:masters";
+/// Organisation of every node client certificate.
+pub const NODE_ORGANIZATION: &str = "keel:nodes";
+/// Common name of the cloudcore server certificate.
+pub const SERVER_COMMON_NAME: &str = "keel-cloudcore";
+/// Default validity of a node certificate.
+pub const DEFAULT_NODE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Validity of the CA certificate.
+pub const CA_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// Validity of server and admin certificates.
+pub const SERVICE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How far `not_before` is backdated, to tolerate clock skew between nodes.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+const REVOKED_FILE: &str = "revoked";
+/// Longest node name: an X.509 common name holds at most 64 characters.
+pub const MAX_NODE_NAME_LEN: usize = 63;
+const RESERVED_NAMES: [&str; 3] = [CA_COMMON_NAME, ADMIN_COMMON_NAME, SERVER_COMMON_NAME];
+
+/// The ring crypto provider, passed explicitly to every rustls builder so that
+/// nothing depends on a process-wide default.
+#[must_use]
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate issued by the cluster CA for a key held elsewhere (a CSR).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its serial number, lowercase hex without separators.
+    pub serial: String,
+    /// End of its validity.
+    pub not_after: SystemTime,
+}
+
+/// A certificate issued by the cluster CA together with the private key
+/// generated for it (server and admin certificates).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The PKCS#8 private key, PEM.
+    pub key_pem: String,
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+    /// End of the certificate's validity.
+    pub not_after: SystemTime,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster certificate authority.
+///
+/// Shared (behind an `Arc`) by the bootstrap endpoint and the QUIC hub;
+/// revocations made through any handle are seen at once by every TLS
+/// configuration built from it.
+pub struct ClusterCa {
+    dir: PathBuf,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    revocations: Arc<Revocations>,
+}
+
+impl fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("dir", &self.dir)
+            .field("ca_hash", &self.ca_hash())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// Loads the CA from `data_dir/pki/`, creating it on first start.
+    ///
+    /// # Errors
+    /// I/O errors, an unparseable or mismatched certificate/key pair, a CA
+    /// certificate whose key is missing, or a corrupt revocation list.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self> {
+        let dir = data_dir.join("pki");
+        create_private_dir(&dir)?;
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_exists = exists(&cert_path)?;
+        let key_exists = exists(&key_path)?;
+        let (cert_pem, cert_der, issuer) = match (cert_exists, key_exists) {
+            (true, true) => load_ca(&cert_path, &key_path)?,
+            (true, false) => {
+                return Err(Error::Corrupt {
+                    path: key_path,
+                    reason: "the CA certificate exists but its private key is missing; \
+                             restore it from backup (a new CA would orphan every node)"
+                        .into(),
+                });
+            }
+            (false, key_exists) => {
+                if key_exists {
+                    tracing::warn!(
+                        path = %key_path.display(),
+                        "CA key without certificate (interrupted first start); creating a new CA"
+                    );
+                }
+                create_ca(&cert_path, &key_path)?
+            }
+        };
+        let revocations = Arc::new(Revocations::load(dir.join(REVOKED_FILE))?);
+        let ca = Self {
+            dir,
+            cert_pem,
+            cert_der,
+            issuer,
+            revocations,
+        };
+        tracing::info!(ca_hash = %ca.ca_hash(), "cluster CA ready");
+        Ok(ca)
+    }
+
+    /// The directory holding the CA files (`data_dir/pki`).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate, PEM.
+    #[must_use]
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    #[must_use]
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// `"sha256:" + hex(sha256(CA certificate DER))`, the pin carried by
+    /// join tokens.
+    #[must_use]
+    pub fn ca_hash(&self) -> String {
+        ca_hash_of_der(&self.cert_der)
+    }
+
+    /// Signs a node's CSR with the default validity window starting now.
+    ///
+    /// # Errors
+    /// See [`ClusterCa::sign_node_csr_between`].
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert> {
+        let now = SystemTime::now();
+        let not_after = now
+            .checked_add(validity)
+            .ok_or_else(|| Error::InvalidValidity(format!("{validity:?} is too long")))?;
+        self.sign_node_csr_between(csr_pem, node_name, backdate(now), not_after)
+    }
+
+    /// Signs a node's CSR for an explicit validity window.
+    ///
+    /// The CSR must parse, its self-signature must verify and its common
+    /// name must be exactly `node_name`. Nothing else is taken from the CSR
+    /// but its public key: the certificate gets CN = `node_name`,
+    /// O = [`NODE_ORGANIZATION`], EKU clientAuth, no CA rights, a random
+    /// 128-bit serial and the cluster CA as issuer, whatever the CSR asks for.
+    ///
+    /// # Errors
+    /// [`Error::InvalidNodeName`], [`Error::InvalidCsr`],
+    /// [`Error::NodeMismatch`], [`Error::InvalidValidity`], or a signing error.
+    pub fn sign_node_csr_between(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert> {
+        validate_node_name(node_name)?;
+        let csr = parse_csr(csr_pem)?;
+        if csr.common_name != node_name {
+            return Err(Error::NodeMismatch {
+                expected: node_name.to_owned(),
+                actual: csr.common_name,
+            });
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(node_name, Some(NODE_ORGANIZATION));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let serial = set_validity_and_serial(&mut params, not_before, not_after)?;
+        let cert = params.signed_by(&csr.params.public_key, &self.issuer)?;
+        tracing::info!(node = node_name, serial = %serial, "issued node certificate");
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            serial,
+            not_after,
+        })
+    }
+
+    /// Issues the cloudcore server certificate, with a fresh P-256 key.
+    ///
+    /// Each name becomes an IP-address SAN if it parses as an IP address and
+    /// a DNS-name SAN otherwise. EKU serverAuth, valid for
+    /// [`SERVICE_CERT_VALIDITY`].
+    ///
+    /// # Errors
+    /// No names, a name that is not a valid DNS name, or a signing error.
+    pub fn server_cert(&self, names: &[&str]) -> Result<Credentials> {
+        if names.is_empty() {
+            return Err(Error::InvalidCertificate(
+                "a server certificate needs at least one name".into(),
+            ));
+        }
+        let sans: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(sans)?;
+        params.distinguished_name = dn(SERVER_COMMON_NAME, None);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue_with_new_key(params, "server")
+    }
+
+    /// Issues the admin client certificate (CN [`ADMIN_COMMON_NAME`], O
+    /// [`ADMIN_ORGANIZATION`]), with a fresh P-256 key.
+    ///
+    /// # Errors
+    /// A key generation or signing error.
+    pub fn admin_cert(&self) -> Result<Credentials> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(ADMIN_COMMON_NAME, Some(ADMIN_ORGANIZATION));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_with_new_key(params, "admin")
+    }
+
+    fn issue_with_new_key(&self, mut params: CertificateParams, kind: &str) -> Result<Credentials> {
+        let now = SystemTime::now();
+        let not_after = now + SERVICE_CERT_VALIDITY;
+        params.use_authority_key_identifier_extension = true;
+        let serial = set_validity_and_serial(&mut params, backdate(now), not_after)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        tracing::info!(kind, serial = %serial, "issued certificate");
+        Ok(Credentials {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial,
+            not_after,
+        })
+    }
+
+    /// Revokes a certificate by serial number (hex, any case, `:` separators
+    /// allowed). The list is persisted before this returns; TLS
+    /// configurations built from this CA refuse the certificate from then on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSerial`] or an I/O error.
+    pub fn revoke(&self, serial: &str) -> Result<()> {
+        self.revocations.revoke(serial)
+    }
+
+    /// Whether a serial number (same syntax as [`ClusterCa::revoke`]) is revoked.
+    /// An unparseable serial is reported as not revoked.
+    #[must_use]
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revocations.is_revoked(serial)
+    }
+
+    /// The shared revocation list.
+    #[must_use]
+    pub fn revocations(&self) -> Arc<Revocations> {
+        Arc::clone(&self.revocations)
+    }
+}
+
+/// The persisted set of revoked serial numbers.
+#[derive(Debug)]
+pub struct Revocations {
+    path: PathBuf,
+    serials: Mutex<BTreeSet<String>>,
+}
+
+impl Revocations {
+    fn load(path: PathBuf) -> Result<Self> {
+        let mut serials = BTreeSet::new();
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                for (i, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let serial = normalize_serial(line).map_err(|_| Error::Corrupt {
+                        path: path.clone(),
+                        reason: format!("line {} is not a hex serial number", i + 1),
+                    })?;
+                    serials.insert(serial);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+        Ok(Self {
+            path,
+            serials: Mutex::new(serials),
+        })
+    }
+
+    /// Adds a serial and persists the list atomically.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSerial`] or an I/O error (the serial then stays
+    /// revoked in memory).
+    pub fn revoke(&self, serial: &str) -> Result<()> {
+        let serial = normalize_serial(serial)?;
+        let mut set = self.serials.lock().unwrap_or_else(PoisonError::into_inner);
+        if !set.insert(serial.clone()) {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for s in set.iter() {
+            text.push_str(s);
+            text.push('\n');
+        }
+        write_atomic(&self.path, text.as_bytes(), 0o644)?;
+        tracing::warn!(serial = %serial, "certificate revoked");
+        Ok(())
+    }
+
+    /// Whether `serial` is revoked (unparseable serials are not).
+    #[must_use]
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        match normalize_serial(serial) {
+            Ok(s) => self
+                .serials
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&s),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether the certificate with this raw DER serial is revoked.
+    fn is_raw_serial_revoked(&self, raw: &[u8]) -> bool {
+        let s = hex(strip_leading_zeros(raw));
+        self.serials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&s)
+    }
+
+    /// Every revoked serial, lowercase hex, sorted.
+    #[must_use]
+    pub fn list(&self) -> Vec<String> {
+        self.serials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TLS configurations
+// ---------------------------------------------------------------------------
+
+/// Whether a server configuration requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientAuth {
+    Required,
+    Optional,
+}
+
+/// The rustls server configuration of the QUIC hub: TLS 1.3 only, ALPN
+/// [`ALPN_SYNC`], and a client certificate that chains to the cluster CA, is
+/// within its validity, has EKU clientAuth and is not revoked.
+///
+/// The result converts with `quinn::crypto::rustls::QuicServerConfig::try_from`.
+///
+/// # Errors
+/// Unparseable server certificate or key, or a rustls configuration error.
+pub fn server_tls_config(
+    ca: &ClusterCa,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+) -> Result<rustls::ServerConfig> {
+    build_server_config(
+        ca,
+        server_cert_pem,
+        server_key_pem,
+        ClientAuth::Required,
+        ALPN_SYNC,
+    )
+}
+
+pub(crate) fn build_server_config(
+    ca: &ClusterCa,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+    client_auth: ClientAuth,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig> {
+    let provider = crypto_provider();
+    let verifier = client_verifier(ca, client_auth, Arc::clone(&provider))?;
+    let mut chain = certs_from_pem(server_cert_pem)?;
+    chain.push(ca.cert_der.clone());
+    let key = key_from_pem(server_key_pem)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+fn client_verifier(
+    ca: &ClusterCa,
+    client_auth: ClientAuth,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der.clone())?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if client_auth == ClientAuth::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    Ok(Arc::new(RevocationCheckingVerifier {
+        inner: builder.build()?,
+        revocations: ca.revocations(),
+    }))
+}
+
+/// A client certificate verifier that refuses revoked serial numbers with
+/// [`rustls::CertificateError::Revoked`] (alert `certificate_revoked`) and
+/// then delegates to rustls' WebPKI verifier.
+#[derive(Debug)]
+struct RevocationCheckingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for RevocationCheckingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[TlsDn] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let Ok((_, cert)) = X509Certificate::from_der(end_entity) else {
+            tracing::warn!("refused client certificate: not a parseable X.509 certificate");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadEncoding,
+            ));
+        };
+        if self.revocations.is_raw_serial_revoked(cert.raw_serial()) {
+            tracing::warn!(
+                serial = %hex(strip_leading_zeros(cert.raw_serial())),
+                subject = %cert.subject(),
+                "refused client certificate: revoked"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| {
+                tracing::warn!(subject = %cert.subject(), error = %e, "refused client certificate");
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The rustls client configuration of a node: TLS 1.3 only, ALPN
+/// [`ALPN_SYNC`], trusts the cluster CA and nothing else (no system roots),
+/// and presents the node certificate.
+///
+/// The result converts with `quinn::crypto::rustls::QuicClientConfig::try_from`.
+///
+/// # Errors
+/// Unparseable PEM or a rustls configuration error.
+pub fn client_tls_config(
+    ca_pem: &str,
+    node_cert_pem: &str,
+    node_key_pem: &str,
+) -> Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    let chain = certs_from_pem(node_cert_pem)?;
+    let key = key_from_pem(node_key_pem)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN_SYNC.to_vec()];
+    Ok(config)
+}
+
+/// The node name of a (verified) peer certificate: its common name, if the
+/// certificate is a keel node certificate (O = [`NODE_ORGANIZATION`]) and the
+/// name is a valid node name.
+///
+/// # Errors
+/// [`Error::InvalidCertificate`] for unparseable DER,
+/// [`Error::NotANodeCertificate`] otherwise.
+pub fn node_name_from_cert(der: &[u8]) -> Result<String> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidCertificate(format!("not an X.509 certificate: {e}")))?;
+    let subject = cert.subject();
+    let is_node = subject
+        .iter_organization()
+        .any(|o| o.as_str().is_ok_and(|o| o == NODE_ORGANIZATION));
+    if !is_node {
+        return Err(Error::NotANodeCertificate(format!(
+            "subject {subject} lacks O={NODE_ORGANIZATION}"
+        )));
+    }
+    let name = single_common_name(subject)
+        .map_err(|e| Error::NotANodeCertificate(format!("subject {subject}: {e}")))?;
+    validate_node_name(&name)
+        .map_err(|e| Error::NotANodeCertificate(format!("subject {subject}: {e}")))?;
+    Ok(name)
+}
+
+/// The serial number of a DER certificate, lowercase hex.
+///
+/// # Errors
+/// [`Error::InvalidCertificate`] for unparseable DER.
+pub fn serial_of_cert(der: &[u8]) -> Result<String> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidCertificate(format!("not an X.509 certificate: {e}")))?;
+    Ok(hex(strip_leading_zeros(cert.raw_serial())))
+}
+
+/// The end of a DER certificate's validity.
+///
+/// # Errors
+/// [`Error::InvalidCertificate`] for unparseable DER.
+pub fn not_after_of_cert(der: &[u8]) -> Result<SystemTime> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::InvalidCertificate(format!("not an X.509 certificate: {e}")))?;
+    let ts = cert.validity().not_after.timestamp();
+    Ok(u64::try_from(ts).map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s)))
+}
+
+/// `"sha256:" + hex(sha256(der))`.
+#[must_use]
+pub fn ca_hash_of_der(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    format!("sha256:{}", hex(digest.as_ref()))
+}
+
+/// All certificates of a PEM string, in order.
+///
+/// # Errors
+/// [`Error::InvalidCertificate`] if the PEM is malformed or holds no certificate.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidCertificate(format!("bad certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::InvalidCertificate("no certificate in PEM".into()));
+    }
+    Ok(certs)
+}
+
+fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| Error::InvalidCertificate(format!("bad private key PEM: {e}")))
+}
+
+/// Checks that `name` is a keel node name: 1 to 63 characters of `a-z`,
+/// `0-9`, `-` and `.`, starting and ending with a letter or digit, and not
+/// one of the names keel uses for itself.
+///
+/// # Errors
+/// [`Error::InvalidNodeName`].
+pub fn validate_node_name(name: &str) -> Result<()> {
+    let refuse = |reason| {
+        let mut shown: String = name.chars().take(80).collect();
+        if shown.len() < name.len() {
+            shown.push('…');
+        }
+        Err(Error::InvalidNodeName {
+            name: shown,
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return refuse("empty");
+    }
+    if name.len() > MAX_NODE_NAME_LEN {
+        return refuse("longer than 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return refuse("only a-z, 0-9, '-' and '.' are allowed");
+    }
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !alnum(name.as_bytes().first()) || !alnum(name.as_bytes().last()) {
+        return refuse("must start and end with a letter or digit");
+    }
+    if RESERVED_NAMES.contains(&name) {
+        return refuse("reserved for keel itself");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------
+
+struct ParsedCsr {
+    params: CertificateSigningRequestParams,
+    common_name: String,
+}
+
+fn parse_csr(csr_pem: &str) -> Result<ParsedCsr> {
+    use rustls::pki_types::CertificateSigningRequestDer;
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| Error::InvalidCsr(format!("not a PEM certificate request: {e}")))?;
+    // Parses and verifies the CSR's self-signature (proof of possession).
+    let params = CertificateSigningRequestParams::from_der(&der)
+        .map_err(|e| Error::InvalidCsr(e.to_string()))?;
+    let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| Error::InvalidCsr(e.to_string()))?;
+    let common_name = single_common_name(&parsed.certification_request_info.subject)
+        .map_err(Error::InvalidCsr)?;
+    Ok(ParsedCsr {
+        params,
+        common_name,
+    })
+}
+
+fn single_common_name(
+    name: &x509_parser::x509::X509Name<'_>,
+) -> std::result::Result<String, String> {
+    let mut cns = name.iter_common_name();
+    let first = cns.next().ok_or("no common name")?;
+    if cns.next().is_some() {
+        return Err("more than one common name".into());
+    }
+    first
+        .as_str()
+        .map(str::to_owned)
+        .map_err(|e| format!("common name is not a string: {e}"))
+}
+
+fn dn(common_name: &str, organization: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    if let Some(o) = organization {
+        dn.push(DnType::OrganizationName, o);
+    }
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn backdate(now: SystemTime) -> SystemTime {
+    now.checked_sub(CLOCK_SKEW).unwrap_or(now)
+}
+
+/// Sets the validity window and a fresh random serial; returns the serial as hex.
+fn set_validity_and_serial(
+    params: &mut CertificateParams,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<String> {
+    if not_after <= not_before {
+        return Err(Error::InvalidValidity(
+            "not_after must be later than not_before".into(),
+        ));
+    }
+    params.not_before = to_offset(not_before)?;
+    params.not_after = to_offset(not_after)?;
+    let serial = random_serial()?;
+    let hex_serial = hex(&serial);
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    Ok(hex_serial)
+}
+
+fn to_offset(t: SystemTime) -> Result<time::OffsetDateTime> {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::InvalidValidity("time before 1970".into()))?
+        .as_secs();
+    let secs = i64::try_from(secs).map_err(|_| Error::InvalidValidity("time too far".into()))?;
+    let dt = time::OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|e| Error::InvalidValidity(e.to_string()))?;
+    if dt.year() >= 10_000 {
+        return Err(Error::InvalidValidity("time after year 9999".into()));
+    }
+    Ok(dt)
+}
+
+/// 16 random bytes, positive and without a leading zero byte, so the DER
+/// INTEGER is exactly these bytes and its hex is canonical.
+fn random_serial() -> Result<[u8; 16]> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Random)?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(bytes)
+}
+
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Random)?;
+    Ok(bytes)
+}
+
+/// Lowercase hex, canonical (no leading zero bytes), from hex with any case
+/// and optional `:` separators.
+fn normalize_serial(serial: &str) -> Result<String> {
+    let invalid = || Error::InvalidSerial(serial.chars().take(100).collect());
+    let digits: String = serial
+        .trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if digits.is_empty() || digits.len() > 128 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid());
+    }
+    let trimmed = digits.trim_start_matches('0');
+    // Whole bytes: re-pad to an even number of digits.
+    let canonical = if trimmed.len() % 2 == 1 {
+        format!("0{trimmed}")
+    } else {
+        trimmed.to_owned()
+    };
+    if canonical.is_empty() {
+        return Ok("00".into());
+    }
+    Ok(canonical)
+}
+
+fn strip_leading_zeros(raw: &[u8]) -> &[u8] {
+    let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    match raw.get(first..) {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => &[0],
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn exists(path: &Path) -> Result<bool> {
+    path.try_exists().map_err(|e| Error::io(path, e))
+}
+
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(dir, e))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory (created with `mode`), fsync, rename over `path`, fsync of the
+/// directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::io(path, std::io::Error::other("path has no parent directory")))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::io(path, std::io::Error::other("path has no file name")))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}.{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(dir, e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn create_ca(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(String, CertificateDer<'static>, Issuer<'static, KeyPair>)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(CA_COMMON_NAME, Some("keel"));
+    // A per-cluster OU makes every cluster's CA subject unique, so a
+    // certificate from another keel cluster fails as "unknown issuer"
+    // rather than as a bad signature under a same-named CA.
+    params.distinguished_name.push(
+        DnType::OrganizationalUnitName,
+        format!("cluster-{}", hex(&random_bytes::<8>()?)),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    set_validity_and_serial(&mut params, backdate(now), now + CA_VALIDITY)?;
+    let cert = params.self_signed(&key)?;
+    let cert_pem = cert.pem();
+    let cert_der = cert.der().clone();
+    write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(cert_path, cert_pem.as_bytes(), 0o644)?;
+    tracing::info!(path = %cert_path.display(), "created cluster CA");
+    Ok((cert_pem, cert_der, Issuer::new(params, key)))
+}
+
+fn load_ca(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(String, CertificateDer<'static>, Issuer<'static, KeyPair>)> {
+    let corrupt = |path: &Path, reason: String| Error::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    let cert_pem = fs::read_to_string(cert_path).map_err(|e| Error::io(cert_path, e))?;
+    let key_pem = fs::read_to_string(key_path).map_err(|e| Error::io(key_path, e))?;
+    let mode = fs::metadata(key_path)
+        .map_err(|e| Error::io(key_path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %key_path.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "CA key is readable by group or others"
+        );
+    }
+    let mut certs = certs_from_pem(&cert_pem).map_err(|e| corrupt(cert_path, e.to_string()))?;
+    if certs.len() != 1 {
+        return Err(corrupt(
+            cert_path,
+            "expected exactly one certificate".into(),
+        ));
+    }
+    let cert_der = certs
+        .pop()
+        .ok_or_else(|| corrupt(cert_path, "no certificate".into()))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(key_path, e.to_string()))?;
+    let (_, parsed) =
+        X509Certificate::from_der(&cert_der).map_err(|e| corrupt(cert_path, e.to_string()))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(corrupt(
+            key_path,
+            "the CA key does not match the CA certificate".into(),
+        ));
+    }
+    if !parsed.is_ca() {
+        return Err(corrupt(cert_path, "not a CA certificate".into()));
+    }
+    let issuer =
+        Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| corrupt(cert_path, e.to_string()))?;
+    Ok((cert_pem, cert_der, issuer))
+}
