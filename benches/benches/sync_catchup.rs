@@ -30,13 +30,13 @@ const NODE: &str = "edge-template";
 
 fn status(i: u64) -> serde_json::Value {
     json!({"status": {
-        "phase": if i % 2 == 0 { "Running" } else { "Pending" },
+        "phase": if i.is_multiple_of(2) { "Running" } else { "Pending" },
         "podIP": format!("10.42.0.{}", i % 250),
         "conditions": [
-            {"type": "Ready", "status": if i % 2 == 0 { "True" } else { "False" }, "lastTransitionTime": format!("2026-11-23T08:{:02}:00Z", i % 60)},
+            {"type": "Ready", "status": if i.is_multiple_of(2) { "True" } else { "False" }, "lastTransitionTime": format!("2026-11-23T08:{:02}:00Z", i % 60)},
             {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-11-23T08:00:00Z"}
         ],
-        "containerStatuses": [{"name": "app", "ready": i % 2 == 0, "restartCount": i, "image": "registry.local/app:1",
+        "containerStatuses": [{"name": "app", "ready": i.is_multiple_of(2), "restartCount": i, "image": "registry.local/app:1",
             "state": {"running": {"startedAt": format!("2026-11-23T08:{:02}:00Z", i % 60)}}}]
     }})
 }

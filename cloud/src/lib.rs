@@ -9,6 +9,7 @@
 
 pub mod bootstrap;
 pub mod error;
+pub mod hub;
 pub mod pki;
 pub mod token;
 

@@ -8,5 +8,6 @@
 
 pub mod bootstrap;
 pub mod error;
+pub mod hub;
 
 pub use error::{Error, Result};

@@ -34,7 +34,7 @@ pub use error::{Error, Result};
 pub use fold::{ConcatFold, Fold, FoldError};
 pub use record::{Cursor, Entry, Hash, PayloadKind, Record, validate_stream_name};
 pub use store::{
-    CursorCheck, ObjectSnapshot, Read, ReadLimits, Role, Segment, Snapshot, Store, StoreOptions,
-    StoreStats, StreamInfo, VerifyOnOpen,
+    CursorCheck, HeadWait, ObjectSnapshot, Read, ReadLimits, Role, Segment, Snapshot, Store,
+    StoreOptions, StoreStats, StreamInfo, VerifyOnOpen,
 };
 pub use ticket::Ticket;

@@ -248,6 +248,8 @@ struct Shared {
     compaction: Mutex<()>,
     groups: AtomicU64,
     committed: AtomicU64,
+    /// Tasks waiting for a stream's durable head to move.
+    watchers: Mutex<BTreeMap<String, Vec<std::task::Waker>>>,
     opts: StoreOptions,
 }
 
@@ -382,6 +384,7 @@ impl Store {
             compaction: Mutex::new(()),
             groups: AtomicU64::new(0),
             committed: AtomicU64::new(0),
+            watchers: Mutex::new(BTreeMap::new()),
             opts,
         });
         let hlc = shared.recover()?;
@@ -469,6 +472,17 @@ impl Store {
         drop(q);
         self.shared.queue_cv.notify_one();
         Ok(t)
+    }
+
+    /// Resolves once the durable head of `stream` is past seq `beyond`
+    /// (at once if it already is, or if the stream does not exist). This is
+    /// how a sender learns of new local appends without polling.
+    pub fn wait_head(&self, stream: &str, beyond: u64) -> HeadWait {
+        HeadWait {
+            store: self.clone(),
+            stream: stream.to_owned(),
+            beyond,
+        }
     }
 
     pub fn is_poisoned(&self) -> bool {
@@ -686,6 +700,43 @@ impl Store {
         self.shared.records.insert(record_key(stream, seq), bytes)?;
         self.shared.db.persist(PersistMode::SyncAll)?;
         Ok(())
+    }
+}
+
+/// Future returned by [`Store::wait_head`].
+#[derive(Debug)]
+pub struct HeadWait {
+    store: Store,
+    stream: String,
+    beyond: u64,
+}
+
+impl std::future::Future for HeadWait {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let shared = &self.store.shared;
+        let past = |s: &Shared| {
+            s.read_state()
+                .get(&self.stream)
+                .is_none_or(|st| st.head.seq > self.beyond)
+        };
+        if past(shared) {
+            return std::task::Poll::Ready(());
+        }
+        // Register, then check again: a publish between the two checks has
+        // either been seen or will wake this waker.
+        lock(&shared.watchers)
+            .entry(self.stream.clone())
+            .or_default()
+            .push(cx.waker().clone());
+        if past(shared) || self.store.is_poisoned() {
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
     }
 }
 
@@ -1001,6 +1052,25 @@ impl Shared {
     }
 
     fn publish(&self, staged: BTreeMap<String, StreamState>, created: &[String]) {
+        let names: Vec<String> = staged.keys().cloned().collect();
+        // State first, then wake: a waiter registering meanwhile re-checks
+        // the state after registering, so no wake-up is lost.
+        self.publish_state(staged, created);
+        let mut wake = Vec::new();
+        {
+            let mut watchers = lock(&self.watchers);
+            for name in &names {
+                if let Some(w) = watchers.remove(name) {
+                    wake.extend(w);
+                }
+            }
+        }
+        for w in wake {
+            w.wake();
+        }
+    }
+
+    fn publish_state(&self, staged: BTreeMap<String, StreamState>, created: &[String]) {
         let mut state = self.write_state();
         for (name, s) in staged {
             match state.get_mut(&name) {

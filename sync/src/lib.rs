@@ -5,5 +5,7 @@ pub mod crdt;
 pub mod frame;
 pub mod link;
 pub mod objects;
+#[cfg(feature = "quic")]
+pub mod quic;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

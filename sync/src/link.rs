@@ -688,10 +688,10 @@ impl Link {
         }
         let mut t = (self.last_recv + self.cfg.idle_timeout_ms)
             .min(self.last_ping + self.cfg.ping_interval_ms);
-        if let Some(p) = &self.outbound.peer {
-            if p.sent.seq > p.acked.seq || (p.need_snapshot && p.snapshot_sent) {
-                t = t.min(p.last_progress + self.cfg.retransmit_ms);
-            }
+        if let Some(p) = &self.outbound.peer
+            && (p.sent.seq > p.acked.seq || (p.need_snapshot && p.snapshot_sent))
+        {
+            t = t.min(p.last_progress + self.cfg.retransmit_ms);
         }
         Some(t)
     }
@@ -702,6 +702,33 @@ impl Link {
 
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// The next control frame (Hello, Ack, Ping, Pong, Error), if any. A
+    /// driver whose bulk channel is full still drains these.
+    pub fn poll_control(&mut self) -> Option<Frame> {
+        if let Some(f) = self.control.pop_front() {
+            return Some(f);
+        }
+        if self.closed.is_some() {
+            return None;
+        }
+        self.acks
+            .pop_first()
+            .map(|(stream, cursor)| Frame::Ack { stream, cursor })
+    }
+
+    /// Whether the peer still lacks part of the stream this side sends, as
+    /// far as this side knows (for admission and pacing).
+    pub fn lag(&self, src: &dyn LogSource) -> Option<u64> {
+        let p = self.outbound.peer.as_ref()?;
+        let head = src.head(&self.outbound.name)?;
+        Some(head.seq.saturating_sub(p.acked.seq))
+    }
+
+    /// The stream this side sends.
+    pub fn outbound_stream(&self) -> &str {
+        &self.outbound.name
     }
 
     /// The next frame to send and its channel: control frames and acks

@@ -671,16 +671,16 @@ impl Sim {
             } else {
                 (&mut self.edges[i], up_stream(&edge_name(i)))
             };
-            if node.is_up() {
-                if let Some(s) = node.log.streams.get(&stream) {
-                    let (lo, hi) = (s.base.seq, s.head().seq);
-                    if hi > lo {
-                        let upto = lo + 1 + self.rng.below(hi - lo);
-                        if let Err(e) = node.log.compact(&stream, upto) {
-                            self.violate(format!("compaction of {stream} failed: {e}"));
-                        }
-                        self.report.compactions += 1;
+            if node.is_up()
+                && let Some(s) = node.log.streams.get(&stream)
+            {
+                let (lo, hi) = (s.base.seq, s.head().seq);
+                if hi > lo {
+                    let upto = lo + 1 + self.rng.below(hi - lo);
+                    if let Err(e) = node.log.compact(&stream, upto) {
+                        self.violate(format!("compaction of {stream} failed: {e}"));
                     }
+                    self.report.compactions += 1;
                 }
             }
         }
@@ -1053,11 +1053,11 @@ impl Sim {
                 if !node.is_up() {
                     continue;
                 }
-                if let Some((_, link)) = node.links.get_mut(&i) {
-                    if link.poll_timeout().is_some_and(|t| t <= now) {
-                        link.handle_timeout(now);
-                        self.drive(target, i);
-                    }
+                if let Some((_, link)) = node.links.get_mut(&i)
+                    && link.poll_timeout().is_some_and(|t| t <= now)
+                {
+                    link.handle_timeout(now);
+                    self.drive(target, i);
                 }
             }
         }
@@ -1145,13 +1145,13 @@ impl Sim {
                         "{stream}: replica at {} is ahead of its writer at {}",
                         rh.seq, wh.seq
                     ));
-                } else if let Some(c) = w.cursor_at(rh.seq) {
-                    if c.hash != rh.hash {
-                        bad.push(format!(
-                            "{stream}: replica head {} is not on the writer's chain",
-                            rh.seq
-                        ));
-                    }
+                } else if let Some(c) = w.cursor_at(rh.seq)
+                    && c.hash != rh.hash
+                {
+                    bad.push(format!(
+                        "{stream}: replica head {} is not on the writer's chain",
+                        rh.seq
+                    ));
                 }
                 let before = self.writer_heads.get(&stream).copied().unwrap_or(0);
                 if wh.seq < before {
@@ -1217,8 +1217,10 @@ impl Sim {
         None
     }
 
+    /// Every stream and object agrees and nothing is left to persist.
+    /// (Frames may still be in flight: pings never stop.)
     fn converged(&self) -> bool {
-        self.net.is_empty() && self.divergence().is_none()
+        self.divergence().is_none()
     }
 
     /// After convergence: every incrementally maintained object store equals

@@ -122,7 +122,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ));
     store.compact(s, 2, &ConcatFold).unwrap();
     let snap = store.snapshot(s).unwrap();
-    let frames = vec![
+    let frames = [
         Frame::Hello(Hello {
             protocol_version: keel_proto::PROTOCOL_VERSION,
             node: "edge-7".into(),

@@ -1,0 +1,293 @@
+//! CloudHub: the QUIC server every edge node connects to.
+//!
+//! One connection per node, mutually authenticated: the node is the CN of
+//! its client certificate (a `keel:nodes` certificate from the cluster CA,
+//! not revoked), and its link is bound to that node's two streams only.
+//! A newer connection of the same node replaces the older one.
+//!
+//! During a reconnect storm the hub paces catch-up: at most
+//! `max_catchups` links send bulk data at once, and waiting links are
+//! admitted least-behind first. Control frames (acks, pings) and receiving
+//! are never paced, so a waiting node still uploads and stays alive.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use keel_log::{Role, Store};
+use keel_sync::link::{LinkConfig, Side, down_stream, up_stream};
+use keel_sync::quic::{Admit, Pacer, Sink, run_link};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::pki::node_name_from_cert;
+
+/// Settings of the hub.
+#[derive(Clone, Debug)]
+pub struct HubOptions {
+    /// Links sending catch-up data at once.
+    pub max_catchups: usize,
+    /// QUIC idle timeout; edges keep the connection alive below it.
+    pub idle_timeout: Duration,
+    /// Link ping interval and idle timeout (application level).
+    pub ping_interval: Duration,
+    pub link_idle_timeout: Duration,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions {
+            max_catchups: 256,
+            idle_timeout: Duration::from_secs(90),
+            ping_interval: Duration::from_secs(30),
+            link_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Counters of the hub.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub closed: AtomicU64,
+}
+
+/// Least-behind-first admission of catch-up senders.
+#[derive(Debug)]
+struct Admission {
+    max: usize,
+    inner: Mutex<AdmissionInner>,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionInner {
+    active: usize,
+    next: u64,
+    waiting: BTreeMap<(u64, u64), oneshot::Sender<()>>,
+}
+
+struct Permit(Arc<Admission>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut inner = self.0.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        // Hand the slot to the least-behind waiter still waiting.
+        while let Some((_, tx)) = inner.waiting.pop_first() {
+            if tx.send(()).is_ok() {
+                return;
+            }
+        }
+        inner.active = inner.active.saturating_sub(1);
+    }
+}
+
+struct Pace(Arc<Admission>);
+
+impl Pacer for Pace {
+    fn admit(&self, lag: u64) -> Admit<'_> {
+        let adm = self.0.clone();
+        Box::pin(async move {
+            let rx = {
+                let mut inner = adm.inner.lock().unwrap_or_else(PoisonError::into_inner);
+                if inner.active < adm.max {
+                    inner.active += 1;
+                    None
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    let n = inner.next;
+                    inner.next += 1;
+                    inner.waiting.insert((lag, n), tx);
+                    Some(rx)
+                }
+            };
+            if let Some(rx) = rx {
+                // A dropped sender means the hub is gone; go ahead.
+                let _ = rx.await;
+            }
+            Box::new(Permit(adm)) as Box<dyn Send>
+        })
+    }
+}
+
+struct HubState {
+    store: Store,
+    sink: Arc<dyn Sink>,
+    opts: HubOptions,
+    pace: Arc<Pace>,
+    /// Node → id of its current connection.
+    current: Mutex<BTreeMap<String, usize>>,
+    stats: HubStats,
+}
+
+/// The running hub.
+pub struct CloudHub {
+    endpoint: quinn::Endpoint,
+    state: Arc<HubState>,
+    accept: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for CloudHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudHub")
+            .field("addr", &self.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// QUIC transport settings shared by hub and edges.
+pub fn transport(idle_timeout: Duration, keep_alive: Option<Duration>) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
+    t.keep_alive_interval(keep_alive);
+    // Two streams each way per connection; nothing else is accepted.
+    t.max_concurrent_uni_streams(2u32.into());
+    t.max_concurrent_bidi_streams(0u32.into());
+    t
+}
+
+impl CloudHub {
+    /// Binds the hub on `addr` (must run inside a tokio runtime).
+    pub fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        store: Store,
+        sink: Arc<dyn Sink>,
+        opts: HubOptions,
+    ) -> crate::Result<CloudHub> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| {
+            crate::Error::InvalidCertificate(format!("server TLS config unusable for QUIC: {e}"))
+        })?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport(opts.idle_timeout, None)));
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(crate::Error::Net)?;
+        let state = Arc::new(HubState {
+            store,
+            sink,
+            pace: Arc::new(Pace(Arc::new(Admission {
+                max: opts.max_catchups.max(1),
+                inner: Mutex::new(AdmissionInner::default()),
+            }))),
+            opts,
+            current: Mutex::new(BTreeMap::new()),
+            stats: HubStats::default(),
+        });
+        let ep = endpoint.clone();
+        let st = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move { st.serve(incoming).await });
+            }
+        });
+        info!(addr = %endpoint.local_addr().map_err(crate::Error::Net)?, "cloudhub listening");
+        Ok(CloudHub {
+            endpoint,
+            state,
+            accept,
+        })
+    }
+
+    pub fn local_addr(&self) -> crate::Result<SocketAddr> {
+        self.endpoint.local_addr().map_err(crate::Error::Net)
+    }
+
+    /// Nodes with a live connection.
+    pub fn connected(&self) -> BTreeSet<String> {
+        self.state
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn stats(&self) -> &HubStats {
+        &self.state.stats
+    }
+
+    /// Closes every connection and stops accepting.
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"cloudcore shutting down");
+        self.accept.abort();
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl HubState {
+    async fn serve(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(%remote, error = %e, "refused a connection at the handshake");
+                return;
+            }
+        };
+        let node = match peer_node(&conn) {
+            Ok(n) => n,
+            Err(why) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(%remote, %why, "refused a connection without a node identity");
+                conn.close(
+                    quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Unauthorized as u32),
+                    why.as_bytes(),
+                );
+                return;
+            }
+        };
+        let (down, up) = (down_stream(&node), up_stream(&node));
+        let created = self
+            .store
+            .create_stream(&down, Role::Writer, 1)
+            .and_then(|_| self.store.create_stream(&up, Role::Replica, 1));
+        let up_head = match created {
+            Ok(info) => info.head,
+            Err(e) => {
+                warn!(%node, error = %e, "cannot prepare the node's streams");
+                conn.close(
+                    quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Internal as u32),
+                    b"cloud log unavailable",
+                );
+                return;
+            }
+        };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let id = conn.stable_id();
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.clone(), id);
+        let mut cfg = LinkConfig::new(node.clone(), Side::Cloud, up_head);
+        cfg.ping_interval_ms =
+            u64::try_from(self.opts.ping_interval.as_millis()).unwrap_or(u64::MAX);
+        cfg.idle_timeout_ms =
+            u64::try_from(self.opts.link_idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        debug!(%node, %remote, "node connected");
+        let pace: Arc<dyn Pacer> = self.pace.clone();
+        let closed = run_link(conn, self.store.clone(), cfg, self.sink.clone(), Some(pace)).await;
+        self.stats.closed.fetch_add(1, Ordering::Relaxed);
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.get(&node) == Some(&id) {
+            current.remove(&node);
+        }
+        debug!(%node, code = ?closed.code, reason = %closed.message, "node disconnected");
+    }
+}
+
+/// The node a connection belongs to: the CN of its verified client
+/// certificate.
+fn peer_node(conn: &quinn::Connection) -> Result<String, String> {
+    let identity = conn.peer_identity().ok_or("no client certificate")?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type".to_owned())?;
+    let first = certs.first().ok_or("empty client certificate chain")?;
+    node_name_from_cert(first).map_err(|e| e.to_string())
+}

@@ -1,0 +1,354 @@
+//! The QUIC driver: runs a [`Link`] on a real quinn connection, with
+//! persist-before-ack through keel-log.
+//!
+//! Each side opens two unidirectional streams: control (Hello, Ack, Ping,
+//! Pong, Error) and bulk (segments, snapshot chunks), marked by a first byte
+//! 0 or 1 and carrying frames as `u32 BE length ‖ protobuf`. The control
+//! stream has the higher send priority and its own writer, so acks and
+//! pings never queue behind catch-up. Reading and writing happen in small
+//! tasks; the driver loop itself never waits on the network, so two peers
+//! cannot deadlock on each other's flow control.
+//!
+//! A link that closes (malformed frame, unauthorised stream, idle timeout)
+//! closes the QUIC connection with the error code and message as the
+//! reason: the peer sees why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_log::{Cursor, Record, Store};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::frame::{ErrorCode, Frame, MAX_FRAME_BYTES, encode_frame};
+use crate::link::{Action, Closed, Event, Link, LinkConfig};
+
+const CONTROL: u8 = 0;
+const BULK: u8 = 1;
+/// Bulk frames queued to the writer before the driver stops reading the log.
+const BULK_QUEUE: usize = 4;
+
+/// What the driver tells its owner.
+pub trait Sink: Send + Sync + 'static {
+    /// Records from the peer are durable in `stream` (apply them).
+    fn persisted(&self, node: &str, stream: &str, records: &[Record]);
+    /// The local replica of `stream` was replaced by a snapshot (rebuild).
+    fn snapshot_installed(&self, node: &str, stream: &str);
+    /// The link completed its handshake.
+    fn connected(&self, _node: &str) {}
+    /// The peer acknowledged `cursor` of the stream this side sends.
+    fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
+}
+
+/// A pending admission: resolves to a permit that is held while sending.
+pub type Admit<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Box<dyn Send>> + Send + 'a>>;
+
+/// Paces bulk sending: the driver asks before sending catch-up data and
+/// says when it is done. See CloudHub's admission.
+pub trait Pacer: Send + Sync + 'static {
+    /// Waits for a turn to send catch-up data, `lag` records behind.
+    fn admit(&self, lag: u64) -> Admit<'_>;
+}
+
+/// Errors of the driver.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    #[error("quic connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("quic write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("quic stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+/// QUIC application error code for a closed link: the link's error code.
+fn close_code(code: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(code as u32)
+}
+
+async fn write_frames(
+    mut send: quinn::SendStream,
+    kind: u8,
+    mut rx: mpsc::Receiver<Frame>,
+) -> Result<(), DriverError> {
+    send.write_all(&[kind]).await?;
+    while let Some(f) = rx.recv().await {
+        let bytes = encode_frame(&f);
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        send.write_all(&len.to_be_bytes()).await?;
+        send.write_all(&bytes).await?;
+    }
+    let _ = send.shutdown().await;
+    Ok(())
+}
+
+/// Reads frames from one peer stream into `tx`, tagging them with the
+/// stream kind. Returns a reason when the stream is not well-formed.
+async fn read_frames(
+    mut recv: quinn::RecvStream,
+    ctrl: mpsc::Sender<Vec<u8>>,
+    bulk: mpsc::Sender<Vec<u8>>,
+) -> Option<String> {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return None;
+    }
+    let tx = match kind[0] {
+        CONTROL => ctrl,
+        BULK => bulk,
+        k => return Some(format!("unknown stream kind {k}")),
+    };
+    loop {
+        let mut len = [0u8; 4];
+        if recv.read_exact(&mut len).await.is_err() {
+            return None;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Some(format!(
+                "frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"
+            ));
+        }
+        let mut buf = vec![0u8; len];
+        if recv.read_exact(&mut buf).await.is_err() {
+            return None;
+        }
+        if tx.send(buf).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Runs `link` on `conn` until either side closes. Returns why it closed.
+pub async fn run_link(
+    conn: quinn::Connection,
+    store: Store,
+    cfg: LinkConfig,
+    sink: Arc<dyn Sink>,
+    pacer: Option<Arc<dyn Pacer>>,
+) -> Closed {
+    let node = cfg.node.clone();
+    let span =
+        info_span!("link", node = %node, conn = %conn.stable_id(), peer = %conn.remote_address());
+    async move {
+        let closed = drive(&conn, store, cfg, sink, pacer).await;
+        if !closed.by_peer {
+            conn.close(close_code(closed.code), closed.message.as_bytes());
+        }
+        debug!(code = ?closed.code, message = %closed.message, by_peer = closed.by_peer, "link closed");
+        closed
+    }
+    .instrument(span)
+    .await
+}
+
+fn lost(message: String) -> Closed {
+    Closed {
+        code: ErrorCode::Internal,
+        message,
+        by_peer: true,
+    }
+}
+
+async fn drive(
+    conn: &quinn::Connection,
+    store: Store,
+    cfg: LinkConfig,
+    sink: Arc<dyn Sink>,
+    pacer: Option<Arc<dyn Pacer>>,
+) -> Closed {
+    let start = Instant::now();
+    let now = move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let node = cfg.node.clone();
+    let mut link = Link::new(cfg, now());
+    let out_stream = link.outbound_stream().to_owned();
+
+    // Our two streams.
+    let (ctrl_send, bulk_send) = match (conn.open_uni().await, conn.open_uni().await) {
+        (Ok(c), Ok(b)) => (c, b),
+        (Err(e), _) | (_, Err(e)) => return lost(format!("opening streams: {e}")),
+    };
+    let _ = ctrl_send.set_priority(10);
+    let (ctrl_tx, ctrl_out) = mpsc::channel::<Frame>(1024);
+    let (bulk_tx, bulk_out) = mpsc::channel::<Frame>(BULK_QUEUE);
+    let writers = tokio::spawn(async move {
+        let (a, b) = tokio::join!(
+            write_frames(ctrl_send, CONTROL, ctrl_out),
+            write_frames(bulk_send, BULK, bulk_out)
+        );
+        a.and(b)
+    });
+
+    // The peer's two streams.
+    let (ctrl_in_tx, mut ctrl_in) = mpsc::channel::<Vec<u8>>(256);
+    let (bulk_in_tx, mut bulk_in) = mpsc::channel::<Vec<u8>>(16);
+    let (bad_tx, mut bad_rx) = mpsc::channel::<String>(2);
+    {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let Ok(recv) = conn.accept_uni().await else {
+                    return;
+                };
+                let (c, b, bad) = (ctrl_in_tx.clone(), bulk_in_tx.clone(), bad_tx.clone());
+                tokio::spawn(async move {
+                    if let Some(why) = read_frames(recv, c, b).await {
+                        let _ = bad.send(why).await;
+                    }
+                });
+            }
+        });
+    }
+
+    // Persistence runs in order on its own task; completions come back here.
+    type Done = Result<(String, Option<Vec<Record>>, Cursor), String>;
+    let (persist_tx, mut persist_rx) = mpsc::unbounded_channel::<(String, Action)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while let Some((stream, action)) = persist_rx.recv().await {
+                let r = match action {
+                    Action::Persist { records, .. } => {
+                        match store.append_replicated_async(&stream, records.clone()) {
+                            Ok(t) => t
+                                .await
+                                .map(|c| (stream, Some(records), c))
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    Action::InstallSnapshot { snapshot, .. } => {
+                        let store = store.clone();
+                        let s = stream.clone();
+                        match tokio::task::spawn_blocking(move || {
+                            store.install_snapshot(&s, snapshot)
+                        })
+                        .await
+                        {
+                            Ok(r) => r.map(|c| (stream, None, c)).map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                };
+                if done_tx.send(r).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    let mut permit: Option<Box<dyn Send>> = None;
+    let mut admitted = pacer.is_none();
+    let mut admission: Option<Admit<'_>> = None;
+    let mut seen_head = 0u64;
+
+    let closed = loop {
+        // Outputs: control frames always, bulk while the writer has room
+        // and this link has its turn.
+        while let Some(f) = link.poll_control() {
+            if ctrl_tx.try_send(f).is_err() {
+                break;
+            }
+        }
+        while let Some(a) = link.poll_action() {
+            let stream = match &a {
+                Action::Persist { stream, .. } | Action::InstallSnapshot { stream, .. } => {
+                    stream.clone()
+                }
+            };
+            let _ = persist_tx.send((stream, a));
+        }
+        while let Some(e) = link.poll_event() {
+            match e {
+                Event::Established => {
+                    sink.connected(&node);
+                    if let (Some(p), Some(lag)) = (&pacer, link.lag(&store)) {
+                        if lag > 0 {
+                            admission = Some(p.admit(lag));
+                        } else {
+                            admitted = true;
+                        }
+                    }
+                }
+                Event::Acked { stream, cursor } => sink.acked(&node, &stream, cursor),
+                Event::Closed(_) => {}
+            }
+        }
+        if let Some(c) = link.closed().cloned() {
+            // Let the Error frame reach the writer; the connection close
+            // carries the reason as well.
+            while let Some(f) = link.poll_control() {
+                let _ = ctrl_tx.try_send(f);
+            }
+            break c;
+        }
+        if admitted {
+            while bulk_tx.capacity() > 0 {
+                match link.poll_transmit(&store) {
+                    Some((_, f @ Frame::Segment(_))) | Some((_, f @ Frame::Snapshot { .. })) => {
+                        let _ = bulk_tx.try_send(f);
+                    }
+                    Some((_, f)) => {
+                        let _ = ctrl_tx.try_send(f);
+                    }
+                    None => break,
+                }
+            }
+            // Caught up: give the turn back.
+            if permit.is_some() && link.lag(&store) == Some(0) {
+                permit = None;
+            }
+        }
+        if let Some(h) = store.info(&out_stream).ok().map(|i| i.head.seq) {
+            seen_head = seen_head.max(h);
+        }
+        let deadline = link
+            .poll_timeout()
+            .map(|t| start + Duration::from_millis(t))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+
+        tokio::select! {
+            biased;
+            Some(why) = bad_rx.recv() => link.close(ErrorCode::Malformed, why),
+            Some(bytes) = ctrl_in.recv() => link.handle_bytes(now(), &bytes, &store),
+            Some(done) = done_rx.recv() => match done {
+                Ok((stream, records, cursor)) => {
+                    match records {
+                        Some(r) => sink.persisted(&node, &stream, &r),
+                        None => sink.snapshot_installed(&node, &stream),
+                    }
+                    link.handle_persisted(&stream, cursor);
+                }
+                Err(e) => link.close(ErrorCode::ChainMismatch, format!("persisting: {e}")),
+            },
+            p = async {
+                match admission.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            }, if admission.is_some() => {
+                admission = None;
+                permit = Some(p);
+                admitted = true;
+            }
+            Some(bytes) = bulk_in.recv() => link.handle_bytes(now(), &bytes, &store),
+            _ = store.wait_head(&out_stream, seen_head) => {}
+            _ = tokio::time::sleep_until(deadline) => link.handle_timeout(now()),
+            e = conn.closed() => break lost(format!("connection lost: {e}")),
+        }
+    };
+    drop(permit);
+    drop(ctrl_tx);
+    drop(bulk_tx);
+    // Give the writers a moment to flush the Error frame.
+    let _ = tokio::time::timeout(Duration::from_millis(200), writers).await;
+    if !closed.by_peer {
+        warn!(code = ?closed.code, message = %closed.message, "sync link closed");
+    }
+    closed
+}
