@@ -1,10 +1,14 @@
 //! Sync engine throughput, in memory (no sockets, no disk):
 //!
-//! - `catchup/10000-nodes/*`: 10,000 edge nodes, each 10 records behind in
-//!   each direction, caught up through both link state machines (frames
-//!   encoded and decoded), with and without applying every record to the
-//!   CRDT object stores.
-//! - `automerge/apply-pod-status`: applying pod-status-sized changes.
+//! - `catchup/10000-nodes/links-only`: 10,000 edge nodes, each 10 records
+//!   behind in each direction, caught up through both link state machines
+//!   (frames encoded and decoded, chains verified, records persisted to the
+//!   in-memory log).
+//! - `catchup/1000-nodes/with-crdt-apply`: the same for 1,000 nodes, also
+//!   applying every record to both sides' CRDT object stores (a rate, so
+//!   comparable; 10,000 nodes would take minutes per sample).
+//! - `automerge/apply-pod-status/history-N`: applying pod-status-sized
+//!   changes to a pod whose document already holds N changes.
 //!
 //! `cargo bench -p keel-benches --bench sync_catchup`
 
@@ -118,8 +122,8 @@ fn rename(log: &MemLog, node: &str) -> MemLog {
     out
 }
 
-fn pairs(t: &Template, with_objects: bool) -> Vec<Pair> {
-    (0..NODES)
+fn pairs(t: &Template, nodes: usize, with_objects: bool) -> Vec<Pair> {
+    (0..nodes)
         .map(|i| {
             let node = format!("edge-{i}");
             let objects = with_objects.then(|| (t.cloud_store.clone(), t.edge_store.clone()));
@@ -135,70 +139,86 @@ fn pairs(t: &Template, with_objects: bool) -> Vec<Pair> {
 
 fn catchup(c: &mut Criterion) {
     let t = template();
-    let mut g = c.benchmark_group("catchup/10000-nodes");
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(10))
-        .throughput(Throughput::Elements(NODES as u64 * BEHIND * 2));
-    for (name, with_objects) in [("links-only", false), ("with-crdt-apply", true)] {
+    for (nodes, name, with_objects) in [
+        (NODES, "links-only", false),
+        (NODES / 10, "with-crdt-apply", true),
+    ] {
+        let mut g = c.benchmark_group(format!("catchup/{nodes}-nodes"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(10))
+            .throughput(Throughput::Elements(nodes as u64 * BEHIND * 2));
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let mut ps = pairs(&t, with_objects);
+                    let mut ps = pairs(&t, nodes, with_objects);
                     let start = Instant::now();
                     let mut moved = 0;
                     for p in &mut ps {
                         moved += p.run().unwrap();
                     }
                     total += start.elapsed();
-                    assert_eq!(moved, NODES as u64 * BEHIND * 2);
+                    assert_eq!(moved, nodes as u64 * BEHIND * 2);
                     drop(ps);
                 }
                 total
             })
         });
+        g.finish();
     }
-    g.finish();
 }
 
 fn automerge_apply(c: &mut Criterion) {
-    const N: u64 = 1000;
+    const N: u64 = 100;
     let (ca, ea) = (ActorId::from_name("cloud"), ActorId::from_name("edge-1"));
-    let mut source = ObjectStore::new();
     let key = "pods/default/web-0";
-    let create = source
-        .edit_merge_patch(key, &ca, &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0"}, "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]}}))
-        .unwrap()
-        .unwrap();
-    let changes: Vec<Vec<u8>> = (0..N)
-        .map(|i| {
-            source
-                .edit_merge_patch(key, &ea, &status(i))
-                .unwrap()
-                .unwrap()
-        })
-        .collect();
-    let bytes: usize = changes.iter().map(Vec::len).sum();
-    eprintln!("pod-status change: {} bytes on average", bytes as u64 / N);
-    let mut g = c.benchmark_group("automerge");
+    let mut g = c.benchmark_group("automerge/apply-pod-status");
     g.sample_size(10).throughput(Throughput::Elements(N));
-    g.bench_function("apply-pod-status", |b| {
-        b.iter_batched(
-            || {
-                let mut s = ObjectStore::new();
-                s.apply_change(key, &create).unwrap();
-                s
-            },
-            |mut s| {
-                for ch in &changes {
-                    s.apply_change(key, ch).unwrap();
-                }
-                s
-            },
-            criterion::BatchSize::LargeInput,
-        )
-    });
+    for history in [0u64, 100, 1000] {
+        // A pod whose document holds `history` status changes, and the next
+        // N status changes made on top of it.
+        let mut source = ObjectStore::new();
+        let create = source
+            .edit_merge_patch(key, &ca, &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0"}, "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]}}))
+            .unwrap()
+            .unwrap();
+        let past: Vec<Vec<u8>> = (0..history)
+            .map(|i| {
+                source
+                    .edit_merge_patch(key, &ea, &status(i))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let next: Vec<Vec<u8>> = (history..history + N)
+            .map(|i| {
+                source
+                    .edit_merge_patch(key, &ea, &status(i))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let bytes: usize = next.iter().map(Vec::len).sum();
+        eprintln!("pod-status change: {} bytes on average", bytes as u64 / N);
+        let mut base = ObjectStore::new();
+        base.apply_change(key, &create).unwrap();
+        for ch in &past {
+            base.apply_change(key, ch).unwrap();
+        }
+        g.bench_function(format!("history-{history}"), |b| {
+            b.iter_batched(
+                || base.clone(),
+                |mut s| {
+                    for ch in &next {
+                        s.apply_change(key, ch).unwrap();
+                    }
+                    s
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 

@@ -47,7 +47,11 @@ fn simulated_faults_lose_nothing_and_converge() {
         .filter(|r| !r.violations.is_empty())
         .collect();
     let total = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
-    println!(
+    // Written to the process's stderr directly, so it shows even when the
+    // test harness captures output.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
         "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections; {} runs with violations",
         seeds.start,
         seeds.end,

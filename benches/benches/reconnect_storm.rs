@@ -1,0 +1,371 @@
+//! Reconnect storm: N edge nodes (default 10,000; `KEEL_STORM_NODES`)
+//! reconnect at once to one CloudHub over loopback QUIC with mTLS, each 10
+//! records behind in both directions. Measures wall time until every node
+//! is caught up both ways, handshakes/s, and the cloud process's RSS with
+//! every connection idle.
+//!
+//! `cargo bench -p keel-benches --bench reconnect_storm`
+//!
+//! The cloud runs in a child process (this binary with `KEEL_STORM_CLOUD`
+//! set) so that its RSS is its own; the edges share one client endpoint
+//! and one log store in this process. Each storm: all connections close,
+//! both sides append 10 records per node, then all reconnect at once.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use keel_cloud::hub::{CloudHub, HubOptions};
+use keel_cloud::pki::{self, ClusterCa};
+use keel_log::{Cursor, Entry, PayloadKind, Record, Role, Store, StoreOptions};
+use keel_sync::link::{LinkConfig, Side, down_stream, up_stream};
+use keel_sync::quic::{Sink, run_link};
+
+const BEHIND: usize = 10;
+
+fn nodes() -> usize {
+    std::env::var("KEEL_STORM_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+fn node(i: usize) -> String {
+    format!("storm-{i:05}")
+}
+
+fn entries(origin: &str, round: usize) -> Vec<Entry> {
+    (0..BEHIND)
+        .map(|k| {
+            Entry::new(
+                origin,
+                format!("pods/default/p{k}"),
+                PayloadKind::Change,
+                format!("round {round} record {k}: {:0>200}", k),
+            )
+        })
+        .collect()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Quiet;
+impl Sink for Quiet {
+    fn persisted(&self, _: &str, _: &str, _: &[Record]) {}
+    fn snapshot_installed(&self, _: &str, _: &str) {}
+}
+
+/// Child: the cloud. Commands on stdin: `append`, `rss`; answers on stdout.
+fn cloud(dir: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ca = ClusterCa::load_or_create(std::path::Path::new(dir)).unwrap();
+        let server = ca.server_cert(&["127.0.0.1"]).unwrap();
+        let tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem).unwrap();
+        let store = Store::open(
+            std::path::Path::new(dir).join("log"),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let n = nodes();
+        for i in 0..n {
+            store
+                .create_stream(&down_stream(&node(i)), Role::Writer, 1)
+                .unwrap();
+            store
+                .create_stream(&up_stream(&node(i)), Role::Replica, 1)
+                .unwrap();
+        }
+        let hub = CloudHub::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            tls,
+            store.clone(),
+            Arc::new(Quiet),
+            HubOptions::default(),
+        )
+        .unwrap();
+        println!("addr {}", hub.local_addr().unwrap());
+        let mut round = 0;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(cmd) = rx.recv().await {
+            match cmd.as_str() {
+                "append" => {
+                    round += 1;
+                    let tickets: Vec<_> = (0..n)
+                        .map(|i| {
+                            store
+                                .append_async(&down_stream(&node(i)), entries("kubectl", round))
+                                .unwrap()
+                        })
+                        .collect();
+                    for t in tickets {
+                        t.await.unwrap();
+                    }
+                    println!("ok");
+                }
+                "rss" => println!("rss {} connected {}", rss_kib(), hub.connected().len()),
+                _ => break,
+            }
+            std::io::stdout().flush().unwrap();
+        }
+    });
+}
+
+struct Edges {
+    configs: Vec<quinn::ClientConfig>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+struct Progress {
+    connected: AtomicUsize,
+    done: AtomicUsize,
+    last_connect_ns: AtomicU64,
+}
+
+struct EdgeSink {
+    progress: Arc<Progress>,
+    start: Instant,
+    want_up: u64,
+    want_down: u64,
+    store: Store,
+    state: std::sync::Mutex<(bool, bool)>,
+}
+
+impl EdgeSink {
+    fn check(&self, down_ok: bool, up_ok: bool) {
+        let mut s = self.state.lock().unwrap();
+        let before = s.0 && s.1;
+        s.0 |= down_ok;
+        s.1 |= up_ok;
+        if !before && s.0 && s.1 {
+            self.progress.done.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Sink for EdgeSink {
+    fn persisted(&self, node: &str, stream: &str, _: &[Record]) {
+        let head = self.store.info(stream).map(|i| i.head.seq).unwrap_or(0);
+        let _ = node;
+        self.check(head >= self.want_down, false);
+    }
+    fn snapshot_installed(&self, _: &str, _: &str) {}
+    fn connected(&self, _: &str) {
+        self.progress.connected.fetch_add(1, Ordering::SeqCst);
+        self.progress
+            .last_connect_ns
+            .fetch_max(self.start.elapsed().as_nanos() as u64, Ordering::SeqCst);
+    }
+    fn acked(&self, _: &str, _: &str, cursor: Cursor) {
+        self.check(false, cursor.seq >= self.want_up);
+    }
+}
+
+fn storm(c: &mut Criterion) {
+    let n = nodes();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("KEEL_STORM_CLOUD", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_cloud = child.stdin.take().unwrap();
+    let mut from_cloud = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr: SocketAddr = from_cloud
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("addr ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut ask = |cmd: &str| -> String {
+        writeln!(to_cloud, "{cmd}").unwrap();
+        to_cloud.flush().unwrap();
+        from_cloud.next().unwrap().unwrap()
+    };
+
+    // Node identities from the cloud's CA (created by the child).
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    let edir = tempfile::tempdir().unwrap();
+    let store = Store::open(edir.path(), StoreOptions::default()).unwrap();
+    let configs: Vec<quinn::ClientConfig> = (0..n)
+        .map(|i| {
+            let name = node(i);
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name.clone());
+            let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+            let cert = ca
+                .sign_node_csr(&csr, &name, pki::DEFAULT_NODE_CERT_VALIDITY)
+                .unwrap();
+            let tls = pki::client_tls_config(ca.cert_pem(), &cert.cert_pem, &key.serialize_pem())
+                .unwrap();
+            let mut cfg = quinn::ClientConfig::new(Arc::new(
+                quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+            ));
+            cfg.transport_config(Arc::new(keel_cloud::hub::transport(
+                Duration::from_secs(90),
+                Some(Duration::from_secs(25)),
+            )));
+            store
+                .create_stream(&up_stream(&name), Role::Writer, 1)
+                .unwrap();
+            store
+                .create_stream(&down_stream(&name), Role::Replica, 1)
+                .unwrap();
+            cfg
+        })
+        .collect();
+    let edges = Edges {
+        configs,
+        store,
+        _dir: edir,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut endpoint =
+        rt.block_on(async { quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap() });
+    endpoint.set_default_client_config(edges.configs[0].clone());
+    let rss_before = ask("rss");
+    let mut round = 0usize;
+    let mut report = Vec::new();
+
+    let mut g = c.benchmark_group("reconnect_storm");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1));
+    g.bench_function(format!("{n}-nodes-10-behind-both-ways"), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // Everyone offline; both sides write 10 records per node.
+                rt.block_on(async {
+                    endpoint.close(0u32.into(), b"storm round over");
+                    endpoint.wait_idle().await;
+                });
+                endpoint = rt.block_on(async {
+                    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+                });
+                round += 1;
+                assert_eq!(ask("append"), "ok");
+                let tickets: Vec<_> = (0..n)
+                    .map(|i| {
+                        edges
+                            .store
+                            .append_async(&up_stream(&node(i)), entries(&node(i), round))
+                            .unwrap()
+                    })
+                    .collect();
+                rt.block_on(async {
+                    for t in tickets {
+                        t.await.unwrap();
+                    }
+                });
+                let want = (round * BEHIND) as u64;
+                let progress = Arc::new(Progress::default());
+                let start = Instant::now();
+                rt.block_on(async {
+                    for i in 0..n {
+                        let name = node(i);
+                        let sink = Arc::new(EdgeSink {
+                            progress: progress.clone(),
+                            start,
+                            want_up: want,
+                            want_down: want,
+                            store: edges.store.clone(),
+                            state: Default::default(),
+                        });
+                        let (ep, cfg, store) = (
+                            endpoint.clone(),
+                            edges.configs[i].clone(),
+                            edges.store.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let conn = match ep.connect_with(cfg, addr, "127.0.0.1").unwrap().await
+                            {
+                                Ok(c) => c,
+                                Err(e) => panic!("{name}: {e}"),
+                            };
+                            let head = store.info(&down_stream(&name)).unwrap().head;
+                            let link = LinkConfig::new(name.clone(), Side::Edge, head);
+                            run_link(conn, store, link, sink, None).await;
+                        });
+                    }
+                    while progress.done.load(Ordering::SeqCst) < n {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                });
+                let took = start.elapsed();
+                total += took;
+                let hs = progress.last_connect_ns.load(Ordering::SeqCst) as f64 / 1e9;
+                report.push((took, n as f64 / hs));
+            }
+            total
+        })
+    });
+    g.finish();
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_idle = ask("rss");
+    for (took, hs) in &report {
+        eprintln!(
+            "storm: {n} nodes caught up both ways in {:.2} s; handshakes {:.0}/s",
+            took.as_secs_f64(),
+            hs
+        );
+    }
+    eprintln!("cloud process before connections: {rss_before}");
+    eprintln!("cloud process with {n} idle connections: {rss_idle}");
+    let _ = to_cloud.write_all(b"quit\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    if let Ok(dir) = std::env::var("KEEL_STORM_CLOUD") {
+        cloud(&dir);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    storm(&mut c);
+    c.final_summary();
+}
