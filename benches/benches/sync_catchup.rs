@@ -8,7 +8,8 @@
 //!   applying every record to both sides' CRDT object stores (a rate, so
 //!   comparable; 10,000 nodes would take minutes per sample).
 //! - `automerge/apply-pod-status/history-N`: applying pod-status-sized
-//!   changes to a pod whose document already holds N changes.
+//!   changes one at a time to a pod whose document already holds N changes;
+//!   `history-N/one-batch`: the same changes handed over in one batch.
 //!
 //! `cargo bench -p keel-benches --bench sync_catchup`
 
@@ -213,6 +214,22 @@ fn automerge_apply(c: &mut Criterion) {
                     for ch in &next {
                         s.apply_change(key, ch).unwrap();
                     }
+                    s
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+        // The same N changes handed over together (as catch-up after an
+        // offline period does for one object): one automerge call.
+        g.bench_function(format!("history-{history}/one-batch"), |b| {
+            b.iter_batched(
+                || base.clone(),
+                |mut s| {
+                    let r = s.apply_changes(key, next.iter().map(Vec::as_slice));
+                    assert!(
+                        r.iter()
+                            .all(|r| matches!(r, Ok(keel_sync::crdt::Applied::New)))
+                    );
                     s
                 },
                 criterion::BatchSize::LargeInput,

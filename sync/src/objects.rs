@@ -56,3 +56,37 @@ pub fn apply_snapshot_object(
         store.load(&object.key, &object.state)
     }
 }
+
+/// Applies a run of records to the store, giving each object's changes to
+/// automerge together (see [`ObjectStore::apply_changes`]); per-object order
+/// is kept, so a tombstone still cuts the changes before it from those
+/// after. Returns the first error; the other records are applied anyway.
+pub fn apply_records(store: &mut ObjectStore, records: &[Record]) -> Result<(), CrdtError> {
+    let mut runs: std::collections::BTreeMap<&str, Vec<&[u8]>> = Default::default();
+    let mut first_error = None;
+    let mut flush = |store: &mut ObjectStore, key: &str, run: Vec<&[u8]>| {
+        if run.is_empty() {
+            return;
+        }
+        for r in store.apply_changes(key, run) {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        }
+    };
+    for r in records {
+        match r.kind {
+            PayloadKind::Change => runs.entry(&r.key).or_default().push(&r.payload),
+            PayloadKind::Tombstone => {
+                let run = runs.remove(r.key.as_str()).unwrap_or_default();
+                flush(store, &r.key, run);
+                store.apply_tombstone(&r.key);
+            }
+            PayloadKind::Event => {}
+        }
+    }
+    for (key, run) in std::mem::take(&mut runs) {
+        flush(store, key, run);
+    }
+    first_error.map_or(Ok(()), Err)
+}

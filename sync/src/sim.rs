@@ -28,7 +28,7 @@ use crate::frame::encode_frame;
 use crate::link::{
     Action, Event, Fault, Link, LinkConfig, LogSource, Side, down_stream, up_stream,
 };
-use crate::objects::{CrdtFold, apply_record, apply_snapshot_object};
+use crate::objects::{CrdtFold, apply_record, apply_records, apply_snapshot_object};
 
 /// splitmix64: small, fast, good enough, and ours (no dependency).
 #[derive(Debug, Clone)]
@@ -991,15 +991,14 @@ impl Sim {
                     } => {
                         match node.log.append_replicated(&stream, records) {
                             Ok(fresh) => {
-                                if let Some(store) = node.objects.get_mut(&edge) {
-                                    for r in &fresh {
-                                        if let Err(e) = apply_record(store, r) {
-                                            errors.push(format!(
-                                                "{}: applying {stream} seq {}: {e}",
-                                                node.name, r.seq
-                                            ));
-                                        }
-                                    }
+                                if let Some(store) = node.objects.get_mut(&edge)
+                                    && let Err(e) = apply_records(store, &fresh)
+                                {
+                                    errors.push(format!(
+                                        "{}: applying {stream} records {}..: {e}",
+                                        node.name,
+                                        fresh.first().map_or(0, |r| r.seq)
+                                    ));
                                 }
                             }
                             Err(e) => errors.push(format!(
@@ -1335,9 +1334,7 @@ impl Pair {
                         };
                         let fresh = to_log.append_replicated(&stream, records)?;
                         if let Some(store) = store.as_deref_mut() {
-                            for r in &fresh {
-                                apply_record(store, r).map_err(|e| e.to_string())?;
-                            }
+                            apply_records(store, &fresh).map_err(|e| e.to_string())?;
                         }
                         moved += fresh.len() as u64;
                         if let Some(c) = to_log.head(&stream) {

@@ -322,6 +322,27 @@ proptest! {
             prop_assert_eq!(&observe(&replica), &expected);
         }
 
+        // Batched delivery (shuffled, with duplicates, in random-sized
+        // batches) ends in the same object as one change at a time.
+        let mut delivery = world.all.clone();
+        for _ in 0..rng.below(world.all.len() + 1) {
+            let dup = world.all[rng.below(world.all.len())].clone();
+            delivery.push(dup);
+        }
+        rng.shuffle(&mut delivery);
+        let mut batched = ObjectStore::new();
+        let mut rest = &delivery[..];
+        while !rest.is_empty() {
+            let n = 1 + rng.below(rest.len());
+            let (batch, tail) = rest.split_at(n);
+            for r in batched.apply_changes(KEY, batch.iter().map(Vec::as_slice)) {
+                prop_assert!(!matches!(r, Ok(Applied::Discarded) | Err(_)), "{:?}", r);
+            }
+            rest = tail;
+        }
+        prop_assert_eq!(batched.queued(KEY), 0);
+        prop_assert_eq!(&observe(&batched), &expected);
+
         // Every writer's replica converges once it has everything.
         for r in 0..REPLICAS {
             for c in &world.all {

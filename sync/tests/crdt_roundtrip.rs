@@ -832,6 +832,23 @@ fn semantically_broken_changes_are_rejected() {
             };
             assert_eq!(reloaded.get_json("k"), r.get_json("k"), "{name}");
         }
+        // In a batch beside a good change, the hostile one is refused
+        // alone (a bad batch falls back to one change at a time).
+        let good = {
+            let mut g = s.clone();
+            g.edit_merge_patch("k", &edge(), &json!({"good": 1}))
+                .unwrap()
+                .unwrap()
+        };
+        let mut b = s.clone();
+        let results = b.apply_changes("k", [good.as_slice(), bytes.as_slice()]);
+        assert!(
+            matches!(results[0], Ok(Applied::New)),
+            "{name}: {results:?}"
+        );
+        let refused = matches!(results[1], Err(_) | Ok(Applied::Discarded));
+        assert_eq!(refused, result.is_err(), "{name}: {results:?}");
+        assert_eq!(b.get_json("k").unwrap()["good"], json!(1), "{name}");
         // The replica remains usable.
         r.edit_merge_patch("k", &edge(), &json!({"after": true}))
             .unwrap()

@@ -127,12 +127,25 @@ fn split_chunks(mut rest: &[u8]) -> Result<Vec<(u8, &[u8])>, CrdtError> {
 /// `doc`; map keys only on maps, list positions only on lists/text; only list
 /// ops may insert.
 pub(crate) fn check_change(doc: Option<&Automerge>, change: &Change) -> Result<(), CrdtError> {
+    check_in_batch(doc, change, &mut HashMap::new())
+}
+
+/// Objects created by the changes of a batch checked so far.
+pub(crate) type Created = HashMap<automerge::legacy::OpId, ObjType>;
+
+/// [`check_change`] for one change of a batch applied together: objects
+/// created by earlier changes of the batch (recorded in `created`) count as
+/// existing.
+pub(crate) fn check_in_batch(
+    doc: Option<&Automerge>,
+    change: &Change,
+    created: &mut Created,
+) -> Result<(), CrdtError> {
     use automerge::legacy::{Key, ObjectId, OpId, OpType};
 
     let expanded: ExpandedChange = guarded("decoding a change", || change.decode())?;
     let invalid = |i: usize, why: String| CrdtError::InvalidChange(format!("op {i}: {why}"));
     let start = expanded.start_op.get();
-    let mut created: HashMap<OpId, ObjType> = HashMap::new();
     for (i, op) in expanded.operations.iter().enumerate() {
         let obj_type = match &op.obj {
             ObjectId::Root => Some(ObjType::Map),

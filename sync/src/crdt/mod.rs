@@ -51,7 +51,7 @@ use serde_json::Value;
 pub use actor::ActorId;
 pub use json::MAX_DEPTH;
 
-use guard::{Chunk, check_change, guarded, parse_change, parse_state};
+use guard::{Chunk, Created, check_change, check_in_batch, guarded, parse_change, parse_state};
 
 /// Errors of the object store. Malformed input of any kind (change bytes,
 /// snapshot bytes, JSON) is reported here; nothing panics on input.
@@ -210,37 +210,139 @@ impl Entry {
         Ok(())
     }
 
+    /// Apply a causally ordered batch of ready changes with one automerge
+    /// call, atomically: on any error the document is left as it was.
+    /// Cheaper than one call per change (automerge walks its op set once per
+    /// call, and the document is cloned and verified once).
+    fn apply_batch(&mut self, batch: Vec<Change>) -> Result<(), CrdtError> {
+        let mut created = Created::new();
+        for change in &batch {
+            check_in_batch(self.doc.as_ref(), change, &mut created)?;
+        }
+        let hashes: Vec<ChangeHash> = batch.iter().map(Change::hash).collect();
+        let base = self.doc.clone().unwrap_or_default();
+        let doc = guarded("applying a batch of changes", move || {
+            let mut doc = base;
+            doc.apply_changes(batch).map(|()| doc)
+        })??;
+        if let Some(h) = hashes.iter().find(|h| !has_change(&doc, h)) {
+            return Err(CrdtError::InvalidChange(format!("{h} was not applied")));
+        }
+        verify_faithful(&doc, &hashes)?;
+        self.doc = Some(doc);
+        Ok(())
+    }
+
     /// Apply every queued change that has become ready, discard those that
-    /// depend on dead history, until nothing moves.
+    /// depend on dead history, until nothing moves. Ready changes are
+    /// applied as one batch; if the batch fails, one by one, so that a bad
+    /// change is discarded alone.
     fn drain_pending(&mut self) {
         loop {
             let mut progressed = false;
+            // Drop what is dead or already applied.
             let hashes: Vec<ChangeHash> = self.pending.keys().copied().collect();
-            for hash in hashes {
-                let Some(change) = self.pending.get(&hash) else {
+            for hash in &hashes {
+                let Some(change) = self.pending.get(hash) else {
                     continue;
                 };
                 if change.deps().iter().any(|d| self.dead.contains(d)) {
-                    self.pending.remove(&hash);
-                    self.dead.insert(hash);
+                    self.pending.remove(hash);
+                    self.dead.insert(*hash);
                     progressed = true;
-                } else if self.doc.as_ref().is_some_and(|d| has_change(d, &hash)) {
-                    self.pending.remove(&hash);
+                } else if self.doc.as_ref().is_some_and(|d| has_change(d, hash)) {
+                    self.pending.remove(hash);
                     progressed = true;
-                } else if self.is_ready(change) {
-                    if let Some(change) = self.pending.remove(&hash)
-                        && let Err(error) = self.apply_ready(change)
-                    {
-                        tracing::warn!(%hash, %error, "queued change could not be applied; discarded");
-                        self.dead.insert(hash);
+                }
+            }
+            // Everything ready, in causal order: ready against the document
+            // or against changes chosen before it.
+            let mut chosen: Vec<ChangeHash> = Vec::new();
+            let mut chosen_set: BTreeSet<ChangeHash> = BTreeSet::new();
+            loop {
+                let before = chosen.len();
+                for (hash, change) in &self.pending {
+                    if chosen_set.contains(hash) {
+                        continue;
                     }
-                    progressed = true;
+                    let ready = change.deps().iter().all(|d| {
+                        chosen_set.contains(d)
+                            || self.doc.as_ref().is_some_and(|doc| has_change(doc, d))
+                    });
+                    if ready {
+                        chosen.push(*hash);
+                        chosen_set.insert(*hash);
+                    }
+                }
+                if chosen.len() == before {
+                    break;
+                }
+            }
+            if !chosen.is_empty() {
+                progressed = true;
+                let batch: Vec<Change> = chosen
+                    .iter()
+                    .filter_map(|h| self.pending.remove(h))
+                    .collect();
+                let single = batch.len() == 1;
+                if let Err(error) = self.apply_batch(batch.clone()) {
+                    if single {
+                        for c in batch {
+                            let hash = c.hash();
+                            tracing::warn!(%hash, %error, "queued change could not be applied; discarded");
+                            self.dead.insert(hash);
+                        }
+                    } else {
+                        // Retry one at a time; what stays unready is queued again.
+                        for c in batch {
+                            let hash = c.hash();
+                            if !self.is_ready(&c) {
+                                self.pending.insert(hash, c);
+                            } else if let Err(error) = self.apply_ready(c) {
+                                tracing::warn!(%hash, %error, "queued change could not be applied; discarded");
+                                self.dead.insert(hash);
+                            }
+                        }
+                    }
                 }
             }
             if !progressed {
                 break;
             }
         }
+    }
+
+    /// Route a batch of changes for this object. Unknown changes are queued
+    /// and the queue drained once, so ready changes go to automerge together.
+    fn ingest_batch(&mut self, changes: Vec<Change>) -> Vec<Applied> {
+        let mut out = Vec::with_capacity(changes.len());
+        let mut fresh = Vec::new();
+        for change in changes {
+            let hash = change.hash();
+            if let Some(known) = self.knows(&hash) {
+                out.push(Some(known));
+            } else if change.deps().iter().any(|d| self.dead.contains(d)) {
+                self.dead.insert(hash);
+                out.push(Some(Applied::Discarded));
+            } else {
+                self.pending.insert(hash, change);
+                fresh.push((out.len(), hash));
+                out.push(None);
+            }
+        }
+        self.drain_pending();
+        for (i, hash) in fresh {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(match self.knows(&hash) {
+                    Some(Applied::Duplicate) => Applied::New,
+                    Some(other) => other,
+                    None => Applied::Discarded,
+                });
+            }
+        }
+        out.into_iter()
+            .map(|a| a.unwrap_or(Applied::Discarded))
+            .collect()
     }
 
     /// Merge a whole loaded document: its changes that are new to us, minus
@@ -314,6 +416,37 @@ impl ObjectStore {
     pub fn apply_change(&mut self, key: &str, change: &[u8]) -> Result<Applied, CrdtError> {
         let change = parse_change(change)?;
         self.entry_mut(key).ingest(change)
+    }
+
+    /// Apply several changes to one object's document at once, with one
+    /// automerge call for all that are causally ready (much cheaper than
+    /// one call each). Same outcome as [`Self::apply_change`] for each; a
+    /// change that cannot be parsed or applied is reported and discarded
+    /// without affecting the others.
+    pub fn apply_changes<'a>(
+        &mut self,
+        key: &str,
+        changes: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Vec<Result<Applied, CrdtError>> {
+        let mut out = Vec::new();
+        let mut parsed = Vec::new();
+        for bytes in changes {
+            match parse_change(bytes) {
+                Ok(c) => {
+                    parsed.push((out.len(), c));
+                    out.push(Ok(Applied::Discarded));
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        let (slots, changes): (Vec<usize>, Vec<Change>) = parsed.into_iter().unzip();
+        let results = self.entry_mut(key).ingest_batch(changes);
+        for (slot, r) in slots.into_iter().zip(results) {
+            if let Some(o) = out.get_mut(slot) {
+                *o = Ok(r);
+            }
+        }
+        out
     }
 
     /// The object was deleted: drop its document and remember its history as
