@@ -269,6 +269,7 @@ fn storm(c: &mut Criterion) {
     let rss_before = ask("rss");
     let mut round = 0usize;
     let mut report = Vec::new();
+    let conns: Arc<std::sync::Mutex<Vec<quinn::Connection>>> = Arc::default();
 
     let mut g = c.benchmark_group("reconnect_storm");
     g.sample_size(10)
@@ -303,6 +304,7 @@ fn storm(c: &mut Criterion) {
                 });
                 let want = (round * BEHIND) as u64;
                 let progress = Arc::new(Progress::default());
+                conns.lock().unwrap().clear();
                 let start = Instant::now();
                 rt.block_on(async {
                     for i in 0..n {
@@ -315,10 +317,11 @@ fn storm(c: &mut Criterion) {
                             store: edges.store.clone(),
                             state: Default::default(),
                         });
-                        let (ep, cfg, store) = (
+                        let (ep, cfg, store, conns) = (
                             endpoint.clone(),
                             edges.configs[i].clone(),
                             edges.store.clone(),
+                            conns.clone(),
                         );
                         tokio::spawn(async move {
                             let conn = match ep.connect_with(cfg, addr, "127.0.0.1").unwrap().await
@@ -326,13 +329,23 @@ fn storm(c: &mut Criterion) {
                                 Ok(c) => c,
                                 Err(e) => panic!("{name}: {e}"),
                             };
+                            conns.lock().unwrap().push(conn.clone());
                             let head = store.info(&down_stream(&name)).unwrap().head;
-                            let link = LinkConfig::new(name.clone(), Side::Edge, head);
+                            let defaults = keel_edge::hub::EdgeHubOptions::new(addr, name.clone());
+                            let mut link = LinkConfig::new(name.clone(), Side::Edge, head);
+                            link.ping_interval_ms = defaults.ping_interval.as_millis() as u64;
+                            link.idle_timeout_ms = defaults.link_idle_timeout.as_millis() as u64;
                             run_link(conn, store, link, sink, None).await;
                         });
                     }
                     while progress.done.load(Ordering::SeqCst) < n {
                         tokio::time::sleep(Duration::from_millis(5)).await;
+                        assert!(
+                            start.elapsed() < Duration::from_secs(120),
+                            "storm stuck: {} connected, {} caught up of {n}",
+                            progress.connected.load(Ordering::SeqCst),
+                            progress.done.load(Ordering::SeqCst)
+                        );
                     }
                 });
                 let took = start.elapsed();
@@ -346,6 +359,30 @@ fn storm(c: &mut Criterion) {
     g.finish();
     std::thread::sleep(Duration::from_secs(2));
     let rss_idle = ask("rss");
+    let idle_secs: u64 = std::env::var("KEEL_STORM_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let wire = || -> u64 {
+        conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let s = c.stats();
+                s.udp_tx.bytes + s.udp_rx.bytes
+            })
+            .sum()
+    };
+    let (open0, before) = (conns.lock().unwrap().len(), wire());
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let after = wire();
+    let open = conns
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.close_reason().is_none())
+        .count();
     for (took, hs) in &report {
         eprintln!(
             "storm: {n} nodes caught up both ways in {:.2} s; handshakes {:.0}/s",
@@ -354,13 +391,34 @@ fn storm(c: &mut Criterion) {
         );
     }
     eprintln!("cloud process before connections: {rss_before}");
+    let kib = |s: &str| -> u64 {
+        s.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "cloud RSS per idle connected node: {:.1} KB",
+        (kib(&rss_idle).saturating_sub(kib(&rss_before))) as f64 * 1024.0 / 1000.0 / n as f64
+    );
     eprintln!("cloud process with {n} idle connections: {rss_idle}");
+    eprintln!(
+        "idle wire: {} bytes both ways over {idle_secs} s for {open0} connections ({open} still open): {:.2} bytes/s per node",
+        after - before,
+        (after - before) as f64 / idle_secs as f64 / open0.max(1) as f64
+    );
     let _ = to_cloud.write_all(b"quit\n");
     let _ = child.kill();
     let _ = child.wait();
 }
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Ok(dir) = std::env::var("KEEL_STORM_CLOUD") {
         cloud(&dir);
         return;

@@ -42,8 +42,11 @@ impl Default for HubOptions {
         HubOptions {
             max_catchups: 256,
             idle_timeout: Duration::from_secs(90),
-            ping_interval: Duration::from_secs(30),
-            link_idle_timeout: Duration::from_secs(90),
+            // Liveness is QUIC's job (keep-alive from the edge, idle
+            // timeout on both ends); the link's own ping is a rare
+            // end-to-end check, so an idle node costs a few bytes/s.
+            ping_interval: Duration::from_secs(600),
+            link_idle_timeout: Duration::from_secs(1800),
         }
     }
 }
@@ -120,7 +123,71 @@ struct HubState {
     pace: Arc<Pace>,
     /// Node → id of its current connection.
     current: Mutex<BTreeMap<String, usize>>,
+    /// Node → seq of its down stream it last acknowledged.
+    acked: Mutex<BTreeMap<String, u64>>,
     stats: HubStats,
+}
+
+/// Passes link events on to the hub's sink, noting acks per node.
+struct Tracking(Arc<HubState>);
+
+impl Sink for Tracking {
+    fn persisted(&self, node: &str, stream: &str, records: &[keel_log::Record]) {
+        self.0.sink.persisted(node, stream, records);
+    }
+    fn snapshot_installed(&self, node: &str, stream: &str) {
+        self.0.sink.snapshot_installed(node, stream);
+    }
+    fn connected(&self, node: &str) {
+        self.0.sink.connected(node);
+    }
+    fn disconnected(&self, node: &str) {
+        self.0.sink.disconnected(node);
+    }
+    fn acked(&self, node: &str, stream: &str, cursor: keel_log::Cursor) {
+        self.0
+            .acked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.to_owned(), cursor.seq);
+        self.0.sink.acked(node, stream, cursor);
+    }
+}
+
+/// A cheap handle on a hub's live state (for metrics).
+#[derive(Clone)]
+pub struct HubHandle(Arc<HubState>);
+
+impl std::fmt::Debug for HubHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubHandle").finish_non_exhaustive()
+    }
+}
+
+impl HubHandle {
+    /// Nodes with a live connection.
+    pub fn connected(&self) -> BTreeSet<String> {
+        self.0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn stats(&self) -> &HubStats {
+        &self.0.stats
+    }
+
+    /// Node → the seq of its down stream it last acknowledged.
+    pub fn acked(&self) -> BTreeMap<String, u64> {
+        self.0
+            .acked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// The running hub.
@@ -173,6 +240,7 @@ impl CloudHub {
             }))),
             opts,
             current: Mutex::new(BTreeMap::new()),
+            acked: Mutex::new(BTreeMap::new()),
             stats: HubStats::default(),
         });
         let ep = endpoint.clone();
@@ -208,6 +276,11 @@ impl CloudHub {
 
     pub fn stats(&self) -> &HubStats {
         &self.state.stats
+    }
+
+    /// A handle on the hub's live state that outlives borrows of the hub.
+    pub fn stats_handle(&self) -> HubHandle {
+        HubHandle(self.state.clone())
     }
 
     /// Closes every connection and stops accepting.
@@ -271,11 +344,14 @@ impl HubState {
             u64::try_from(self.opts.link_idle_timeout.as_millis()).unwrap_or(u64::MAX);
         debug!(%node, %remote, "node connected");
         let pace: Arc<dyn Pacer> = self.pace.clone();
-        let closed = run_link(conn, self.store.clone(), cfg, self.sink.clone(), Some(pace)).await;
+        let sink: Arc<dyn Sink> = Arc::new(Tracking(self.clone()));
+        let closed = run_link(conn, self.store.clone(), cfg, sink, Some(pace)).await;
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.get(&node) == Some(&id) {
             current.remove(&node);
+            drop(current);
+            self.sink.disconnected(&node);
         }
         debug!(%node, code = ?closed.code, reason = %closed.message, "node disconnected");
     }

@@ -7,7 +7,9 @@
 //! which an edge node joins and later renews its certificate
 //! ([`bootstrap`]). Errors are one enum, [`Error`].
 
+pub mod api;
 pub mod bootstrap;
+pub mod core;
 pub mod error;
 pub mod hub;
 pub mod pki;

@@ -631,6 +631,39 @@ pub fn node_name_from_cert(der: &[u8]) -> Result<String> {
     Ok(name)
 }
 
+/// Whether a DER certificate is the cluster admin's (O =
+/// [`ADMIN_ORGANIZATION`], CN = [`ADMIN_COMMON_NAME`]).
+pub fn is_admin_cert(der: &[u8]) -> bool {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    let subject = cert.subject();
+    subject
+        .iter_organization()
+        .any(|o| o.as_str().is_ok_and(|o| o == ADMIN_ORGANIZATION))
+        && single_common_name(subject).is_ok_and(|cn| cn == ADMIN_COMMON_NAME)
+}
+
+/// The TLS configuration of the Kubernetes API: the cluster CA must have
+/// issued the client's certificate (which one may do what is decided per
+/// request).
+///
+/// # Errors
+/// Unparseable server certificate or key, or a rustls configuration error.
+pub fn api_tls_config(
+    ca: &ClusterCa,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+) -> Result<rustls::ServerConfig> {
+    build_server_config(
+        ca,
+        server_cert_pem,
+        server_key_pem,
+        ClientAuth::Required,
+        b"http/1.1",
+    )
+}
+
 /// The serial number of a DER certificate, lowercase hex.
 ///
 /// # Errors

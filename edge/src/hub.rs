@@ -39,8 +39,11 @@ impl EdgeHubOptions {
             backoff_max: Duration::from_secs(30),
             keep_alive: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(90),
-            ping_interval: Duration::from_secs(30),
-            link_idle_timeout: Duration::from_secs(90),
+            // Liveness is QUIC's job (keep-alive from the edge, idle
+            // timeout on both ends); the link's own ping is a rare
+            // end-to-end check, so an idle node costs a few bytes/s.
+            ping_interval: Duration::from_secs(600),
+            link_idle_timeout: Duration::from_secs(1800),
         }
     }
 }

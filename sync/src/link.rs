@@ -324,6 +324,12 @@ impl Link {
         self.stats
     }
 
+    /// Whether the peer's `Hello` has been handled (frames other than
+    /// `Hello` are only accepted after it).
+    pub fn is_established(&self) -> bool {
+        self.got_hello
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.is_some()
     }

@@ -38,6 +38,9 @@ pub trait Sink: Send + Sync + 'static {
     fn snapshot_installed(&self, node: &str, stream: &str);
     /// The link completed its handshake.
     fn connected(&self, _node: &str) {}
+    /// The node has no live connection any more (called by hubs that track
+    /// connections per node).
+    fn disconnected(&self, _node: &str) {}
     /// The peer acknowledged `cursor` of the stream this side sends.
     fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
 }
@@ -336,7 +339,11 @@ async fn drive(
                 permit = Some(p);
                 admitted = true;
             }
-            Some(bytes) = bulk_in.recv() => link.handle_bytes(now(), &bytes, &store),
+            // The peer's Hello travels on its control stream, which QUIC
+            // may deliver after the first bulk frames: bulk waits for it.
+            Some(bytes) = bulk_in.recv(), if link.is_established() => {
+                link.handle_bytes(now(), &bytes, &store)
+            }
             _ = store.wait_head(&out_stream, seen_head) => {}
             _ = tokio::time::sleep_until(deadline) => link.handle_timeout(now()),
             e = conn.closed() => break lost(format!("connection lost: {e}")),

@@ -485,6 +485,21 @@ impl ObjectStore {
         self.entries.get(key).is_some_and(|e| e.doc.is_some())
     }
 
+    /// The bytes of every change in the object's document, in causal
+    /// order (what a replica that has never seen the object needs).
+    pub fn changes(&self, key: &str) -> Vec<Vec<u8>> {
+        self.entries
+            .get(key)
+            .and_then(|e| e.doc.as_ref())
+            .map(|d| {
+                d.get_changes(&[])
+                    .into_iter()
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Number of changes for `key` waiting for their dependencies.
     pub fn queued(&self, key: &str) -> usize {
         self.entries.get(key).map_or(0, |e| e.pending.len())

@@ -1,0 +1,873 @@
+//! The control plane's objects, backed by the log.
+//!
+//! Every change to an object — a write through the API or a status change
+//! an edge reports — is one automerge change appended to the cloud's
+//! `cluster` stream; an object's `resourceVersion` is the seq of the last
+//! record that touched it, so the stream is the watch history and a watch
+//! resumes from any seq still held (older: `410 Gone`). Objects bound to an
+//! edge node (pods and devices with `spec.nodeName`, and the configmaps
+//! and secrets those pods use) also go, change for change, into that
+//! node's `down` stream; what the node reports arrives on its `up` stream
+//! and is folded in here.
+//!
+//! A write answers only after its record is durable. Watchers see events
+//! in seq order, once durable.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
+use keel_sync::crdt::{ActorId, Applied, ObjectStore};
+use keel_sync::link::{down_stream, up_stream};
+use keel_sync::objects::{apply_record, apply_snapshot_object};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::resources::{self, ResourceType};
+use super::status::Status;
+
+/// The cloud's own stream of every object change.
+pub const CLUSTER_STREAM: &str = "cluster";
+const HISTORY: usize = 16_384;
+const ACTOR: &str = "cloudcore";
+
+/// What a watcher is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Added => "ADDED",
+            EventKind::Modified => "MODIFIED",
+            EventKind::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as watchers see it.
+#[derive(Debug)]
+pub struct WatchEvent {
+    pub rv: u64,
+    pub kind: EventKind,
+    pub key: String,
+    /// The object after the change (before it, for a deletion), with its
+    /// `resourceVersion` set.
+    pub object: Arc<Value>,
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    obj: Arc<Value>,
+    rv: u64,
+}
+
+struct Inner {
+    objects: ObjectStore,
+    view: BTreeMap<String, Stored>,
+    next_seq: u64,
+    /// Object key → nodes whose `down` stream carries it.
+    bound: BTreeMap<String, BTreeSet<String>>,
+    /// Node streams known to exist.
+    node_streams: BTreeSet<String>,
+}
+
+struct History {
+    events: VecDeque<Arc<WatchEvent>>,
+    /// Seq up to which everything is durable and published.
+    durable: u64,
+    /// Lowest seq a watch can resume after.
+    floor: u64,
+}
+
+struct Commit {
+    tickets: Vec<Ticket<Cursor>>,
+    events: Vec<Arc<WatchEvent>>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Events held after a watch's starting point, and the live feed.
+pub type WatchStart = (Vec<Arc<WatchEvent>>, broadcast::Receiver<Arc<WatchEvent>>);
+
+/// What a write function decides.
+#[derive(Debug)]
+pub enum Write {
+    /// Store this object (without `resourceVersion`).
+    Put(Value),
+    /// Delete the object.
+    Delete,
+}
+
+/// The registry (cheap to share behind an `Arc`).
+pub struct Registry {
+    store: Store,
+    inner: Mutex<Inner>,
+    history: Mutex<History>,
+    events: broadcast::Sender<Arc<WatchEvent>>,
+    commits: mpsc::UnboundedSender<Commit>,
+    actor: ActorId,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `obj` with `metadata.resourceVersion` set to `rv`.
+pub fn with_rv(obj: &Value, rv: u64) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert("resourceVersion".into(), Value::String(rv.to_string()));
+    }
+    o
+}
+
+fn strip_rv(obj: &mut Value) {
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_str().filter(|s| !s.is_empty())
+}
+
+/// Configmap and secret names a pod uses.
+fn pod_refs(pod: &Value) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let spec = pod.get("spec").unwrap_or(&Value::Null);
+    for v in spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(n) = str_at(v, &["configMap", "name"]) {
+            out.push(("configmaps", n.to_owned()));
+        }
+        if let Some(n) = str_at(v, &["secret", "secretName"]) {
+            out.push(("secrets", n.to_owned()));
+        }
+    }
+    for list in ["containers", "initContainers"] {
+        for c in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for e in c.get("env").and_then(Value::as_array).into_iter().flatten() {
+                if let Some(n) = str_at(e, &["valueFrom", "configMapKeyRef", "name"]) {
+                    out.push(("configmaps", n.to_owned()));
+                }
+                if let Some(n) = str_at(e, &["valueFrom", "secretKeyRef", "name"]) {
+                    out.push(("secrets", n.to_owned()));
+                }
+            }
+            for e in c
+                .get("envFrom")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(n) = str_at(e, &["configMapRef", "name"]) {
+                    out.push(("configmaps", n.to_owned()));
+                }
+                if let Some(n) = str_at(e, &["secretRef", "name"]) {
+                    out.push(("secrets", n.to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Inner {
+    /// Nodes `key` (holding `obj`) must reach.
+    fn targets(&self, key: &str, obj: &Value) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if key.starts_with("pods/") || key.starts_with("devices.") {
+            if let Some(n) = str_at(obj, &["spec", "nodeName"]) {
+                out.insert(n.to_owned());
+            }
+        } else if key.starts_with("configmaps/") || key.starts_with("secrets/") {
+            let mut parts = key.splitn(3, '/');
+            let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return out;
+            };
+            let prefix = format!("pods/{ns}/");
+            for (_, pod) in self.view.range(prefix.clone()..) {
+                let pod_key_ok = pod
+                    .obj
+                    .get("metadata")
+                    .and_then(|m| m.get("namespace"))
+                    .and_then(Value::as_str)
+                    == Some(ns);
+                if !pod_key_ok {
+                    break;
+                }
+                if let Some(n) = str_at(&pod.obj, &["spec", "nodeName"])
+                    && pod_refs(&pod.obj)
+                        .iter()
+                        .any(|(k, nm)| *k == kind && nm == name)
+                {
+                    out.insert(n.to_owned());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Registry {
+    /// Opens the registry on `store`, replaying the `cluster` stream. Must
+    /// run inside a tokio runtime (a task publishes durable commits).
+    pub fn open(store: Store) -> Result<Arc<Registry>, Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        store
+            .create_stream(CLUSTER_STREAM, Role::Writer, 1)
+            .map_err(err)?;
+        let mut objects = ObjectStore::new();
+        let mut rvs: BTreeMap<String, u64> = BTreeMap::new();
+        let mut after = 0;
+        let mut floor = 0;
+        loop {
+            let seg = match store
+                .read(CLUSTER_STREAM, after, ReadLimits::default())
+                .map_err(err)?
+            {
+                Read::Records(seg) => seg,
+                Read::Snapshot { snapshot, tail } => {
+                    floor = snapshot.base.seq;
+                    for o in &snapshot.objects {
+                        if let Err(e) = apply_snapshot_object(&mut objects, o) {
+                            warn!(key = %o.key, error = %e, "snapshot object unusable; skipped");
+                        }
+                        rvs.insert(o.key.clone(), o.seq);
+                    }
+                    tail
+                }
+            };
+            if seg.records.is_empty() {
+                break;
+            }
+            for r in &seg.records {
+                if let Err(e) = apply_record(&mut objects, r) {
+                    warn!(key = %r.key, seq = r.seq, error = %e, "record unusable; skipped");
+                }
+                rvs.insert(r.key.clone(), r.seq);
+                after = r.seq;
+            }
+        }
+        let head = store.info(CLUSTER_STREAM).map_err(err)?.head.seq;
+        let mut view = BTreeMap::new();
+        for key in objects.keys() {
+            if let Some(obj) = objects.get_json(key) {
+                let rv = rvs.get(key).copied().unwrap_or(head);
+                view.insert(
+                    key.to_owned(),
+                    Stored {
+                        obj: Arc::new(obj),
+                        rv,
+                    },
+                );
+            }
+        }
+        info!(objects = view.len(), head, "registry loaded from the log");
+        let (events, _) = broadcast::channel(4096);
+        let (commits, rx) = mpsc::unbounded_channel();
+        let reg = Arc::new(Registry {
+            store,
+            inner: Mutex::new(Inner {
+                objects,
+                view,
+                next_seq: head + 1,
+                bound: BTreeMap::new(),
+                node_streams: BTreeSet::new(),
+            }),
+            history: Mutex::new(History {
+                events: VecDeque::new(),
+                durable: head,
+                floor: head.max(floor),
+            }),
+            events,
+            commits,
+            actor: ActorId::from_name(ACTOR),
+        });
+        tokio::spawn(publish(Arc::downgrade(&reg), rx));
+        reg.rebind()?;
+        for ns in ["default", "kube-system", "kube-node-lease"] {
+            let key = format!("namespaces/{ns}");
+            if !lock(&reg.inner).view.contains_key(&key) {
+                let obj = json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": ns}, "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"}});
+                reg.submit(&key, |_| Ok(Some(Write::Put(new_meta(obj, None)))))?;
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Rebuilds which node streams carry which objects, and sends every
+    /// bound object's missing changes (a crash may have come between the
+    /// `cluster` append and the `down` append).
+    fn rebind(&self) -> Result<(), Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let nodes: Vec<String> = self
+            .store
+            .streams()
+            .into_iter()
+            .filter_map(|s| s.name.strip_suffix("/down").map(str::to_owned))
+            .collect();
+        let mut inner = lock(&self.inner);
+        let mut tickets = Vec::new();
+        for node in nodes {
+            let down = down_stream(&node);
+            inner.node_streams.insert(down.clone());
+            let mut sent = ObjectStore::new();
+            let mut after = 0;
+            loop {
+                let seg = match self
+                    .store
+                    .read(&down, after, ReadLimits::default())
+                    .map_err(err)?
+                {
+                    Read::Records(s) => s,
+                    Read::Snapshot { snapshot, tail } => {
+                        for o in &snapshot.objects {
+                            let _ = apply_snapshot_object(&mut sent, o);
+                        }
+                        tail
+                    }
+                };
+                if seg.records.is_empty() {
+                    break;
+                }
+                for r in &seg.records {
+                    let _ = apply_record(&mut sent, r);
+                    after = r.seq;
+                }
+            }
+            for key in sent.keys() {
+                inner
+                    .bound
+                    .entry(key.to_owned())
+                    .or_default()
+                    .insert(node.clone());
+                if sent.heads(key) != inner.objects.heads(key) && inner.view.contains_key(key) {
+                    let entries: Vec<Entry> = inner
+                        .objects
+                        .changes(key)
+                        .into_iter()
+                        .map(|c| Entry::new(ACTOR, key, PayloadKind::Change, c))
+                        .collect();
+                    tickets.push(self.store.append_async(&down, entries).map_err(err)?);
+                }
+            }
+        }
+        drop(inner);
+        for t in tickets {
+            t.wait().map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The store under the registry.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// One object with its resourceVersion, or `None`.
+    pub fn get(&self, key: &str) -> Option<Value> {
+        lock(&self.inner)
+            .view
+            .get(key)
+            .map(|s| with_rv(&s.obj, s.rv))
+    }
+
+    /// Every object whose key starts with `prefix`, and the list's
+    /// resourceVersion.
+    pub fn list(&self, prefix: &str) -> (Vec<Value>, u64) {
+        let inner = lock(&self.inner);
+        let items = inner
+            .view
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, s)| with_rv(&s.obj, s.rv))
+            .collect();
+        (items, inner.next_seq.saturating_sub(1))
+    }
+
+    /// Number of objects held.
+    pub fn len(&self) -> usize {
+        lock(&self.inner).view.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Events after `rv` still held, and a receiver for the ones to come
+    /// (subscribed first, so nothing falls between). `410 Gone` if `rv`
+    /// is older than the history kept.
+    pub fn watch(&self, rv: u64) -> Result<WatchStart, Status> {
+        let rx = self.events.subscribe();
+        let h = lock(&self.history);
+        if rv < h.floor {
+            return Err(Status::gone(format!(
+                "too old resource version: {rv} ({})",
+                h.floor
+            )));
+        }
+        let past = h.events.iter().filter(|e| e.rv > rv).cloned().collect();
+        Ok((past, rx))
+    }
+
+    /// Changes `key` with `f` (given the current object with its
+    /// resourceVersion) and returns once the change is durable: the new
+    /// object (the deleted one, for a delete) with its resourceVersion,
+    /// or `None` if `f` changed nothing.
+    pub async fn write(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
+    ) -> Result<Option<Value>, Status> {
+        let (out, done) = self.prepare(key, f)?;
+        if let Some(done) = done {
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Status::internal(format!("log: {e}"))),
+                Err(_) => return Err(Status::internal("registry stopped")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::write`] without waiting for durability (for callers that
+    /// cannot wait; the change is durable shortly after).
+    pub fn submit(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
+    ) -> Result<Option<Value>, Status> {
+        self.prepare(key, f).map(|(v, _)| v)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
+    ) -> Result<(Option<Value>, Option<oneshot::Receiver<Result<(), String>>>), Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let mut inner = lock(&self.inner);
+        let old = inner.view.get(key).cloned();
+        let current = old.as_ref().map(|s| with_rv(&s.obj, s.rv));
+        let Some(write) = f(current.as_ref())? else {
+            return Ok((None, None));
+        };
+        let seq = inner.next_seq;
+        let mut tickets = Vec::new();
+        let (event, out) = match write {
+            Write::Put(mut new) => {
+                strip_rv(&mut new);
+                if old.as_ref().is_some_and(|o| *o.obj == new) {
+                    return Ok((None, None));
+                }
+                let change = inner
+                    .objects
+                    .edit_replace(key, &self.actor, &new)
+                    .map_err(|e| Status::internal(format!("object store: {e}")))?;
+                let Some(change) = change else {
+                    return Ok((None, None));
+                };
+                tickets.push(
+                    self.store
+                        .append_async(
+                            CLUSTER_STREAM,
+                            vec![Entry::new(ACTOR, key, PayloadKind::Change, change.clone())],
+                        )
+                        .map_err(err)?,
+                );
+                // The store's view is what the CRDT folded (identical to
+                // `new` for a single writer; merged if an edge wrote too).
+                let folded = inner.objects.get_json(key).unwrap_or(new);
+                let obj = Arc::new(folded);
+                inner.view.insert(
+                    key.to_owned(),
+                    Stored {
+                        obj: obj.clone(),
+                        rv: seq,
+                    },
+                );
+                tickets.extend(self.send_down(&mut inner, key, &obj, Some(change))?);
+                let kind = if old.is_some() {
+                    EventKind::Modified
+                } else {
+                    EventKind::Added
+                };
+                (kind, with_rv(&obj, seq))
+            }
+            Write::Delete => {
+                let Some(old) = old else {
+                    return Ok((None, None));
+                };
+                inner.objects.apply_tombstone(key);
+                tickets.push(
+                    self.store
+                        .append_async(
+                            CLUSTER_STREAM,
+                            vec![Entry::new(ACTOR, key, PayloadKind::Tombstone, Vec::new())],
+                        )
+                        .map_err(err)?,
+                );
+                inner.view.remove(key);
+                if let Some(nodes) = inner.bound.remove(key) {
+                    for n in nodes {
+                        let down = down_stream(&n);
+                        tickets.push(
+                            self.store
+                                .append_async(
+                                    &down,
+                                    vec![Entry::new(
+                                        ACTOR,
+                                        key,
+                                        PayloadKind::Tombstone,
+                                        Vec::new(),
+                                    )],
+                                )
+                                .map_err(err)?,
+                        );
+                    }
+                }
+                (EventKind::Deleted, with_rv(&old.obj, seq))
+            }
+        };
+        inner.next_seq += 1;
+        let event = Arc::new(WatchEvent {
+            rv: seq,
+            kind: event,
+            key: key.to_owned(),
+            object: Arc::new(out.clone()),
+        });
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commits.send(Commit {
+            tickets,
+            events: vec![event],
+            done: Some(tx),
+        });
+        Ok((Some(out), Some(rx)))
+    }
+
+    /// Appends `key`'s change (or whole history, where a node has not had
+    /// the object yet) to the `down` stream of every node it is bound to;
+    /// binding a pod also sends the configmaps and secrets it uses.
+    fn send_down(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        obj: &Value,
+        change: Option<Vec<u8>>,
+    ) -> Result<Vec<Ticket<Cursor>>, Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let mut tickets = Vec::new();
+        let targets = inner.targets(key, obj);
+        let mut extra: Vec<(String, String)> = Vec::new();
+        for node in targets {
+            let down = down_stream(&node);
+            if !inner.node_streams.contains(&down) {
+                self.store
+                    .create_stream(&down, Role::Writer, 1)
+                    .map_err(err)?;
+                self.store
+                    .create_stream(&up_stream(&node), Role::Replica, 1)
+                    .map_err(err)?;
+                inner.node_streams.insert(down.clone());
+            }
+            let known = inner.bound.get(key).is_some_and(|s| s.contains(&node));
+            let payloads = match (&change, known) {
+                (Some(c), true) => vec![c.clone()],
+                _ => inner.objects.changes(key),
+            };
+            let entries: Vec<Entry> = payloads
+                .into_iter()
+                .map(|c| Entry::new(ACTOR, key, PayloadKind::Change, c))
+                .collect();
+            tickets.push(self.store.append_async(&down, entries).map_err(err)?);
+            inner
+                .bound
+                .entry(key.to_owned())
+                .or_default()
+                .insert(node.clone());
+            if key.starts_with("pods/") {
+                let ns = str_at(obj, &["metadata", "namespace"]).unwrap_or("default");
+                for (kind, name) in pod_refs(obj) {
+                    let k = format!("{kind}/{ns}/{name}");
+                    let has = inner.bound.get(&k).is_some_and(|s| s.contains(&node));
+                    if !has && inner.view.contains_key(&k) {
+                        extra.push((k, node.clone()));
+                    }
+                }
+            }
+        }
+        for (k, node) in extra {
+            let entries: Vec<Entry> = inner
+                .objects
+                .changes(&k)
+                .into_iter()
+                .map(|c| Entry::new(ACTOR, &k, PayloadKind::Change, c))
+                .collect();
+            tickets.push(
+                self.store
+                    .append_async(&down_stream(&node), entries)
+                    .map_err(err)?,
+            );
+            inner.bound.entry(k).or_default().insert(node);
+        }
+        Ok(tickets)
+    }
+
+    /// Records node `node` reported (durable in its `up` stream): folded
+    /// into the objects bound to it, each new change re-recorded in the
+    /// `cluster` stream. Changes to objects not bound to the node (other
+    /// than its own Node object) are refused.
+    pub fn apply_from_node(&self, node: &str, records: &[Record]) {
+        let mut inner = lock(&self.inner);
+        let mut tickets = Vec::new();
+        let mut events = Vec::new();
+        let own_node = format!("nodes/{node}");
+        for r in records {
+            if r.kind != PayloadKind::Change {
+                continue;
+            }
+            let allowed =
+                r.key == own_node || inner.bound.get(&r.key).is_some_and(|s| s.contains(node));
+            if !allowed {
+                warn!(%node, key = %r.key, "node wrote an object not bound to it; ignored");
+                continue;
+            }
+            match inner.objects.apply_change(&r.key, &r.payload) {
+                Ok(Applied::New) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(%node, key = %r.key, error = %e, "node change unusable; ignored");
+                    continue;
+                }
+            }
+            let Some(obj) = inner.objects.get_json(&r.key) else {
+                continue;
+            };
+            match self.store.append_async(
+                CLUSTER_STREAM,
+                vec![Entry::new(
+                    node,
+                    &r.key,
+                    PayloadKind::Change,
+                    r.payload.clone(),
+                )],
+            ) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    warn!(%node, error = %e, "could not record a node change");
+                    continue;
+                }
+            }
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            let existed = inner.view.contains_key(&r.key);
+            let obj = Arc::new(obj);
+            inner.view.insert(
+                r.key.clone(),
+                Stored {
+                    obj: obj.clone(),
+                    rv: seq,
+                },
+            );
+            events.push(Arc::new(WatchEvent {
+                rv: seq,
+                kind: if existed {
+                    EventKind::Modified
+                } else {
+                    EventKind::Added
+                },
+                key: r.key.clone(),
+                object: Arc::new(with_rv(&obj, seq)),
+            }));
+        }
+        if !events.is_empty() {
+            debug!(%node, changes = events.len(), "folded node changes");
+            let _ = self.commits.send(Commit {
+                tickets,
+                events,
+                done: None,
+            });
+        }
+    }
+
+    /// Node `node` connected (`ready`) or lost its connection: its Node
+    /// object is created if new and its Ready condition set. Pods on a
+    /// node that is not ready stay where they are (edge autonomy).
+    pub fn node_ready(&self, node: &str, ready: bool) {
+        let key = format!("nodes/{node}");
+        let now = now_rfc3339();
+        let (status, reason, message) = if ready {
+            (
+                "True",
+                "EdgeConnected",
+                "edgecore is connected to cloudcore",
+            )
+        } else {
+            (
+                "Unknown",
+                "EdgeDisconnected",
+                "edgecore lost its connection to cloudcore; its pods keep running",
+            )
+        };
+        let node_name = node.to_owned();
+        let r = self.submit(&key, move |old| {
+            let mut obj = match old {
+                Some(o) => o.clone(),
+                None => new_meta(
+                    json!({"apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": node_name, "labels": {
+                            "kubernetes.io/hostname": node_name,
+                            "node-role.kubernetes.io/edge": ""}},
+                        "spec": {}, "status": {}}),
+                    None,
+                ),
+            };
+            let mut conds: Vec<Value> = obj
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let prev = conds
+                .iter()
+                .find(|c| c.get("type") == Some(&json!("Ready")))
+                .cloned();
+            let transition = match &prev {
+                Some(p) if p.get("status") == Some(&json!(status)) => {
+                    p.get("lastTransitionTime").cloned().unwrap_or(json!(now))
+                }
+                _ => json!(now),
+            };
+            conds.retain(|c| c.get("type") != Some(&json!("Ready")));
+            conds.push(json!({"type": "Ready", "status": status, "reason": reason,
+                "message": message, "lastHeartbeatTime": now, "lastTransitionTime": transition}));
+            if let Some(st) = obj.get_mut("status").and_then(Value::as_object_mut) {
+                st.insert("conditions".into(), Value::Array(conds));
+            } else if let Some(o) = obj.as_object_mut() {
+                o.insert("status".into(), json!({"conditions": conds}));
+            }
+            Ok(Some(Write::Put(obj)))
+        });
+        if let Err(e) = r {
+            warn!(%node, error = %e, "could not record node readiness");
+        }
+    }
+}
+
+/// Publishes commits in order once durable.
+async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver<Commit>) {
+    while let Some(c) = rx.recv().await {
+        let mut result = Ok(());
+        for t in c.tickets {
+            if let Err(e) = t.await {
+                result = Err(e.to_string());
+            }
+        }
+        let Some(reg) = reg.upgrade() else {
+            return;
+        };
+        if result.is_ok() {
+            let mut h = lock(&reg.history);
+            for e in c.events {
+                h.durable = h.durable.max(e.rv);
+                h.events.push_back(e.clone());
+                let _ = reg.events.send(e);
+            }
+            while h.events.len() > HISTORY {
+                if let Some(e) = h.events.pop_front() {
+                    h.floor = e.rv;
+                }
+            }
+        } else {
+            warn!(error = ?result, "a commit failed: the log store is poisoned");
+        }
+        if let Some(done) = c.done {
+            let _ = done.send(result);
+        }
+    }
+}
+
+/// RFC 3339 UTC, seconds.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Fills in the server-set metadata of a new object: uid,
+/// creationTimestamp, generation, namespace.
+pub fn new_meta(mut obj: Value, namespace: Option<&str>) -> Value {
+    let seed = format!(
+        "{}{}",
+        obj.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+    );
+    let h = blake3::hash(seed.as_bytes()).to_hex();
+    let h = h.as_str();
+    let uid = format!(
+        "{}-{}-{}-{}-{}",
+        h.get(0..8).unwrap_or_default(),
+        h.get(8..12).unwrap_or_default(),
+        h.get(12..16).unwrap_or_default(),
+        h.get(16..20).unwrap_or_default(),
+        h.get(20..32).unwrap_or_default()
+    );
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert("uid".into(), json!(uid));
+        m.insert("creationTimestamp".into(), json!(now_rfc3339()));
+        if let Some(ns) = namespace {
+            m.insert("namespace".into(), json!(ns));
+        }
+        m.remove("resourceVersion");
+    }
+    if obj.get("spec").is_some()
+        && let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        m.insert("generation".into(), json!(1));
+    }
+    obj
+}
+
+/// The resource type and namespace/name of a registry key.
+pub fn parse_key(key: &str) -> Option<(&'static ResourceType, Option<&str>, &str)> {
+    let rt = resources::of_key(key)?;
+    let rest = key.get(rt.qualified().len() + 1..)?;
+    if rt.namespaced {
+        let (ns, name) = rest.split_once('/')?;
+        Some((rt, Some(ns), name))
+    } else {
+        Some((rt, None, rest))
+    }
+}

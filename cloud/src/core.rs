@@ -1,0 +1,387 @@
+//! cloudcore assembled: cluster CA, log store, registry, CloudHub, the
+//! bootstrap endpoint, the Kubernetes API, metrics, and the admin
+//! kubeconfig. The `cloudcore` binary parses flags and calls [`run`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use keel_log::{Cursor, Record, Store, StoreOptions};
+use keel_sync::quic::Sink;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::api::ApiServer;
+use crate::api::registry::Registry;
+use crate::bootstrap::{BootstrapOptions, BootstrapServer};
+use crate::hub::{CloudHub, HubOptions};
+use crate::pki::{self, ClusterCa};
+use crate::token::TokenStore;
+
+/// cloudcore's settings (YAML file, then flags).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Where the CA, tokens, log and kubeconfig live.
+    pub data_dir: PathBuf,
+    /// Kubernetes API (HTTPS).
+    pub api_addr: SocketAddr,
+    /// CloudHub (QUIC).
+    pub hub_addr: SocketAddr,
+    /// Join and certificate renewal (HTTPS).
+    pub bootstrap_addr: SocketAddr,
+    /// Prometheus metrics (plain HTTP); none if absent.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Names and addresses the server certificate is valid for.
+    #[serde(default = "default_names")]
+    pub server_names: Vec<String>,
+}
+
+fn default_names() -> Vec<String> {
+    vec!["127.0.0.1".into(), "localhost".into()]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("cloudcore-data"),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            hub_addr: SocketAddr::from(([127, 0, 0, 1], 10000)),
+            bootstrap_addr: SocketAddr::from(([127, 0, 0, 1], 10002)),
+            metrics_addr: None,
+            server_names: default_names(),
+        }
+    }
+}
+
+/// Errors starting cloudcore.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    Pki(#[from] crate::Error),
+    #[error("log store: {0}")]
+    Log(#[from] keel_log::Error),
+    #[error("registry: {0}")]
+    Registry(#[from] crate::api::status::Status),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CoreError {
+    let what = what.into();
+    move |source| CoreError::Io { what, source }
+}
+
+/// Hub events into the registry.
+struct RegistrySink(Arc<Registry>);
+
+impl Sink for RegistrySink {
+    fn persisted(&self, node: &str, stream: &str, records: &[Record]) {
+        if stream.ends_with("/up") {
+            self.0.apply_from_node(node, records);
+        }
+    }
+    fn snapshot_installed(&self, node: &str, stream: &str) {
+        info!(%node, %stream, "a node's stream was replaced by a snapshot");
+    }
+    fn connected(&self, node: &str) {
+        self.0.node_ready(node, true);
+    }
+    fn disconnected(&self, node: &str) {
+        self.0.node_ready(node, false);
+    }
+    fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
+}
+
+/// Writes a kubeconfig for the admin certificate at `path`.
+pub fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> std::io::Result<()> {
+    use base64_engine::encode;
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: keel\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: keel-admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: keel\n  context:\n    cluster: keel\n    user: keel-admin\n    namespace: default\ncurrent-context: keel\n",
+        encode(ca_pem.as_bytes()),
+        encode(cert_pem.as_bytes()),
+        encode(key_pem.as_bytes())
+    );
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+mod base64_engine {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    /// Standard base64 with padding.
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk.first().copied().unwrap_or(0),
+                chunk.get(1).copied().unwrap_or(0),
+                chunk.get(2).copied().unwrap_or(0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    let idx = ((n >> (18 - 6 * i)) & 63) as usize;
+                    out.push(char::from(*ALPHABET.get(idx).unwrap_or(&b'A')));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Path of the admin kubeconfig in `data_dir`.
+pub fn kubeconfig_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.kubeconfig")
+}
+
+/// Issues a join token for `node`, valid for `ttl`.
+pub fn create_token(data_dir: &Path, node: &str, ttl: Duration) -> Result<String, CoreError> {
+    let ca = ClusterCa::load_or_create(data_dir)?;
+    let tokens = TokenStore::open(data_dir, &ca.ca_hash())?;
+    let t = tokens.create(node, ttl, SystemTime::now())?;
+    Ok(t.as_str().to_owned())
+}
+
+/// A running cloudcore.
+#[derive(Debug)]
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub hub_addr: SocketAddr,
+    pub bootstrap_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub kubeconfig: PathBuf,
+    pub registry: Arc<Registry>,
+    api: ApiServer,
+    hub: CloudHub,
+    bootstrap: BootstrapServer,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts every part of cloudcore.
+pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
+    let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir)?);
+    let tokens = Arc::new(TokenStore::open(&cfg.data_dir, &ca.ca_hash())?);
+    let names: Vec<&str> = cfg.server_names.iter().map(String::as_str).collect();
+    let server = ca.server_cert(&names)?;
+    let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
+    let registry = Registry::open(store.clone())?;
+
+    let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
+    let api = ApiServer::bind(cfg.api_addr, api_tls, registry.clone())
+        .await
+        .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
+    let hub_tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
+    let hub = CloudHub::bind(
+        cfg.hub_addr,
+        hub_tls,
+        store.clone(),
+        Arc::new(RegistrySink(registry.clone())),
+        HubOptions::default(),
+    )?;
+    let bootstrap = BootstrapServer::bind(
+        cfg.bootstrap_addr,
+        ca.clone(),
+        tokens,
+        &server,
+        BootstrapOptions::default(),
+    )
+    .await?;
+
+    let admin = ca.admin_cert()?;
+    let kubeconfig = kubeconfig_path(&cfg.data_dir);
+    let api_addr = api.local_addr();
+    write_kubeconfig(
+        &kubeconfig,
+        &format!("https://{api_addr}"),
+        ca.cert_pem(),
+        &admin.cert_pem,
+        &admin.key_pem,
+    )
+    .map_err(io("writing the kubeconfig"))?;
+
+    let (metrics, metrics_addr) = match cfg.metrics_addr {
+        Some(a) => {
+            let (task, addr) = metrics::serve(a, registry.clone(), hub.stats_handle())
+                .await
+                .map_err(io(format!("binding metrics on {a}")))?;
+            (Some(task), Some(addr))
+        }
+        None => (None, None),
+    };
+    let hub_addr = hub.local_addr()?;
+    info!(api = %api_addr, hub = %hub_addr, bootstrap = %bootstrap.local_addr(),
+        kubeconfig = %kubeconfig.display(), "cloudcore running");
+    Ok(Running {
+        api_addr,
+        hub_addr,
+        bootstrap_addr: bootstrap.local_addr(),
+        metrics_addr,
+        kubeconfig,
+        registry,
+        api,
+        hub,
+        bootstrap,
+        metrics,
+    })
+}
+
+impl Running {
+    /// Stops accepting, closes every connection, and returns.
+    pub async fn shutdown(self) {
+        self.api.shutdown();
+        if let Some(m) = self.metrics {
+            m.abort();
+        }
+        self.bootstrap.shutdown().await;
+        self.hub.shutdown().await;
+        info!("cloudcore stopped");
+    }
+}
+
+mod metrics {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+
+    pub async fn serve(
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        hub: crate::hub::HubHandle,
+    ) -> std::io::Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (registry, hub) = (registry.clone(), hub.clone());
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let body = if req.uri().path() == "/metrics" {
+                                render(&registry, &hub)
+                            } else {
+                                String::new()
+                            };
+                            let code = if req.uri().path() == "/metrics" {
+                                200
+                            } else {
+                                404
+                            };
+                            async move {
+                                let mut r = Response::new(Full::new(Bytes::from(body)));
+                                *r.status_mut() =
+                                    hyper::StatusCode::from_u16(code).unwrap_or_default();
+                                r.headers_mut().insert(
+                                    hyper::header::CONTENT_TYPE,
+                                    hyper::header::HeaderValue::from_static(
+                                        "text/plain; version=0.0.4",
+                                    ),
+                                );
+                                Ok::<_, std::convert::Infallible>(r)
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Ok((task, local))
+    }
+
+    fn render(registry: &Registry, hub: &crate::hub::HubHandle) -> String {
+        let mut out = String::new();
+        let connected = hub.connected();
+        out.push_str("# HELP keel_connected_nodes Edge nodes with a live connection.\n# TYPE keel_connected_nodes gauge\n");
+        out.push_str(&format!("keel_connected_nodes {}\n", connected.len()));
+        let s = hub.stats();
+        out.push_str("# HELP keel_hub_connections_total Connections by outcome.\n# TYPE keel_hub_connections_total counter\n");
+        for (what, v) in [
+            ("accepted", &s.accepted),
+            ("refused", &s.refused),
+            ("closed", &s.closed),
+        ] {
+            out.push_str(&format!(
+                "keel_hub_connections_total{{outcome=\"{what}\"}} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# HELP keel_objects Objects in the registry.\n# TYPE keel_objects gauge\n");
+        out.push_str(&format!("keel_objects {}\n", registry.len()));
+        out.push_str("# HELP keel_stream_head_seq Last durable seq of each stream (appends).\n# TYPE keel_stream_head_seq counter\n");
+        let streams = registry.store().streams();
+        for st in &streams {
+            out.push_str(&format!(
+                "keel_stream_head_seq{{stream=\"{}\"}} {}\n",
+                st.name, st.head.seq
+            ));
+        }
+        out.push_str("# HELP keel_node_acked_seq Seq of each node's down stream the node has acknowledged.\n# TYPE keel_node_acked_seq gauge\n");
+        out.push_str("# HELP keel_node_lag_records Records of each node's down stream not yet acknowledged.\n# TYPE keel_node_lag_records gauge\n");
+        for (node, acked) in hub.acked() {
+            let head = streams
+                .iter()
+                .find(|s| s.name == keel_sync::link::down_stream(&node))
+                .map_or(0, |s| s.head.seq);
+            out.push_str(&format!("keel_node_acked_seq{{node=\"{node}\"}} {acked}\n"));
+            out.push_str(&format!(
+                "keel_node_lag_records{{node=\"{node}\"}} {}\n",
+                head.saturating_sub(acked)
+            ));
+        }
+        out
+    }
+}
+
+/// Runs cloudcore until `stop` resolves.
+pub async fn run(
+    cfg: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), CoreError> {
+    let running = start(&cfg).await?;
+    println!(
+        "cloudcore is running.\n  API:        https://{}\n  kubeconfig: {}\n  try:        kubectl --kubeconfig {} get nodes",
+        running.api_addr,
+        running.kubeconfig.display(),
+        running.kubeconfig.display()
+    );
+    stop.await;
+    warn!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
