@@ -283,6 +283,13 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Status> {
 }
 
 fn parse_json(body: &[u8], yaml_ok: bool) -> Result<Value, Status> {
+    if body.starts_with(b"k8s\0") {
+        return Err(Status::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (protobuf is not supported)",
+        ));
+    }
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => Ok(v),
         Err(e) if yaml_ok => serde_yaml::from_slice::<Value>(body).map_err(|y| {
