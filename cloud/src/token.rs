@@ -237,7 +237,7 @@ impl TokenStore {
             expires_at: expires_s,
             used_at: None,
         };
-        let mut state = self.lock();
+        let (mut state, _file) = self.lock_synced()?;
         let retain = RETAIN_AFTER_EXPIRY.as_secs();
         state
             .tokens
@@ -259,7 +259,7 @@ impl TokenStore {
     /// # Errors
     /// [`Error::Token`] with the reason.
     pub fn check(&self, token: &str, node: &str, now: SystemTime) -> Result<()> {
-        let state = self.lock();
+        let (state, _file) = self.lock_synced()?;
         self.validate(&state, token, node, now)?;
         Ok(())
     }
@@ -276,7 +276,7 @@ impl TokenStore {
     /// [`Error::Token`] with the reason, or an I/O error persisting the use
     /// (the token then stays used in memory: it fails closed).
     pub fn redeem(&self, token: &str, node: &str, now: SystemTime) -> Result<()> {
-        let mut state = self.lock();
+        let (mut state, _file) = self.lock_synced()?;
         let id = self.validate(&state, token, node, now)?;
         if let Some(record) = state.tokens.get_mut(&id) {
             record.used_at = Some(unix_secs(now));
@@ -291,7 +291,7 @@ impl TokenStore {
     /// # Errors
     /// An I/O error persisting the change.
     pub fn delete(&self, id: &str) -> Result<bool> {
-        let mut state = self.lock();
+        let (mut state, _file) = self.lock_synced()?;
         let existed = state.tokens.remove(id).is_some();
         if existed {
             self.persist(&state)?;
@@ -334,6 +334,41 @@ impl TokenStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TokenFile> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state, locked in this process and (with an advisory file lock,
+    /// held until the returned file is dropped) against other processes
+    /// sharing the data directory — `cloudcore token` issues tokens while
+    /// cloudcore runs — and refreshed from disk. A use recorded only in
+    /// memory (its persisting failed) is kept: tokens fail closed.
+    fn lock_synced(&self) -> Result<(std::sync::MutexGuard<'_, TokenFile>, std::fs::File)> {
+        let mut state = self.lock();
+        let lock_path = self.path.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        file.lock().map_err(|e| Error::io(&lock_path, e))?;
+        match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                let mut disk =
+                    serde_json::from_slice::<TokenFile>(&bytes).map_err(|e| Error::Corrupt {
+                        path: self.path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                for (id, rec) in &state.tokens {
+                    if let (Some(used), Some(d)) = (rec.used_at, disk.tokens.get_mut(id)) {
+                        d.used_at.get_or_insert(used);
+                    }
+                }
+                *state = disk;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&self.path, e)),
+        }
+        Ok((state, file))
     }
 
     fn persist(&self, state: &TokenFile) -> Result<()> {

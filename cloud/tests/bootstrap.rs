@@ -962,3 +962,38 @@ async fn shutdown_stops_the_endpoint() {
         "still accepting after shutdown"
     );
 }
+
+#[test]
+fn tokens_issued_by_another_process_are_seen_and_single_use_across_them() {
+    // Two stores on one data directory stand for cloudcore and a separate
+    // `cloudcore token` process.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    let running = TokenStore::open(dir.path(), &ca.ca_hash()).unwrap();
+    let admin = TokenStore::open(dir.path(), &ca.ca_hash()).unwrap();
+    let t = admin.create("edge-x", HOUR, SystemTime::now()).unwrap();
+    running
+        .redeem(t.as_str(), "edge-x", SystemTime::now())
+        .unwrap();
+    // Used up for both.
+    assert!(
+        admin
+            .redeem(t.as_str(), "edge-x", SystemTime::now())
+            .is_err()
+    );
+    assert!(
+        running
+            .redeem(t.as_str(), "edge-x", SystemTime::now())
+            .is_err()
+    );
+    // A later token from the admin does not undo the use.
+    let t2 = admin.create("edge-y", HOUR, SystemTime::now()).unwrap();
+    assert!(
+        running
+            .redeem(t.as_str(), "edge-x", SystemTime::now())
+            .is_err()
+    );
+    running
+        .redeem(t2.as_str(), "edge-y", SystemTime::now())
+        .unwrap();
+}

@@ -680,3 +680,187 @@ fn restart_keeps_objects_and_resource_versions() {
     let after = c.json(&["get", "pod", "web"]);
     assert_eq!(before, after);
 }
+
+/// What the test's edge node received, folded as edgecore would.
+#[derive(Default)]
+struct EdgeObjects(Mutex<keel_sync::crdt::ObjectStore>);
+
+impl keel_sync::quic::Sink for EdgeObjects {
+    fn persisted(&self, _node: &str, _stream: &str, records: &[keel_log::Record]) {
+        let mut s = self.0.lock().unwrap();
+        keel_sync::objects::apply_records(&mut s, records).unwrap();
+    }
+    fn snapshot_installed(&self, _node: &str, _stream: &str) {}
+}
+
+#[test]
+fn pods_bind_to_their_edge_node_and_status_comes_back() {
+    let c = Cluster::start();
+    let node = "edge-a";
+    let token = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
+        .args(["token", node, "--data-dir"])
+        .arg(c.dir.path())
+        .output()
+        .unwrap();
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let identity = rt
+        .block_on(keel_edge::bootstrap::join(
+            c.bootstrap.parse().unwrap(),
+            &token,
+            node,
+            edge_dir.path(),
+        ))
+        .unwrap();
+    // A node certificate is not an admin certificate: the API refuses it.
+    {
+        let kc = c.dir.path().join("node.kubeconfig");
+        keel_cloud::core::write_kubeconfig(
+            &kc,
+            &std::fs::read_to_string(&c.kubeconfig)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("server: ").map(str::to_owned))
+                .unwrap(),
+            &identity.ca_pem,
+            &identity.cert_pem,
+            &identity.key_pem,
+        )
+        .unwrap();
+        let o = Command::new(kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["get", "pods"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("Forbidden"));
+    }
+    let store = keel_log::Store::open(
+        edge_dir.path().join("log"),
+        keel_log::StoreOptions::default(),
+    )
+    .unwrap();
+    let objects = Arc::new(EdgeObjects::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let hub = {
+        let opts = keel_edge::hub::EdgeHubOptions::new(c.hub.parse().unwrap(), node);
+        let tls = identity.client_tls_config().unwrap();
+        let (store, objects) = (store.clone(), objects.clone());
+        rt.spawn(async move {
+            keel_edge::hub::run(opts, tls, store, objects, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    // The node appears, Ready, on its first connection.
+    wait_for("the node to be Ready", || {
+        c.ok(&["get", "nodes"])
+            .lines()
+            .any(|l| l.starts_with(node) && l.contains(" Ready"))
+    });
+    // A pod for the node, and the configmap it uses, reach the node's log.
+    c.apply_ok(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web-conf\ndata:\n  mode: fast\n",
+    );
+    c.apply_ok("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: unrelated\ndata:\n  x: y\n");
+    c.apply_ok(&POD.replace("edge-a", node));
+    wait_for("the pod and its configmap on the edge", || {
+        let s = objects.0.lock().unwrap();
+        s.contains("pods/default/web") && s.contains("configmaps/default/web-conf")
+    });
+    {
+        let s = objects.0.lock().unwrap();
+        assert!(
+            !s.contains("configmaps/default/unrelated"),
+            "only what the node needs"
+        );
+        assert_eq!(
+            s.get_json("pods/default/web").unwrap()["spec"]["containers"][0]["image"],
+            "registry.local/web:1"
+        );
+    }
+    // A pod without nodeName is scheduled onto the Ready node.
+    c.apply_ok("apiVersion: v1\nkind: Pod\nmetadata:\n  name: floating\nspec:\n  containers:\n  - name: x\n    image: i\n");
+    assert_eq!(
+        c.json(&["get", "pod", "floating"])["spec"]["nodeName"],
+        node
+    );
+    wait_for("the scheduled pod on the edge", || {
+        objects.0.lock().unwrap().contains("pods/default/floating")
+    });
+    // The edge reports status through its up stream; kubectl -w sees it.
+    let mut w = c
+        .cmd(&["get", "pods", "-w", "-o", "wide"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut w);
+    wait_for("the initial listing", || {
+        lines.lock().unwrap().iter().any(|l| l.contains("web"))
+    });
+    let change = objects
+        .0
+        .lock()
+        .unwrap()
+        .edit_merge_patch(
+            "pods/default/web",
+            &keel_sync::crdt::ActorId::from_name(node),
+            &json!({"status": {"phase": "Running", "podIP": "10.42.0.7",
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
+                    "image": "registry.local/web:1", "imageID": "", "state": {"running": {}}}]}}),
+        )
+        .unwrap()
+        .unwrap();
+    store
+        .append(
+            &keel_sync::link::up_stream(node),
+            vec![keel_log::Entry::new(
+                node,
+                "pods/default/web",
+                keel_log::PayloadKind::Change,
+                change,
+            )],
+        )
+        .unwrap();
+    wait_for("the reported status on the watch", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("Running") && l.contains("10.42.0.7"))
+    });
+    let _ = w.kill();
+    let _ = w.wait();
+    let pod = c.json(&["get", "pod", "web"]);
+    assert_eq!(pod["status"]["containerStatuses"][0]["ready"], true);
+    assert_eq!(
+        pod["spec"]["containers"][0]["image"], "registry.local/web:1",
+        "spec untouched"
+    );
+    // The cloud changes the spec afterwards; the edge's status survives the merge.
+    c.ok(&["label", "pod", "web", "rev=2"]);
+    wait_for("the label on the edge", || {
+        objects
+            .0
+            .lock()
+            .unwrap()
+            .get_json("pods/default/web")
+            .unwrap()["metadata"]["labels"]["rev"]
+            == "2"
+    });
+    assert_eq!(c.json(&["get", "pod", "web"])["status"]["phase"], "Running");
+    // The edge goes away: NotReady, and its pods stay (edge autonomy).
+    let _ = stop_tx.send(());
+    rt.block_on(hub).unwrap().unwrap();
+    wait_for("the node to be NotReady", || {
+        c.ok(&["get", "nodes"])
+            .lines()
+            .any(|l| l.starts_with(node) && l.contains("NotReady"))
+    });
+    assert_eq!(c.json(&["get", "pod", "web"])["status"]["phase"], "Running");
+}
