@@ -64,6 +64,7 @@ struct Cluster {
     kubeconfig: PathBuf,
     hub: String,
     bootstrap: String,
+    metrics: String,
 }
 
 impl Drop for Cluster {
@@ -94,6 +95,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let hub = format!("127.0.0.1:{}", free_udp_port());
         let bootstrap = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
             .args(["run", "--data-dir"])
             .arg(dir.path())
@@ -104,6 +106,8 @@ impl Cluster {
                 &hub,
                 "--bootstrap-addr",
                 &bootstrap,
+                "--metrics-addr",
+                &metrics,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -116,6 +120,7 @@ impl Cluster {
             kubeconfig,
             hub,
             bootstrap,
+            metrics,
         };
         let start = Instant::now();
         loop {
@@ -133,6 +138,18 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         c
+    }
+
+    /// The Prometheus text from `/metrics`.
+    fn metrics(&self) -> String {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -762,6 +779,12 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
             .lines()
             .any(|l| l.starts_with(node) && l.contains(" Ready"))
     });
+    let m = c.metrics();
+    assert!(m.contains("keel_connected_nodes 1"), "{m}");
+    assert!(
+        m.contains("keel_stream_head_seq{stream=\"cluster\"}"),
+        "{m}"
+    );
     // A pod for the node, and the configmap it uses, reach the node's log.
     c.apply_ok(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web-conf\ndata:\n  mode: fast\n",
@@ -863,4 +886,10 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
             .any(|l| l.starts_with(node) && l.contains("NotReady"))
     });
     assert_eq!(c.json(&["get", "pod", "web"])["status"]["phase"], "Running");
+    let m = c.metrics();
+    assert!(m.contains("keel_connected_nodes 0"), "{m}");
+    assert!(
+        m.contains(&format!("keel_node_lag_records{{node=\"{node}\"}} 0")),
+        "{m}"
+    );
 }
