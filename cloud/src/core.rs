@@ -92,6 +92,7 @@ impl Sink for RegistrySink {
     }
     fn connected(&self, node: &str) {
         self.0.node_ready(node, true);
+        crate::api::scheduler::place_pending(&self.0);
     }
     fn disconnected(&self, node: &str) {
         self.0.node_ready(node, false);

@@ -230,7 +230,7 @@ impl CloudHub {
         })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(opts.idle_timeout, None)));
-        let endpoint = quinn::Endpoint::server(server, addr).map_err(crate::Error::Net)?;
+        let endpoint = keel_sync::quic::server_endpoint(server, addr).map_err(crate::Error::Net)?;
         let state = Arc::new(HubState {
             store,
             sink,
@@ -316,10 +316,15 @@ impl HubState {
             }
         };
         let (down, up) = (down_stream(&node), up_stream(&node));
-        let created = self
-            .store
-            .create_stream(&down, Role::Writer, 1)
-            .and_then(|_| self.store.create_stream(&up, Role::Replica, 1));
+        // Creating a stream waits for a group commit: off the async workers.
+        let store = self.store.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            store
+                .create_stream(&down, Role::Writer, 1)
+                .and_then(|_| store.create_stream(&up, Role::Replica, 1))
+        })
+        .await
+        .unwrap_or_else(|e| Err(keel_log::Error::Io(std::io::Error::other(e.to_string()))));
         let up_head = match created {
             Ok(info) => info.head,
             Err(e) => {

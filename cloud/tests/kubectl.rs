@@ -325,6 +325,25 @@ fn apply_get_describe_patch_delete_each_resource() {
         let got = c.json(&["get", kind, name]);
         assert_eq!(got["metadata"]["labels"]["edited"], "yes", "{kind}");
     }
+    // -o yaml round-trips: the YAML kubectl prints replaces the object
+    // with itself.
+    let yaml = c.ok(&["get", "pod", "web", "-o", "yaml"]);
+    let path = c.dir.path().join("web.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let before = c.json(&["get", "pod", "web"]);
+    assert!(
+        c.ok(&["replace", "-f", path.to_str().unwrap()])
+            .contains("replaced")
+    );
+    // (kubectl replace rewrites the last-applied annotation; nothing else
+    // may change.)
+    let strip = |mut v: Value| {
+        let m = v["metadata"].as_object_mut().unwrap();
+        m.remove("annotations");
+        m.remove("resourceVersion");
+        v
+    };
+    assert_eq!(strip(c.json(&["get", "pod", "web"])), strip(before));
     // Pod table columns, including -o wide.
     let wide = c.ok(&["get", "pods", "-o", "wide"]);
     assert!(
@@ -760,6 +779,11 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
         keel_log::StoreOptions::default(),
     )
     .unwrap();
+    // A pod created while no node is Ready waits, unscheduled.
+    c.apply_ok("apiVersion: v1\nkind: Pod\nmetadata:\n  name: early\nspec:\n  containers:\n  - name: x\n    image: i\n");
+    let early = c.json(&["get", "pod", "early"]);
+    assert!(early["spec"].get("nodeName").is_none(), "{early}");
+    assert_eq!(early["status"]["conditions"][0]["reason"], "Unschedulable");
     let objects = Arc::new(EdgeObjects::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let hub = {
@@ -778,6 +802,10 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
         c.ok(&["get", "nodes"])
             .lines()
             .any(|l| l.starts_with(node) && l.contains(" Ready"))
+    });
+    // ...and is placed once the node is Ready.
+    wait_for("the early pod to be scheduled", || {
+        c.json(&["get", "pod", "early"])["spec"]["nodeName"] == node
     });
     let m = c.metrics();
     assert!(m.contains("keel_connected_nodes 1"), "{m}");

@@ -93,10 +93,11 @@ pub async fn run(
     } else {
         ([0u16; 8], 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| crate::Error::Connect {
-        addr: opts.server,
-        source: e,
-    })?;
+    let mut endpoint =
+        keel_sync::quic::client_endpoint(bind).map_err(|e| crate::Error::Connect {
+            addr: opts.server,
+            source: e,
+        })?;
     endpoint.set_default_client_config(client);
 
     let run = async {

@@ -359,3 +359,47 @@ async fn drive(
     }
     closed
 }
+
+/// Socket buffer size asked for QUIC endpoints (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`).
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// A UDP socket for a quinn endpoint with large kernel buffers. With the
+/// default (~208 KiB) a burst of handshakes — a reconnect storm — overflows
+/// the receive buffer, the kernel drops Initial packets, and those
+/// connections stall in QUIC's exponential retransmission backoff.
+pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer still works, only less well in storms.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A client endpoint on [`bind_udp`].
+pub fn client_endpoint(addr: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        bind_udp(addr)?,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A server endpoint on [`bind_udp`].
+pub fn server_endpoint(
+    config: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        bind_udp(addr)?,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+}

@@ -14,6 +14,7 @@
 pub mod patch;
 pub mod registry;
 pub mod resources;
+pub mod scheduler;
 pub mod select;
 pub mod status;
 
@@ -817,7 +818,7 @@ impl Server {
             if let Some(o) = obj.as_object_mut() {
                 o.entry("status").or_insert(json!({"phase": "Pending"}));
             }
-            self.schedule(&mut obj);
+            scheduler::schedule(&self.registry, &mut obj);
         }
         let key = rt.key(t.namespace.as_deref(), &name);
         let created = self
@@ -830,69 +831,6 @@ impl Server {
             })
             .await?;
         Ok(json_resp(201, &created.unwrap_or(Value::Null)))
-    }
-
-    /// Places a pod without `spec.nodeName` on a Ready node whose labels
-    /// match its `nodeSelector` (the one with the fewest pods); a pod no
-    /// node fits stays Pending with `PodScheduled=False`.
-    fn schedule(&self, pod: &mut Value) {
-        if pod
-            .pointer("/spec/nodeName")
-            .and_then(Value::as_str)
-            .is_some_and(|n| !n.is_empty())
-        {
-            return;
-        }
-        let selector = pod
-            .pointer("/spec/nodeSelector")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let (nodes, _) = self.registry.list("nodes/");
-        let (pods, _) = self.registry.list("pods/");
-        let ready = |n: &Value| {
-            n.pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|c| {
-                    c.iter().any(|c| {
-                        c.get("type") == Some(&json!("Ready"))
-                            && c.get("status") == Some(&json!("True"))
-                    })
-                })
-        };
-        let fits = |n: &Value| {
-            selector
-                .iter()
-                .all(|(k, v)| n.pointer("/metadata/labels").and_then(|l| l.get(k)) == Some(v))
-        };
-        let load = |name: &str| {
-            pods.iter()
-                .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(name))
-                .count()
-        };
-        let best = nodes
-            .iter()
-            .filter(|n| ready(n) && fits(n))
-            .filter_map(|n| n.pointer("/metadata/name").and_then(Value::as_str))
-            .min_by_key(|n| (load(n), n.to_string()));
-        let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
-            return;
-        };
-        match best {
-            Some(n) => {
-                spec.insert("nodeName".into(), json!(n));
-            }
-            None => {
-                if let Some(o) = pod.as_object_mut() {
-                    o.insert(
-                        "status".into(),
-                        json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
-                            "reason": "Unschedulable", "message": "no Ready edge node matches the pod's nodeSelector",
-                            "lastTransitionTime": registry::now_rfc3339()}]}),
-                    );
-                }
-            }
-        }
     }
 
     async fn update(
