@@ -549,6 +549,17 @@ fn errors_are_readable() {
         !o.status.success() && err.contains("unknown field \"bogus\""),
         "{err}"
     );
+    // Unknown fields deep inside a core object, checked against the
+    // Kubernetes types.
+    let o = c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: deep\nspec:\n  containers:\n  - name: c\n    image: i\n    imagePullPolciy: Always\n",
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("unknown field \"spec.containers[0].imagePullPolciy\""),
+        "{err}"
+    );
     let o = c.apply(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Bad_Name\n",
         &[],
@@ -817,7 +828,9 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
     c.apply_ok(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web-conf\ndata:\n  mode: fast\n",
     );
-    c.apply_ok("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: unrelated\ndata:\n  x: y\n");
+    c.apply_ok(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: unrelated\ndata:\n  x: \"z\"\n",
+    );
     c.apply_ok(&POD.replace("edge-a", node));
     wait_for("the pod and its configmap on the edge", || {
         let s = objects.0.lock().unwrap();

@@ -17,6 +17,7 @@ pub mod resources;
 pub mod scheduler;
 pub mod select;
 pub mod status;
+pub mod typed;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -373,6 +374,17 @@ fn validate(rt: &ResourceType, obj: &Value, strict: bool) -> Result<(), Status> 
                 }
             }
         }
+    }
+    match typed::check(rt.kind, obj) {
+        Err(e) => return Err(cannot(e)),
+        Ok(unknown) if strict => {
+            if let Some(f) = unknown.first() {
+                return Err(cannot(format!(
+                    "strict decoding error: unknown field \"{f}\""
+                )));
+            }
+        }
+        Ok(_) => {}
     }
     let name = obj
         .pointer("/metadata/name")
