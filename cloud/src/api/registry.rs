@@ -111,6 +111,7 @@ pub struct Registry {
     events: broadcast::Sender<Arc<WatchEvent>>,
     commits: mpsc::UnboundedSender<Commit>,
     actor: ActorId,
+    unscheduled: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -308,6 +309,8 @@ impl Registry {
             events,
             commits,
             actor: ActorId::from_name(ACTOR),
+            // After a restart, let the first node connection look.
+            unscheduled: std::sync::atomic::AtomicBool::new(true),
         });
         tokio::spawn(publish(Arc::downgrade(&reg), rx));
         reg.rebind()?;
@@ -413,6 +416,30 @@ impl Registry {
         (items, inner.next_seq.saturating_sub(1))
     }
 
+    /// Calls `f` on every object whose key starts with `prefix`, without
+    /// copying them (the registry is locked meanwhile: keep `f` short).
+    pub fn scan(&self, prefix: &str, mut f: impl FnMut(&Value)) {
+        let inner = lock(&self.inner);
+        for (_, s) in inner
+            .view
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+        {
+            f(&s.obj);
+        }
+    }
+
+    /// Whether a pod without a node may exist (set when one is stored,
+    /// cleared by the scheduler after a pass that placed every pod).
+    pub fn may_have_unscheduled(&self) -> bool {
+        self.unscheduled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_may_have_unscheduled(&self, v: bool) {
+        self.unscheduled
+            .store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Number of objects held.
     pub fn len(&self) -> usize {
         lock(&self.inner).view.len()
@@ -486,6 +513,9 @@ impl Registry {
         let (event, out) = match write {
             Write::Put(mut new) => {
                 strip_rv(&mut new);
+                if key.starts_with("pods/") && str_at(&new, &["spec", "nodeName"]).is_none() {
+                    self.set_may_have_unscheduled(true);
+                }
                 if old.as_ref().is_some_and(|o| *o.obj == new) {
                     return Ok((None, None));
                 }

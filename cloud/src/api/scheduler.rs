@@ -24,7 +24,13 @@ pub fn schedule(registry: &Registry, pod: &mut Value) {
         .cloned()
         .unwrap_or_default();
     let (nodes, _) = registry.list("nodes/");
-    let (pods, _) = registry.list("pods/");
+    // Pods per node, counted in place (no copies of the pods).
+    let mut per_node: std::collections::BTreeMap<String, usize> = Default::default();
+    registry.scan("pods/", |p| {
+        if let Some(n) = p.pointer("/spec/nodeName").and_then(Value::as_str) {
+            *per_node.entry(n.to_owned()).or_default() += 1;
+        }
+    });
     let ready = |n: &Value| {
         n.pointer("/status/conditions")
             .and_then(Value::as_array)
@@ -40,11 +46,7 @@ pub fn schedule(registry: &Registry, pod: &mut Value) {
             .iter()
             .all(|(k, v)| n.pointer("/metadata/labels").and_then(|l| l.get(k)) == Some(v))
     };
-    let load = |name: &str| {
-        pods.iter()
-            .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(name))
-            .count()
-    };
+    let load = |name: &str| per_node.get(name).copied().unwrap_or(0);
     let best = nodes
         .iter()
         .filter(|n| ready(n) && fits(n))
@@ -72,7 +74,19 @@ pub fn schedule(registry: &Registry, pod: &mut Value) {
 
 /// Places every pod still without a node (after a node became Ready).
 pub fn place_pending(registry: &Registry) {
-    let (pods, _) = registry.list("pods/");
+    if !registry.may_have_unscheduled() {
+        return;
+    }
+    registry.set_may_have_unscheduled(false);
+    let mut pods = Vec::new();
+    registry.scan("pods/", |p| {
+        if p.pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_none()
+        {
+            pods.push(p.clone());
+        }
+    });
     for pod in pods {
         if pod
             .pointer("/spec/nodeName")
@@ -85,6 +99,8 @@ pub fn place_pending(registry: &Registry) {
         let mut placed = pod.clone();
         schedule(registry, &mut placed);
         let Some(node) = placed.pointer("/spec/nodeName").and_then(Value::as_str) else {
+            // Still no node for it: look again at the next Ready node.
+            registry.set_may_have_unscheduled(true);
             continue;
         };
         let (Some(ns), Some(name)) = (
