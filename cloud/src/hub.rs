@@ -265,13 +265,7 @@ impl CloudHub {
 
     /// Nodes with a live connection.
     pub fn connected(&self) -> BTreeSet<String> {
-        self.state
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect()
+        self.stats_handle().connected()
     }
 
     pub fn stats(&self) -> &HubStats {

@@ -11,26 +11,9 @@
 
 use serde_json::{Map, Value};
 
-/// RFC 7386: objects merge recursively, `null` deletes, anything else
-/// replaces.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in p {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-    }
-}
+/// RFC 7386 merge patch: the one the CRDT store's merge-patch edits use
+/// (serde_json's parser bounds the nesting depth of API bodies).
+pub use keel_sync::crdt::merge_patch;
 
 /// RFC 6902 JSON patch; the error says which operation failed.
 pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {

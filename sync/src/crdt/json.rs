@@ -214,7 +214,7 @@ pub(crate) fn check_depth(v: &Value) -> Result<(), CrdtError> {
 
 /// RFC 7386 JSON merge patch, in place. Callers check the depth of `patch`
 /// first; recursion follows the patch, so it is bounded by that depth.
-pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
+pub fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(p) = patch else {
         *target = patch.clone();
         return;

@@ -52,6 +52,7 @@ pub use actor::ActorId;
 pub use json::MAX_DEPTH;
 
 use guard::{Chunk, Created, check_change, check_in_batch, guarded, parse_change, parse_state};
+pub use json::merge_patch;
 
 /// Errors of the object store. Malformed input of any kind (change bytes,
 /// snapshot bytes, JSON) is reported here; nothing panics on input.
