@@ -188,6 +188,39 @@ pub struct Running {
     metrics: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The hub's stateless-reset secret, created once (0600) in the data
+/// directory so that it survives restarts.
+fn reset_secret(dir: &Path) -> Result<[u8; 32], CoreError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("hub-reset.key");
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(secret) = <[u8; 32]>::try_from(bytes.as_slice())
+    {
+        return Ok(secret);
+    }
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(
+        |_| CoreError::Io {
+            what: "generating the hub reset secret".into(),
+            source: std::io::Error::other("no system randomness"),
+        },
+    )?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("writing the hub reset secret"))?;
+    f.write_all(&secret)
+        .and_then(|()| f.sync_all())
+        .map_err(io("writing the hub reset secret"))?;
+    std::fs::rename(&tmp, &path).map_err(io("writing the hub reset secret"))?;
+    Ok(secret)
+}
+
 /// Starts every part of cloudcore.
 pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
@@ -208,7 +241,10 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         hub_tls,
         store.clone(),
         Arc::new(RegistrySink(registry.clone())),
-        HubOptions::default(),
+        HubOptions {
+            reset_secret: Some(reset_secret(&cfg.data_dir)?),
+            ..HubOptions::default()
+        },
     )?;
     let bootstrap = BootstrapServer::bind(
         cfg.bootstrap_addr,

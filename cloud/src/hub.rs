@@ -35,6 +35,9 @@ pub struct HubOptions {
     /// Link ping interval and idle timeout (application level).
     pub ping_interval: Duration,
     pub link_idle_timeout: Duration,
+    /// Secret for QUIC stateless-reset tokens; keep it across restarts
+    /// (see `keel_sync::quic::server_endpoint`). Random if `None`.
+    pub reset_secret: Option<[u8; 32]>,
 }
 
 impl Default for HubOptions {
@@ -47,6 +50,7 @@ impl Default for HubOptions {
             // end-to-end check, so an idle node costs a few bytes/s.
             ping_interval: Duration::from_secs(600),
             link_idle_timeout: Duration::from_secs(1800),
+            reset_secret: None,
         }
     }
 }
@@ -230,7 +234,12 @@ impl CloudHub {
         })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(opts.idle_timeout, None)));
-        let endpoint = keel_sync::quic::server_endpoint(server, addr).map_err(crate::Error::Net)?;
+        let endpoint = keel_sync::quic::server_endpoint(
+            server,
+            addr,
+            opts.reset_secret.as_ref().map(<[u8; 32]>::as_slice),
+        )
+        .map_err(crate::Error::Net)?;
         let state = Arc::new(HubState {
             store,
             sink,

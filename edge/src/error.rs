@@ -100,6 +100,20 @@ pub enum Error {
     /// Building a TLS configuration failed.
     #[error("TLS configuration error: {0}")]
     TlsConfig(#[source] rustls::Error),
+    /// The local log store failed (a failed write poisons it).
+    #[error("local log: {0}")]
+    Log(#[from] keel_log::Error),
+    /// A change to a local object could not be made.
+    #[error("object {key}: {message}")]
+    Object {
+        /// The object's key.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
     /// No identity stored yet.
     #[error("no node identity in {}; join the cluster first", .0.display())]
     NotJoined(PathBuf),

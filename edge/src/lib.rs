@@ -7,7 +7,11 @@
 //! EdgeHub presents to cloudcore. Errors are one enum, [`Error`].
 
 pub mod bootstrap;
+pub mod core;
+pub mod edged;
 pub mod error;
 pub mod hub;
+pub mod meta;
+pub mod node;
 
 pub use error::{Error, Result};

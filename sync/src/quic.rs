@@ -391,13 +391,25 @@ pub fn client_endpoint(addr: std::net::SocketAddr) -> std::io::Result<quinn::End
     )
 }
 
-/// A server endpoint on [`bind_udp`].
+/// A server endpoint on [`bind_udp`]. With `reset_secret` kept across
+/// restarts, the server's stateless-reset tokens stay the same, so a
+/// stateless reset sent by a restarted server for an old connection is
+/// one the edge accepts (quinn sends them only for packets large enough;
+/// an idle edge's keep-alives are not, and it waits out the idle timeout).
 pub fn server_endpoint(
     config: quinn::ServerConfig,
     addr: std::net::SocketAddr,
+    reset_secret: Option<&[u8]>,
 ) -> std::io::Result<quinn::Endpoint> {
+    let endpoint_config = match reset_secret {
+        Some(secret) => quinn::EndpointConfig::new(std::sync::Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            secret,
+        ))),
+        None => quinn::EndpointConfig::default(),
+    };
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(config),
         bind_udp(addr)?,
         std::sync::Arc::new(quinn::TokioRuntime),

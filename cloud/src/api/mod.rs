@@ -18,6 +18,7 @@ pub mod scheduler;
 pub mod select;
 pub mod status;
 pub mod typed;
+pub mod watch;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -111,7 +112,9 @@ impl ApiServer {
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         info!(%addr, "kubernetes API listening");
         let server = Arc::new(Server {
-            registry,
+            reader: registry.clone(),
+            registry: Some(registry),
+            logs: None,
             addr: addr.to_string(),
         });
         let task = tokio::spawn(async move {
@@ -176,6 +179,55 @@ impl ApiServer {
         Ok(ApiServer { addr, task })
     }
 
+    /// Serves a read-only API over plain HTTP on `addr` (meant for
+    /// loopback: edgecore's offline API, as KubeEdge's MetaServer): get,
+    /// list and watch from `reader`, container logs from `logs`; every
+    /// write is refused with `405 MethodNotAllowed`.
+    pub async fn bind_read_only(
+        addr: SocketAddr,
+        reader: Arc<dyn ReadObjects>,
+        logs: Option<Arc<dyn PodLogs>>,
+    ) -> std::io::Result<ApiServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        info!(%addr, "read-only kubernetes API listening");
+        let server = Arc::new(Server {
+            reader,
+            registry: None,
+            logs,
+            addr: addr.to_string(),
+        });
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accepting an API connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let server = server.clone();
+                tokio::spawn(
+                    async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let server = server.clone();
+                            async move { Ok::<_, Infallible>(server.handle(req).await) }
+                        });
+                        let mut b = hyper::server::conn::http1::Builder::new();
+                        b.timer(TokioTimer::new())
+                            .header_read_timeout(Some(std::time::Duration::from_secs(30)));
+                        if let Err(e) = b.serve_connection(TokioIo::new(tcp), service).await {
+                            debug!(error = %e, "API connection ended with an error");
+                        }
+                    }
+                    .instrument(info_span!("edge_api", %peer)),
+                );
+            }
+        });
+        Ok(ApiServer { addr, task })
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -185,8 +237,54 @@ impl ApiServer {
     }
 }
 
+/// The read side of the API: cloudcore's [`Registry`], or edgecore's
+/// local view of its node's objects.
+pub trait ReadObjects: Send + Sync + 'static {
+    /// The object at `key`, with its `resourceVersion`.
+    fn get(&self, key: &str) -> Option<Value>;
+    /// Every object whose key starts with `prefix`, and the list's
+    /// resourceVersion.
+    fn list(&self, prefix: &str) -> (Vec<Value>, u64);
+    /// Events after `rv` still held, and the live feed.
+    fn watch(&self, rv: u64) -> Result<watch::WatchStart, Status>;
+}
+
+impl ReadObjects for Registry {
+    fn get(&self, key: &str) -> Option<Value> {
+        Registry::get(self, key)
+    }
+    fn list(&self, prefix: &str) -> (Vec<Value>, u64) {
+        Registry::list(self, prefix)
+    }
+    fn watch(&self, rv: u64) -> Result<watch::WatchStart, Status> {
+        Registry::watch(self, rv)
+    }
+}
+
+/// What `kubectl logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub container: Option<String>,
+    pub follow: bool,
+    pub previous: bool,
+    pub tail_lines: Option<u64>,
+    pub limit_bytes: Option<u64>,
+}
+
+/// Container logs (served where the containers run: edgecore).
+pub trait PodLogs: Send + Sync + 'static {
+    /// The log of one container of `pod` (a Pod object), as a stream of
+    /// chunks; the stream ends when the log does (or, with `follow`, when
+    /// the container is gone or the client leaves).
+    fn logs(&self, pod: &Value, req: &LogRequest) -> Result<mpsc::Receiver<Bytes>, Status>;
+}
+
 struct Server {
-    registry: Arc<Registry>,
+    reader: Arc<dyn ReadObjects>,
+    registry: Option<Arc<Registry>>,
+    logs: Option<Arc<dyn PodLogs>>,
     addr: String,
 }
 
@@ -561,7 +659,7 @@ impl Server {
             (&Method::GET, Some(name), None) => {
                 let key = t.rt.key(t.namespace.as_deref(), name);
                 let obj = self
-                    .registry
+                    .reader
                     .get(&key)
                     .ok_or_else(|| Status::not_found(t.rt, name))?;
                 Ok(self.one(t.rt, &obj, table))
@@ -569,7 +667,7 @@ impl Server {
             (&Method::GET, Some(name), Some("status")) if t.rt.has_status => {
                 let key = t.rt.key(t.namespace.as_deref(), name);
                 let obj = self
-                    .registry
+                    .reader
                     .get(&key)
                     .ok_or_else(|| Status::not_found(t.rt, name))?;
                 Ok(json_resp(200, &obj))
@@ -577,20 +675,45 @@ impl Server {
             (&Method::GET, Some(name), Some("log")) if t.rt.plural == "pods" => {
                 let key = t.rt.key(t.namespace.as_deref(), name);
                 let pod = self
-                    .registry
+                    .reader
                     .get(&key)
                     .ok_or_else(|| Status::not_found(t.rt, name))?;
-                let node = pod
-                    .pointer("/spec/nodeName")
-                    .and_then(Value::as_str)
-                    .unwrap_or("<none>");
-                Err(Status::new(
-                    503,
-                    "ServiceUnavailable",
-                    format!(
-                        "container logs stay on edge node {node}: read them with kubectl against that node's edge API"
-                    ),
-                ))
+                let Some(logs) = &self.logs else {
+                    let node = pod
+                        .pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>");
+                    return Err(Status::new(
+                        503,
+                        "ServiceUnavailable",
+                        format!(
+                            "container logs stay on edge node {node}: read them with kubectl against that node's edge API"
+                        ),
+                    ));
+                };
+                let num = |k: &str| -> Result<Option<u64>, Status> {
+                    query
+                        .get(k)
+                        .map(|v| {
+                            v.parse()
+                                .map_err(|_| Status::bad_request(format!("invalid {k} {v:?}")))
+                        })
+                        .transpose()
+                };
+                let lr = LogRequest {
+                    namespace: t.namespace.clone().unwrap_or_else(|| "default".into()),
+                    pod: name.clone(),
+                    container: query.get("container").cloned(),
+                    follow: query.get("follow").is_some_and(|v| v == "true"),
+                    previous: query.get("previous").is_some_and(|v| v == "true"),
+                    tail_lines: num("tailLines")?,
+                    limit_bytes: num("limitBytes")?,
+                };
+                let rx = logs.logs(&pod, &lr)?;
+                let mut r = Response::new(ApiBody::Stream(rx));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                Ok(r)
             }
             (&Method::POST, None, None) => {
                 let strict = !matches!(
@@ -620,7 +743,7 @@ impl Server {
                 let rt = t.rt;
                 let n = name.clone();
                 let gone = self
-                    .registry
+                    .writer()?
                     .write(&key, move |old| {
                         if old.is_none() {
                             return Err(Status::not_found(rt, &n));
@@ -640,6 +763,18 @@ impl Server {
                 ),
             )),
         }
+    }
+
+    /// The registry, for writes; a read-only API (edgecore's) refuses them.
+    fn writer(&self) -> Result<&Arc<Registry>, Status> {
+        self.registry.as_ref().ok_or_else(|| {
+            Status::new(
+                405,
+                "MethodNotAllowed",
+                "this is edgecore's read-only API: change objects through cloudcore, \
+                 the edge receives them when connected",
+            )
+        })
     }
 
     fn one(&self, rt: &ResourceType, obj: &Value, table: bool) -> Resp {
@@ -675,7 +810,7 @@ impl Server {
         table: bool,
     ) -> Result<Resp, Status> {
         let (labels, fields) = self.selected(t, query)?;
-        let (items, rv) = self.registry.list(&t.rt.key_prefix(t.namespace.as_deref()));
+        let (items, rv) = self.reader.list(&t.rt.key_prefix(t.namespace.as_deref()));
         let items: Vec<Value> = items
             .into_iter()
             .filter(|o| labels.matches(o) && fields.matches(o))
@@ -710,12 +845,12 @@ impl Server {
         // Without a resourceVersion (or with sendInitialEvents), the watch
         // starts with the current state as ADDED events.
         let (start_items, start_rv) = if rv_param.is_none() || initial {
-            let (items, rv) = self.registry.list(&prefix);
+            let (items, rv) = self.reader.list(&prefix);
             (Some(items), rv)
         } else {
             (None, rv_param.unwrap_or(0))
         };
-        let (past, mut rx) = self.registry.watch(start_rv)?;
+        let (past, mut rx) = self.reader.watch(start_rv)?;
         let (tx, body) = mpsc::channel::<Bytes>(64);
         let rt = t.rt;
         let bookmark = initial;
@@ -753,7 +888,7 @@ impl Server {
                     return;
                 }
             }
-            let mut pending: std::collections::VecDeque<Arc<registry::WatchEvent>> = past.into();
+            let mut pending: std::collections::VecDeque<Arc<watch::WatchEvent>> = past.into();
             loop {
                 let ev = match pending.pop_front() {
                     Some(e) => e,
@@ -818,7 +953,7 @@ impl Server {
             .unwrap_or_default()
             .to_owned();
         if let Some(ns) = &t.namespace
-            && self.registry.get(&format!("namespaces/{ns}")).is_none()
+            && self.reader.get(&format!("namespaces/{ns}")).is_none()
         {
             return Err(Status {
                 details: Some(json!({"name": ns, "kind": "namespaces"})),
@@ -830,11 +965,11 @@ impl Server {
             if let Some(o) = obj.as_object_mut() {
                 o.entry("status").or_insert(json!({"phase": "Pending"}));
             }
-            scheduler::schedule(&self.registry, &mut obj);
+            scheduler::schedule(self.writer()?, &mut obj);
         }
         let key = rt.key(t.namespace.as_deref(), &name);
         let created = self
-            .registry
+            .writer()?
             .write(&key, move |old| {
                 if old.is_some() {
                     return Err(Status::already_exists(rt, &name));
@@ -864,7 +999,7 @@ impl Server {
         }
         let key = t.rt.key(t.namespace.as_deref(), name);
         let out = self
-            .registry
+            .writer()?
             .write(&key, |old| {
                 let old = old.ok_or_else(|| Status::not_found(t.rt, name))?;
                 merged_update(t.rt, name, old, obj, sub == Some("status"))
@@ -875,7 +1010,7 @@ impl Server {
             None => Ok(json_resp(
                 200,
                 &self
-                    .registry
+                    .writer()?
                     .get(&key)
                     .ok_or_else(|| Status::not_found(t.rt, name))?,
             )),
@@ -924,7 +1059,7 @@ impl Server {
                 ),
             ));
         }
-        if apply && self.registry.get(&key).is_none() {
+        if apply && self.reader.get(&key).is_none() {
             // Server-side apply of an absent object creates it.
             let target = Target {
                 rt,
@@ -940,7 +1075,7 @@ impl Server {
             return self.create(&target, patch, true).await;
         }
         let out = self
-            .registry
+            .writer()?
             .write(&key, |old| {
                 let old = old.ok_or_else(|| Status::not_found(rt, name))?;
                 let mut new = old.clone();
@@ -973,7 +1108,7 @@ impl Server {
             None => Ok(json_resp(
                 200,
                 &self
-                    .registry
+                    .writer()?
                     .get(&key)
                     .ok_or_else(|| Status::not_found(rt, name))?,
             )),

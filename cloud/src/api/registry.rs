@@ -13,7 +13,7 @@
 //! A write answers only after its record is durable. Watchers see events
 //! in seq order, once durable.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
@@ -21,7 +21,7 @@ use keel_sync::crdt::{ActorId, Applied, ObjectStore};
 use keel_sync::link::{down_stream, up_stream};
 use keel_sync::objects::{apply_record, apply_snapshot_object};
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::resources::{self, ResourceType};
@@ -29,37 +29,10 @@ use super::status::Status;
 
 /// The cloud's own stream of every object change.
 pub const CLUSTER_STREAM: &str = "cluster";
-const HISTORY: usize = 16_384;
 const ACTOR: &str = "cloudcore";
 
-/// What a watcher is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Added,
-    Modified,
-    Deleted,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Added => "ADDED",
-            EventKind::Modified => "MODIFIED",
-            EventKind::Deleted => "DELETED",
-        }
-    }
-}
-
-/// One change, as watchers see it.
-#[derive(Debug)]
-pub struct WatchEvent {
-    pub rv: u64,
-    pub kind: EventKind,
-    pub key: String,
-    /// The object after the change (before it, for a deletion), with its
-    /// `resourceVersion` set.
-    pub object: Arc<Value>,
-}
+use super::watch::WatchHub;
+pub use super::watch::{EventKind, WatchEvent, WatchStart};
 
 #[derive(Debug, Clone)]
 struct Stored {
@@ -77,22 +50,11 @@ struct Inner {
     node_streams: BTreeSet<String>,
 }
 
-struct History {
-    events: VecDeque<Arc<WatchEvent>>,
-    /// Seq up to which everything is durable and published.
-    durable: u64,
-    /// Lowest seq a watch can resume after.
-    floor: u64,
-}
-
 struct Commit {
     tickets: Vec<Ticket<Cursor>>,
     events: Vec<Arc<WatchEvent>>,
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
-
-/// Events held after a watch's starting point, and the live feed.
-pub type WatchStart = (Vec<Arc<WatchEvent>>, broadcast::Receiver<Arc<WatchEvent>>);
 
 /// What a write function decides.
 #[derive(Debug)]
@@ -107,8 +69,7 @@ pub enum Write {
 pub struct Registry {
     store: Store,
     inner: Mutex<Inner>,
-    history: Mutex<History>,
-    events: broadcast::Sender<Arc<WatchEvent>>,
+    hub: WatchHub,
     commits: mpsc::UnboundedSender<Commit>,
     actor: ActorId,
     unscheduled: std::sync::atomic::AtomicBool,
@@ -201,7 +162,12 @@ impl Inner {
     /// Nodes `key` (holding `obj`) must reach.
     fn targets(&self, key: &str, obj: &Value) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        if key.starts_with("pods/") || key.starts_with("devices.") {
+        if let Some(node) = key.strip_prefix("nodes/") {
+            // A node holds its own Node object, so that what it reports
+            // (capacity, addresses, node info) merges into the same
+            // document as the cloud's conditions.
+            out.insert(node.to_owned());
+        } else if key.starts_with("pods/") || key.starts_with("devices.") {
             if let Some(n) = str_at(obj, &["spec", "nodeName"]) {
                 out.insert(n.to_owned());
             }
@@ -290,7 +256,6 @@ impl Registry {
             }
         }
         info!(objects = view.len(), head, "registry loaded from the log");
-        let (events, _) = broadcast::channel(4096);
         let (commits, rx) = mpsc::unbounded_channel();
         let reg = Arc::new(Registry {
             store,
@@ -301,12 +266,7 @@ impl Registry {
                 bound: BTreeMap::new(),
                 node_streams: BTreeSet::new(),
             }),
-            history: Mutex::new(History {
-                events: VecDeque::new(),
-                durable: head,
-                floor: head.max(floor),
-            }),
-            events,
+            hub: WatchHub::new(head.max(floor)),
             commits,
             actor: ActorId::from_name(ACTOR),
             // After a restart, let the first node connection look.
@@ -322,6 +282,24 @@ impl Registry {
                     "status": {"phase": "Active"}});
                 reg.submit(&key, |_| Ok(Some(Write::Put(new_meta(obj, None)))))?;
             }
+        }
+        // No node is connected to a cloudcore that just started: a Ready
+        // condition kept from before (a crash records no disconnect) would lie.
+        let mut was_ready = Vec::new();
+        reg.scan("nodes/", |n| {
+            let ready = n
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+            if ready && let Some(name) = str_at(n, &["metadata", "name"]) {
+                was_ready.push(name.to_owned());
+            }
+        });
+        for n in was_ready {
+            reg.node_ready(&n, false);
         }
         Ok(reg)
     }
@@ -453,16 +431,7 @@ impl Registry {
     /// (subscribed first, so nothing falls between). `410 Gone` if `rv`
     /// is older than the history kept.
     pub fn watch(&self, rv: u64) -> Result<WatchStart, Status> {
-        let rx = self.events.subscribe();
-        let h = lock(&self.history);
-        if rv < h.floor {
-            return Err(Status::gone(format!(
-                "too old resource version: {rv} ({})",
-                h.floor
-            )));
-        }
-        let past = h.events.iter().filter(|e| e.rv > rv).cloned().collect();
-        Ok((past, rx))
+        self.hub.watch(rv)
     }
 
     /// Changes `key` with `f` (given the current object with its
@@ -809,6 +778,34 @@ impl Registry {
         if let Err(e) = r {
             warn!(%node, error = %e, "could not record node readiness");
         }
+        if !ready {
+            return;
+        }
+        // The node's Lease in kube-node-lease (what `kubectl describe node`
+        // shows): renewed when the node connects. Liveness in between is
+        // the connection's (QUIC keep-alive), not logged.
+        let lease_key = format!("leases.coordination.k8s.io/kube-node-lease/{node}");
+        let micro = now_rfc3339_micro();
+        let node_name = node.to_owned();
+        let r = self.submit(&lease_key, move |old| {
+            let mut obj = match old {
+                Some(o) => o.clone(),
+                None => new_meta(
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": node_name, "namespace": "kube-node-lease"},
+                        "spec": {"holderIdentity": node_name, "leaseDurationSeconds": 40,
+                            "acquireTime": micro}}),
+                    Some("kube-node-lease"),
+                ),
+            };
+            if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.insert("renewTime".into(), json!(micro));
+            }
+            Ok(Some(Write::Put(obj)))
+        });
+        if let Err(e) = r {
+            warn!(%node, error = %e, "could not renew the node lease");
+        }
     }
 }
 
@@ -825,17 +822,7 @@ async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver
             return;
         };
         if result.is_ok() {
-            let mut h = lock(&reg.history);
-            for e in c.events {
-                h.durable = h.durable.max(e.rv);
-                h.events.push_back(e.clone());
-                let _ = reg.events.send(e);
-            }
-            while h.events.len() > HISTORY {
-                if let Some(e) = h.events.pop_front() {
-                    h.floor = e.rv;
-                }
-            }
+            reg.hub.publish(c.events);
         } else {
             warn!(error = ?result, "a commit failed: the log store is poisoned");
         }
@@ -843,6 +830,21 @@ async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver
             let _ = done.send(result);
         }
     }
+}
+
+/// RFC 3339 UTC with microseconds (Kubernetes `MicroTime`).
+pub fn now_rfc3339_micro() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond()
+    )
 }
 
 /// RFC 3339 UTC, seconds.

@@ -23,6 +23,7 @@ pub struct ResourceType {
 }
 
 pub const DEVICES_GROUP: &str = "devices.kubeedge.io";
+pub const COORDINATION_GROUP: &str = "coordination.k8s.io";
 
 pub static RESOURCES: &[ResourceType] = &[
     ResourceType {
@@ -105,6 +106,17 @@ pub static RESOURCES: &[ResourceType] = &[
             "reportingComponent",
             "reportingInstance",
         ],
+    },
+    ResourceType {
+        group: COORDINATION_GROUP,
+        version: "v1",
+        plural: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        fields: &["spec"],
     },
     ResourceType {
         group: DEVICES_GROUP,
@@ -198,21 +210,37 @@ pub fn api_versions(server: &str) -> Value {
         "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server}]})
 }
 
+/// Named groups served, with their (single) version, in catalog order.
+fn groups() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+        if !out.iter().any(|(g, _)| *g == r.group) {
+            out.push((r.group, r.version));
+        }
+    }
+    out
+}
+
+fn group_doc(group: &str, version: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    json!({"name": group, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
 /// `GET /apis`.
 pub fn api_group_list() -> Value {
-    let gv = json!({"groupVersion": format!("{DEVICES_GROUP}/v1beta1"), "version": "v1beta1"});
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-        {"name": DEVICES_GROUP, "versions": [gv.clone()], "preferredVersion": gv}
-    ]})
+    let groups: Vec<Value> = groups().into_iter().map(|(g, v)| group_doc(g, v)).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `GET /apis/<group>`.
 pub fn api_group(group: &str) -> Option<Value> {
-    (group == DEVICES_GROUP).then(|| {
-        let gv = json!({"groupVersion": format!("{DEVICES_GROUP}/v1beta1"), "version": "v1beta1"});
-        json!({"kind": "APIGroup", "apiVersion": "v1", "name": DEVICES_GROUP,
-            "versions": [gv.clone()], "preferredVersion": gv})
-    })
+    let (g, v) = groups().into_iter().find(|(g, _)| *g == group)?;
+    let mut doc = group_doc(g, v);
+    if let Some(o) = doc.as_object_mut() {
+        o.insert("kind".into(), json!("APIGroup"));
+        o.insert("apiVersion".into(), json!("v1"));
+    }
+    Some(doc)
 }
 
 /// `GET /api/v1` or `GET /apis/<group>/<version>`: `None` if not served.
@@ -252,10 +280,18 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
 
 /// `GET /openapi/v3`: one document per group version.
 pub fn openapi_v3_root() -> Value {
-    json!({"paths": {
-        "api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=keel1"},
-        format!("apis/{DEVICES_GROUP}/v1beta1"): {"serverRelativeURL": format!("/openapi/v3/apis/{DEVICES_GROUP}/v1beta1?hash=keel1")}
-    }})
+    let mut paths = serde_json::Map::new();
+    paths.insert(
+        "api/v1".into(),
+        json!({"serverRelativeURL": "/openapi/v3/api/v1?hash=keel1"}),
+    );
+    for (g, v) in groups() {
+        paths.insert(
+            format!("apis/{g}/{v}"),
+            json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/{v}?hash=keel1")}),
+        );
+    }
+    json!({ "paths": paths })
 }
 
 /// `GET /openapi/v3/<gv path>`: a PATCH operation per kind that declares
@@ -390,6 +426,7 @@ pub fn columns(rt: &ResourceType) -> Vec<Value> {
             col("Message", 0),
             col("Name", 1),
         ],
+        "Lease" => vec![col("Name", 0), col("Holder", 0), col("Age", 0)],
         "Device" => vec![
             col("Name", 0),
             col("Node", 0),
@@ -523,6 +560,11 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: time::OffsetDateTime) -> Vec<V
                 json!(name),
             ]
         }
+        "Lease" => vec![
+            json!(name),
+            json!(or_none(text(obj, &["spec", "holderIdentity"]))),
+            json!(age),
+        ],
         "Device" => vec![
             json!(name),
             json!(or_none(text(obj, &["spec", "nodeName"]))),

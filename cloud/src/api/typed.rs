@@ -5,6 +5,7 @@
 //! found by decoding into the typed struct, encoding it again and listing
 //! what did not survive.
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Node, Pod, Secret};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -21,6 +22,7 @@ pub fn check(kind: &str, obj: &Value) -> Result<Vec<String>, String> {
         "ConfigMap" => roundtrip::<ConfigMap>(obj),
         "Secret" => roundtrip::<Secret>(obj),
         "Event" => roundtrip::<Event>(obj),
+        "Lease" => roundtrip::<Lease>(obj),
         _ => Ok(Vec::new()),
     }
 }

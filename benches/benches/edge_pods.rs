@@ -1,0 +1,234 @@
+//! edgecore with real pods, against real processes: the release
+//! `cloudcore` and `edgecore` binaries on loopback (build them first), and
+//! the kube client on the cloud side:
+//!
+//! - edgecore's RSS when idle with 0 pods and with 20 running pods;
+//! - pod create → `Running` seen by a watch on the cloud, p50/p99 over
+//!   `KEEL_EDGE_PODS` pods (default 120), created one after another: the
+//!   create goes into the node's `down` stream, over QUIC to the edge, is
+//!   fsync'd there, the process runtime starts the container, and its
+//!   status goes back through `up`, fsync'd on the cloud, to the watch.
+//!
+//! `cargo build --release --bins && cargo bench -p keel-benches --bench edge_pods`
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+fn bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release --bins` first",
+        p.display()
+    );
+    p
+}
+
+fn port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("KEEL_EDGE_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120)
+        .max(20);
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, boot) = (
+        format!("127.0.0.1:{}", port(true)),
+        format!("127.0.0.1:{}", port(false)),
+    );
+    let cloud_dir = dir.path().join("cloud");
+    let _cloud = Kill(
+        Command::new(bin("cloudcore"))
+            .args(["run", "--data-dir"])
+            .arg(&cloud_dir)
+            .args([
+                "--api-addr",
+                "127.0.0.1:0",
+                "--hub-addr",
+                &hub,
+                "--bootstrap-addr",
+                &boot,
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let kubeconfig = cloud_dir.join("admin.kubeconfig");
+    let start = Instant::now();
+    while !kubeconfig.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token = Command::new(bin("cloudcore"))
+        .args(["token", "edge-1", "--data-dir"])
+        .arg(&cloud_dir)
+        .output()
+        .unwrap();
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let edge = Kill(
+        Command::new(bin("edgecore"))
+            .args(["run", "--data-dir"])
+            .arg(dir.path().join("edge-1"))
+            .args([
+                "--cloud-hub",
+                &hub,
+                "--cloud-bootstrap",
+                &boot,
+                "--api-addr",
+                &format!("127.0.0.1:{}", port(false)),
+                "--token",
+                &token,
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let edge_pid = edge.0.id();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = Kubeconfig::read_from(&kubeconfig).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        let client = kube::Client::try_from(cfg).unwrap();
+        let nodes: Api<Node> = Api::all(client.clone());
+        let start = Instant::now();
+        loop {
+            let ready = nodes.list(&ListParams::default()).await.unwrap().items.iter().any(|n| {
+                n.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()
+            });
+            if ready {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "edge-1 never reported");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss0 = rss_kib(edge_pid);
+
+        let api: Api<Pod> = Api::namespaced(client, "default");
+        let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let rv = api.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+        {
+            let (api, seen, notify) = (api.clone(), seen.clone(), notify.clone());
+            tokio::spawn(async move {
+                let mut w = api.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+                while let Some(ev) = w.next().await {
+                    if let Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) = ev {
+                        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                        if running {
+                            let name = p.metadata.name.unwrap_or_default();
+                            seen.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                            notify.notify_waiters();
+                        }
+                    }
+                }
+            });
+        }
+        let mut lat = Vec::new();
+        let mut rss20 = 0;
+        for i in 0..n {
+            let name = format!("p-{i:04}");
+            let pod: Pod = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {"nodeName": "edge-1", "containers": [{"name": "main", "image": "sleep",
+                    "command": ["sleep", "3600"]}]}}))
+            .unwrap();
+            let t = Instant::now();
+            api.create(&PostParams::default(), &pod).await.unwrap();
+            loop {
+                let wait = notify.notified();
+                if let Some(at) = seen.lock().unwrap().get(&name) {
+                    lat.push(at.duration_since(t));
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(30), "{name} never Running");
+                let _ = tokio::time::timeout(Duration::from_millis(50), wait).await;
+            }
+            if i == 19 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                rss20 = rss_kib(edge_pid);
+            }
+        }
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        eprintln!(
+            "pod create -> Running seen on the cloud ({n} pods, one at a time): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            pct(0.5).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3,
+            lat.last().unwrap().as_secs_f64() * 1e3
+        );
+        eprintln!(
+            "edgecore RSS idle: {:.1} MiB with 0 pods, {:.1} MiB with 20 pods, {:.1} MiB with {n} pods",
+            rss0 as f64 / 1024.0,
+            rss20 as f64 / 1024.0,
+            rss_kib(edge_pid) as f64 / 1024.0
+        );
+    });
+    drop(edge);
+}

@@ -1,0 +1,149 @@
+//! `edgecore`: keel's edge agent. Thin: flags and config in, [`keel_edge::core`] does the work.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keel_edge::core::{self, Config};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgecore",
+    version,
+    about = "keel edgecore: runs an edge node's pods, online or not"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// YAML config file (camelCase keys: dataDir, cloudHub, cloudBootstrap,
+    /// serverName, apiAddr, nodeIp, restartBackoffSeconds); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// cloudcore's CloudHub (QUIC), e.g. 127.0.0.1:10000.
+    #[arg(long)]
+    cloud_hub: Option<SocketAddr>,
+    /// cloudcore's join endpoint (HTTPS), e.g. 127.0.0.1:10002.
+    #[arg(long)]
+    cloud_bootstrap: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join the cluster with a token from `cloudcore token NODE`, then exit.
+    Join {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        token: String,
+    },
+    /// Run edgecore until SIGINT/SIGTERM (joins first if --token is given
+    /// and the data directory holds no identity yet).
+    Run {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        token: Option<String>,
+        /// The read-only Kubernetes API (plain HTTP, keep it on loopback).
+        #[arg(long)]
+        api_addr: Option<SocketAddr>,
+        #[arg(long)]
+        node_ip: Option<String>,
+        /// First container restart back-off, seconds.
+        #[arg(long)]
+        restart_backoff_seconds: Option<f64>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgecore: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config(c: &Common) -> Result<Config, String> {
+    let mut cfg = match &c.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+            serde_yaml::from_str::<Config>(&text).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = &c.data_dir {
+        cfg.data_dir = v.clone();
+    }
+    if let Some(v) = c.cloud_hub {
+        cfg.cloud_hub = v;
+    }
+    if let Some(v) = c.cloud_bootstrap {
+        cfg.cloud_bootstrap = v;
+    }
+    Ok(cfg)
+}
+
+fn real_main(cli: Cli) -> Result<(), String> {
+    let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
+    match cli.command {
+        Command::Join { common, token } => {
+            let cfg = config(&common)?;
+            let id = rt
+                .block_on(core::ensure_identity(&cfg, Some(&token)))
+                .map_err(|e| e.to_string())?;
+            println!("joined as node {}", id.node);
+            Ok(())
+        }
+        Command::Run {
+            common,
+            token,
+            api_addr,
+            node_ip,
+            restart_backoff_seconds,
+        } => {
+            let mut cfg = config(&common)?;
+            if let Some(v) = api_addr {
+                cfg.api_addr = v;
+            }
+            if node_ip.is_some() {
+                cfg.node_ip = node_ip;
+            }
+            if let Some(v) = restart_backoff_seconds {
+                cfg.restart_backoff_seconds = v;
+            }
+            rt.block_on(core::run(
+                cfg,
+                token,
+                |r| {
+                    tracing::info!(node = %r.node, api = %r.api_addr, "edgecore running");
+                },
+                async {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                },
+            ))
+            .map_err(|e| e.to_string())
+        }
+    }
+}

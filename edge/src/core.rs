@@ -1,0 +1,350 @@
+//! edgecore assembled: node identity (join or load), the local log,
+//! MetaManager, Edged, the node status reporter, the read-only API on
+//! loopback, and EdgeHub. The `edgecore` binary parses flags and calls
+//! [`run`]. Nothing here needs the cloud to keep pods running: Edged is
+//! driven by the local object view alone.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use keel_cloud::api::status::Status;
+use keel_cloud::api::{ApiServer, LogRequest, PodLogs};
+use keel_log::{Store, StoreOptions};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::sync::mpsc;
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::bootstrap::{self, NodeIdentity};
+use crate::edged::{Edged, EdgedConfig, ProcessRuntime, StatusSink};
+use crate::error::{Error, Result};
+use crate::hub::{self, EdgeHubOptions};
+use crate::meta::MetaManager;
+
+/// edgecore's settings (YAML file, then flags).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Where the node identity, the log and the pods' files live.
+    pub data_dir: PathBuf,
+    /// CloudHub (QUIC).
+    pub cloud_hub: SocketAddr,
+    /// cloudcore's join endpoint (HTTPS), used once with a join token.
+    pub cloud_bootstrap: SocketAddr,
+    /// Name cloudcore's certificate carries; default: the hub's IP.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The read-only Kubernetes API (plain HTTP; keep it on loopback).
+    pub api_addr: SocketAddr,
+    /// The node's address (InternalIP, pod IPs of the process runtime);
+    /// default: the local address that reaches the cloud.
+    #[serde(default)]
+    pub node_ip: Option<String>,
+    /// First container restart back-off in seconds (doubles up to 300).
+    #[serde(default = "default_backoff")]
+    pub restart_backoff_seconds: f64,
+}
+
+fn default_backoff() -> f64 {
+    10.0
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("edgecore-data"),
+            cloud_hub: SocketAddr::from(([127, 0, 0, 1], 10000)),
+            cloud_bootstrap: SocketAddr::from(([127, 0, 0, 1], 10002)),
+            server_name: None,
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 10550)),
+            node_ip: None,
+            restart_backoff_seconds: default_backoff(),
+        }
+    }
+}
+
+/// Joins the cluster with `token` unless this data directory already holds
+/// a node identity; returns the identity.
+pub async fn ensure_identity(cfg: &Config, token: Option<&str>) -> Result<NodeIdentity> {
+    match NodeIdentity::load(&cfg.data_dir) {
+        Ok(id) => Ok(id),
+        Err(Error::NotJoined(_)) => {
+            let Some(token) = token else {
+                return Err(Error::NotJoined(cfg.data_dir.clone()));
+            };
+            let t = bootstrap::JoinToken::parse(token)?;
+            let id = bootstrap::join(cfg.cloud_bootstrap, token, t.node(), &cfg.data_dir).await?;
+            info!(node = %id.node, "joined the cluster");
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The local address used to reach `peer` (no packet is sent).
+fn local_ip_towards(peer: SocketAddr) -> Option<String> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    Some(s.local_addr().ok()?.ip().to_string())
+}
+
+/// Edged's status reports go into the pod objects (and so into `up`).
+/// Once edgecore is stopping, containers it stops are not reported as
+/// terminated: they are restarted on the next start, which reports them.
+#[derive(Debug)]
+struct MetaStatus(Arc<MetaManager>, Arc<std::sync::atomic::AtomicBool>);
+
+impl StatusSink for MetaStatus {
+    fn pod_status(&self, key: &str, status: Value) {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let r = self.0.update(key, |obj| {
+            if let Some(o) = obj.as_object_mut() {
+                o.insert("status".into(), status);
+            }
+        });
+        if let Err(e) = r {
+            warn!(%key, error = %e, "could not record pod status");
+        }
+    }
+}
+
+/// Container logs from Edged's files.
+#[derive(Debug)]
+struct EdgeLogs(Arc<Edged>);
+
+impl PodLogs for EdgeLogs {
+    fn logs(&self, pod: &Value, req: &LogRequest) -> Result<mpsc::Receiver<Bytes>, Status> {
+        let names: Vec<String> = pod
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let container = match (&req.container, names.as_slice()) {
+            (Some(c), _) if names.contains(c) => c.clone(),
+            (Some(c), _) => {
+                return Err(Status::bad_request(format!(
+                    "container {c} is not valid for pod {}",
+                    req.pod
+                )));
+            }
+            (None, [one]) => one.clone(),
+            (None, _) => {
+                return Err(Status::bad_request(format!(
+                    "a container name must be specified for pod {}, choose one of: [{}]",
+                    req.pod,
+                    names.join(" ")
+                )));
+            }
+        };
+        let path = self
+            .0
+            .log_path(&req.namespace, &req.pod, &container, req.previous)
+            .filter(|p| p.exists())
+            .ok_or_else(|| {
+                Status::bad_request(format!(
+                    "{}container \"{container}\" in pod \"{}\" has no log{}",
+                    if req.previous {
+                        "previous terminated "
+                    } else {
+                        ""
+                    },
+                    req.pod,
+                    if req.previous {
+                        ""
+                    } else {
+                        " yet (waiting to start)"
+                    }
+                ))
+            })?;
+        let (tx, rx) = mpsc::channel(16);
+        let edged = self.0.clone();
+        let req = req.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_log(&edged, path, &container, &req, &tx).await {
+                let _ = tx
+                    .send(Bytes::from(format!("keel: reading the log failed: {e}\n")))
+                    .await;
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// Sends the log at `path` (its last `tail_lines`, at most `limit_bytes`),
+/// then, with `follow`, what is appended while it is the container's
+/// current log.
+async fn stream_log(
+    edged: &Edged,
+    path: PathBuf,
+    container: &str,
+    req: &LogRequest,
+    tx: &mpsc::Sender<Bytes>,
+) -> std::io::Result<()> {
+    let mut f = tokio::fs::File::open(&path).await?;
+    if let Some(n) = req.tail_lines {
+        let mut all = Vec::new();
+        f.read_to_end(&mut all).await?;
+        let mut newlines = 0;
+        let mut cut = 0usize;
+        let body = all.strip_suffix(b"\n").unwrap_or(&all);
+        for (i, b) in body.iter().enumerate().rev() {
+            if *b == b'\n' {
+                newlines += 1;
+                if newlines == n {
+                    cut = i + 1;
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            cut = all.len();
+        }
+        f.seek(std::io::SeekFrom::Start(cut as u64)).await?;
+    }
+    let mut left = req.limit_bytes.unwrap_or(u64::MAX);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = match buf.get_mut(..want) {
+            Some(b) if want > 0 => f.read(b).await?,
+            _ => 0,
+        };
+        if n > 0 {
+            left -= n as u64;
+            let chunk = buf.get(..n).map(Bytes::copy_from_slice).unwrap_or_default();
+            if tx.send(chunk).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        if !req.follow || left == 0 {
+            return Ok(());
+        }
+        // Follow while this file is the container's current log.
+        let current = edged.log_path(&req.namespace, &req.pod, container, false);
+        if current.as_deref() != Some(path.as_path()) || tx.is_closed() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs Edged from the object view: on every change, the desired pods.
+async fn reconcile(meta: Arc<MetaManager>, edged: Arc<Edged>) {
+    let mut changed = meta.subscribe();
+    loop {
+        let pods: Vec<(String, Value)> = meta
+            .objects("pods/")
+            .into_iter()
+            .map(|(k, v)| (k, (*v).clone()))
+            .collect();
+        let lookup = |k: &str| meta.object(k).map(|v| (*v).clone());
+        edged.sync(pods, &lookup);
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A running edgecore.
+#[derive(Debug)]
+pub struct Running {
+    pub node: String,
+    pub api_addr: SocketAddr,
+    pub meta: Arc<MetaManager>,
+}
+
+/// Starts edgecore and runs it until `stop` resolves; `started` is called
+/// once everything listens.
+pub async fn run(
+    cfg: Config,
+    token: Option<String>,
+    started: impl FnOnce(&Running),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let identity = ensure_identity(&cfg, token.as_deref()).await?;
+    if identity.needs_renewal(SystemTime::now(), Duration::from_secs(10 * 24 * 3600)) {
+        match bootstrap::renew(cfg.cloud_bootstrap, &cfg.data_dir).await {
+            Ok(_) => info!("node certificate renewed"),
+            Err(e) => warn!(error = %e, "certificate renewal failed; using the current one"),
+        }
+    }
+    let identity = NodeIdentity::load(&cfg.data_dir)?;
+    let node = identity.node.clone();
+    let span = info_span!("edgecore", %node);
+    async move {
+        let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
+        let meta = MetaManager::open(store.clone(), &node)?;
+        let node_ip = cfg
+            .node_ip
+            .clone()
+            .or_else(|| local_ip_towards(cfg.cloud_hub))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let mut ecfg = EdgedConfig::new(cfg.data_dir.join("pods"), node.clone(), node_ip.clone());
+        if !(cfg.restart_backoff_seconds.is_finite() && cfg.restart_backoff_seconds > 0.0) {
+            return Err(Error::Config(format!(
+                "restartBackoffSeconds must be a positive number, not {}",
+                cfg.restart_backoff_seconds
+            )));
+        }
+        ecfg.backoff_base = Duration::from_secs_f64(cfg.restart_backoff_seconds);
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let edged = Arc::new(
+            Edged::new(
+                ecfg,
+                Arc::new(ProcessRuntime),
+                Arc::new(MetaStatus(meta.clone(), stopping.clone())),
+            )
+            .map_err(|e| Error::Config(format!("edged: {e}")))?,
+        );
+        let reconciler = tokio::spawn(reconcile(meta.clone(), edged.clone()));
+        let api = ApiServer::bind_read_only(
+            cfg.api_addr,
+            meta.clone(),
+            Some(Arc::new(EdgeLogs(edged.clone()))),
+        )
+        .await
+        .map_err(|e| Error::io(format!("edge API on {}", cfg.api_addr), e))?;
+        let reporter = tokio::spawn(crate::node::report(
+            meta.clone(),
+            node_ip,
+            api.local_addr().port(),
+        ));
+        let running = Running {
+            node: node.clone(),
+            api_addr: api.local_addr(),
+            meta: meta.clone(),
+        };
+        started(&running);
+        let mut opts = EdgeHubOptions::new(cfg.cloud_hub, node.clone());
+        if let Some(n) = &cfg.server_name {
+            opts.server_name = n.clone();
+        }
+        let tls = identity.client_tls_config()?;
+        let r = hub::run(opts, tls, store, meta.clone(), stop).await;
+        info!("stopping: containers get their grace period");
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        reconciler.abort();
+        reporter.abort();
+        api.shutdown();
+        edged.shutdown().await;
+        r
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,360 @@
+//! Container runtimes: the [`Runtime`] trait Edged drives, and
+//! [`ProcessRuntime`], which runs every container as a host process in its
+//! own process group.
+
+use std::fmt::Debug;
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use rustix::process::{Pid, Signal};
+use tracing::{debug, info, warn};
+
+use super::Error;
+
+/// A boxed, `Send` future (runtimes are used as trait objects).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Everything a runtime needs to start one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// Container name (for messages).
+    pub name: String,
+    /// The container's `image` (a process runtime ignores it).
+    pub image: String,
+    /// Executable: a path, or a name looked up in the `PATH` of `env`.
+    pub program: String,
+    /// Arguments after the executable.
+    pub args: Vec<String>,
+    /// The complete environment (nothing is inherited from edgecore).
+    pub env: Vec<(String, String)>,
+    /// Working directory; it exists.
+    pub working_dir: PathBuf,
+    /// stdout and stderr are appended to this file.
+    pub log_file: PathBuf,
+    /// Where the runtime records what it needs to find and kill this
+    /// container after edgecore crashed (see [`Runtime::kill_leftover`]).
+    /// The runtime removes it once the container has exited.
+    pub state_file: PathBuf,
+}
+
+/// Signals Edged sends to a container (to its whole process group for the
+/// process runtime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// Ask to terminate (SIGTERM).
+    Term,
+    /// Kill (SIGKILL).
+    Kill,
+}
+
+/// How a container (or an exec'd command) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The Kubernetes `exitCode`: the code, or 128 + signal number.
+    pub fn exit_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 255,
+        }
+    }
+
+    /// Whether it exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl From<std::process::ExitStatus> for ExitStatus {
+    fn from(status: std::process::ExitStatus) -> Self {
+        ExitStatus {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+/// A container runtime. Edged calls [`Runtime::start`] from inside its tokio
+/// runtime; the returned handle is waited on by one task and signalled by
+/// others.
+pub trait Runtime: Send + Sync + Debug + 'static {
+    /// Starts a container. Errors (executable not found, ...) become the
+    /// container's `RunContainerError`.
+    fn start(&self, spec: &LaunchSpec) -> Result<Arc<dyn ContainerHandle>, Error>;
+
+    /// Kills what a previous edgecore left running, as recorded in
+    /// `state_file` (a [`LaunchSpec::state_file`]), and removes the file.
+    /// Returns whether something was killed. Must never kill anything that
+    /// is not that container.
+    fn kill_leftover(&self, state_file: &Path) -> Result<bool, Error>;
+}
+
+/// A started container.
+pub trait ContainerHandle: Send + Sync + Debug + 'static {
+    /// Kubernetes `containerID`, e.g. `process://1234`.
+    fn id(&self) -> String;
+
+    /// Sends a signal to the container (all its processes). Signalling a
+    /// container that has exited is a no-op.
+    fn signal(&self, signal: StopSignal) -> Result<(), Error>;
+
+    /// Waits until the container's main process exits; the rest of the
+    /// container is killed then. Returns the same status when called again.
+    fn wait(&self) -> BoxFuture<'_, Result<ExitStatus, Error>>;
+
+    /// Runs `command` "inside" the container (same environment and working
+    /// directory for the process runtime), output discarded, killed after
+    /// `timeout` (then [`Error::Timeout`]).
+    fn exec(
+        &self,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<ExitStatus, Error>>;
+}
+
+/// Runs containers as host processes: `program` with `args`, a clean
+/// environment, in its own process group, output appended to the log file.
+/// The state file holds `"<pid> <start time>"`, the start time being field 22
+/// of `/proc/<pid>/stat`, so that a leftover is only killed if it is still
+/// the same process.
+#[derive(Debug, Default)]
+pub struct ProcessRuntime;
+
+impl Runtime for ProcessRuntime {
+    fn start(&self, spec: &LaunchSpec) -> Result<Arc<dyn ContainerHandle>, Error> {
+        if let Some(parent) = spec.log_file.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_file)
+            .map_err(|e| Error::io(&spec.log_file, e))?;
+        let log_err = log.try_clone().map_err(|e| Error::io(&spec.log_file, e))?;
+        let mut command = tokio::process::Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&spec.working_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = command.spawn().map_err(|source| Error::Spawn {
+            program: spec.program.clone(),
+            source,
+        })?;
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .ok_or_else(|| Error::Runtime("started process has no pid".into()))?;
+        let container = ProcessContainer {
+            pid,
+            child: tokio::sync::Mutex::new(Some(child)),
+            exit: OnceLock::new(),
+            exited: AtomicBool::new(false),
+            env: spec.env.clone(),
+            working_dir: spec.working_dir.clone(),
+            state_file: spec.state_file.clone(),
+        };
+        if let Err(e) = write_state_file(&spec.state_file, pid) {
+            // Without the record a crash of edgecore would leave it running.
+            let _ = kill_group(pid, Signal::KILL);
+            return Err(e);
+        }
+        debug!(pid, program = %spec.program, container = %spec.name, "container process started");
+        Ok(Arc::new(container))
+    }
+
+    fn kill_leftover(&self, state_file: &Path) -> Result<bool, Error> {
+        let text = match fs::read_to_string(state_file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(state_file, e)),
+        };
+        let mut fields = text.split_whitespace();
+        let pid = fields.next().and_then(|p| p.parse::<i32>().ok());
+        let start = fields.next().and_then(|s| s.parse::<u64>().ok());
+        let mut killed = false;
+        if let (Some(pid), Some(start)) = (pid, start)
+            && proc_start_time(pid) == Some(start)
+        {
+            info!(pid, file = %state_file.display(), "killing container left by a previous edgecore");
+            kill_group(pid, Signal::KILL).map_err(|e| Error::io(state_file, e))?;
+            killed = true;
+        }
+        match fs::remove_file(state_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(state_file, e)),
+        }
+        Ok(killed)
+    }
+}
+
+#[derive(Debug)]
+struct ProcessContainer {
+    pid: i32,
+    child: tokio::sync::Mutex<Option<tokio::process::Child>>,
+    exit: OnceLock<ExitStatus>,
+    exited: AtomicBool,
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+    state_file: PathBuf,
+}
+
+impl ContainerHandle for ProcessContainer {
+    fn id(&self) -> String {
+        format!("process://{}", self.pid)
+    }
+
+    fn signal(&self, signal: StopSignal) -> Result<(), Error> {
+        if self.exited.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let signal = match signal {
+            StopSignal::Term => Signal::TERM,
+            StopSignal::Kill => Signal::KILL,
+        };
+        kill_group(self.pid, signal)
+            .map_err(|e| Error::Runtime(format!("signal {}: {e}", self.pid)))
+    }
+
+    fn wait(&self) -> BoxFuture<'_, Result<ExitStatus, Error>> {
+        Box::pin(async move {
+            let mut guard = self.child.lock().await;
+            if let Some(status) = self.exit.get() {
+                return Ok(*status);
+            }
+            let Some(child) = guard.as_mut() else {
+                return Err(Error::Runtime("container process lost".into()));
+            };
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| Error::Runtime(format!("wait for {}: {e}", self.pid)))?;
+            // The main process is gone: so is the container. Kill what it
+            // left in its group (the group id stays reserved while members
+            // remain, so this cannot hit another process).
+            let _ = kill_group(self.pid, Signal::KILL);
+            self.exited.store(true, Ordering::Release);
+            let status = ExitStatus::from(status);
+            let _ = self.exit.set(status);
+            *guard = None;
+            if let Err(e) = fs::remove_file(&self.state_file)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                warn!(file = %self.state_file.display(), error = %e, "cannot remove pid file");
+            }
+            Ok(status)
+        })
+    }
+
+    fn exec(
+        &self,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<ExitStatus, Error>> {
+        let env = self.env.clone();
+        let working_dir = self.working_dir.clone();
+        Box::pin(async move {
+            let Some((program, args)) = command.split_first() else {
+                return Err(Error::Runtime("exec: empty command".into()));
+            };
+            let mut child = tokio::process::Command::new(program)
+                .args(args)
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .current_dir(&working_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .kill_on_drop(false)
+                .spawn()
+                .map_err(|source| Error::Spawn {
+                    program: program.clone(),
+                    source,
+                })?;
+            let pid = child.id().and_then(|p| i32::try_from(p).ok());
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(status) => {
+                    if let Some(pid) = pid {
+                        let _ = kill_group(pid, Signal::KILL);
+                    }
+                    status
+                        .map(ExitStatus::from)
+                        .map_err(|e| Error::Runtime(format!("exec wait: {e}")))
+                }
+                Err(_) => {
+                    if let Some(pid) = pid {
+                        let _ = kill_group(pid, Signal::KILL);
+                    }
+                    let _ = child.wait().await;
+                    Err(Error::Timeout(timeout))
+                }
+            }
+        })
+    }
+}
+
+/// Sends `signal` to the process group `pid`; a group that no longer exists
+/// is not an error. Refuses pids 0 and 1 (which would mean "everything").
+pub(crate) fn kill_group(pid: i32, signal: Signal) -> io::Result<()> {
+    if pid <= 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to signal pid <= 1",
+        ));
+    }
+    let Some(pid) = Pid::from_raw(pid) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid pid"));
+    };
+    match rustix::process::kill_process_group(pid, signal) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Field 22 (`starttime`) of `/proc/<pid>/stat`, if the process exists and
+/// is not a zombie.
+pub(crate) fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state).
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+fn write_state_file(path: &Path, pid: i32) -> Result<(), Error> {
+    let start = proc_start_time(pid).unwrap_or(0);
+    let tmp = path.with_extension("tmp");
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    fs::write(&tmp, format!("{pid} {start}\n")).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,357 @@
+//! MetaManager: this node's objects, materialised from its log.
+//!
+//! The node's `down` stream (what the cloud bound to it: pods, the
+//! configmaps and secrets they use, devices, its own Node object) and its
+//! `up` stream (what this node reported) are folded into one CRDT object
+//! store, exactly as the cloud folds them, so both sides hold the same
+//! documents. On start the store is rebuilt from the local log alone: with
+//! the cloud unreachable the node still knows every pod it must run.
+//!
+//! The edge writes only observed fields (a pod's `status`; its Node's
+//! capacity, addresses and node info) as automerge changes appended to
+//! `up`, which EdgeHub delivers whenever the cloud is reachable.
+//!
+//! resourceVersions on the edge count the records applied (down + up), so
+//! they only grow, across restarts too; watches resume within the history
+//! kept since this process started.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use keel_cloud::api::ReadObjects;
+use keel_cloud::api::registry::with_rv;
+use keel_cloud::api::status::Status;
+use keel_cloud::api::watch::{EventKind, WatchEvent, WatchHub, WatchStart};
+use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
+use keel_sync::crdt::{ActorId, ObjectStore};
+use keel_sync::link::{down_stream, up_stream};
+use keel_sync::objects::{apply_records, apply_snapshot_object};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+struct Inner {
+    objects: ObjectStore,
+    view: BTreeMap<String, (Arc<Value>, u64)>,
+    next_rv: u64,
+}
+
+struct Commit {
+    ticket: Option<Ticket<Cursor>>,
+    events: Vec<Arc<WatchEvent>>,
+}
+
+/// The node's objects (cheap to share behind an `Arc`).
+pub struct MetaManager {
+    node: String,
+    store: Store,
+    actor: ActorId,
+    inner: Mutex<Inner>,
+    hub: WatchHub,
+    commits: mpsc::UnboundedSender<Commit>,
+    /// Bumped after every change (Edged and the node reporter wait on it).
+    changed: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for MetaManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaManager")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn log_err(e: keel_log::Error) -> Error {
+    Error::Log(e)
+}
+
+/// Folds every record of `stream` into `objects`.
+fn load_stream(store: &Store, stream: &str, objects: &mut ObjectStore) -> Result<()> {
+    let mut after = 0;
+    loop {
+        let seg = match store
+            .read(stream, after, ReadLimits::default())
+            .map_err(log_err)?
+        {
+            Read::Records(seg) => seg,
+            Read::Snapshot { snapshot, tail } => {
+                for o in &snapshot.objects {
+                    if let Err(e) = apply_snapshot_object(objects, o) {
+                        warn!(key = %o.key, error = %e, "snapshot object unusable; skipped");
+                    }
+                }
+                tail
+            }
+        };
+        let Some(last) = seg.records.last() else {
+            return Ok(());
+        };
+        after = last.seq;
+        if let Err(e) = apply_records(objects, &seg.records) {
+            warn!(%stream, error = %e, "a record was unusable; skipped");
+        }
+    }
+}
+
+impl MetaManager {
+    /// Opens the node's streams in `store` (creating them if new) and
+    /// rebuilds the objects from them. Must run inside a tokio runtime.
+    pub fn open(store: Store, node: &str) -> Result<Arc<MetaManager>> {
+        let (down, up) = (down_stream(node), up_stream(node));
+        store.create_stream(&up, Role::Writer, 1).map_err(log_err)?;
+        store
+            .create_stream(&down, Role::Replica, 1)
+            .map_err(log_err)?;
+        let mut objects = ObjectStore::new();
+        load_stream(&store, &down, &mut objects)?;
+        load_stream(&store, &up, &mut objects)?;
+        let base = store.info(&down).map_err(log_err)?.head.seq
+            + store.info(&up).map_err(log_err)?.head.seq;
+        let view = objects
+            .keys()
+            .filter_map(|k| {
+                objects
+                    .get_json(k)
+                    .map(|o| (k.to_owned(), (Arc::new(o), base)))
+            })
+            .collect::<BTreeMap<_, _>>();
+        info!(%node, objects = view.len(), "node objects loaded from the local log");
+        let (commits, rx) = mpsc::unbounded_channel();
+        let (changed, _) = watch::channel(0);
+        let meta = Arc::new(MetaManager {
+            node: node.to_owned(),
+            store,
+            actor: ActorId::from_name(node),
+            inner: Mutex::new(Inner {
+                objects,
+                view,
+                next_rv: base + 1,
+            }),
+            hub: WatchHub::new(base),
+            commits,
+            changed,
+        });
+        tokio::spawn(publish(Arc::downgrade(&meta), rx));
+        Ok(meta)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A receiver that sees a new value after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The object at `key` (without a resourceVersion).
+    pub fn object(&self, key: &str) -> Option<Arc<Value>> {
+        lock(&self.inner).view.get(key).map(|(o, _)| o.clone())
+    }
+
+    /// Every object whose key starts with `prefix`, key order.
+    pub fn objects(&self, prefix: &str) -> Vec<(String, Arc<Value>)> {
+        lock(&self.inner)
+            .view
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (o, _))| (k.clone(), o.clone()))
+            .collect()
+    }
+
+    /// Changes the object at `key` with `f` (given its current JSON) and
+    /// records the difference in `up`. Returns false if the object does not
+    /// exist (any more) or nothing changed. The record becomes durable
+    /// shortly after; watchers see the change then.
+    pub fn update(&self, key: &str, f: impl FnOnce(&mut Value)) -> Result<bool> {
+        let mut inner = lock(&self.inner);
+        let Some(mut obj) = inner.objects.get_json(key) else {
+            return Ok(false);
+        };
+        let before = obj.clone();
+        f(&mut obj);
+        if obj == before {
+            return Ok(false);
+        }
+        let change = inner
+            .objects
+            .edit_replace(key, &self.actor, &obj)
+            .map_err(|e| Error::Object {
+                key: key.to_owned(),
+                message: e.to_string(),
+            })?;
+        let Some(change) = change else {
+            return Ok(false);
+        };
+        let ticket = self
+            .store
+            .append_async(
+                &up_stream(&self.node),
+                vec![Entry::new(
+                    self.node.as_str(),
+                    key,
+                    PayloadKind::Change,
+                    change,
+                )],
+            )
+            .map_err(log_err)?;
+        let events = refresh(&mut inner, [key]);
+        let _ = self.commits.send(Commit {
+            ticket: Some(ticket),
+            events,
+        });
+        drop(inner);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(true)
+    }
+
+    /// Records durable in the node's `down` stream: fold them in.
+    fn apply_down(&self, records: &[Record]) {
+        let mut inner = lock(&self.inner);
+        if let Err(e) = apply_records(&mut inner.objects, records) {
+            warn!(node = %self.node, error = %e, "a record from the cloud was unusable; skipped");
+        }
+        let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        keys.dedup();
+        let events = refresh(&mut inner, keys);
+        if !events.is_empty() {
+            debug!(node = %self.node, changes = events.len(), "applied changes from the cloud");
+            let _ = self.commits.send(Commit {
+                ticket: None,
+                events,
+            });
+        }
+        drop(inner);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The `down` replica was replaced by a snapshot: rebuild from the log.
+    fn reload(&self) {
+        let mut objects = ObjectStore::new();
+        let down = down_stream(&self.node);
+        let up = up_stream(&self.node);
+        if let Err(e) = load_stream(&self.store, &down, &mut objects)
+            .and_then(|()| load_stream(&self.store, &up, &mut objects))
+        {
+            warn!(node = %self.node, error = %e, "rebuilding from the log failed");
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        let mut keys: Vec<String> = inner.view.keys().cloned().collect();
+        keys.extend(objects.keys().map(str::to_owned));
+        keys.sort();
+        keys.dedup();
+        inner.objects = objects;
+        let events = refresh(&mut inner, keys.iter().map(String::as_str));
+        let _ = self.commits.send(Commit {
+            ticket: None,
+            events,
+        });
+        drop(inner);
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// Brings the view of `keys` up to date with the object store; one watch
+/// event per object that changed.
+fn refresh<'a>(inner: &mut Inner, keys: impl IntoIterator<Item = &'a str>) -> Vec<Arc<WatchEvent>> {
+    let mut events = Vec::new();
+    for key in keys {
+        let now = inner.objects.get_json(key);
+        let old = inner.view.get(key).map(|(o, _)| o.clone());
+        let (kind, obj) = match (&old, now) {
+            (None, None) => continue,
+            (Some(o), Some(n)) if **o == n => continue,
+            (Some(o), None) => {
+                inner.view.remove(key);
+                (EventKind::Deleted, o.clone())
+            }
+            (o, Some(n)) => {
+                let kind = if o.is_some() {
+                    EventKind::Modified
+                } else {
+                    EventKind::Added
+                };
+                let n = Arc::new(n);
+                inner
+                    .view
+                    .insert(key.to_owned(), (n.clone(), inner.next_rv));
+                (kind, n)
+            }
+        };
+        let rv = inner.next_rv;
+        inner.next_rv += 1;
+        events.push(Arc::new(WatchEvent {
+            rv,
+            kind,
+            key: key.to_owned(),
+            object: Arc::new(with_rv(&obj, rv)),
+        }));
+    }
+    events
+}
+
+/// Publishes watch events in order, each once durable.
+async fn publish(meta: std::sync::Weak<MetaManager>, mut rx: mpsc::UnboundedReceiver<Commit>) {
+    while let Some(c) = rx.recv().await {
+        if let Some(t) = c.ticket
+            && let Err(e) = t.await
+        {
+            warn!(error = %e, "writing to the local log failed: the store is poisoned");
+            continue;
+        }
+        let Some(meta) = meta.upgrade() else {
+            return;
+        };
+        meta.hub.publish(c.events);
+    }
+}
+
+impl ReadObjects for MetaManager {
+    fn get(&self, key: &str) -> Option<Value> {
+        lock(&self.inner)
+            .view
+            .get(key)
+            .map(|(o, rv)| with_rv(o, *rv))
+    }
+
+    fn list(&self, prefix: &str) -> (Vec<Value>, u64) {
+        let inner = lock(&self.inner);
+        let items = inner
+            .view
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, (o, rv))| with_rv(o, *rv))
+            .collect();
+        (items, inner.next_rv.saturating_sub(1))
+    }
+
+    fn watch(&self, rv: u64) -> std::result::Result<WatchStart, Status> {
+        self.hub.watch(rv)
+    }
+}
+
+/// The sync driver's sink: what arrives on `down` is folded in.
+impl keel_sync::quic::Sink for MetaManager {
+    fn persisted(&self, _node: &str, stream: &str, records: &[Record]) {
+        if stream == down_stream(&self.node) {
+            self.apply_down(records);
+        }
+    }
+
+    fn snapshot_installed(&self, _node: &str, stream: &str) {
+        if stream == down_stream(&self.node) {
+            self.reload();
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! End to end, with real processes: a `cloudcore` and two `edgecore`s on
+//! loopback, each its own OS process, and the real kubectl against both the
+//! cloud and an edge's read-only API. Recovery is tested with SIGKILL.
+//!
+//! cloudcore is the binary built next to edgecore (`cargo test --workspace`
+//! builds both; with `-p keel-edge` alone build it first:
+//! `cargo build -p keel-cloud --bin cloudcore`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+#[path = "../../cloud/tests/support/kubectl.rs"]
+mod support;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::kubectl_bin;
+
+fn cloudcore_bin() -> PathBuf {
+    let edgecore = PathBuf::from(env!("CARGO_BIN_EXE_edgecore"));
+    let bin = edgecore.with_file_name("cloudcore");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, or `cargo build -p keel-cloud --bin cloudcore` first",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > limit && std::env::var_os("KEEL_E2E_KEEP").is_some() {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// A child process that is killed (SIGKILL) when dropped.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            signal(&c, "-TERM");
+            let start = Instant::now();
+            loop {
+                if let Some(st) = c.try_wait().unwrap() {
+                    assert!(st.success(), "exit status {st}");
+                    return;
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("did not stop within 20 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Edges stop their containers on SIGTERM; then SIGKILL whatever is left.
+        if let Some(c) = &self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if self
+                    .0
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill9();
+    }
+}
+
+struct Cloud {
+    dir: PathBuf,
+    api: String,
+    hub: String,
+    bootstrap: String,
+    proc: Proc,
+}
+
+impl Cloud {
+    fn start(
+        dir: &Path,
+        api: Option<String>,
+        hub: Option<String>,
+        bootstrap: Option<String>,
+    ) -> Cloud {
+        let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let hub = hub.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()));
+        let bootstrap = bootstrap.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(cloudcore_bin())
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--api-addr",
+                &api,
+                "--hub-addr",
+                &hub,
+                "--bootstrap-addr",
+                &bootstrap,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Cloud {
+            dir: dir.to_owned(),
+            api,
+            hub,
+            bootstrap,
+            proc: Proc(Some(child)),
+        };
+        wait_for("cloudcore to serve", Duration::from_secs(60), || {
+            c.kubeconfig().exists() && c.k(&["get", "--raw", "/healthz"]).status.success()
+        });
+        c
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    fn k(&self, args: &[&str]) -> Output {
+        kubectl(
+            &self.kubeconfig(),
+            &self.dir.with_extension("kube-cache"),
+            args,
+            None,
+        )
+    }
+
+    fn token(&self, node: &str) -> String {
+        let o = Command::new(cloudcore_bin())
+            .args(["token", node, "--data-dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    }
+}
+
+fn kubectl(kubeconfig: &Path, cache: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(kubectl_bin());
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+struct Edge {
+    dir: PathBuf,
+    api: String,
+    kubeconfig: PathBuf,
+    proc: Proc,
+}
+
+impl Edge {
+    fn start(
+        dir: &Path,
+        node: &str,
+        cloud: &Cloud,
+        token: Option<String>,
+        api: Option<String>,
+    ) -> Edge {
+        std::fs::create_dir_all(dir).unwrap();
+        let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("edgecore.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgecore"));
+        cmd.args(["run", "--data-dir"]).arg(dir).args([
+            "--cloud-hub",
+            &cloud.hub,
+            "--cloud-bootstrap",
+            &cloud.bootstrap,
+            "--api-addr",
+            &api,
+            "--restart-backoff-seconds",
+            "0.2",
+        ]);
+        if let Some(t) = &token {
+            cmd.args(["--token", t]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let kubeconfig = dir.join("edge.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: edge\n  cluster:\n    server: http://{api}\ncontexts:\n- name: edge\n  context:\n    cluster: edge\n    user: edge\nusers:\n- name: edge\n  user: {{}}\ncurrent-context: edge\n"
+            ),
+        )
+        .unwrap();
+        let mut e = Edge {
+            dir: dir.to_owned(),
+            api,
+            kubeconfig,
+            proc: Proc(Some(child)),
+        };
+        wait_for("edgecore's API", Duration::from_secs(60), || {
+            assert!(
+                e.proc.alive(),
+                "edgecore {node} exited; see {}",
+                e.dir.join("edgecore.log").display()
+            );
+            e.k(&["get", "--raw", "/healthz"]).status.success()
+        });
+        e
+    }
+
+    fn k(&self, args: &[&str]) -> Output {
+        kubectl(&self.kubeconfig, &self.dir.join("kube-cache"), args, None)
+    }
+
+    fn pod(&self, name: &str) -> Option<Value> {
+        let o = self.k(&["get", "pod", name, "-o", "json"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+}
+
+fn pod_yaml(name: &str, node: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: demo\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: busybox\n    command: [\"/bin/sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+fn pid_of(pod: &Value) -> Option<u32> {
+    pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()?
+        .strip_prefix("process://")?
+        .parse()
+        .ok()
+}
+
+fn restarts(pod: &Value) -> u64 {
+    pod["status"]["containerStatuses"][0]["restartCount"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn phase(pod: &Value) -> &str {
+    pod["status"]["phase"].as_str().unwrap_or("")
+}
+
+fn cloud_pod(cloud: &Cloud, name: &str) -> Value {
+    serde_json::from_str(&ok(cloud.k(&["get", "pod", name, "-o", "json"]), "get pod")).unwrap()
+}
+
+#[test]
+fn pods_run_on_their_edge_and_survive_outages() {
+    let tmp = tempfile::tempdir().unwrap();
+    eprintln!("state and logs in {}", tmp.path().display());
+    let mut cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
+    let mut a = Edge::start(
+        &tmp.path().join("edge-a"),
+        "edge-a",
+        &cloud,
+        Some(cloud.token("edge-a")),
+        None,
+    );
+    let b = Edge::start(
+        &tmp.path().join("edge-b"),
+        "edge-b",
+        &cloud,
+        Some(cloud.token("edge-b")),
+        None,
+    );
+
+    // Both nodes appear Ready, with the host's capacity reported.
+    wait_for("two Ready nodes", Duration::from_secs(30), || {
+        let out = String::from_utf8_lossy(&cloud.k(&["get", "nodes"]).stdout).into_owned();
+        ["edge-a", "edge-b"].iter().all(|n| {
+            out.lines()
+                .any(|l| l.starts_with(n) && l.contains(" Ready"))
+        })
+    });
+    wait_for("node capacity", Duration::from_secs(30), || {
+        let n: Value =
+            serde_json::from_slice(&cloud.k(&["get", "node", "edge-a", "-o", "json"]).stdout)
+                .unwrap_or(Value::Null);
+        n["status"]["capacity"]["cpu"].is_string() && n["status"]["nodeInfo"]["bootID"].is_string()
+    });
+
+    // A pod for each edge, with a configmap file and env; each runs on its own edge.
+    ok(
+        kubectl(
+            &cloud.kubeconfig(),
+            &tmp.path().join("kc"),
+            &["apply", "-f", "-"],
+            Some(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: conf\ndata:\n  greeting: hello\n",
+            ),
+        ),
+        "apply configmap",
+    );
+    let counter = pod_yaml(
+        "counter",
+        "edge-a",
+        "i=0; while true; do i=$((i+1)); echo \"$GREETING $i\"; sleep 0.2; done",
+    )
+    .replace(
+        "    command:",
+        "    env:\n    - name: GREETING\n      valueFrom:\n        configMapKeyRef: {name: conf, key: greeting}\n    command:",
+    );
+    ok(
+        kubectl(
+            &cloud.kubeconfig(),
+            &tmp.path().join("kc"),
+            &["apply", "-f", "-"],
+            Some(&counter),
+        ),
+        "apply counter",
+    );
+    ok(
+        kubectl(
+            &cloud.kubeconfig(),
+            &tmp.path().join("kc"),
+            &["apply", "-f", "-"],
+            Some(&pod_yaml("sleeper", "edge-b", "exec sleep 3600")),
+        ),
+        "apply sleeper",
+    );
+    wait_for(
+        "both pods Running on the cloud",
+        Duration::from_secs(30),
+        || {
+            ["counter", "sleeper"]
+                .iter()
+                .all(|p| phase(&cloud_pod(&cloud, p)) == "Running")
+        },
+    );
+    let wide = ok(cloud.k(&["get", "pods", "-o", "wide"]), "get pods -o wide");
+    assert!(
+        wide.lines()
+            .any(|l| l.starts_with("counter") && l.contains("Running") && l.contains("edge-a")),
+        "{wide}"
+    );
+    assert!(
+        wide.lines()
+            .any(|l| l.starts_with("sleeper") && l.contains("Running") && l.contains("edge-b")),
+        "{wide}"
+    );
+    // Each edge holds only its own pod.
+    assert!(a.pod("counter").is_some() && a.pod("sleeper").is_none());
+    assert!(b.pod("sleeper").is_some() && b.pod("counter").is_none());
+    // kubectl logs against the edge reads the container's output.
+    wait_for("log lines", Duration::from_secs(10), || {
+        String::from_utf8_lossy(&a.k(&["logs", "counter"]).stdout).contains("hello 3")
+    });
+    let tail = ok(a.k(&["logs", "counter", "--tail=1"]), "logs --tail");
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    // The edge's API is read-only.
+    let o = a.k(&["delete", "pod", "counter"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("read-only"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The cloud goes away (SIGKILL). A pod's process is killed: the edge restarts it.
+    cloud.proc.kill9();
+    let pod = a.pod("counter").unwrap();
+    let (pid, before) = (pid_of(&pod).unwrap(), restarts(&pod));
+    ok(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .output()
+            .unwrap(),
+        "kill container",
+    );
+    wait_for(
+        "the container restarted offline",
+        Duration::from_secs(30),
+        || {
+            let p = a.pod("counter").unwrap();
+            restarts(&p) == before + 1
+                && phase(&p) == "Running"
+                && pid_of(&p).is_some_and(|n| n != pid)
+        },
+    );
+    // kubectl get pods works against the offline edge.
+    let listed = ok(a.k(&["get", "pods"]), "get pods on the edge");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("counter") && l.contains("Running")),
+        "{listed}"
+    );
+
+    // edgecore is SIGKILLed and restarted while the cloud is still down: the pod comes back.
+    let pid = pid_of(&a.pod("counter").unwrap()).unwrap();
+    a.proc.kill9();
+    let api = a.api.clone();
+    a = Edge::start(
+        &tmp.path().join("edge-a"),
+        "edge-a",
+        &cloud,
+        None,
+        Some(api),
+    );
+    wait_for(
+        "the pod back after the edge restart",
+        Duration::from_secs(30),
+        || {
+            a.pod("counter")
+                .is_some_and(|p| phase(&p) == "Running" && pid_of(&p).is_some_and(|n| n != pid))
+        },
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "the container of the killed edgecore was not left running twice"
+    );
+    let offline = a.pod("counter").unwrap();
+    let offline_restarts = restarts(&offline);
+    assert!(offline_restarts > before);
+
+    // cloudcore comes back on the same addresses: every status change made offline arrives.
+    let (api, hub, bootstrap) = (
+        cloud.api.clone(),
+        cloud.hub.clone(),
+        cloud.bootstrap.clone(),
+    );
+    let dir = cloud.dir.clone();
+    drop(cloud);
+    let cloud = Cloud::start(&dir, Some(api), Some(hub), Some(bootstrap));
+    wait_for(
+        "the offline status on the cloud",
+        Duration::from_secs(60),
+        || {
+            let p = cloud_pod(&cloud, "counter");
+            restarts(&p) == offline_restarts && pid_of(&p) == pid_of(&offline)
+        },
+    );
+    // edge-b reconnects too, once QUIC's idle timeout (90 s) has closed
+    // the connection to the killed cloudcore.
+    wait_for("both nodes Ready again", Duration::from_secs(150), || {
+        let out = String::from_utf8_lossy(&cloud.k(&["get", "nodes"]).stdout).into_owned();
+        ["edge-a", "edge-b"].iter().all(|n| {
+            out.lines()
+                .any(|l| l.starts_with(n) && l.contains(" Ready"))
+        })
+    });
+    let sleeper = cloud_pod(&cloud, "sleeper");
+    assert_eq!(phase(&sleeper), "Running");
+    let wide = ok(cloud.k(&["get", "pods", "-o", "wide"]), "get pods");
+    assert!(
+        wide.contains("counter") && wide.contains("sleeper"),
+        "{wide}"
+    );
+
+    // Deleting a pod on the cloud stops its process on the edge.
+    let pid = pid_of(&b.pod("sleeper").unwrap()).unwrap();
+    ok(cloud.k(&["delete", "pod", "sleeper"]), "delete pod");
+    wait_for(
+        "the pod gone from the edge",
+        Duration::from_secs(30),
+        || b.pod("sleeper").is_none(),
+    );
+    wait_for("the process gone", Duration::from_secs(30), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    drop(b);
+    // None lost, in order: once both have stopped, the cloud's replica of
+    // edge-a's up stream is the edge's stream, record for record (same
+    // head seq and chain hash).
+    wait_for("the cloud to catch up", Duration::from_secs(30), || {
+        let p = cloud_pod(&cloud, "counter");
+        let e = a.pod("counter").unwrap();
+        p["status"] == e["status"]
+    });
+    a.proc.stop();
+    let mut cloud = cloud;
+    cloud.proc.stop();
+    let open = |p: PathBuf| keel_log::Store::open(p, keel_log::StoreOptions::default()).unwrap();
+    let edge_up = open(tmp.path().join("edge-a").join("log"))
+        .info("edge-a/up")
+        .unwrap()
+        .head;
+    let cloud_up = open(dir.join("log")).info("edge-a/up").unwrap().head;
+    assert!(edge_up.seq > 0);
+    assert_eq!(
+        edge_up, cloud_up,
+        "the cloud holds every record edge-a wrote"
+    );
+}
