@@ -477,14 +477,26 @@ fn pods_run_on_their_edge_and_survive_outages() {
                 && pid_of(&p).is_some_and(|n| n != pid)
         },
     );
-    // kubectl get pods works against the offline edge.
-    let listed = ok(a.k(&["get", "pods"]), "get pods on the edge");
+    // kubectl works against the offline edge.
+    let listed = ok(a.k(&["get", "pods", "-o", "wide"]), "get pods on the edge");
     assert!(
         listed
             .lines()
-            .any(|l| l.starts_with("counter") && l.contains("Running")),
+            .any(|l| l.starts_with("counter") && l.contains("Running") && l.contains("edge-a")),
         "{listed}"
     );
+    let described = ok(
+        a.k(&["describe", "pod", "counter"]),
+        "describe pod on the edge",
+    );
+    assert!(
+        described.contains("Node:") && described.contains("edge-a"),
+        "{described}"
+    );
+    let node = ok(a.k(&["get", "node", "edge-a"]), "get node on the edge");
+    assert!(node.contains("edge-a"), "{node}");
+    let previous = ok(a.k(&["logs", "counter", "--previous"]), "logs --previous");
+    assert!(previous.contains("hello 1"), "{previous}");
 
     // edgecore is SIGKILLed and restarted while the cloud is still down: the pod comes back.
     let pid = pid_of(&a.pod("counter").unwrap()).unwrap();
