@@ -884,6 +884,45 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
         pod["spec"]["containers"][0]["image"], "registry.local/web:1",
         "spec untouched"
     );
+    // A node may change only the status of what is bound to it: a spec
+    // change from the edge is put back by the cloud, on both sides.
+    let change = objects
+        .0
+        .lock()
+        .unwrap()
+        .edit_merge_patch(
+            "pods/default/web",
+            &keel_sync::crdt::ActorId::from_name(node),
+            &json!({"spec": {"containers": [{"name": "app", "image": "evil/image:1"}]}}),
+        )
+        .unwrap()
+        .unwrap();
+    store
+        .append(
+            &keel_sync::link::up_stream(node),
+            vec![keel_log::Entry::new(
+                node,
+                "pods/default/web",
+                keel_log::PayloadKind::Change,
+                change,
+            )],
+        )
+        .unwrap();
+    wait_for("the spec put back on the edge", || {
+        objects
+            .0
+            .lock()
+            .unwrap()
+            .get_json("pods/default/web")
+            .unwrap()["spec"]["containers"][0]["image"]
+            == "registry.local/web:1"
+    });
+    let pod = c.json(&["get", "pod", "web"]);
+    assert_eq!(
+        pod["spec"]["containers"][0]["image"],
+        "registry.local/web:1"
+    );
+    assert_eq!(pod["status"]["phase"], "Running");
     // The cloud changes the spec afterwards; the edge's status survives the merge.
     c.ok(&["label", "pod", "web", "rev=2"]);
     wait_for("the label on the edge", || {

@@ -660,6 +660,7 @@ impl Registry {
                 warn!(%node, key = %r.key, "node wrote an object not bound to it; ignored");
                 continue;
             }
+            let before = inner.view.get(&r.key).map(|s| s.obj.clone());
             match inner.objects.apply_change(&r.key, &r.payload) {
                 Ok(Applied::New) => {}
                 Ok(_) => continue,
@@ -668,7 +669,7 @@ impl Registry {
                     continue;
                 }
             }
-            let Some(obj) = inner.objects.get_json(&r.key) else {
+            let Some(mut obj) = inner.objects.get_json(&r.key) else {
                 continue;
             };
             match self.store.append_async(
@@ -686,8 +687,39 @@ impl Registry {
                     continue;
                 }
             }
-            let seq = inner.next_seq;
+            let mut seq = inner.next_seq;
             inner.next_seq += 1;
+            // A node owns only the status of what is bound to it: anything
+            // else it changed is put back by a cloud change right after
+            // (the node's change stays in the log, history is never
+            // rewritten; the correction reaches the node like any change).
+            if let Some(before) = &before
+                && without_status(before) != without_status(&obj)
+            {
+                warn!(%node, key = %r.key, "node changed fields it does not own; the cloud puts them back");
+                let mut fixed = (**before).clone();
+                match (fixed.as_object_mut(), obj.get("status")) {
+                    (Some(f), Some(st)) => {
+                        f.insert("status".into(), st.clone());
+                    }
+                    (Some(f), None) => {
+                        f.remove("status");
+                    }
+                    _ => {}
+                }
+                match self.correct(&mut inner, &r.key, &fixed) {
+                    Ok(Some(mut t)) => {
+                        tickets.append(&mut t);
+                        seq = inner.next_seq;
+                        inner.next_seq += 1;
+                        obj = inner.objects.get_json(&r.key).unwrap_or(fixed);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(%node, key = %r.key, error = %e, "could not put back the fields")
+                    }
+                }
+            }
             let existed = inner.view.contains_key(&r.key);
             let obj = Arc::new(obj);
             inner.view.insert(
@@ -716,6 +748,34 @@ impl Registry {
                 done: None,
             });
         }
+    }
+
+    /// Writes `fixed` as the cloud's change to `key` (in `cluster` and the
+    /// bound nodes' `down`); the tickets, or `None` if nothing differed.
+    fn correct(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        fixed: &Value,
+    ) -> Result<Option<Vec<Ticket<Cursor>>>, Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let Some(change) = inner
+            .objects
+            .edit_replace(key, &self.actor, fixed)
+            .map_err(|e| Status::internal(format!("object {key}: {e}")))?
+        else {
+            return Ok(None);
+        };
+        let mut tickets = vec![
+            self.store
+                .append_async(
+                    CLUSTER_STREAM,
+                    vec![Entry::new(ACTOR, key, PayloadKind::Change, change.clone())],
+                )
+                .map_err(err)?,
+        ];
+        tickets.extend(self.send_down(inner, key, fixed, Some(change))?);
+        Ok(Some(tickets))
     }
 
     /// Node `node` connected (`ready`) or lost its connection: its Node
@@ -807,6 +867,15 @@ impl Registry {
             warn!(%node, error = %e, "could not renew the node lease");
         }
     }
+}
+
+/// The object without its `status` (what a node must not change).
+fn without_status(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("status");
+    }
+    o
 }
 
 /// Publishes commits in order once durable.
