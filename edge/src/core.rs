@@ -261,6 +261,25 @@ async fn reconcile(meta: Arc<MetaManager>, edged: Arc<Edged>) {
     }
 }
 
+/// Records above the horizon before a stream is compacted.
+const COMPACT_AFTER: u64 = 4096;
+
+/// Keeps the local log bounded: every minute, streams with enough new
+/// records are folded into per-object snapshots (see
+/// [`MetaManager::compact`]).
+async fn compact_loop(meta: Arc<MetaManager>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let m = meta.clone();
+        match tokio::task::spawn_blocking(move || m.compact(COMPACT_AFTER)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "compacting the local log failed"),
+            Err(e) => warn!(error = %e, "the compaction task failed"),
+        }
+    }
+}
+
 /// A running edgecore.
 #[derive(Debug)]
 pub struct Running {
@@ -313,6 +332,7 @@ pub async fn run(
             .map_err(|e| Error::Config(format!("edged: {e}")))?,
         );
         let reconciler = tokio::spawn(reconcile(meta.clone(), edged.clone()));
+        let compactor = tokio::spawn(compact_loop(meta.clone()));
         let api = ApiServer::bind_read_only(
             cfg.api_addr,
             meta.clone(),
@@ -341,10 +361,34 @@ pub async fn run(
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         reconciler.abort();
         reporter.abort();
+        compactor.abort();
         api.shutdown();
         edged.shutdown().await;
         r
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::Config;
+
+    #[test]
+    fn config_yaml_is_camel_case_and_strict() {
+        let c: Config = serde_yaml::from_str(
+            "dataDir: /var/lib/keel\ncloudHub: 10.0.0.1:10000\ncloudBootstrap: 10.0.0.1:10002\napiAddr: 127.0.0.1:10550\nnodeIp: 10.0.0.7\nrestartBackoffSeconds: 2.5\n",
+        )
+        .unwrap();
+        assert_eq!(c.data_dir.to_str(), Some("/var/lib/keel"));
+        assert_eq!(c.node_ip.as_deref(), Some("10.0.0.7"));
+        assert!((c.restart_backoff_seconds - 2.5).abs() < f64::EPSILON);
+        let e = serde_yaml::from_str::<Config>(
+            "dataDir: x\ncloudHub: 10.0.0.1:10000\ncloudBootstrap: 10.0.0.1:10002\napiAddr: 127.0.0.1:10550\nnodeIP: 1.2.3.4\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `nodeIP`"), "{e}");
+    }
 }

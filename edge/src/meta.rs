@@ -25,7 +25,7 @@ use keel_cloud::api::watch::{EventKind, WatchEvent, WatchHub, WatchStart};
 use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
 use keel_sync::crdt::{ActorId, ObjectStore};
 use keel_sync::link::{down_stream, up_stream};
-use keel_sync::objects::{apply_records, apply_snapshot_object};
+use keel_sync::objects::{CrdtFold, apply_records, apply_snapshot_object};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -53,6 +53,8 @@ pub struct MetaManager {
     commits: mpsc::UnboundedSender<Commit>,
     /// Bumped after every change (Edged and the node reporter wait on it).
     changed: watch::Sender<u64>,
+    /// Seq of `up` the cloud has acknowledged (durable there).
+    acked_up: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MetaManager {
@@ -136,6 +138,7 @@ impl MetaManager {
             hub: WatchHub::new(base),
             commits,
             changed,
+            acked_up: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(publish(Arc::downgrade(&meta), rx));
         Ok(meta)
@@ -233,6 +236,29 @@ impl MetaManager {
         }
         drop(inner);
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Folds old records into per-object snapshots (keel-log compaction
+    /// with [`CrdtFold`]) where at least `min_records` are above the
+    /// horizon: `down` up to its head (every record there is durable and
+    /// applied), `up` up to what the cloud has acknowledged (so the cloud
+    /// never needs a record folded away). Blocking; run it off the async
+    /// workers. Returns how many streams were compacted.
+    pub fn compact(&self, min_records: u64) -> Result<usize> {
+        let mut done = 0;
+        let down = down_stream(&self.node);
+        let up = up_stream(&self.node);
+        let acked = self.acked_up.load(std::sync::atomic::Ordering::SeqCst);
+        for (stream, limit) in [(down, u64::MAX), (up, acked)] {
+            let info = self.store.info(&stream)?;
+            let upto = info.head.seq.min(limit);
+            if upto >= info.horizon.seq.saturating_add(min_records.max(1)) {
+                self.store.compact(&stream, upto, &CrdtFold)?;
+                info!(node = %self.node, %stream, upto, "compacted");
+                done += 1;
+            }
+        }
+        Ok(done)
     }
 
     /// The `down` replica was replaced by a snapshot: rebuild from the log.
@@ -353,5 +379,105 @@ impl keel_sync::quic::Sink for MetaManager {
         if stream == down_stream(&self.node) {
             self.reload();
         }
+    }
+
+    fn acked(&self, _node: &str, stream: &str, cursor: Cursor) {
+        if stream == up_stream(&self.node) {
+            self.acked_up
+                .fetch_max(cursor.seq, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+    use super::*;
+    use keel_log::StoreOptions;
+    use keel_sync::quic::Sink as _;
+    use serde_json::json;
+
+    /// Records the cloud would send down: one change per pod edit.
+    fn cloud_records(cloud: &Store, stream: &str, n: usize) -> Vec<Record> {
+        let mut objects = ObjectStore::new();
+        let actor = ActorId::from_name("cloudcore");
+        cloud.create_stream(stream, Role::Writer, 1).unwrap();
+        for i in 0..n {
+            let key = format!("pods/default/p{}", i % 3);
+            let change = objects
+                .edit_merge_patch(
+                    &key,
+                    &actor,
+                    &json!({"metadata": {"name": key}, "spec": {"i": i}}),
+                )
+                .unwrap()
+                .unwrap();
+            cloud
+                .append(
+                    stream,
+                    vec![Entry::new("cloudcore", key, PayloadKind::Change, change)],
+                )
+                .unwrap();
+        }
+        match cloud
+            .read(
+                stream,
+                0,
+                ReadLimits {
+                    max_records: n,
+                    max_bytes: 1 << 24,
+                },
+            )
+            .unwrap()
+        {
+            Read::Records(seg) => seg.records,
+            Read::Snapshot { .. } => panic!("no compaction on the cloud here"),
+        }
+    }
+
+    #[tokio::test]
+    async fn rebuilt_from_the_log_before_and_after_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Store::open(dir.path().join("cloud"), StoreOptions::default()).unwrap();
+        let records = cloud_records(&cloud, "n1/down", 30);
+        let path = dir.path().join("edge");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let meta = MetaManager::open(store.clone(), "n1").unwrap();
+        store.append_replicated("n1/down", records.clone()).unwrap();
+        meta.persisted("n1", "n1/down", &records);
+        assert!(
+            meta.update("pods/default/p1", |o| o["status"] =
+                json!({"phase": "Running"}))
+                .unwrap()
+        );
+        let want: Vec<_> = meta
+            .objects("pods/")
+            .into_iter()
+            .map(|(k, v)| (k, (*v).clone()))
+            .collect();
+        assert_eq!(want.len(), 3);
+        assert_eq!(want[2].1["spec"]["i"], 29);
+        // Nothing of `up` is acknowledged yet: only `down` is compacted.
+        assert_eq!(meta.compact(10).unwrap(), 1);
+        assert_eq!(store.info("n1/up").unwrap().horizon.seq, 0);
+        meta.acked("n1", "n1/up", store.info("n1/up").unwrap().head);
+        assert_eq!(meta.compact(1).unwrap(), 1);
+        drop(meta);
+        let again = MetaManager::open(store.clone(), "n1").unwrap();
+        let got: Vec<_> = again
+            .objects("pods/")
+            .into_iter()
+            .map(|(k, v)| (k, (*v).clone()))
+            .collect();
+        assert_eq!(got, want, "the same objects from snapshots");
+        assert_eq!(got[1].1["status"]["phase"], "Running");
+        // The edge keeps editing on top of the compacted state.
+        assert!(
+            again
+                .update("pods/default/p1", |o| o["status"] =
+                    json!({"phase": "Failed"}))
+                .unwrap()
+        );
     }
 }
