@@ -221,6 +221,23 @@ fn reset_secret(dir: &Path) -> Result<[u8; 32], CoreError> {
     Ok(secret)
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM: the graceful-stop signal of
+/// keel's binaries.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        } => {}
+    }
+}
+
 /// Starts every part of cloudcore.
 pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;

@@ -697,6 +697,31 @@ fn restart_keeps_objects_and_resource_versions() {
 #[derive(Default)]
 struct EdgeObjects(Mutex<keel_sync::crdt::ObjectStore>);
 
+impl EdgeObjects {
+    /// The edge changes `key` (a merge patch) and records the change in
+    /// its up stream, as edgecore does.
+    fn edge_writes(&self, store: &keel_log::Store, node: &str, key: &str, patch: &Value) {
+        let change = self
+            .0
+            .lock()
+            .unwrap()
+            .edit_merge_patch(key, &keel_sync::crdt::ActorId::from_name(node), patch)
+            .unwrap()
+            .unwrap();
+        store
+            .append(
+                &keel_sync::link::up_stream(node),
+                vec![keel_log::Entry::new(
+                    node,
+                    key,
+                    keel_log::PayloadKind::Change,
+                    change,
+                )],
+            )
+            .unwrap();
+    }
+}
+
 impl keel_sync::quic::Sink for EdgeObjects {
     fn persisted(&self, _node: &str, _stream: &str, records: &[keel_log::Record]) {
         let mut s = self.0.lock().unwrap();
@@ -845,30 +870,14 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
     wait_for("the initial listing", || {
         lines.lock().unwrap().iter().any(|l| l.contains("web"))
     });
-    let change = objects
-        .0
-        .lock()
-        .unwrap()
-        .edit_merge_patch(
-            "pods/default/web",
-            &keel_sync::crdt::ActorId::from_name(node),
-            &json!({"status": {"phase": "Running", "podIP": "10.42.0.7",
+    objects.edge_writes(
+        &store,
+        node,
+        "pods/default/web",
+        &json!({"status": {"phase": "Running", "podIP": "10.42.0.7",
                 "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
                     "image": "registry.local/web:1", "imageID": "", "state": {"running": {}}}]}}),
-        )
-        .unwrap()
-        .unwrap();
-    store
-        .append(
-            &keel_sync::link::up_stream(node),
-            vec![keel_log::Entry::new(
-                node,
-                "pods/default/web",
-                keel_log::PayloadKind::Change,
-                change,
-            )],
-        )
-        .unwrap();
+    );
     wait_for("the reported status on the watch", || {
         lines
             .lock()
@@ -886,28 +895,12 @@ fn pods_bind_to_their_edge_node_and_status_comes_back() {
     );
     // A node may change only the status of what is bound to it: a spec
     // change from the edge is put back by the cloud, on both sides.
-    let change = objects
-        .0
-        .lock()
-        .unwrap()
-        .edit_merge_patch(
-            "pods/default/web",
-            &keel_sync::crdt::ActorId::from_name(node),
-            &json!({"spec": {"containers": [{"name": "app", "image": "evil/image:1"}]}}),
-        )
-        .unwrap()
-        .unwrap();
-    store
-        .append(
-            &keel_sync::link::up_stream(node),
-            vec![keel_log::Entry::new(
-                node,
-                "pods/default/web",
-                keel_log::PayloadKind::Change,
-                change,
-            )],
-        )
-        .unwrap();
+    objects.edge_writes(
+        &store,
+        node,
+        "pods/default/web",
+        &json!({"spec": {"containers": [{"name": "app", "image": "evil/image:1"}]}}),
+    );
     wait_for("the spec put back on the edge", || {
         objects
             .0

@@ -51,7 +51,8 @@ pub struct MetaManager {
     inner: Mutex<Inner>,
     hub: WatchHub,
     commits: mpsc::UnboundedSender<Commit>,
-    /// Bumped after every change (Edged and the node reporter wait on it).
+    /// Bumped after every change from the cloud (Edged and the node
+    /// reporter wait on it).
     changed: watch::Sender<u64>,
     /// Seq of `up` the cloud has acknowledged (durable there).
     acked_up: std::sync::atomic::AtomicU64,
@@ -152,7 +153,8 @@ impl MetaManager {
         &self.store
     }
 
-    /// A receiver that sees a new value after every change.
+    /// A receiver that sees a new value after every change from the cloud
+    /// (not after the edge's own [`Self::update`]s).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -213,8 +215,8 @@ impl MetaManager {
             ticket: Some(ticket),
             events,
         });
-        drop(inner);
-        self.changed.send_modify(|v| *v += 1);
+        // No wake-up: what the edge itself writes (status) changes nothing
+        // Edged or the node reporter act on.
         Ok(true)
     }
 

@@ -117,65 +117,34 @@ impl ApiServer {
             logs: None,
             addr: addr.to_string(),
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accepting an API connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
+        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
+            let (acceptor, server) = (acceptor.clone(), server.clone());
+            async move {
+                let tls = match tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "API TLS handshake failed");
+                        return;
                     }
+                    Err(_) => return,
                 };
-                let (acceptor, server) = (acceptor.clone(), server.clone());
-                tokio::spawn(
-                    async move {
-                        let tls = match tokio::time::timeout(
-                            std::time::Duration::from_secs(10),
-                            acceptor.accept(tcp),
-                        )
-                        .await
-                        {
-                            Ok(Ok(t)) => t,
-                            Ok(Err(e)) => {
-                                debug!(error = %e, "API TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                        // Only the admin certificate may use the API; node
-                        // certificates speak the sync protocol, not this.
-                        let admin = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .is_some_and(|c| crate::pki::is_admin_cert(c));
-                        let service = hyper::service::service_fn(move |req| {
-                            let server = server.clone();
-                            async move {
-                                if !admin {
-                                    let s = Status::new(
-                                        403,
-                                        "Forbidden",
-                                        "only the cluster admin certificate may use the Kubernetes API",
-                                    );
-                                    return Ok::<_, Infallible>(status_resp(&s));
-                                }
-                                Ok::<_, Infallible>(server.handle(req).await)
-                            }
-                        });
-                        let mut b = hyper::server::conn::http1::Builder::new();
-                        b.timer(TokioTimer::new())
-                            .header_read_timeout(Some(std::time::Duration::from_secs(30)));
-                        if let Err(e) = b.serve_connection(TokioIo::new(tls), service).await {
-                            debug!(error = %e, "API connection ended with an error");
-                        }
-                    }
-                    .instrument(info_span!("api", %peer)),
-                );
+                // Only the admin certificate may use the API; node
+                // certificates speak the sync protocol, not this.
+                let admin = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .is_some_and(|c| crate::pki::is_admin_cert(c));
+                serve_http(tls, server, admin).await;
             }
-        });
+            .instrument(info_span!("api", %peer))
+        }));
         Ok(ApiServer { addr, task })
     }
 
@@ -197,34 +166,9 @@ impl ApiServer {
             logs,
             addr: addr.to_string(),
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accepting an API connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let server = server.clone();
-                tokio::spawn(
-                    async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let server = server.clone();
-                            async move { Ok::<_, Infallible>(server.handle(req).await) }
-                        });
-                        let mut b = hyper::server::conn::http1::Builder::new();
-                        b.timer(TokioTimer::new())
-                            .header_read_timeout(Some(std::time::Duration::from_secs(30)));
-                        if let Err(e) = b.serve_connection(TokioIo::new(tcp), service).await {
-                            debug!(error = %e, "API connection ended with an error");
-                        }
-                    }
-                    .instrument(info_span!("edge_api", %peer)),
-                );
-            }
-        });
+        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
+            serve_http(tcp, server.clone(), true).instrument(info_span!("edge_api", %peer))
+        }));
         Ok(ApiServer { addr, task })
     }
 
@@ -279,6 +223,53 @@ pub trait PodLogs: Send + Sync + 'static {
     /// chunks; the stream ends when the log does (or, with `follow`, when
     /// the container is gone or the client leaves).
     fn logs(&self, pod: &Value, req: &LogRequest) -> Result<mpsc::Receiver<Bytes>, Status>;
+}
+
+/// Accepts connections forever, each handled by its own task.
+async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle(tcp, peer));
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting an API connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// HTTP/1.1 on one connection; `allowed` is false for a client the API
+/// refuses (every request then gets 403).
+async fn serve_http<IO>(io: IO, server: Arc<Server>, allowed: bool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let server = server.clone();
+        async move {
+            if !allowed {
+                let s = Status::new(
+                    403,
+                    "Forbidden",
+                    "only the cluster admin certificate may use the Kubernetes API",
+                );
+                return Ok::<_, Infallible>(status_resp(&s));
+            }
+            Ok::<_, Infallible>(server.handle(req).await)
+        }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Some(std::time::Duration::from_secs(30)));
+    if let Err(e) = b.serve_connection(TokioIo::new(io), service).await {
+        debug!(error = %e, "API connection ended with an error");
+    }
 }
 
 struct Server {

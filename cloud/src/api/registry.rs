@@ -694,7 +694,7 @@ impl Registry {
             // (the node's change stays in the log, history is never
             // rewritten; the correction reaches the node like any change).
             if let Some(before) = &before
-                && without_status(before) != without_status(&obj)
+                && !same_but_status(before, &obj)
             {
                 warn!(%node, key = %r.key, "node changed fields it does not own; the cloud puts them back");
                 let mut fixed = (**before).clone();
@@ -869,13 +869,20 @@ impl Registry {
     }
 }
 
-/// The object without its `status` (what a node must not change).
-fn without_status(obj: &Value) -> Value {
-    let mut o = obj.clone();
-    if let Some(m) = o.as_object_mut() {
-        m.remove("status");
+/// Whether `a` and `b` agree on everything but `status` (what a node must
+/// not change); compared in place, no copies.
+fn same_but_status(a: &Value, b: &Value) -> bool {
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            let others =
+                |m: &serde_json::Map<String, Value>| m.keys().filter(|k| *k != "status").count();
+            others(a) == others(b)
+                && a.iter()
+                    .filter(|(k, _)| *k != "status")
+                    .all(|(k, v)| b.get(k) == Some(v))
+        }
+        _ => a == b,
     }
-    o
 }
 
 /// Publishes commits in order once durable.

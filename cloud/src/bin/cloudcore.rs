@@ -112,15 +112,8 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 cfg.metrics_addr = metrics_addr;
             }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
-            rt.block_on(core::run(cfg, async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                }
-            }))
-            .map_err(|e| e.to_string())
+            rt.block_on(core::run(cfg, core::shutdown_signal()))
+                .map_err(|e| e.to_string())
         }
     }
 }

@@ -133,15 +133,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 |r| {
                     tracing::info!(node = %r.node, api = %r.api_addr, "edgecore running");
                 },
-                async {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .ok();
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                    }
-                },
+                keel_cloud::core::shutdown_signal(),
             ))
             .map_err(|e| e.to_string())
         }
