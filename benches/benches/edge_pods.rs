@@ -139,6 +139,8 @@ fn main() {
                 &boot,
                 "--api-addr",
                 &format!("127.0.0.1:{}", port(false)),
+                "--mqtt-addr",
+                "127.0.0.1:0",
                 "--token",
                 &token,
             ])

@@ -20,8 +20,10 @@ use tokio::sync::mpsc;
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::bootstrap::{self, NodeIdentity};
+use crate::devicetwin::DeviceTwin;
 use crate::edged::{Edged, EdgedConfig, ProcessRuntime, StatusSink};
 use crate::error::{Error, Result};
+use crate::eventbus::EventBus;
 use crate::hub::{self, EdgeHubOptions};
 use crate::meta::MetaManager;
 
@@ -47,6 +49,14 @@ pub struct Config {
     /// First container restart back-off in seconds (doubles up to 300).
     #[serde(default = "default_backoff")]
     pub restart_backoff_seconds: f64,
+    /// The event bus: MQTT broker for mappers and devices (plain MQTT;
+    /// keep it on loopback).
+    #[serde(default = "default_mqtt")]
+    pub mqtt_addr: SocketAddr,
+}
+
+fn default_mqtt() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
 }
 
 fn default_backoff() -> f64 {
@@ -63,6 +73,7 @@ impl Default for Config {
             api_addr: SocketAddr::from(([127, 0, 0, 1], 10550)),
             node_ip: None,
             restart_backoff_seconds: default_backoff(),
+            mqtt_addr: default_mqtt(),
         }
     }
 }
@@ -285,6 +296,7 @@ async fn compact_loop(meta: Arc<MetaManager>) {
 pub struct Running {
     pub node: String,
     pub api_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
     pub meta: Arc<MetaManager>,
 }
 
@@ -345,9 +357,14 @@ pub async fn run(
             node_ip,
             api.local_addr().port(),
         ));
+        let bus = EventBus::bind(cfg.mqtt_addr)
+            .await
+            .map_err(|e| Error::io(format!("event bus (MQTT) on {}", cfg.mqtt_addr), e))?;
+        let devicetwin = DeviceTwin::start(meta.clone(), bus.clone());
         let running = Running {
             node: node.clone(),
             api_addr: api.local_addr(),
+            mqtt_addr: bus.addr(),
             meta: meta.clone(),
         };
         started(&running);
@@ -363,6 +380,7 @@ pub async fn run(
         reporter.abort();
         compactor.abort();
         api.shutdown();
+        drop(devicetwin);
         edged.shutdown().await;
         r
     }

@@ -8,8 +8,10 @@
 
 pub mod bootstrap;
 pub mod core;
+pub mod devicetwin;
 pub mod edged;
 pub mod error;
+pub mod eventbus;
 pub mod hub;
 pub mod meta;
 pub mod node;

@@ -27,7 +27,7 @@ use keel_sync::crdt::{ActorId, ObjectStore};
 use keel_sync::link::{down_stream, up_stream};
 use keel_sync::objects::{CrdtFold, apply_records, apply_snapshot_object};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
@@ -41,6 +41,8 @@ struct Inner {
 struct Commit {
     ticket: Option<Ticket<Cursor>>,
     events: Vec<Arc<WatchEvent>>,
+    /// Told whether the change became durable.
+    done: Option<oneshot::Sender<bool>>,
 }
 
 /// The node's objects (cheap to share behind an `Arc`).
@@ -179,14 +181,52 @@ impl MetaManager {
     /// exist (any more) or nothing changed. The record becomes durable
     /// shortly after; watchers see the change then.
     pub fn update(&self, key: &str, f: impl FnOnce(&mut Value)) -> Result<bool> {
+        Ok(self.update_inner(key, f, None)?.is_some())
+    }
+
+    /// [`Self::update`], returning a receiver told once the change is
+    /// durable (`true`) or could not be written (`false`); `None` if
+    /// nothing changed.
+    pub fn update_durable(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> Result<Option<oneshot::Receiver<bool>>> {
+        let (tx, rx) = oneshot::channel();
+        Ok(self.update_inner(key, f, Some(tx))?.map(|()| rx))
+    }
+
+    /// Appends an opaque event record (telemetry, an MQTT upload) about
+    /// `key` to `up`; the ticket completes once it is durable. Events are
+    /// replicated to the cloud like every record but fold into no object.
+    pub fn record_event(&self, key: &str, payload: Vec<u8>) -> Result<Ticket<Cursor>> {
+        self.store
+            .append_async(
+                &up_stream(&self.node),
+                vec![Entry::new(
+                    self.node.as_str(),
+                    key,
+                    PayloadKind::Event,
+                    payload,
+                )],
+            )
+            .map_err(log_err)
+    }
+
+    fn update_inner(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut Value),
+        done: Option<oneshot::Sender<bool>>,
+    ) -> Result<Option<()>> {
         let mut inner = lock(&self.inner);
         let Some(mut obj) = inner.objects.get_json(key) else {
-            return Ok(false);
+            return Ok(None);
         };
         let before = obj.clone();
         f(&mut obj);
         if obj == before {
-            return Ok(false);
+            return Ok(None);
         }
         let change = inner
             .objects
@@ -196,7 +236,7 @@ impl MetaManager {
                 message: e.to_string(),
             })?;
         let Some(change) = change else {
-            return Ok(false);
+            return Ok(None);
         };
         let ticket = self
             .store
@@ -214,10 +254,11 @@ impl MetaManager {
         let _ = self.commits.send(Commit {
             ticket: Some(ticket),
             events,
+            done,
         });
         // No wake-up: what the edge itself writes (status) changes nothing
         // Edged or the node reporter act on.
-        Ok(true)
+        Ok(Some(()))
     }
 
     /// Records durable in the node's `down` stream: fold them in.
@@ -234,6 +275,7 @@ impl MetaManager {
             let _ = self.commits.send(Commit {
                 ticket: None,
                 events,
+                done: None,
             });
         }
         drop(inner);
@@ -284,6 +326,7 @@ impl MetaManager {
         let _ = self.commits.send(Commit {
             ticket: None,
             events,
+            done: None,
         });
         drop(inner);
         self.changed.send_modify(|v| *v += 1);
@@ -336,7 +379,13 @@ async fn publish(meta: std::sync::Weak<MetaManager>, mut rx: mpsc::UnboundedRece
             && let Err(e) = t.await
         {
             warn!(error = %e, "writing to the local log failed: the store is poisoned");
+            if let Some(d) = c.done {
+                let _ = d.send(false);
+            }
             continue;
+        }
+        if let Some(d) = c.done {
+            let _ = d.send(true);
         }
         let Some(meta) = meta.upgrade() else {
             return;

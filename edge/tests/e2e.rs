@@ -272,6 +272,8 @@ impl Edge {
             &cloud.bootstrap,
             "--api-addr",
             &api,
+            "--mqtt-addr",
+            "127.0.0.1:0",
             "--restart-backoff-seconds",
             "0.2",
         ]);

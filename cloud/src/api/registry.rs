@@ -108,6 +108,23 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str().filter(|s| !s.is_empty())
 }
 
+const DEVICES_PREFIX: &str = "devices.devices.kubeedge.io/";
+const MODELS_PREFIX: &str = "devicemodels.devices.kubeedge.io/";
+
+/// Objects (kind prefix, name; same namespace) that an object bound to a
+/// node needs there too: a pod's configmaps and secrets, a device's model.
+fn refs(key: &str, obj: &Value) -> Vec<(&'static str, String)> {
+    if key.starts_with("pods/") {
+        pod_refs(obj)
+    } else if key.starts_with(DEVICES_PREFIX) {
+        str_at(obj, &["spec", "deviceModelRef", "name"])
+            .map(|m| vec![("devicemodels.devices.kubeedge.io", m.to_owned())])
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    }
+}
+
 /// Configmap and secret names a pod uses.
 fn pod_refs(pod: &Value) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
@@ -171,25 +188,27 @@ impl Inner {
             if let Some(n) = str_at(obj, &["spec", "nodeName"]) {
                 out.insert(n.to_owned());
             }
-        } else if key.starts_with("configmaps/") || key.starts_with("secrets/") {
+        } else if key.starts_with("configmaps/")
+            || key.starts_with("secrets/")
+            || key.starts_with(MODELS_PREFIX)
+        {
             let mut parts = key.splitn(3, '/');
             let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next())
             else {
                 return out;
             };
-            let prefix = format!("pods/{ns}/");
-            for (_, pod) in self.view.range(prefix.clone()..) {
-                let pod_key_ok = pod
-                    .obj
-                    .get("metadata")
-                    .and_then(|m| m.get("namespace"))
-                    .and_then(Value::as_str)
-                    == Some(ns);
-                if !pod_key_ok {
-                    break;
-                }
+            let prefix = if key.starts_with(MODELS_PREFIX) {
+                format!("{DEVICES_PREFIX}{ns}/")
+            } else {
+                format!("pods/{ns}/")
+            };
+            for (_, pod) in self
+                .view
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+            {
                 if let Some(n) = str_at(&pod.obj, &["spec", "nodeName"])
-                    && pod_refs(&pod.obj)
+                    && refs(&prefix, &pod.obj)
                         .iter()
                         .any(|(k, nm)| *k == kind && nm == name)
                 {
@@ -613,9 +632,9 @@ impl Registry {
                 .entry(key.to_owned())
                 .or_default()
                 .insert(node.clone());
-            if key.starts_with("pods/") {
+            {
                 let ns = str_at(obj, &["metadata", "namespace"]).unwrap_or("default");
-                for (kind, name) in pod_refs(obj) {
+                for (kind, name) in refs(key, obj) {
                     let k = format!("{kind}/{ns}/{name}");
                     let has = inner.bound.get(&k).is_some_and(|s| s.contains(&node));
                     if !has && inner.view.contains_key(&k) {

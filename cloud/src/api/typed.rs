@@ -23,6 +23,8 @@ pub fn check(kind: &str, obj: &Value) -> Result<Vec<String>, String> {
         "Secret" => roundtrip::<Secret>(obj),
         "Event" => roundtrip::<Event>(obj),
         "Lease" => roundtrip::<Lease>(obj),
+        "Device" => roundtrip::<keel_devices::Device>(obj),
+        "DeviceModel" => roundtrip::<keel_devices::DeviceModel>(obj),
         _ => Ok(Vec::new()),
     }
 }
@@ -80,6 +82,15 @@ mod tests {
         let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
             "type": "Opaque", "data": {"k": "c2VjcmV0"}, "stringData": {"x": "y"}});
         assert!(check("Secret", &secret).unwrap().is_empty());
-        assert!(check("Device", &json!({"anything": 1})).unwrap().is_empty());
+        assert_eq!(
+            check("Device", &json!({"anything": 1})).unwrap(),
+            ["anything"]
+        );
+        let dev = json!({"apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+            "metadata": {"name": "d"}, "spec": {"deviceModelRef": {"name": "m"},
+            "protocol": {"protocolName": "modbus", "configData": {"ip": "127.0.0.1", "any": {"x": 1}}},
+            "properties": [{"name": "t", "visitors": {"protocolName": "modbus", "configData": {"register": "InputRegister"}}, "bogus": 1}]},
+            "status": {"twins": [{"propertyName": "t", "reported": {"value": "1"}}], "anything": true}});
+        assert_eq!(check("Device", &dev).unwrap(), ["spec.properties[0].bogus"]);
     }
 }
