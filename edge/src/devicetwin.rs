@@ -64,6 +64,9 @@ struct DeviceCtx {
     last_report: Mutex<HashMap<String, Instant>>,
     /// The built-in mapper's write queue, if the protocol has one.
     writes: Option<mpsc::Sender<WriteCommand>>,
+    /// No built-in mapper serves the protocol: mappers outside edgecore
+    /// do, over MQTT.
+    external: bool,
 }
 
 impl DeviceCtx {
@@ -210,6 +213,7 @@ impl DeviceTwin {
             let mut tasks = Vec::new();
             let mut writes = None;
             let mut events_rx = None;
+            let mut external = false;
             match plan {
                 Some(Ok(plan)) => {
                     let (wtx, wrx) = mpsc::channel(64);
@@ -224,6 +228,7 @@ impl DeviceTwin {
                     info!(device = %key, "built-in Modbus mapper started");
                 }
                 Some(Err(mapper::PlanError::Protocol { found, .. })) => {
+                    external = true;
                     debug!(device = %key, protocol = ?found, "no built-in mapper; served over MQTT only");
                 }
                 Some(Err(e)) => warn!(device = %key, error = %e, "device cannot be mapped"),
@@ -253,6 +258,7 @@ impl DeviceTwin {
                 rules: Mutex::new(RuleEngine::new(rules)),
                 last_report: Mutex::new(HashMap::new()),
                 writes,
+                external,
             });
             if let Some(erx) = events_rx {
                 let dt = Arc::downgrade(self);
@@ -272,6 +278,10 @@ impl DeviceTwin {
             );
         }
         let Some(s) = served.get_mut(key) else { return };
+        if s.ctx.writes.is_none() && !s.ctx.external {
+            // Not mappable (yet): desired values wait.
+            return;
+        }
         // Desired values not acted on yet.
         let pending: Vec<(String, String)> = twin::pending_desired(obj)
             .into_iter()

@@ -1,0 +1,312 @@
+//! Real-process helpers shared by edgecore's end-to-end tests: a
+//! cloudcore and edgecores on loopback, each its own OS process, and the
+//! real kubectl against them.
+
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::support::kubectl_bin;
+
+pub fn cloudcore_bin() -> PathBuf {
+    let edgecore = PathBuf::from(env!("CARGO_BIN_EXE_edgecore"));
+    let bin = edgecore.with_file_name("cloudcore");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, or `cargo build -p keel-cloud --bin cloudcore` first",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > limit && std::env::var_os("KEEL_E2E_KEEP").is_some() {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// A child process that is killed (SIGKILL) when dropped.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            signal(&c, "-TERM");
+            let start = Instant::now();
+            loop {
+                if let Some(st) = c.try_wait().unwrap() {
+                    assert!(st.success(), "exit status {st}");
+                    return;
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("did not stop within 20 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Edges stop their containers on SIGTERM; then SIGKILL whatever is left.
+        if let Some(c) = &self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if self
+                    .0
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill9();
+    }
+}
+
+pub struct Cloud {
+    pub dir: PathBuf,
+    pub api: String,
+    pub hub: String,
+    pub bootstrap: String,
+    pub proc: Proc,
+}
+
+impl Cloud {
+    pub fn start(
+        dir: &Path,
+        api: Option<String>,
+        hub: Option<String>,
+        bootstrap: Option<String>,
+    ) -> Cloud {
+        let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let hub = hub.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()));
+        let bootstrap = bootstrap.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(cloudcore_bin())
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--api-addr",
+                &api,
+                "--hub-addr",
+                &hub,
+                "--bootstrap-addr",
+                &bootstrap,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Cloud {
+            dir: dir.to_owned(),
+            api,
+            hub,
+            bootstrap,
+            proc: Proc(Some(child)),
+        };
+        wait_for("cloudcore to serve", Duration::from_secs(60), || {
+            c.kubeconfig().exists() && c.k(&["get", "--raw", "/healthz"]).status.success()
+        });
+        c
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    pub fn k(&self, args: &[&str]) -> Output {
+        kubectl(
+            &self.kubeconfig(),
+            &self.dir.with_extension("kube-cache"),
+            args,
+            None,
+        )
+    }
+
+    pub fn token(&self, node: &str) -> String {
+        let o = Command::new(cloudcore_bin())
+            .args(["token", node, "--data-dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    }
+}
+
+pub fn kubectl(kubeconfig: &Path, cache: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(kubectl_bin());
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn ok(o: Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+pub struct Edge {
+    pub dir: PathBuf,
+    pub api: String,
+    /// The event bus (MQTT) address.
+    pub mqtt: String,
+    pub kubeconfig: PathBuf,
+    pub proc: Proc,
+}
+
+impl Edge {
+    pub fn start(
+        dir: &Path,
+        node: &str,
+        cloud: &Cloud,
+        token: Option<String>,
+        api: Option<String>,
+    ) -> Edge {
+        std::fs::create_dir_all(dir).unwrap();
+        let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let mqtt = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("edgecore.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgecore"));
+        cmd.args(["run", "--data-dir"]).arg(dir).args([
+            "--cloud-hub",
+            &cloud.hub,
+            "--cloud-bootstrap",
+            &cloud.bootstrap,
+            "--api-addr",
+            &api,
+            "--mqtt-addr",
+            &mqtt,
+            "--restart-backoff-seconds",
+            "0.2",
+        ]);
+        if let Some(t) = &token {
+            cmd.args(["--token", t]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let kubeconfig = dir.join("edge.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: edge\n  cluster:\n    server: http://{api}\ncontexts:\n- name: edge\n  context:\n    cluster: edge\n    user: edge\nusers:\n- name: edge\n  user: {{}}\ncurrent-context: edge\n"
+            ),
+        )
+        .unwrap();
+        let mut e = Edge {
+            dir: dir.to_owned(),
+            api,
+            mqtt,
+            kubeconfig,
+            proc: Proc(Some(child)),
+        };
+        wait_for("edgecore's API", Duration::from_secs(60), || {
+            assert!(
+                e.proc.alive(),
+                "edgecore {node} exited; see {}",
+                e.dir.join("edgecore.log").display()
+            );
+            e.k(&["get", "--raw", "/healthz"]).status.success()
+        });
+        e
+    }
+
+    pub fn k(&self, args: &[&str]) -> Output {
+        kubectl(&self.kubeconfig, &self.dir.join("kube-cache"), args, None)
+    }
+
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        let o = self.k(&["get", "pod", name, "-o", "json"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+}
