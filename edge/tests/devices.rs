@@ -368,3 +368,85 @@ fn devices_from_kubectl_to_modbus_and_back_through_an_outage() {
         taken - arrived
     );
 }
+
+/// The event bus with the real mosquitto_pub: every QoS 1 message it
+/// acknowledged is in the log when mosquitto_pub exits; garbage closes
+/// only its own connection.
+#[test]
+fn event_bus_acks_only_what_is_recorded() {
+    use std::io::{Read as _, Write as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store =
+        keel_log::Store::open(tmp.path().join("log"), keel_log::StoreOptions::default()).unwrap();
+    let bus = rt.block_on(async {
+        let meta = keel_edge::meta::MetaManager::open(store.clone(), "edge-1").unwrap();
+        let bus = keel_edge::eventbus::EventBus::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        keel_edge::devicetwin::DeviceTwin::start(meta, bus.clone());
+        bus
+    });
+    let addr = bus.addr().to_string();
+
+    // Garbage instead of CONNECT: that connection is closed.
+    let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(&[b"GET / HTTP/1.1\r\n".as_slice(), &[b'x'; 128]].concat())
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        raw.read(&mut buf).unwrap_or(0),
+        0,
+        "garbage must close the connection"
+    );
+
+    let n = 500;
+    let lines: String = (0..n).map(|i| format!("{{\"seq\":{i}}}\n")).collect();
+    let (h, p) = addr.rsplit_once(':').unwrap();
+    let mut child = std::process::Command::new(mosquitto("mosquitto_pub"))
+        .args([
+            "-h",
+            h,
+            "-p",
+            p,
+            "-q",
+            "1",
+            "-t",
+            "$ke/events/device/default/meter/data/update",
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    // mosquitto_pub has every PUBACK: every message is durable in `up`.
+    let head = store.info("edge-1/up").unwrap().head.seq;
+    assert_eq!(head, n, "acknowledged messages in the log");
+    let keel_log::Read::Records(seg) = store
+        .read(
+            "edge-1/up",
+            0,
+            keel_log::ReadLimits {
+                max_records: 1000,
+                max_bytes: 1 << 24,
+            },
+        )
+        .unwrap()
+    else {
+        panic!("not compacted")
+    };
+    for (i, r) in seg.records.iter().enumerate() {
+        assert_eq!(r.kind, keel_log::PayloadKind::Event);
+        assert_eq!(r.key, "devices.devices.kubeedge.io/default/meter");
+        let v: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["payload"]["seq"], i as u64, "in publish order");
+    }
+    drop(rt);
+}

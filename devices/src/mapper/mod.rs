@@ -401,3 +401,167 @@ pub fn cycle(ms: Option<i64>) -> Duration {
         _ => DEFAULT_COLLECT,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A device that can be switched off.
+    #[derive(Debug, Default)]
+    struct Fake {
+        up: bool,
+        value: i64,
+        connects: u32,
+    }
+
+    #[derive(Debug, Clone)]
+    struct FakeDriver(Arc<Mutex<Fake>>, bool);
+
+    impl Driver for FakeDriver {
+        type Access = ();
+        async fn connect(&mut self) -> Result<(), DriverError> {
+            let mut f = self.0.lock().unwrap();
+            if f.up {
+                f.connects += 1;
+                self.1 = true;
+                Ok(())
+            } else {
+                Err(DriverError::Unreachable("refused".into()))
+            }
+        }
+        async fn read(&mut self, _: &PropertyPlan<()>) -> Result<Value, DriverError> {
+            let f = self.0.lock().unwrap();
+            if f.up && self.1 {
+                Ok(Value::Int(f.value))
+            } else {
+                Err(DriverError::Unreachable("gone".into()))
+            }
+        }
+        async fn write(&mut self, _: &PropertyPlan<()>, v: &Value) -> Result<(), DriverError> {
+            let mut f = self.0.lock().unwrap();
+            if !(f.up && self.1) {
+                return Err(DriverError::Unreachable("gone".into()));
+            }
+            f.value = v.as_f64().unwrap() as i64;
+            Ok(())
+        }
+        fn disconnect(&mut self) {
+            self.1 = false;
+        }
+    }
+
+    fn plan() -> DevicePlan<(), ()> {
+        DevicePlan {
+            namespace: "ns".into(),
+            name: "d".into(),
+            connection: (),
+            properties: vec![PropertyPlan {
+                name: "level".into(),
+                data_type: DataType::Int,
+                model: ModelProperty {
+                    access_mode: Some(AccessMode::ReadWrite),
+                    maximum: Some("100".into()),
+                    ..Default::default()
+                },
+                collect: Duration::from_secs(1),
+                access: (),
+            }],
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<MapperEvent>) -> MapperEvent {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queues_writes_while_offline_and_reconnects() {
+        let dev = Arc::new(Mutex::new(Fake::default()));
+        let (etx, mut erx) = mpsc::channel(64);
+        let (wtx, wrx) = mpsc::channel(8);
+        let task = tokio::spawn(run(
+            plan(),
+            FakeDriver(dev.clone(), false),
+            etx,
+            wrx,
+            Backoff::default(),
+        ));
+        assert!(matches!(
+            next(&mut erx).await,
+            MapperEvent::State { online: false, .. }
+        ));
+        let w = |v: &str| WriteCommand {
+            property: "level".into(),
+            value: v.into(),
+            source: WriteSource::Desired,
+        };
+        // Two writes while offline: only the latest is applied.
+        wtx.send(w("5")).await.unwrap();
+        wtx.send(w("7")).await.unwrap();
+        dev.lock().unwrap().up = true;
+        assert!(matches!(
+            next(&mut erx).await,
+            MapperEvent::State { online: true, .. }
+        ));
+        assert!(
+            matches!(next(&mut erx).await, MapperEvent::Written { ref value, .. } if value == "7")
+        );
+        assert!(matches!(
+            next(&mut erx).await,
+            MapperEvent::Reading {
+                value: Value::Int(7),
+                after_write: true,
+                ..
+            }
+        ));
+        assert_eq!(dev.lock().unwrap().value, 7);
+        // Periodic readings.
+        assert!(matches!(
+            next(&mut erx).await,
+            MapperEvent::Reading {
+                after_write: false,
+                ..
+            }
+        ));
+        // Out of bounds: refused, not retried, the device untouched.
+        wtx.send(w("500")).await.unwrap();
+        loop {
+            match next(&mut erx).await {
+                MapperEvent::WriteFailed { error, .. } => {
+                    assert!(error.contains("maximum"), "{error}");
+                    break;
+                }
+                MapperEvent::Reading { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(dev.lock().unwrap().value, 7);
+        // The device goes away and comes back: offline, then online again.
+        dev.lock().unwrap().up = false;
+        loop {
+            match next(&mut erx).await {
+                MapperEvent::State { online: false, .. } => break,
+                MapperEvent::Reading { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        dev.lock().unwrap().up = true;
+        loop {
+            if let MapperEvent::State { online: true, .. } = next(&mut erx).await {
+                break;
+            }
+        }
+        assert_eq!(dev.lock().unwrap().connects, 2);
+        // Closing the write queue stops the mapper.
+        drop(wtx);
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
