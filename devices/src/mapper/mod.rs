@@ -404,7 +404,7 @@ pub fn cycle(ms: Option<i64>) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
     use std::sync::{Arc, Mutex};
 
     use super::*;
