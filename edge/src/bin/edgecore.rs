@@ -55,6 +55,10 @@ enum Command {
         api_addr: Option<SocketAddr>,
         #[arg(long)]
         node_ip: Option<String>,
+        /// The log gRPC API for `keel --edge` (plain HTTP/2, no
+        /// authentication: keep it on loopback); off unless set.
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
         /// First container restart back-off, seconds.
         #[arg(long)]
         restart_backoff_seconds: Option<f64>,
@@ -115,6 +119,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             token,
             api_addr,
             node_ip,
+            grpc_addr,
             restart_backoff_seconds,
         } => {
             let mut cfg = config(&common)?;
@@ -124,6 +129,9 @@ fn real_main(cli: Cli) -> Result<(), String> {
             if node_ip.is_some() {
                 cfg.node_ip = node_ip;
             }
+            if grpc_addr.is_some() {
+                cfg.grpc_addr = grpc_addr;
+            }
             if let Some(v) = restart_backoff_seconds {
                 cfg.restart_backoff_seconds = v;
             }
@@ -131,7 +139,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 cfg,
                 token,
                 |r| {
-                    tracing::info!(node = %r.node, api = %r.api_addr, "edgecore running");
+                    tracing::info!(node = %r.node, api = %r.api_addr, grpc = ?r.grpc_addr, "edgecore running");
                 },
                 keel_cloud::core::shutdown_signal(),
             ))
