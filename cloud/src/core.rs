@@ -310,6 +310,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
             let tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
             let log = LogApi::new(store.clone(), vec![CLUSTER_STREAM.to_owned()]);
             let cluster = ClusterApi::new(registry.clone(), hub.stats_handle(), tokens);
+            let cluster = Some(cluster);
             Some(
                 GrpcServer::bind_tls(a, tls, log, cluster)
                     .await

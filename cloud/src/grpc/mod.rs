@@ -573,14 +573,14 @@ pub struct GrpcServer {
 }
 
 impl GrpcServer {
-    /// Serves `log` and `cluster` on `addr` over TLS (`tls` must require a
-    /// client certificate of the cluster CA); only the admin certificate is
-    /// served.
+    /// Serves `log` and `cluster` (if any) on `addr` over TLS (`tls` must
+    /// require a client certificate of the cluster CA); only the admin
+    /// certificate is served.
     pub async fn bind_tls(
         addr: SocketAddr,
         mut tls: rustls::ServerConfig,
         log: LogApi,
-        cluster: ClusterApi,
+        cluster: Option<ClusterApi>,
     ) -> std::io::Result<GrpcServer> {
         tls.alpn_protocols = vec![ALPN_H2.to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -617,7 +617,9 @@ impl GrpcServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .add_service(LogServiceServer::with_interceptor(log, admin_only))
-            .add_service(ClusterServiceServer::with_interceptor(cluster, admin_only));
+            .add_optional_service(
+                cluster.map(|c| ClusterServiceServer::with_interceptor(c, admin_only)),
+            );
         let task = tokio::spawn(async move {
             let r = router
                 .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), async {
