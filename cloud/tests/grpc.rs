@@ -645,3 +645,54 @@ fn audit_and_replay_across_compaction() {
     assert_eq!(seqs, [4, 5]);
     rt.block_on(srv.shutdown());
 }
+
+/// `keel tail` prints records as they are appended, including those of a
+/// stream created after it started.
+#[test]
+fn tail_follows_appends() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = Store::open(dir.path().join("log"), StoreOptions::default()).unwrap();
+    store.create_stream("s1", Role::Writer, 1).unwrap();
+    let event = |i: u32| Entry::new("n1", "events/default/e", PayloadKind::Event, i.to_string());
+    store.append("s1", vec![event(1)]).unwrap();
+    let srv = rt.block_on(async {
+        let log = keel_cloud::grpc::LogApi::new(store.clone(), vec![]);
+        keel_cloud::grpc::GrpcServer::bind_plain("127.0.0.1:0".parse().unwrap(), log)
+            .await
+            .unwrap()
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["--edge", &srv.local_addr().to_string(), "tail", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    // The header of s1 comes first: the tail starts at its head (seq 1).
+    let h = next();
+    assert_eq!((h["type"].as_str(), h["stream"].as_str()), (Some("stream"), Some("s1")));
+    store.append("s1", vec![event(2), event(3)]).unwrap();
+    let seqs: Vec<u64> = (0..2).map(|_| next()["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3], "only what was appended after the start");
+    store.create_stream("s2", Role::Writer, 1).unwrap();
+    store.append("s2", vec![event(4)]).unwrap();
+    let h = next();
+    assert_eq!((h["type"].as_str(), h["stream"].as_str()), (Some("stream"), Some("s2")));
+    let r = next();
+    assert_eq!((r["stream"].as_str(), r["seq"].as_u64()), (Some("s2"), Some(1)));
+    let _ = child.kill();
+    let _ = child.wait();
+    rt.block_on(srv.shutdown());
+}
