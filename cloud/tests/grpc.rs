@@ -664,7 +664,13 @@ fn tail_follows_appends() {
             .unwrap()
     });
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["--edge", &srv.local_addr().to_string(), "tail", "-o", "json"])
+        .args([
+            "--edge",
+            &srv.local_addr().to_string(),
+            "tail",
+            "-o",
+            "json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -682,16 +688,25 @@ fn tail_follows_appends() {
     let next = || rx.recv_timeout(Duration::from_secs(30)).unwrap();
     // The header of s1 comes first: the tail starts at its head (seq 1).
     let h = next();
-    assert_eq!((h["type"].as_str(), h["stream"].as_str()), (Some("stream"), Some("s1")));
+    assert_eq!(
+        (h["type"].as_str(), h["stream"].as_str()),
+        (Some("stream"), Some("s1"))
+    );
     store.append("s1", vec![event(2), event(3)]).unwrap();
     let seqs: Vec<u64> = (0..2).map(|_| next()["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [2, 3], "only what was appended after the start");
     store.create_stream("s2", Role::Writer, 1).unwrap();
     store.append("s2", vec![event(4)]).unwrap();
     let h = next();
-    assert_eq!((h["type"].as_str(), h["stream"].as_str()), (Some("stream"), Some("s2")));
+    assert_eq!(
+        (h["type"].as_str(), h["stream"].as_str()),
+        (Some("stream"), Some("s2"))
+    );
     let r = next();
-    assert_eq!((r["stream"].as_str(), r["seq"].as_u64()), (Some("s2"), Some(1)));
+    assert_eq!(
+        (r["stream"].as_str(), r["seq"].as_u64()),
+        (Some("s2"), Some(1))
+    );
     let _ = child.kill();
     let _ = child.wait();
     rt.block_on(srv.shutdown());
