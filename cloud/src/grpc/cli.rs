@@ -501,12 +501,14 @@ impl Printer<'_> {
                         } else {
                             String::new()
                         };
+                        let out = &mut *self.out;
                         progress.suspend(|| {
-                            eprintln!(
+                            writeln!(
+                                out,
                                 "# stream {} ({}, epoch {}): head {}, from seq {}{compacted}",
                                 h.stream, h.role, h.epoch, head, h.from_seq
-                            );
-                        });
+                            )
+                        })?;
                     }
                 }
             }
