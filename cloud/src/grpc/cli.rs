@@ -747,7 +747,10 @@ pub async fn audit(
                 if let Value::Array(ops) = parse(&e.patch_json) {
                     for op in ops {
                         let verb = op.get("op").and_then(Value::as_str).unwrap_or("?");
-                        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+                        let path = match op.get("path").and_then(Value::as_str) {
+                            Some("") | None => "(whole object)",
+                            Some(p) => p,
+                        };
                         match op.get("value") {
                             Some(v) => writeln!(out, "    {verb:<7} {path} = {}", short(v, 100))?,
                             None => writeln!(out, "    {verb:<7} {path}")?,
@@ -829,5 +832,66 @@ pub async fn verify(
             "hash chain does not verify: {}",
             bad.join(", ")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn object_keys_in_kubectl_forms() {
+        assert_eq!(
+            object_key("pod/web", "default").unwrap(),
+            "pods/default/web"
+        );
+        assert_eq!(object_key("po/web", "team").unwrap(), "pods/team/web");
+        assert_eq!(
+            object_key("Pod/web", "default").unwrap(),
+            "pods/default/web"
+        );
+        assert_eq!(
+            object_key("node/edge-1", "default").unwrap(),
+            "nodes/edge-1"
+        );
+        assert_eq!(
+            object_key("cm/conf", "default").unwrap(),
+            "configmaps/default/conf"
+        );
+        assert_eq!(
+            object_key("pods/kube-system/x", "default").unwrap(),
+            "pods/kube-system/x"
+        );
+        assert!(object_key("web", "default").is_err());
+        assert!(object_key("pod/", "default").is_err());
+        assert!(object_key("widget/x", "default").is_err());
+    }
+
+    #[test]
+    fn times_and_ages() {
+        assert_eq!(parse_time("1700000000000", 0).unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_time("90s", 100_000).unwrap(), 10_000);
+        assert_eq!(parse_time("2h", 10_000_000).unwrap(), 2_800_000);
+        assert_eq!(parse_time("1d", 0).unwrap(), 0);
+        assert!(parse_time("5x", 0).is_err());
+        assert!(parse_time("h", 0).is_err());
+        assert_eq!(format_millis(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn credentials_from_inline_kubeconfig() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kc");
+        crate::core::write_kubeconfig(&p, "https://127.0.0.1:1", "CA", "CERT", "KEY").unwrap();
+        let c = load_credentials(&p).unwrap();
+        assert_eq!(
+            (c.ca_pem.as_str(), c.cert_pem.as_str(), c.key_pem.as_str()),
+            ("CA", "CERT", "KEY")
+        );
+        std::fs::write(&p, "apiVersion: v1\nclusters: []\n").unwrap();
+        let e = load_credentials(&p).unwrap_err().to_string();
+        assert!(e.contains("no cluster"), "{e}");
     }
 }
