@@ -286,9 +286,13 @@ fn audit_of_a_running_pod_on_cloud_and_edge() {
         !up.is_empty() && up.iter().all(|(who, _)| who == node),
         "{edge}"
     );
+    // The create (its first binding) and the label, by the kubectl user.
     let down = origins(&edge, Some(&format!("{node}/down")));
     assert!(
-        down.iter().any(|(who, _)| who == "user:keel-admin"),
+        down.iter()
+            .filter(|(who, _)| who == "user:keel-admin")
+            .count()
+            >= 2,
         "{edge}"
     );
     assert!(

@@ -621,15 +621,22 @@ impl Registry {
                 inner.node_streams.insert(down.clone());
             }
             let known = inner.bound.get(key).is_some_and(|s| s.contains(&node));
-            // One change carries its author; a whole history sent on first
-            // binding is cloudcore's resend.
+            // The change being written carries its author; the earlier
+            // history resent on first binding is cloudcore's resend.
             let entries: Vec<Entry> = match (&change, known) {
                 (Some(c), true) => vec![Entry::new(origin, key, PayloadKind::Change, c.clone())],
                 _ => inner
                     .objects
                     .changes(key)
                     .into_iter()
-                    .map(|c| Entry::new(ACTOR, key, PayloadKind::Change, c))
+                    .map(|c| {
+                        let by = if change.as_ref() == Some(&c) {
+                            origin
+                        } else {
+                            ACTOR
+                        };
+                        Entry::new(by, key, PayloadKind::Change, c)
+                    })
                     .collect(),
             };
             tickets.push(self.store.append_async(&down, entries).map_err(err)?);
