@@ -81,6 +81,7 @@ fn cloud(dir: &str) {
             hub_addr: "127.0.0.1:0".parse().unwrap(),
             bootstrap_addr: "127.0.0.1:0".parse().unwrap(),
             metrics_addr: None,
+            grpc_addr: None,
             server_names: vec!["127.0.0.1".into()],
         };
         let running = keel_cloud::core::start(&cfg).await.unwrap();

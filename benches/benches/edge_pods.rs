@@ -101,7 +101,7 @@ fn main() {
     let cloud_dir = dir.path().join("cloud");
     let _cloud = Kill(
         Command::new(bin("cloudcore"))
-            .args(["run", "--data-dir"])
+            .args(["run", "--no-grpc", "--data-dir"])
             .arg(&cloud_dir)
             .args([
                 "--api-addr",

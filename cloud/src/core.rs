@@ -14,8 +14,9 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::api::ApiServer;
-use crate::api::registry::Registry;
+use crate::api::registry::{CLUSTER_STREAM, Registry};
 use crate::bootstrap::{BootstrapOptions, BootstrapServer};
+use crate::grpc::{ClusterApi, GrpcServer, LogApi};
 use crate::hub::{CloudHub, HubOptions};
 use crate::pki::{self, ClusterCa};
 use crate::token::TokenStore;
@@ -35,9 +36,17 @@ pub struct Config {
     /// Prometheus metrics (plain HTTP); none if absent.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// The admin gRPC API (TLS, admin certificate only): log replay, tail,
+    /// audit, chain verification, node status, join tokens. `null`: off.
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: Option<SocketAddr>,
     /// Names and addresses the server certificate is valid for.
     #[serde(default = "default_names")]
     pub server_names: Vec<String>,
+}
+
+fn default_grpc_addr() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 10003)))
 }
 
 fn default_names() -> Vec<String> {
@@ -52,6 +61,7 @@ impl Default for Config {
             hub_addr: SocketAddr::from(([127, 0, 0, 1], 10000)),
             bootstrap_addr: SocketAddr::from(([127, 0, 0, 1], 10002)),
             metrics_addr: None,
+            grpc_addr: default_grpc_addr(),
             server_names: default_names(),
         }
     }
@@ -180,12 +190,14 @@ pub struct Running {
     pub hub_addr: SocketAddr,
     pub bootstrap_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
     pub kubeconfig: PathBuf,
     pub registry: Arc<Registry>,
     api: ApiServer,
     hub: CloudHub,
     bootstrap: BootstrapServer,
     metrics: Option<tokio::task::JoinHandle<()>>,
+    grpc: Option<GrpcServer>,
 }
 
 /// The hub's stateless-reset secret, created once (0600) in the data
@@ -266,7 +278,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let bootstrap = BootstrapServer::bind(
         cfg.bootstrap_addr,
         ca.clone(),
-        tokens,
+        tokens.clone(),
         &server,
         BootstrapOptions::default(),
     )
@@ -293,20 +305,37 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         }
         None => (None, None),
     };
+    let grpc = match cfg.grpc_addr {
+        Some(a) => {
+            let tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
+            let log = LogApi::new(store.clone(), vec![CLUSTER_STREAM.to_owned()]);
+            let cluster = ClusterApi::new(registry.clone(), hub.stats_handle(), tokens);
+            let cluster = Some(cluster);
+            Some(
+                GrpcServer::bind_tls(a, tls, log, cluster)
+                    .await
+                    .map_err(io(format!("binding the admin gRPC API on {a}")))?,
+            )
+        }
+        None => None,
+    };
+    let grpc_addr = grpc.as_ref().map(GrpcServer::local_addr);
     let hub_addr = hub.local_addr()?;
     info!(api = %api_addr, hub = %hub_addr, bootstrap = %bootstrap.local_addr(),
-        kubeconfig = %kubeconfig.display(), "cloudcore running");
+        grpc = ?grpc_addr, kubeconfig = %kubeconfig.display(), "cloudcore running");
     Ok(Running {
         api_addr,
         hub_addr,
         bootstrap_addr: bootstrap.local_addr(),
         metrics_addr,
+        grpc_addr,
         kubeconfig,
         registry,
         api,
         hub,
         bootstrap,
         metrics,
+        grpc,
     })
 }
 
@@ -314,6 +343,9 @@ impl Running {
     /// Stops accepting, closes every connection, and returns.
     pub async fn shutdown(self) {
         self.api.shutdown();
+        if let Some(g) = self.grpc {
+            g.shutdown().await;
+        }
         if let Some(m) = self.metrics {
             m.abort();
         }
@@ -434,6 +466,12 @@ pub async fn run(
         running.kubeconfig.display(),
         running.kubeconfig.display()
     );
+    if let Some(g) = running.grpc_addr {
+        println!(
+            "  admin gRPC: {g}\n  try:        keel --kubeconfig {} --server {g} nodes",
+            running.kubeconfig.display()
+        );
+    }
     stop.await;
     warn!("shutting down");
     running.shutdown().await;

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use keel_log::{Role, Store};
 use keel_sync::link::{LinkConfig, Side, down_stream, up_stream};
@@ -129,7 +129,19 @@ struct HubState {
     current: Mutex<BTreeMap<String, usize>>,
     /// Node → seq of its down stream it last acknowledged.
     acked: Mutex<BTreeMap<String, u64>>,
+    /// Node → when the hub last heard from it (connect, records, acks,
+    /// disconnect); in memory only, as liveness is not logged.
+    seen: Mutex<BTreeMap<String, SystemTime>>,
     stats: HubStats,
+}
+
+impl HubState {
+    fn saw(&self, node: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.to_owned(), SystemTime::now());
+    }
 }
 
 /// Passes link events on to the hub's sink, noting acks per node.
@@ -137,18 +149,23 @@ struct Tracking(Arc<HubState>);
 
 impl Sink for Tracking {
     fn persisted(&self, node: &str, stream: &str, records: &[keel_log::Record]) {
+        self.0.saw(node);
         self.0.sink.persisted(node, stream, records);
     }
     fn snapshot_installed(&self, node: &str, stream: &str) {
+        self.0.saw(node);
         self.0.sink.snapshot_installed(node, stream);
     }
     fn connected(&self, node: &str) {
+        self.0.saw(node);
         self.0.sink.connected(node);
     }
     fn disconnected(&self, node: &str) {
+        self.0.saw(node);
         self.0.sink.disconnected(node);
     }
     fn acked(&self, node: &str, stream: &str, cursor: keel_log::Cursor) {
+        self.0.saw(node);
         self.0
             .acked
             .lock()
@@ -191,6 +208,22 @@ impl HubHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Node → when the hub last heard from it since cloudcore started; a
+    /// connected node counts as seen now (QUIC keep-alives hold it open).
+    pub fn last_seen(&self) -> BTreeMap<String, SystemTime> {
+        let mut seen = self
+            .0
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let now = SystemTime::now();
+        for node in self.connected() {
+            seen.insert(node, now);
+        }
+        seen
     }
 }
 
@@ -250,6 +283,7 @@ impl CloudHub {
             opts,
             current: Mutex::new(BTreeMap::new()),
             acked: Mutex::new(BTreeMap::new()),
+            seen: Mutex::new(BTreeMap::new()),
             stats: HubStats::default(),
         });
         let ep = endpoint.clone();

@@ -11,6 +11,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod core;
 pub mod error;
+pub mod grpc;
 pub mod hub;
 pub mod pki;
 pub mod token;

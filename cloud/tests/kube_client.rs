@@ -52,7 +52,7 @@ fn port(udp: bool) -> u16 {
 fn start() -> Cloud {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
-        .args(["run", "--data-dir"])
+        .args(["run", "--no-grpc", "--data-dir"])
         .arg(dir.path())
         .args(["--api-addr", "127.0.0.1:0"])
         .args(["--hub-addr", &format!("127.0.0.1:{}", port(true))])

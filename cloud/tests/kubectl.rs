@@ -62,7 +62,7 @@ impl Cluster {
         let bootstrap = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
-            .args(["run", "--data-dir"])
+            .args(["run", "--no-grpc", "--data-dir"])
             .arg(dir.path())
             .args([
                 "--api-addr",
@@ -672,7 +672,7 @@ fn restart_keeps_objects_and_resource_versions() {
             .unwrap()
     };
     c.child = Command::new(env!("CARGO_BIN_EXE_cloudcore"))
-        .args(["run", "--data-dir"])
+        .args(["run", "--no-grpc", "--data-dir"])
         .arg(c.dir.path())
         .args([
             "--api-addr",

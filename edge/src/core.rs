@@ -46,6 +46,11 @@ pub struct Config {
     /// default: the local address that reaches the cloud.
     #[serde(default)]
     pub node_ip: Option<String>,
+    /// The log gRPC API (replay, tail, audit, chain verification for the
+    /// `keel` CLI's `--edge`): plain HTTP/2 with no authentication, so keep
+    /// it on loopback. Off unless set.
+    #[serde(default)]
+    pub grpc_addr: Option<SocketAddr>,
     /// First container restart back-off in seconds (doubles up to 300).
     #[serde(default = "default_backoff")]
     pub restart_backoff_seconds: f64,
@@ -72,6 +77,7 @@ impl Default for Config {
             server_name: None,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 10550)),
             node_ip: None,
+            grpc_addr: None,
             restart_backoff_seconds: default_backoff(),
             mqtt_addr: default_mqtt(),
         }
@@ -297,6 +303,8 @@ pub struct Running {
     pub node: String,
     pub api_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// The log gRPC API, if served.
+    pub grpc_addr: Option<SocketAddr>,
     pub meta: Arc<MetaManager>,
 }
 
@@ -352,6 +360,21 @@ pub async fn run(
         )
         .await
         .map_err(|e| Error::io(format!("edge API on {}", cfg.api_addr), e))?;
+        let grpc = match cfg.grpc_addr {
+            Some(a) => {
+                let streams = vec![
+                    keel_sync::link::down_stream(&node),
+                    keel_sync::link::up_stream(&node),
+                ];
+                let log = keel_cloud::grpc::LogApi::new(store.clone(), streams);
+                Some(
+                    keel_cloud::grpc::GrpcServer::bind_plain(a, log)
+                        .await
+                        .map_err(|e| Error::io(format!("edge log gRPC API on {a}"), e))?,
+                )
+            }
+            None => None,
+        };
         let reporter = tokio::spawn(crate::node::report(
             meta.clone(),
             node_ip,
@@ -365,6 +388,7 @@ pub async fn run(
             node: node.clone(),
             api_addr: api.local_addr(),
             mqtt_addr: bus.addr(),
+            grpc_addr: grpc.as_ref().map(keel_cloud::grpc::GrpcServer::local_addr),
             meta: meta.clone(),
         };
         started(&running);
@@ -381,6 +405,9 @@ pub async fn run(
         compactor.abort();
         api.shutdown();
         drop(devicetwin);
+        if let Some(g) = grpc {
+            g.shutdown().await;
+        }
         edged.shutdown().await;
         r
     }

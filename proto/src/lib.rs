@@ -3,6 +3,11 @@
 //! This crate holds generated types and constants only; conversions to the
 //! internal log and CRDT types live at the boundary in `keel-log::wire` and
 //! `keel-sync`.
+//!
+//! With the `grpc` feature it also holds the admin services of
+//! `keel/v1/admin.proto` (`LogService`, `ClusterService`) with tonic
+//! client and server code; crates that only speak the sync protocol leave
+//! it off and do not link tonic.
 
 #![allow(missing_debug_implementations)]
 

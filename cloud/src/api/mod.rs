@@ -116,6 +116,7 @@ impl ApiServer {
             registry: Some(registry),
             logs: None,
             addr: addr.to_string(),
+            origin: registry::ACTOR.to_owned(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
             let (acceptor, server) = (acceptor.clone(), server.clone());
@@ -141,6 +142,11 @@ impl ApiServer {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .is_some_and(|c| crate::pki::is_admin_cert(c));
+                // The connection's writes are recorded as the admin user's.
+                let server = Arc::new(Server {
+                    origin: registry::user_origin(crate::pki::ADMIN_COMMON_NAME),
+                    ..(*server).clone()
+                });
                 serve_http(tls, server, admin).await;
             }
             .instrument(info_span!("api", %peer))
@@ -165,6 +171,7 @@ impl ApiServer {
             registry: None,
             logs,
             addr: addr.to_string(),
+            origin: String::new(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
             serve_http(tcp, server.clone(), true).instrument(info_span!("edge_api", %peer))
@@ -272,11 +279,14 @@ where
     }
 }
 
+#[derive(Clone)]
 struct Server {
     reader: Arc<dyn ReadObjects>,
     registry: Option<Arc<Registry>>,
     logs: Option<Arc<dyn PodLogs>>,
     addr: String,
+    /// Who this connection's writes are recorded as (the records' origin).
+    origin: String,
 }
 
 /// What a URL names.
@@ -735,7 +745,7 @@ impl Server {
                 let n = name.clone();
                 let gone = self
                     .writer()?
-                    .write(&key, move |old| {
+                    .write_as(&self.origin, &key, move |old| {
                         if old.is_none() {
                             return Err(Status::not_found(rt, &n));
                         }
@@ -961,7 +971,7 @@ impl Server {
         let key = rt.key(t.namespace.as_deref(), &name);
         let created = self
             .writer()?
-            .write(&key, move |old| {
+            .write_as(&self.origin, &key, move |old| {
                 if old.is_some() {
                     return Err(Status::already_exists(rt, &name));
                 }
@@ -991,7 +1001,7 @@ impl Server {
         let key = t.rt.key(t.namespace.as_deref(), name);
         let out = self
             .writer()?
-            .write(&key, |old| {
+            .write_as(&self.origin, &key, |old| {
                 let old = old.ok_or_else(|| Status::not_found(t.rt, name))?;
                 merged_update(t.rt, name, old, obj, sub == Some("status"))
             })
@@ -1067,7 +1077,7 @@ impl Server {
         }
         let out = self
             .writer()?
-            .write(&key, |old| {
+            .write_as(&self.origin, &key, |old| {
                 let old = old.ok_or_else(|| Status::not_found(rt, name))?;
                 let mut new = old.clone();
                 match content_type {

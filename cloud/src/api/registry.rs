@@ -29,7 +29,16 @@ use super::status::Status;
 
 /// The cloud's own stream of every object change.
 pub const CLUSTER_STREAM: &str = "cluster";
-const ACTOR: &str = "cloudcore";
+/// Origin of the changes cloudcore makes itself (scheduling, node
+/// lifecycle, corrections, history resent on binding). A node's changes
+/// carry the node name; an API user's `user:<name>`.
+pub const ACTOR: &str = "cloudcore";
+
+/// The origin recorded for changes an API user makes: `user:<name>`
+/// (node names never hold a `:`).
+pub fn user_origin(user: &str) -> String {
+    format!("user:{user}")
+}
 
 use super::watch::WatchHub;
 pub use super::watch::{EventKind, WatchEvent, WatchStart};
@@ -462,7 +471,18 @@ impl Registry {
         key: &str,
         f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
     ) -> Result<Option<Value>, Status> {
-        let (out, done) = self.prepare(key, f)?;
+        self.write_as(ACTOR, key, f).await
+    }
+
+    /// [`Self::write`] on behalf of `origin`, which the records carry (an
+    /// API user is `user:<name>`, see [`user_origin`]).
+    pub async fn write_as(
+        &self,
+        origin: &str,
+        key: &str,
+        f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
+    ) -> Result<Option<Value>, Status> {
+        let (out, done) = self.prepare(origin, key, f)?;
         if let Some(done) = done {
             match done.await {
                 Ok(Ok(())) => {}
@@ -480,12 +500,13 @@ impl Registry {
         key: &str,
         f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
     ) -> Result<Option<Value>, Status> {
-        self.prepare(key, f).map(|(v, _)| v)
+        self.prepare(ACTOR, key, f).map(|(v, _)| v)
     }
 
     #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
+        origin: &str,
         key: &str,
         f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
     ) -> Result<(Option<Value>, Option<oneshot::Receiver<Result<(), String>>>), Status> {
@@ -518,7 +539,7 @@ impl Registry {
                     self.store
                         .append_async(
                             CLUSTER_STREAM,
-                            vec![Entry::new(ACTOR, key, PayloadKind::Change, change.clone())],
+                            vec![Entry::new(origin, key, PayloadKind::Change, change.clone())],
                         )
                         .map_err(err)?,
                 );
@@ -533,7 +554,7 @@ impl Registry {
                         rv: seq,
                     },
                 );
-                tickets.extend(self.send_down(&mut inner, key, &obj, Some(change))?);
+                tickets.extend(self.send_down(&mut inner, origin, key, &obj, Some(change))?);
                 let kind = if old.is_some() {
                     EventKind::Modified
                 } else {
@@ -550,7 +571,7 @@ impl Registry {
                     self.store
                         .append_async(
                             CLUSTER_STREAM,
-                            vec![Entry::new(ACTOR, key, PayloadKind::Tombstone, Vec::new())],
+                            vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
                         )
                         .map_err(err)?,
                 );
@@ -563,7 +584,7 @@ impl Registry {
                                 .append_async(
                                     &down,
                                     vec![Entry::new(
-                                        ACTOR,
+                                        origin,
                                         key,
                                         PayloadKind::Tombstone,
                                         Vec::new(),
@@ -598,6 +619,7 @@ impl Registry {
     fn send_down(
         &self,
         inner: &mut Inner,
+        origin: &str,
         key: &str,
         obj: &Value,
         change: Option<Vec<u8>>,
@@ -618,14 +640,24 @@ impl Registry {
                 inner.node_streams.insert(down.clone());
             }
             let known = inner.bound.get(key).is_some_and(|s| s.contains(&node));
-            let payloads = match (&change, known) {
-                (Some(c), true) => vec![c.clone()],
-                _ => inner.objects.changes(key),
+            // The change being written carries its author; the earlier
+            // history resent on first binding is cloudcore's resend.
+            let entries: Vec<Entry> = match (&change, known) {
+                (Some(c), true) => vec![Entry::new(origin, key, PayloadKind::Change, c.clone())],
+                _ => inner
+                    .objects
+                    .changes(key)
+                    .into_iter()
+                    .map(|c| {
+                        let by = if change.as_ref() == Some(&c) {
+                            origin
+                        } else {
+                            ACTOR
+                        };
+                        Entry::new(by, key, PayloadKind::Change, c)
+                    })
+                    .collect(),
             };
-            let entries: Vec<Entry> = payloads
-                .into_iter()
-                .map(|c| Entry::new(ACTOR, key, PayloadKind::Change, c))
-                .collect();
             tickets.push(self.store.append_async(&down, entries).map_err(err)?);
             inner
                 .bound
@@ -793,7 +825,7 @@ impl Registry {
                 )
                 .map_err(err)?,
         ];
-        tickets.extend(self.send_down(inner, key, fixed, Some(change))?);
+        tickets.extend(self.send_down(inner, ACTOR, key, fixed, Some(change))?);
         Ok(Some(tickets))
     }
 

@@ -24,7 +24,8 @@ enum Command {
     /// Run cloudcore until SIGINT/SIGTERM.
     Run {
         /// YAML config file (camelCase keys: dataDir, apiAddr, hubAddr,
-        /// bootstrapAddr, metricsAddr, serverNames); flags override it.
+        /// bootstrapAddr, metricsAddr, grpcAddr, serverNames); flags
+        /// override it.
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -37,6 +38,12 @@ enum Command {
         bootstrap_addr: Option<SocketAddr>,
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
+        /// The admin gRPC API (used by the `keel` CLI); default 127.0.0.1:10003.
+        #[arg(long, conflicts_with = "no_grpc")]
+        grpc_addr: Option<SocketAddr>,
+        /// Do not serve the admin gRPC API.
+        #[arg(long)]
+        no_grpc: bool,
     },
     /// Issue a single-use join token bound to one node name.
     Token {
@@ -86,6 +93,8 @@ fn real_main(cli: Cli) -> Result<(), String> {
             hub_addr,
             bootstrap_addr,
             metrics_addr,
+            grpc_addr,
+            no_grpc,
         } => {
             let mut cfg = match config {
                 Some(p) => {
@@ -110,6 +119,12 @@ fn real_main(cli: Cli) -> Result<(), String> {
             }
             if metrics_addr.is_some() {
                 cfg.metrics_addr = metrics_addr;
+            }
+            if grpc_addr.is_some() {
+                cfg.grpc_addr = grpc_addr;
+            }
+            if no_grpc {
+                cfg.grpc_addr = None;
             }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
             rt.block_on(core::run(cfg, core::shutdown_signal()))

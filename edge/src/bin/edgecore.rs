@@ -59,6 +59,10 @@ enum Command {
         /// loopback).
         #[arg(long)]
         mqtt_addr: Option<SocketAddr>,
+        /// The log gRPC API for `keel --edge` (plain HTTP/2, no
+        /// authentication: keep it on loopback); off unless set.
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
         /// First container restart back-off, seconds.
         #[arg(long)]
         restart_backoff_seconds: Option<f64>,
@@ -120,6 +124,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             api_addr,
             node_ip,
             mqtt_addr,
+            grpc_addr,
             restart_backoff_seconds,
         } => {
             let mut cfg = config(&common)?;
@@ -132,6 +137,9 @@ fn real_main(cli: Cli) -> Result<(), String> {
             if let Some(v) = mqtt_addr {
                 cfg.mqtt_addr = v;
             }
+            if grpc_addr.is_some() {
+                cfg.grpc_addr = grpc_addr;
+            }
             if let Some(v) = restart_backoff_seconds {
                 cfg.restart_backoff_seconds = v;
             }
@@ -139,7 +147,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 cfg,
                 token,
                 |r| {
-                    tracing::info!(node = %r.node, api = %r.api_addr, mqtt = %r.mqtt_addr, "edgecore running");
+                    tracing::info!(node = %r.node, api = %r.api_addr, mqtt = %r.mqtt_addr, grpc = ?r.grpc_addr, "edgecore running");
                 },
                 keel_cloud::core::shutdown_signal(),
             ))

@@ -144,7 +144,7 @@ impl Cloud {
             .open(dir.with_extension("log"))
             .unwrap();
         let child = Command::new(cloudcore_bin())
-            .args(["run", "--data-dir"])
+            .args(["run", "--no-grpc", "--data-dir"])
             .arg(dir)
             .args([
                 "--api-addr",
