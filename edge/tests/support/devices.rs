@@ -137,7 +137,9 @@ pub struct ModbusDevice {
 
 impl ModbusDevice {
     pub fn start(port: u16, counter_ms: u32) -> ModbusDevice {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/modbus_device.py");
+        // Carried in the binary, so tests and benches find it alike.
+        let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("keel_modbus_device.py");
+        std::fs::write(&script, include_str!("modbus_device.py")).unwrap();
         let mut child = Command::new(pymodbus_python())
             .arg(script)
             .args([port.to_string(), "1".into(), counter_ms.to_string()])
