@@ -11,7 +11,7 @@
 //!   value through the kube client on the cloud → the release cloudcore →
 //!   the release edgecore → the Modbus register written on a pymodbus
 //!   server (read back by the mapper) → reported value seen by a watch on
-//!   the cloud; p50/p99 over `KEEL_TWIN_ROUNDS` (default 60) patches.
+//!   the cloud; p50/p99 over `KEEL_TWIN_ROUNDS` (default 200) patches.
 //!
 //! `cargo build --release --bins && cargo bench -p keel-benches --bench devices`
 
@@ -27,8 +27,7 @@
 mod peers;
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,51 +39,7 @@ use keel_edge::meta::MetaManager;
 use kube::api::{Api, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/release")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --release --bins` first",
-        p.display()
-    );
-    p
-}
-
-fn port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if self.0.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use keel_benches::port;
 
 fn ingest(n: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -149,60 +104,8 @@ fn ingest(n: usize) {
 fn round_trip(rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut modbus = peers::ModbusDevice::start(port(false), 1000);
-    let (hub, boot) = (
-        format!("127.0.0.1:{}", port(true)),
-        format!("127.0.0.1:{}", port(false)),
-    );
-    let cloud_dir = dir.path().join("cloud");
-    let _cloud = Kill(
-        Command::new(bin("cloudcore"))
-            .args(["run", "--no-grpc", "--data-dir"])
-            .arg(&cloud_dir)
-            .args([
-                "--api-addr",
-                "127.0.0.1:0",
-                "--hub-addr",
-                &hub,
-                "--bootstrap-addr",
-                &boot,
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let kubeconfig = cloud_dir.join("admin.kubeconfig");
-    let start = Instant::now();
-    while !kubeconfig.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let token = Command::new(bin("cloudcore"))
-        .args(["token", "edge-1", "--data-dir"])
-        .arg(&cloud_dir)
-        .output()
-        .unwrap();
-    assert!(token.status.success());
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let _edge = Kill(
-        Command::new(bin("edgecore"))
-            .args(["run", "--data-dir"])
-            .arg(dir.path().join("edge-1"))
-            .args([
-                "--cloud-hub",
-                &hub,
-                "--cloud-bootstrap",
-                &boot,
-                "--api-addr",
-                &format!("127.0.0.1:{}", port(false)),
-                "--mqtt-addr",
-                "127.0.0.1:0",
-                "--token",
-                &token,
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let cluster = keel_benches::Cluster::start(dir.path());
+    let kubeconfig = cluster.kubeconfig.clone();
     let docs: Vec<serde_json::Value> = serde_yaml_docs(
         &include_str!("../../examples/devices/thermostat.yaml")
             .replace("port: 5020", &format!("port: {}", modbus.port)),
@@ -331,5 +234,5 @@ fn main() {
         return;
     }
     ingest(env("KEEL_MQTT_MESSAGES", 20_000).max(100));
-    round_trip(env("KEEL_TWIN_ROUNDS", 60).max(10));
+    round_trip(env("KEEL_TWIN_ROUNDS", 200).max(10));
 }

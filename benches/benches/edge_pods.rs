@@ -20,8 +20,6 @@
 )]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,62 +28,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/release")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --release --bins` first",
-        p.display()
-    );
-    p
-}
-
-fn port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if self.0.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use keel_benches::rss_kib;
 
 fn main() {
     let n: usize = std::env::var("KEEL_EDGE_PODS")
@@ -94,61 +37,9 @@ fn main() {
         .unwrap_or(120)
         .max(20);
     let dir = tempfile::tempdir().unwrap();
-    let (hub, boot) = (
-        format!("127.0.0.1:{}", port(true)),
-        format!("127.0.0.1:{}", port(false)),
-    );
-    let cloud_dir = dir.path().join("cloud");
-    let _cloud = Kill(
-        Command::new(bin("cloudcore"))
-            .args(["run", "--no-grpc", "--data-dir"])
-            .arg(&cloud_dir)
-            .args([
-                "--api-addr",
-                "127.0.0.1:0",
-                "--hub-addr",
-                &hub,
-                "--bootstrap-addr",
-                &boot,
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let kubeconfig = cloud_dir.join("admin.kubeconfig");
-    let start = Instant::now();
-    while !kubeconfig.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let token = Command::new(bin("cloudcore"))
-        .args(["token", "edge-1", "--data-dir"])
-        .arg(&cloud_dir)
-        .output()
-        .unwrap();
-    assert!(token.status.success());
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let edge = Kill(
-        Command::new(bin("edgecore"))
-            .args(["run", "--data-dir"])
-            .arg(dir.path().join("edge-1"))
-            .args([
-                "--cloud-hub",
-                &hub,
-                "--cloud-bootstrap",
-                &boot,
-                "--api-addr",
-                &format!("127.0.0.1:{}", port(false)),
-                "--mqtt-addr",
-                "127.0.0.1:0",
-                "--token",
-                &token,
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let edge_pid = edge.0.id();
+    let cluster = keel_benches::Cluster::start(dir.path());
+    let kubeconfig = cluster.kubeconfig.clone();
+    let edge_pid = cluster.edge.0.id();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -232,5 +123,6 @@ fn main() {
             rss_kib(edge_pid) as f64 / 1024.0
         );
     });
-    drop(edge);
+    // edgecore stops (its pods with it) before cloudcore.
+    drop(cluster);
 }
