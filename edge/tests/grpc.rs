@@ -14,16 +14,18 @@
     clippy::panic
 )]
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "../../cloud/tests/support/kubectl.rs"]
 mod support;
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
+use cluster::{Proc, free_port, free_udp_port, kubectl, ok, wait_for};
 use serde_json::Value;
-use support::kubectl_bin;
 
 fn sibling(name: &str) -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_edgecore")).with_file_name(name);
@@ -33,53 +35,6 @@ fn sibling(name: &str) -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(15) {
-            if self.0.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
@@ -104,16 +59,6 @@ fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn ok(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 struct Cluster {
     dir: PathBuf,
     grpc: String,
@@ -125,13 +70,15 @@ impl Cluster {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut cmd = Command::new(kubectl_bin());
-        cmd.arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .arg("--cache-dir")
-            .arg(self.dir.join("kube-cache"))
-            .args(args);
-        ok(run(&mut cmd, stdin), &format!("kubectl {args:?}"))
+        ok(
+            kubectl(
+                &self.kubeconfig(),
+                &self.dir.join("kube-cache"),
+                args,
+                stdin,
+            ),
+            &format!("kubectl {args:?}"),
+        )
     }
 
     fn keel(&self, args: &[&str]) -> Output {
@@ -189,7 +136,7 @@ fn audit_of_a_running_pod_on_cloud_and_edge() {
     };
     let hub = format!("127.0.0.1:{}", free_udp_port());
     let bootstrap = format!("127.0.0.1:{}", free_port());
-    let _cloud = Proc(
+    let _cloud = Proc(Some(
         Command::new(sibling("cloudcore"))
             .args(["run", "--data-dir"])
             .arg(&c.dir)
@@ -199,26 +146,27 @@ fn audit_of_a_running_pod_on_cloud_and_edge() {
             .stderr(std::fs::File::create(tmp.path().join("cloudcore.log")).unwrap())
             .spawn()
             .unwrap(),
-    );
-    wait_for("cloudcore's admin API", || {
+    ));
+    wait_for("cloudcore's admin API", Duration::from_secs(60), || {
         c.kubeconfig().exists() && c.keel(&["verify"]).status.success()
     });
     let token = ok(c.keel(&["token", "create", node]), "keel token create");
     let edge_dir = tmp.path().join(node);
     let edge_grpc = format!("127.0.0.1:{}", free_port());
-    let _edge = Proc(
+    let _edge = Proc(Some(
         Command::new(env!("CARGO_BIN_EXE_edgecore"))
             .args(["run", "--data-dir"])
             .arg(&edge_dir)
             .args(["--cloud-hub", &hub, "--cloud-bootstrap", &bootstrap])
             .args(["--api-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--grpc-addr", &edge_grpc, "--token", token.trim()])
+            .args(["--mqtt-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(tmp.path().join("edgecore.log")).unwrap())
             .spawn()
             .unwrap(),
-    );
-    wait_for("the node connected", || {
+    ));
+    wait_for("the node connected", Duration::from_secs(60), || {
         let n = c.keel_json(&["nodes"]);
         n["nodes"]
             .as_array()
@@ -230,11 +178,16 @@ fn audit_of_a_running_pod_on_cloud_and_edge() {
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: busybox\n    command: [\"/bin/sh\", \"-c\", \"exec sleep 3600\"]\n"
     );
     c.kubectl(&["apply", "-f", "-"], Some(&pod));
-    wait_for("the pod Running in the cloud", || {
-        let p: Value =
-            serde_json::from_str(&c.kubectl(&["get", "pod", "web", "-o", "json"], None)).unwrap();
-        p["status"]["phase"] == "Running"
-    });
+    wait_for(
+        "the pod Running in the cloud",
+        Duration::from_secs(60),
+        || {
+            let p: Value =
+                serde_json::from_str(&c.kubectl(&["get", "pod", "web", "-o", "json"], None))
+                    .unwrap();
+            p["status"]["phase"] == "Running"
+        },
+    );
     c.kubectl(&["label", "pod", "web", "tier=front"], None);
 
     // The cloud's audit: kubectl's create and label as the admin user, the
@@ -272,7 +225,7 @@ fn audit_of_a_running_pod_on_cloud_and_edge() {
 
     // The edge's audit, from its own log: what it was sent on down, what
     // it reported on up.
-    wait_for("the label on the edge", || {
+    wait_for("the label on the edge", Duration::from_secs(60), || {
         let o = keel_edge(&edge_grpc, &["audit", "pod/web", "-o", "json"]);
         o.status.success()
             && serde_json::from_slice::<Value>(&o.stdout).unwrap()["object"]["metadata"]["labels"]["tier"]
