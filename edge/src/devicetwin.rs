@@ -332,17 +332,6 @@ impl DeviceTwin {
         lock(&self.served).get(key).map(|s| s.ctx.clone())
     }
 
-    /// Forgets that `property`'s desired value was handed on (a failed
-    /// write is retried when the desired value changes).
-    fn sent_done(&self, key: &str, property: &str, ok: bool) {
-        if ok {
-            return;
-        }
-        if let Some(s) = lock(&self.served).get_mut(key) {
-            s.sent.remove(property);
-        }
-    }
-
     /// Runs the rules on a reading; writes go to the built-in mapper, or as
     /// a delta to mappers outside edgecore.
     fn run_rules(&self, ctx: &DeviceCtx, property: &str, value: &Value) {
@@ -669,7 +658,6 @@ async fn consume(
                         set_twin_error(o, &property, &error);
                     });
                 }
-                dt.sent_done(&ctx.key, &property, true);
             }
             MapperEvent::State { online, reason } => {
                 let state = if online { "online" } else { "offline" };

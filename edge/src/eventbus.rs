@@ -293,14 +293,17 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
         });
         // PUBACKs, in order, each once its message is durable.
         let ack_out = tx.clone();
+        let unrecorded = Arc::new(Notify::new());
+        let unrecorded_tx = unrecorded.clone();
         let acker = tokio::spawn(async move {
             while let Some((pkid, durable)) = acks_rx.recv().await {
                 if let Some(d) = durable
                     && !d.await
                 {
-                    // Not durable: no ack, and the client will resend
-                    // after reconnecting.
+                    // Not durable: no ack, and the connection closes so
+                    // the client resends after reconnecting.
                     warn!(pkid, "a published message could not be recorded; not acknowledged");
+                    unrecorded_tx.notify_one();
                     return;
                 }
                 if ack_out
@@ -323,6 +326,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
                 let next = read_packet(&mut rd, &mut buf);
                 let packet = tokio::select! {
                     _ = closing.notified() => return Err(Close::TakenOver),
+                    _ = unrecorded.notified() => return Err(Close::Refused("a message could not be recorded")),
                     p = async {
                         match keep_alive {
                             Some(k) => tokio::time::timeout(k, next).await.map_err(|_| Close::KeepAlive)?,
