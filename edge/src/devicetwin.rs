@@ -332,6 +332,30 @@ impl DeviceTwin {
         lock(&self.served).get(key).map(|s| s.ctx.clone())
     }
 
+    /// Hands every desired value of the device to its mapper again.
+    fn reapply_desired(&self, ctx: &DeviceCtx) {
+        let (Some(w), Some(obj)) = (&ctx.writes, self.meta.object(&ctx.key)) else {
+            return;
+        };
+        let Some(props) = obj.pointer("/spec/properties").and_then(Json::as_array) else {
+            return;
+        };
+        for p in props {
+            let (Some(property), Some(value)) = (
+                p.get("name").and_then(Json::as_str),
+                p.pointer("/desired/value").and_then(Json::as_str),
+            ) else {
+                continue;
+            };
+            debug!(device = %ctx.key, %property, %value, "desired value re-applied after reconnect");
+            let _ = w.try_send(WriteCommand {
+                property: property.to_owned(),
+                value: value.to_owned(),
+                source: WriteSource::Desired,
+            });
+        }
+    }
+
     /// Runs the rules on a reading; writes go to the built-in mapper, or as
     /// a delta to mappers outside edgecore.
     fn run_rules(&self, ctx: &DeviceCtx, property: &str, value: &Value) {
@@ -616,6 +640,9 @@ async fn consume(
     ctx: Arc<DeviceCtx>,
     mut events: mpsc::Receiver<MapperEvent>,
 ) {
+    // A device that comes back may have lost what it was told (a power
+    // cycle): desired values are written again on every reconnect.
+    let mut was_online = false;
     while let Some(ev) = events.recv().await {
         let Some(dt) = dt.upgrade() else { return };
         match ev {
@@ -667,6 +694,10 @@ async fn consume(
                 });
                 let msg = json!({"event_id": "", "timestamp": twin::now_ms(), "state": state, "reason": reason});
                 dt.bus.publish(&ctx.topic("state/update"), msg.to_string());
+                if online && was_online {
+                    dt.reapply_desired(&ctx);
+                }
+                was_online |= online;
             }
         }
     }
