@@ -454,24 +454,15 @@ mod metrics {
     }
 }
 
-/// Runs cloudcore until `stop` resolves.
+/// Runs cloudcore until `stop` resolves; `started` is called once
+/// everything listens.
 pub async fn run(
     cfg: Config,
+    started: impl FnOnce(&Running),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoreError> {
     let running = start(&cfg).await?;
-    println!(
-        "cloudcore is running.\n  API:        https://{}\n  kubeconfig: {}\n  try:        kubectl --kubeconfig {} get nodes",
-        running.api_addr,
-        running.kubeconfig.display(),
-        running.kubeconfig.display()
-    );
-    if let Some(g) = running.grpc_addr {
-        println!(
-            "  admin gRPC: {g}\n  try:        keel --kubeconfig {} --server {g} nodes",
-            running.kubeconfig.display()
-        );
-    }
+    started(&running);
     stop.await;
     warn!("shutting down");
     running.shutdown().await;

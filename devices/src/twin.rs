@@ -270,8 +270,9 @@ pub struct Rule {
     pub value: String,
 }
 
-/// Why a Device's rules annotation is unusable.
+/// Why a Device's rules annotation is unusable (until it changes).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RuleError {
     #[error("annotation {RULES_ANNOTATION}: {0}")]
     Syntax(String),

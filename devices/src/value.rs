@@ -13,8 +13,10 @@ pub enum Value {
     Text(String),
 }
 
-/// Why a value is not acceptable for a property.
+/// Why a value is not acceptable for a property (never retryable: the
+/// value has to change).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ValueError {
     #[error("{value:?} is not a valid {ty:?}")]
     Parse { value: String, ty: DataType },

@@ -127,8 +127,24 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 cfg.grpc_addr = None;
             }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
-            rt.block_on(core::run(cfg, core::shutdown_signal()))
+            rt.block_on(core::run(cfg, started, core::shutdown_signal()))
                 .map_err(|e| e.to_string())
         }
+    }
+}
+
+/// Tells the operator where cloudcore listens and how to reach it.
+fn started(r: &core::Running) {
+    println!(
+        "cloudcore is running.\n  API:        https://{}\n  kubeconfig: {}\n  try:        kubectl --kubeconfig {} get nodes",
+        r.api_addr,
+        r.kubeconfig.display(),
+        r.kubeconfig.display()
+    );
+    if let Some(g) = r.grpc_addr {
+        println!(
+            "  admin gRPC: {g}\n  try:        keel --kubeconfig {} --server {g} nodes",
+            r.kubeconfig.display()
+        );
     }
 }

@@ -51,8 +51,10 @@ pub struct DevicePlan<C, A> {
     pub properties: Vec<PropertyPlan<A>>,
 }
 
-/// Why a device plan could not be made from a Device and its model.
+/// Why a device plan could not be made from a Device and its model (not
+/// retryable until the Device or its model changes).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PlanError {
     #[error("device has no model (spec.deviceModelRef.name)")]
     NoModel,
@@ -67,8 +69,10 @@ pub enum PlanError {
     Property { property: String, message: String },
 }
 
-/// A protocol driver error.
+/// A protocol driver error. Only [`DriverError::Unreachable`] is retried
+/// (by reconnecting); the others are answers.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DriverError {
     /// The device cannot be reached (connect, I/O, timeout): reconnect.
     #[error("device unreachable: {0}")]
