@@ -26,8 +26,6 @@
 #[path = "../../edge/tests/support/devices.rs"]
 mod peers;
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,28 +61,11 @@ fn ingest(n: usize) {
     for run in 1..=3 {
         let before = store.info("edge-1/up").map(|i| i.head.seq).unwrap_or(0);
         let t = Instant::now();
-        let mut child = Command::new(peers::mosquitto("mosquitto_pub"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &bus.addr().port().to_string(),
-                "-q",
-                "1",
-                "-t",
-                "$ke/events/device/default/meter/data/update",
-                "-l",
-            ])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success());
+        peers::mqtt_pub_lines(
+            &bus.addr().to_string(),
+            "$ke/events/device/default/meter/data/update",
+            &input,
+        );
         let secs = t.elapsed().as_secs_f64();
         let after = store.info("edge-1/up").unwrap().head.seq;
         assert_eq!(

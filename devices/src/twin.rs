@@ -55,6 +55,35 @@ fn twin_mut<'a>(twins: &'a mut Vec<Json>, property: &str) -> Option<&'a mut Json
     twins.get_mut(i)
 }
 
+/// Sets `field` (`reported` or `observedDesired`) of `property`'s twin to
+/// `{value, metadata}`. False if that field already holds `value`.
+fn set_twin_value(
+    obj: &mut Json,
+    property: &str,
+    field: &str,
+    value: &str,
+    metadata: Json,
+) -> bool {
+    let Some(t) = twins_mut(obj).and_then(|twins| twin_mut(twins, property)) else {
+        return false;
+    };
+    if t.get(field)
+        .and_then(|f| f.get("value"))
+        .and_then(Json::as_str)
+        == Some(value)
+    {
+        return false;
+    }
+    let Some(m) = t.as_object_mut() else {
+        return false;
+    };
+    m.insert(
+        field.to_owned(),
+        json!({"value": value, "metadata": metadata}),
+    );
+    true
+}
+
 /// Sets the reported value of `property` in a Device's JSON. Returns false
 /// if the value is already the reported one (nothing to record).
 pub fn set_reported(
@@ -64,42 +93,14 @@ pub fn set_reported(
     type_name: &str,
     at_ms: i64,
 ) -> bool {
-    let Some(twins) = twins_mut(obj) else {
-        return false;
-    };
-    let Some(t) = twin_mut(twins, property) else {
-        return false;
-    };
-    if t.pointer("/reported/value").and_then(Json::as_str) == Some(value) {
-        return false;
-    }
-    if let Some(m) = t.as_object_mut() {
-        m.insert(
-            "reported".to_owned(),
-            json!({"value": value, "metadata": {"timestamp": at_ms.to_string(), "type": type_name}}),
-        );
-    }
-    true
+    let meta = json!({"timestamp": at_ms.to_string(), "type": type_name});
+    set_twin_value(obj, property, "reported", value, meta)
 }
 
 /// Records that the edge has acted on the desired `value` of `property`.
 pub fn set_observed_desired(obj: &mut Json, property: &str, value: &str, at_ms: i64) -> bool {
-    let Some(twins) = twins_mut(obj) else {
-        return false;
-    };
-    let Some(t) = twin_mut(twins, property) else {
-        return false;
-    };
-    if t.pointer("/observedDesired/value").and_then(Json::as_str) == Some(value) {
-        return false;
-    }
-    if let Some(m) = t.as_object_mut() {
-        m.insert(
-            "observedDesired".to_owned(),
-            json!({"value": value, "metadata": {"timestamp": at_ms.to_string()}}),
-        );
-    }
-    true
+    let meta = json!({"timestamp": at_ms.to_string()});
+    set_twin_value(obj, property, "observedDesired", value, meta)
 }
 
 /// Sets `status.state` (and `lastOnlineTime` when online).
@@ -126,34 +127,39 @@ pub fn set_state(obj: &mut Json, state: &str, now_rfc3339: &str) -> bool {
     true
 }
 
-/// Desired values the edge has not acted on yet: `(property, value)` where
-/// `spec.properties[].desired.value` differs from the twin's
-/// `observedDesired`.
+/// Every desired value of a Device's JSON: `(property, value)` from
+/// `spec.properties[].desired.value`.
+pub fn desired(obj: &Json) -> Vec<(String, String)> {
+    obj.pointer("/spec/properties")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.get("name")?.as_str()?.to_owned(),
+                p.pointer("/desired/value")?.as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Desired values the edge has not acted on yet: those of [`desired`]
+/// that differ from the twin's `observedDesired`.
 pub fn pending_desired(obj: &Json) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let Some(props) = obj.pointer("/spec/properties").and_then(Json::as_array) else {
-        return out;
-    };
     let twins = obj.pointer("/status/twins").and_then(Json::as_array);
-    for p in props {
-        let (Some(name), Some(desired)) = (
-            p.get("name").and_then(Json::as_str),
-            p.pointer("/desired/value").and_then(Json::as_str),
-        ) else {
-            continue;
-        };
-        let observed = twins
+    let observed = |name: &str| {
+        twins
             .and_then(|ts| {
                 ts.iter()
                     .find(|t| t.get("propertyName").and_then(Json::as_str) == Some(name))
             })
             .and_then(|t| t.pointer("/observedDesired/value"))
-            .and_then(Json::as_str);
-        if observed != Some(desired) {
-            out.push((name.to_owned(), desired.to_owned()));
-        }
-    }
-    out
+            .and_then(Json::as_str)
+    };
+    desired(obj)
+        .into_iter()
+        .filter(|(name, value)| observed(name) != Some(value.as_str()))
+        .collect()
 }
 
 /// A twin value in KubeEdge's MQTT messages.
@@ -314,14 +320,6 @@ impl RuleEngine {
     pub fn new(rules: Vec<Rule>) -> RuleEngine {
         let last = vec![None; rules.len()];
         RuleEngine { rules, last }
-    }
-
-    /// Replaces the rules, keeping the state of rules that did not change.
-    pub fn replace(&mut self, rules: Vec<Rule>) {
-        if rules == self.rules {
-            return;
-        }
-        *self = RuleEngine::new(rules);
     }
 
     /// The writes that a reading of `property` triggers.

@@ -166,12 +166,7 @@ impl DeviceTwin {
     }
 
     fn serve(self: &Arc<Self>, key: &str, obj: &Json, device: &Device) {
-        let ns = device
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned());
-        let name = device.metadata.name.clone().unwrap_or_default();
+        let (ns, _) = ns_name(device);
         let model: Option<DeviceModel> = device.model_name().and_then(|m| {
             self.meta
                 .object(&format!("{MODEL_PREFIX}{ns}/{m}"))
@@ -195,87 +190,8 @@ impl DeviceTwin {
         let restart = served.get(key).is_none_or(|s| s.fingerprint != fingerprint);
         if restart {
             served.remove(key);
-            let mut types = HashMap::new();
-            if let Some(m) = &model {
-                for p in &m.spec.properties {
-                    if let Some(t) = p.data_type {
-                        types.insert(p.name.clone(), t);
-                    }
-                }
-            }
-            let rules = match twin::rules(obj) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(device = %key, error = %e, "local rules ignored");
-                    Vec::new()
-                }
-            };
-            let mut tasks = Vec::new();
-            let mut writes = None;
-            let mut events_rx = None;
-            let mut external = false;
-            match plan {
-                Some(Ok(plan)) => {
-                    let (wtx, wrx) = mpsc::channel(64);
-                    let (etx, erx) = mpsc::channel(1024);
-                    let driver = modbus::ModbusDriver::new(plan.connection.clone());
-                    let span = info_span!("mapper", device = %key, protocol = modbus::PROTOCOL);
-                    tasks.push(tokio::spawn(
-                        mapper::run(plan, driver, etx, wrx, self.backoff).instrument(span),
-                    ));
-                    writes = Some(wtx);
-                    events_rx = Some(erx);
-                    info!(device = %key, "built-in Modbus mapper started");
-                }
-                Some(Err(mapper::PlanError::Protocol { found, .. })) => {
-                    external = true;
-                    debug!(device = %key, protocol = ?found, "no built-in mapper; served over MQTT only");
-                }
-                Some(Err(e)) => warn!(device = %key, error = %e, "device cannot be mapped"),
-                None => warn!(device = %key, "device model not on this node (yet)"),
-            }
-            let ctx = Arc::new(DeviceCtx {
-                key: key.to_owned(),
-                ns: ns.clone(),
-                name: name.clone(),
-                types,
-                report_cycle: device
-                    .spec
-                    .properties
-                    .iter()
-                    .filter_map(|p| {
-                        p.report_cycle
-                            .filter(|c| *c > 0)
-                            .map(|c| (p.name.clone(), Duration::from_millis(c.unsigned_abs())))
-                    })
-                    .collect(),
-                report_to_cloud: device
-                    .spec
-                    .properties
-                    .iter()
-                    .map(|p| (p.name.clone(), p.report_to_cloud.unwrap_or(true)))
-                    .collect(),
-                rules: Mutex::new(RuleEngine::new(rules)),
-                last_report: Mutex::new(HashMap::new()),
-                writes,
-                external,
-            });
-            if let Some(erx) = events_rx {
-                let dt = Arc::downgrade(self);
-                let c = ctx.clone();
-                tasks.push(tokio::spawn(async move {
-                    consume(dt, c, erx).await;
-                }));
-            }
-            served.insert(
-                key.to_owned(),
-                Served {
-                    fingerprint,
-                    ctx,
-                    tasks,
-                    sent: HashMap::new(),
-                },
-            );
+            let started = self.start_device(key, obj, device, model.as_ref(), plan, fingerprint);
+            served.insert(key.to_owned(), started);
         }
         let Some(s) = served.get_mut(key) else { return };
         if s.ctx.writes.is_none() && !s.ctx.external {
@@ -295,11 +211,7 @@ impl DeviceTwin {
             s.sent.insert(p.clone(), v.clone());
         }
         drop(served);
-        let mut delta = TwinMessage {
-            event_id: String::new(),
-            timestamp: twin::now_ms(),
-            ..twin::twin_message(obj)
-        };
+        let mut delta = twin::twin_message(obj);
         delta.delta = Some(pending.iter().cloned().collect());
         if let Ok(bytes) = serde_json::to_vec(&delta) {
             self.bus.publish(&ctx.topic("twin/update/delta"), bytes);
@@ -328,6 +240,100 @@ impl DeviceTwin {
         }
     }
 
+    /// Starts serving a device: its built-in mapper (if its protocol has
+    /// one) and the task taking the mapper's events.
+    fn start_device(
+        self: &Arc<Self>,
+        key: &str,
+        obj: &Json,
+        device: &Device,
+        model: Option<&DeviceModel>,
+        plan: Option<
+            Result<mapper::DevicePlan<modbus::Connection, modbus::Access>, mapper::PlanError>,
+        >,
+        fingerprint: String,
+    ) -> Served {
+        let mut types = HashMap::new();
+        if let Some(m) = &model {
+            for p in &m.spec.properties {
+                if let Some(t) = p.data_type {
+                    types.insert(p.name.clone(), t);
+                }
+            }
+        }
+        let rules = match twin::rules(obj) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(device = %key, error = %e, "local rules ignored");
+                Vec::new()
+            }
+        };
+        let (ns, name) = ns_name(device);
+        let mut tasks = Vec::new();
+        let mut writes = None;
+        let mut events_rx = None;
+        let mut external = false;
+        match plan {
+            Some(Ok(plan)) => {
+                let (wtx, wrx) = mpsc::channel(64);
+                let (etx, erx) = mpsc::channel(1024);
+                let driver = modbus::ModbusDriver::new(plan.connection.clone());
+                let span = info_span!("mapper", device = %key, protocol = modbus::PROTOCOL);
+                tasks.push(tokio::spawn(
+                    mapper::run(plan, driver, etx, wrx, self.backoff).instrument(span),
+                ));
+                writes = Some(wtx);
+                events_rx = Some(erx);
+                info!(device = %key, "built-in Modbus mapper started");
+            }
+            Some(Err(mapper::PlanError::Protocol { found, .. })) => {
+                external = true;
+                debug!(device = %key, protocol = ?found, "no built-in mapper; served over MQTT only");
+            }
+            Some(Err(e)) => warn!(device = %key, error = %e, "device cannot be mapped"),
+            None => warn!(device = %key, "device model not on this node (yet)"),
+        }
+        let ctx = Arc::new(DeviceCtx {
+            key: key.to_owned(),
+            ns,
+            name,
+            types,
+            report_cycle: device
+                .spec
+                .properties
+                .iter()
+                .filter_map(|p| {
+                    p.report_cycle
+                        .filter(|c| *c > 0)
+                        .map(|c| (p.name.clone(), Duration::from_millis(c.unsigned_abs())))
+                })
+                .collect(),
+            report_to_cloud: device
+                .spec
+                .properties
+                .iter()
+                .map(|p| (p.name.clone(), p.report_to_cloud.unwrap_or(true)))
+                .collect(),
+            rules: Mutex::new(RuleEngine::new(rules)),
+            last_report: Mutex::new(HashMap::new()),
+            writes,
+            external,
+        });
+        if let Some(erx) = events_rx {
+            let dt = Arc::downgrade(self);
+            let c = ctx.clone();
+            tasks.push(tokio::spawn(async move {
+                consume(dt, c, erx).await;
+            }));
+        }
+        Served {
+            fingerprint,
+            ctx,
+            tasks,
+            sent: HashMap::new(),
+        }
+    }
+
     fn ctx(&self, key: &str) -> Option<Arc<DeviceCtx>> {
         lock(&self.served).get(key).map(|s| s.ctx.clone())
     }
@@ -337,20 +343,11 @@ impl DeviceTwin {
         let (Some(w), Some(obj)) = (&ctx.writes, self.meta.object(&ctx.key)) else {
             return;
         };
-        let Some(props) = obj.pointer("/spec/properties").and_then(Json::as_array) else {
-            return;
-        };
-        for p in props {
-            let (Some(property), Some(value)) = (
-                p.get("name").and_then(Json::as_str),
-                p.pointer("/desired/value").and_then(Json::as_str),
-            ) else {
-                continue;
-            };
+        for (property, value) in twin::desired(&obj) {
             debug!(device = %ctx.key, %property, %value, "desired value re-applied after reconnect");
             let _ = w.try_send(WriteCommand {
-                property: property.to_owned(),
-                value: value.to_owned(),
+                property,
+                value,
                 source: WriteSource::Desired,
             });
         }
@@ -492,8 +489,7 @@ impl DeviceTwin {
                     }
                 };
                 let ctx = self.ctx(&key);
-                let types: HashMap<String, DataType> =
-                    ctx.as_ref().map(|c| c.types.clone()).unwrap_or_default();
+                let model_type = |p: &str| ctx.as_ref().and_then(|c| c.types.get(p).copied());
                 let at = if msg.timestamp > 0 {
                     msg.timestamp
                 } else {
@@ -510,7 +506,7 @@ impl DeviceTwin {
                             .and_then(|m| m.get("type"))
                             .and_then(Json::as_str)
                             .map(str::to_owned)
-                            .or_else(|| types.get(p).map(|t| type_name(*t).to_owned()))
+                            .or_else(|| model_type(p).map(|t| type_name(t).to_owned()))
                             .unwrap_or_else(|| "string".to_owned());
                         Some((p.clone(), v, ty))
                     })
@@ -535,11 +531,11 @@ impl DeviceTwin {
                         return Some(Box::pin(async { false }));
                     }
                 };
-                if let Some(ctx) = ctx {
+                if let Some(ctx) = &ctx {
                     for (p, v, _) in &actual {
-                        let ty = types.get(p).copied().unwrap_or(DataType::String);
+                        let ty = model_type(p).unwrap_or(DataType::String);
                         if let Ok(val) = Value::parse(v, ty) {
-                            self.run_rules(&ctx, p, &val);
+                            self.run_rules(ctx, p, &val);
                         }
                     }
                 }
@@ -701,6 +697,18 @@ async fn consume(
             }
         }
     }
+}
+
+/// A device's namespace (default `default`) and name.
+fn ns_name(device: &Device) -> (String, String) {
+    (
+        device
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        device.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 fn set_twin_error(obj: &mut Json, property: &str, error: &str) {

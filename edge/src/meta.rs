@@ -181,7 +181,7 @@ impl MetaManager {
     /// exist (any more) or nothing changed. The record becomes durable
     /// shortly after; watchers see the change then.
     pub fn update(&self, key: &str, f: impl FnOnce(&mut Value)) -> Result<bool> {
-        Ok(self.update_inner(key, f, None)?.is_some())
+        self.update_inner(key, f, None)
     }
 
     /// [`Self::update`], returning a receiver told once the change is
@@ -193,22 +193,22 @@ impl MetaManager {
         f: impl FnOnce(&mut Value),
     ) -> Result<Option<oneshot::Receiver<bool>>> {
         let (tx, rx) = oneshot::channel();
-        Ok(self.update_inner(key, f, Some(tx))?.map(|()| rx))
+        Ok(self.update_inner(key, f, Some(tx))?.then_some(rx))
     }
 
     /// Appends an opaque event record (telemetry, an MQTT upload) about
     /// `key` to `up`; the ticket completes once it is durable. Events are
     /// replicated to the cloud like every record but fold into no object.
     pub fn record_event(&self, key: &str, payload: Vec<u8>) -> Result<Ticket<Cursor>> {
+        self.append_up(key, PayloadKind::Event, payload)
+    }
+
+    /// Appends one record of this node about `key` to `up`.
+    fn append_up(&self, key: &str, kind: PayloadKind, payload: Vec<u8>) -> Result<Ticket<Cursor>> {
         self.store
             .append_async(
                 &up_stream(&self.node),
-                vec![Entry::new(
-                    self.node.as_str(),
-                    key,
-                    PayloadKind::Event,
-                    payload,
-                )],
+                vec![Entry::new(self.node.as_str(), key, kind, payload)],
             )
             .map_err(log_err)
     }
@@ -218,15 +218,15 @@ impl MetaManager {
         key: &str,
         f: impl FnOnce(&mut Value),
         done: Option<oneshot::Sender<bool>>,
-    ) -> Result<Option<()>> {
+    ) -> Result<bool> {
         let mut inner = lock(&self.inner);
         let Some(mut obj) = inner.objects.get_json(key) else {
-            return Ok(None);
+            return Ok(false);
         };
         let before = obj.clone();
         f(&mut obj);
         if obj == before {
-            return Ok(None);
+            return Ok(false);
         }
         let change = inner
             .objects
@@ -236,20 +236,9 @@ impl MetaManager {
                 message: e.to_string(),
             })?;
         let Some(change) = change else {
-            return Ok(None);
+            return Ok(false);
         };
-        let ticket = self
-            .store
-            .append_async(
-                &up_stream(&self.node),
-                vec![Entry::new(
-                    self.node.as_str(),
-                    key,
-                    PayloadKind::Change,
-                    change,
-                )],
-            )
-            .map_err(log_err)?;
+        let ticket = self.append_up(key, PayloadKind::Change, change)?;
         let events = refresh(&mut inner, [key]);
         let _ = self.commits.send(Commit {
             ticket: Some(ticket),
@@ -258,7 +247,7 @@ impl MetaManager {
         });
         // No wake-up: what the edge itself writes (status) changes nothing
         // Edged or the node reporter act on.
-        Ok(Some(()))
+        Ok(true)
     }
 
     /// Records durable in the node's `down` stream: fold them in.

@@ -49,6 +49,18 @@ fn reported(d: &Value, prop: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// `kubectl patch` of the thermostat's desired setpoint (its third
+/// property).
+fn patch_setpoint(cloud: &Cloud, value: &str) {
+    let patch = format!(
+        r#"[{{"op": "replace", "path": "/spec/properties/2/desired/value", "value": "{value}"}}]"#
+    );
+    ok(
+        cloud.k(&["patch", "device", "thermostat", "--type=json", "-p", &patch]),
+        "patch desired",
+    );
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -184,17 +196,7 @@ fn devices_from_kubectl_to_modbus_and_back_through_an_outage() {
         &edge.mqtt,
         "$ke/events/device/default/thermostat/data/update",
     );
-    ok(
-        cloud.k(&[
-            "patch",
-            "device",
-            "thermostat",
-            "--type=json",
-            "-p",
-            r#"[{"op": "replace", "path": "/spec/properties/2/desired/value", "value": "25"}]"#,
-        ]),
-        "patch desired",
-    );
+    patch_setpoint(&cloud, "25");
     wait_for(
         "setpoint 25 in the register",
         Duration::from_secs(30),
@@ -235,17 +237,7 @@ fn devices_from_kubectl_to_modbus_and_back_through_an_outage() {
 
     // A desired value beyond the model's maximum is refused with a reason
     // kubectl shows; the register keeps its value.
-    ok(
-        cloud.k(&[
-            "patch",
-            "device",
-            "thermostat",
-            "--type=json",
-            "-p",
-            r#"[{"op": "replace", "path": "/spec/properties/2/desired/value", "value": "99"}]"#,
-        ]),
-        "patch desired",
-    );
+    patch_setpoint(&cloud, "99");
     wait_for("the refusal on the cloud", Duration::from_secs(30), || {
         let d = device(&cloud, "thermostat");
         let t = twin(&d, "setpoint").unwrap();
@@ -434,29 +426,7 @@ fn event_bus_acks_only_what_is_recorded() {
 
     let n = 500;
     let lines: String = (0..n).map(|i| format!("{{\"seq\":{i}}}\n")).collect();
-    let (h, p) = addr.rsplit_once(':').unwrap();
-    let mut child = std::process::Command::new(mosquitto("mosquitto_pub"))
-        .args([
-            "-h",
-            h,
-            "-p",
-            p,
-            "-q",
-            "1",
-            "-t",
-            "$ke/events/device/default/meter/data/update",
-            "-l",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    mqtt_pub_lines(&addr, "$ke/events/device/default/meter/data/update", &lines);
     // mosquitto_pub has every PUBACK: every message is durable in `up`.
     let head = store.info("edge-1/up").unwrap().head.seq;
     assert_eq!(head, n, "acknowledged messages in the log");

@@ -19,12 +19,11 @@ mod cluster;
 #[path = "../../cloud/tests/support/kubectl.rs"]
 mod support;
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use cluster::{Proc, free_port, free_udp_port, kubectl, ok, wait_for};
+use cluster::{Proc, free_port, free_udp_port, kubectl, ok, run, wait_for};
 use serde_json::Value;
 
 fn sibling(name: &str) -> PathBuf {
@@ -35,28 +34,6 @@ fn sibling(name: &str) -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
-    let mut child = cmd
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    child.wait_with_output().unwrap()
 }
 
 struct Cluster {

@@ -591,19 +591,9 @@ pub async fn replay(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut p = Printer {
-        format,
-        out,
-        records: 0,
-        header_done: false,
-    };
-    let mut pos = BTreeMap::new();
-    while let Some(item) = s.message().await.map_err(rpc)? {
-        p.item(item, &bar, &mut pos)?;
-    }
+    let n = print_items(&mut s, format, out, &bar, false).await?;
     bar.finish_and_clear();
-    p.out.flush()?;
-    Ok(p.records)
+    Ok(n)
 }
 
 /// `keel tail`: runs until the server ends the stream (or the process is
@@ -623,7 +613,18 @@ pub async fn tail(
         .await
         .map_err(rpc)?
         .into_inner();
-    let bar = indicatif::ProgressBar::hidden();
+    print_items(&mut s, format, out, &indicatif::ProgressBar::hidden(), true).await
+}
+
+/// Prints a replay or tail stream to its end; `flush_each` writes each
+/// message out as it arrives (tail). Returns the number of records.
+async fn print_items(
+    s: &mut tonic::Streaming<ReplayItem>,
+    format: Format,
+    out: &mut dyn Write,
+    bar: &indicatif::ProgressBar,
+    flush_each: bool,
+) -> Result<u64, CliError> {
     let mut p = Printer {
         format,
         out,
@@ -632,9 +633,12 @@ pub async fn tail(
     };
     let mut pos = BTreeMap::new();
     while let Some(item) = s.message().await.map_err(rpc)? {
-        p.item(item, &bar, &mut pos)?;
-        p.out.flush()?;
+        p.item(item, bar, &mut pos)?;
+        if flush_each {
+            p.out.flush()?;
+        }
     }
+    p.out.flush()?;
     Ok(p.records)
 }
 

@@ -201,15 +201,23 @@ pub fn kubectl(kubeconfig: &Path, cache: &Path, args: &[&str], stdin: Option<&st
         .arg(kubeconfig)
         .arg("--cache-dir")
         .arg(cache)
-        .args(args)
+        .args(args);
+    run(&mut cmd, stdin)
+}
+
+/// Runs `cmd` to the end with `stdin` (if any) as its input, capturing
+/// its output.
+pub fn run(cmd: &mut Command, stdin: Option<&str>) -> Output {
+    let mut child = cmd
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     if let Some(text) = stdin {
         child
             .stdin

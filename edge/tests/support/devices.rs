@@ -73,6 +73,24 @@ pub fn mqtt_pub(addr: &str, topic: &str, payload: &str) {
     );
 }
 
+/// Publishes every line of `lines` as one message with `mosquitto_pub -l`
+/// at QoS 1: it returns once the broker acknowledged them all.
+pub fn mqtt_pub_lines(addr: &str, topic: &str, lines: &str) {
+    let (h, p) = host_port(addr);
+    let mut child = Command::new(mosquitto("mosquitto_pub"))
+        .args(["-h", &h, "-p", &p, "-q", "1", "-t", topic, "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "mosquitto_pub -l failed");
+}
+
 /// A mosquitto_sub running in the background, printing `topic payload`
 /// lines.
 pub struct MqttSub {
