@@ -8,17 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use keel_log::{Cursor, Record, Store, StoreOptions};
-use keel_sync::quic::Sink;
+use keel_log::{Store, StoreOptions};
 use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::api::ApiServer;
 use crate::api::registry::{CLUSTER_STREAM, Registry};
+use crate::attach::{Attached, KubernetesConfig};
 use crate::bootstrap::{BootstrapOptions, BootstrapServer};
 use crate::grpc::{ClusterApi, GrpcServer, LogApi};
 use crate::hub::{CloudHub, HubOptions};
 use crate::pki::{self, ClusterCa};
+use crate::plane::{ControlPlane, Embedded, PlaneSink};
 use crate::token::TokenStore;
 
 /// cloudcore's settings (YAML file, then flags).
@@ -43,6 +44,11 @@ pub struct Config {
     /// Names and addresses the server certificate is valid for.
     #[serde(default = "default_names")]
     pub server_names: Vec<String>,
+    /// Attached mode: the Kubernetes cluster that owns desired state
+    /// (cloudcore then serves no Kubernetes API of its own). Absent: the
+    /// embedded control plane.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 fn default_grpc_addr() -> Option<SocketAddr> {
@@ -63,6 +69,7 @@ impl Default for Config {
             metrics_addr: None,
             grpc_addr: default_grpc_addr(),
             server_names: default_names(),
+            kubernetes: None,
         }
     }
 }
@@ -76,6 +83,8 @@ pub enum CoreError {
     Log(#[from] keel_log::Error),
     #[error("registry: {0}")]
     Registry(#[from] crate::api::status::Status),
+    #[error("{0}")]
+    Attach(#[from] crate::attach::AttachError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -86,28 +95,6 @@ pub enum CoreError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CoreError {
     let what = what.into();
     move |source| CoreError::Io { what, source }
-}
-
-/// Hub events into the registry.
-struct RegistrySink(Arc<Registry>);
-
-impl Sink for RegistrySink {
-    fn persisted(&self, node: &str, stream: &str, records: &[Record]) {
-        if stream.ends_with("/up") {
-            self.0.apply_from_node(node, records);
-        }
-    }
-    fn snapshot_installed(&self, node: &str, stream: &str) {
-        info!(%node, %stream, "a node's stream was replaced by a snapshot");
-    }
-    fn connected(&self, node: &str) {
-        self.0.node_ready(node, true);
-        crate::api::scheduler::place_pending(&self.0);
-    }
-    fn disconnected(&self, node: &str) {
-        self.0.node_ready(node, false);
-    }
-    fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
 }
 
 /// Writes a kubeconfig for the admin certificate at `path`.
@@ -186,14 +173,19 @@ pub fn create_token(data_dir: &Path, node: &str, ttl: Duration) -> Result<String
 /// A running cloudcore.
 #[derive(Debug)]
 pub struct Running {
-    pub api_addr: SocketAddr,
+    /// The embedded Kubernetes API (none when attached to a cluster).
+    pub api_addr: Option<SocketAddr>,
     pub hub_addr: SocketAddr,
     pub bootstrap_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
     pub kubeconfig: PathBuf,
     pub registry: Arc<Registry>,
-    api: ApiServer,
+    /// The attached cluster's bridge, in attached mode.
+    pub attached: Option<Arc<Attached>>,
+    /// The edge-autonomy admission webhook, in attached mode.
+    pub webhook_addr: Option<SocketAddr>,
+    api: Option<ApiServer>,
     hub: CloudHub,
     bootstrap: BootstrapServer,
     metrics: Option<tokio::task::JoinHandle<()>>,
@@ -260,16 +252,30 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
     let registry = Registry::open(store.clone())?;
 
-    let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
-    let api = ApiServer::bind(cfg.api_addr, api_tls, registry.clone())
-        .await
-        .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
+    // The control plane: the embedded one, or the attached cluster.
+    let (plane, attached, api): (Arc<dyn ControlPlane>, _, _) = match &cfg.kubernetes {
+        Some(k) => {
+            let a = Attached::connect(k.clone(), registry.clone()).await?;
+            (a.clone(), Some(a), None)
+        }
+        None => {
+            let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
+            let api = ApiServer::bind(cfg.api_addr, api_tls, registry.clone())
+                .await
+                .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
+            (Arc::new(Embedded(registry.clone())), None, Some(api))
+        }
+    };
+    let webhook_addr = match &attached {
+        Some(a) => a.start(&ca, &server).await?,
+        None => None,
+    };
     let hub_tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
     let hub = CloudHub::bind(
         cfg.hub_addr,
         hub_tls,
         store.clone(),
-        Arc::new(RegistrySink(registry.clone())),
+        Arc::new(PlaneSink(plane)),
         HubOptions {
             reset_secret: Some(reset_secret(&cfg.data_dir)?),
             ..HubOptions::default()
@@ -286,10 +292,12 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
 
     let admin = ca.admin_cert()?;
     let kubeconfig = kubeconfig_path(&cfg.data_dir);
-    let api_addr = api.local_addr();
+    let api_addr = api.as_ref().map(ApiServer::local_addr);
+    // In attached mode nothing serves this address: the kubeconfig then
+    // carries keel's admin credentials for the `keel` CLI only.
     write_kubeconfig(
         &kubeconfig,
-        &format!("https://{api_addr}"),
+        &format!("https://{}", api_addr.unwrap_or(cfg.api_addr)),
         ca.cert_pem(),
         &admin.cert_pem,
         &admin.key_pem,
@@ -321,7 +329,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     };
     let grpc_addr = grpc.as_ref().map(GrpcServer::local_addr);
     let hub_addr = hub.local_addr()?;
-    info!(api = %api_addr, hub = %hub_addr, bootstrap = %bootstrap.local_addr(),
+    info!(api = ?api_addr, hub = %hub_addr, bootstrap = %bootstrap.local_addr(),
         grpc = ?grpc_addr, kubeconfig = %kubeconfig.display(), "cloudcore running");
     Ok(Running {
         api_addr,
@@ -331,6 +339,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         grpc_addr,
         kubeconfig,
         registry,
+        attached,
+        webhook_addr,
         api,
         hub,
         bootstrap,
@@ -342,7 +352,12 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
 impl Running {
     /// Stops accepting, closes every connection, and returns.
     pub async fn shutdown(self) {
-        self.api.shutdown();
+        if let Some(api) = &self.api {
+            api.shutdown();
+        }
+        if let Some(a) = &self.attached {
+            a.shutdown();
+        }
         if let Some(g) = self.grpc {
             g.shutdown().await;
         }

@@ -8,12 +8,14 @@
 //! ([`bootstrap`]). Errors are one enum, [`Error`].
 
 pub mod api;
+pub mod attach;
 pub mod bootstrap;
 pub mod core;
 pub mod error;
 pub mod grpc;
 pub mod hub;
 pub mod pki;
+pub mod plane;
 pub mod token;
 
 pub use error::{Error, Result, TokenError};

@@ -134,8 +134,9 @@ fn refs(key: &str, obj: &Value) -> Vec<(&'static str, String)> {
     }
 }
 
-/// Configmap and secret names a pod uses.
-fn pod_refs(pod: &Value) -> Vec<(&'static str, String)> {
+/// Configmap and secret names a pod uses (volumes, projected volumes,
+/// environment).
+pub fn pod_refs(pod: &Value) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     let spec = pod.get("spec").unwrap_or(&Value::Null);
     for v in spec
@@ -149,6 +150,19 @@ fn pod_refs(pod: &Value) -> Vec<(&'static str, String)> {
         }
         if let Some(n) = str_at(v, &["secret", "secretName"]) {
             out.push(("secrets", n.to_owned()));
+        }
+        for src in v
+            .pointer("/projected/sources")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(n) = str_at(src, &["configMap", "name"]) {
+                out.push(("configmaps", n.to_owned()));
+            }
+            if let Some(n) = str_at(src, &["secret", "name"]) {
+                out.push(("secrets", n.to_owned()));
+            }
         }
     }
     for list in ["containers", "initContainers"] {
@@ -302,6 +316,7 @@ impl Registry {
         });
         tokio::spawn(publish(Arc::downgrade(&reg), rx));
         reg.rebind()?;
+        reg.refold_up()?;
         for ns in ["default", "kube-system", "kube-node-lease"] {
             let key = format!("namespaces/{ns}");
             if !lock(&reg.inner).view.contains_key(&key) {
@@ -696,7 +711,11 @@ impl Registry {
     /// into the objects bound to it, each new change re-recorded in the
     /// `cluster` stream. Changes to objects not bound to the node (other
     /// than its own Node object) are refused.
-    pub fn apply_from_node(&self, node: &str, records: &[Record]) {
+    ///
+    /// Returns the keys of the objects that changed, in the order their
+    /// first change arrived.
+    pub fn apply_from_node(&self, node: &str, records: &[Record]) -> Vec<String> {
+        let mut changed: Vec<String> = Vec::new();
         let mut inner = lock(&self.inner);
         let mut tickets = Vec::new();
         let mut events = Vec::new();
@@ -772,6 +791,9 @@ impl Registry {
                 }
             }
             let existed = inner.view.contains_key(&r.key);
+            if !changed.contains(&r.key) {
+                changed.push(r.key.clone());
+            }
             let obj = Arc::new(obj);
             inner.view.insert(
                 r.key.clone(),
@@ -799,6 +821,53 @@ impl Registry {
                 done: None,
             });
         }
+        changed
+    }
+
+    /// Folds every record of every node's `up` stream that the registry
+    /// has not folded yet (a crash can come between a node's records
+    /// being durable, and acknowledged, and their fold into `cluster`).
+    /// Records already folded are recognised by the CRDT and skipped.
+    fn refold_up(&self) -> Result<(), Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let nodes: Vec<String> = self
+            .store
+            .streams()
+            .into_iter()
+            .filter_map(|s| s.name.strip_suffix("/up").map(str::to_owned))
+            .collect();
+        for node in nodes {
+            let up = up_stream(&node);
+            let mut after = 0;
+            loop {
+                let seg = match self
+                    .store
+                    .read(&up, after, ReadLimits::default())
+                    .map_err(err)?
+                {
+                    Read::Records(s) => s,
+                    Read::Snapshot { tail, .. } => tail,
+                };
+                let Some(last) = seg.records.last() else {
+                    break;
+                };
+                after = last.seq;
+                let changed = self.apply_from_node(&node, &seg.records);
+                if !changed.is_empty() {
+                    info!(%node, objects = changed.len(), "folded node changes a crash had left out");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the edge nodes this cloudcore holds streams for.
+    pub fn nodes(&self) -> Vec<String> {
+        lock(&self.inner)
+            .node_streams
+            .iter()
+            .filter_map(|s| s.strip_suffix("/down").map(str::to_owned))
+            .collect()
     }
 
     /// Writes `fixed` as the cloud's change to `key` (in `cluster` and the

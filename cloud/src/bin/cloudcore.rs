@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use keel_cloud::attach::KubernetesConfig;
 use keel_cloud::core::{self, Config};
 
 #[derive(Parser, Debug)]
@@ -19,6 +20,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the `run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run cloudcore until SIGINT/SIGTERM.
@@ -44,6 +47,15 @@ enum Command {
         /// Do not serve the admin gRPC API.
         #[arg(long)]
         no_grpc: bool,
+        /// Attach to the Kubernetes cluster of this kubeconfig (its current
+        /// context) instead of serving an embedded control plane; more
+        /// settings in the config file's `kubernetes:` section.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Attached mode: where the edge-autonomy admission webhook listens
+        /// (the API server must reach it); default 127.0.0.1:10004.
+        #[arg(long)]
+        webhook_addr: Option<SocketAddr>,
     },
     /// Issue a single-use join token bound to one node name.
     Token {
@@ -95,6 +107,8 @@ fn real_main(cli: Cli) -> Result<(), String> {
             metrics_addr,
             grpc_addr,
             no_grpc,
+            kubeconfig,
+            webhook_addr,
         } => {
             let mut cfg = match config {
                 Some(p) => {
@@ -126,6 +140,18 @@ fn real_main(cli: Cli) -> Result<(), String> {
             if no_grpc {
                 cfg.grpc_addr = None;
             }
+            if let Some(path) = kubeconfig {
+                match cfg.kubernetes.as_mut() {
+                    Some(k) => k.kubeconfig = path,
+                    None => cfg.kubernetes = Some(KubernetesConfig::new(path)),
+                }
+            }
+            if let Some(a) = webhook_addr {
+                match cfg.kubernetes.as_mut() {
+                    Some(k) => k.webhook_addr = a,
+                    None => return Err("--webhook-addr needs --kubeconfig (attached mode)".into()),
+                }
+            }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
             rt.block_on(core::run(cfg, started, core::shutdown_signal()))
                 .map_err(|e| e.to_string())
@@ -135,12 +161,22 @@ fn real_main(cli: Cli) -> Result<(), String> {
 
 /// Tells the operator where cloudcore listens and how to reach it.
 fn started(r: &core::Running) {
-    println!(
-        "cloudcore is running.\n  API:        https://{}\n  kubeconfig: {}\n  try:        kubectl --kubeconfig {} get nodes",
-        r.api_addr,
-        r.kubeconfig.display(),
-        r.kubeconfig.display()
-    );
+    match (&r.attached, r.api_addr) {
+        (Some(a), _) => println!(
+            "cloudcore is running, attached to the Kubernetes cluster at {}.\n  edge nodes appear there as Nodes: kubectl get nodes -l node-role.kubernetes.io/edge{}",
+            a.server(),
+            r.webhook_addr
+                .map(|w| format!("\n  autonomy webhook: https://{w}"))
+                .unwrap_or_default()
+        ),
+        (None, Some(api)) => println!(
+            "cloudcore is running.\n  API:        https://{}\n  kubeconfig: {}\n  try:        kubectl --kubeconfig {} get nodes",
+            api,
+            r.kubeconfig.display(),
+            r.kubeconfig.display()
+        ),
+        (None, None) => println!("cloudcore is running."),
+    }
     if let Some(g) = r.grpc_addr {
         println!(
             "  admin gRPC: {g}\n  try:        keel --kubeconfig {} --server {g} nodes",

@@ -1,0 +1,858 @@
+//! cloudcore attached to a real Kubernetes cluster (`--kubeconfig`): the
+//! bridge between the cluster's API server and keel's log.
+//!
+//! The cluster owns desired state. cloudcore watches what is bound to its
+//! edge nodes — pods with `spec.nodeName` of a keel node (whatever made
+//! them: Deployment, DaemonSet, Job, a plain pod), the ConfigMaps and
+//! Secrets they use, Devices with `spec.nodeName` and their DeviceModels —
+//! and writes each into its [`Registry`], which is now a durable mirror:
+//! every change an automerge change in `cluster` and in the node's `down`
+//! stream, exactly as in embedded mode. What nodes report in `up` (pod
+//! status, node status, device twins) is folded there too and then
+//! patched back through the status subresources ([`writeback`]).
+//!
+//! - **Ownership.** The cluster writes everything but the `status` of pods
+//!   and devices bound to a keel node; the edge writes that status. A
+//!   mirror write keeps the mirror's status, so a late watch event never
+//!   takes back what the edge reported.
+//! - **Resume.** Watches resume from resourceVersion (kube's watcher). On
+//!   a relist (`410 Gone`, a new watch, a cloudcore start) the listed set
+//!   is diffed against the mirror: unchanged objects write nothing (the
+//!   registry drops a no-op), changed ones write one change, and mirrored
+//!   objects that are gone are deleted. Nothing is missed, nothing sent
+//!   twice.
+//! - **Deletion.** A pod with a `deletionTimestamp` is deleted from the
+//!   mirror (the tombstone in `N/down` stops it on the edge, now or when
+//!   the node comes back) and, once that is durable, deleted from the
+//!   cluster with grace period 0 and a UID precondition: cloudcore plays
+//!   the kubelet's final delete.
+//! - **Nodes.** Each edge node is a Node of the cluster, created by
+//!   cloudcore on first connect with the `node-role.kubernetes.io/edge`
+//!   label (and the configured taints); its Lease in `kube-node-lease` is
+//!   renewed while its QUIC connection lives; its Ready condition follows
+//!   the connection; capacity, allocatable, addresses and nodeInfo are
+//!   what the edge reports.
+//! - **Autonomy.** A mutating admission webhook ([`webhook`]) gives pods
+//!   meant for edge nodes tolerations of `node.kubernetes.io/unreachable`
+//!   and `not-ready` without a time limit, so the cluster never evicts
+//!   them while a node is offline.
+
+mod kinds;
+mod webhook;
+mod writeback;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use keel_log::Record;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use crate::api::registry::{Registry, Write, now_rfc3339, now_rfc3339_micro, pod_refs};
+use crate::pki::ClusterCa;
+use crate::plane::ControlPlane;
+use kinds::KINDS;
+pub use kinds::Kind;
+
+/// The `kubernetes:` section of cloudcore's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesConfig {
+    /// The cluster's kubeconfig (its current context is used).
+    pub kubeconfig: PathBuf,
+    /// Taints put on an edge Node when cloudcore creates it (Kubernetes
+    /// `Taint` objects), e.g. `[{key: node-role.kubernetes.io/edge,
+    /// effect: NoSchedule}]` to keep other workloads off edge nodes.
+    #[serde(default)]
+    pub node_taints: Vec<Value>,
+    /// How pods bound to edge nodes survive an offline node:
+    /// `webhook` (default) or `none`.
+    #[serde(default)]
+    pub autonomy: Autonomy,
+    /// Where cloudcore serves the admission webhook (HTTPS, cluster CA).
+    #[serde(default = "default_webhook_addr")]
+    pub webhook_addr: SocketAddr,
+    /// The URL the API server calls for the webhook; default
+    /// `https://<webhookAddr>/mutate-pods`.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// Seconds between renewals of a connected node's Lease.
+    #[serde(default = "default_lease_renew")]
+    pub lease_renew_seconds: u64,
+}
+
+fn default_webhook_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10004))
+}
+
+fn default_lease_renew() -> u64 {
+    10
+}
+
+impl KubernetesConfig {
+    /// Attached to the cluster of `kubeconfig`, every other setting default.
+    pub fn new(kubeconfig: PathBuf) -> Self {
+        KubernetesConfig {
+            kubeconfig,
+            node_taints: Vec::new(),
+            autonomy: Autonomy::default(),
+            webhook_addr: default_webhook_addr(),
+            webhook_url: None,
+            lease_renew_seconds: default_lease_renew(),
+        }
+    }
+}
+
+/// How pods on edge nodes are kept through an outage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Autonomy {
+    /// The admission webhook adds unlimited unreachable / not-ready
+    /// tolerations to pods meant for edge nodes.
+    #[default]
+    Webhook,
+    /// Nothing: the cluster's own eviction applies.
+    None,
+}
+
+/// Errors attaching to a cluster.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// The kubeconfig cannot be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    /// The API server cannot be reached (retryable).
+    #[error("cannot reach the Kubernetes API server at {server}: {message}")]
+    Unreachable { server: String, message: String },
+    /// The API server refused cloudcore's credentials.
+    #[error("the Kubernetes API server at {server} refused cloudcore's credentials: {message}")]
+    Unauthorized { server: String, message: String },
+    /// A set-up request failed.
+    #[error("the Kubernetes API server at {server}: {what}: {message}")]
+    Setup {
+        server: String,
+        what: String,
+        message: String,
+    },
+    /// The webhook listener could not start.
+    #[error("admission webhook on {addr}: {message}")]
+    Webhook { addr: SocketAddr, message: String },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keys waiting for work: FIFO in the order they first became due, each
+/// at most once (bounded by the number of objects, not by the event rate).
+#[derive(Debug, Default)]
+struct WorkQueue {
+    inner: Mutex<(VecDeque<String>, HashSet<String>)>,
+    wake: Notify,
+}
+
+impl WorkQueue {
+    fn push(&self, key: String) {
+        let mut g = lock(&self.inner);
+        if g.1.insert(key.clone()) {
+            g.0.push_back(key);
+        }
+        drop(g);
+        self.wake.notify_one();
+    }
+    fn pop(&self) -> Option<String> {
+        let mut g = lock(&self.inner);
+        let k = g.0.pop_front()?;
+        g.1.remove(&k);
+        Some(k)
+    }
+    async fn next(&self) -> String {
+        loop {
+            let notified = self.wake.notified();
+            if let Some(k) = self.pop() {
+                return k;
+            }
+            notified.await;
+        }
+    }
+    fn len(&self) -> usize {
+        lock(&self.inner).0.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Edge nodes of this cloudcore (they hold streams in its log).
+    nodes: BTreeSet<String>,
+    /// Nodes with a live connection.
+    connected: BTreeSet<String>,
+    /// The cluster's current objects of every watched kind, by registry
+    /// key (normalised: no resourceVersion, no managedFields).
+    cache: BTreeMap<String, Value>,
+    /// Kinds whose first list has completed.
+    synced: BTreeSet<&'static str>,
+    /// Node statuses last written to the cluster.
+    node_status: BTreeMap<String, Value>,
+}
+
+/// cloudcore's side of an attached cluster.
+pub struct Attached {
+    client: kube::Client,
+    server: String,
+    registry: Arc<Registry>,
+    cfg: KubernetesConfig,
+    state: Mutex<State>,
+    /// Keys whose mirror may differ from the cluster.
+    mirror_q: WorkQueue,
+    /// Keys whose status the cluster may not have yet.
+    status_q: WorkQueue,
+    /// Nodes whose connection changed, or whose Node needs writing.
+    node_q: WorkQueue,
+    /// Whether the Device CRD has a `status` subresource.
+    device_status_subresource: std::sync::atomic::AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attached")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Origin of a change the cluster made: `k8s:<field manager>` of its
+/// latest managed-fields entry (who wrote it: kubectl, a controller), or
+/// `k8s:unknown`.
+fn origin_of(obj: &Value) -> String {
+    let manager = obj
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .and_then(|mf| {
+            mf.iter()
+                .filter_map(|e| Some((e.get("time")?.as_str()?, e.get("manager")?.as_str()?)))
+                .max_by(|a, b| a.0.cmp(b.0))
+                .map(|(_, m)| m.to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("k8s:{manager}")
+}
+
+fn str_at<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
+    v.pointer(ptr)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+impl Attached {
+    /// Connects to the cluster of `cfg.kubeconfig` and checks that cloudcore
+    /// may use it; fails naming the server when it cannot.
+    pub async fn connect(
+        cfg: KubernetesConfig,
+        registry: Arc<Registry>,
+    ) -> Result<Arc<Attached>, AttachError> {
+        let path = cfg.kubeconfig.display().to_string();
+        let kc = kube::config::Kubeconfig::read_from(&cfg.kubeconfig).map_err(|e| {
+            AttachError::Kubeconfig {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .map_err(|e| AttachError::Kubeconfig {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        config.connect_timeout = Some(Duration::from_secs(5));
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).map_err(|e| AttachError::Kubeconfig {
+            path,
+            message: e.to_string(),
+        })?;
+        match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version()).await {
+            Ok(Ok(v)) => {
+                info!(%server, version = %v.git_version, "attached to a Kubernetes cluster")
+            }
+            Ok(Err(e)) => {
+                return Err(classify(&server, "version", &e));
+            }
+            Err(_) => {
+                return Err(AttachError::Unreachable {
+                    server,
+                    message: "no answer within 15 s".into(),
+                });
+            }
+        }
+        // /version answers anyone; listing nodes proves the credentials.
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        nodes
+            .list(&ListParams::default().limit(1))
+            .await
+            .map_err(|e| classify(&server, "listing nodes", &e))?;
+        let state = State {
+            nodes: registry.nodes().into_iter().collect(),
+            ..State::default()
+        };
+        Ok(Arc::new(Attached {
+            client,
+            server,
+            registry,
+            cfg,
+            state: Mutex::new(state),
+            mirror_q: WorkQueue::default(),
+            status_q: WorkQueue::default(),
+            node_q: WorkQueue::default(),
+            device_status_subresource: std::sync::atomic::AtomicBool::new(true),
+            tasks: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The API server's URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Installs what cloudcore needs in the cluster (the device CRDs if
+    /// absent, the admission webhook) and starts the watches, the
+    /// mirror, the status write-back and the node lifecycle.
+    pub async fn start(
+        self: &Arc<Self>,
+        ca: &ClusterCa,
+        server_cert: &crate::pki::Credentials,
+    ) -> Result<Option<SocketAddr>, AttachError> {
+        kinds::install_crds(self).await?;
+        let webhook_addr = match self.cfg.autonomy {
+            Autonomy::Webhook => Some(webhook::start(self, ca, server_cert).await?),
+            Autonomy::None => None,
+        };
+        let mut tasks = Vec::new();
+        for kind in KINDS {
+            let me = self.clone();
+            tasks.push(tokio::spawn(
+                async move { me.watch(kind).await }
+                    .instrument(info_span!("watch", kind = kind.plural)),
+            ));
+        }
+        let me = self.clone();
+        tasks.push(tokio::spawn(
+            async move { me.mirror_loop().await }.instrument(info_span!("mirror")),
+        ));
+        let me = self.clone();
+        tasks.push(tokio::spawn(
+            async move { me.status_loop().await }.instrument(info_span!("writeback")),
+        ));
+        let me = self.clone();
+        tasks.push(tokio::spawn(
+            async move { me.node_loop().await }.instrument(info_span!("nodes")),
+        ));
+        let me = self.clone();
+        tasks.push(tokio::spawn(
+            async move { me.lease_loop().await }.instrument(info_span!("leases")),
+        ));
+        lock(&self.tasks).extend(tasks);
+        Ok(webhook_addr)
+    }
+
+    /// Stops every task.
+    pub fn shutdown(&self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Whether `node` is one of this cloudcore's edge nodes.
+    fn is_edge_node(&self, node: &str) -> bool {
+        lock(&self.state).nodes.contains(node)
+    }
+
+    /// Watches one kind for ever: caches the cluster's objects and queues
+    /// each changed key for the mirror; on every (re)list, keys that
+    /// disappeared are queued too.
+    async fn watch(self: Arc<Self>, kind: &'static Kind) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &kind.api_resource());
+        let mut cfg = watcher::Config::default();
+        if let Some(f) = kind.field_selector {
+            cfg = cfg.fields(f);
+        }
+        let mut listed: Option<BTreeSet<String>> = None;
+        let mut stream = watcher(api, cfg).default_backoff().boxed();
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    warn!(server = %self.server, error = %e, "watch failed; retrying");
+                    continue;
+                }
+            };
+            match ev {
+                watcher::Event::Init => listed = Some(BTreeSet::new()),
+                watcher::Event::InitApply(obj) => {
+                    if let Some(key) = self.cache_put(kind, obj)
+                        && let Some(l) = listed.as_mut()
+                    {
+                        l.insert(key);
+                    }
+                }
+                watcher::Event::InitDone => {
+                    let listed = listed.take().unwrap_or_default();
+                    let gone: Vec<String> = {
+                        let mut st = lock(&self.state);
+                        let gone: Vec<String> = st
+                            .cache
+                            .range(kind.prefix().to_owned()..)
+                            .take_while(|(k, _)| k.starts_with(kind.prefix()))
+                            .filter(|(k, _)| !listed.contains(*k))
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for k in &gone {
+                            st.cache.remove(k);
+                        }
+                        st.synced.insert(kind.plural);
+                        gone
+                    };
+                    // The mirror may hold objects deleted while nobody
+                    // watched (cloudcore down, or a 410 gap).
+                    let mut stale = gone;
+                    self.registry.scan(kind.prefix(), |o| {
+                        if let Some(k) = kind.key_of(o)
+                            && !listed.contains(&k)
+                        {
+                            stale.push(k);
+                        }
+                    });
+                    for k in listed.into_iter().chain(stale) {
+                        self.mirror_q.push(k);
+                    }
+                    info!(kind = kind.plural, "listed");
+                    if kind.edge_status {
+                        // What nodes reported while nobody was patching.
+                        let mut keys = Vec::new();
+                        self.registry
+                            .scan(kind.prefix(), |o| keys.extend(kind.key_of(o)));
+                        for k in keys {
+                            self.status_q.push(k);
+                        }
+                    }
+                }
+                watcher::Event::Apply(obj) => {
+                    if let Some(key) = self.cache_put(kind, obj) {
+                        self.mirror_q.push(key);
+                    }
+                }
+                watcher::Event::Delete(obj) => {
+                    if let Some(key) = kind.key_of(&dynamic_json(kind, obj)) {
+                        lock(&self.state).cache.remove(&key);
+                        self.mirror_q.push(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Caches one object from the cluster; its key.
+    fn cache_put(&self, kind: &'static Kind, obj: DynamicObject) -> Option<String> {
+        let v = dynamic_json(kind, obj);
+        let key = kind.key_of(&v)?;
+        lock(&self.state).cache.insert(key.clone(), v);
+        Some(key)
+    }
+
+    /// Brings the mirror in line with the cluster, one key at a time.
+    async fn mirror_loop(self: Arc<Self>) {
+        loop {
+            let key = self.mirror_q.next().await;
+            if let Err(e) = self.sync_key(&key).await {
+                warn!(%key, error = %e, "could not mirror an object; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.mirror_q.push(key);
+            }
+        }
+    }
+
+    /// Mirrors one key: written if bound to an edge node (the objects it
+    /// uses first), deleted from the mirror otherwise.
+    async fn sync_key(&self, key: &str) -> Result<(), String> {
+        let Some(kind) = Kind::of_key(key) else {
+            return Ok(());
+        };
+        let kube = lock(&self.state).cache.get(key).cloned();
+        let want = match (&kube, kind.node_bound) {
+            (Some(obj), true) => {
+                let bound = str_at(obj, "/spec/nodeName").is_some_and(|n| self.is_edge_node(n));
+                let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
+                if bound && deleting {
+                    self.finish_delete(kind, key, obj).await?;
+                    return Ok(());
+                }
+                bound
+            }
+            (Some(obj), false) => self.referenced(kind, obj),
+            (None, _) => false,
+        };
+        if !want {
+            if self.registry.get(key).is_some() {
+                self.registry
+                    .write_as("k8s:cloudcore", key, |_| Ok(Some(Write::Delete)))
+                    .await
+                    .map_err(|e| e.message)?;
+                debug!(%key, "removed from the mirror");
+            }
+            return Ok(());
+        }
+        let Some(obj) = kube else {
+            return Ok(());
+        };
+        if kind.node_bound {
+            // The objects a pod or device uses reach the node before it.
+            let ns = str_at(&obj, "/metadata/namespace").unwrap_or("default");
+            for (k, name) in refs_of(kind, &obj) {
+                let rk = format!("{k}/{ns}/{name}");
+                let cached = lock(&self.state).cache.get(&rk).cloned();
+                if let Some(r) = cached {
+                    self.put(&rk, &r, false).await?;
+                }
+            }
+        }
+        self.put(key, &obj, kind.edge_status).await
+    }
+
+    /// Writes the cluster's `obj` into the mirror at `key`; where the edge
+    /// owns `status`, the mirror's status stays.
+    async fn put(&self, key: &str, obj: &Value, keep_status: bool) -> Result<(), String> {
+        let origin = origin_of(obj);
+        let mut new = obj.clone();
+        if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("managedFields");
+        }
+        self.registry
+            .write_as(&origin, key, move |cur| {
+                if keep_status
+                    && let Some(cur) = cur
+                    && cur.pointer("/metadata/uid") == new.pointer("/metadata/uid")
+                    && let Some(o) = new.as_object_mut()
+                {
+                    match cur.get("status") {
+                        Some(st) => {
+                            o.insert("status".into(), st.clone());
+                        }
+                        None => {
+                            o.remove("status");
+                        }
+                    }
+                }
+                Ok(Some(Write::Put(new)))
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message)
+    }
+
+    /// Whether a mirrored pod (or device) uses `obj` (a ConfigMap, Secret
+    /// or DeviceModel).
+    fn referenced(&self, kind: &'static Kind, obj: &Value) -> bool {
+        let Some(name) = str_at(obj, "/metadata/name") else {
+            return false;
+        };
+        let ns = str_at(obj, "/metadata/namespace").unwrap_or("default");
+        let Some(user) = kind.used_by else {
+            return false;
+        };
+        let prefix = format!("{}{ns}/", user.prefix());
+        let mut used = false;
+        self.registry.scan(&prefix, |o| {
+            used = used
+                || refs_of(user, o)
+                    .iter()
+                    .any(|(k, n)| *k == kind.qualified() && n == name);
+        });
+        used
+    }
+
+    /// A pod being deleted on the cluster: deleted from the mirror (the
+    /// node stops it), then, once that is durable, deleted on the cluster
+    /// for good (the kubelet's last step).
+    async fn finish_delete(
+        &self,
+        kind: &'static Kind,
+        key: &str,
+        obj: &Value,
+    ) -> Result<(), String> {
+        if self.registry.get(key).is_some() {
+            self.registry
+                .write_as(&origin_of(obj), key, |_| Ok(Some(Write::Delete)))
+                .await
+                .map_err(|e| e.message)?;
+        }
+        let (Some(ns), Some(name), Some(uid)) = (
+            str_at(obj, "/metadata/namespace"),
+            str_at(obj, "/metadata/name"),
+            str_at(obj, "/metadata/uid"),
+        ) else {
+            return Ok(());
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &kind.api_resource());
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(kube::api::Preconditions {
+                uid: Some(uid.to_owned()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(name, &dp).await {
+            Ok(_) => {
+                info!(%key, "deleted on the cluster after its node was told");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(format!("deleting {key} on the cluster: {e}")),
+        }
+    }
+
+    /// Node lifecycle on the cluster: Node created on first connect,
+    /// Ready condition, reported status.
+    async fn node_loop(self: Arc<Self>) {
+        loop {
+            let node = self.node_q.next().await;
+            if let Err(e) = self.sync_node(&node).await {
+                warn!(%node, server = %self.server, error = %e, "could not write the Node; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.node_q.push(node);
+            }
+        }
+    }
+
+    async fn sync_node(&self, node: &str) -> Result<(), String> {
+        use k8s_openapi::api::core::v1::Node;
+        let api: Api<Node> = Api::all(self.client.clone());
+        let exists = api
+            .get_opt(node)
+            .await
+            .map_err(|e| format!("reading Node {node}: {e}"))?
+            .is_some();
+        if !exists {
+            let mut spec = json!({});
+            if !self.cfg.node_taints.is_empty() {
+                spec = json!({"taints": self.cfg.node_taints});
+            }
+            let obj: Node = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node, "labels": {
+                    "kubernetes.io/hostname": node,
+                    "kubernetes.io/os": "linux",
+                    "node-role.kubernetes.io/edge": "",
+                    "node.keel.io/managed-by": "cloudcore"}},
+                "spec": spec,
+            }))
+            .map_err(|e| format!("node object: {e}"))?;
+            match api.create(&PostParams::default(), &obj).await {
+                Ok(_) => info!(%node, "created the Node on the cluster"),
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(format!("creating Node {node}: {e}")),
+            }
+        }
+        let connected = lock(&self.state).connected.contains(node);
+        let reported = self
+            .registry
+            .get(&format!("nodes/{node}"))
+            .and_then(|n| n.get("status").cloned())
+            .unwrap_or(Value::Null);
+        let mut status = serde_json::Map::new();
+        for f in [
+            "capacity",
+            "allocatable",
+            "addresses",
+            "nodeInfo",
+            "daemonEndpoints",
+        ] {
+            if let Some(v) = reported.get(f) {
+                status.insert(f.into(), v.clone());
+            }
+        }
+        let now = now_rfc3339();
+        let (st, reason, message) = if connected {
+            (
+                "True",
+                "EdgeConnected",
+                "edgecore is connected to cloudcore",
+            )
+        } else {
+            (
+                "Unknown",
+                "EdgeDisconnected",
+                "edgecore lost its connection to cloudcore; its pods keep running",
+            )
+        };
+        let previous = lock(&self.state).node_status.get(node).cloned();
+        let transition = previous
+            .as_ref()
+            .filter(|p| p.pointer("/ready") == Some(&json!(st)))
+            .and_then(|p| p.get("since").cloned())
+            .unwrap_or_else(|| json!(now));
+        status.insert(
+            "conditions".into(),
+            json!([{"type": "Ready", "status": st, "reason": reason, "message": message,
+                "lastHeartbeatTime": now, "lastTransitionTime": transition}]),
+        );
+        let body = json!({"status": Value::Object(status)});
+        api.patch_status(node, &PatchParams::default(), &Patch::Strategic(&body))
+            .await
+            .map_err(|e| format!("writing the status of Node {node}: {e}"))?;
+        lock(&self.state)
+            .node_status
+            .insert(node.to_owned(), json!({"ready": st, "since": transition}));
+        if connected {
+            self.renew_lease(node).await?;
+        }
+        debug!(%node, ready = st, "node status written to the cluster");
+        Ok(())
+    }
+
+    /// Renews (or creates) `node`'s Lease in `kube-node-lease`.
+    async fn renew_lease(&self, node: &str) -> Result<(), String> {
+        use k8s_openapi::api::coordination::v1::Lease;
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let now = now_rfc3339_micro();
+        let patch = json!({"spec": {"holderIdentity": node, "renewTime": now,
+            "leaseDurationSeconds": 40}});
+        match api
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                let lease: Lease = serde_json::from_value(json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": node, "namespace": "kube-node-lease"},
+                    "spec": {"holderIdentity": node, "leaseDurationSeconds": 40,
+                        "acquireTime": now, "renewTime": now}}))
+                .map_err(|e| format!("lease object: {e}"))?;
+                match api.create(&PostParams::default(), &lease).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                    Err(e) => Err(format!("creating the Lease of {node}: {e}")),
+                }
+            }
+            Err(e) => Err(format!("renewing the Lease of {node}: {e}")),
+        }
+    }
+
+    /// Renews every connected node's Lease.
+    async fn lease_loop(self: Arc<Self>) {
+        let mut tick =
+            tokio::time::interval(Duration::from_secs(self.cfg.lease_renew_seconds.max(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let nodes: Vec<String> = lock(&self.state).connected.iter().cloned().collect();
+            for node in nodes {
+                if let Err(e) = self.renew_lease(&node).await {
+                    warn!(%node, server = %self.server, error = %e, "lease renewal failed");
+                }
+            }
+        }
+    }
+
+    /// Keys queued for the status write-back (for tests and metrics).
+    pub fn pending_status(&self) -> usize {
+        self.status_q.len()
+    }
+}
+
+/// The cluster's object as JSON, normalised: `apiVersion`/`kind` set (list
+/// items lack them), `resourceVersion` dropped (the mirror has its own).
+fn dynamic_json(kind: &Kind, obj: DynamicObject) -> Value {
+    let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("apiVersion".into(), json!(kind.api_version()));
+        o.insert("kind".into(), json!(kind.kind));
+    }
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+        m.remove("selfLink");
+    }
+    v
+}
+
+/// Objects a pod or device uses: (qualified resource, name).
+fn refs_of(kind: &Kind, obj: &Value) -> Vec<(&'static str, String)> {
+    match kind.plural {
+        "pods" => pod_refs(obj),
+        "devices" => str_at(obj, "/spec/deviceModelRef/name")
+            .map(|m| vec![("devicemodels.devices.kubeedge.io", m.to_owned())])
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// A failed request, as an error naming the server.
+fn classify(server: &str, what: &str, e: &kube::Error) -> AttachError {
+    match e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => AttachError::Unauthorized {
+            server: server.to_owned(),
+            message: format!("{what}: {}", s.message),
+        },
+        kube::Error::Api(s) => AttachError::Setup {
+            server: server.to_owned(),
+            what: what.to_owned(),
+            message: s.message.clone(),
+        },
+        other => AttachError::Unreachable {
+            server: server.to_owned(),
+            message: format!("{what}: {other}"),
+        },
+    }
+}
+
+impl ControlPlane for Attached {
+    fn node_connected(&self, node: &str) {
+        self.registry.node_ready(node, true);
+        let new = {
+            let mut st = lock(&self.state);
+            st.connected.insert(node.to_owned());
+            st.nodes.insert(node.to_owned())
+        };
+        if new {
+            // A node seen for the first time: what the cluster already
+            // bound to it is now for the mirror.
+            let keys: Vec<String> = lock(&self.state)
+                .cache
+                .iter()
+                .filter(|(_, v)| str_at(v, "/spec/nodeName") == Some(node))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                self.mirror_q.push(k);
+            }
+        }
+        self.node_q.push(node.to_owned());
+    }
+
+    fn node_disconnected(&self, node: &str) {
+        self.registry.node_ready(node, false);
+        lock(&self.state).connected.remove(node);
+        self.node_q.push(node.to_owned());
+    }
+
+    fn node_reported(&self, node: &str, records: &[Record]) {
+        for key in self.registry.apply_from_node(node, records) {
+            if key.starts_with("nodes/") {
+                self.node_q.push(node.to_owned());
+            } else {
+                self.status_q.push(key);
+            }
+        }
+    }
+}
