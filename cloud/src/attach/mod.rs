@@ -524,7 +524,57 @@ impl Attached {
                 }
             }
         }
-        self.put(key, &obj, kind.edge_status).await
+        self.put(key, &obj, kind.edge_status).await?;
+        if kind.plural == "pods" && self.cfg.autonomy == Autonomy::Webhook {
+            self.tolerate_outages(key, &obj).await?;
+        }
+        Ok(())
+    }
+
+    /// The webhook's backstop: a pod bound to an edge node that was
+    /// admitted without unlimited unreachable / not-ready tolerations
+    /// (created while cloudcore was down, or before it was attached) gets
+    /// them now. Kubernetes lets a pod's toleration lose its time limit.
+    async fn tolerate_outages(&self, key: &str, pod: &Value) -> Result<(), String> {
+        let Some(patch) = webhook::toleration_patch(pod) else {
+            return Ok(());
+        };
+        let (Some(ns), Some(name)) = (
+            str_at(pod, "/metadata/namespace"),
+            str_at(pod, "/metadata/name"),
+        ) else {
+            return Ok(());
+        };
+        let Some(tolerations) = patch.pointer("/0/value") else {
+            return Ok(());
+        };
+        let body = json!({"metadata": {"uid": pod.pointer("/metadata/uid")},
+            "spec": {"tolerations": tolerations}});
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &Kind::of_key(key)
+                .map(Kind::api_resource)
+                .unwrap_or_else(|| {
+                    kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&())
+                }),
+        );
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => {
+                info!(%key, "unlimited outage tolerations added to a pod on an edge node");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => {
+                warn!(%key, reason = %s.reason, message = %s.message,
+                    "the API server refused outage tolerations for a pod");
+                Ok(())
+            }
+            Err(e) => Err(format!("adding tolerations to {key}: {e}")),
+        }
     }
 
     /// Writes the cluster's `obj` into the mirror at `key`; where the edge

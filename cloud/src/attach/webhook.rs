@@ -10,6 +10,11 @@
 //! and not-ready `NoExecute` tolerations of pods meant for edge nodes with
 //! unlimited ones (DaemonSet pods already have them).
 //!
+//! The webhook is the first line; cloudcore's mirror is the backstop: a pod
+//! bound to an edge node that still has limited tolerations (admitted
+//! while cloudcore was down) has them made unlimited with a pod update,
+//! which Kubernetes allows for `tolerationSeconds`.
+//!
 //! A pod is meant for edge nodes when its `nodeSelector` or a required
 //! node-affinity term names the `node-role.kubernetes.io/edge` label, or
 //! its `nodeName` is one of cloudcore's nodes. The webhook is registered
@@ -231,7 +236,7 @@ fn for_edge(a: &Attached, pod: &Value) -> bool {
 
 /// The JSON patch giving `pod` unlimited unreachable / not-ready
 /// tolerations, or `None` if it has them already.
-fn toleration_patch(pod: &Value) -> Option<Value> {
+pub(super) fn toleration_patch(pod: &Value) -> Option<Value> {
     let current: Vec<Value> = pod
         .pointer("/spec/tolerations")
         .and_then(Value::as_array)

@@ -171,6 +171,67 @@ impl Cloud {
         c
     }
 
+    /// cloudcore attached to the cluster of `kubeconfig` (no API of its
+    /// own; `api` is then the autonomy webhook's address). Ready once it
+    /// says so on stdout.
+    pub fn start_attached(
+        dir: &Path,
+        kubeconfig: &Path,
+        hub: Option<String>,
+        bootstrap: Option<String>,
+        webhook: Option<String>,
+    ) -> Cloud {
+        let hub = hub.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()));
+        let bootstrap = bootstrap.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let webhook = webhook.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        let out = dir.with_extension("out");
+        let stdout = std::fs::File::create(&out).unwrap();
+        let child = Command::new(cloudcore_bin())
+            .args(["run", "--no-grpc", "--data-dir"])
+            .arg(dir)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "--hub-addr",
+                &hub,
+                "--bootstrap-addr",
+                &bootstrap,
+                "--webhook-addr",
+                &webhook,
+                "--api-addr",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .stdout(stdout)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut c = Cloud {
+            dir: dir.to_owned(),
+            api: webhook,
+            hub,
+            bootstrap,
+            proc: Proc(Some(child)),
+        };
+        wait_for(
+            "attached cloudcore to start",
+            Duration::from_secs(60),
+            || {
+                assert!(
+                    c.proc.alive(),
+                    "cloudcore exited: {}",
+                    std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+                );
+                std::fs::read_to_string(&out).is_ok_and(|s| s.contains("cloudcore is running"))
+            },
+        );
+        c
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("admin.kubeconfig")
     }
