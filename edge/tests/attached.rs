@@ -542,6 +542,7 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
     // Modbus device reaches the Device's status there, and a desired value
     // set there reaches the register.
     let mut modbus = ModbusDevice::start(free_port(), 200);
+    modbus.set("ir", 0, 215);
     let yaml = include_str!("../../examples/devices/thermostat.yaml")
         .replace("port: 5020", &format!("port: {}", modbus.port))
         .replace("nodeName: edge-1", "nodeName: edge-a");

@@ -715,6 +715,10 @@ impl Registry {
     /// Returns the keys of the objects that changed, in the order their
     /// first change arrived.
     pub fn apply_from_node(&self, node: &str, records: &[Record]) -> Vec<String> {
+        self.fold_node(node, records, false)
+    }
+
+    fn fold_node(&self, node: &str, records: &[Record], refold: bool) -> Vec<String> {
         let mut changed: Vec<String> = Vec::new();
         let mut inner = lock(&self.inner);
         let mut tickets = Vec::new();
@@ -727,7 +731,13 @@ impl Registry {
             let allowed =
                 r.key == own_node || inner.bound.get(&r.key).is_some_and(|s| s.contains(node));
             if !allowed {
-                warn!(%node, key = %r.key, "node wrote an object not bound to it; ignored");
+                // (Also every record of a deleted object that a re-fold
+                // on start-up meets again: harmless, hence debug there.)
+                if refold {
+                    debug!(%node, key = %r.key, "a node's change to an object no longer bound to it");
+                } else {
+                    warn!(%node, key = %r.key, "node wrote an object not bound to it; ignored");
+                }
                 continue;
             }
             let before = inner.view.get(&r.key).map(|s| s.obj.clone());
@@ -852,7 +862,7 @@ impl Registry {
                     break;
                 };
                 after = last.seq;
-                let changed = self.apply_from_node(&node, &seg.records);
+                let changed = self.fold_node(&node, &seg.records, true);
                 if !changed.is_empty() {
                     info!(%node, objects = changed.len(), "folded node changes a crash had left out");
                 }
