@@ -83,6 +83,7 @@ fn cloud(dir: &str) {
             metrics_addr: None,
             grpc_addr: None,
             server_names: vec!["127.0.0.1".into()],
+            kubernetes: None,
         };
         let running = keel_cloud::core::start(&cfg).await.unwrap();
         println!("ready");

@@ -12,8 +12,8 @@ use keel_log::{Store, StoreOptions};
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::api::ApiServer;
 use crate::api::registry::{CLUSTER_STREAM, Registry};
+use crate::api::{self, ApiServer};
 use crate::attach::{Attached, KubernetesConfig};
 use crate::bootstrap::{BootstrapOptions, BootstrapServer};
 use crate::grpc::{ClusterApi, GrpcServer, LogApi};
@@ -21,6 +21,8 @@ use crate::hub::{CloudHub, HubOptions};
 use crate::pki::{self, ClusterCa};
 use crate::plane::{ControlPlane, Embedded, PlaneSink};
 use crate::token::TokenStore;
+
+pub use keel_api::shutdown_signal;
 
 /// cloudcore's settings (YAML file, then flags).
 #[derive(Debug, Clone, Deserialize)]
@@ -225,23 +227,6 @@ fn reset_secret(dir: &Path) -> Result<[u8; 32], CoreError> {
     Ok(secret)
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM: the graceful-stop signal of
-/// keel's binaries.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        } => {}
-    }
-}
-
 /// Starts every part of cloudcore.
 pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
@@ -260,7 +245,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         }
         None => {
             let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
-            let api = ApiServer::bind(cfg.api_addr, api_tls, registry.clone())
+            let api = api::bind(cfg.api_addr, api_tls, registry.clone())
                 .await
                 .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
             (Arc::new(Embedded(registry.clone())), None, Some(api))

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use keel_cloud::api::status::Status;
-use keel_cloud::api::{ApiServer, LogRequest, PodLogs};
+use keel_api::{ApiServer, LogRequest, PodLogs, Status};
 use keel_log::{Store, StoreOptions};
 use serde::Deserialize;
 use serde_json::Value;
@@ -366,9 +365,9 @@ pub async fn run(
                     keel_sync::link::down_stream(&node),
                     keel_sync::link::up_stream(&node),
                 ];
-                let log = keel_cloud::grpc::LogApi::new(store.clone(), streams);
+                let log = keel_api::grpc::LogApi::new(store.clone(), streams);
                 Some(
-                    keel_cloud::grpc::GrpcServer::bind_plain(a, log)
+                    keel_api::grpc::GrpcServer::bind_plain(a, log)
                         .await
                         .map_err(|e| Error::io(format!("edge log gRPC API on {a}"), e))?,
                 )
@@ -388,7 +387,7 @@ pub async fn run(
             node: node.clone(),
             api_addr: api.local_addr(),
             mqtt_addr: bus.addr(),
-            grpc_addr: grpc.as_ref().map(keel_cloud::grpc::GrpcServer::local_addr),
+            grpc_addr: grpc.as_ref().map(keel_api::grpc::GrpcServer::local_addr),
             meta: meta.clone(),
         };
         started(&running);

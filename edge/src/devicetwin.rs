@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
-use keel_cloud::api::registry::now_rfc3339;
+use keel_api::meta::now_rfc3339;
 use keel_devices::mapper::{self, Backoff, MapperEvent, WriteCommand, WriteSource, modbus};
 use keel_devices::twin::{self, RuleEngine, StateMessage, TwinMessage};
 use keel_devices::types::{DataType, Device, DeviceModel};

@@ -18,10 +18,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use keel_cloud::api::ReadObjects;
-use keel_cloud::api::registry::with_rv;
-use keel_cloud::api::status::Status;
-use keel_cloud::api::watch::{EventKind, WatchEvent, WatchHub, WatchStart};
+use keel_api::meta::with_rv;
+use keel_api::watch::{EventKind, WatchEvent, WatchHub, WatchStart};
+use keel_api::{ReadObjects, Status};
 use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
 use keel_sync::crdt::{ActorId, ObjectStore};
 use keel_sync::link::{down_stream, up_stream};

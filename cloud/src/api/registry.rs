@@ -29,16 +29,9 @@ use super::status::Status;
 
 /// The cloud's own stream of every object change.
 pub const CLUSTER_STREAM: &str = "cluster";
-/// Origin of the changes cloudcore makes itself (scheduling, node
-/// lifecycle, corrections, history resent on binding). A node's changes
-/// carry the node name; an API user's `user:<name>`.
-pub const ACTOR: &str = "cloudcore";
-
-/// The origin recorded for changes an API user makes: `user:<name>`
-/// (node names never hold a `:`).
-pub fn user_origin(user: &str) -> String {
-    format!("user:{user}")
-}
+pub use keel_api::meta::{
+    CLOUDCORE_ORIGIN as ACTOR, now_rfc3339, now_rfc3339_micro, user_origin, with_rv,
+};
 
 use super::watch::WatchHub;
 pub use super::watch::{EventKind, WatchEvent, WatchStart};
@@ -92,15 +85,6 @@ impl std::fmt::Debug for Registry {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// `obj` with `metadata.resourceVersion` set to `rv`.
-pub fn with_rv(obj: &Value, rv: u64) -> Value {
-    let mut o = obj.clone();
-    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.insert("resourceVersion".into(), Value::String(rv.to_string()));
-    }
-    o
 }
 
 fn strip_rv(obj: &mut Value) {
@@ -1036,30 +1020,6 @@ async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver
             let _ = done.send(result);
         }
     }
-}
-
-/// RFC 3339 UTC with microseconds (Kubernetes `MicroTime`).
-pub fn now_rfc3339_micro() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.microsecond()
-    )
-}
-
-/// RFC 3339 UTC, seconds.
-pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// Fills in the server-set metadata of a new object: uid,

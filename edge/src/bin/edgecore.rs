@@ -149,7 +149,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 |r| {
                     tracing::info!(node = %r.node, api = %r.api_addr, mqtt = %r.mqtt_addr, grpc = ?r.grpc_addr, "edgecore running");
                 },
-                keel_cloud::core::shutdown_signal(),
+                keel_api::shutdown_signal(),
             ))
             .map_err(|e| e.to_string())
         }

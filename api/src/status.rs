@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::resources::ResourceType;
+use crate::resources::ResourceType;
 
 /// A failed request, rendered as a `v1 Status` object that kubectl prints
 /// as `Error from server (<reason>): <message>`.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use super::status::Status;
+use crate::status::Status;
 
 /// Events kept for watches to resume from.
 pub const HISTORY: usize = 16_384;

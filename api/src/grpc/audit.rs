@@ -18,7 +18,7 @@ use super::{hlc_millis, log_status};
 pub fn origin_kind(origin: &str) -> OriginKind {
     if origin.starts_with("user:") {
         OriginKind::User
-    } else if origin == crate::api::registry::ACTOR {
+    } else if origin == crate::meta::CLOUDCORE_ORIGIN {
         OriginKind::Cloudcore
     } else {
         OriginKind::Node

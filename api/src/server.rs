@@ -1,0 +1,783 @@
+//! The Kubernetes API server: enough of the Kubernetes REST API that an
+//! unmodified kubectl works against cloudcore (HTTPS, cluster CA, admin
+//! client certificate) and against an edgecore (plain HTTP on loopback,
+//! read-only).
+//!
+//! Served here: discovery (`/api`, `/apis`, resource lists), a minimal
+//! OpenAPI (`/openapi/v3` per group version declaring server-side field
+//! validation, and an empty `/openapi/v2`), and for every type in
+//! [`resources::RESOURCES`]: get, list (label and field selectors), watch
+//! (resumable from a resourceVersion; `410 Gone` when too old; the
+//! `sendInitialEvents` form kubectl's delete uses), the `status`
+//! subresource, `as=Table` answers for `kubectl get`, and container logs
+//! (`pods/<name>/log`) where a [`PodLogs`] is given. Objects are read
+//! through [`ReadObjects`]; create, update, patch and delete go to the
+//! server's [`WriteObjects`] (cloudcore's registry), or get `405
+//! MethodNotAllowed` on a read-only server.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::resources::{self, ResourceType};
+use crate::select::{FieldSelector, LabelSelector};
+use crate::status::Status;
+use crate::watch;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 3 << 20;
+
+/// A response body: whole, or streamed (watch).
+#[derive(Debug)]
+pub enum ApiBody {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for ApiBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ApiBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+}
+
+type Resp = Response<ApiBody>;
+
+fn respond(code: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(ApiBody::Full(Some(body.into())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_resp(code: u16, v: &Value) -> Resp {
+    respond(
+        code,
+        "application/json",
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+}
+
+fn status_resp(s: &Status) -> Resp {
+    json_resp(s.code, &s.to_json())
+}
+
+/// The running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl ApiServer {
+    /// Serves the API on `addr` with `tls` (which should require client
+    /// certificates from the cluster CA): reads from `reader`, writes to
+    /// `writer`. Only a client whose certificate `admin` accepts may use
+    /// it; any other gets `403 Forbidden`.
+    pub async fn bind(
+        addr: SocketAddr,
+        mut tls: rustls::ServerConfig,
+        reader: Arc<dyn ReadObjects>,
+        writer: Arc<dyn WriteObjects>,
+        admin: fn(&[u8]) -> bool,
+    ) -> std::io::Result<ApiServer> {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        info!(%addr, "kubernetes API listening");
+        let server = Arc::new(Server {
+            reader,
+            writer: Some(writer),
+            logs: None,
+            addr: addr.to_string(),
+        });
+        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
+            let (acceptor, server) = (acceptor.clone(), server.clone());
+            async move {
+                let tls = match tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "API TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                // Only the admin certificate may use the API; node
+                // certificates speak the sync protocol, not this.
+                let allowed = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .is_some_and(|c| admin(c));
+                serve_http(tls, server, allowed).await;
+            }
+            .instrument(info_span!("api", %peer))
+        }));
+        Ok(ApiServer { addr, task })
+    }
+
+    /// Serves a read-only API over plain HTTP on `addr` (meant for
+    /// loopback: edgecore's offline API, as KubeEdge's MetaServer): get,
+    /// list and watch from `reader`, container logs from `logs`; every
+    /// write is refused with `405 MethodNotAllowed`.
+    pub async fn bind_read_only(
+        addr: SocketAddr,
+        reader: Arc<dyn ReadObjects>,
+        logs: Option<Arc<dyn PodLogs>>,
+    ) -> std::io::Result<ApiServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        info!(%addr, "read-only kubernetes API listening");
+        let server = Arc::new(Server {
+            reader,
+            writer: None,
+            logs,
+            addr: addr.to_string(),
+        });
+        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
+            serve_http(tcp, server.clone(), true).instrument(info_span!("edge_api", %peer))
+        }));
+        Ok(ApiServer { addr, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shutdown(&self) {
+        self.task.abort();
+    }
+}
+
+/// The read side of the API: cloudcore's registry, or edgecore's
+/// local view of its node's objects.
+pub trait ReadObjects: Send + Sync + 'static {
+    /// The object at `key`, with its `resourceVersion`.
+    fn get(&self, key: &str) -> Option<Value>;
+    /// Every object whose key starts with `prefix`, and the list's
+    /// resourceVersion.
+    fn list(&self, prefix: &str) -> (Vec<Value>, u64);
+    /// Events after `rv` still held, and the live feed.
+    fn watch(&self, rv: u64) -> Result<watch::WatchStart, Status>;
+}
+
+/// What a write answers: the HTTP status (200, or 201 when it created the
+/// object) and the object.
+pub type Written = (u16, Value);
+
+/// A write in progress.
+pub type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<Written, Status>> + Send + 'a>>;
+
+/// The write side of the API (cloudcore's registry): the server routes a
+/// request and reads its body; what the body means, validation and the
+/// write itself are the implementation's.
+pub trait WriteObjects: Send + Sync + 'static {
+    /// POST to the collection `t`; `strict`: unknown fields are an error
+    /// (`fieldValidation` other than `Ignore` or `Warn`).
+    fn create<'a>(&'a self, t: &'a Target, body: Bytes, strict: bool) -> WriteFuture<'a>;
+    /// PUT of the object `name` (or of its subresource `sub`).
+    fn update<'a>(
+        &'a self,
+        t: &'a Target,
+        name: &'a str,
+        sub: Option<&'a str>,
+        body: Bytes,
+        strict: bool,
+    ) -> WriteFuture<'a>;
+    /// PATCH of the object `name` (or of its subresource `sub`) with a
+    /// patch of `content_type`.
+    fn patch<'a>(
+        &'a self,
+        t: &'a Target,
+        name: &'a str,
+        sub: Option<&'a str>,
+        content_type: &'a str,
+        body: Bytes,
+        force: bool,
+    ) -> WriteFuture<'a>;
+    /// DELETE of the object `name`.
+    fn delete<'a>(&'a self, t: &'a Target, name: &'a str) -> WriteFuture<'a>;
+}
+
+/// What `kubectl logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub container: Option<String>,
+    pub follow: bool,
+    pub previous: bool,
+    pub tail_lines: Option<u64>,
+    pub limit_bytes: Option<u64>,
+}
+
+/// Container logs (served where the containers run: edgecore).
+pub trait PodLogs: Send + Sync + 'static {
+    /// The log of one container of `pod` (a Pod object), as a stream of
+    /// chunks; the stream ends when the log does (or, with `follow`, when
+    /// the container is gone or the client leaves).
+    fn logs(&self, pod: &Value, req: &LogRequest) -> Result<mpsc::Receiver<Bytes>, Status>;
+}
+
+/// Accepts connections forever, each handled by its own task.
+async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle(tcp, peer));
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting an API connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// HTTP/1.1 on one connection; `allowed` is false for a client the API
+/// refuses (every request then gets 403).
+async fn serve_http<IO>(io: IO, server: Arc<Server>, allowed: bool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let server = server.clone();
+        async move {
+            if !allowed {
+                let s = Status::new(
+                    403,
+                    "Forbidden",
+                    "only the cluster admin certificate may use the Kubernetes API",
+                );
+                return Ok::<_, Infallible>(status_resp(&s));
+            }
+            Ok::<_, Infallible>(server.handle(req).await)
+        }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Some(std::time::Duration::from_secs(30)));
+    if let Err(e) = b.serve_connection(TokioIo::new(io), service).await {
+        debug!(error = %e, "API connection ended with an error");
+    }
+}
+
+#[derive(Clone)]
+struct Server {
+    reader: Arc<dyn ReadObjects>,
+    writer: Option<Arc<dyn WriteObjects>>,
+    logs: Option<Arc<dyn PodLogs>>,
+    addr: String,
+}
+
+/// What a URL names: a resource type and, as the URL gives them, the
+/// namespace, the object's name and a subresource (`status`, `log`).
+#[derive(Debug)]
+pub struct Target {
+    pub rt: &'static ResourceType,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+fn query_map(q: Option<&str>) -> BTreeMap<String, String> {
+    q.unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%'
+            && let Some(h) = b.get(i + 1..i + 3)
+            && let Ok(h) = std::str::from_utf8(h)
+            && let Ok(v) = u8::from_str_radix(h, 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if c == b'+' { b' ' } else { c });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_target(segs: &[&str]) -> Option<Target> {
+    let (group, version, rest) = match segs {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, rest @ ..] if !matches!(*plural, "status" | "finalize") => {
+            (Some((*ns).to_owned()), {
+                let mut v = vec![*plural];
+                v.extend_from_slice(rest);
+                v
+            })
+        }
+        _ => (None, rest.to_vec()),
+    };
+    let (plural, name, sub) = match rest.as_slice() {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some((*n).to_owned()), None),
+        [p, n, s] => (*p, Some((*n).to_owned()), Some((*s).to_owned())),
+        _ => return None,
+    };
+    let rt = resources::find(group, version, plural)?;
+    if namespace.is_some() && !rt.namespaced {
+        return None;
+    }
+    Some(Target {
+        rt,
+        namespace,
+        name,
+        sub,
+    })
+}
+
+fn wants_table(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Status> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(Status::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("request body: {e}"),
+        )),
+    }
+}
+
+/// Server-side strict field validation unless the request turns it off.
+fn strict(query: &BTreeMap<String, String>) -> bool {
+    !matches!(
+        query.get("fieldValidation").map(String::as_str),
+        Some("Ignore" | "Warn")
+    )
+}
+
+fn written((code, obj): Written) -> Resp {
+    json_resp(code, &obj)
+}
+
+impl Server {
+    async fn handle(&self, req: Request<Incoming>) -> Resp {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let r = self.route(req).await;
+        let resp = match r {
+            Ok(r) => r,
+            Err(s) => status_resp(&s),
+        };
+        debug!(%method, %path, status = resp.status().as_u16(), "api request");
+        resp
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Resp, Status> {
+        let path = req.uri().path().trim_end_matches('/').to_owned();
+        let query = query_map(req.uri().query());
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let get = req.method() == Method::GET;
+        match segs.as_slice() {
+            ["version"] if get => {
+                return Ok(json_resp(
+                    200,
+                    &json!({"major": "1", "minor": "37", "gitVersion": "v1.37.0-keel",
+                        "gitCommit": "", "gitTreeState": "clean", "buildDate": "",
+                        "goVersion": "", "compiler": "rustc",
+                        "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH)}),
+                ));
+            }
+            ["healthz" | "readyz" | "livez"] if get => return Ok(respond(200, "text/plain", "ok")),
+            ["api"] if get => return Ok(json_resp(200, &resources::api_versions(&self.addr))),
+            ["apis"] if get => return Ok(json_resp(200, &resources::api_group_list())),
+            ["apis", g] if get => {
+                return resources::api_group(g)
+                    .map(|v| json_resp(200, &v))
+                    .ok_or_else(|| {
+                        Status::new(
+                            404,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                        )
+                    });
+            }
+            ["api", v] if get => {
+                return resources::resource_list("", v)
+                    .map(|v| json_resp(200, &v))
+                    .ok_or_else(|| {
+                        Status::new(
+                            404,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                        )
+                    });
+            }
+            ["apis", g, v] if get => {
+                return resources::resource_list(g, v)
+                    .map(|v| json_resp(200, &v))
+                    .ok_or_else(|| {
+                        Status::new(
+                            404,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                        )
+                    });
+            }
+            ["openapi", "v2"] if get => {
+                // An empty protobuf document: kubectl then skips client-side
+                // schema validation (the server validates).
+                return Ok(respond(
+                    200,
+                    "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                    Bytes::new(),
+                ));
+            }
+            ["openapi", "v3"] if get => return Ok(json_resp(200, &resources::openapi_v3_root())),
+            ["openapi", "v3", rest @ ..] if get => {
+                return resources::openapi_v3_group(&rest.join("/"))
+                    .map(|v| json_resp(200, &v))
+                    .ok_or_else(|| {
+                        Status::new(
+                            404,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                        )
+                    });
+            }
+            _ => {}
+        }
+        let Some(t) = parse_target(&segs) else {
+            return Err(Status::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        };
+        let table = wants_table(&req);
+        let method = req.method().clone();
+        let content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        match (&method, &t.name, t.sub.as_deref()) {
+            (&Method::GET, None, None) => {
+                if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+                    self.watch(&t, &query, table)
+                } else {
+                    self.list(&t, &query, table)
+                }
+            }
+            (&Method::GET, Some(name), None) => {
+                let key = t.rt.key(t.namespace.as_deref(), name);
+                let obj = self
+                    .reader
+                    .get(&key)
+                    .ok_or_else(|| Status::not_found(t.rt, name))?;
+                Ok(self.one(t.rt, &obj, table))
+            }
+            (&Method::GET, Some(name), Some("status")) if t.rt.has_status => {
+                let key = t.rt.key(t.namespace.as_deref(), name);
+                let obj = self
+                    .reader
+                    .get(&key)
+                    .ok_or_else(|| Status::not_found(t.rt, name))?;
+                Ok(json_resp(200, &obj))
+            }
+            (&Method::GET, Some(name), Some("log")) if t.rt.plural == "pods" => {
+                let key = t.rt.key(t.namespace.as_deref(), name);
+                let pod = self
+                    .reader
+                    .get(&key)
+                    .ok_or_else(|| Status::not_found(t.rt, name))?;
+                let Some(logs) = &self.logs else {
+                    let node = pod
+                        .pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .unwrap_or("<none>");
+                    return Err(Status::new(
+                        503,
+                        "ServiceUnavailable",
+                        format!(
+                            "container logs stay on edge node {node}: read them with kubectl against that node's edge API"
+                        ),
+                    ));
+                };
+                let num = |k: &str| -> Result<Option<u64>, Status> {
+                    query
+                        .get(k)
+                        .map(|v| {
+                            v.parse()
+                                .map_err(|_| Status::bad_request(format!("invalid {k} {v:?}")))
+                        })
+                        .transpose()
+                };
+                let lr = LogRequest {
+                    namespace: t.namespace.clone().unwrap_or_else(|| "default".into()),
+                    pod: name.clone(),
+                    container: query.get("container").cloned(),
+                    follow: query.get("follow").is_some_and(|v| v == "true"),
+                    previous: query.get("previous").is_some_and(|v| v == "true"),
+                    tail_lines: num("tailLines")?,
+                    limit_bytes: num("limitBytes")?,
+                };
+                let rx = logs.logs(&pod, &lr)?;
+                let mut r = Response::new(ApiBody::Stream(rx));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                Ok(r)
+            }
+            (&Method::POST, None, None) => {
+                let writer = self.writer()?;
+                let body = read_body(req).await?;
+                writer.create(&t, body, strict(&query)).await.map(written)
+            }
+            (&Method::PUT, Some(name), sub) => {
+                let writer = self.writer()?;
+                let body = read_body(req).await?;
+                writer
+                    .update(&t, name, sub, body, strict(&query))
+                    .await
+                    .map(written)
+            }
+            (&Method::PATCH, Some(name), sub) => {
+                let writer = self.writer()?;
+                let body = read_body(req).await?;
+                let force = query.get("force").is_some_and(|f| f == "true");
+                writer
+                    .patch(&t, name, sub, &content_type, body, force)
+                    .await
+                    .map(written)
+            }
+            (&Method::DELETE, Some(name), None) => {
+                self.writer()?.delete(&t, name).await.map(written)
+            }
+            _ => Err(Status::new(
+                405,
+                "MethodNotAllowed",
+                format!(
+                    "{method} is not supported on {}{}",
+                    t.rt.qualified(),
+                    t.sub.map(|s| format!("/{s}")).unwrap_or_default()
+                ),
+            )),
+        }
+    }
+
+    /// Where writes go; a read-only API (edgecore's) refuses them.
+    fn writer(&self) -> Result<&Arc<dyn WriteObjects>, Status> {
+        self.writer.as_ref().ok_or_else(|| {
+            Status::new(
+                405,
+                "MethodNotAllowed",
+                "this is edgecore's read-only API: change objects through cloudcore, \
+                 the edge receives them when connected",
+            )
+        })
+    }
+
+    fn one(&self, rt: &ResourceType, obj: &Value, table: bool) -> Resp {
+        if table {
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            json_resp(200, &resources::table(rt, &[obj], rv))
+        } else {
+            json_resp(200, obj)
+        }
+    }
+
+    fn selected(
+        &self,
+        t: &Target,
+        query: &BTreeMap<String, String>,
+    ) -> Result<(LabelSelector, FieldSelector), Status> {
+        let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
+            .map_err(Status::bad_request)?;
+        let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
+            .map_err(Status::bad_request)?;
+        let _ = t;
+        Ok((labels, fields))
+    }
+
+    fn list(
+        &self,
+        t: &Target,
+        query: &BTreeMap<String, String>,
+        table: bool,
+    ) -> Result<Resp, Status> {
+        let (labels, fields) = self.selected(t, query)?;
+        let (items, rv) = self.reader.list(&t.rt.key_prefix(t.namespace.as_deref()));
+        let items: Vec<Value> = items
+            .into_iter()
+            .filter(|o| labels.matches(o) && fields.matches(o))
+            .collect();
+        if table {
+            let refs: Vec<&Value> = items.iter().collect();
+            return Ok(json_resp(200, &resources::table(t.rt, &refs, rv)));
+        }
+        Ok(json_resp(
+            200,
+            &json!({"kind": format!("{}List", t.rt.kind), "apiVersion": t.rt.api_version(),
+                "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+        ))
+    }
+
+    fn watch(
+        &self,
+        t: &Target,
+        query: &BTreeMap<String, String>,
+        table: bool,
+    ) -> Result<Resp, Status> {
+        let (labels, fields) = self.selected(t, query)?;
+        let prefix = t.rt.key_prefix(t.namespace.as_deref());
+        let initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
+        let rv_param: Option<u64> = match query.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| Status::bad_request(format!("invalid resourceVersion {s:?}")))?,
+            ),
+        };
+        // Without a resourceVersion (or with sendInitialEvents), the watch
+        // starts with the current state as ADDED events.
+        let (start_items, start_rv) = if rv_param.is_none() || initial {
+            let (items, rv) = self.reader.list(&prefix);
+            (Some(items), rv)
+        } else {
+            (None, rv_param.unwrap_or(0))
+        };
+        let (past, mut rx) = self.reader.watch(start_rv)?;
+        let (tx, body) = mpsc::channel::<Bytes>(64);
+        let rt = t.rt;
+        let bookmark = initial;
+        let allow = move |o: &Value| labels.matches(o) && fields.matches(o);
+        let render = move |kind: &str, o: &Value| -> Bytes {
+            let object = if table && kind != "BOOKMARK" {
+                let rv = o
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                resources::table(rt, &[o], rv)
+            } else {
+                o.clone()
+            };
+            let mut line =
+                serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+            line.push(b'\n');
+            Bytes::from(line)
+        };
+        tokio::spawn(async move {
+            let mut last = start_rv;
+            if let Some(items) = start_items {
+                for o in items.iter().filter(|o| allow(o)) {
+                    if tx.send(render("ADDED", o)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if bookmark {
+                let mark = json!({"kind": rt.kind, "apiVersion": rt.api_version(),
+                    "metadata": {"resourceVersion": start_rv.to_string(),
+                        "annotations": {"k8s.io/initial-events-end": "true"}}});
+                if tx.send(render("BOOKMARK", &mark)).await.is_err() {
+                    return;
+                }
+            }
+            let mut pending: std::collections::VecDeque<Arc<watch::WatchEvent>> = past.into();
+            loop {
+                let ev = match pending.pop_front() {
+                    Some(e) => e,
+                    None => match rx.recv().await {
+                        Ok(e) => e,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let s = Status::gone(format!(
+                                "watch fell {n} events behind; list and watch again"
+                            ));
+                            let _ = tx.send(render("ERROR", &s.to_json())).await;
+                            return;
+                        }
+                        Err(_) => return,
+                    },
+                };
+                if ev.rv <= last || !ev.key.starts_with(&prefix) {
+                    continue;
+                }
+                last = ev.rv;
+                if !allow(&ev.object) {
+                    continue;
+                }
+                if tx.send(render(ev.kind.as_str(), &ev.object)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(ApiBody::Stream(body));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(r)
+    }
+}
