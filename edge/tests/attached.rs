@@ -84,13 +84,14 @@ spec:
         command: ["/bin/sh", "-c", "sleep 1; exit 3"]
 "#;
 
-/// A pod for edge-b created while cloudcore is down (the webhook is not
-/// there to answer): the control of the partition, evicted by the cluster.
+/// A pod for edge-b that opts out of edge autonomy: the control of the
+/// partition, evicted by the cluster.
 const CONTROL_POD: &str = r#"apiVersion: v1
 kind: Pod
 metadata:
   name: control
   labels: {app: control}
+  annotations: {keel.io/autonomy: "off"}
 spec:
   nodeName: edge-b
   terminationGracePeriodSeconds: 2
@@ -243,29 +244,29 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
     let text = std::fs::read_to_string(&kubeconfig).unwrap();
     let server = k8s.server();
     std::fs::write(&bad, text.replace(&server, "https://127.0.0.1:9")).unwrap();
-    let out = Command::new(cloudcore_bin())
-        .args(["run", "--no-grpc", "--data-dir"])
-        .arg(tmp.path().join("bad-cloud"))
-        .arg("--kubeconfig")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // cloudcore on a bad kubeconfig: (exited with success, stderr).
+    let attach_with = |kubeconfig: &Path| {
+        let out = Command::new(cloudcore_bin())
+            .args(["run", "--no-grpc", "--data-dir"])
+            .arg(tmp.path().join("bad-cloud"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok_exit, err) = attach_with(&bad);
+    assert!(!ok_exit);
     assert!(
         err.contains("cannot reach the Kubernetes API server at https://127.0.0.1:9"),
         "{err}"
     );
     let stranger = k8s.client_kubeconfig("stranger", "stranger", &[]);
-    let out = Command::new(cloudcore_bin())
-        .args(["run", "--no-grpc", "--data-dir"])
-        .arg(tmp.path().join("bad-cloud"))
-        .arg("--kubeconfig")
-        .arg(&stranger)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok_exit, err) = attach_with(&stranger);
+    assert!(!ok_exit);
     assert!(
         err.contains(&format!("the Kubernetes API server at {server}"))
             && err.contains("refused cloudcore's credentials"),
@@ -457,12 +458,12 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
             "{name} recorded restarts on its edge during the outage"
         );
     }
-    cloud = Cloud::start_attached(
+    let _cloud = Cloud::start_attached(
         &cloud_dir,
         &kubeconfig,
-        Some(hub.clone()),
-        Some(bootstrap.clone()),
-        Some(webhook.clone()),
+        Some(hub),
+        Some(bootstrap),
+        Some(webhook),
     );
     rollout(&k8s, "deployment/web");
     wait_for(
@@ -590,29 +591,38 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
         || reported(&device(&k8s), "setpoint").as_deref() == Some("25"),
     );
 
-    // Partition: cloudcore gone for longer than the cluster's unreachable
-    // toleration. The nodes go unreachable and are tainted; the control pod
-    // is evicted, the edge pods are not: same pods, same UIDs, still running.
-    let before: BTreeMap<String, (String, Option<i32>)> = pods(&k8s, "app in (web, agent)")
-        .iter()
-        .map(|p| {
-            (
-                p["metadata"]["name"].as_str().unwrap().to_owned(),
-                (p["metadata"]["uid"].as_str().unwrap().to_owned(), pid_of(p)),
-            )
-        })
-        .collect();
-    cloud.proc.kill9();
-    // Made while cloudcore is down: no webhook, no backstop.
+    // Partition: edge-b cut off (its edgecore frozen with SIGSTOP; its
+    // pods, processes of their own, run on) for longer than the cluster's
+    // unreachable toleration. When its QUIC connection times out, the node
+    // goes unreachable and is tainted NoExecute; the control pod (opted out
+    // of autonomy) is evicted; the edge pods are not: same pods, same UIDs,
+    // processes alive. (Only one node of two: with every node of a zone
+    // unreachable, Kubernetes evicts nothing at all.)
     k8s.apply_yaml(CONTROL_POD);
-    wait_for(
-        "the nodes tainted unreachable",
-        Duration::from_secs(90),
-        || {
-            NODES.iter().all(|n| {
-                let out = k8s.kubectl_ok(&["get", "node", n, "-o", "jsonpath={.spec.taints}"]);
-                out.contains("node.kubernetes.io/unreachable") && out.contains("NoExecute")
+    wait_for("the control pod running", Duration::from_secs(60), || {
+        pods(&k8s, "app=control").first().is_some_and(running_ready)
+    });
+    let on_b = |k8s: &ControlPlane| -> BTreeMap<String, (String, Option<i32>)> {
+        pods(k8s, "app in (web, agent)")
+            .iter()
+            .filter(|p| p["spec"]["nodeName"] == "edge-b")
+            .map(|p| {
+                (
+                    p["metadata"]["name"].as_str().unwrap().to_owned(),
+                    (p["metadata"]["uid"].as_str().unwrap().to_owned(), pid_of(p)),
+                )
             })
+            .collect()
+    };
+    let before = on_b(&k8s);
+    assert!(before.len() >= 2, "{before:?}");
+    signal(edges[1].proc.0.as_ref().unwrap(), "-STOP");
+    wait_for(
+        "edge-b tainted unreachable",
+        Duration::from_secs(180),
+        || {
+            let out = k8s.kubectl_ok(&["get", "node", "edge-b", "-o", "jsonpath={.spec.taints}"]);
+            out.contains("node.kubernetes.io/unreachable") && out.contains("NoExecute")
         },
     );
     wait_for("the control pod evicted", Duration::from_secs(60), || {
@@ -620,45 +630,41 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
             .first()
             .is_none_or(|p| !p["metadata"]["deletionTimestamp"].is_null())
     });
-    std::thread::sleep(Duration::from_secs(6));
-    let web_now = pods(&k8s, "app in (web, agent)");
-    for (name, (uid, _)) in &before {
-        let p = web_now
-            .iter()
-            .find(|p| p["metadata"]["name"] == name.as_str())
-            .unwrap_or_else(|| panic!("{name} was deleted on the cluster"));
-        assert_eq!(p["metadata"]["uid"].as_str().unwrap(), uid);
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        on_b(&k8s),
+        before,
+        "edge-b's pods on the cluster after the toleration"
+    );
+    for p in pods(&k8s, "app in (web, agent)") {
         assert!(
             p["metadata"]["deletionTimestamp"].is_null(),
-            "{name} is being evicted: {p}"
+            "being evicted: {p}"
         );
     }
-    for p in edge_pods(&edges, "app=web").values() {
-        assert_eq!(p["status"]["phase"], "Running", "{p}");
-        assert!(alive(pid_of(p).unwrap()), "{p}");
+    for (name, (_, pid)) in &before {
+        if name.starts_with("web-") {
+            assert!(alive(pid.unwrap()), "{name}'s process on edge-b");
+        }
     }
-    let _cloud = Cloud::start_attached(
-        &cloud_dir,
-        &kubeconfig,
-        Some(hub),
-        Some(bootstrap),
-        Some(webhook),
-    );
-    wait_for("the nodes Ready again", Duration::from_secs(60), || {
-        NODES
-            .iter()
-            .all(|n| node_ready(&k8s, n).as_deref() == Some("True"))
+    signal(edges[1].proc.0.as_ref().unwrap(), "-CONT");
+    wait_for("edge-b Ready again", Duration::from_secs(120), || {
+        node_ready(&k8s, "edge-b").as_deref() == Some("True")
     });
-    let after = pods(&k8s, "app=web");
-    for p in &after {
-        let name = p["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        on_b(&k8s).keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    for (name, (uid, _)) in on_b(&k8s) {
         assert_eq!(
-            before.get(name).map(|b| b.0.as_str()),
-            p["metadata"]["uid"].as_str(),
+            before[&name].0, uid,
             "{name} is the same pod after the partition"
         );
     }
     rollout(&k8s, "deployment/web");
+    wait_for("the control pod gone", Duration::from_secs(60), || {
+        pods(&k8s, "app=control").is_empty()
+    });
 
     // kubectl delete stops the processes on the edges.
     let pids: Vec<i32> = edge_pods(&edges, "app=web")

@@ -898,19 +898,7 @@ impl Registry {
     pub fn node_ready(&self, node: &str, ready: bool) {
         let key = format!("nodes/{node}");
         let now = now_rfc3339();
-        let (status, reason, message) = if ready {
-            (
-                "True",
-                "EdgeConnected",
-                "edgecore is connected to cloudcore",
-            )
-        } else {
-            (
-                "Unknown",
-                "EdgeDisconnected",
-                "edgecore lost its connection to cloudcore; its pods keep running",
-            )
-        };
+        let (status, reason, message) = ready_condition(ready);
         let node_name = node.to_owned();
         let r = self.submit(&key, move |old| {
             let mut obj = match old {
@@ -980,6 +968,24 @@ impl Registry {
         if let Err(e) = r {
             warn!(%node, error = %e, "could not renew the node lease");
         }
+    }
+}
+
+/// A node's Ready condition from its connection: (status, reason,
+/// message). The same in both modes.
+pub fn ready_condition(connected: bool) -> (&'static str, &'static str, &'static str) {
+    if connected {
+        (
+            "True",
+            "EdgeConnected",
+            "edgecore is connected to cloudcore",
+        )
+    } else {
+        (
+            "Unknown",
+            "EdgeDisconnected",
+            "edgecore lost its connection to cloudcore; its pods keep running",
+        )
     }
 }
 

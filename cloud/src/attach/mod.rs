@@ -57,7 +57,9 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::api::registry::{Registry, Write, now_rfc3339, now_rfc3339_micro, pod_refs};
+use crate::api::registry::{
+    Registry, Write, now_rfc3339, now_rfc3339_micro, pod_refs, ready_condition,
+};
 use crate::pki::ClusterCa;
 use crate::plane::ControlPlane;
 use kinds::KINDS;
@@ -732,19 +734,7 @@ impl Attached {
             }
         }
         let now = now_rfc3339();
-        let (st, reason, message) = if connected {
-            (
-                "True",
-                "EdgeConnected",
-                "edgecore is connected to cloudcore",
-            )
-        } else {
-            (
-                "Unknown",
-                "EdgeDisconnected",
-                "edgecore lost its connection to cloudcore; its pods keep running",
-            )
-        };
+        let (st, reason, message) = ready_condition(connected);
         let previous = lock(&self.state).node_status.get(node).cloned();
         let transition = previous
             .as_ref()

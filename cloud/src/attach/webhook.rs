@@ -10,6 +10,8 @@
 //! and not-ready `NoExecute` tolerations of pods meant for edge nodes with
 //! unlimited ones (DaemonSet pods already have them).
 //!
+//! A pod annotated `keel.io/autonomy: "off"` is left alone.
+//!
 //! The webhook is the first line; cloudcore's mirror is the backstop: a pod
 //! bound to an edge node that still has limited tolerations (admitted
 //! while cloudcore was down) has them made unlimited with a pod update,
@@ -46,6 +48,9 @@ pub const EDGE_LABEL: &str = "node-role.kubernetes.io/edge";
 pub const CONFIG_NAME: &str = "keel-edge-autonomy";
 const PATH: &str = "/mutate-pods";
 const MAX_REVIEW: usize = 4 << 20;
+/// The annotation with which a pod opts out (`"off"`): the cluster's
+/// own eviction then applies to it.
+pub const OPT_OUT: &str = "keel.io/autonomy";
 const TAINTS: [&str; 2] = [
     "node.kubernetes.io/unreachable",
     "node.kubernetes.io/not-ready",
@@ -237,6 +242,14 @@ fn for_edge(a: &Attached, pod: &Value) -> bool {
 /// The JSON patch giving `pod` unlimited unreachable / not-ready
 /// tolerations, or `None` if it has them already.
 pub(super) fn toleration_patch(pod: &Value) -> Option<Value> {
+    if pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(OPT_OUT))
+        .and_then(Value::as_str)
+        == Some("off")
+    {
+        return None;
+    }
     let current: Vec<Value> = pod
         .pointer("/spec/tolerations")
         .and_then(Value::as_array)
@@ -298,6 +311,9 @@ mod tests {
             None,
             "a second pass changes nothing"
         );
+        let mut opted_out = pod.clone();
+        opted_out["metadata"] = json!({"annotations": {"keel.io/autonomy": "off"}});
+        assert_eq!(toleration_patch(&opted_out), None);
         let bare = json!({"spec": {}});
         assert_eq!(
             toleration_patch(&bare).unwrap()[0]["value"]
