@@ -232,7 +232,9 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
     eprintln!("state and logs in {}", tmp.path().display());
     let mut k8s = ControlPlane::start(K8sOptions {
         unreachable_toleration_secs: 4,
-        node_monitor_grace_secs: 8,
+        // Above cloudcore's lease renewal (every 10 s), as Kubernetes
+        // requires of a node agent.
+        node_monitor_grace_secs: 25,
         ..K8sOptions::default()
     });
     let kubeconfig = k8s.admin_kubeconfig().to_owned();

@@ -92,6 +92,10 @@ pub struct KubernetesConfig {
     pub lease_renew_seconds: u64,
 }
 
+/// The label on the Nodes cloudcore created for its edge nodes (set in
+/// `sync_node`).
+const MANAGED_BY: &str = "node.keel.io/managed-by";
+
 fn default_webhook_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 10004))
 }
@@ -361,6 +365,10 @@ impl Attached {
         let me = self.clone();
         tasks.push(tokio::spawn(
             async move { me.lease_loop().await }.instrument(info_span!("leases")),
+        ));
+        let me = self.clone();
+        tasks.push(tokio::spawn(
+            async move { me.watch_nodes().await }.instrument(info_span!("watch", kind = "nodes")),
         ));
         lock(&self.tasks).extend(tasks);
         Ok(webhook_addr)
@@ -786,6 +794,40 @@ impl Attached {
                 }
             }
             Err(e) => Err(format!("renewing the Lease of {node}: {e}")),
+        }
+    }
+
+    /// Watches cloudcore's Nodes on the cluster: one whose Ready condition
+    /// is not `True` while its node is connected is written again (the
+    /// cluster's node lifecycle controller sets it `Unknown` when a Lease
+    /// lapses, and only the node's agent sets it back, as a kubelet does).
+    async fn watch_nodes(self: Arc<Self>) {
+        use k8s_openapi::api::core::v1::Node;
+        let api: Api<Node> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default().labels(&format!("{MANAGED_BY}=cloudcore"));
+        let mut stream = watcher(api, cfg).default_backoff().boxed();
+        while let Some(ev) = stream.next().await {
+            let node = match ev {
+                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n,
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(server = %self.server, error = %e, "node watch failed; retrying");
+                    continue;
+                }
+            };
+            let Some(name) = node.metadata.name.as_deref() else {
+                continue;
+            };
+            let ready = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .is_some_and(|c| c.status == "True");
+            if !ready && lock(&self.state).connected.contains(name) {
+                debug!(node = %name, "the cluster sees a connected node as not ready; writing it again");
+                self.node_q.push(name.to_owned());
+            }
         }
     }
 
