@@ -938,3 +938,54 @@ impl ControlPlane for Attached {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_names_the_latest_field_manager() {
+        let obj = json!({"metadata": {"managedFields": [
+            {"manager": "kubectl-client-side-apply", "time": "2026-01-01T00:00:00Z"},
+            {"manager": "kube-controller-manager", "time": "2026-01-02T00:00:00Z"}]}});
+        assert_eq!(origin_of(&obj), "k8s:kube-controller-manager");
+        assert_eq!(origin_of(&json!({"metadata": {}})), "k8s:unknown");
+    }
+
+    #[test]
+    fn cluster_objects_normalised_and_keyed_like_the_registry() {
+        let kind = Kind::of_key("pods/default/x").unwrap();
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "x", "namespace": "ns", "resourceVersion": "42", "uid": "u"},
+            "spec": {"nodeName": "edge-1", "volumes": [{"name": "t", "projected": {"sources": [
+                {"configMap": {"name": "kube-root-ca.crt"}}, {"serviceAccountToken": {"path": "token"}}]}}]}}))
+        .unwrap();
+        let v = dynamic_json(kind, obj);
+        assert_eq!(v["apiVersion"], "v1");
+        assert_eq!(v["kind"], "Pod");
+        assert!(v["metadata"].get("resourceVersion").is_none());
+        assert_eq!(kind.key_of(&v).as_deref(), Some("pods/ns/x"));
+        assert_eq!(
+            refs_of(kind, &v),
+            vec![("configmaps", "kube-root-ca.crt".to_owned())]
+        );
+        let dev = Kind::of_key("devices.devices.kubeedge.io/ns/d").unwrap();
+        assert_eq!(dev.api_version(), "devices.kubeedge.io/v1beta1");
+        assert_eq!(
+            refs_of(dev, &json!({"spec": {"deviceModelRef": {"name": "m"}}})),
+            vec![("devicemodels.devices.kubeedge.io", "m".to_owned())]
+        );
+        assert_eq!(
+            dev.used_by.map(Kind::qualified),
+            None,
+            "devices are bound by nodeName, not used by another kind"
+        );
+        assert_eq!(
+            Kind::of_key("devicemodels.devices.kubeedge.io/ns/m")
+                .and_then(|k| k.used_by)
+                .map(Kind::qualified),
+            Some("devices.devices.kubeedge.io")
+        );
+    }
+}
