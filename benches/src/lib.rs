@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -71,6 +72,71 @@ impl Drop for Kill {
     }
 }
 
+/// The release cloudcore, `run --no-grpc --data-dir <dir> --hub-addr <hub>
+/// --bootstrap-addr <boot>` and `extra`, its stdout and stderr to `out` and
+/// `err` (null if `None`).
+pub fn cloudcore(
+    dir: &Path,
+    hub: &str,
+    boot: &str,
+    extra: &[&std::ffi::OsStr],
+    out: Option<&Path>,
+    err: Option<&Path>,
+) -> Kill {
+    let to = |p: Option<&Path>| p.map_or_else(Stdio::null, |p| File::create(p).unwrap().into());
+    Kill(
+        Command::new(bin("cloudcore"))
+            .args(["run", "--no-grpc", "--data-dir"])
+            .arg(dir)
+            .args(["--hub-addr", hub, "--bootstrap-addr", boot])
+            .args(extra)
+            .stdout(to(out))
+            .stderr(to(err))
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A join token for `node` from the cloudcore whose data directory is `dir`.
+pub fn token(dir: &Path, node: &str) -> String {
+    let token = Command::new(bin("cloudcore"))
+        .args(["token", node, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "cloudcore token: {}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    String::from_utf8(token.stdout).unwrap().trim().to_owned()
+}
+
+/// The release edgecore on `dir`, joining the cloudcore at `hub`/`boot`
+/// with `token`; its stderr to `err` (null if `None`).
+pub fn edgecore(dir: &Path, hub: &str, boot: &str, token: &str, err: Option<&Path>) -> Kill {
+    Kill(
+        Command::new(bin("edgecore"))
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--cloud-hub",
+                hub,
+                "--cloud-bootstrap",
+                boot,
+                "--api-addr",
+                &format!("127.0.0.1:{}", port(false)),
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--token",
+                token,
+            ])
+            .stderr(err.map_or_else(Stdio::null, |p| File::create(p).unwrap().into()))
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// A release cloudcore and one joined edgecore `edge-1` under `dir`.
 #[derive(Debug)]
 pub struct Cluster {
@@ -88,22 +154,13 @@ impl Cluster {
             format!("127.0.0.1:{}", port(false)),
         );
         let cloud_dir = dir.join("cloud");
-        let cloud = Kill(
-            Command::new(bin("cloudcore"))
-                .args(["run", "--no-grpc", "--data-dir"])
-                .arg(&cloud_dir)
-                .args([
-                    "--api-addr",
-                    "127.0.0.1:0",
-                    "--hub-addr",
-                    &hub,
-                    "--bootstrap-addr",
-                    &boot,
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+        let cloud = cloudcore(
+            &cloud_dir,
+            &hub,
+            &boot,
+            &["--api-addr".as_ref(), "127.0.0.1:0".as_ref()],
+            None,
+            None,
         );
         let kubeconfig = cloud_dir.join("admin.kubeconfig");
         let start = Instant::now();
@@ -114,33 +171,8 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let token = Command::new(bin("cloudcore"))
-            .args(["token", "edge-1", "--data-dir"])
-            .arg(&cloud_dir)
-            .output()
-            .unwrap();
-        assert!(token.status.success());
-        let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-        let edge = Kill(
-            Command::new(bin("edgecore"))
-                .args(["run", "--data-dir"])
-                .arg(dir.join("edge-1"))
-                .args([
-                    "--cloud-hub",
-                    &hub,
-                    "--cloud-bootstrap",
-                    &boot,
-                    "--api-addr",
-                    &format!("127.0.0.1:{}", port(false)),
-                    "--mqtt-addr",
-                    "127.0.0.1:0",
-                    "--token",
-                    &token,
-                ])
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let token = token(&cloud_dir, "edge-1");
+        let edge = edgecore(&dir.join("edge-1"), &hub, &boot, &token, None);
         Cluster {
             edge,
             cloud,
