@@ -153,8 +153,13 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 }
             }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
-            rt.block_on(core::run(cfg, started, core::shutdown_signal()))
-                .map_err(|e| e.to_string())
+            let r = rt
+                .block_on(core::run(cfg, started, core::shutdown_signal()))
+                .map_err(|e| e.to_string());
+            // Stopped is stopped: a task still blocked (a request to an
+            // unreachable API server, say) does not keep the process alive.
+            rt.shutdown_timeout(Duration::from_secs(2));
+            r
         }
     }
 }
