@@ -253,8 +253,10 @@ fn pods_run_on_their_edge_and_survive_outages() {
             restarts(&p) == offline_restarts && pid_of(&p) == pid_of(&offline)
         },
     );
-    // edge-b reconnects too, once QUIC's idle timeout (90 s) has closed
-    // the connection to the killed cloudcore.
+    // edge-b, idle, reconnects too: the restarted cloudcore recognises the
+    // connection IDs its predecessor issued (keyed from the persisted
+    // reset secret) and answers edge-b's next keep-alive with a stateless
+    // reset, rather than leaving it to QUIC's 90 s idle timeout.
     wait_for("both nodes Ready again", Duration::from_secs(150), || {
         let out = String::from_utf8_lossy(&cloud.k(&["get", "nodes"]).stdout).into_owned();
         ["edge-a", "edge-b"].iter().all(|n| {
@@ -262,6 +264,12 @@ fn pods_run_on_their_edge_and_survive_outages() {
                 .any(|l| l.starts_with(n) && l.contains(" Ready"))
         })
     });
+    let log = std::fs::read_to_string(tmp.path().join("edge-b").join("edgecore.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("disconnected from cloudcore") && l.contains("reset by peer")),
+        "edge-b learnt of the restart from a stateless reset:\n{log}"
+    );
     let sleeper = cloud_pod(&cloud, "sleeper");
     assert_eq!(phase(&sleeper), "Running");
     let wide = ok(cloud.k(&["get", "pods", "-o", "wide"]), "get pods");

@@ -402,10 +402,24 @@ pub fn server_endpoint(
     reset_secret: Option<&[u8]>,
 ) -> std::io::Result<quinn::Endpoint> {
     let endpoint_config = match reset_secret {
-        Some(secret) => quinn::EndpointConfig::new(std::sync::Arc::new(ring::hmac::Key::new(
-            ring::hmac::HMAC_SHA256,
-            secret,
-        ))),
+        Some(secret) => {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+            // Connection IDs are keyed from the same secret: a restarted
+            // server recognises the IDs its predecessor issued and answers
+            // their packets with a stateless reset, so peers reconnect at
+            // once instead of waiting out the idle timeout.
+            let tag = ring::hmac::sign(&key, b"keel connection ids v1");
+            let mut cid_key = [0u8; 8];
+            for (d, s) in cid_key.iter_mut().zip(tag.as_ref()) {
+                *d = *s;
+            }
+            let cid_key = u64::from_le_bytes(cid_key);
+            let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(key));
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
         None => quinn::EndpointConfig::default(),
     };
     quinn::Endpoint::new(
