@@ -28,6 +28,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Records of node `node`'s `up` stream are durable in cloudcore's
     /// replica (fold them; write back what needs writing).
     fn node_reported(&self, node: &str, records: &[Record]);
+    /// Node `node` holds `stream` (one cloudcore sends) durably up to `seq`.
+    fn node_acked(&self, _node: &str, _stream: &str, _seq: u64) {}
 }
 
 /// cloudcore as the control plane (the default mode).
@@ -71,5 +73,7 @@ impl Sink for PlaneSink {
     fn disconnected(&self, node: &str) {
         self.0.node_disconnected(node);
     }
-    fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
+    fn acked(&self, node: &str, stream: &str, cursor: Cursor) {
+        self.0.node_acked(node, stream, cursor.seq);
+    }
 }

@@ -505,6 +505,15 @@ impl Link {
         });
         self.got_hello = true;
         self.events.push_back(Event::Established);
+        // The peer's Hello names what it holds durably: as good as an ack
+        // (so an owner that waits for the peer to hold a record learns it
+        // after a reconnect even when nothing new is sent).
+        if !need_snapshot && acked.seq > 0 {
+            self.events.push_back(Event::Acked {
+                stream: name,
+                cursor: acked,
+            });
+        }
     }
 
     fn on_segment(&mut self, seg: keel_log::Segment) {

@@ -626,6 +626,27 @@ impl Registry {
         let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
         let mut tickets = Vec::new();
         let targets = inner.targets(key, obj);
+        // Nodes that held the object but no longer should (a device moved
+        // to another node, a configmap no pod there uses any more): the
+        // object leaves them.
+        let gone: Vec<String> = inner
+            .bound
+            .get(key)
+            .map(|b| b.difference(&targets).cloned().collect())
+            .unwrap_or_default();
+        for node in gone {
+            tickets.push(
+                self.store
+                    .append_async(
+                        &down_stream(&node),
+                        vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
+                    )
+                    .map_err(err)?,
+            );
+            if let Some(b) = inner.bound.get_mut(key) {
+                b.remove(&node);
+            }
+        }
         let mut extra: Vec<(String, String)> = Vec::new();
         for node in targets {
             let down = down_stream(&node);

@@ -209,6 +209,12 @@ struct State {
     synced: BTreeSet<&'static str>,
     /// Node statuses last written to the cluster.
     node_status: BTreeMap<String, Value>,
+    /// Per node, the highest seq of its `down` stream it holds durably
+    /// (its acks, and the cursor of its Hello).
+    acked_down: BTreeMap<String, u64>,
+    /// Pods deleted on the cluster that wait for their node to hold the
+    /// tombstone: key → (node, `down` seq it must hold).
+    deleting: BTreeMap<String, (String, u64)>,
 }
 
 /// cloudcore's side of an attached cluster.
@@ -472,7 +478,22 @@ impl Attached {
 
     /// Caches one object from the cluster; its key.
     fn cache_put(&self, kind: &'static Kind, obj: DynamicObject) -> Option<String> {
-        let v = dynamic_json(kind, obj);
+        let mut v = dynamic_json(kind, obj);
+        // Kept only for the origin of a change; the rest is never needed.
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut)
+            && let Some(mf) = m.get_mut("managedFields").and_then(Value::as_array_mut)
+        {
+            let latest = mf
+                .iter()
+                .filter(|e| e.get("time").is_some())
+                .max_by(|a, b| {
+                    a.get("time")
+                        .and_then(Value::as_str)
+                        .cmp(&b.get("time").and_then(Value::as_str))
+                })
+                .map(|e| json!({"manager": e.get("manager"), "time": e.get("time")}));
+            *mf = latest.into_iter().collect();
+        }
         let key = kind.key_of(&v)?;
         lock(&self.state).cache.insert(key.clone(), v);
         Some(key)
@@ -484,7 +505,7 @@ impl Attached {
             let key = self.mirror_q.next().await;
             if let Err(e) = self.sync_key(&key).await {
                 warn!(%key, error = %e, "could not mirror an object; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 self.mirror_q.push(key);
             }
         }
@@ -534,7 +555,23 @@ impl Attached {
                 }
             }
         }
+        // A new object under an old name (a pod deleted and made again, a
+        // device recreated): the old one leaves the mirror, and its nodes,
+        // first.
+        if let Some(cur) = self.registry.get(key)
+            && cur.pointer("/metadata/uid") != obj.pointer("/metadata/uid")
+        {
+            self.registry
+                .write_as(&origin_of(&obj), key, |_| Ok(Some(Write::Delete)))
+                .await
+                .map_err(|e| e.message)?;
+        }
         self.put(key, &obj, kind.edge_status).await?;
+        if kind.edge_status {
+            // The cluster may have changed a status the edge owns (the
+            // node lifecycle controller marks pods not ready): compare.
+            self.status_q.push(key.to_owned());
+        }
         if kind.plural == "pods" && self.cfg.autonomy == Autonomy::Webhook {
             self.tolerate_outages(key, &obj).await?;
         }
@@ -654,6 +691,32 @@ impl Attached {
                 .await
                 .map_err(|e| e.message)?;
         }
+        // Like a kubelet, the final delete waits until the node has the
+        // stop: its `down` stream, held durably up to the tombstone.
+        let Some(node) = str_at(obj, "/spec/nodeName") else {
+            return Ok(());
+        };
+        let need = lock(&self.state).deleting.get(key).map(|(_, seq)| *seq);
+        let need = match need {
+            Some(seq) => seq,
+            None => {
+                let seq = self
+                    .registry
+                    .store()
+                    .info(&keel_sync::link::down_stream(node))
+                    .map(|i| i.head.seq)
+                    .unwrap_or(0);
+                lock(&self.state)
+                    .deleting
+                    .insert(key.to_owned(), (node.to_owned(), seq));
+                seq
+            }
+        };
+        let held = lock(&self.state).acked_down.get(node).copied().unwrap_or(0);
+        if held < need {
+            debug!(%key, %node, need, held, "the final delete waits for the node to hold the stop");
+            return Ok(());
+        }
         let (Some(ns), Some(name), Some(uid)) = (
             str_at(obj, "/metadata/namespace"),
             str_at(obj, "/metadata/name"),
@@ -671,14 +734,18 @@ impl Attached {
             }),
             ..DeleteParams::default()
         };
-        match api.delete(name, &dp).await {
+        let r = match api.delete(name, &dp).await {
             Ok(_) => {
-                info!(%key, "deleted on the cluster after its node was told");
+                info!(%key, %node, "deleted on the cluster: its node holds the stop");
                 Ok(())
             }
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
             Err(e) => Err(format!("deleting {key} on the cluster: {e}")),
+        };
+        if r.is_ok() {
+            lock(&self.state).deleting.remove(key);
         }
+        r
     }
 
     /// Node lifecycle on the cluster: Node created on first connect,
@@ -773,8 +840,9 @@ impl Attached {
         use k8s_openapi::api::coordination::v1::Lease;
         let api: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
         let now = now_rfc3339_micro();
+        let duration = self.lease_duration();
         let patch = json!({"spec": {"holderIdentity": node, "renewTime": now,
-            "leaseDurationSeconds": 40}});
+            "leaseDurationSeconds": duration}});
         match api
             .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -784,7 +852,7 @@ impl Attached {
                 let lease: Lease = serde_json::from_value(json!({
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": node, "namespace": "kube-node-lease"},
-                    "spec": {"holderIdentity": node, "leaseDurationSeconds": 40,
+                    "spec": {"holderIdentity": node, "leaseDurationSeconds": duration,
                         "acquireTime": now, "renewTime": now}}))
                 .map_err(|e| format!("lease object: {e}"))?;
                 match api.create(&PostParams::default(), &lease).await {
@@ -829,6 +897,12 @@ impl Attached {
                 self.node_q.push(name.to_owned());
             }
         }
+    }
+
+    /// A Lease's duration: four renewals (40 s at the default 10 s, as a
+    /// kubelet's).
+    fn lease_duration(&self) -> u64 {
+        self.cfg.lease_renew_seconds.max(1).saturating_mul(4)
     }
 
     /// Renews every connected node's Lease.
@@ -926,6 +1000,25 @@ impl ControlPlane for Attached {
         self.registry.node_ready(node, false);
         lock(&self.state).connected.remove(node);
         self.node_q.push(node.to_owned());
+    }
+
+    fn node_acked(&self, node: &str, stream: &str, seq: u64) {
+        if stream != keel_sync::link::down_stream(node) {
+            return;
+        }
+        let ready: Vec<String> = {
+            let mut st = lock(&self.state);
+            let held = st.acked_down.entry(node.to_owned()).or_default();
+            *held = (*held).max(seq);
+            st.deleting
+                .iter()
+                .filter(|(_, (n, need))| n == node && *need <= seq)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in ready {
+            self.mirror_q.push(key);
+        }
     }
 
     fn node_reported(&self, node: &str, records: &[Record]) {

@@ -112,11 +112,15 @@ pub async fn start(
         }
     });
     super::lock(&a.tasks).push(task);
-    let url = a
-        .cfg
-        .webhook_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{local}{PATH}"));
+    let url = match (&a.cfg.webhook_url, local.ip().is_unspecified()) {
+        (Some(u), _) => u.clone(),
+        (None, false) => format!("https://{local}{PATH}"),
+        (None, true) => {
+            return Err(werr(format!(
+                "listening on {local}: set webhookUrl to the address the API server reaches (and list its host in serverNames)"
+            )));
+        }
+    };
     register(a, ca, &url).await?;
     info!(addr = %local, %url, "edge autonomy webhook serving");
     Ok(local)
@@ -136,10 +140,13 @@ async fn register(a: &Attached, ca: &ClusterCa, url: &str) -> Result<(), AttachE
             "clientConfig": {"url": url, "caBundle": bundle},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"],
                 "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
+            // The cluster's own system pods never wait for cloudcore.
+            "namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name",
+                "operator": "NotIn", "values": ["kube-system", "kube-node-lease"]}]},
             "failurePolicy": "Ignore",
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5,
+            "timeoutSeconds": 3,
             "reinvocationPolicy": "IfNeeded",
         }],
     });
@@ -165,9 +172,19 @@ async fn handle(a: &Attached, req: Request<hyper::body::Incoming>) -> Response<F
     if req.method() != Method::POST || req.uri().path() != PATH {
         return respond(StatusCode::NOT_FOUND, &json!({"error": "not found"}));
     }
-    let body = match Limited::new(req.into_body(), MAX_REVIEW).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        Limited::new(req.into_body(), MAX_REVIEW).collect(),
+    );
+    let body = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Err(_) => {
+            return respond(
+                StatusCode::REQUEST_TIMEOUT,
+                &json!({"error": "the review did not arrive within 10 s"}),
+            );
+        }
+        Ok(Err(e)) => {
             return respond(
                 StatusCode::BAD_REQUEST,
                 &json!({"error": format!("reading the review: {e}")}),

@@ -2,8 +2,9 @@
 //! pods and devices, through the status subresource, as a JSON merge patch
 //! of what differs from the cluster's copy.
 //!
-//! Keys are taken in the order they first changed; a key that changed
-//! again meanwhile is written once with its latest status (the CRDT state
+//! Keys are taken in the order they first changed (a key whose write
+//! fails goes to the back of the queue); a key that changed again
+//! meanwhile is written once with its latest status (the CRDT state
 //! includes every record folded so far, so nothing recorded is lost by
 //! coalescing). A patch the API server rejects (4xx other than conflict
 //! and throttling) is logged with the object and the reason and dropped;
@@ -24,16 +25,12 @@ impl Attached {
     pub(super) async fn status_loop(self: Arc<Self>) {
         loop {
             let key = self.status_q.next().await;
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match self.write_status(&key).await {
-                    Ok(()) => break,
-                    Err(Retry(e)) => {
-                        warn!(%key, server = %self.server, error = %e, "status write-back failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
+            if let Err(Retry(e)) = self.write_status(&key).await {
+                // To the back of the queue: one object the API server
+                // keeps failing does not hold up every other.
+                warn!(%key, server = %self.server, error = %e, "status write-back failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.status_q.push(key);
             }
         }
     }
@@ -68,11 +65,17 @@ impl Attached {
         };
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), ns, &kind.api_resource());
-        let body = json!({"status": diff});
+        // The UID makes the API server refuse the patch (409) if the name
+        // now belongs to another object.
+        let body = json!({"metadata": {"uid": mirror.pointer("/metadata/uid")}, "status": diff});
         let pp = PatchParams::default();
         let subresource =
             kind.plural == "pods" || self.device_status_subresource.load(Ordering::Relaxed);
-        let r = if subresource {
+        let r = if kind.plural == "pods" {
+            // Strategic: conditions and container statuses merge by their
+            // keys, so conditions others set (readiness gates) stay.
+            api.patch_status(name, &pp, &Patch::Strategic(&body)).await
+        } else if subresource {
             api.patch_status(name, &pp, &Patch::Merge(&body)).await
         } else {
             api.patch(name, &pp, &Patch::Merge(&body)).await
@@ -83,6 +86,7 @@ impl Attached {
                 Ok(())
             }
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && s.message.contains("UID") => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 429 => {
                 Err(Retry(s.message.clone()))
             }
