@@ -703,5 +703,29 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
                 && pids.iter().all(|p| !alive(*p))
         },
     );
+    // With no pod left on edge-b, the ConfigMap its pods projected
+    // (kube-root-ca.crt) leaves it too; edge-a still runs a pod using it.
+    wait_for(
+        "kube-root-ca.crt gone from edge-b",
+        Duration::from_secs(60),
+        || {
+            edge_pods(
+                std::slice::from_ref(&edges[1]),
+                "app in (web, agent, control)",
+            )
+            .is_empty()
+                && !edges[1]
+                    .k(&["get", "configmap", "kube-root-ca.crt"])
+                    .status
+                    .success()
+        },
+    );
+    assert!(
+        edges[0]
+            .k(&["get", "configmap", "kube-root-ca.crt"])
+            .status
+            .success(),
+        "edge-a's remaining pod still has its ConfigMap"
+    );
     assert!(k8s.alive("kube-apiserver"));
 }

@@ -593,6 +593,15 @@ impl Registry {
                         );
                     }
                 }
+                // What it used (a pod's configmaps and secrets, a device's
+                // model) leaves the nodes where nothing else uses it.
+                let ns = str_at(&old.obj, &["metadata", "namespace"]).unwrap_or("default");
+                for (kind, name) in refs(key, &old.obj) {
+                    let k = format!("{kind}/{ns}/{name}");
+                    if let Some(obj) = inner.view.get(&k).map(|s| s.obj.clone()) {
+                        tickets.extend(self.unbind_stale(&mut inner, origin, &k, &obj)?);
+                    }
+                }
                 (EventKind::Deleted, with_rv(&old.obj, seq))
             }
         };
@@ -624,29 +633,8 @@ impl Registry {
         change: Option<Vec<u8>>,
     ) -> Result<Vec<Ticket<Cursor>>, Status> {
         let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
-        let mut tickets = Vec::new();
+        let mut tickets = self.unbind_stale(inner, origin, key, obj)?;
         let targets = inner.targets(key, obj);
-        // Nodes that held the object but no longer should (a device moved
-        // to another node, a configmap no pod there uses any more): the
-        // object leaves them.
-        let gone: Vec<String> = inner
-            .bound
-            .get(key)
-            .map(|b| b.difference(&targets).cloned().collect())
-            .unwrap_or_default();
-        for node in gone {
-            tickets.push(
-                self.store
-                    .append_async(
-                        &down_stream(&node),
-                        vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
-                    )
-                    .map_err(err)?,
-            );
-            if let Some(b) = inner.bound.get_mut(key) {
-                b.remove(&node);
-            }
-        }
         let mut extra: Vec<(String, String)> = Vec::new();
         for node in targets {
             let down = down_stream(&node);
@@ -708,6 +696,40 @@ impl Registry {
                     .map_err(err)?,
             );
             inner.bound.entry(k).or_default().insert(node);
+        }
+        Ok(tickets)
+    }
+
+    /// Tombstones `key` (holding `obj`) in the `down` stream of every node
+    /// that holds it but no longer should (a device moved to another node,
+    /// a configmap no pod there uses any more).
+    fn unbind_stale(
+        &self,
+        inner: &mut Inner,
+        origin: &str,
+        key: &str,
+        obj: &Value,
+    ) -> Result<Vec<Ticket<Cursor>>, Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let targets = inner.targets(key, obj);
+        let gone: Vec<String> = inner
+            .bound
+            .get(key)
+            .map(|b| b.difference(&targets).cloned().collect())
+            .unwrap_or_default();
+        let mut tickets = Vec::new();
+        for node in gone {
+            tickets.push(
+                self.store
+                    .append_async(
+                        &down_stream(&node),
+                        vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
+                    )
+                    .map_err(err)?,
+            );
+            if let Some(b) = inner.bound.get_mut(key) {
+                b.remove(&node);
+            }
         }
         Ok(tickets)
     }

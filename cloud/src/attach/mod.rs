@@ -532,13 +532,7 @@ impl Attached {
             (None, _) => false,
         };
         if !want {
-            if self.registry.get(key).is_some() {
-                self.registry
-                    .write_as("k8s:cloudcore", key, |_| Ok(Some(Write::Delete)))
-                    .await
-                    .map_err(|e| e.message)?;
-                debug!(%key, "removed from the mirror");
-            }
+            self.unmirror(key, "k8s:cloudcore").await?;
             return Ok(());
         }
         let Some(obj) = kube else {
@@ -558,13 +552,12 @@ impl Attached {
         // A new object under an old name (a pod deleted and made again, a
         // device recreated): the old one leaves the mirror, and its nodes,
         // first.
-        if let Some(cur) = self.registry.get(key)
-            && cur.pointer("/metadata/uid") != obj.pointer("/metadata/uid")
+        if self
+            .registry
+            .get(key)
+            .is_some_and(|cur| cur.pointer("/metadata/uid") != obj.pointer("/metadata/uid"))
         {
-            self.registry
-                .write_as(&origin_of(&obj), key, |_| Ok(Some(Write::Delete)))
-                .await
-                .map_err(|e| e.message)?;
+            self.unmirror(key, &origin_of(&obj)).await?;
         }
         self.put(key, &obj, kind.edge_status).await?;
         if kind.edge_status {
@@ -622,6 +615,27 @@ impl Attached {
             }
             Err(e) => Err(format!("adding tolerations to {key}: {e}")),
         }
+    }
+
+    /// Deletes `key` from the mirror (its nodes get the tombstone); the
+    /// ConfigMaps, Secrets or DeviceModels it used are looked at again, so
+    /// that one no mirrored object uses any more leaves too.
+    async fn unmirror(&self, key: &str, origin: &str) -> Result<(), String> {
+        let Some(cur) = self.registry.get(key) else {
+            return Ok(());
+        };
+        self.registry
+            .write_as(origin, key, |_| Ok(Some(Write::Delete)))
+            .await
+            .map_err(|e| e.message)?;
+        debug!(%key, "removed from the mirror");
+        if let Some(kind) = Kind::of_key(key) {
+            let ns = str_at(&cur, "/metadata/namespace").unwrap_or("default");
+            for (k, name) in refs_of(kind, &cur) {
+                self.mirror_q.push(format!("{k}/{ns}/{name}"));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the cluster's `obj` into the mirror at `key`; where the edge
@@ -685,12 +699,7 @@ impl Attached {
         key: &str,
         obj: &Value,
     ) -> Result<(), String> {
-        if self.registry.get(key).is_some() {
-            self.registry
-                .write_as(&origin_of(obj), key, |_| Ok(Some(Write::Delete)))
-                .await
-                .map_err(|e| e.message)?;
-        }
+        self.unmirror(key, &origin_of(obj)).await?;
         // Like a kubelet, the final delete waits until the node has the
         // stop: its `down` stream, held durably up to the tombstone.
         let Some(node) = str_at(obj, "/spec/nodeName") else {
