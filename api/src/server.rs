@@ -650,15 +650,12 @@ impl Server {
     }
 
     fn selected(
-        &self,
-        t: &Target,
         query: &BTreeMap<String, String>,
     ) -> Result<(LabelSelector, FieldSelector), Status> {
         let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
             .map_err(Status::bad_request)?;
         let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
             .map_err(Status::bad_request)?;
-        let _ = t;
         Ok((labels, fields))
     }
 
@@ -668,7 +665,7 @@ impl Server {
         query: &BTreeMap<String, String>,
         table: bool,
     ) -> Result<Resp, Status> {
-        let (labels, fields) = self.selected(t, query)?;
+        let (labels, fields) = Self::selected(query)?;
         let (items, rv) = self.reader.list(&t.rt.key_prefix(t.namespace.as_deref()));
         let items: Vec<Value> = items
             .into_iter()
@@ -691,7 +688,7 @@ impl Server {
         query: &BTreeMap<String, String>,
         table: bool,
     ) -> Result<Resp, Status> {
-        let (labels, fields) = self.selected(t, query)?;
+        let (labels, fields) = Self::selected(query)?;
         let prefix = t.rt.key_prefix(t.namespace.as_deref());
         let initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
         let rv_param: Option<u64> = match query.get("resourceVersion").map(String::as_str) {

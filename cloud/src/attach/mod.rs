@@ -191,9 +191,6 @@ impl WorkQueue {
             notified.await;
         }
     }
-    fn len(&self) -> usize {
-        lock(&self.inner).0.len()
-    }
 }
 
 #[derive(Debug, Default)]
@@ -205,8 +202,6 @@ struct State {
     /// The cluster's current objects of every watched kind, by registry
     /// key (normalised: no resourceVersion, no managedFields).
     cache: BTreeMap<String, Value>,
-    /// Kinds whose first list has completed.
-    synced: BTreeSet<&'static str>,
     /// Node statuses last written to the cluster.
     node_status: BTreeMap<String, Value>,
     /// Per node, the highest seq of its `down` stream it holds durably
@@ -434,7 +429,6 @@ impl Attached {
                         for k in &gone {
                             st.cache.remove(k);
                         }
-                        st.synced.insert(kind.plural);
                         gone
                     };
                     // The mirror may hold objects deleted while nobody
@@ -450,16 +444,10 @@ impl Attached {
                     for k in listed.into_iter().chain(stale) {
                         self.mirror_q.push(k);
                     }
+                    // (Each listed key's status is compared again when the
+                    // mirror takes it: what nodes reported while nobody
+                    // was patching reaches the cluster.)
                     info!(kind = kind.plural, "listed");
-                    if kind.edge_status {
-                        // What nodes reported while nobody was patching.
-                        let mut keys = Vec::new();
-                        self.registry
-                            .scan(kind.prefix(), |o| keys.extend(kind.key_of(o)));
-                        for k in keys {
-                            self.status_q.push(k);
-                        }
-                    }
                 }
                 watcher::Event::Apply(obj) => {
                     if let Some(key) = self.cache_put(kind, obj) {
@@ -566,7 +554,7 @@ impl Attached {
             self.status_q.push(key.to_owned());
         }
         if kind.plural == "pods" && self.cfg.autonomy == Autonomy::Webhook {
-            self.tolerate_outages(key, &obj).await?;
+            self.tolerate_outages(kind, key, &obj).await?;
         }
         Ok(())
     }
@@ -575,7 +563,12 @@ impl Attached {
     /// admitted without unlimited unreachable / not-ready tolerations
     /// (created while cloudcore was down, or before it was attached) gets
     /// them now. Kubernetes lets a pod's toleration lose its time limit.
-    async fn tolerate_outages(&self, key: &str, pod: &Value) -> Result<(), String> {
+    async fn tolerate_outages(
+        &self,
+        kind: &'static Kind,
+        key: &str,
+        pod: &Value,
+    ) -> Result<(), String> {
         let Some(patch) = webhook::toleration_patch(pod) else {
             return Ok(());
         };
@@ -590,15 +583,8 @@ impl Attached {
         };
         let body = json!({"metadata": {"uid": pod.pointer("/metadata/uid")},
             "spec": {"tolerations": tolerations}});
-        let api: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            ns,
-            &Kind::of_key(key)
-                .map(Kind::api_resource)
-                .unwrap_or_else(|| {
-                    kube::api::ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&())
-                }),
-        );
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &kind.api_resource());
         match api
             .patch(name, &PatchParams::default(), &Patch::Merge(&body))
             .await
@@ -773,32 +759,6 @@ impl Attached {
     async fn sync_node(&self, node: &str) -> Result<(), String> {
         use k8s_openapi::api::core::v1::Node;
         let api: Api<Node> = Api::all(self.client.clone());
-        let exists = api
-            .get_opt(node)
-            .await
-            .map_err(|e| format!("reading Node {node}: {e}"))?
-            .is_some();
-        if !exists {
-            let mut spec = json!({});
-            if !self.cfg.node_taints.is_empty() {
-                spec = json!({"taints": self.cfg.node_taints});
-            }
-            let obj: Node = serde_json::from_value(json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node, "labels": {
-                    "kubernetes.io/hostname": node,
-                    "kubernetes.io/os": "linux",
-                    "node-role.kubernetes.io/edge": "",
-                    "node.keel.io/managed-by": "cloudcore"}},
-                "spec": spec,
-            }))
-            .map_err(|e| format!("node object: {e}"))?;
-            match api.create(&PostParams::default(), &obj).await {
-                Ok(_) => info!(%node, "created the Node on the cluster"),
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => return Err(format!("creating Node {node}: {e}")),
-            }
-        }
         let connected = lock(&self.state).connected.contains(node);
         let reported = self
             .registry
@@ -831,9 +791,16 @@ impl Attached {
                 "lastHeartbeatTime": now, "lastTransitionTime": transition}]),
         );
         let body = json!({"status": Value::Object(status)});
-        api.patch_status(node, &PatchParams::default(), &Patch::Strategic(&body))
-            .await
-            .map_err(|e| format!("writing the status of Node {node}: {e}"))?;
+        let pp = PatchParams::default();
+        let written = match api.patch_status(node, &pp, &Patch::Strategic(&body)).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                // First connect: the Node is made, then given its status.
+                self.create_node(&api, node).await?;
+                api.patch_status(node, &pp, &Patch::Strategic(&body)).await
+            }
+            other => other,
+        };
+        written.map_err(|e| format!("writing the status of Node {node}: {e}"))?;
         lock(&self.state)
             .node_status
             .insert(node.to_owned(), json!({"ready": st, "since": transition}));
@@ -842,6 +809,38 @@ impl Attached {
         }
         debug!(%node, ready = st, "node status written to the cluster");
         Ok(())
+    }
+
+    /// Creates the Node of edge node `node` on the cluster (labels, the
+    /// configured taints).
+    async fn create_node(
+        &self,
+        api: &Api<k8s_openapi::api::core::v1::Node>,
+        node: &str,
+    ) -> Result<(), String> {
+        let spec = if self.cfg.node_taints.is_empty() {
+            json!({})
+        } else {
+            json!({"taints": self.cfg.node_taints})
+        };
+        let obj: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": {
+                "kubernetes.io/hostname": node,
+                "kubernetes.io/os": "linux",
+                "node-role.kubernetes.io/edge": "",
+                "node.keel.io/managed-by": "cloudcore"}},
+            "spec": spec,
+        }))
+        .map_err(|e| format!("node object: {e}"))?;
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => {
+                info!(%node, "created the Node on the cluster");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(format!("creating Node {node}: {e}")),
+        }
     }
 
     /// Renews (or creates) `node`'s Lease in `kube-node-lease`.
@@ -928,11 +927,6 @@ impl Attached {
                 }
             }
         }
-    }
-
-    /// Keys queued for the status write-back (for tests and metrics).
-    pub fn pending_status(&self) -> usize {
-        self.status_q.len()
     }
 }
 
