@@ -3,7 +3,9 @@
 //! One connection per node, mutually authenticated: the node is the CN of
 //! its client certificate (a `keel:nodes` certificate from the cluster CA,
 //! not revoked), and its link is bound to that node's two streams only.
-//! A newer connection of the same node replaces the older one.
+//! One live connection per node: a newer connection of the same node
+//! closes the older one (code `REPLACED`), so a stolen or buggy node cannot
+//! pile up connections.
 //!
 //! During a reconnect storm the hub paces catch-up: at most
 //! `max_catchups` links send bulk data at once, and waiting links are
@@ -125,8 +127,8 @@ struct HubState {
     sink: Arc<dyn Sink>,
     opts: HubOptions,
     pace: Arc<Pace>,
-    /// Node → id of its current connection.
-    current: Mutex<BTreeMap<String, usize>>,
+    /// Node → its current connection (and that connection's id).
+    current: Mutex<BTreeMap<String, (usize, quinn::Connection)>>,
     /// Node → seq of its down stream it last acknowledged.
     acked: Mutex<BTreeMap<String, u64>>,
     /// Node → when the hub last heard from it (connect, records, acks,
@@ -199,6 +201,30 @@ impl HubHandle {
 
     pub fn stats(&self) -> &HubStats {
         &self.0.stats
+    }
+
+    /// Closes node `node`'s live connection, if it has one, telling it
+    /// `reason` (code `UNAUTHORIZED`): for a revoked node. Returns whether
+    /// there was one.
+    pub fn disconnect(&self, node: &str, reason: &str) -> bool {
+        let conn = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map(|(_, c)| c.clone());
+        match conn {
+            Some(c) => {
+                info!(%node, %reason, "closing the node's connection");
+                c.close(
+                    quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Unauthorized as u32),
+                    reason.as_bytes(),
+                );
+                true
+            }
+            None => false,
+        }
     }
 
     /// Node → the seq of its down stream it last acknowledged.
@@ -375,10 +401,18 @@ impl HubState {
         };
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let id = conn.stable_id();
-        self.current
+        let older = self
+            .current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(node.clone(), id);
+            .insert(node.clone(), (id, conn.clone()));
+        if let Some((_, old)) = older {
+            debug!(%node, "a newer connection replaces the node's older one");
+            old.close(
+                quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Replaced as u32),
+                b"replaced by a newer connection of the same node",
+            );
+        }
         let mut cfg = LinkConfig::new(node.clone(), Side::Cloud, up_head);
         cfg.ping_interval_ms =
             u64::try_from(self.opts.ping_interval.as_millis()).unwrap_or(u64::MAX);
@@ -390,7 +424,7 @@ impl HubState {
         let closed = run_link(conn, self.store.clone(), cfg, sink, Some(pace)).await;
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.get(&node) == Some(&id) {
+        if current.get(&node).is_some_and(|(i, _)| *i == id) {
             current.remove(&node);
             drop(current);
             self.sink.disconnected(&node);

@@ -14,8 +14,9 @@
 use std::sync::Arc;
 
 use keel_log::{Cursor, Record};
+use keel_sync::link::Refusal;
 use keel_sync::quic::Sink;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::registry::Registry;
 
@@ -30,6 +31,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn node_reported(&self, node: &str, records: &[Record]);
     /// Node `node` holds `stream` (one cloudcore sends) durably up to `seq`.
     fn node_acked(&self, _node: &str, _stream: &str, _seq: u64) {}
+    /// The registry both modes fold into (for checking what nodes send).
+    fn registry(&self) -> &Registry;
 }
 
 /// cloudcore as the control plane (the default mode).
@@ -46,6 +49,9 @@ impl ControlPlane for Embedded {
     }
     fn node_reported(&self, node: &str, records: &[Record]) {
         self.0.apply_from_node(node, records);
+    }
+    fn registry(&self) -> &Registry {
+        &self.0
     }
 }
 
@@ -75,5 +81,15 @@ impl Sink for PlaneSink {
     }
     fn acked(&self, node: &str, stream: &str, cursor: Cursor) {
         self.0.node_acked(node, stream, cursor.seq);
+    }
+    fn admit(&self, node: &str, stream: &str, records: &[Record]) -> Result<(), Refusal> {
+        if stream.ends_with("/up") {
+            let r = self.0.registry().admit_from_node(node, records);
+            if let Err(refusal) = &r {
+                warn!(%node, reason = %refusal.message, "refused a node's records");
+            }
+            return r;
+        }
+        Ok(())
     }
 }

@@ -47,6 +47,22 @@ impl Hlc {
         self.last = self.last.max(remote);
     }
 
+    /// [`Hlc::observe`], but a remote timestamp more than `max_skew_ms`
+    /// ahead of `now_ms` counts only as `now_ms + max_skew_ms`: a peer with
+    /// a wrong (or hostile) clock cannot drag this clock, and everything
+    /// stamped after it, into the future.
+    pub fn observe_bounded(&mut self, remote: u64, now_ms: u64, max_skew_ms: u64) {
+        self.observe(remote.min(Self::bound(now_ms, max_skew_ms)));
+    }
+
+    /// The largest timestamp accepted from elsewhere at `now_ms`.
+    pub fn bound(now_ms: u64, max_skew_ms: u64) -> u64 {
+        now_ms
+            .saturating_add(max_skew_ms)
+            .saturating_mul(1 << Self::LOGICAL_BITS)
+            | ((1 << Self::LOGICAL_BITS) - 1)
+    }
+
     pub fn last(&self) -> u64 {
         self.last
     }

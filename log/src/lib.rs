@@ -32,7 +32,9 @@ pub mod wire;
 pub use clock::{Clock, Hlc, SystemClock};
 pub use error::{Error, Result};
 pub use fold::{ConcatFold, Fold, FoldError};
-pub use record::{Cursor, Entry, Hash, PayloadKind, Record, validate_stream_name};
+pub use record::{
+    Cursor, Entry, Hash, MAX_KEY_LEN, MAX_PAYLOAD, PayloadKind, Record, validate_stream_name,
+};
 pub use store::{
     CursorCheck, HeadWait, ObjectSnapshot, Read, ReadLimits, Role, Segment, Snapshot, Store,
     StoreOptions, StoreStats, StreamInfo, VerifyOnOpen,

@@ -75,6 +75,11 @@ pub struct StoreOptions {
     /// ordinal (1-based) fails as if the disk had failed.
     #[doc(hidden)]
     pub fail_sync_at_group: Option<u64>,
+    /// How far ahead of this store's clock a replicated record's HLC may
+    /// move it (a peer's clock skew). Beyond it, the record is kept as it
+    /// is (its hash covers the HLC) but the local clock only advances to
+    /// the bound, so one peer cannot pin every later timestamp.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for StoreOptions {
@@ -85,6 +90,7 @@ impl Default for StoreOptions {
             max_group_records: 64 * 1024,
             max_group_bytes: 64 << 20,
             fail_sync_at_group: None,
+            max_clock_skew_ms: 5 * 60 * 1000,
         }
     }
 }
@@ -906,7 +912,9 @@ impl Shared {
     /// the highest HLC seen, to seed the clock.
     fn recover(&self) -> Result<u64> {
         let mut table = BTreeMap::new();
-        let mut max_hlc = 0;
+        // The highest HLC of the streams this store writes, and of the
+        // replicas (bounded like a live replicated record).
+        let (mut max_hlc, mut max_replica) = (0, 0);
         let snap = self.db.snapshot();
         for g in snap.iter(&self.streams) {
             let (k, v) = g.into_inner()?;
@@ -939,7 +947,10 @@ impl Shared {
                     if r.seq != seq {
                         return Err(Error::corrupt(&name, seq, format!("holds seq {}", r.seq)));
                     }
-                    max_hlc = max_hlc.max(r.hlc);
+                    match role {
+                        Role::Writer => max_hlc = max_hlc.max(r.hlc),
+                        Role::Replica => max_replica = max_replica.max(r.hlc),
+                    }
                     r.cursor()
                 }
                 None => horizon,
@@ -988,7 +999,8 @@ impl Shared {
             );
         }
         *self.write_state() = table;
-        Ok(max_hlc)
+        let bound = Hlc::bound(self.opts.clock.now_ms(), self.opts.max_clock_skew_ms);
+        Ok(max_hlc.max(max_replica.min(bound)))
     }
 
     /// The staging half of group commit: takes pending appends, assigns
@@ -1300,7 +1312,7 @@ impl Shared {
                 }
                 let n = fresh.len() as u64;
                 for r in &fresh {
-                    hlc.observe(r.hlc);
+                    hlc.observe_bounded(r.hlc, now, self.opts.max_clock_skew_ms);
                     batch.insert(&self.records, record_key(stream, r.seq), encode_record(r));
                 }
                 if epoch != s.epoch {

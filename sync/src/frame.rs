@@ -10,8 +10,21 @@ use keel_log::wire::{
 use keel_log::{Cursor, Segment, Snapshot};
 use prost::Message;
 
-/// Largest encoded frame accepted.
-pub const MAX_FRAME_BYTES: usize = 32 << 20;
+/// Largest encoded frame accepted: one record of the largest payload
+/// keel-log accepts, with room for its segment around it.
+pub const MAX_FRAME_BYTES: usize = keel_log::MAX_PAYLOAD + (1 << 20);
+
+/// Largest control frame (Hello, Ack, Ping, Pong, Error) accepted, and so
+/// the largest first frame of a connection: nothing bigger is read, let
+/// alone allocated, before the peer's Hello is accepted.
+pub const MAX_CONTROL_FRAME_BYTES: usize = 64 << 10;
+
+/// Most cursors a Hello may carry.
+pub const MAX_HELLO_CURSORS: usize = 16;
+/// Most records one segment may carry.
+pub const MAX_SEGMENT_RECORDS: usize = 16_384;
+/// Most objects one snapshot chunk may carry.
+pub const MAX_CHUNK_OBJECTS: usize = 65_536;
 
 /// Why bytes from a peer are not a frame.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +40,8 @@ pub enum FrameError {
     Wire(#[from] WireError),
     #[error("field {0} is invalid")]
     Invalid(&'static str),
+    #[error("{what} carries more than {max} entries")]
+    TooMany { what: &'static str, max: usize },
 }
 
 /// `Hello`: protocol version, node, and the sender's cursors for the
@@ -165,11 +180,106 @@ pub fn encode_frame(f: &Frame) -> Bytes {
     Bytes::from(frame_to_proto(f).encode_to_vec())
 }
 
-/// Decodes and checks a frame received from a peer.
+/// Decodes and checks a frame received from a peer. List lengths are
+/// counted on the wire first, so a small frame of many empty entries is
+/// refused before anything is allocated for them.
 pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(bytes.len()));
     }
+    check_list_lengths(bytes)?;
     let p = keel_proto::Frame::decode(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
     frame_from_proto(p)
+}
+
+/// The repeated fields of a frame body, by body field number: (field of
+/// the list inside the body, what it is, its cap).
+const LISTS: [(u32, u32, &str, usize); 3] = [
+    (1, 3, "hello.cursors", MAX_HELLO_CURSORS),
+    (2, 5, "segment.records", MAX_SEGMENT_RECORDS),
+    (4, 2, "snapshot.objects", MAX_CHUNK_OBJECTS),
+];
+
+/// Counts the entries of each list of a frame without decoding it (a
+/// body may occur several times on the wire; protobuf merges them, so
+/// the counts add up).
+fn check_list_lengths(bytes: &[u8]) -> Result<(), FrameError> {
+    let mut counts = [0usize; LISTS.len()];
+    for field in wire::fields(bytes) {
+        let (number, body) = field?;
+        let Some(body) = body else { continue };
+        for ((outer, inner, what, max), count) in LISTS.iter().zip(counts.iter_mut()) {
+            if number != *outer {
+                continue;
+            }
+            for f in wire::fields(body) {
+                if f?.0 == *inner {
+                    *count += 1;
+                    if *count > *max {
+                        return Err(FrameError::TooMany { what, max: *max });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A minimal protobuf wire walker: enough to count fields.
+mod wire {
+    use super::FrameError;
+
+    fn varint(b: &mut &[u8]) -> Result<u64, FrameError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b
+                .split_first()
+                .ok_or_else(|| FrameError::Decode("truncated varint".into()))?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FrameError::Decode("varint too long".into()))
+    }
+
+    fn skip<'a>(b: &mut &'a [u8], n: u64) -> Result<&'a [u8], FrameError> {
+        let n = usize::try_from(n).map_err(|_| FrameError::Decode("length overflows".into()))?;
+        if n > b.len() {
+            return Err(FrameError::Decode("truncated field".into()));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+
+    /// The fields of a message: (number, bytes if length-delimited).
+    pub(super) fn fields(
+        mut b: &[u8],
+    ) -> impl Iterator<Item = Result<(u32, Option<&[u8]>), FrameError>> {
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed || b.is_empty() {
+                return None;
+            }
+            let r = (|| {
+                let key = varint(&mut b)?;
+                let number = u32::try_from(key >> 3)
+                    .map_err(|_| FrameError::Decode("field number overflows".into()))?;
+                match key & 7 {
+                    0 => varint(&mut b).map(|_| (number, None)),
+                    1 => skip(&mut b, 8).map(|_| (number, None)),
+                    2 => {
+                        let len = varint(&mut b)?;
+                        skip(&mut b, len).map(|body| (number, Some(body)))
+                    }
+                    5 => skip(&mut b, 4).map(|_| (number, None)),
+                    w => Err(FrameError::Decode(format!("unsupported wire type {w}"))),
+                }
+            })();
+            failed = r.is_err();
+            Some(r)
+        })
+    }
 }

@@ -113,6 +113,10 @@ pub struct LinkConfig {
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
     pub retransmit_ms: u64,
+    /// Largest snapshot (sum of object keys and states) and most chunks
+    /// this side accepts for one stream; beyond either the link closes.
+    pub max_snapshot_bytes: u64,
+    pub max_snapshot_chunks: u32,
     #[doc(hidden)]
     pub fault: Option<Fault>,
 }
@@ -136,6 +140,8 @@ impl LinkConfig {
             ping_interval_ms: 15_000,
             idle_timeout_ms: 60_000,
             retransmit_ms: 2_000,
+            max_snapshot_bytes: 256 << 20,
+            max_snapshot_chunks: 65_536,
             fault: None,
         }
     }
@@ -169,6 +175,59 @@ pub enum Action {
     /// Replace the local replica of `stream` with this snapshot, make it
     /// durable, then call [`Link::handle_persisted`] with its base.
     InstallSnapshot { stream: String, snapshot: Snapshot },
+}
+
+/// Why records from a peer are refused (see [`crate::quic::Sink::admit`]):
+/// the link closes with this code and message, and nothing of the records
+/// is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    /// A record, change or snapshot the peer's identity does not allow.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Refusal {
+            code: ErrorCode::Forbidden,
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks what node `node` sends on its `up` stream against its identity,
+/// before anything of it is kept: every record has origin `node`, every
+/// change is an uncompressed automerge change by `node`'s actor (so a node
+/// cannot author changes as cloudcore or as another node).
+pub fn check_node_records(node: &str, records: &[Record]) -> Result<(), Refusal> {
+    let actor = crate::crdt::ActorId::from_name(node);
+    for r in records {
+        if r.origin != node {
+            return Err(Refusal::forbidden(format!(
+                "record {} claims origin {:?}: node {node:?} may only write as itself",
+                r.seq, r.origin
+            )));
+        }
+        if r.kind == keel_log::PayloadKind::Change {
+            match crate::crdt::change_actor(&r.payload) {
+                Ok(a) if a == actor => {}
+                Ok(a) => {
+                    return Err(Refusal::forbidden(format!(
+                        "record {} ({}) is a change by actor {a}: node {node:?} may only write as actor {actor}",
+                        r.seq, r.key
+                    )));
+                }
+                Err(e) => {
+                    return Err(Refusal::forbidden(format!(
+                        "record {} ({}) is not an acceptable change: {e}",
+                        r.seq, r.key
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Why a link closed.
@@ -243,10 +302,16 @@ impl PeerState {
 struct Inbound {
     /// Durable in the local replica.
     durable: Cursor,
+    /// Accepted segments not yet durable (so not yet acknowledged): (last
+    /// seq, records, bytes), oldest first. The peer may not have more out
+    /// than the window this side granted.
+    unacked: VecDeque<(u64, u64, u64)>,
     /// Last record accepted (handed to the driver to persist).
     expected: Cursor,
     /// Snapshot chunks gathered so far: (base, next chunk, objects).
     snapshot: Option<(Cursor, u32, Vec<ObjectSnapshot>)>,
+    /// Bytes of the objects in `snapshot`.
+    snapshot_bytes: u64,
     /// `expected.seq` at which a gap was last reported, to report once.
     nacked_at: Option<u64>,
 }
@@ -281,8 +346,10 @@ impl Link {
                     s.clone(),
                     Inbound {
                         durable: *c,
+                        unacked: VecDeque::new(),
                         expected: *c,
                         snapshot: None,
+                        snapshot_bytes: 0,
                         nacked_at: None,
                     },
                 )
@@ -406,7 +473,12 @@ impl Link {
                 last,
             } => self.on_snapshot(stream, snapshot, chunk, last),
             Frame::Ack { stream, cursor } => self.on_ack(now, stream, cursor, src),
-            Frame::Ping(n) => self.control.push_back(Frame::Pong(n)),
+            Frame::Ping(n) => {
+                // One answer to the latest ping: a peer that floods pings
+                // cannot grow the control queue.
+                self.control.retain(|f| !matches!(f, Frame::Pong(_)));
+                self.control.push_back(Frame::Pong(n));
+            }
             Frame::Pong(_) => {}
             Frame::Error { code, message } => {
                 debug!(node = %self.cfg.node, ?code, %message, "peer closed the sync link");
@@ -528,6 +600,11 @@ impl Link {
         let end = seg.end();
         if end.seq <= exp.seq {
             self.stats.duplicate_records += seg.records.len() as u64;
+            // Acks are idempotent: the sender resent what this side holds
+            // (its ack was lost, or it timed out), so it hears it again.
+            if end.seq <= inb.durable.seq {
+                self.acks.insert(seg.stream.clone(), inb.durable);
+            }
             return;
         }
         if seg.prev.seq > exp.seq {
@@ -559,6 +636,30 @@ impl Link {
         let skipped = seg.records.iter().take_while(|r| r.seq <= exp.seq).count();
         self.stats.duplicate_records += skipped as u64;
         let mut records: Vec<Record> = seg.records.into_iter().skip(skipped).collect();
+        // The window this side granted: the peer may have at most that
+        // many records (and may only start a segment while below that many
+        // bytes) unacknowledged.
+        let (out_records, out_bytes) = inb
+            .unacked
+            .iter()
+            .fold((0u64, 0u64), |(r, b), (_, n, by)| (r + n, b + by));
+        let new_bytes: u64 = records.iter().map(|r| r.size_hint() as u64).sum();
+        let new_records = records.len() as u64;
+        if out_records + new_records > u64::from(self.cfg.window_records)
+            || out_bytes >= self.cfg.window_bytes
+        {
+            let msg = format!(
+                "the peer exceeded its window on {}: {} records / {out_bytes} bytes unacknowledged, then {new_records} more (window {} records, {} bytes)",
+                seg.stream, out_records, self.cfg.window_records, self.cfg.window_bytes
+            );
+            return self.close(ErrorCode::Limit, msg);
+        }
+        if self.cfg.side == Side::Cloud
+            && let Err(r) = check_node_records(&self.cfg.node, &records)
+        {
+            return self.close(r.code, r.message);
+        }
+        inb.unacked.push_back((end.seq, new_records, new_bytes));
         if self.cfg.fault == Some(Fault::SkipRecord) && records.len() >= 2 {
             records.pop();
         }
@@ -589,6 +690,18 @@ impl Link {
         if base.epoch <= exp.epoch && base.seq <= exp.seq {
             return;
         }
+        // The cloud never lets a node replace what it already holds of the
+        // node's `up` stream: an honest edge compacts only what the cloud
+        // acknowledged, so it needs a snapshot only when the cloud holds
+        // nothing (its replica was lost). Anything else would rewind
+        // acknowledged history.
+        if self.cfg.side == Side::Cloud && (exp.seq > 0 || inb.durable.seq > 0) {
+            let msg = format!(
+                "a snapshot of {stream} at seq {} would replace history this side holds up to seq {}: acknowledged history is never rewound",
+                base.seq, exp.seq
+            );
+            return self.close(ErrorCode::Forbidden, msg);
+        }
         let buf = match (chunk, inb.snapshot.take()) {
             (0, _) => (base, 0, Vec::new()),
             (n, Some((b, next, objs))) if b == base && next == n => (b, next, objs),
@@ -596,13 +709,30 @@ impl Link {
             _ => return,
         };
         let (b, next, mut objs) = buf;
+        if next == 0 {
+            inb.snapshot_bytes = 0;
+        }
+        inb.snapshot_bytes += snapshot
+            .objects
+            .iter()
+            .map(|o| (o.state.len() + o.key.len()) as u64)
+            .sum::<u64>();
         objs.extend(snapshot.objects);
+        if next >= self.cfg.max_snapshot_chunks || inb.snapshot_bytes > self.cfg.max_snapshot_bytes
+        {
+            let msg = format!(
+                "snapshot of {stream} exceeds the limit of {} chunks / {} bytes",
+                self.cfg.max_snapshot_chunks, self.cfg.max_snapshot_bytes
+            );
+            return self.close(ErrorCode::Limit, msg);
+        }
         if !last {
             inb.snapshot = Some((b, next + 1, objs));
             return;
         }
         inb.expected = base;
         inb.nacked_at = None;
+        inb.unacked.clear();
         self.actions.push_back(Action::InstallSnapshot {
             stream,
             snapshot: Snapshot {
@@ -664,6 +794,13 @@ impl Link {
         };
         if cursor.seq >= inb.durable.seq || cursor.epoch > inb.durable.epoch {
             inb.durable = cursor;
+        }
+        while inb
+            .unacked
+            .front()
+            .is_some_and(|(end, _, _)| *end <= inb.durable.seq)
+        {
+            inb.unacked.pop_front();
         }
         if inb.durable.seq > inb.expected.seq || inb.durable.epoch > inb.expected.epoch {
             inb.expected = inb.durable;

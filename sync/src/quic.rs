@@ -22,13 +22,21 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::frame::{ErrorCode, Frame, MAX_FRAME_BYTES, encode_frame};
-use crate::link::{Action, Closed, Event, Link, LinkConfig};
+use crate::frame::{ErrorCode, Frame, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES, encode_frame};
+use crate::link::{Action, Closed, Event, Link, LinkConfig, Refusal};
 
 const CONTROL: u8 = 0;
 const BULK: u8 = 1;
 /// Bulk frames queued to the writer before the driver stops reading the log.
 const BULK_QUEUE: usize = 4;
+/// Frames read from the peer's bulk stream ahead of the link; with
+/// [`MAX_FRAME_BYTES`] and QUIC's stream window this bounds what one
+/// connection can make this side hold.
+const BULK_IN_QUEUE: usize = 2;
+/// A link holding a catch-up permit without any acknowledgement for this
+/// long gives it back and queues again (a peer that never acks cannot hold
+/// a turn other nodes need).
+const STALLED_PERMIT: Duration = Duration::from_secs(10);
 
 /// What the driver tells its owner.
 pub trait Sink: Send + Sync + 'static {
@@ -43,6 +51,12 @@ pub trait Sink: Send + Sync + 'static {
     fn disconnected(&self, _node: &str) {}
     /// The peer acknowledged `cursor` of the stream this side sends.
     fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
+    /// Records from the peer, before they are persisted: an `Err` refuses
+    /// them (nothing of them is kept; the link closes with the refusal's
+    /// code and message).
+    fn admit(&self, _node: &str, _stream: &str, _records: &[Record]) -> Result<(), Refusal> {
+        Ok(())
+    }
 }
 
 /// A pending admission: resolves to a permit that is held while sending.
@@ -91,34 +105,53 @@ async fn write_frames(
 
 /// Reads frames from one peer stream into `tx`, tagging them with the
 /// stream kind. Returns a reason when the stream is not well-formed.
+///
+/// Nothing is read from the bulk stream before the peer's Hello is
+/// accepted (`established`), control frames are small, and a frame's
+/// buffer grows with the bytes that actually arrive, never to a length
+/// the peer merely declares.
 async fn read_frames(
     mut recv: quinn::RecvStream,
     ctrl: mpsc::Sender<Vec<u8>>,
     bulk: mpsc::Sender<Vec<u8>>,
+    mut established: tokio::sync::watch::Receiver<bool>,
 ) -> Option<String> {
+    use tokio::io::AsyncReadExt;
     let mut kind = [0u8; 1];
     if recv.read_exact(&mut kind).await.is_err() {
         return None;
     }
-    let tx = match kind[0] {
-        CONTROL => ctrl,
-        BULK => bulk,
-        k => return Some(format!("unknown stream kind {k}")),
+    let (tx, max) = match kind {
+        [CONTROL] => (ctrl, MAX_CONTROL_FRAME_BYTES),
+        [BULK] => {
+            if established.wait_for(|e| *e).await.is_err() {
+                return None;
+            }
+            (bulk, MAX_FRAME_BYTES)
+        }
+        [k] => return Some(format!("unknown stream kind {k}")),
     };
+    let mut first = true;
     loop {
         let mut len = [0u8; 4];
         if recv.read_exact(&mut len).await.is_err() {
             return None;
         }
         let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Some(format!(
-                "frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit"
-            ));
+        if len > max {
+            return Some(if first && max == MAX_CONTROL_FRAME_BYTES {
+                format!(
+                    "first frame of {len} bytes exceeds the {max}-byte limit: a connection starts with a Hello"
+                )
+            } else {
+                format!("frame of {len} bytes exceeds the {max}-byte limit")
+            });
         }
-        let mut buf = vec![0u8; len];
-        if recv.read_exact(&mut buf).await.is_err() {
-            return None;
+        first = false;
+        let mut buf = Vec::with_capacity(len.min(64 << 10));
+        match (&mut recv).take(len as u64).read_to_end(&mut buf).await {
+            Ok(n) if n == len => {}
+            _ => return None,
         }
         if tx.send(buf).await.is_err() {
             return None;
@@ -187,9 +220,10 @@ async fn drive(
     });
 
     // The peer's two streams.
-    let (ctrl_in_tx, mut ctrl_in) = mpsc::channel::<Vec<u8>>(256);
-    let (bulk_in_tx, mut bulk_in) = mpsc::channel::<Vec<u8>>(16);
+    let (ctrl_in_tx, mut ctrl_in) = mpsc::channel::<Vec<u8>>(64);
+    let (bulk_in_tx, mut bulk_in) = mpsc::channel::<Vec<u8>>(BULK_IN_QUEUE);
     let (bad_tx, mut bad_rx) = mpsc::channel::<String>(2);
+    let (established_tx, established_rx) = tokio::sync::watch::channel(false);
     {
         let conn = conn.clone();
         tokio::spawn(async move {
@@ -198,8 +232,9 @@ async fn drive(
                     return;
                 };
                 let (c, b, bad) = (ctrl_in_tx.clone(), bulk_in_tx.clone(), bad_tx.clone());
+                let est = established_rx.clone();
                 tokio::spawn(async move {
-                    if let Some(why) = read_frames(recv, c, b).await {
+                    if let Some(why) = read_frames(recv, c, b, est).await {
                         let _ = bad.send(why).await;
                     }
                 });
@@ -249,26 +284,42 @@ async fn drive(
     let mut admitted = pacer.is_none();
     let mut admission: Option<Admit<'_>> = None;
     let mut seen_head = 0u64;
+    // A control frame the writer had no room for: sent first next time
+    // (control frames are never dropped; the link coalesces acks and
+    // pongs, so what waits behind it stays small).
+    let mut ctrl_stash: Option<Frame> = None;
+    let mut progress = Instant::now();
 
     let closed = loop {
         // Outputs: control frames always, bulk while the writer has room
         // and this link has its turn.
-        while let Some(f) = link.poll_control() {
-            if ctrl_tx.try_send(f).is_err() {
+        while let Some(f) = ctrl_stash.take().or_else(|| link.poll_control()) {
+            if let Err(mpsc::error::TrySendError::Full(f)) = ctrl_tx.try_send(f) {
+                ctrl_stash = Some(f);
                 break;
             }
         }
+        // The persist queue holds what the link accepted and the store has
+        // not made durable yet: at most the window this side granted.
         while let Some(a) = link.poll_action() {
             let stream = match &a {
                 Action::Persist { stream, .. } | Action::InstallSnapshot { stream, .. } => {
                     stream.clone()
                 }
             };
+            if let Action::Persist { records, .. } = &a
+                && let Err(r) = sink.admit(&node, &stream, records)
+            {
+                warn!(code = ?r.code, reason = %r.message, "refused the peer's records");
+                link.close(r.code, r.message);
+                break;
+            }
             let _ = persist_tx.send((stream, a));
         }
         while let Some(e) = link.poll_event() {
             match e {
                 Event::Established => {
+                    let _ = established_tx.send(true);
                     sink.connected(&node);
                     if let (Some(p), Some(lag)) = (&pacer, link.lag(&store)) {
                         if lag > 0 {
@@ -278,14 +329,17 @@ async fn drive(
                         }
                     }
                 }
-                Event::Acked { stream, cursor } => sink.acked(&node, &stream, cursor),
+                Event::Acked { stream, cursor } => {
+                    progress = Instant::now();
+                    sink.acked(&node, &stream, cursor);
+                }
                 Event::Closed(_) => {}
             }
         }
         if let Some(c) = link.closed().cloned() {
             // Let the Error frame reach the writer; the connection close
             // carries the reason as well.
-            while let Some(f) = link.poll_control() {
+            while let Some(f) = ctrl_stash.take().or_else(|| link.poll_control()) {
                 let _ = ctrl_tx.try_send(f);
             }
             break c;
@@ -297,7 +351,10 @@ async fn drive(
                         let _ = bulk_tx.try_send(f);
                     }
                     Some((_, f)) => {
-                        let _ = ctrl_tx.try_send(f);
+                        if let Err(mpsc::error::TrySendError::Full(f)) = ctrl_tx.try_send(f) {
+                            ctrl_stash = Some(f);
+                            break;
+                        }
                     }
                     None => break,
                 }
@@ -307,13 +364,30 @@ async fn drive(
                 permit = None;
             }
         }
+        // A turn without progress goes back to the queue.
+        if permit.is_some()
+            && progress.elapsed() >= STALLED_PERMIT
+            && let (Some(p), Some(lag)) = (&pacer, link.lag(&store))
+        {
+            debug!(
+                lag,
+                "no acknowledgement while holding a catch-up turn; queueing again"
+            );
+            permit = None;
+            admitted = false;
+            progress = Instant::now();
+            admission = Some(p.admit(lag));
+        }
         if let Some(h) = store.info(&out_stream).ok().map(|i| i.head.seq) {
             seen_head = seen_head.max(h);
         }
-        let deadline = link
+        let mut deadline = link
             .poll_timeout()
             .map(|t| start + Duration::from_millis(t))
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        if permit.is_some() {
+            deadline = deadline.min(progress + STALLED_PERMIT);
+        }
 
         tokio::select! {
             biased;
@@ -338,6 +412,7 @@ async fn drive(
                 admission = None;
                 permit = Some(p);
                 admitted = true;
+                progress = Instant::now();
             }
             // The peer's Hello travels on its control stream, which QUIC
             // may deliver after the first bulk frames: bulk waits for it.
@@ -352,6 +427,18 @@ async fn drive(
     drop(permit);
     drop(ctrl_tx);
     drop(bulk_tx);
+    // What the persist task already took on becomes durable whatever the
+    // connection does: the owner hears of every such record (it applies
+    // them), even though nothing is acknowledged any more.
+    drop(persist_tx);
+    while let Some(done) = done_rx.recv().await {
+        if let Ok((stream, records, _)) = done {
+            match records {
+                Some(r) => sink.persisted(&node, &stream, &r),
+                None => sink.snapshot_installed(&node, &stream),
+            }
+        }
+    }
     // Give the writers a moment to flush the Error frame.
     let _ = tokio::time::timeout(Duration::from_millis(200), writers).await;
     if !closed.by_peer {

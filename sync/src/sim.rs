@@ -671,10 +671,18 @@ impl Sim {
             } else {
                 (&mut self.edges[i], up_stream(&edge_name(i)))
             };
+            // An edge compacts its `up` stream only as far as the cloud
+            // acknowledged it (the cloud refuses a snapshot that would
+            // replace history it holds); the cloud compacts `down` freely.
+            let acked = if on_cloud {
+                u64::MAX
+            } else {
+                self.max_acked.get(&stream).copied().unwrap_or(0)
+            };
             if node.is_up()
                 && let Some(s) = node.log.streams.get(&stream)
             {
-                let (lo, hi) = (s.base.seq, s.head().seq);
+                let (lo, hi) = (s.base.seq, s.head().seq.min(acked));
                 if hi > lo {
                     let upto = lo + 1 + self.rng.below(hi - lo);
                     if let Err(e) = node.log.compact(&stream, upto) {

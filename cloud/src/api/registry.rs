@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
 use keel_sync::crdt::{ActorId, Applied, ObjectStore};
-use keel_sync::link::{down_stream, up_stream};
+use keel_sync::link::{Refusal, down_stream, up_stream};
 use keel_sync::objects::{apply_record, apply_snapshot_object};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -743,6 +743,60 @@ impl Registry {
     /// first change arrived.
     pub fn apply_from_node(&self, node: &str, records: &[Record]) -> Vec<String> {
         self.fold_node(node, records, false)
+    }
+
+    /// Checks records of node `node`'s `up` stream before they are kept
+    /// (see `keel_sync::quic::Sink::admit`; the link has already checked
+    /// their origin and actor): a node writes only the status of its own
+    /// Node and of the pods and devices bound to it — never a shared object
+    /// (configmap, secret, device model: cloud changes to those never
+    /// depend on a node's change), never another node, never a deletion.
+    /// A pod or device no longer bound to the node passes (a race with a
+    /// delete or a move; its change is ignored when folded).
+    pub fn admit_from_node(&self, node: &str, records: &[Record]) -> Result<(), Refusal> {
+        let own = format!("nodes/{node}");
+        let mut changes: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
+        for r in records {
+            let writable =
+                r.key == own || r.key.starts_with("pods/") || r.key.starts_with(DEVICES_PREFIX);
+            if !writable {
+                return Err(Refusal::forbidden(format!(
+                    "record {}: node {node:?} may not write {} (a node writes the status of its own Node and of the pods and devices bound to it)",
+                    r.seq, r.key
+                )));
+            }
+            match r.kind {
+                PayloadKind::Tombstone => {
+                    return Err(Refusal::forbidden(format!(
+                        "record {}: node {node:?} may not delete {}",
+                        r.seq, r.key
+                    )));
+                }
+                PayloadKind::Change => changes.entry(&r.key).or_default().push(&r.payload),
+                PayloadKind::Event => {}
+            }
+        }
+        let inner = lock(&self.inner);
+        for (key, changes) in changes {
+            let bound = key == own || inner.bound.get(key).is_some_and(|s| s.contains(node));
+            let Some(before) = inner.objects.get_json(key).filter(|_| bound) else {
+                continue;
+            };
+            match inner.objects.preview(key, changes) {
+                Ok(Some(after)) if !same_but_status(&before, &after) => {
+                    return Err(Refusal::forbidden(format!(
+                        "node {node:?} may not write {key} beyond its status (it changes other fields)"
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Refusal::forbidden(format!(
+                        "node {node:?} sent a change to {key} that cannot be applied: {e}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn fold_node(&self, node: &str, records: &[Record], refold: bool) -> Vec<String> {

@@ -976,6 +976,9 @@ fn classify(server: &str, what: &str, e: &kube::Error) -> AttachError {
 }
 
 impl ControlPlane for Attached {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
     fn node_connected(&self, node: &str) {
         self.registry.node_ready(node, true);
         let new = {

@@ -32,6 +32,11 @@ pub(crate) fn guarded<T>(what: &'static str, f: impl FnOnce() -> T) -> Result<T,
 /// first 4 bytes of the change hash), so it is checked here: a corrupted
 /// change must not be accepted as a different, "new" change.
 pub(crate) fn parse_change(bytes: &[u8]) -> Result<Change, CrdtError> {
+    // A compressed chunk would be inflated by automerge without a limit (a
+    // few KiB can become gigabytes); keel never writes one.
+    if bytes.get(..4) == Some(&MAGIC[..]) && bytes.get(8) == Some(&CHUNK_COMPRESSED) {
+        return Err(CrdtError::Compressed);
+    }
     let change = guarded("parsing a change", || Change::try_from(bytes))?
         .map_err(CrdtError::MalformedChange)?;
     if bytes.get(4..8) != change.hash().0.get(..4) {
@@ -52,9 +57,8 @@ pub(crate) fn parse_state(bytes: &[u8]) -> Result<Vec<Chunk>, CrdtError> {
                     .map_err(|e| CrdtError::MalformedSnapshot(e.to_string()))?;
                 out.push(Chunk::Document(Box::new(doc)));
             }
-            CHUNK_CHANGE | CHUNK_COMPRESSED => {
-                out.push(Chunk::Change(Box::new(parse_change(raw)?)))
-            }
+            CHUNK_CHANGE => out.push(Chunk::Change(Box::new(parse_change(raw)?))),
+            CHUNK_COMPRESSED => return Err(CrdtError::Compressed),
             other => {
                 return Err(CrdtError::MalformedSnapshot(format!(
                     "unsupported chunk type {other}"

@@ -65,6 +65,17 @@ pub enum CrdtError {
     /// The change's checksum does not match its contents (corruption).
     #[error("change checksum does not match its contents")]
     BadChecksum,
+    /// A compressed automerge chunk: never accepted, as automerge would
+    /// inflate it without a bound.
+    #[error("compressed automerge chunks are not accepted")]
+    Compressed,
+    /// The change's actor id is not a keel actor id (16 bytes).
+    #[error("actor id of {0} bytes (keel actors have 16)")]
+    ForeignActor(usize),
+    /// An object already holds as many changes waiting for dependencies as
+    /// it may; the change was dropped.
+    #[error("{key} already holds {max} changes waiting for dependencies")]
+    TooManyQueued { key: String, max: usize },
     /// The bytes are not well-formed saved state.
     #[error("malformed snapshot: {0}")]
     MalformedSnapshot(String),
@@ -96,6 +107,18 @@ pub enum CrdtError {
     /// Could not produce a re-creation change distinct from deleted history.
     #[error("could not re-create {0}: every candidate change is already dead history")]
     Recreate(String),
+}
+
+/// The actor of one change (checked as [`ObjectStore::apply_change`]
+/// checks it: checksum verified, compressed chunks refused), for checking
+/// who wrote it before it is kept anywhere.
+pub fn change_actor(bytes: &[u8]) -> Result<ActorId, CrdtError> {
+    let change = parse_change(bytes)?;
+    let raw = change.actor_id().to_bytes();
+    let id: [u8; 16] = raw
+        .try_into()
+        .map_err(|_| CrdtError::ForeignActor(raw.len()))?;
+    Ok(ActorId::from_bytes(id))
 }
 
 /// What [`ObjectStore::apply_change`] did with a change.
@@ -401,6 +424,9 @@ impl Entry {
     }
 }
 
+/// Most changes one object holds waiting for their dependencies.
+pub const MAX_QUEUED_PER_OBJECT: usize = 256;
+
 /// All objects this replica knows, keyed by object key.
 #[derive(Debug, Clone, Default)]
 pub struct ObjectStore {
@@ -414,9 +440,39 @@ impl ObjectStore {
 
     /// Apply one change (the bytes of one automerge change, as produced by
     /// the `edit_*` methods) to the object's document. Idempotent.
+    ///
+    /// A change whose dependencies are missing is held, at most
+    /// [`MAX_QUEUED_PER_OBJECT`] per object: beyond that it is dropped with
+    /// [`CrdtError::TooManyQueued`] (whoever sent it must send it again).
     pub fn apply_change(&mut self, key: &str, change: &[u8]) -> Result<Applied, CrdtError> {
         let change = parse_change(change)?;
-        self.entry_mut(key).ingest(change)
+        let hash = change.hash();
+        let entry = self.entry_mut(key);
+        let applied = entry.ingest(change)?;
+        if applied == Applied::Queued && entry.pending.len() > MAX_QUEUED_PER_OBJECT {
+            entry.pending.remove(&hash);
+            return Err(CrdtError::TooManyQueued {
+                key: key.to_owned(),
+                max: MAX_QUEUED_PER_OBJECT,
+            });
+        }
+        Ok(applied)
+    }
+
+    /// What the document of `key` would look like after `changes` (applied
+    /// in order to a copy; the store is not changed): `None` if the object
+    /// would not exist. Changes that would wait for dependencies do not
+    /// count; an error means a change would be refused.
+    pub fn preview<'a>(
+        &self,
+        key: &str,
+        changes: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Option<Value>, CrdtError> {
+        let mut entry = self.entries.get(key).cloned().unwrap_or_default();
+        for bytes in changes {
+            entry.ingest(parse_change(bytes)?)?;
+        }
+        Ok(entry.doc.as_ref().map(json::read_root))
     }
 
     /// Apply several changes to one object's document at once, with one
