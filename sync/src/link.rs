@@ -685,9 +685,13 @@ impl Link {
         };
         let exp = inb.expected;
         let base = snapshot.base;
-        // A late copy of a snapshot already passed is dropped; a snapshot of
-        // a newer epoch replaces whatever is held.
+        // A late copy of a snapshot already passed is dropped (and what is
+        // held acknowledged again: the sender may be waiting for exactly
+        // that); a snapshot of a newer epoch replaces whatever is held.
         if base.epoch <= exp.epoch && base.seq <= exp.seq {
+            if base.seq <= inb.durable.seq && base.epoch <= inb.durable.epoch {
+                self.acks.insert(stream, inb.durable);
+            }
             return;
         }
         // The cloud never lets a node replace what it already holds of the

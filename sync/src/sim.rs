@@ -11,7 +11,15 @@
 //! The checker runs after every step: an acknowledged record is durable at
 //! the receiver and stays so; replicas are prefixes of their writer's chain;
 //! writers never lose durable records. After the faults stop, every stream
-//! and every object must converge.
+//! and every object must converge, and every writer's acknowledged cursor
+//! must reach the receiver's durable head (a lost ack that is never sent
+//! again would leave it behind).
+//!
+//! In a share of the seeds one edge is hostile: it writes records that
+//! claim another origin, changes authored as the cloud's actor, and
+//! compacts its `up` stream past what the cloud acknowledged (so it sends
+//! snapshots that would rewind the cloud's history). The cloud must keep
+//! none of it, and every other edge must converge as usual.
 
 #![allow(clippy::indexing_slicing)] // indices are the simulator's own, never input
 
@@ -26,7 +34,8 @@ use serde_json::json;
 use crate::crdt::{ActorId, ObjectStore};
 use crate::frame::encode_frame;
 use crate::link::{
-    Action, Event, Fault, Link, LinkConfig, LogSource, Side, down_stream, up_stream,
+    Action, Event, Fault, Link, LinkConfig, LogSource, Side, check_node_records, down_stream,
+    up_stream,
 };
 use crate::objects::{CrdtFold, apply_record, apply_records, apply_snapshot_object};
 
@@ -428,6 +437,8 @@ pub struct SimConfig {
     pub fsync: f64,
     /// A deliberately broken link, to prove the checker bites.
     pub fault: Option<Fault>,
+    /// The index of a hostile edge, if any (one seed in four by default).
+    pub hostile: Option<usize>,
 }
 
 impl SimConfig {
@@ -448,6 +459,7 @@ impl SimConfig {
             edit: 0.03,
             fsync: 0.5,
             fault: None,
+            hostile: (seed % 4 == 3 && edges > 1).then(|| (seed / 4) as usize % edges),
         }
     }
 }
@@ -466,6 +478,8 @@ pub struct SimReport {
     pub compactions: u64,
     pub snapshots_sent: u64,
     pub connections: u64,
+    /// Links the cloud closed because a node broke a rule of its identity.
+    pub refusals: u64,
     pub converged: bool,
     /// Invariant violations, each with the step it was seen at.
     pub violations: Vec<String>,
@@ -674,7 +688,7 @@ impl Sim {
             // An edge compacts its `up` stream only as far as the cloud
             // acknowledged it (the cloud refuses a snapshot that would
             // replace history it holds); the cloud compacts `down` freely.
-            let acked = if on_cloud {
+            let acked = if on_cloud || self.cfg.hostile == Some(i) {
                 u64::MAX
             } else {
                 self.max_acked.get(&stream).copied().unwrap_or(0)
@@ -849,7 +863,15 @@ impl Sim {
         for e in events {
             match e {
                 Event::Acked { stream, cursor } => self.on_acked(target, edge, &stream, cursor),
-                Event::Closed(_) => closed = true,
+                Event::Closed(c) => {
+                    if target.is_none()
+                        && !c.by_peer
+                        && c.code == crate::frame::ErrorCode::Forbidden
+                    {
+                        self.report.refusals += 1;
+                    }
+                    closed = true;
+                }
                 Event::Established => {}
             }
         }
@@ -931,9 +953,38 @@ impl Sim {
         let n = self.counter;
         let pick = self.rng.next_u64();
         let telemetry = self.rng.chance(0.2);
+        let trick = (self.cfg.hostile == Some(i) && self.rng.chance(0.3)).then_some(pick % 3);
         let node = &mut self.edges[i];
         let stream = up_stream(&node.name);
-        let entry = if telemetry {
+        let entry = if let Some(trick) = trick {
+            // Hostile. A forged change goes to an object of its own (so its
+            // own history stays consistent with its log).
+            let key = format!("pods/default/forged-{n}");
+            let patch = json!({"status": {"phase": "Forged", "n": n}});
+            let Some(store) = node.objects.get_mut(&i) else {
+                return;
+            };
+            match trick {
+                0 => Entry::new(
+                    "user:keel-admin",
+                    "devices/default/thermo",
+                    PayloadKind::Event,
+                    format!("{{\"t\":{n}}}"),
+                ),
+                1 => match store.edit_merge_patch(&key, &ActorId::from_name("cloud"), &patch) {
+                    Ok(Some(change)) => {
+                        Entry::new(node.name.clone(), key, PayloadKind::Change, change)
+                    }
+                    _ => return,
+                },
+                _ => Entry::new(
+                    edge_name(i + 1),
+                    "devices/default/thermo",
+                    PayloadKind::Event,
+                    format!("{{\"t\":{n}}}"),
+                ),
+            }
+        } else if telemetry {
             Entry::new(
                 node.name.clone(),
                 "devices/default/thermo",
@@ -1169,6 +1220,17 @@ impl Sim {
                 }
             }
         }
+        if let Some(h) = self.cfg.hostile {
+            let name = edge_name(h);
+            if let Some(s) = self.cloud.log.streams.get(&up_stream(&name))
+                && let Err(r) = check_node_records(&name, &s.records)
+            {
+                bad.push(format!(
+                    "the cloud kept a record the hostile {name} may not write: {}",
+                    r.message
+                ));
+            }
+        }
         for i in 0..self.cfg.edges {
             let name = edge_name(i);
             self.writer_heads.insert(
@@ -1193,7 +1255,8 @@ impl Sim {
 
     fn divergence(&self) -> Option<String> {
         // Cheap checks for every edge first; objects only once logs agree.
-        for i in 0..self.cfg.edges {
+        // A hostile edge never converges (the cloud refuses its records).
+        for i in self.honest() {
             let name = edge_name(i);
             for s in [down_stream(&name), up_stream(&name)] {
                 let (a, b) = (self.cloud.log.head(&s), self.edges[i].log.head(&s));
@@ -1209,7 +1272,27 @@ impl Sim {
                 return Some("writes still pending".into());
             }
         }
-        for i in 0..self.cfg.edges {
+        // Every writer hears that the receiver holds what it holds.
+        for i in self.honest() {
+            let name = edge_name(i);
+            for (stream, writer, receiver) in [
+                (down_stream(&name), &self.cloud, &self.edges[i]),
+                (up_stream(&name), &self.edges[i], &self.cloud),
+            ] {
+                let held = receiver.log.head(&stream).map_or(0, |c| c.seq);
+                let acked = writer
+                    .links
+                    .get(&i)
+                    .and_then(|(_, l)| l.peer_cursor())
+                    .map(|c| c.seq);
+                if acked != Some(held) {
+                    return Some(format!(
+                        "{stream}: the receiver holds seq {held}, the writer's link has {acked:?} acknowledged"
+                    ));
+                }
+            }
+        }
+        for i in self.honest() {
             let (a, b) = (&self.cloud.objects[&i], &self.edges[i].objects[&i]);
             let keys: std::collections::BTreeSet<&str> = a.keys().chain(b.keys()).collect();
             for k in keys {
@@ -1222,6 +1305,11 @@ impl Sim {
             }
         }
         None
+    }
+
+    fn honest(&self) -> impl Iterator<Item = usize> + use<> {
+        let hostile = self.cfg.hostile;
+        (0..self.cfg.edges).filter(move |i| Some(*i) != hostile)
     }
 
     /// Every stream and object agrees and nothing is left to persist.

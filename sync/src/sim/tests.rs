@@ -52,7 +52,7 @@ fn simulated_faults_lose_nothing_and_converge() {
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections; {} runs with violations",
+        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections, {} refusals of hostile edges; {} runs with violations",
         seeds.start,
         seeds.end,
         reports.len(),
@@ -65,6 +65,7 @@ fn simulated_faults_lose_nothing_and_converge() {
         total(|r| r.compactions),
         total(|r| r.snapshots_sent),
         total(|r| r.connections),
+        total(|r| r.refusals),
         failed.len(),
     );
     for r in failed.iter().take(5) {
@@ -92,6 +93,8 @@ fn simulated_faults_lose_nothing_and_converge() {
                 && total(|r| r.lost_messages) > 0
         );
         assert!(total(|r| r.compactions) > 0);
+        // Hostile edges ran, and the cloud refused them.
+        assert!(total(|r| r.refusals) > 0);
     }
 }
 
