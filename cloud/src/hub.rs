@@ -125,8 +125,8 @@ struct HubState {
     sink: Arc<dyn Sink>,
     opts: HubOptions,
     pace: Arc<Pace>,
-    /// Node → id of its current connection.
-    current: Mutex<BTreeMap<String, usize>>,
+    /// Node → id and handle of its current connection.
+    current: Mutex<BTreeMap<String, (usize, quinn::Connection)>>,
     /// Node → seq of its down stream it last acknowledged.
     acked: Mutex<BTreeMap<String, u64>>,
     /// Node → when the hub last heard from it (connect, records, acks,
@@ -199,6 +199,26 @@ impl HubHandle {
 
     pub fn stats(&self) -> &HubStats {
         &self.0.stats
+    }
+
+    /// Closes `node`'s current connection, if any, with the `Unauthorized`
+    /// error code and `reason`; returns whether there was one.
+    pub fn disconnect(&self, node: &str, reason: &str) -> bool {
+        let conn = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map(|c| c.1.clone());
+        if let Some(conn) = &conn {
+            info!(%node, %reason, "closing the node's connection");
+            conn.close(
+                quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Unauthorized as u32),
+                reason.as_bytes(),
+            );
+        }
+        conn.is_some()
     }
 
     /// Node → the seq of its down stream it last acknowledged.
@@ -378,7 +398,7 @@ impl HubState {
         self.current
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(node.clone(), id);
+            .insert(node.clone(), (id, conn.clone()));
         let mut cfg = LinkConfig::new(node.clone(), Side::Cloud, up_head);
         cfg.ping_interval_ms =
             u64::try_from(self.opts.ping_interval.as_millis()).unwrap_or(u64::MAX);
@@ -390,7 +410,7 @@ impl HubState {
         let closed = run_link(conn, self.store.clone(), cfg, sink, Some(pace)).await;
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.get(&node) == Some(&id) {
+        if current.get(&node).map(|c| c.0) == Some(id) {
             current.remove(&node);
             drop(current);
             self.sink.disconnected(&node);

@@ -8,6 +8,7 @@
 //! | `ca.key`  | the CA's ECDSA P-256 private key, PKCS#8 PEM        | 0600 |
 //! | `ca.pem`  | the self-signed CA certificate                      | 0644 |
 //! | `revoked` | revoked serial numbers, one lowercase hex per line  | 0644 |
+//! | `issued.json` | node certificates issued and nodes revoked (below) | 0644 |
 //!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
 //! the directory). On first start the key is written before the
@@ -19,8 +20,17 @@
 //! and EKU clientAuth; the admin certificate has CN = [`ADMIN_COMMON_NAME`],
 //! O = [`ADMIN_ORGANIZATION`]; the server certificate has EKU serverAuth.
 //! [`node_name_from_cert`] accepts only the first kind.
+//!
+//! Revocation: `issued.json` is the ledger of node certificates (serial →
+//! node, issue number, issue time, end of validity, whether a renewal
+//! issued it; expired entries are pruned), so [`ClusterCa::revoke_node`]
+//! can revoke every certificate of a node. It also bars the node: from
+//! then on a certificate of that node is refused unless the ledger shows
+//! it was issued after the revocation (a new join with a token created
+//! afterwards), which also covers certificates the ledger never saw.
+//! Every TLS configuration built here checks both at each handshake.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io::Write as _;
@@ -42,6 +52,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
+use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::error::{Error, Result};
@@ -72,9 +83,19 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
 const REVOKED_FILE: &str = "revoked";
+const ISSUED_FILE: &str = "issued.json";
 /// Longest node name: an X.509 common name holds at most 64 characters.
 pub const MAX_NODE_NAME_LEN: usize = 63;
-const RESERVED_NAMES: [&str; 3] = [CA_COMMON_NAME, ADMIN_COMMON_NAME, SERVER_COMMON_NAME];
+/// The name of cloudcore's own CRDT actor and change origin: a node with
+/// this name could pass its changes off as the cloud's.
+pub const CLOUDCORE_NAME: &str = "cloudcore";
+/// Names no node may take: keel's own identities.
+pub const RESERVED_NAMES: [&str; 4] = [
+    CLOUDCORE_NAME,
+    CA_COMMON_NAME,
+    ADMIN_COMMON_NAME,
+    SERVER_COMMON_NAME,
+];
 
 /// The ring crypto provider, passed explicitly to every rustls builder so that
 /// nothing depends on a process-wide default.
@@ -173,7 +194,10 @@ impl ClusterCa {
                 create_ca(&cert_path, &key_path)?
             }
         };
-        let revocations = Arc::new(Revocations::load(dir.join(REVOKED_FILE))?);
+        let revocations = Arc::new(Revocations::load(
+            dir.join(REVOKED_FILE),
+            dir.join(ISSUED_FILE),
+        )?);
         let ca = Self {
             dir,
             cert_pem,
@@ -245,6 +269,35 @@ impl ClusterCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<IssuedCert> {
+        self.sign_node(csr_pem, node_name, not_before, not_after, false)
+    }
+
+    /// Signs a node's CSR as a renewal (see [`ClusterCa::last_renewal`]),
+    /// valid from now for `validity`.
+    ///
+    /// # Errors
+    /// See [`ClusterCa::sign_node_csr_between`].
+    pub fn sign_node_renewal(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert> {
+        let now = SystemTime::now();
+        let not_after = now
+            .checked_add(validity)
+            .ok_or_else(|| Error::InvalidValidity(format!("{validity:?} is too long")))?;
+        self.sign_node(csr_pem, node_name, backdate(now), not_after, true)
+    }
+
+    fn sign_node(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        renewal: bool,
+    ) -> Result<IssuedCert> {
         validate_node_name(node_name)?;
         let csr = parse_csr(csr_pem)?;
         if csr.common_name != node_name {
@@ -261,7 +314,11 @@ impl ClusterCa {
         params.use_authority_key_identifier_extension = true;
         let serial = set_validity_and_serial(&mut params, not_before, not_after)?;
         let cert = params.signed_by(&csr.params.public_key, &self.issuer)?;
-        tracing::info!(node = node_name, serial = %serial, "issued node certificate");
+        // In the ledger before anyone holds it, so that revoking the node
+        // always finds it.
+        self.revocations
+            .record_issued(&serial, node_name, not_after, renewal)?;
+        tracing::info!(node = node_name, serial = %serial, renewal, "issued node certificate");
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             serial,
@@ -344,17 +401,91 @@ impl ClusterCa {
     pub fn revocations(&self) -> Arc<Revocations> {
         Arc::clone(&self.revocations)
     }
+
+    /// Revokes every certificate issued to `node` and bars the node: any
+    /// certificate of it not issued after this call is refused from now
+    /// on, whether or not the ledger knows it. Both are persisted before
+    /// this returns (an I/O error leaves them in force in memory). Returns
+    /// the serials revoked by this call.
+    ///
+    /// # Errors
+    /// [`Error::InvalidNodeName`] or an I/O error.
+    pub fn revoke_node(&self, node: &str) -> Result<Vec<String>> {
+        validate_node_name(node)?;
+        self.revocations.revoke_node(node)
+    }
+
+    /// Whether a DER client certificate is refused: its serial revoked, or
+    /// a node certificate of a barred node not issued after the bar. An
+    /// unparseable certificate is refused.
+    #[must_use]
+    pub fn is_cert_revoked(&self, der: &[u8]) -> bool {
+        match X509Certificate::from_der(der) {
+            Ok((_, cert)) => self.revocations.refuses(&cert),
+            Err(_) => true,
+        }
+    }
+
+    /// When `node` was last issued a certificate by renewal (from the
+    /// ledger, so across restarts), if ever while one is still valid.
+    #[must_use]
+    pub fn last_renewal(&self, node: &str) -> Option<SystemTime> {
+        self.revocations.last_renewal(node)
+    }
+
+    /// Whether `node` is revoked and holds no certificate issued since:
+    /// any connection it has must be made with a refused certificate.
+    #[must_use]
+    pub fn is_node_shut_out(&self, node: &str) -> bool {
+        self.revocations.is_node_shut_out(node)
+    }
+
+    /// Serials of the unexpired certificates issued to `node`, oldest first.
+    #[must_use]
+    pub fn issued_to(&self, node: &str) -> Vec<String> {
+        self.revocations.issued_to(node)
+    }
 }
 
-/// The persisted set of revoked serial numbers.
+/// The persisted set of revoked serial numbers, the ledger of issued node
+/// certificates and the barred nodes (see the [module documentation](self)).
 #[derive(Debug)]
 pub struct Revocations {
     path: PathBuf,
+    ledger_path: PathBuf,
     serials: Mutex<BTreeSet<String>>,
+    ledger: Mutex<Ledger>,
+}
+
+/// `issued.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Ledger {
+    version: u32,
+    /// Issue number of the last certificate recorded.
+    last: u64,
+    /// Serial → the node certificate issued under it.
+    issued: BTreeMap<String, IssuedRecord>,
+    /// Node → the issue number at its revocation: its certificates up to
+    /// it, and any the ledger does not know, are refused.
+    revoked_nodes: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IssuedRecord {
+    node: String,
+    number: u64,
+    /// Unix seconds.
+    issued_at: u64,
+    /// Unix seconds.
+    not_after: u64,
+    #[serde(default)]
+    renewal: bool,
 }
 
 impl Revocations {
-    fn load(path: PathBuf) -> Result<Self> {
+    fn load(path: PathBuf, ledger_path: PathBuf) -> Result<Self> {
         let mut serials = BTreeSet::new();
         match fs::read_to_string(&path) {
             Ok(text) => {
@@ -373,9 +504,22 @@ impl Revocations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&path, e)),
         }
+        let ledger = match fs::read(&ledger_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                path: ledger_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger {
+                version: 1,
+                ..Ledger::default()
+            },
+            Err(e) => return Err(Error::io(&ledger_path, e)),
+        };
         Ok(Self {
             path,
+            ledger_path,
             serials: Mutex::new(serials),
+            ledger: Mutex::new(ledger),
         })
     }
 
@@ -386,9 +530,20 @@ impl Revocations {
     /// revoked in memory).
     pub fn revoke(&self, serial: &str) -> Result<()> {
         let serial = normalize_serial(serial)?;
+        self.revoke_all(std::slice::from_ref(&serial)).map(|_| ())
+    }
+
+    /// Adds serials (normalised) and persists the list once; returns those
+    /// that were not revoked before.
+    fn revoke_all(&self, serials: &[String]) -> Result<Vec<String>> {
         let mut set = self.serials.lock().unwrap_or_else(PoisonError::into_inner);
-        if !set.insert(serial.clone()) {
-            return Ok(());
+        let added: Vec<String> = serials
+            .iter()
+            .filter(|s| set.insert((*s).clone()))
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            return Ok(added);
         }
         let mut text = String::new();
         for s in set.iter() {
@@ -396,8 +551,63 @@ impl Revocations {
             text.push('\n');
         }
         write_atomic(&self.path, text.as_bytes(), 0o644)?;
-        tracing::warn!(serial = %serial, "certificate revoked");
-        Ok(())
+        for serial in &added {
+            tracing::warn!(serial = %serial, "certificate revoked");
+        }
+        Ok(added)
+    }
+
+    /// Records a node certificate in the ledger (pruning expired entries)
+    /// and persists it.
+    fn record_issued(
+        &self,
+        serial: &str,
+        node: &str,
+        not_after: SystemTime,
+        renewal: bool,
+    ) -> Result<()> {
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = unix_secs(SystemTime::now());
+        ledger.issued.retain(|_, r| r.not_after > now);
+        ledger.last = ledger.last.saturating_add(1);
+        let number = ledger.last;
+        ledger.issued.insert(
+            serial.to_owned(),
+            IssuedRecord {
+                node: node.to_owned(),
+                number,
+                issued_at: now,
+                not_after: unix_secs(not_after),
+                renewal,
+            },
+        );
+        self.persist_ledger(&ledger)
+    }
+
+    fn revoke_node(&self, node: &str) -> Result<Vec<String>> {
+        let serials = {
+            let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+            let last = ledger.last;
+            ledger.revoked_nodes.insert(node.to_owned(), last);
+            let serials: Vec<String> = ledger
+                .issued
+                .iter()
+                .filter(|(_, r)| r.node == node)
+                .map(|(s, _)| s.clone())
+                .collect();
+            self.persist_ledger(&ledger)?;
+            serials
+        };
+        tracing::warn!(node, certificates = serials.len(), "node revoked");
+        self.revoke_all(&serials)
+    }
+
+    fn persist_ledger(&self, ledger: &Ledger) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(ledger).map_err(|e| Error::Corrupt {
+            path: self.ledger_path.clone(),
+            reason: format!("cannot serialise the ledger: {e}"),
+        })?;
+        write_atomic(&self.ledger_path, &bytes, 0o644)
     }
 
     /// Whether `serial` is revoked (unparseable serials are not).
@@ -413,13 +623,63 @@ impl Revocations {
         }
     }
 
-    /// Whether the certificate with this raw DER serial is revoked.
-    fn is_raw_serial_revoked(&self, raw: &[u8]) -> bool {
-        let s = hex(strip_leading_zeros(raw));
-        self.serials
+    /// Whether a parsed client certificate is refused: its serial is
+    /// revoked, or it is a certificate of a barred node that the ledger
+    /// does not show as issued after the bar.
+    fn refuses(&self, cert: &X509Certificate<'_>) -> bool {
+        let serial = hex(strip_leading_zeros(cert.raw_serial()));
+        if self
+            .serials
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&s)
+            .contains(&serial)
+        {
+            return true;
+        }
+        let Ok(node) = single_common_name(cert.subject()) else {
+            return false;
+        };
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(bar) = ledger.revoked_nodes.get(&node) else {
+            return false;
+        };
+        !ledger
+            .issued
+            .get(&serial)
+            .is_some_and(|r| r.node == node && r.number > *bar)
+    }
+
+    fn is_node_shut_out(&self, node: &str) -> bool {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger.revoked_nodes.get(node).is_some_and(|bar| {
+            !ledger
+                .issued
+                .values()
+                .any(|r| r.node == node && r.number > *bar)
+        })
+    }
+
+    fn last_renewal(&self, node: &str) -> Option<SystemTime> {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger
+            .issued
+            .values()
+            .filter(|r| r.renewal && r.node == node)
+            .map(|r| r.issued_at)
+            .max()
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+    }
+
+    fn issued_to(&self, node: &str) -> Vec<String> {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut mine: Vec<(u64, String)> = ledger
+            .issued
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|(s, r)| (r.number, s.clone()))
+            .collect();
+        mine.sort();
+        mine.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Every revoked serial, lowercase hex, sorted.
@@ -432,6 +692,10 @@ impl Revocations {
             .cloned()
             .collect()
     }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 // ---------------------------------------------------------------------------
@@ -538,7 +802,7 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
                 rustls::CertificateError::BadEncoding,
             ));
         };
-        if self.revocations.is_raw_serial_revoked(cert.raw_serial()) {
+        if self.revocations.refuses(&cert) {
             tracing::warn!(
                 serial = %hex(strip_leading_zeros(cert.raw_serial())),
                 subject = %cert.subject(),
@@ -711,9 +975,12 @@ fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
         .map_err(|e| Error::InvalidCertificate(format!("bad private key PEM: {e}")))
 }
 
-/// Checks that `name` is a keel node name: 1 to 63 characters of `a-z`,
-/// `0-9`, `-` and `.`, starting and ending with a letter or digit, and not
-/// one of the names keel uses for itself.
+/// Checks that `name` is a keel node name: a DNS-1123 subdomain (dot-separated
+/// labels of `a-z`, `0-9` and `-`, each starting and ending with a letter or
+/// digit) of at most 63 characters (it is the certificate's common name),
+/// and none of [`RESERVED_NAMES`] — in particular not `cloudcore`, whose
+/// actor id and change origin are the cloud's own. Names such as
+/// `system:…` or `user:…` fail the character rule.
 ///
 /// # Errors
 /// [`Error::InvalidNodeName`].
@@ -738,11 +1005,18 @@ pub fn validate_node_name(name: &str) -> Result<()> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
     {
-        return refuse("only a-z, 0-9, '-' and '.' are allowed");
+        return refuse(
+            "not a DNS-1123 subdomain: only lowercase a-z, 0-9, '-' and '.' are allowed",
+        );
     }
     let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    if !alnum(name.as_bytes().first()) || !alnum(name.as_bytes().last()) {
-        return refuse("must start and end with a letter or digit");
+    if !name
+        .split('.')
+        .all(|label| alnum(label.as_bytes().first()) && alnum(label.as_bytes().last()))
+    {
+        return refuse(
+            "not a DNS-1123 subdomain: each dot-separated part must start and end with a letter or digit",
+        );
     }
     if RESERVED_NAMES.contains(&name) {
         return refuse("reserved for keel itself");
