@@ -725,3 +725,80 @@ async fn quic_handshake_with_the_hub_configs() {
     endpoint.close(0u32.into(), b"done");
     client_endpoint.close(0u32.into(), b"done");
 }
+
+#[tokio::test]
+async fn revoking_a_node_refuses_all_its_certificates_even_unrecorded_ones_until_it_joins_again() {
+    let (dir, ca) = new_ca();
+    let first = node_creds(&ca, "edge-1");
+    let second = node_creds(&ca, "edge-1");
+    let other = node_creds(&ca, "edge-2");
+    // A certificate the ledger never saw (issued before it existed).
+    let unrecorded = node_creds(&ca, "edge-1");
+    let ledger_path = dir.path().join("pki").join("issued.json");
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ledger_path).unwrap()).unwrap();
+    let mut pruned = ledger.clone();
+    pruned["issued"]
+        .as_object_mut()
+        .unwrap()
+        .remove(&unrecorded.serial)
+        .unwrap();
+    std::fs::write(&ledger_path, serde_json::to_vec(&pruned).unwrap()).unwrap();
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    assert_eq!(
+        ca.issued_to("edge-1"),
+        [first.serial.clone(), second.serial.clone()]
+    );
+    let server_cfg = hub_server_config(&ca); // built before the revocation
+
+    let mut revoked = ca.revoke_node("edge-1").unwrap();
+    revoked.sort();
+    let mut want = vec![first.serial.clone(), second.serial.clone()];
+    want.sort();
+    assert_eq!(revoked, want);
+    assert!(ca.is_node_shut_out("edge-1"));
+    assert!(!ca.is_node_shut_out("edge-2"));
+    assert!(matches!(
+        ca.revoke_node("cloudcore"),
+        Err(keel_cloud::Error::InvalidNodeName { .. })
+    ));
+
+    for creds in [&first, &second, &unrecorded] {
+        assert!(ca.is_cert_revoked(&der_of(&creds.cert_pem)));
+        let client =
+            pki::client_tls_config(ca.cert_pem(), &creds.cert_pem, &creds.key_pem).unwrap();
+        let outcome = tls_handshake(server_cfg.clone(), client).await;
+        assert_eq!(
+            outcome.server.unwrap_err(),
+            rustls::Error::InvalidCertificate(CertificateError::Revoked),
+            "serial {}",
+            creds.serial
+        );
+    }
+    let client = pki::client_tls_config(ca.cert_pem(), &other.cert_pem, &other.key_pem).unwrap();
+    assert!(
+        tls_handshake(server_cfg.clone(), client)
+            .await
+            .server
+            .is_ok()
+    );
+
+    // Persisted: a restarted CA refuses them too.
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    for creds in [&first, &second, &unrecorded] {
+        assert!(ca.is_cert_revoked(&der_of(&creds.cert_pem)));
+    }
+    assert!(!ca.is_cert_revoked(&der_of(&other.cert_pem)));
+
+    // A certificate issued after the revocation (a new join) is accepted.
+    let rejoined = node_creds(&ca, "edge-1");
+    assert!(!ca.is_node_shut_out("edge-1"));
+    assert!(!ca.is_cert_revoked(&der_of(&rejoined.cert_pem)));
+    let client =
+        pki::client_tls_config(ca.cert_pem(), &rejoined.cert_pem, &rejoined.key_pem).unwrap();
+    let outcome = tls_handshake(hub_server_config(&ca), client).await;
+    assert_eq!(
+        pki::node_name_from_cert(&outcome.server.unwrap()).unwrap(),
+        "edge-1"
+    );
+}
