@@ -8,7 +8,7 @@
 //! | `ca.key`  | the CA's ECDSA P-256 private key, PKCS#8 PEM        | 0600 |
 //! | `ca.pem`  | the self-signed CA certificate                      | 0644 |
 //! | `revoked` | revoked serial numbers, one lowercase hex per line  | 0644 |
-//! | `issued.json` | node certificates issued and nodes revoked (below) | 0644 |
+//! | `issued.log` | node certificates issued and nodes revoked (below), JSON lines | 0644 |
 //!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
 //! the directory). On first start the key is written before the
@@ -21,9 +21,11 @@
 //! O = [`ADMIN_ORGANIZATION`]; the server certificate has EKU serverAuth.
 //! [`node_name_from_cert`] accepts only the first kind.
 //!
-//! Revocation: `issued.json` is the ledger of node certificates (serial →
+//! Revocation: `issued.log` is the ledger of node certificates (serial →
 //! node, issue number, issue time, end of validity, whether a renewal
-//! issued it; expired entries are pruned), so [`ClusterCa::revoke_node`]
+//! issued it), one JSON line appended (and fsync'd) per certificate or
+//! revoked node, rewritten without expired entries once they dominate; a
+//! torn last line (a crash mid-append) is ignored. [`ClusterCa::revoke_node`]
 //! can revoke every certificate of a node. It also bars the node: from
 //! then on a certificate of that node is refused unless the ledger shows
 //! it was issued after the revocation (a new join with a token created
@@ -83,7 +85,9 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
 const REVOKED_FILE: &str = "revoked";
-const ISSUED_FILE: &str = "issued.json";
+const ISSUED_FILE: &str = "issued.log";
+/// Ledger lines beyond twice the live entries (plus this) trigger a rewrite.
+const LEDGER_SLACK: usize = 1024;
 /// Longest node name: an X.509 common name holds at most 64 characters.
 pub const MAX_NODE_NAME_LEN: usize = 63;
 /// The name of cloudcore's own CRDT actor and change origin: a node with
@@ -457,11 +461,9 @@ pub struct Revocations {
     ledger: Mutex<Ledger>,
 }
 
-/// `issued.json`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The ledger (`issued.log`) in memory.
+#[derive(Debug, Default)]
 struct Ledger {
-    version: u32,
     /// Issue number of the last certificate recorded.
     last: u64,
     /// Serial → the node certificate issued under it.
@@ -469,6 +471,8 @@ struct Ledger {
     /// Node → the issue number at its revocation: its certificates up to
     /// it, and any the ledger does not know, are refused.
     revoked_nodes: BTreeMap<String, u64>,
+    /// Lines in the file.
+    lines: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -482,6 +486,101 @@ struct IssuedRecord {
     not_after: u64,
     #[serde(default)]
     renewal: bool,
+}
+
+/// One line of `issued.log`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+enum LedgerLine {
+    #[serde(rename_all = "camelCase")]
+    Issued {
+        serial: String,
+        #[serde(flatten)]
+        record: IssuedRecord,
+    },
+    #[serde(rename_all = "camelCase")]
+    RevokedNode { node: String, bar: u64 },
+}
+
+impl Ledger {
+    /// The ledger, and whether its last line was torn.
+    fn load(path: &Path) -> Result<(Self, bool)> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Self::default(), false));
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let mut ledger = Self::default();
+        let mut torn = false;
+        let complete = text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<LedgerLine>(line) {
+                Ok(entry) => ledger.apply(entry),
+                Err(_) if !complete && i + 1 == lines.len() => {
+                    tracing::warn!(path = %path.display(), "dropping a torn last line of the ledger");
+                    torn = true;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Corrupt {
+                        path: path.to_owned(),
+                        reason: format!("line {}: {e}", i + 1),
+                    });
+                }
+            }
+            ledger.lines += 1;
+        }
+        Ok((ledger, torn))
+    }
+
+    fn apply(&mut self, entry: LedgerLine) {
+        match entry {
+            LedgerLine::Issued { serial, record } => {
+                self.last = self.last.max(record.number);
+                self.issued.insert(serial, record);
+            }
+            LedgerLine::RevokedNode { node, bar } => {
+                // Numbers issued later stay above every bar, even once the
+                // certificates numbered below it are pruned.
+                self.last = self.last.max(bar);
+                let b = self.revoked_nodes.entry(node).or_insert(bar);
+                *b = (*b).max(bar);
+            }
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = LedgerLine> + '_ {
+        let issued = self
+            .issued
+            .iter()
+            .map(|(serial, record)| LedgerLine::Issued {
+                serial: serial.clone(),
+                record: record.clone(),
+            });
+        let nodes = self
+            .revoked_nodes
+            .iter()
+            .map(|(node, bar)| LedgerLine::RevokedNode {
+                node: node.clone(),
+                bar: *bar,
+            });
+        issued.chain(nodes)
+    }
+}
+
+fn ledger_line(path: &Path, entry: &LedgerLine) -> Result<String> {
+    let mut line = serde_json::to_string(entry).map_err(|e| Error::Corrupt {
+        path: path.to_owned(),
+        reason: format!("cannot serialise a ledger line: {e}"),
+    })?;
+    line.push('\n');
+    Ok(line)
 }
 
 impl Revocations {
@@ -504,23 +603,26 @@ impl Revocations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&path, e)),
         }
-        let ledger = match fs::read(&ledger_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                path: ledger_path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger {
-                version: 1,
-                ..Ledger::default()
-            },
-            Err(e) => return Err(Error::io(&ledger_path, e)),
-        };
-        Ok(Self {
+        let (mut ledger, torn) = Ledger::load(&ledger_path)?;
+        let revocations = Self {
             path,
             ledger_path,
-            serials: Mutex::new(serials),
-            ledger: Mutex::new(ledger),
-        })
+            serials: Mutex::new(BTreeSet::new()),
+            ledger: Mutex::new(Ledger::default()),
+        };
+        if torn {
+            // Appending after a torn line would corrupt the next one.
+            revocations.rewrite_ledger(&mut ledger)?;
+        }
+        *revocations
+            .serials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = serials;
+        *revocations
+            .ledger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = ledger;
+        Ok(revocations)
     }
 
     /// Adds a serial and persists the list atomically.
@@ -568,46 +670,83 @@ impl Revocations {
     ) -> Result<()> {
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let now = unix_secs(SystemTime::now());
-        ledger.issued.retain(|_, r| r.not_after > now);
         ledger.last = ledger.last.saturating_add(1);
-        let number = ledger.last;
-        ledger.issued.insert(
-            serial.to_owned(),
-            IssuedRecord {
+        let entry = LedgerLine::Issued {
+            serial: serial.to_owned(),
+            record: IssuedRecord {
                 node: node.to_owned(),
-                number,
+                number: ledger.last,
                 issued_at: now,
                 not_after: unix_secs(not_after),
                 renewal,
             },
-        );
-        self.persist_ledger(&ledger)
+        };
+        ledger.apply(entry.clone());
+        self.append_ledger(&mut ledger, &entry)?;
+        let live = ledger.issued.len() + ledger.revoked_nodes.len();
+        if ledger.lines > live.saturating_mul(2).saturating_add(LEDGER_SLACK) {
+            ledger.issued.retain(|_, r| r.not_after > now);
+            self.rewrite_ledger(&mut ledger)?;
+        }
+        Ok(())
     }
 
     fn revoke_node(&self, node: &str) -> Result<Vec<String>> {
         let serials = {
             let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
-            let last = ledger.last;
-            ledger.revoked_nodes.insert(node.to_owned(), last);
+            let entry = LedgerLine::RevokedNode {
+                node: node.to_owned(),
+                bar: ledger.last,
+            };
+            ledger.apply(entry.clone());
             let serials: Vec<String> = ledger
                 .issued
                 .iter()
                 .filter(|(_, r)| r.node == node)
                 .map(|(s, _)| s.clone())
                 .collect();
-            self.persist_ledger(&ledger)?;
+            self.append_ledger(&mut ledger, &entry)?;
             serials
         };
         tracing::warn!(node, certificates = serials.len(), "node revoked");
         self.revoke_all(&serials)
     }
 
-    fn persist_ledger(&self, ledger: &Ledger) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(ledger).map_err(|e| Error::Corrupt {
-            path: self.ledger_path.clone(),
-            reason: format!("cannot serialise the ledger: {e}"),
-        })?;
-        write_atomic(&self.ledger_path, &bytes, 0o644)
+    /// Appends one line and fsyncs it (and the directory, when the file is
+    /// new).
+    fn append_ledger(&self, ledger: &mut Ledger, entry: &LedgerLine) -> Result<()> {
+        let path = &self.ledger_path;
+        let line = ledger_line(path, entry)?;
+        let existed = exists(path)?;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.write_all(line.as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io(path, e))?;
+        if !existed && let Some(dir) = path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(dir, e))?;
+        }
+        ledger.lines = ledger.lines.saturating_add(1);
+        Ok(())
+    }
+
+    /// Rewrites the ledger with its live entries only.
+    fn rewrite_ledger(&self, ledger: &mut Ledger) -> Result<()> {
+        let mut text = String::new();
+        let mut lines = 0usize;
+        for entry in ledger.entries() {
+            text.push_str(&ledger_line(&self.ledger_path, &entry)?);
+            lines += 1;
+        }
+        write_atomic(&self.ledger_path, text.as_bytes(), 0o644)?;
+        ledger.lines = lines;
+        Ok(())
     }
 
     /// Whether `serial` is revoked (unparseable serials are not).

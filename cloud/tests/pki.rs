@@ -734,16 +734,16 @@ async fn revoking_a_node_refuses_all_its_certificates_even_unrecorded_ones_until
     let other = node_creds(&ca, "edge-2");
     // A certificate the ledger never saw (issued before it existed).
     let unrecorded = node_creds(&ca, "edge-1");
-    let ledger_path = dir.path().join("pki").join("issued.json");
-    let ledger: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&ledger_path).unwrap()).unwrap();
-    let mut pruned = ledger.clone();
-    pruned["issued"]
-        .as_object_mut()
-        .unwrap()
-        .remove(&unrecorded.serial)
-        .unwrap();
-    std::fs::write(&ledger_path, serde_json::to_vec(&pruned).unwrap()).unwrap();
+    let ledger_path = dir.path().join("pki").join("issued.log");
+    let ledger = std::fs::read_to_string(&ledger_path).unwrap();
+    assert_eq!(ledger.lines().count(), 4, "{ledger}");
+    let pruned: String = ledger
+        .lines()
+        .filter(|l| !l.contains(&unrecorded.serial))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // And a torn last line, as a crash in the middle of an append leaves.
+    std::fs::write(&ledger_path, format!("{pruned}{{\"kind\":\"iss")).unwrap();
     let ca = ClusterCa::load_or_create(dir.path()).unwrap();
     assert_eq!(
         ca.issued_to("edge-1"),
@@ -784,6 +784,7 @@ async fn revoking_a_node_refuses_all_its_certificates_even_unrecorded_ones_until
     );
 
     // Persisted: a restarted CA refuses them too.
+    drop(ca);
     let ca = ClusterCa::load_or_create(dir.path()).unwrap();
     for creds in [&first, &second, &unrecorded] {
         assert!(ca.is_cert_revoked(&der_of(&creds.cert_pem)));
