@@ -202,8 +202,8 @@ impl HubHandle {
     }
 
     /// Closes `node`'s current connection, if any, with the `Unauthorized`
-    /// error code and `reason`; returns whether there was one.
-    pub fn disconnect(&self, node: &str, reason: &str) -> bool {
+    /// error code and `reason`.
+    pub fn disconnect(&self, node: &str, reason: &str) {
         let conn = self
             .0
             .current
@@ -211,14 +211,13 @@ impl HubHandle {
             .unwrap_or_else(PoisonError::into_inner)
             .get(node)
             .map(|c| c.1.clone());
-        if let Some(conn) = &conn {
+        if let Some(conn) = conn {
             info!(%node, %reason, "closing the node's connection");
             conn.close(
                 quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Unauthorized as u32),
                 reason.as_bytes(),
             );
         }
-        conn.is_some()
     }
 
     /// Node → the seq of its down stream it last acknowledged.

@@ -90,7 +90,8 @@ pub async fn revoke_node(
     })
     .await
     .map_err(|e| crate::Error::Net(std::io::Error::other(format!("revocation task: {e}"))));
-    let disconnected = hub.disconnect(node, REVOKED_REASON);
+    let disconnected = hub.connected().contains(node);
+    hub.disconnect(node, REVOKED_REASON);
     let (serials, deleted) = done?;
     let revoked_serials = serials?;
     let tokens_deleted = u64::try_from(deleted?).unwrap_or(u64::MAX);
