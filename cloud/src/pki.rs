@@ -850,7 +850,8 @@ pub(crate) enum ClientAuth {
 
 /// The rustls server configuration of the QUIC hub: TLS 1.3 only, ALPN
 /// [`ALPN_SYNC`], and a client certificate that chains to the cluster CA, is
-/// within its validity, has EKU clientAuth and is not revoked.
+/// within its validity, has EKU clientAuth and is not revoked, checked at
+/// every handshake (no session resumption).
 ///
 /// The result converts with `quinn::crypto::rustls::QuicServerConfig::try_from`.
 ///
@@ -887,6 +888,12 @@ pub(crate) fn build_server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![alpn.to_vec()];
+    // No session resumption: a resumed TLS 1.3 handshake takes the client
+    // certificate from the session and never asks the verifier, so a
+    // revoked certificate could come back with a ticket issued before
+    // its revocation.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 

@@ -803,3 +803,24 @@ async fn revoking_a_node_refuses_all_its_certificates_even_unrecorded_ones_until
         "edge-1"
     );
 }
+
+#[tokio::test]
+async fn a_revoked_certificate_cannot_resume_a_session_from_before_its_revocation() {
+    let (_dir, ca) = new_ca();
+    let node = node_creds(&ca, "edge-1");
+    let server_cfg = hub_server_config(&ca);
+    // One client configuration: it keeps whatever tickets the server gives.
+    let client = pki::client_tls_config(ca.cert_pem(), &node.cert_pem, &node.key_pem).unwrap();
+    assert!(
+        tls_handshake(server_cfg.clone(), client.clone())
+            .await
+            .server
+            .is_ok()
+    );
+    ca.revoke_node("edge-1").unwrap();
+    let outcome = tls_handshake(server_cfg, client).await;
+    assert_eq!(
+        outcome.server.unwrap_err(),
+        rustls::Error::InvalidCertificate(CertificateError::Revoked)
+    );
+}

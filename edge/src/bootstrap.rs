@@ -882,9 +882,9 @@ fn pinned_config(ca_der: &CertificateDer<'static>) -> Result<rustls::ClientConfi
 }
 
 /// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -928,10 +928,12 @@ async fn exchange_inner(
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, String>(TokioIo::new(tls))
         .await
         .map_err(|e| transport_error(addr, &e))?;
-    let _conn = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = conn.await {
+    let mut conn = AbortOnDrop(tokio::spawn(async move {
+        let ended = conn.await;
+        if let Err(e) = &ended {
             tracing::debug!(error = %e, "bootstrap client connection ended with an error");
         }
+        ended
     }));
     let is_post = method == Method::POST;
     let mut request = Request::builder()
@@ -945,10 +947,20 @@ async fn exchange_inner(
     let request = request
         .body(body.unwrap_or_default())
         .map_err(|e| Error::Protocol(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| transport_error(addr, &e))?;
+    let response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            // In TLS 1.3 the server judges a client certificate after the
+            // client's handshake is done: its alert (a revoked certificate)
+            // ends the connection task, and the request only sees that the
+            // connection went away. Report the connection's error then.
+            let ended = tokio::time::timeout(Duration::from_secs(1), &mut conn.0).await;
+            if let Ok(Ok(Err(conn_err))) = ended {
+                return Err(transport_error(addr, &conn_err));
+            }
+            return Err(transport_error(addr, &e));
+        }
+    };
     let status = response.status();
     let mut incoming = std::pin::pin!(response.into_body());
     let mut buf = Vec::new();
