@@ -7,41 +7,70 @@
 //! | `POST /v1/renew` `{"csr"}` | mTLS with a current node certificate | `{"certificate","ca"}` |
 //!
 //! Errors are JSON `{"error": <code>, "reason": <text>}`: 400 for a malformed
-//! body, token or CSR, 401 for a token that is unknown, bound to another node,
-//! expired or used (and for renewal without a valid client certificate), 403
-//! when the CSR's common name is not the node, 404/405 for other routes, 413
-//! for bodies over the limit.
+//! body, token or CSR or a node name keel does not accept (not a DNS-1123
+//! subdomain, or reserved, such as `cloudcore`: `invalid_node_name`), 401
+//! for a token that is unknown, bound to another node, expired or used (and
+//! for renewal without a valid client certificate, or with a revoked one),
+//! 403 when the CSR's common name is not the node, 404/405 for other routes,
+//! 408 for a body that does not arrive in time, 413 for bodies over the
+//! limit, 429 (`rate_limited`, with a `Retry-After` header and
+//! `retryAfterSeconds`) for joins over the per-address rate or a renewal
+//! sooner than [`BootstrapOptions::renew_min_interval`] after the node's
+//! last one.
+//!
+//! A renewal revokes the certificate it replaces (persisted before the
+//! answer); the node's live QUIC connection made with it stays up, and its
+//! next connection must use the new certificate.
 //!
 //! TLS 1.3 only, with the server certificate from the cluster CA. Client
 //! certificates are optional at the TLS layer (join has none) but, when
 //! presented, are verified like the hub's: chained to the CA, in validity,
-//! clientAuth, not revoked. Every connection gets a handshake timeout and a
-//! header read timeout; bodies are read up to a size limit.
+//! clientAuth, not revoked (nor of a revoked node); renewal checks again per
+//! request.
+//!
+//! Hostile clients: one request per connection (no keep-alive); every
+//! connection gets a handshake timeout, a header read timeout, a body
+//! timeout and an overall deadline ([`BootstrapOptions::idle_timeout`]);
+//! bodies are read up to a size limit. At most
+//! [`BootstrapOptions::max_connections_per_ip`] connections per source
+//! address are open at once (more are closed at accept, before TLS), and at
+//! most [`BootstrapOptions::max_connections`] in all: at that cap a new
+//! connection evicts the oldest one still sending its request, so slow
+//! clients cannot starve real joins. Joins are rate-limited per source
+//! address (a token bucket), malformed tokens are refused before any file
+//! is read, and the file work (token store, CA signing, the certificate
+//! ledger and revocations) runs on the blocking pool, a few at a time.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::{Error, TokenError};
 use crate::pki::{
-    ALPN_HTTP1, ClientAuth, ClusterCa, Credentials, DEFAULT_NODE_CERT_VALIDITY,
+    ALPN_HTTP1, ClientAuth, ClusterCa, Credentials, DEFAULT_NODE_CERT_VALIDITY, IssuedCert,
     build_server_config, node_name_from_cert, not_after_of_cert, serial_of_cert,
 };
-use crate::token::TokenStore;
+use crate::token::{TokenStore, parse_token};
+
+/// File work (token store, signing, ledger, revocations) running at once.
+const BLOCKING_WORK: usize = 4;
+/// Per-address join buckets kept before idle (full) ones are pruned.
+const MAX_BUCKETS: usize = 4096;
 
 /// Tunables of the bootstrap endpoint.
 #[derive(Debug, Clone)]
@@ -55,6 +84,23 @@ pub struct BootstrapOptions {
     pub handshake_timeout: Duration,
     /// Time allowed for a request's headers to arrive.
     pub header_timeout: Duration,
+    /// Time allowed for a request's body to arrive once its headers have.
+    pub body_timeout: Duration,
+    /// Longest a connection stays open, handshake and answer included.
+    pub idle_timeout: Duration,
+    /// Connections open at once; at the cap a new one evicts the oldest
+    /// still sending its request.
+    pub max_connections: usize,
+    /// Connections open at once from one source address; more are closed
+    /// at accept.
+    pub max_connections_per_ip: usize,
+    /// Joins one source address may send in a burst (0: no limit).
+    pub join_burst: u32,
+    /// After the burst, one more join per this interval per address.
+    pub join_refill: Duration,
+    /// Least time between two renewals of one node (persisted in the CA's
+    /// ledger, so a restart does not reset it).
+    pub renew_min_interval: Duration,
     /// How long [`BootstrapServer::shutdown`] waits for open connections.
     pub shutdown_grace: Duration,
 }
@@ -66,6 +112,13 @@ impl Default for BootstrapOptions {
             max_body_bytes: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_connections_per_ip: 32,
+            join_burst: 20,
+            join_refill: Duration::from_secs(1),
+            renew_min_interval: Duration::from_secs(10 * 60),
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -83,6 +136,40 @@ impl BootstrapOptions {
     #[must_use]
     pub fn with_max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = max;
+        self
+    }
+
+    /// Sets [`BootstrapOptions::body_timeout`] and
+    /// [`BootstrapOptions::idle_timeout`].
+    #[must_use]
+    pub fn with_timeouts(mut self, body: Duration, idle: Duration) -> Self {
+        self.body_timeout = body;
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// Sets [`BootstrapOptions::max_connections`] and
+    /// [`BootstrapOptions::max_connections_per_ip`].
+    #[must_use]
+    pub fn with_connection_limits(mut self, total: usize, per_ip: usize) -> Self {
+        self.max_connections = total;
+        self.max_connections_per_ip = per_ip;
+        self
+    }
+
+    /// Sets [`BootstrapOptions::join_burst`] and
+    /// [`BootstrapOptions::join_refill`].
+    #[must_use]
+    pub fn with_join_rate(mut self, burst: u32, refill: Duration) -> Self {
+        self.join_burst = burst;
+        self.join_refill = refill;
+        self
+    }
+
+    /// Sets [`BootstrapOptions::renew_min_interval`].
+    #[must_use]
+    pub fn with_renew_min_interval(mut self, interval: Duration) -> Self {
+        self.renew_min_interval = interval;
         self
     }
 }
@@ -103,6 +190,14 @@ pub struct BootstrapStats {
     pub renewals_ok: u64,
     /// Connections whose TLS handshake failed or timed out.
     pub tls_failures: u64,
+    /// Requests answered 429 (joins over the rate, renewals too soon).
+    pub rate_limited: u64,
+    /// Connections closed at accept (per-address or total cap).
+    pub connections_refused: u64,
+    /// Connections closed to make room for a new one at the total cap.
+    pub connections_evicted: u64,
+    /// Connections closed for exceeding the body or overall deadline.
+    pub timeouts: u64,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +208,10 @@ struct Counters {
     renew_requests: AtomicU64,
     renewals_ok: AtomicU64,
     tls_failures: AtomicU64,
+    rate_limited: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_evicted: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -124,6 +223,174 @@ struct State {
     tokens: Arc<TokenStore>,
     options: BootstrapOptions,
     counters: Counters,
+    slots: Slots,
+    joins: RateLimiter,
+    /// Bounds the file work on the blocking pool.
+    work: Semaphore,
+    /// Renewals one at a time: the rate check, signing and revoking the
+    /// old certificate are one step.
+    renewing: Mutex<()>,
+}
+
+// ---------------------------------------------------------------------------
+// connection slots and rate limits
+// ---------------------------------------------------------------------------
+
+/// The open connections, per source address and in all.
+#[derive(Debug, Default)]
+struct Slots {
+    inner: Mutex<SlotsInner>,
+}
+
+#[derive(Debug, Default)]
+struct SlotsInner {
+    next: u64,
+    /// By age: the first is the oldest.
+    open: BTreeMap<u64, OpenConn>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug)]
+struct OpenConn {
+    ip: IpAddr,
+    /// Set once the request is read and being handled: not evicted then.
+    busy: Arc<AtomicBool>,
+    evict: oneshot::Sender<()>,
+}
+
+/// A connection's place; dropping it frees the place.
+struct Slot {
+    state: Arc<State>,
+    id: u64,
+    busy: Arc<AtomicBool>,
+    evicted: oneshot::Receiver<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.state.slots.lock().remove(self.id);
+    }
+}
+
+impl SlotsInner {
+    fn remove(&mut self, id: u64) -> Option<OpenConn> {
+        let conn = self.open.remove(&id)?;
+        if let Some(n) = self.per_ip.get_mut(&conn.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&conn.ip);
+            }
+        }
+        Some(conn)
+    }
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Why a connection was closed at accept.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    PerIp,
+    Full,
+}
+
+fn acquire_slot(state: &Arc<State>, ip: IpAddr) -> Result<Slot, Refused> {
+    let opts = &state.options;
+    let mut slots = state.slots.lock();
+    if slots.per_ip.get(&ip).copied().unwrap_or(0) >= opts.max_connections_per_ip {
+        return Err(Refused::PerIp);
+    }
+    if slots.open.len() >= opts.max_connections {
+        let victim = slots
+            .open
+            .iter()
+            .find(|(_, c)| !c.busy.load(Ordering::Acquire))
+            .map(|(id, _)| *id);
+        let Some(victim) = victim.and_then(|id| slots.remove(id)) else {
+            return Err(Refused::Full);
+        };
+        let _ = victim.evict.send(());
+        bump(&state.counters.connections_evicted);
+    }
+    let id = slots.next;
+    slots.next = slots.next.wrapping_add(1);
+    let busy = Arc::new(AtomicBool::new(false));
+    let (evict, evicted) = oneshot::channel();
+    slots.open.insert(
+        id,
+        OpenConn {
+            ip,
+            busy: Arc::clone(&busy),
+            evict,
+        },
+    );
+    *slots.per_ip.entry(ip).or_insert(0) += 1;
+    drop(slots);
+    Ok(Slot {
+        state: Arc::clone(state),
+        id,
+        busy,
+        evicted,
+    })
+}
+
+/// A token bucket per source address.
+#[derive(Debug)]
+struct RateLimiter {
+    burst: f64,
+    refill: Duration,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    fn new(burst: u32, refill: Duration) -> Self {
+        Self {
+            burst: f64::from(burst),
+            refill,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn refilled(&self, b: Bucket, now: Instant) -> f64 {
+        let gained = now.saturating_duration_since(b.at).as_secs_f64() / self.refill.as_secs_f64();
+        (b.tokens + gained).min(self.burst)
+    }
+
+    /// Takes one token for `ip`, or says how long until there is one.
+    fn take(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.burst <= 0.0 || self.refill.is_zero() {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&ip) {
+            buckets.retain(|_, b| self.refilled(*b, now) < self.burst);
+        }
+        let bucket = buckets.entry(ip).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let tokens = self.refilled(*bucket, now);
+        if tokens >= 1.0 {
+            *bucket = Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            };
+            Ok(())
+        } else {
+            *bucket = Bucket { tokens, at: now };
+            Err(self.refill.mul_f64(1.0 - tokens))
+        }
+    }
 }
 
 /// A running bootstrap endpoint. Dropping it stops accepting connections
@@ -170,8 +437,12 @@ impl BootstrapServer {
         let state = Arc::new(State {
             ca,
             tokens,
+            joins: RateLimiter::new(options.join_burst, options.join_refill),
             options,
             counters: Counters::default(),
+            slots: Slots::default(),
+            work: Semaphore::new(BLOCKING_WORK),
+            renewing: Mutex::new(()),
         });
         let (tx, rx) = watch::channel(false);
         let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -202,6 +473,10 @@ impl BootstrapServer {
             renew_requests: c.renew_requests.load(Ordering::Relaxed),
             renewals_ok: c.renewals_ok.load(Ordering::Relaxed),
             tls_failures: c.tls_failures.load(Ordering::Relaxed),
+            rate_limited: c.rate_limited.load(Ordering::Relaxed),
+            connections_refused: c.connections_refused.load(Ordering::Relaxed),
+            connections_evicted: c.connections_evicted.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
         }
     }
 
@@ -244,12 +519,21 @@ async fn accept_loop(
             }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    let slot = match acquire_slot(&state, peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            bump(&state.counters.connections_refused);
+                            tracing::debug!(%peer, ?why, "bootstrap connection refused at accept");
+                            drop(tcp);
+                            continue;
+                        }
+                    };
                     let _ = tcp.set_nodelay(true);
                     let watcher = graceful.watcher();
                     let acceptor = acceptor.clone();
                     let state = Arc::clone(&state);
                     tokio::spawn(async move {
-                        serve_connection(tcp, peer, acceptor, state, watcher).await;
+                        serve_connection(tcp, peer, acceptor, state, watcher, slot).await;
                     });
                 }
                 Err(e) => {
@@ -279,6 +563,15 @@ async fn accept_loop(
 struct Peer {
     addr: SocketAddr,
     cert: Option<CertificateDer<'static>>,
+    /// Set once the request has been read: the connection is then no
+    /// longer evicted to make room.
+    busy: Arc<AtomicBool>,
+}
+
+impl Peer {
+    fn mark_busy(&self) {
+        self.busy.store(true, Ordering::Release);
+    }
 }
 
 async fn serve_connection(
@@ -287,6 +580,31 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     state: Arc<State>,
     watcher: hyper_util::server::graceful::Watcher,
+    mut slot: Slot,
+) {
+    let deadline = state.options.idle_timeout;
+    let busy = Arc::clone(&slot.busy);
+    let serve = serve_tls(tcp, addr, acceptor, Arc::clone(&state), watcher, busy);
+    tokio::select! {
+        () = serve => {}
+        _ = &mut slot.evicted => {
+            tracing::debug!(peer = %addr, "bootstrap connection evicted to make room");
+        }
+        () = tokio::time::sleep(deadline) => {
+            bump(&state.counters.timeouts);
+            tracing::info!(peer = %addr, ?deadline, "bootstrap connection closed at its deadline");
+        }
+    }
+    drop(slot);
+}
+
+async fn serve_tls(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    watcher: hyper_util::server::graceful::Watcher,
+    busy: Arc<AtomicBool>,
 ) {
     let tls =
         match tokio::time::timeout(state.options.handshake_timeout, acceptor.accept(tcp)).await {
@@ -308,7 +626,7 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .map(|c| c.clone().into_owned());
-    let peer = Arc::new(Peer { addr, cert });
+    let peer = Arc::new(Peer { addr, cert, busy });
     let header_timeout = state.options.header_timeout;
     let service = hyper::service::service_fn(move |req| {
         let state = Arc::clone(&state);
@@ -319,6 +637,7 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Some(header_timeout))
+        .keep_alive(false)
         .max_buf_size(64 * 1024);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     if let Err(e) = watcher.watch(conn).await {
@@ -336,6 +655,7 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     reason: String,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -344,7 +664,23 @@ impl ApiError {
             status,
             code,
             reason: reason.into(),
+            retry_after: None,
         }
+    }
+
+    fn rate_limited(reason: impl Into<String>, retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", reason)
+        }
+    }
+
+    fn revoked(serial: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "certificate_revoked",
+            format!("client certificate {serial} is revoked"),
+        )
     }
 
     fn bad_request(code: &'static str, reason: impl Into<String>) -> Self {
@@ -385,9 +721,12 @@ impl From<Error> for ApiError {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct ErrorBody<'a> {
     error: &'a str,
     reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,7 +747,7 @@ struct CertResponse<'a> {
     ca: &'a str,
 }
 
-async fn route(state: &State, peer: &Peer, req: Request<Incoming>) -> Response<String> {
+async fn route(state: &Arc<State>, peer: &Peer, req: Request<Incoming>) -> Response<String> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let result = match (path.as_str(), &method) {
@@ -418,7 +757,17 @@ async fn route(state: &State, peer: &Peer, req: Request<Incoming>) -> Response<S
         }
         ("/v1/join", &Method::POST) => {
             bump(&state.counters.join_requests);
-            join(state, peer, req).await
+            match state.joins.take(peer.addr.ip(), Instant::now()) {
+                Ok(()) => join(state, peer, req).await,
+                Err(wait) => Err(ApiError::rate_limited(
+                    format!(
+                        "too many join requests from {}; retry in {}s",
+                        peer.addr.ip(),
+                        whole_secs(wait)
+                    ),
+                    wait,
+                )),
+            }
         }
         ("/v1/renew", &Method::POST) => {
             bump(&state.counters.renew_requests);
@@ -441,6 +790,12 @@ async fn route(state: &State, peer: &Peer, req: Request<Incoming>) -> Response<S
     match result {
         Ok(resp) => resp,
         Err(e) => {
+            if e.status == StatusCode::TOO_MANY_REQUESTS {
+                bump(&state.counters.rate_limited);
+            }
+            if e.status == StatusCode::REQUEST_TIMEOUT {
+                bump(&state.counters.timeouts);
+            }
             tracing::info!(
                 peer = %peer.addr, %method, path = %path.chars().take(200).collect::<String>(),
                 status = e.status.as_u16(), error = e.code, reason = %e.reason,
@@ -451,31 +806,69 @@ async fn route(state: &State, peer: &Peer, req: Request<Incoming>) -> Response<S
     }
 }
 
-async fn join(
+/// Whole seconds, rounded up (at least 1): a `Retry-After` value.
+fn whole_secs(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .max(1)
+}
+
+/// Runs file work (token store, CA, ledger, revocations) on the blocking
+/// pool, a few at a time.
+async fn blocking<T: Send + 'static>(
     state: &State,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = state.work.acquire().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the bootstrap endpoint is stopping",
+        )
+    })?;
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "bootstrap task failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the cloudcore log",
+        )
+    })?
+}
+
+async fn join(
+    state: &Arc<State>,
     peer: &Peer,
     req: Request<Incoming>,
 ) -> Result<Response<String>, ApiError> {
-    let body = read_body(req, state.options.max_body_bytes).await?;
+    let body = read_body(req, &state.options).await?;
     let request: JoinRequest = parse_json(&body)?;
     crate::pki::validate_node_name(&request.node)?;
-    let now = SystemTime::now();
-    // Check the token without using it up, so that a bad CSR does not burn
-    // it; then sign; then redeem (which re-checks under the store's lock).
-    state.tokens.check(&request.token, &request.node, now)?;
-    let issued = state.ca.sign_node_csr(
-        &request.csr,
-        &request.node,
-        state.options.node_cert_validity,
-    )?;
-    state.tokens.redeem(&request.token, &request.node, now)?;
+    // Malformed tokens never reach the token store's file.
+    parse_token(&request.token).map_err(Error::Token)?;
+    peer.mark_busy();
+    let st = Arc::clone(state);
+    let node = request.node.clone();
+    let issued: IssuedCert = blocking(state, move || {
+        let now = SystemTime::now();
+        // Check the token without using it up, so that a bad CSR does not
+        // burn it; then sign; then redeem (which re-checks under the
+        // store's lock).
+        st.tokens.check(&request.token, &request.node, now)?;
+        let issued =
+            st.ca
+                .sign_node_csr(&request.csr, &request.node, st.options.node_cert_validity)?;
+        st.tokens.redeem(&request.token, &request.node, now)?;
+        Ok(issued)
+    })
+    .await?;
     bump(&state.counters.joins_ok);
-    tracing::info!(peer = %peer.addr, node = %request.node, serial = %issued.serial, "node joined");
+    tracing::info!(peer = %peer.addr, %node, serial = %issued.serial, "node joined");
     Ok(cert_response(&issued.cert_pem, state.ca.cert_pem()))
 }
 
 async fn renew(
-    state: &State,
+    state: &Arc<State>,
     peer: &Peer,
     req: Request<Incoming>,
 ) -> Result<Response<String>, ApiError> {
@@ -490,12 +883,8 @@ async fn renew(
     // The TLS verifier checked revocation and validity at the handshake;
     // check again here, since a connection may outlive either.
     let serial = serial_of_cert(cert)?;
-    if state.ca.is_revoked(&serial) {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "certificate_revoked",
-            format!("client certificate {serial} is revoked"),
-        ));
+    if state.ca.is_cert_revoked(cert) {
+        return Err(ApiError::revoked(&serial));
     }
     if not_after_of_cert(cert)? <= SystemTime::now() {
         return Err(ApiError::new(
@@ -504,15 +893,44 @@ async fn renew(
             "client certificate has expired",
         ));
     }
-    let body = read_body(req, state.options.max_body_bytes).await?;
+    let body = read_body(req, &state.options).await?;
     let request: RenewRequest = parse_json(&body)?;
-    let issued = state
-        .ca
-        .sign_node_csr(&request.csr, &node, state.options.node_cert_validity)?;
+    peer.mark_busy();
+    let st = Arc::clone(state);
+    let (der, old, who) = (cert.clone(), serial.clone(), node.clone());
+    let issued: IssuedCert = blocking(state, move || {
+        let _one_at_a_time = st.renewing.lock().unwrap_or_else(PoisonError::into_inner);
+        // A renewal that finished meanwhile revoked this certificate.
+        if st.ca.is_cert_revoked(&der) {
+            return Err(ApiError::revoked(&old));
+        }
+        let min = st.options.renew_min_interval;
+        if let Some(last) = st.ca.last_renewal(&who) {
+            let next = last.checked_add(min).unwrap_or(last);
+            if let Ok(wait) = next.duration_since(SystemTime::now())
+                && !wait.is_zero()
+            {
+                return Err(ApiError::rate_limited(
+                    format!(
+                        "node {who} renewed its certificate less than {}s ago; retry in {}s",
+                        min.as_secs(),
+                        whole_secs(wait)
+                    ),
+                    wait,
+                ));
+            }
+        }
+        let issued = st
+            .ca
+            .sign_node_renewal(&request.csr, &who, st.options.node_cert_validity)?;
+        st.ca.revoke(&old)?;
+        Ok(issued)
+    })
+    .await?;
     bump(&state.counters.renewals_ok);
     tracing::info!(
         peer = %peer.addr, node = %node, old_serial = %serial, serial = %issued.serial,
-        "node certificate renewed"
+        "node certificate renewed; the old one is revoked"
     );
     Ok(cert_response(&issued.cert_pem, state.ca.cert_pem()))
 }
@@ -522,7 +940,22 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         .map_err(|e| ApiError::bad_request("malformed_request", format!("invalid JSON body: {e}")))
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads the body within [`BootstrapOptions::body_timeout`] and
+/// [`BootstrapOptions::max_body_bytes`].
+async fn read_body(req: Request<Incoming>, opts: &BootstrapOptions) -> Result<Vec<u8>, ApiError> {
+    let timeout = opts.body_timeout;
+    tokio::time::timeout(timeout, read_body_within(req, opts.max_body_bytes))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {timeout:?}"),
+            )
+        })?
+}
+
+async fn read_body_within(req: Request<Incoming>, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -574,12 +1007,19 @@ fn cert_response(cert: &str, ca: &str) -> Response<String> {
 }
 
 fn error_response(e: &ApiError) -> Response<String> {
+    let retry = e.retry_after.map(whole_secs);
     let body = serde_json::to_string(&ErrorBody {
         error: e.code,
         reason: &e.reason,
+        retry_after_seconds: retry,
     })
     .unwrap_or_default();
-    json_response(e.status, body)
+    let mut resp = json_response(e.status, body);
+    if let Some(secs) = retry {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<String> {

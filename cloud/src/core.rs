@@ -16,7 +16,7 @@ use crate::api::registry::{CLUSTER_STREAM, Registry};
 use crate::api::{self, ApiServer};
 use crate::attach::{Attached, KubernetesConfig};
 use crate::bootstrap::{BootstrapOptions, BootstrapServer};
-use crate::grpc::{ClusterApi, GrpcServer, LogApi};
+use crate::grpc::{ClusterApi, GrpcServer, LogApi, RevokedNodeGuard};
 use crate::hub::{CloudHub, HubOptions};
 use crate::pki::{self, ClusterCa};
 use crate::plane::{ControlPlane, Embedded, PlaneSink};
@@ -256,16 +256,19 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         None => None,
     };
     let hub_tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
+    // Closes a revoked node's link that raced its revocation.
+    let guard = RevokedNodeGuard::new(Arc::new(PlaneSink(plane)), ca.clone());
     let hub = CloudHub::bind(
         cfg.hub_addr,
         hub_tls,
         store.clone(),
-        Arc::new(PlaneSink(plane)),
+        guard.clone(),
         HubOptions {
             reset_secret: Some(reset_secret(&cfg.data_dir)?),
             ..HubOptions::default()
         },
     )?;
+    guard.set_hub(hub.stats_handle());
     let bootstrap = BootstrapServer::bind(
         cfg.bootstrap_addr,
         ca.clone(),
@@ -302,7 +305,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         Some(a) => {
             let tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
             let log = LogApi::new(store.clone(), vec![CLUSTER_STREAM.to_owned()]);
-            let cluster = ClusterApi::new(registry.clone(), hub.stats_handle(), tokens);
+            let cluster = ClusterApi::new(registry.clone(), hub.stats_handle(), tokens, ca.clone());
             let cluster = Some(cluster);
             Some(
                 GrpcServer::bind_tls(a, tls, log, cluster)

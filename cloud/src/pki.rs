@@ -8,6 +8,7 @@
 //! | `ca.key`  | the CA's ECDSA P-256 private key, PKCS#8 PEM        | 0600 |
 //! | `ca.pem`  | the self-signed CA certificate                      | 0644 |
 //! | `revoked` | revoked serial numbers, one lowercase hex per line  | 0644 |
+//! | `issued.log` | node certificates issued and nodes revoked (below), JSON lines | 0644 |
 //!
 //! Every file is written atomically (temporary file, fsync, rename, fsync of
 //! the directory). On first start the key is written before the
@@ -19,8 +20,19 @@
 //! and EKU clientAuth; the admin certificate has CN = [`ADMIN_COMMON_NAME`],
 //! O = [`ADMIN_ORGANIZATION`]; the server certificate has EKU serverAuth.
 //! [`node_name_from_cert`] accepts only the first kind.
+//!
+//! Revocation: `issued.log` is the ledger of node certificates (serial →
+//! node, issue number, issue time, end of validity, whether a renewal
+//! issued it), one JSON line appended (and fsync'd) per certificate or
+//! revoked node, rewritten without expired entries once they dominate; a
+//! torn last line (a crash mid-append) is ignored. [`ClusterCa::revoke_node`]
+//! can revoke every certificate of a node. It also bars the node: from
+//! then on a certificate of that node is refused unless the ledger shows
+//! it was issued after the revocation (a new join with a token created
+//! afterwards), which also covers certificates the ledger never saw.
+//! Every TLS configuration built here checks both at each handshake.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io::Write as _;
@@ -42,6 +54,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
+use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::error::{Error, Result};
@@ -72,9 +85,21 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
 const REVOKED_FILE: &str = "revoked";
+const ISSUED_FILE: &str = "issued.log";
+/// Ledger lines beyond twice the live entries (plus this) trigger a rewrite.
+const LEDGER_SLACK: usize = 1024;
 /// Longest node name: an X.509 common name holds at most 64 characters.
 pub const MAX_NODE_NAME_LEN: usize = 63;
-const RESERVED_NAMES: [&str; 3] = [CA_COMMON_NAME, ADMIN_COMMON_NAME, SERVER_COMMON_NAME];
+/// The name of cloudcore's own CRDT actor and change origin: a node with
+/// this name could pass its changes off as the cloud's.
+pub const CLOUDCORE_NAME: &str = "cloudcore";
+/// Names no node may take: keel's own identities.
+pub const RESERVED_NAMES: [&str; 4] = [
+    CLOUDCORE_NAME,
+    CA_COMMON_NAME,
+    ADMIN_COMMON_NAME,
+    SERVER_COMMON_NAME,
+];
 
 /// The ring crypto provider, passed explicitly to every rustls builder so that
 /// nothing depends on a process-wide default.
@@ -173,7 +198,10 @@ impl ClusterCa {
                 create_ca(&cert_path, &key_path)?
             }
         };
-        let revocations = Arc::new(Revocations::load(dir.join(REVOKED_FILE))?);
+        let revocations = Arc::new(Revocations::load(
+            dir.join(REVOKED_FILE),
+            dir.join(ISSUED_FILE),
+        )?);
         let ca = Self {
             dir,
             cert_pem,
@@ -245,6 +273,35 @@ impl ClusterCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<IssuedCert> {
+        self.sign_node(csr_pem, node_name, not_before, not_after, false)
+    }
+
+    /// Signs a node's CSR as a renewal (see [`ClusterCa::last_renewal`]),
+    /// valid from now for `validity`.
+    ///
+    /// # Errors
+    /// See [`ClusterCa::sign_node_csr_between`].
+    pub fn sign_node_renewal(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert> {
+        let now = SystemTime::now();
+        let not_after = now
+            .checked_add(validity)
+            .ok_or_else(|| Error::InvalidValidity(format!("{validity:?} is too long")))?;
+        self.sign_node(csr_pem, node_name, backdate(now), not_after, true)
+    }
+
+    fn sign_node(
+        &self,
+        csr_pem: &str,
+        node_name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        renewal: bool,
+    ) -> Result<IssuedCert> {
         validate_node_name(node_name)?;
         let csr = parse_csr(csr_pem)?;
         if csr.common_name != node_name {
@@ -261,7 +318,11 @@ impl ClusterCa {
         params.use_authority_key_identifier_extension = true;
         let serial = set_validity_and_serial(&mut params, not_before, not_after)?;
         let cert = params.signed_by(&csr.params.public_key, &self.issuer)?;
-        tracing::info!(node = node_name, serial = %serial, "issued node certificate");
+        // In the ledger before anyone holds it, so that revoking the node
+        // always finds it.
+        self.revocations
+            .record_issued(&serial, node_name, not_after, renewal)?;
+        tracing::info!(node = node_name, serial = %serial, renewal, "issued node certificate");
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             serial,
@@ -344,17 +405,186 @@ impl ClusterCa {
     pub fn revocations(&self) -> Arc<Revocations> {
         Arc::clone(&self.revocations)
     }
+
+    /// Revokes every certificate issued to `node` and bars the node: any
+    /// certificate of it not issued after this call is refused from now
+    /// on, whether or not the ledger knows it. Both are persisted before
+    /// this returns (an I/O error leaves them in force in memory). Returns
+    /// the serials revoked by this call.
+    ///
+    /// # Errors
+    /// [`Error::InvalidNodeName`] or an I/O error.
+    pub fn revoke_node(&self, node: &str) -> Result<Vec<String>> {
+        validate_node_name(node)?;
+        self.revocations.revoke_node(node)
+    }
+
+    /// Whether a DER client certificate is refused: its serial revoked, or
+    /// a node certificate of a barred node not issued after the bar. An
+    /// unparseable certificate is refused.
+    #[must_use]
+    pub fn is_cert_revoked(&self, der: &[u8]) -> bool {
+        match X509Certificate::from_der(der) {
+            Ok((_, cert)) => self.revocations.refuses(&cert),
+            Err(_) => true,
+        }
+    }
+
+    /// When `node` was last issued a certificate by renewal (from the
+    /// ledger, so across restarts), if ever while one is still valid.
+    #[must_use]
+    pub fn last_renewal(&self, node: &str) -> Option<SystemTime> {
+        self.revocations.last_renewal(node)
+    }
+
+    /// Whether `node` is revoked and holds no certificate issued since:
+    /// any connection it has must be made with a refused certificate.
+    #[must_use]
+    pub fn is_node_shut_out(&self, node: &str) -> bool {
+        self.revocations.is_node_shut_out(node)
+    }
+
+    /// Serials of the unexpired certificates issued to `node`, oldest first.
+    #[must_use]
+    pub fn issued_to(&self, node: &str) -> Vec<String> {
+        self.revocations.issued_to(node)
+    }
 }
 
-/// The persisted set of revoked serial numbers.
+/// The persisted set of revoked serial numbers, the ledger of issued node
+/// certificates and the barred nodes (see the [module documentation](self)).
 #[derive(Debug)]
 pub struct Revocations {
     path: PathBuf,
+    ledger_path: PathBuf,
     serials: Mutex<BTreeSet<String>>,
+    ledger: Mutex<Ledger>,
+}
+
+/// The ledger (`issued.log`) in memory.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Issue number of the last certificate recorded.
+    last: u64,
+    /// Serial → the node certificate issued under it.
+    issued: BTreeMap<String, IssuedRecord>,
+    /// Node → the issue number at its revocation: its certificates up to
+    /// it, and any the ledger does not know, are refused.
+    revoked_nodes: BTreeMap<String, u64>,
+    /// Lines in the file.
+    lines: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IssuedRecord {
+    node: String,
+    number: u64,
+    /// Unix seconds.
+    issued_at: u64,
+    /// Unix seconds.
+    not_after: u64,
+    #[serde(default)]
+    renewal: bool,
+}
+
+/// One line of `issued.log`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+enum LedgerLine {
+    #[serde(rename_all = "camelCase")]
+    Issued {
+        serial: String,
+        #[serde(flatten)]
+        record: IssuedRecord,
+    },
+    #[serde(rename_all = "camelCase")]
+    RevokedNode { node: String, bar: u64 },
+}
+
+impl Ledger {
+    /// The ledger, and whether its last line was torn.
+    fn load(path: &Path) -> Result<(Self, bool)> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Self::default(), false));
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let mut ledger = Self::default();
+        let mut torn = false;
+        let complete = text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<LedgerLine>(line) {
+                Ok(entry) => ledger.apply(entry),
+                Err(_) if !complete && i + 1 == lines.len() => {
+                    tracing::warn!(path = %path.display(), "dropping a torn last line of the ledger");
+                    torn = true;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Corrupt {
+                        path: path.to_owned(),
+                        reason: format!("line {}: {e}", i + 1),
+                    });
+                }
+            }
+            ledger.lines += 1;
+        }
+        Ok((ledger, torn))
+    }
+
+    fn apply(&mut self, entry: LedgerLine) {
+        match entry {
+            LedgerLine::Issued { serial, record } => {
+                self.last = self.last.max(record.number);
+                self.issued.insert(serial, record);
+            }
+            LedgerLine::RevokedNode { node, bar } => {
+                // Numbers issued later stay above every bar, even once the
+                // certificates numbered below it are pruned.
+                self.last = self.last.max(bar);
+                let b = self.revoked_nodes.entry(node).or_insert(bar);
+                *b = (*b).max(bar);
+            }
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = LedgerLine> + '_ {
+        let issued = self
+            .issued
+            .iter()
+            .map(|(serial, record)| LedgerLine::Issued {
+                serial: serial.clone(),
+                record: record.clone(),
+            });
+        let nodes = self
+            .revoked_nodes
+            .iter()
+            .map(|(node, bar)| LedgerLine::RevokedNode {
+                node: node.clone(),
+                bar: *bar,
+            });
+        issued.chain(nodes)
+    }
+}
+
+fn ledger_line(path: &Path, entry: &LedgerLine) -> Result<String> {
+    let mut line = serde_json::to_string(entry).map_err(|e| Error::Corrupt {
+        path: path.to_owned(),
+        reason: format!("cannot serialise a ledger line: {e}"),
+    })?;
+    line.push('\n');
+    Ok(line)
 }
 
 impl Revocations {
-    fn load(path: PathBuf) -> Result<Self> {
+    fn load(path: PathBuf, ledger_path: PathBuf) -> Result<Self> {
         let mut serials = BTreeSet::new();
         match fs::read_to_string(&path) {
             Ok(text) => {
@@ -373,10 +603,26 @@ impl Revocations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&path, e)),
         }
-        Ok(Self {
+        let (mut ledger, torn) = Ledger::load(&ledger_path)?;
+        let revocations = Self {
             path,
-            serials: Mutex::new(serials),
-        })
+            ledger_path,
+            serials: Mutex::new(BTreeSet::new()),
+            ledger: Mutex::new(Ledger::default()),
+        };
+        if torn {
+            // Appending after a torn line would corrupt the next one.
+            revocations.rewrite_ledger(&mut ledger)?;
+        }
+        *revocations
+            .serials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = serials;
+        *revocations
+            .ledger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = ledger;
+        Ok(revocations)
     }
 
     /// Adds a serial and persists the list atomically.
@@ -386,9 +632,20 @@ impl Revocations {
     /// revoked in memory).
     pub fn revoke(&self, serial: &str) -> Result<()> {
         let serial = normalize_serial(serial)?;
+        self.revoke_all(std::slice::from_ref(&serial)).map(|_| ())
+    }
+
+    /// Adds serials (normalised) and persists the list once; returns those
+    /// that were not revoked before.
+    fn revoke_all(&self, serials: &[String]) -> Result<Vec<String>> {
         let mut set = self.serials.lock().unwrap_or_else(PoisonError::into_inner);
-        if !set.insert(serial.clone()) {
-            return Ok(());
+        let added: Vec<String> = serials
+            .iter()
+            .filter(|s| set.insert((*s).clone()))
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            return Ok(added);
         }
         let mut text = String::new();
         for s in set.iter() {
@@ -396,7 +653,99 @@ impl Revocations {
             text.push('\n');
         }
         write_atomic(&self.path, text.as_bytes(), 0o644)?;
-        tracing::warn!(serial = %serial, "certificate revoked");
+        for serial in &added {
+            tracing::warn!(serial = %serial, "certificate revoked");
+        }
+        Ok(added)
+    }
+
+    /// Records a node certificate in the ledger (pruning expired entries)
+    /// and persists it.
+    fn record_issued(
+        &self,
+        serial: &str,
+        node: &str,
+        not_after: SystemTime,
+        renewal: bool,
+    ) -> Result<()> {
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = unix_secs(SystemTime::now());
+        ledger.last = ledger.last.saturating_add(1);
+        let entry = LedgerLine::Issued {
+            serial: serial.to_owned(),
+            record: IssuedRecord {
+                node: node.to_owned(),
+                number: ledger.last,
+                issued_at: now,
+                not_after: unix_secs(not_after),
+                renewal,
+            },
+        };
+        ledger.apply(entry.clone());
+        self.append_ledger(&mut ledger, &entry)?;
+        let live = ledger.issued.len() + ledger.revoked_nodes.len();
+        if ledger.lines > live.saturating_mul(2).saturating_add(LEDGER_SLACK) {
+            ledger.issued.retain(|_, r| r.not_after > now);
+            self.rewrite_ledger(&mut ledger)?;
+        }
+        Ok(())
+    }
+
+    fn revoke_node(&self, node: &str) -> Result<Vec<String>> {
+        let serials = {
+            let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = LedgerLine::RevokedNode {
+                node: node.to_owned(),
+                bar: ledger.last,
+            };
+            ledger.apply(entry.clone());
+            let serials: Vec<String> = ledger
+                .issued
+                .iter()
+                .filter(|(_, r)| r.node == node)
+                .map(|(s, _)| s.clone())
+                .collect();
+            self.append_ledger(&mut ledger, &entry)?;
+            serials
+        };
+        tracing::warn!(node, certificates = serials.len(), "node revoked");
+        self.revoke_all(&serials)
+    }
+
+    /// Appends one line and fsyncs it (and the directory, when the file is
+    /// new).
+    fn append_ledger(&self, ledger: &mut Ledger, entry: &LedgerLine) -> Result<()> {
+        let path = &self.ledger_path;
+        let line = ledger_line(path, entry)?;
+        let existed = exists(path)?;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.write_all(line.as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io(path, e))?;
+        if !existed && let Some(dir) = path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(dir, e))?;
+        }
+        ledger.lines = ledger.lines.saturating_add(1);
+        Ok(())
+    }
+
+    /// Rewrites the ledger with its live entries only.
+    fn rewrite_ledger(&self, ledger: &mut Ledger) -> Result<()> {
+        let mut text = String::new();
+        let mut lines = 0usize;
+        for entry in ledger.entries() {
+            text.push_str(&ledger_line(&self.ledger_path, &entry)?);
+            lines += 1;
+        }
+        write_atomic(&self.ledger_path, text.as_bytes(), 0o644)?;
+        ledger.lines = lines;
         Ok(())
     }
 
@@ -413,13 +762,63 @@ impl Revocations {
         }
     }
 
-    /// Whether the certificate with this raw DER serial is revoked.
-    fn is_raw_serial_revoked(&self, raw: &[u8]) -> bool {
-        let s = hex(strip_leading_zeros(raw));
-        self.serials
+    /// Whether a parsed client certificate is refused: its serial is
+    /// revoked, or it is a certificate of a barred node that the ledger
+    /// does not show as issued after the bar.
+    fn refuses(&self, cert: &X509Certificate<'_>) -> bool {
+        let serial = hex(strip_leading_zeros(cert.raw_serial()));
+        if self
+            .serials
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&s)
+            .contains(&serial)
+        {
+            return true;
+        }
+        let Ok(node) = single_common_name(cert.subject()) else {
+            return false;
+        };
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(bar) = ledger.revoked_nodes.get(&node) else {
+            return false;
+        };
+        !ledger
+            .issued
+            .get(&serial)
+            .is_some_and(|r| r.node == node && r.number > *bar)
+    }
+
+    fn is_node_shut_out(&self, node: &str) -> bool {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger.revoked_nodes.get(node).is_some_and(|bar| {
+            !ledger
+                .issued
+                .values()
+                .any(|r| r.node == node && r.number > *bar)
+        })
+    }
+
+    fn last_renewal(&self, node: &str) -> Option<SystemTime> {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger
+            .issued
+            .values()
+            .filter(|r| r.renewal && r.node == node)
+            .map(|r| r.issued_at)
+            .max()
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+    }
+
+    fn issued_to(&self, node: &str) -> Vec<String> {
+        let ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut mine: Vec<(u64, String)> = ledger
+            .issued
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|(s, r)| (r.number, s.clone()))
+            .collect();
+        mine.sort();
+        mine.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Every revoked serial, lowercase hex, sorted.
@@ -432,6 +831,10 @@ impl Revocations {
             .cloned()
             .collect()
     }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 // ---------------------------------------------------------------------------
@@ -447,7 +850,8 @@ pub(crate) enum ClientAuth {
 
 /// The rustls server configuration of the QUIC hub: TLS 1.3 only, ALPN
 /// [`ALPN_SYNC`], and a client certificate that chains to the cluster CA, is
-/// within its validity, has EKU clientAuth and is not revoked.
+/// within its validity, has EKU clientAuth and is not revoked, checked at
+/// every handshake (no session resumption).
 ///
 /// The result converts with `quinn::crypto::rustls::QuicServerConfig::try_from`.
 ///
@@ -484,6 +888,12 @@ pub(crate) fn build_server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![alpn.to_vec()];
+    // No session resumption: a resumed TLS 1.3 handshake takes the client
+    // certificate from the session and never asks the verifier, so a
+    // revoked certificate could come back with a ticket issued before
+    // its revocation.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -538,7 +948,7 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
                 rustls::CertificateError::BadEncoding,
             ));
         };
-        if self.revocations.is_raw_serial_revoked(cert.raw_serial()) {
+        if self.revocations.refuses(&cert) {
             tracing::warn!(
                 serial = %hex(strip_leading_zeros(cert.raw_serial())),
                 subject = %cert.subject(),
@@ -711,9 +1121,12 @@ fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>> {
         .map_err(|e| Error::InvalidCertificate(format!("bad private key PEM: {e}")))
 }
 
-/// Checks that `name` is a keel node name: 1 to 63 characters of `a-z`,
-/// `0-9`, `-` and `.`, starting and ending with a letter or digit, and not
-/// one of the names keel uses for itself.
+/// Checks that `name` is a keel node name: a DNS-1123 subdomain (dot-separated
+/// labels of `a-z`, `0-9` and `-`, each starting and ending with a letter or
+/// digit) of at most 63 characters (it is the certificate's common name),
+/// and none of [`RESERVED_NAMES`] — in particular not `cloudcore`, whose
+/// actor id and change origin are the cloud's own. Names such as
+/// `system:…` or `user:…` fail the character rule.
 ///
 /// # Errors
 /// [`Error::InvalidNodeName`].
@@ -738,11 +1151,18 @@ pub fn validate_node_name(name: &str) -> Result<()> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
     {
-        return refuse("only a-z, 0-9, '-' and '.' are allowed");
+        return refuse(
+            "not a DNS-1123 subdomain: only lowercase a-z, 0-9, '-' and '.' are allowed",
+        );
     }
     let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    if !alnum(name.as_bytes().first()) || !alnum(name.as_bytes().last()) {
-        return refuse("must start and end with a letter or digit");
+    if !name
+        .split('.')
+        .all(|label| alnum(label.as_bytes().first()) && alnum(label.as_bytes().last()))
+    {
+        return refuse(
+            "not a DNS-1123 subdomain: each dot-separated part must start and end with a letter or digit",
+        );
     }
     if RESERVED_NAMES.contains(&name) {
         return refuse("reserved for keel itself");

@@ -299,6 +299,25 @@ impl TokenStore {
         Ok(existed)
     }
 
+    /// Deletes every unused token bound to `node` (revoking a node must
+    /// not leave it a way back in); returns how many there were.
+    ///
+    /// # Errors
+    /// An I/O error persisting the change.
+    pub fn delete_unused_for(&self, node: &str) -> Result<usize> {
+        let (mut state, _file) = self.lock_synced()?;
+        let before = state.tokens.len();
+        state
+            .tokens
+            .retain(|_, r| r.node != node || r.used_at.is_some());
+        let deleted = before - state.tokens.len();
+        if deleted > 0 {
+            self.persist(&state)?;
+            tracing::info!(node, deleted, "deleted the node's unused join tokens");
+        }
+        Ok(deleted)
+    }
+
     fn validate(
         &self,
         state: &TokenFile,

@@ -8,7 +8,8 @@
     clippy::panic
 )]
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,6 +36,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(BootstrapOptions::default().with_max_body_bytes(16 * 1024)).await
+    }
+
+    async fn start_with(options: BootstrapOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(ClusterCa::load_or_create(dir.path()).unwrap());
         let tokens = Arc::new(TokenStore::open(dir.path(), &ca.ca_hash()).unwrap());
@@ -44,7 +49,7 @@ impl Cluster {
             Arc::clone(&ca),
             Arc::clone(&tokens),
             &server_creds,
-            BootstrapOptions::default().with_max_body_bytes(16 * 1024),
+            options,
         )
         .await
         .unwrap();
@@ -84,6 +89,7 @@ fn key_and_csr(cn: &str) -> (KeyPair, String) {
 struct Answer {
     status: u16,
     content_type: String,
+    head: String,
     body: Vec<u8>,
 }
 
@@ -125,6 +131,45 @@ async fn raw_request(
     path: &str,
     body: &[u8],
 ) -> Result<Answer, std::io::Error> {
+    raw_request_from(None, addr, ca_pem, client_cert, method, path, body).await
+}
+
+/// A TCP connection from `src` (any 127.0.0.0/8 address works on loopback).
+async fn connect_from(
+    src: Option<IpAddr>,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpStream, std::io::Error> {
+    match src {
+        None => tokio::net::TcpStream::connect(addr).await,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await
+        }
+    }
+}
+
+fn client_config(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pki::certs_from_pem(ca_pem).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(pki::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+async fn raw_request_from(
+    src: Option<IpAddr>,
+    addr: SocketAddr,
+    ca_pem: &str,
+    client_cert: Option<(&str, &str)>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<Answer, std::io::Error> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in pki::certs_from_pem(ca_pem).unwrap() {
         roots.add(cert).unwrap();
@@ -142,7 +187,7 @@ async fn raw_request(
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tcp = connect_from(src, addr).await?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await?;
@@ -177,6 +222,7 @@ async fn raw_request(
     Ok(Answer {
         status,
         content_type,
+        head,
         body: raw[split + 4..].to_vec(),
     })
 }
@@ -792,9 +838,82 @@ async fn renewal_with_a_valid_certificate_rotates_key_and_certificate() {
     let stats = cluster.server.stats();
     assert_eq!((stats.renew_requests, stats.renewals_ok), (1, 1));
 
-    // And again with the renewed certificate.
-    let third = edge::renew(cluster.addr(), dir.path()).await.unwrap();
-    assert_ne!(third.serial, renewed.serial);
+    // The replaced certificate is revoked, durably.
+    assert!(cluster.ca.is_revoked(&first.serial));
+    assert!(!cluster.ca.is_revoked(&renewed.serial));
+    let reloaded = ClusterCa::load_or_create(cluster.dir.path()).unwrap();
+    assert!(reloaded.is_revoked(&first.serial));
+
+    // Renewing again at once is refused: one renewal per interval.
+    match edge::renew(cluster.addr(), dir.path()).await.unwrap_err() {
+        keel_edge::Error::Refused { status, code, .. } => {
+            assert_eq!((status, code.as_str()), (429, "rate_limited"));
+        }
+        other => panic!("expected 429, got {other}"),
+    }
+    assert_eq!(NodeIdentity::load(dir.path()).unwrap(), renewed);
+    let body = serde_json::to_vec(&serde_json::json!({ "csr": key_and_csr("edge-1").1 })).unwrap();
+    let answer = raw_request(
+        cluster.addr(),
+        cluster.ca.cert_pem(),
+        Some((&renewed.cert_pem, &renewed.key_pem)),
+        "POST",
+        "/v1/renew",
+        &body,
+    )
+    .await
+    .unwrap();
+    answer.assert_error(429, "rate_limited");
+    assert!(answer.json()["retryAfterSeconds"].as_u64().unwrap() > 0);
+    assert!(
+        answer.head.to_ascii_lowercase().contains("retry-after:"),
+        "{}",
+        answer.head
+    );
+    assert_eq!(cluster.server.stats().renewals_ok, 1);
+
+    // The replaced certificate cannot renew (refused at the handshake).
+    let old = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(old.path().join("pki")).unwrap();
+    for (name, pem) in [
+        ("ca.pem", &first.ca_pem),
+        ("node.pem", &first.cert_pem),
+        ("node.key", &first.key_pem),
+    ] {
+        std::fs::write(old.path().join("pki").join(name), pem).unwrap();
+    }
+    match edge::renew(cluster.addr(), old.path()).await.unwrap_err() {
+        keel_edge::Error::Tls { source, .. } => assert_eq!(
+            source,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)
+        ),
+        other => panic!("expected a TLS refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn renewals_without_an_interval_chain_and_each_revokes_the_last() {
+    let cluster =
+        Cluster::start_with(BootstrapOptions::default().with_renew_min_interval(Duration::ZERO))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut last = edge::join(
+        cluster.addr(),
+        &cluster.token("edge-1"),
+        "edge-1",
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let next = edge::renew(cluster.addr(), dir.path()).await.unwrap();
+        assert_ne!(next.serial, last.serial);
+        assert!(cluster.ca.is_revoked(&last.serial));
+        assert!(!cluster.ca.is_revoked(&next.serial));
+        last = next;
+    }
+    assert_eq!(cluster.ca.issued_to("edge-1").last(), Some(&last.serial));
+    assert_eq!(cluster.server.stats().renewals_ok, 3);
 }
 
 #[tokio::test]
@@ -996,4 +1115,348 @@ fn tokens_issued_by_another_process_are_seen_and_single_use_across_them() {
     running
         .redeem(t2.as_str(), "edge-y", SystemTime::now())
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// reserved names
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cloudcore_and_other_reserved_or_invalid_names_cannot_join() {
+    let cluster = Cluster::start().await;
+    let refused = [
+        "cloudcore",
+        "keel-admin",
+        "keel-cloudcore",
+        "keel-cluster-ca",
+        "system:node:edge-1",
+        "user:keel-admin",
+        "Edge-1",
+        "edge..1",
+        "edge.-1",
+        "-edge",
+        "edge_1",
+    ];
+    for name in refused {
+        // No token can be made for it...
+        match cluster.tokens.create(name, HOUR, SystemTime::now()) {
+            Err(Error::InvalidNodeName { .. }) => {}
+            other => panic!("token for {name:?}: {other:?}"),
+        }
+        // ...nor can a join name it, whatever the token.
+        let (_key, csr) = key_and_csr(name);
+        let answer = raw_request(
+            cluster.addr(),
+            cluster.ca.cert_pem(),
+            None,
+            "POST",
+            "/v1/join",
+            &join_body(&cluster.token("edge-1"), name, &csr),
+        )
+        .await
+        .unwrap();
+        answer.assert_error(400, "invalid_node_name");
+        let reason = answer.json()["reason"].as_str().unwrap().to_owned();
+        assert!(
+            reason.contains("reserved") || reason.contains("DNS-1123"),
+            "{name}: {reason}"
+        );
+        // Nor does the CA sign for it.
+        assert!(matches!(
+            cluster.ca.sign_node_csr(&csr, name, HOUR),
+            Err(Error::InvalidNodeName { .. })
+        ));
+    }
+    assert_eq!(cluster.server.stats().joins_ok, 0);
+    // A forged token naming cloudcore is refused by the edge before any request.
+    let ca_hex = cluster
+        .ca
+        .ca_hash()
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let forged =
+        format!("keel1.cloudcore.0123456789abcdef.0123456789abcdef0123456789abcdef.{ca_hex}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = edge::join(cluster.addr(), &forged, "cloudcore", dir.path())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, keel_edge::Error::InvalidToken(_)), "{err}");
+    // Dotted DNS-1123 names are fine.
+    pki::validate_node_name("edge-1.site-a").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    edge::join(
+        cluster.addr(),
+        &cluster.token("edge-1.site-a"),
+        "edge-1.site-a",
+        dir.path(),
+    )
+    .await
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// renewal while running
+// ---------------------------------------------------------------------------
+
+/// The serial of the client certificate `config` presents to a server with
+/// the hub's TLS configuration.
+async fn presented_serial(ca: &ClusterCa, config: rustls::ClientConfig) -> String {
+    let server = ca.server_cert(&["127.0.0.1"]).unwrap();
+    let server_config = pki::server_tls_config(ca, &server.cert_pem, &server.key_pem).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config))
+            .accept(tcp)
+            .await
+            .unwrap();
+        let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        pki::serial_of_cert(&der).unwrap()
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    accept.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_running_edge_renews_before_expiry_and_connects_with_the_new_certificate() {
+    // Certificates live 6 s here: the edge renews 4 s into that.
+    let cluster = Cluster::start_with(
+        BootstrapOptions::default()
+            .with_node_cert_validity(Duration::from_secs(6))
+            .with_renew_min_interval(Duration::ZERO),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = edge::join(
+        cluster.addr(),
+        &cluster.token("edge-1"),
+        "edge-1",
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let renew_at = first.renew_at();
+    let lifetime = first.not_after.duration_since(renew_at).unwrap();
+    assert!(
+        lifetime <= Duration::from_secs(3),
+        "renews at 2/3 of the lifetime, not {lifetime:?} before expiry"
+    );
+    let live = edge::LiveIdentity::new(first.clone()).unwrap();
+    let config = live.client_tls_config().unwrap();
+    assert_eq!(
+        presented_serial(&cluster.ca, config.clone()).await,
+        first.serial
+    );
+    let renewer = tokio::spawn(Arc::clone(&live).renew_loop(cluster.addr(), dir.path().to_owned()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while live.identity().serial == first.serial {
+        assert!(std::time::Instant::now() < deadline, "no renewal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = live.identity();
+    assert!(cluster.ca.is_revoked(&first.serial));
+    assert_eq!(NodeIdentity::load(dir.path()).unwrap().node, "edge-1");
+    // The same TLS configuration, built before, presents the new certificate.
+    let serial = presented_serial(&cluster.ca, config).await;
+    assert_ne!(serial, first.serial);
+    assert!(
+        cluster.ca.issued_to("edge-1").contains(&serial),
+        "{serial} is not an issued certificate"
+    );
+    assert!(
+        renewed.not_after > first.not_after,
+        "the renewed certificate lives longer"
+    );
+    renewer.abort();
+}
+
+// ---------------------------------------------------------------------------
+// hostile clients
+// ---------------------------------------------------------------------------
+
+/// Opens a TLS connection from `src` and sends a join's headers announcing
+/// `announced` body bytes, and only `sent` of them; returns the stream
+/// (kept open by the caller).
+async fn slow_body(
+    src: IpAddr,
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    announced: usize,
+    sent: usize,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = connect_from(Some(src), addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await?;
+    let head = format!(
+        "POST /v1/join HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {announced}\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await?;
+    tls.write_all(&vec![b' '; sent]).await?;
+    tls.flush().await?;
+    Ok(tls)
+}
+
+#[tokio::test]
+async fn a_slow_body_is_cut_at_the_body_timeout() {
+    let cluster = Cluster::start_with(
+        BootstrapOptions::default().with_timeouts(Duration::from_secs(1), Duration::from_secs(30)),
+    )
+    .await;
+    let config = Arc::new(client_config(cluster.ca.cert_pem()));
+    let mut tls = slow_body(
+        "127.0.0.1".parse().unwrap(),
+        cluster.addr(),
+        config,
+        1000,
+        10,
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut raw))
+        .await
+        .expect("the server holds a slow body forever")
+        .ok();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body_timeout"), "{text}");
+    assert_eq!(cluster.server.stats().timeouts, 1);
+}
+
+#[tokio::test]
+async fn connections_over_the_per_address_cap_are_closed_at_accept() {
+    let cluster =
+        Cluster::start_with(BootstrapOptions::default().with_connection_limits(1024, 8)).await;
+    let src: IpAddr = "127.0.0.5".parse().unwrap();
+    // Silent connections (no TLS handshake) hold their places.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(connect_from(Some(src), cluster.addr()).await.unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for _ in 0..4 {
+        let mut extra = connect_from(Some(src), cluster.addr()).await.unwrap();
+        let mut buf = [0u8; 1];
+        // Closed by the server without a byte.
+        let n = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut buf))
+            .await
+            .expect("an extra connection was kept open")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    while cluster.server.stats().connections_refused < 4 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another address is served meanwhile.
+    let answer = raw_request_from(
+        Some("127.0.0.6".parse().unwrap()),
+        cluster.addr(),
+        cluster.ca.cert_pem(),
+        None,
+        "GET",
+        "/v1/ca",
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200);
+    drop(held);
+}
+
+/// Slow-body connections from many addresses (more than the total cap)
+/// and a flood of fake joins from one address; a real join from another
+/// address still succeeds while they are open. `KEEL_FLOOD_CONNECTIONS`
+/// sets the number of slow connections (default 5,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_and_fake_joins_do_not_stop_a_real_join() {
+    let flood: usize = std::env::var("KEEL_FLOOD_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let total_cap = 1024;
+    let cluster = Cluster::start_with(
+        BootstrapOptions::default()
+            // Long deadlines: the slow connections hold their places for
+            // the whole test, so only the caps and eviction protect it.
+            .with_timeouts(Duration::from_secs(600), Duration::from_secs(600))
+            .with_connection_limits(total_cap, 32),
+    )
+    .await;
+    let addr = cluster.addr();
+    let config = Arc::new(client_config(cluster.ca.cert_pem()));
+
+    // Slow bodies from 200 addresses, 64 handshakes at a time.
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..flood {
+        let src: IpAddr = format!("127.0.1.{}", i % 200 + 1).parse().unwrap();
+        let (gate, config) = (Arc::clone(&gate), Arc::clone(&config));
+        tasks.spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let conn = slow_body(src, addr, config, 4000, 100).await;
+            drop(permit);
+            // Hold it (an evicted one just fails later).
+            conn.ok()
+        });
+    }
+    let mut held = Vec::with_capacity(flood);
+    while let Some(conn) = tasks.join_next().await {
+        held.push(conn.unwrap());
+    }
+    let stats = cluster.server.stats();
+    assert!(
+        stats.connections_evicted > 0,
+        "{flood} slow connections over a cap of {total_cap} evicted none: {stats:?}"
+    );
+
+    // Fake joins (well-formed, unknown tokens) from one address.
+    let ca_hex = cluster
+        .ca
+        .ca_hash()
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let (_key, csr) = key_and_csr("edge-1");
+    let fake = join_body(
+        &format!("keel1.edge-1.0123456789abcdef.0123456789abcdef0123456789abcdef.{ca_hex}"),
+        "edge-1",
+        &csr,
+    );
+    let mut codes = BTreeMap::new();
+    for _ in 0..100 {
+        let a = raw_request_from(
+            Some("127.0.0.3".parse().unwrap()),
+            addr,
+            cluster.ca.cert_pem(),
+            None,
+            "POST",
+            "/v1/join",
+            &fake,
+        )
+        .await
+        .unwrap();
+        *codes.entry(a.status).or_insert(0) += 1;
+    }
+    assert!(codes.get(&429).copied().unwrap_or(0) > 0, "{codes:?}");
+    assert_eq!(codes.get(&200), None, "{codes:?}");
+
+    // The real join, while all of that is open.
+    let dir = tempfile::tempdir().unwrap();
+    let id = tokio::time::timeout(
+        Duration::from_secs(120),
+        edge::join(addr, &cluster.token("edge-1"), "edge-1", dir.path()),
+    )
+    .await
+    .expect("the real join did not finish")
+    .unwrap();
+    assert_eq!(id.node, "edge-1");
+    assert_eq!(cluster.server.stats().joins_ok, 1);
+    drop(held);
 }

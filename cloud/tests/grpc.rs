@@ -711,3 +711,153 @@ fn tail_follows_appends() {
     let _ = child.wait();
     rt.block_on(srv.shutdown());
 }
+
+/// An edge node in this process: joined, then EdgeHub running.
+struct TestEdge {
+    dir: tempfile::TempDir,
+    identity: keel_edge::bootstrap::NodeIdentity,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestEdge {
+    fn join_and_run(rt: &tokio::runtime::Runtime, c: &Cloud, node: &str, token: &str) -> TestEdge {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = rt
+            .block_on(keel_edge::bootstrap::join(
+                c.bootstrap.parse().unwrap(),
+                token,
+                node,
+                dir.path(),
+            ))
+            .unwrap();
+        let store = Store::open(dir.path().join("log"), StoreOptions::default()).unwrap();
+        let _in_runtime = rt.enter();
+        let meta = keel_edge::meta::MetaManager::open(store.clone(), node).unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let opts = keel_edge::hub::EdgeHubOptions::new(c.hub.parse().unwrap(), node);
+        let tls = identity.client_tls_config().unwrap();
+        rt.spawn(async move {
+            keel_edge::hub::run(opts, tls, store, meta, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        TestEdge {
+            dir,
+            identity,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for TestEdge {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[test]
+fn revoking_a_node_closes_its_connection_and_keeps_it_out() {
+    let c = Cloud::start();
+    let token = |node: &str| -> String {
+        let t: Value =
+            serde_json::from_str(&keel_ok(&c.args(&["token", "create", node, "-o", "json"])))
+                .unwrap();
+        t["token"].as_str().unwrap().to_owned()
+    };
+    let connected = |node: &str| -> bool {
+        let n: Value = serde_json::from_str(&keel_ok(&c.args(&["nodes", "-o", "json"]))).unwrap();
+        n["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == node && n["connected"] == true)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = TestEdge::join_and_run(&rt, &c, "edge-a", &token("edge-a"));
+    let b = TestEdge::join_and_run(&rt, &c, "edge-b", &token("edge-b"));
+    // A token for edge-a nobody used yet: revoking edge-a deletes it.
+    let spare = token("edge-a");
+    wait_for("both nodes connected", || {
+        connected("edge-a") && connected("edge-b")
+    });
+
+    let started = Instant::now();
+    let out: Value = serde_json::from_str(&keel_ok(
+        &c.args(&["node", "revoke", "edge-a", "-o", "json"]),
+    ))
+    .unwrap();
+    assert_eq!(out["node"], "edge-a");
+    assert_eq!(out["disconnected"], true, "{out}");
+    assert_eq!(out["tokensDeleted"], 1, "{out}");
+    let serials: Vec<&str> = out["revokedSerials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(serials, [a.identity.serial.as_str()], "{out}");
+    // Closed at once (not by QUIC's 90 s idle timeout); the deadline is
+    // only generous for slow machines.
+    wait_for("edge-a disconnected", || !connected("edge-a"));
+    let closed_after = started.elapsed();
+    println!("edge-a's connection closed {closed_after:?} after `keel node revoke` started");
+    assert!(closed_after < Duration::from_secs(30), "{closed_after:?}");
+
+    // It keeps trying (back-off from 200 ms) and is refused at every
+    // handshake; edge-b stays connected throughout.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        assert!(!connected("edge-a"), "the revoked node reconnected");
+        assert!(connected("edge-b"), "the other node was disconnected");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Persisted for the next start.
+    let revoked = std::fs::read_to_string(c.dir.path().join("pki").join("revoked")).unwrap();
+    assert!(revoked.lines().any(|l| l == a.identity.serial), "{revoked}");
+
+    // It cannot renew, nor join with the token it was given before.
+    let bootstrap = c.bootstrap.parse().unwrap();
+    match rt
+        .block_on(keel_edge::bootstrap::renew(bootstrap, a.dir.path()))
+        .unwrap_err()
+    {
+        keel_edge::Error::Tls { source, .. } => assert_eq!(
+            source,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)
+        ),
+        other => panic!("expected a TLS refusal, got {other}"),
+    }
+    let again = tempfile::tempdir().unwrap();
+    match rt
+        .block_on(keel_edge::bootstrap::join(
+            bootstrap,
+            &spare,
+            "edge-a",
+            again.path(),
+        ))
+        .unwrap_err()
+    {
+        keel_edge::Error::Refused { status, code, .. } => {
+            assert_eq!((status, code.as_str()), (401, "token_unknown"));
+        }
+        other => panic!("expected the old token refused, got {other}"),
+    }
+    // Names keel keeps for itself cannot be given a token; a bad name
+    // cannot be revoked.
+    let e = keel_fails(&c.args(&["token", "create", "cloudcore"]));
+    assert!(e.contains("reserved"), "{e}");
+    let e = keel_fails(&c.args(&["node", "revoke", "Not_A_Node"]));
+    assert!(e.contains("invalid"), "{e}");
+
+    // The admin lets it back in with a new token: a new certificate, a
+    // new connection.
+    drop(a);
+    let back = TestEdge::join_and_run(&rt, &c, "edge-a", &token("edge-a"));
+    wait_for("edge-a back with a new certificate", || connected("edge-a"));
+    assert!(connected("edge-b"));
+    drop(back);
+    drop(b);
+}

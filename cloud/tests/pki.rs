@@ -725,3 +725,102 @@ async fn quic_handshake_with_the_hub_configs() {
     endpoint.close(0u32.into(), b"done");
     client_endpoint.close(0u32.into(), b"done");
 }
+
+#[tokio::test]
+async fn revoking_a_node_refuses_all_its_certificates_even_unrecorded_ones_until_it_joins_again() {
+    let (dir, ca) = new_ca();
+    let first = node_creds(&ca, "edge-1");
+    let second = node_creds(&ca, "edge-1");
+    let other = node_creds(&ca, "edge-2");
+    // A certificate the ledger never saw (issued before it existed).
+    let unrecorded = node_creds(&ca, "edge-1");
+    let ledger_path = dir.path().join("pki").join("issued.log");
+    let ledger = std::fs::read_to_string(&ledger_path).unwrap();
+    assert_eq!(ledger.lines().count(), 4, "{ledger}");
+    let pruned: String = ledger
+        .lines()
+        .filter(|l| !l.contains(&unrecorded.serial))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // And a torn last line, as a crash in the middle of an append leaves.
+    std::fs::write(&ledger_path, format!("{pruned}{{\"kind\":\"iss")).unwrap();
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    assert_eq!(
+        ca.issued_to("edge-1"),
+        [first.serial.clone(), second.serial.clone()]
+    );
+    let server_cfg = hub_server_config(&ca); // built before the revocation
+
+    let mut revoked = ca.revoke_node("edge-1").unwrap();
+    revoked.sort();
+    let mut want = vec![first.serial.clone(), second.serial.clone()];
+    want.sort();
+    assert_eq!(revoked, want);
+    assert!(ca.is_node_shut_out("edge-1"));
+    assert!(!ca.is_node_shut_out("edge-2"));
+    assert!(matches!(
+        ca.revoke_node("cloudcore"),
+        Err(keel_cloud::Error::InvalidNodeName { .. })
+    ));
+
+    for creds in [&first, &second, &unrecorded] {
+        assert!(ca.is_cert_revoked(&der_of(&creds.cert_pem)));
+        let client =
+            pki::client_tls_config(ca.cert_pem(), &creds.cert_pem, &creds.key_pem).unwrap();
+        let outcome = tls_handshake(server_cfg.clone(), client).await;
+        assert_eq!(
+            outcome.server.unwrap_err(),
+            rustls::Error::InvalidCertificate(CertificateError::Revoked),
+            "serial {}",
+            creds.serial
+        );
+    }
+    let client = pki::client_tls_config(ca.cert_pem(), &other.cert_pem, &other.key_pem).unwrap();
+    assert!(
+        tls_handshake(server_cfg.clone(), client)
+            .await
+            .server
+            .is_ok()
+    );
+
+    // Persisted: a restarted CA refuses them too.
+    drop(ca);
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    for creds in [&first, &second, &unrecorded] {
+        assert!(ca.is_cert_revoked(&der_of(&creds.cert_pem)));
+    }
+    assert!(!ca.is_cert_revoked(&der_of(&other.cert_pem)));
+
+    // A certificate issued after the revocation (a new join) is accepted.
+    let rejoined = node_creds(&ca, "edge-1");
+    assert!(!ca.is_node_shut_out("edge-1"));
+    assert!(!ca.is_cert_revoked(&der_of(&rejoined.cert_pem)));
+    let client =
+        pki::client_tls_config(ca.cert_pem(), &rejoined.cert_pem, &rejoined.key_pem).unwrap();
+    let outcome = tls_handshake(hub_server_config(&ca), client).await;
+    assert_eq!(
+        pki::node_name_from_cert(&outcome.server.unwrap()).unwrap(),
+        "edge-1"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_cannot_resume_a_session_from_before_its_revocation() {
+    let (_dir, ca) = new_ca();
+    let node = node_creds(&ca, "edge-1");
+    let server_cfg = hub_server_config(&ca);
+    // One client configuration: it keeps whatever tickets the server gives.
+    let client = pki::client_tls_config(ca.cert_pem(), &node.cert_pem, &node.key_pem).unwrap();
+    assert!(
+        tls_handshake(server_cfg.clone(), client.clone())
+            .await
+            .server
+            .is_ok()
+    );
+    ca.revoke_node("edge-1").unwrap();
+    let outcome = tls_handshake(server_cfg, client).await;
+    assert_eq!(
+        outcome.server.unwrap_err(),
+        rustls::Error::InvalidCertificate(CertificateError::Revoked)
+    );
+}

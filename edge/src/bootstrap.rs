@@ -14,8 +14,16 @@
 //!    our public key) and stores `ca.pem`, `node.pem`, `node.key` (0600) in
 //!    `data_dir/pki/`.
 //!
+//! A join answered 429 (too many joins from this address) is retried after
+//! the delay the server names, a few times.
+//!
 //! [`renew`] does step 3–4 over mutual TLS with the current certificate and
-//! swaps key and certificate. The swap writes `node.key.new` and
+//! swaps key and certificate (the cloud revokes the certificate it replaces).
+//! [`LiveIdentity`] holds the identity a running edgecore presents: its
+//! TLS client configuration asks it for the certificate at every handshake,
+//! and [`LiveIdentity::renew_loop`] renews at 2/3 of the certificate's
+//! lifetime and swaps it in, so the next connection uses the new
+//! certificate without a restart. The swap writes `node.key.new` and
 //! `node.pem.new` (each atomically), then renames them over the old files;
 //! [`NodeIdentity::load`] finishes an interrupted swap, so key and
 //! certificate always match.
@@ -55,6 +63,17 @@ pub const NODE_ORGANIZATION: &str = "keel:nodes";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer body accepted from the bootstrap endpoint.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// How far keel's CA backdates `not_before` (clock skew between nodes).
+pub const ISSUER_BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// Joins refused with 429 that are tried again.
+const JOIN_RETRIES: u32 = 8;
+/// Longest wait before trying a rate-limited join again.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// First wait after a failed renewal (doubles up to an hour, never past
+/// a third of the time left).
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(10);
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(3600);
 
 const TOKEN_PREFIX: &str = "keel1.";
 const MAX_TOKEN_LEN: usize = 256;
@@ -149,7 +168,17 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Same rule as the cloud: 1–63 of `a-z0-9-.`, alphanumeric at both ends.
+/// Names the cloud keeps for itself (`cloudcore` is its CRDT actor and
+/// change origin).
+const RESERVED_NAMES: [&str; 4] = [
+    "cloudcore",
+    "keel-cluster-ca",
+    "keel-admin",
+    "keel-cloudcore",
+];
+
+/// Same rule as the cloud: a DNS-1123 subdomain of at most 63 characters
+/// (labels of `a-z0-9-`, alphanumeric at both ends), not reserved.
 fn is_valid_node_name(name: &str) -> bool {
     let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
     !name.is_empty()
@@ -157,8 +186,10 @@ fn is_valid_node_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && alnum(name.as_bytes().first())
-        && alnum(name.as_bytes().last())
+        && name
+            .split('.')
+            .all(|l| alnum(l.as_bytes().first()) && alnum(l.as_bytes().last()))
+        && !RESERVED_NAMES.contains(&name)
 }
 
 /// `"sha256:" + hex(sha256(der))`, the form join tokens pin.
@@ -195,6 +226,8 @@ pub struct NodeIdentity {
     pub key_pem: String,
     /// Serial number of the node certificate, lowercase hex.
     pub serial: String,
+    /// Start of the node certificate's validity.
+    pub not_before: SystemTime,
     /// End of the node certificate's validity.
     pub not_after: SystemTime,
 }
@@ -253,6 +286,7 @@ impl NodeIdentity {
             cert_pem,
             key_pem,
             serial: info.serial,
+            not_before: info.not_before,
             not_after: info.not_after,
         })
     }
@@ -261,6 +295,23 @@ impl NodeIdentity {
     #[must_use]
     pub fn needs_renewal(&self, now: SystemTime, margin: Duration) -> bool {
         expires_within(self.not_after, now, margin)
+    }
+
+    /// When to renew: 2/3 into the certificate's lifetime. The lifetime
+    /// starts [`ISSUER_BACKDATE`] after `not_before` (keel's CA backdates
+    /// certificates by that much for clock skew), or at `not_before` if the
+    /// certificate is shorter than that.
+    #[must_use]
+    pub fn renew_at(&self) -> SystemTime {
+        let issued = self
+            .not_before
+            .checked_add(ISSUER_BACKDATE)
+            .filter(|t| *t < self.not_after)
+            .unwrap_or(self.not_before);
+        let lifetime = self.not_after.duration_since(issued).unwrap_or_default();
+        issued
+            .checked_add(lifetime.mul_f64(2.0 / 3.0))
+            .unwrap_or(self.not_after)
     }
 
     /// The rustls client configuration for the QUIC hub: TLS 1.3, ALPN
@@ -313,6 +364,7 @@ fn expires_within(not_after: SystemTime, now: SystemTime, margin: Duration) -> b
 struct CertInfo {
     common_name: String,
     serial: String,
+    not_before: SystemTime,
     not_after: SystemTime,
     public_key: Vec<u8>,
     der: CertificateDer<'static>,
@@ -335,13 +387,15 @@ impl CertInfo {
         let raw = cert.raw_serial();
         let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
         let serial = hex(raw.get(first..).unwrap_or_default());
-        let ts = cert.validity().not_after.timestamp();
-        let not_after =
-            u64::try_from(ts).map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
+        let time =
+            |ts: i64| u64::try_from(ts).map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s));
+        let not_before = time(cert.validity().not_before.timestamp());
+        let not_after = time(cert.validity().not_after.timestamp());
         let public_key = cert.public_key().subject_public_key.data.to_vec();
         Ok(Self {
             common_name,
             serial,
+            not_before,
             not_after,
             public_key,
             der: der.clone(),
@@ -393,10 +447,25 @@ struct CertResponse {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ErrorResponse {
     error: String,
     #[serde(default)]
     reason: String,
+    #[serde(default)]
+    retry_after_seconds: Option<u64>,
+}
+
+/// The delay a 429 answer asks for.
+fn retry_after(status: StatusCode, body: &[u8]) -> Option<Duration> {
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
+    }
+    let secs = serde_json::from_slice::<ErrorResponse>(body)
+        .ok()
+        .and_then(|e| e.retry_after_seconds)
+        .unwrap_or(1);
+    Some(Duration::from_secs(secs.max(1)).min(MAX_RETRY_AFTER))
 }
 
 /// Joins the cluster: see the [module documentation](self). `server` is the
@@ -456,16 +525,27 @@ pub async fn join(
         csr: &csr,
     })
     .map_err(|e| Error::Protocol(e.to_string()))?;
-    let config = pinned_config(&ca_der)?;
-    let (status, body) = exchange(
-        Arc::new(config),
-        server,
-        Method::POST,
-        "/v1/join",
-        Some(body),
-    )
-    .await?;
-    let answer = parse_cert_answer(status, &body)?;
+    let config = Arc::new(pinned_config(&ca_der)?);
+    let mut attempt = 0;
+    let (status, answer) = loop {
+        let (status, answer) = exchange(
+            Arc::clone(&config),
+            server,
+            Method::POST,
+            "/v1/join",
+            Some(body.clone()),
+        )
+        .await?;
+        match retry_after(status, &answer) {
+            Some(wait) if attempt < JOIN_RETRIES => {
+                attempt += 1;
+                tracing::warn!(%server, ?wait, "join rate-limited by the cloud; trying again");
+                tokio::time::sleep(wait).await;
+            }
+            _ => break (status, answer),
+        }
+    };
+    let answer = parse_cert_answer(status, &answer)?;
     let identity = accept_certificate(&answer, &ca_der, &key, node)?;
     store_identity(data_dir, &identity)?;
     tracing::info!(node, serial = %identity.serial, "joined the cluster");
@@ -501,6 +581,150 @@ pub async fn renew(server: SocketAddr, data_dir: &Path) -> Result<NodeIdentity> 
     store_identity(data_dir, &renewed)?;
     tracing::info!(node = %renewed.node, old_serial = %current.serial, serial = %renewed.serial, "renewed node certificate");
     Ok(renewed)
+}
+
+/// The identity a running edgecore presents, swapped on renewal: TLS
+/// client configurations from [`LiveIdentity::client_tls_config`] ask it for
+/// the certificate at every handshake.
+pub struct LiveIdentity {
+    current: std::sync::RwLock<(NodeIdentity, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl fmt::Debug for LiveIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveIdentity")
+            .field("identity", &self.identity())
+            .finish()
+    }
+}
+
+fn certified_key(id: &NodeIdentity) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let chain = vec![single_cert(&id.cert_pem)?];
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+        .map_err(|e| Error::Certificate(format!("node key: {e}")))?;
+    rustls::sign::CertifiedKey::from_der(chain, key, &crypto_provider())
+        .map(Arc::new)
+        .map_err(Error::TlsConfig)
+}
+
+impl LiveIdentity {
+    /// Starts with `identity`.
+    ///
+    /// # Errors
+    /// An unusable certificate or key.
+    pub fn new(identity: NodeIdentity) -> Result<Arc<Self>> {
+        let key = certified_key(&identity)?;
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new((identity, key)),
+        }))
+    }
+
+    /// The identity presented now.
+    #[must_use]
+    pub fn identity(&self) -> NodeIdentity {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Presents `identity` from the next handshake on (same node and CA).
+    ///
+    /// # Errors
+    /// An unusable certificate or key, or an identity of another node.
+    pub fn replace(&self, identity: NodeIdentity) -> Result<()> {
+        let key = certified_key(&identity)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0.node != identity.node || current.0.ca_pem != identity.ca_pem {
+            return Err(Error::Certificate(
+                "a renewed identity must be of the same node and CA".into(),
+            ));
+        }
+        *current = (identity, key);
+        Ok(())
+    }
+
+    /// The rustls client configuration for the QUIC hub (as
+    /// [`NodeIdentity::client_tls_config`]) presenting the current
+    /// certificate at each handshake.
+    ///
+    /// # Errors
+    /// A rustls configuration error.
+    pub fn client_tls_config(self: &Arc<Self>) -> Result<rustls::ClientConfig> {
+        let roots = roots_of(&single_cert(&self.identity().ca_pem)?)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(Error::TlsConfig)?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(
+                Arc::clone(self) as Arc<dyn rustls::client::ResolvesClientCert>
+            );
+        config.alpn_protocols = vec![ALPN_SYNC.to_vec()];
+        Ok(config)
+    }
+
+    /// Renews the certificate at [`NodeIdentity::renew_at`] through the
+    /// bootstrap endpoint at `server`, stores it in `data_dir` and presents
+    /// it from then on; a failed renewal is tried again with a growing
+    /// delay. Runs until dropped.
+    pub async fn renew_loop(self: Arc<Self>, server: SocketAddr, data_dir: PathBuf) {
+        let mut failures = 0u32;
+        loop {
+            let current = self.identity();
+            let at = current.renew_at();
+            if let Ok(wait) = at.duration_since(SystemTime::now()) {
+                tracing::info!(serial = %current.serial, ?wait, "next certificate renewal");
+                // In steps, so a clock that jumps is noticed.
+                tokio::time::sleep(wait.min(RENEW_RETRY_MAX)).await;
+                continue;
+            }
+            match renew(server, &data_dir).await {
+                Ok(renewed) => {
+                    failures = 0;
+                    if let Err(e) = self.replace(renewed) {
+                        tracing::error!(error = %e, "cannot use the renewed certificate");
+                    }
+                }
+                Err(e) => {
+                    let left = current
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let wait = RENEW_RETRY_MIN
+                        .saturating_mul(1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX))
+                        .min(RENEW_RETRY_MAX)
+                        .min((left / 3).max(RENEW_RETRY_MIN));
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, ?wait, "certificate renewal failed; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1,
+        ))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 fn new_key_and_csr(node: &str) -> Result<(KeyPair, String)> {
@@ -576,6 +800,7 @@ fn accept_certificate(
         cert_pem: answer.certificate.clone(),
         key_pem: key.serialize_pem(),
         serial: info.serial,
+        not_before: info.not_before,
         not_after: info.not_after,
     })
 }
@@ -657,9 +882,9 @@ fn pinned_config(ca_der: &CertificateDer<'static>) -> Result<rustls::ClientConfi
 }
 
 /// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -703,10 +928,12 @@ async fn exchange_inner(
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, String>(TokioIo::new(tls))
         .await
         .map_err(|e| transport_error(addr, &e))?;
-    let _conn = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = conn.await {
+    let mut conn = AbortOnDrop(tokio::spawn(async move {
+        let ended = conn.await;
+        if let Err(e) = &ended {
             tracing::debug!(error = %e, "bootstrap client connection ended with an error");
         }
+        ended
     }));
     let is_post = method == Method::POST;
     let mut request = Request::builder()
@@ -720,10 +947,20 @@ async fn exchange_inner(
     let request = request
         .body(body.unwrap_or_default())
         .map_err(|e| Error::Protocol(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| transport_error(addr, &e))?;
+    let response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            // In TLS 1.3 the server judges a client certificate after the
+            // client's handshake is done: its alert (a revoked certificate)
+            // ends the connection task, and the request only sees that the
+            // connection went away. Report the connection's error then.
+            let ended = tokio::time::timeout(Duration::from_secs(1), &mut conn.0).await;
+            if let Ok(Ok(Err(conn_err))) = ended {
+                return Err(transport_error(addr, &conn_err));
+            }
+            return Err(transport_error(addr, &e));
+        }
+    };
     let status = response.status();
     let mut incoming = std::pin::pin!(response.into_body());
     let mut buf = Vec::new();

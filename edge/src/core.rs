@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use keel_api::{ApiServer, LogRequest, PodLogs, Status};
@@ -296,6 +296,16 @@ async fn compact_loop(meta: Arc<MetaManager>) {
     }
 }
 
+/// Aborts a spawned task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A running edgecore.
 #[derive(Debug)]
 pub struct Running {
@@ -315,15 +325,16 @@ pub async fn run(
     started: impl FnOnce(&Running),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let identity = ensure_identity(&cfg, token.as_deref()).await?;
-    if identity.needs_renewal(SystemTime::now(), Duration::from_secs(10 * 24 * 3600)) {
-        match bootstrap::renew(cfg.cloud_bootstrap, &cfg.data_dir).await {
-            Ok(_) => info!("node certificate renewed"),
-            Err(e) => warn!(error = %e, "certificate renewal failed; using the current one"),
-        }
-    }
-    let identity = NodeIdentity::load(&cfg.data_dir)?;
-    let node = identity.node.clone();
+    ensure_identity(&cfg, token.as_deref()).await?;
+    // Renewed while running, at 2/3 of its lifetime (at once if past that);
+    // each new connection presents the current certificate.
+    let identity = bootstrap::LiveIdentity::new(NodeIdentity::load(&cfg.data_dir)?)?;
+    let renewer = AbortOnDrop(tokio::spawn(
+        identity
+            .clone()
+            .renew_loop(cfg.cloud_bootstrap, cfg.data_dir.clone()),
+    ));
+    let node = identity.identity().node;
     let span = info_span!("edgecore", %node);
     async move {
         let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
@@ -397,6 +408,7 @@ pub async fn run(
         }
         let tls = identity.client_tls_config()?;
         let r = hub::run(opts, tls, store, meta.clone(), stop).await;
+        drop(renewer);
         info!("stopping: containers get their grace period");
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         reconciler.abort();

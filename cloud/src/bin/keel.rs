@@ -1,5 +1,5 @@
 //! `keel`: the admin CLI (log replay, tail, audit, chain verification,
-//! node status, join tokens) over cloudcore's admin gRPC API, or an
+//! node status, join tokens, node revocation) over cloudcore's admin gRPC API, or an
 //! edgecore's loopback log API with `--edge`. Thin: flags in,
 //! [`keel_cloud::grpc::cli`] does the work.
 
@@ -15,7 +15,7 @@ use keel_cloud::grpc::cli::{self, CliError, Format, ReplayArgs};
 #[command(
     name = "keel",
     version,
-    about = "keel admin CLI: replay and audit the log, verify its hash chains, node status, join tokens"
+    about = "keel admin CLI: replay and audit the log, verify its hash chains, node status, join tokens, node revocation"
 )]
 struct Cli {
     /// Admin kubeconfig (default: $KUBECONFIG, else cloudcore-data/admin.kubeconfig).
@@ -75,6 +75,11 @@ enum Command {
     },
     /// Edge nodes: connected, last seen, cursors both ways and lag.
     Nodes,
+    /// One edge node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Records of the log, from a cursor, filtered.
     Replay {
         #[command(flatten)]
@@ -114,6 +119,13 @@ enum TokenCommand {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Revoke every certificate of NODE and close its live connection; it
+    /// can join again only with a token created afterwards.
+    Revoke { node: String },
 }
 
 fn main() -> ExitCode {
@@ -184,6 +196,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             command: TokenCommand::Create { node, ttl },
         } => cli::token_create(ch, &node, Duration::from_secs(ttl), format, &mut out).await,
         Command::Nodes => cli::nodes(ch, format, now_ms(), &mut out).await,
+        Command::Node {
+            command: NodeCommand::Revoke { node },
+        } => cli::node_revoke(ch, &node, format, &mut out).await,
         Command::Replay { filter, quiet } => {
             let args = replay_args(filter)?;
             let progress = !quiet && std::io::stderr().is_terminal();

@@ -12,7 +12,7 @@ use keel_proto::cluster_service_client::ClusterServiceClient;
 use keel_proto::log_service_client::LogServiceClient;
 use keel_proto::{
     AuditRequest, CreateTokenRequest, OriginKind, PayloadKind, RecordFilter, ReplayItem,
-    ReplayRequest, StatusRequest, TailRequest, VerifyChainRequest, replay_item,
+    ReplayRequest, RevokeNodeRequest, StatusRequest, TailRequest, VerifyChainRequest, replay_item,
 };
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -307,6 +307,52 @@ pub async fn token_create(
             out,
             "{}",
             json!({"node": node, "token": r.token, "expires": format_millis(r.expires_ms)})
+        )?,
+    }
+    Ok(())
+}
+
+/// `keel node revoke NODE`.
+pub async fn node_revoke(
+    ch: Channel,
+    node: &str,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let r = ClusterServiceClient::new(ch)
+        .revoke_node(RevokeNodeRequest {
+            node: node.to_owned(),
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    match format {
+        Format::Table => {
+            writeln!(
+                out,
+                "node {} revoked: {} certificate(s), {} unused token(s) deleted, {}",
+                r.node,
+                r.revoked_serials.len(),
+                r.tokens_deleted,
+                if r.disconnected {
+                    "live connection closed"
+                } else {
+                    "not connected"
+                }
+            )?;
+            for s in &r.revoked_serials {
+                writeln!(out, "  {s}")?;
+            }
+        }
+        Format::Json => writeln!(
+            out,
+            "{}",
+            json!({
+                "node": r.node,
+                "revokedSerials": r.revoked_serials,
+                "tokensDeleted": r.tokens_deleted,
+                "disconnected": r.disconnected,
+            })
         )?,
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The admin gRPC API (tonic) as cloudcore serves it: keel-api's log
 //! service ([`LogApi`]: replay, tail, audit, chain verification), and node
-//! status and join tokens ([`ClusterApi`], cloudcore only), on
+//! status, join tokens and node revocation ([`ClusterApi`], cloudcore
+//! only), on
 //! [`GrpcServer`], which serves only the admin certificate over TLS. The
 //! `keel` CLI ([`cli`]) is its client.
 
@@ -8,19 +9,22 @@ pub mod cli;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_proto::cluster_service_server::{ClusterService, ClusterServiceServer};
 use keel_proto::{
-    CreateTokenRequest, CreateTokenResponse, NodeStatus, StatusRequest, StatusResponse,
+    CreateTokenRequest, CreateTokenResponse, NodeStatus, RevokeNodeRequest, RevokeNodeResponse,
+    StatusRequest, StatusResponse,
 };
+use keel_sync::quic::Sink;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::registry::Registry;
 use crate::hub::HubHandle;
+use crate::pki::ClusterCa;
 use crate::token::TokenStore;
 
 pub use keel_api::grpc::{ALPN_H2, LogApi, hlc_millis};
@@ -28,12 +32,17 @@ pub use keel_api::grpc::{ALPN_H2, LogApi, hlc_millis};
 /// Default address of cloudcore's admin gRPC endpoint.
 pub const DEFAULT_CLOUD_ADDR: &str = "127.0.0.1:10003";
 
-/// [`ClusterService`]: what cloudcore knows of its nodes, and join tokens.
+/// Why a revoked node's connection is closed.
+pub const REVOKED_REASON: &str = "node certificate revoked";
+
+/// [`ClusterService`]: what cloudcore knows of its nodes, join tokens, and
+/// revoking a node.
 #[derive(Clone)]
 pub struct ClusterApi {
     registry: Arc<Registry>,
     hub: HubHandle,
     tokens: Arc<TokenStore>,
+    ca: Arc<ClusterCa>,
 }
 
 impl std::fmt::Debug for ClusterApi {
@@ -43,12 +52,109 @@ impl std::fmt::Debug for ClusterApi {
 }
 
 impl ClusterApi {
-    pub fn new(registry: Arc<Registry>, hub: HubHandle, tokens: Arc<TokenStore>) -> ClusterApi {
+    pub fn new(
+        registry: Arc<Registry>,
+        hub: HubHandle,
+        tokens: Arc<TokenStore>,
+        ca: Arc<ClusterCa>,
+    ) -> ClusterApi {
         ClusterApi {
             registry,
             hub,
             tokens,
+            ca,
         }
+    }
+}
+
+/// Revokes `node` (see [`ClusterCa::revoke_node`]), deletes its unused join
+/// tokens, then closes its live connection. The revocation is in force for
+/// new handshakes before the connection is closed, so the node cannot come
+/// straight back.
+///
+/// # Errors
+/// An invalid node name or an I/O error persisting the revocation (the
+/// revocation is then in force in memory, and the connection still closed).
+pub async fn revoke_node(
+    ca: &Arc<ClusterCa>,
+    tokens: &Arc<TokenStore>,
+    hub: &HubHandle,
+    node: &str,
+) -> crate::Result<RevokeNodeResponse> {
+    crate::pki::validate_node_name(node)?;
+    let (ca, tokens, name) = (Arc::clone(ca), Arc::clone(tokens), node.to_owned());
+    let done = tokio::task::spawn_blocking(move || {
+        let serials = ca.revoke_node(&name);
+        let deleted = tokens.delete_unused_for(&name);
+        (serials, deleted)
+    })
+    .await
+    .map_err(|e| crate::Error::Net(std::io::Error::other(format!("revocation task: {e}"))));
+    let disconnected = hub.connected().contains(node);
+    hub.disconnect(node, REVOKED_REASON);
+    let (serials, deleted) = done?;
+    let revoked_serials = serials?;
+    let tokens_deleted = u64::try_from(deleted?).unwrap_or(u64::MAX);
+    info!(%node, certificates = revoked_serials.len(), tokens_deleted, disconnected, "revoked a node");
+    Ok(RevokeNodeResponse {
+        node: node.to_owned(),
+        revoked_serials,
+        tokens_deleted,
+        disconnected,
+    })
+}
+
+/// A hub sink that closes the connection of a revoked node as soon as its
+/// link is established (a handshake that passed just before the
+/// revocation), then passes every event on.
+pub struct RevokedNodeGuard {
+    inner: Arc<dyn Sink>,
+    ca: Arc<ClusterCa>,
+    hub: OnceLock<HubHandle>,
+}
+
+impl std::fmt::Debug for RevokedNodeGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevokedNodeGuard").finish_non_exhaustive()
+    }
+}
+
+impl RevokedNodeGuard {
+    pub fn new(inner: Arc<dyn Sink>, ca: Arc<ClusterCa>) -> Arc<Self> {
+        Arc::new(RevokedNodeGuard {
+            inner,
+            ca,
+            hub: OnceLock::new(),
+        })
+    }
+
+    /// The hub whose connections it closes (set once the hub is bound).
+    pub fn set_hub(&self, hub: HubHandle) {
+        let _ = self.hub.set(hub);
+    }
+}
+
+impl Sink for RevokedNodeGuard {
+    fn persisted(&self, node: &str, stream: &str, records: &[keel_log::Record]) {
+        self.inner.persisted(node, stream, records);
+    }
+    fn snapshot_installed(&self, node: &str, stream: &str) {
+        self.inner.snapshot_installed(node, stream);
+    }
+    fn connected(&self, node: &str) {
+        if self.ca.is_node_shut_out(node)
+            && let Some(hub) = self.hub.get()
+        {
+            warn!(%node, "a revoked node's link came up; closing it");
+            hub.disconnect(node, REVOKED_REASON);
+        }
+        self.inner.connected(node);
+    }
+    fn disconnected(&self, node: &str) {
+        self.inner.disconnected(node);
+    }
+    fn acked(&self, node: &str, stream: &str, cursor: keel_log::Cursor) {
+        self.inner.acked(node, stream, cursor);
     }
 }
 
@@ -129,6 +235,20 @@ impl ClusterService for ClusterApi {
             token: t.as_str().to_owned(),
             expires_ms: millis(t.expires_at()),
         }))
+    }
+
+    async fn revoke_node(
+        &self,
+        req: Request<RevokeNodeRequest>,
+    ) -> Result<Response<RevokeNodeResponse>, Status> {
+        let node = req.into_inner().node;
+        revoke_node(&self.ca, &self.tokens, &self.hub, &node)
+            .await
+            .map(Response::new)
+            .map_err(|e| match e {
+                crate::Error::InvalidNodeName { .. } => Status::invalid_argument(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })
     }
 }
 
