@@ -430,6 +430,18 @@ mod metrics {
                 v.load(Ordering::Relaxed)
             ));
         }
+        out.push_str("# HELP keel_hub_link_violations_total Links closed because the node broke a rule, by rule.\n# TYPE keel_hub_link_violations_total counter\n");
+        for (rule, v) in [
+            ("forbidden", &s.forbidden),
+            ("limit", &s.limit),
+            ("malformed", &s.malformed),
+            ("unauthorized", &s.unauthorized),
+        ] {
+            out.push_str(&format!(
+                "keel_hub_link_violations_total{{rule=\"{rule}\"}} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
         out.push_str("# HELP keel_objects Objects in the registry.\n# TYPE keel_objects gauge\n");
         out.push_str(&format!("keel_objects {}\n", registry.len()));
         out.push_str("# HELP keel_stream_head_seq Last durable seq of each stream (appends).\n# TYPE keel_stream_head_seq counter\n");

@@ -63,6 +63,13 @@ pub struct HubStats {
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
     pub closed: AtomicU64,
+    /// Links the hub closed because the node broke a rule: of its identity
+    /// (`FORBIDDEN`), a bound (`LIMIT`), the wire format (`MALFORMED`) or
+    /// the streams it may use (`UNAUTHORIZED`).
+    pub forbidden: AtomicU64,
+    pub limit: AtomicU64,
+    pub malformed: AtomicU64,
+    pub unauthorized: AtomicU64,
 }
 
 /// Least-behind-first admission of catch-up senders.
@@ -423,6 +430,20 @@ impl HubState {
         let sink: Arc<dyn Sink> = Arc::new(Tracking(self.clone()));
         let closed = run_link(conn, self.store.clone(), cfg, sink, Some(pace)).await;
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
+        if !closed.by_peer {
+            use keel_sync::frame::ErrorCode as C;
+            let counter = match closed.code {
+                C::Forbidden => Some(&self.stats.forbidden),
+                C::Limit => Some(&self.stats.limit),
+                C::Malformed => Some(&self.stats.malformed),
+                C::Unauthorized => Some(&self.stats.unauthorized),
+                _ => None,
+            };
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+                warn!(%node, code = ?closed.code, reason = %closed.message, "closed the link of a node that broke a rule");
+            }
+        }
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.get(&node).is_some_and(|(i, _)| *i == id) {
             current.remove(&node);
