@@ -74,6 +74,10 @@ fn rss_kib() -> u64 {
 
 struct Quiet;
 impl Sink for Quiet {
+    fn admit(&self, _: &str, _: &str, _: &[Record]) -> Result<(), keel_sync::link::Refusal> {
+        Ok(())
+    }
+
     fn persisted(&self, _: &str, _: &str, _: &[Record]) {}
     fn snapshot_installed(&self, _: &str, _: &str) {}
 }
@@ -179,6 +183,10 @@ impl EdgeSink {
 }
 
 impl Sink for EdgeSink {
+    fn admit(&self, _: &str, _: &str, _: &[Record]) -> Result<(), keel_sync::link::Refusal> {
+        Ok(())
+    }
+
     fn persisted(&self, node: &str, stream: &str, _: &[Record]) {
         let head = self.store.info(stream).map(|i| i.head.seq).unwrap_or(0);
         let _ = node;

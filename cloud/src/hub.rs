@@ -182,6 +182,14 @@ impl Sink for Tracking {
             .insert(node.to_owned(), cursor.seq);
         self.0.sink.acked(node, stream, cursor);
     }
+    fn admit(
+        &self,
+        node: &str,
+        stream: &str,
+        records: &[keel_log::Record],
+    ) -> Result<(), keel_sync::link::Refusal> {
+        self.0.sink.admit(node, stream, records)
+    }
 }
 
 /// A cheap handle on a hub's live state (for metrics).

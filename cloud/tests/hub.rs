@@ -31,6 +31,10 @@ struct Recorder {
 }
 
 impl Sink for Recorder {
+    fn admit(&self, _: &str, _: &str, _: &[Record]) -> Result<(), keel_sync::link::Refusal> {
+        Ok(())
+    }
+
     fn persisted(&self, _node: &str, stream: &str, records: &[Record]) {
         self.records
             .lock()

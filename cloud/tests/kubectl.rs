@@ -723,6 +723,15 @@ impl EdgeObjects {
 }
 
 impl keel_sync::quic::Sink for EdgeObjects {
+    fn admit(
+        &self,
+        _: &str,
+        _: &str,
+        _: &[keel_log::Record],
+    ) -> Result<(), keel_sync::link::Refusal> {
+        Ok(())
+    }
+
     fn persisted(&self, _node: &str, _stream: &str, records: &[keel_log::Record]) {
         let mut s = self.0.lock().unwrap();
         keel_sync::objects::apply_records(&mut s, records).unwrap();

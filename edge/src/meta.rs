@@ -408,6 +408,16 @@ impl ReadObjects for MetaManager {
 
 /// The sync driver's sink: what arrives on `down` is folded in.
 impl keel_sync::quic::Sink for MetaManager {
+    /// The edge takes what its cloud sends (the cloud is the authority).
+    fn admit(
+        &self,
+        _node: &str,
+        _stream: &str,
+        _records: &[Record],
+    ) -> Result<(), keel_sync::link::Refusal> {
+        Ok(())
+    }
+
     fn persisted(&self, _node: &str, stream: &str, records: &[Record]) {
         if stream == down_stream(&self.node) {
             self.apply_down(records);

@@ -53,10 +53,9 @@ pub trait Sink: Send + Sync + 'static {
     fn acked(&self, _node: &str, _stream: &str, _cursor: Cursor) {}
     /// Records from the peer, before they are persisted: an `Err` refuses
     /// them (nothing of them is kept; the link closes with the refusal's
-    /// code and message).
-    fn admit(&self, _node: &str, _stream: &str, _records: &[Record]) -> Result<(), Refusal> {
-        Ok(())
-    }
+    /// code and message). Required, so that a wrapping sink cannot drop
+    /// the check by forgetting to pass it on.
+    fn admit(&self, node: &str, stream: &str, records: &[Record]) -> Result<(), Refusal>;
 }
 
 /// A pending admission: resolves to a permit that is held while sending.

@@ -156,6 +156,14 @@ impl Sink for RevokedNodeGuard {
     fn acked(&self, node: &str, stream: &str, cursor: keel_log::Cursor) {
         self.inner.acked(node, stream, cursor);
     }
+    fn admit(
+        &self,
+        node: &str,
+        stream: &str,
+        records: &[keel_log::Record],
+    ) -> Result<(), keel_sync::link::Refusal> {
+        self.inner.admit(node, stream, records)
+    }
 }
 
 fn millis(t: SystemTime) -> u64 {
