@@ -32,7 +32,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use attacker::*;
-use cluster::{ok, wait_for};
+use cluster::{Edge, ok, wait_for};
 use keel_log::{Cursor, PayloadKind};
 use keel_sync::crdt::ActorId;
 use keel_sync::frame::{Frame, MAX_FRAME_BYTES};
@@ -521,4 +521,168 @@ fn no_node_may_be_called_cloudcore() {
         );
     }
     fx.assert_healthy("cloudcore-name");
+}
+
+/// Revocation: `keel node revoke` closes the node's live connection at
+/// once, every later handshake with its certificate is refused, and the
+/// other node is unaffected.
+#[test]
+fn a_revoked_node_is_cut_off_at_once_and_stays_out() {
+    let mut fx = Fixture::start();
+    let conn = fx.rt.block_on(fx.attacker.establish());
+    let started = std::time::Instant::now();
+    ok(
+        fx.keel(&["node", "revoke", ATTACKER, "-o", "json"]),
+        "keel node revoke",
+    );
+    let reason = fx.rt.block_on(conn.closed(CLOSE_WITHIN));
+    let took = started.elapsed();
+    eprintln!("the revoked node's connection closed {took:?} after `keel node revoke` started");
+    assert_reason(&reason, &["revoked"]);
+    for _ in 0..3 {
+        let again = fx.rt.block_on(fx.attacker.try_handshake());
+        match again {
+            Err(why) => assert!(why.to_lowercase().contains("revoked"), "{why}"),
+            Ok(_) => panic!("a revoked certificate completed a handshake and stayed connected"),
+        }
+    }
+    fx.assert_healthy("revoked");
+    assert!(fx.node_ready(BYSTANDER));
+}
+
+/// The bootstrap endpoint under a flood: 5,000 TLS connections that send a
+/// join's headers and never finish the body (from 200 loopback source
+/// addresses), and a flood of well-formed joins with unknown tokens. A real
+/// node still joins and connects, and cloudcore still serves kubectl.
+/// `KEEL_FLOOD_CONNECTIONS` changes the number of slow connections.
+#[test]
+fn slow_bodies_and_fake_joins_do_not_stop_real_joins_or_kubectl() {
+    use tokio::io::AsyncWriteExt as _;
+    let mut fx = Fixture::start();
+    let flood: usize = std::env::var("KEEL_FLOOD_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let addr: std::net::SocketAddr = fx.cloud.bootstrap.parse().unwrap();
+    let ca = std::fs::read_to_string(fx.cloud.dir.join("pki").join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls::pki_types::pem::PemObject as _;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let tls = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let held = fx.rt.block_on(async {
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..flood {
+            let src: std::net::IpAddr = format!("127.0.1.{}", i % 200 + 1).parse().unwrap();
+            let (gate, tls) = (gate.clone(), tls.clone());
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await.unwrap();
+                let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                socket.bind(std::net::SocketAddr::new(src, 0)).ok()?;
+                let tcp = socket.connect(addr).await.ok()?;
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let mut s = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await
+                    .ok()?;
+                let head = format!(
+                    "POST /v1/join HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{}",
+                    " ".repeat(100)
+                );
+                s.write_all(head.as_bytes()).await.ok()?;
+                s.flush().await.ok()?;
+                Some(s)
+            });
+        }
+        let mut held = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Some(s)) = r {
+                held.push(s);
+            }
+        }
+        held
+    });
+    eprintln!(
+        "{} of {flood} slow connections got through the TLS handshake",
+        held.len()
+    );
+
+    // Fake joins: a real token's shape (so the client trusts the CA and
+    // the server does the work) with a wrong secret, from one address.
+    let real = fx.cloud.token("fake");
+    let mut parts: Vec<String> = real.split('.').map(str::to_owned).collect();
+    let secret = parts.len() - 2;
+    parts[secret] = "0".repeat(parts[secret].len());
+    let fake = parts.join(".");
+    let body = json!({"token": fake, "node": "fake", "csr": "not a csr"}).to_string();
+    let statuses = fx.rt.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..500 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let status = match tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+            {
+                Ok(mut s) => {
+                    let req = format!(
+                        "POST /v1/join HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let mut answer = Vec::new();
+                    let _ = s.write_all(req.as_bytes()).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        s.read_to_end(&mut answer),
+                    )
+                    .await;
+                    String::from_utf8_lossy(&answer)
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or("none")
+                        .to_owned()
+                }
+                Err(_) => "tls-refused".to_owned(),
+            };
+            *statuses.entry(status).or_default() += 1;
+        }
+        statuses
+    });
+    eprintln!("fake joins answered: {statuses:?}");
+    assert!(
+        !statuses.contains_key("200"),
+        "a fake join succeeded: {statuses:?}"
+    );
+    assert!(
+        statuses.contains_key("429"),
+        "fake joins were not rate-limited: {statuses:?}"
+    );
+
+    // A real node joins and connects while the slow connections are open.
+    let late = Edge::start(
+        &fx.tmp.path().join("latecomer"),
+        "latecomer",
+        &fx.cloud,
+        Some(fx.cloud.token("latecomer")),
+        None,
+    );
+    wait_for("the latecomer Ready", Duration::from_secs(120), || {
+        fx.node_ready("latecomer")
+    });
+    fx.assert_healthy("bootstrap-flood");
+    drop(held);
+    drop(late);
 }

@@ -189,6 +189,23 @@ impl Attacker {
         }
     }
 
+    /// A QUIC + mTLS handshake only: the connection, or why it failed
+    /// (TLS 1.3: a refused client certificate may only show once the
+    /// connection closes, so a connection that closes at once counts as
+    /// refused too).
+    pub async fn try_handshake(&self) -> Result<quinn::Connection, String> {
+        let conn = self
+            .endpoint
+            .connect(self.hub, &self.hub.ip().to_string())
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
+            Ok(e) => Err(e.to_string()),
+            Err(_) => Ok(conn),
+        }
+    }
+
     /// [`Self::connect`] and a valid Hello; waits for the cloud's Hello.
     pub async fn establish(&self) -> Conn {
         let mut c = self.connect().await;
