@@ -433,6 +433,9 @@ impl HubState {
             u64::try_from(self.opts.ping_interval.as_millis()).unwrap_or(u64::MAX);
         cfg.idle_timeout_ms =
             u64::try_from(self.opts.link_idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        // A node's `up` snapshot holds only what it writes (its Node, the
+        // status of its pods and devices): far less than a `down` one.
+        cfg.max_snapshot_bytes = 64 << 20;
         debug!(%node, %remote, "node connected");
         let pace: Arc<dyn Pacer> = self.pace.clone();
         let sink: Arc<dyn Sink> = Arc::new(Tracking(self.clone()));

@@ -645,12 +645,20 @@ impl Link {
             .fold((0u64, 0u64), |(r, b), (_, n, by)| (r + n, b + by));
         let new_bytes: u64 = records.iter().map(|r| r.size_hint() as u64).sum();
         let new_records = records.len() as u64;
-        if out_records + new_records > u64::from(self.cfg.window_records)
-            || out_bytes >= self.cfg.window_bytes
-        {
+        // (A window of 0 in a Hello means the default, as the sender reads it.)
+        let default = LinkConfig::new("", Side::Edge, Cursor::default());
+        let window_records = u64::from(match self.cfg.window_records {
+            0 => default.window_records,
+            w => w,
+        });
+        let window_bytes = match self.cfg.window_bytes {
+            0 => default.window_bytes,
+            w => w,
+        };
+        if out_records + new_records > window_records || out_bytes >= window_bytes {
             let msg = format!(
-                "the peer exceeded its window on {}: {} records / {out_bytes} bytes unacknowledged, then {new_records} more (window {} records, {} bytes)",
-                seg.stream, out_records, self.cfg.window_records, self.cfg.window_bytes
+                "the peer exceeded its window on {}: {} records / {out_bytes} bytes unacknowledged, then {new_records} more (window {window_records} records, {window_bytes} bytes)",
+                seg.stream, out_records
             );
             return self.close(ErrorCode::Limit, msg);
         }

@@ -391,6 +391,8 @@ async fn drive(
         tokio::select! {
             biased;
             Some(why) = bad_rx.recv() => link.close(ErrorCode::Malformed, why),
+            // The control writer has room again for a stashed frame.
+            Ok(room) = ctrl_tx.reserve(), if ctrl_stash.is_some() => drop(room),
             Some(bytes) = ctrl_in.recv() => link.handle_bytes(now(), &bytes, &store),
             Some(done) = done_rx.recv() => match done {
                 Ok((stream, records, cursor)) => {
