@@ -128,6 +128,39 @@ fn forged_cloudcore_changes_are_refused() {
     fx.assert_healthy("forge");
 }
 
+/// A node writes only the status of its own pods: a change (by its own
+/// actor) to a pod's spec is refused, and the cloud's pod is unchanged.
+#[test]
+fn a_spec_change_to_its_own_pod_is_refused() {
+    let mut fx = Fixture::start();
+    let pod_key = "pods/default/mine";
+    fx.apply(&pod_yaml("mine", ATTACKER, "", ""));
+    let mut conn = fx.rt.block_on(fx.attacker.establish());
+    fx.rt.block_on(fx.attacker.wait_object(pod_key));
+    let mut own = fx.attacker.objects();
+    let change = own
+        .edit_merge_patch(
+            pod_key,
+            &ActorId::from_name(ATTACKER),
+            &json!({"spec": {"containers": [{"name": "main", "image": "evil/image:1"}]},
+                "status": {"phase": "Running"}}),
+        )
+        .unwrap()
+        .unwrap();
+    fx.rt
+        .block_on(conn.send_entries(vec![entry(ATTACKER, pod_key, PayloadKind::Change, change)]));
+    let reason = fx.rt.block_on(conn.closed(CLOSE_WITHIN));
+    assert_reason(&reason, &["beyond its status"]);
+    let pod = fx.get(&["pod", "mine"]);
+    assert_eq!(pod["spec"]["containers"][0]["image"], "busybox", "{pod}");
+    let metrics = fx.metrics();
+    assert!(
+        metrics.contains("keel_hub_link_violations_total{rule=\"forbidden\"} 1"),
+        "{metrics}"
+    );
+    fx.assert_healthy("spec");
+}
+
 /// Attack 2: a node may not write a ConfigMap it merely uses (here one shared
 /// with the bystander): the link closes, and later updates of the
 /// ConfigMap still reach the bystander.

@@ -648,12 +648,14 @@ pub fn sibling(name: &str) -> PathBuf {
     bin
 }
 
-/// cloudcore with its admin gRPC API (for `keel`), on free loopback ports.
-pub fn start_cloud(dir: &Path) -> (Cloud, String) {
+/// cloudcore with its admin gRPC API (for `keel`) and metrics, on free
+/// loopback ports: the cloud, the gRPC address and the metrics address.
+pub fn start_cloud(dir: &Path) -> (Cloud, String, String) {
     let api = format!("127.0.0.1:{}", free_port());
     let hub = format!("127.0.0.1:{}", free_udp_port());
     let bootstrap = format!("127.0.0.1:{}", free_port());
     let grpc = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -664,6 +666,7 @@ pub fn start_cloud(dir: &Path) -> (Cloud, String) {
         .arg(dir)
         .args(["--api-addr", &api, "--hub-addr", &hub])
         .args(["--bootstrap-addr", &bootstrap, "--grpc-addr", &grpc])
+        .args(["--metrics-addr", &metrics])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -680,7 +683,7 @@ pub fn start_cloud(dir: &Path) -> (Cloud, String) {
             && cloud.k(&["get", "--raw", "/healthz"]).status.success()
             && keel(&cloud, &grpc, &["verify"]).status.success()
     });
-    (cloud, grpc)
+    (cloud, grpc, metrics)
 }
 
 /// The `keel` admin CLI against `cloud`.
@@ -715,6 +718,7 @@ pub fn pod_yaml(name: &str, node: &str, extra_container: &str, extra_spec: &str)
 pub struct Fixture {
     pub cloud: Cloud,
     pub grpc: String,
+    pub metrics: String,
     pub bystander: Edge,
     pub attacker: Attacker,
     pub rt: tokio::runtime::Runtime,
@@ -725,7 +729,7 @@ impl Fixture {
     pub fn start() -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         eprintln!("state and logs in {}", tmp.path().display());
-        let (cloud, grpc) = start_cloud(&tmp.path().join("cloud"));
+        let (cloud, grpc, metrics) = start_cloud(&tmp.path().join("cloud"));
         let bystander = Edge::start(
             &tmp.path().join(BYSTANDER),
             BYSTANDER,
@@ -749,6 +753,7 @@ impl Fixture {
         let fx = Fixture {
             cloud,
             grpc,
+            metrics,
             bystander,
             attacker,
             rt,
@@ -794,6 +799,18 @@ impl Fixture {
         a.extend_from_slice(args);
         a.extend_from_slice(&["-o", "json"]);
         serde_json::from_str(&ok(self.kubectl(&a, None), "kubectl get")).unwrap()
+    }
+
+    /// cloudcore's `/metrics`.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
     }
 
     pub fn keel(&self, args: &[&str]) -> Output {
