@@ -20,7 +20,7 @@ pub mod server;
 pub mod status;
 pub mod watch;
 
-pub use server::{ApiServer, LogRequest, PodLogs, ReadObjects, WriteObjects};
+pub use server::{ApiServer, LogRequest, LogsFuture, PodLogs, ReadObjects, WriteObjects};
 pub use status::Status;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM: the graceful-stop signal of

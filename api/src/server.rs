@@ -98,13 +98,15 @@ pub struct ApiServer {
 impl ApiServer {
     /// Serves the API on `addr` with `tls` (which should require client
     /// certificates from the cluster CA): reads from `reader`, writes to
-    /// `writer`. Only a client whose certificate `admin` accepts may use
-    /// it; any other gets `403 Forbidden`.
+    /// `writer`, container logs from `logs`. Only a client whose
+    /// certificate `admin` accepts may use it; any other gets `403
+    /// Forbidden`.
     pub async fn bind(
         addr: SocketAddr,
         mut tls: rustls::ServerConfig,
         reader: Arc<dyn ReadObjects>,
         writer: Arc<dyn WriteObjects>,
+        logs: Option<Arc<dyn PodLogs>>,
         admin: fn(&[u8]) -> bool,
     ) -> std::io::Result<ApiServer> {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -115,7 +117,7 @@ impl ApiServer {
         let server = Arc::new(Server {
             reader,
             writer: Some(writer),
-            logs: None,
+            logs,
             addr: addr.to_string(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
@@ -244,12 +246,47 @@ pub struct LogRequest {
     pub limit_bytes: Option<u64>,
 }
 
-/// Container logs (served where the containers run: edgecore).
+impl LogRequest {
+    /// The request as JSON (what cloudcore sends an edge through the
+    /// node's connection; the query parameters' names).
+    pub fn to_json(&self) -> Value {
+        json!({"op": "log", "namespace": self.namespace, "pod": self.pod,
+            "container": self.container, "follow": self.follow, "previous": self.previous,
+            "tailLines": self.tail_lines, "limitBytes": self.limit_bytes})
+    }
+
+    /// A request from its JSON form.
+    pub fn from_json(v: &Value) -> Result<LogRequest, Status> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let n = |k: &str| v.get(k).and_then(Value::as_u64);
+        if v.get("op").and_then(Value::as_str) != Some("log") {
+            return Err(Status::bad_request("not a log request"));
+        }
+        Ok(LogRequest {
+            namespace: s("namespace").ok_or_else(|| Status::bad_request("no namespace"))?,
+            pod: s("pod").ok_or_else(|| Status::bad_request("no pod"))?,
+            container: s("container"),
+            follow: b("follow"),
+            previous: b("previous"),
+            tail_lines: n("tailLines"),
+            limit_bytes: n("limitBytes"),
+        })
+    }
+}
+
+/// A pending answer of [`PodLogs`].
+pub type LogsFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<mpsc::Receiver<Bytes>, Status>> + Send + 'a>,
+>;
+
+/// Container logs: served where the containers run (edgecore), and by
+/// cloudcore through each node's own connection.
 pub trait PodLogs: Send + Sync + 'static {
     /// The log of one container of `pod` (a Pod object), as a stream of
     /// chunks; the stream ends when the log does (or, with `follow`, when
     /// the container is gone or the client leaves).
-    fn logs(&self, pod: &Value, req: &LogRequest) -> Result<mpsc::Receiver<Bytes>, Status>;
+    fn logs<'a>(&'a self, pod: &'a Value, req: &'a LogRequest) -> LogsFuture<'a>;
 }
 
 /// Accepts connections forever, each handled by its own task.
@@ -581,7 +618,7 @@ impl Server {
                     tail_lines: num("tailLines")?,
                     limit_bytes: num("limitBytes")?,
                 };
-                let rx = logs.logs(&pod, &lr)?;
+                let rx = logs.logs(&pod, &lr).await?;
                 let mut r = Response::new(ApiBody::Stream(rx));
                 r.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));

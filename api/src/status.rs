@@ -101,6 +101,47 @@ impl Status {
     }
 }
 
+impl Status {
+    /// A Status read back from its JSON form (as a peer sent it); reasons
+    /// keel does not know become `InternalError`.
+    pub fn from_json(v: &Value) -> Status {
+        const REASONS: [&str; 12] = [
+            "BadRequest",
+            "NotFound",
+            "AlreadyExists",
+            "Conflict",
+            "Invalid",
+            "Expired",
+            "InternalError",
+            "ServiceUnavailable",
+            "MethodNotAllowed",
+            "Forbidden",
+            "Timeout",
+            "TooManyRequests",
+        ];
+        let reason = v.get("reason").and_then(Value::as_str).unwrap_or_default();
+        Status {
+            code: v
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..600).contains(c))
+                .unwrap_or(500),
+            reason: REASONS
+                .iter()
+                .find(|r| **r == reason)
+                .copied()
+                .unwrap_or("InternalError"),
+            message: v
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            details: v.get("details").cloned(),
+        }
+    }
+}
+
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.code, self.reason, self.message)

@@ -237,6 +237,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
     let registry = Registry::open(store.clone())?;
 
+    // `kubectl logs` through each node's connection (the hub comes later).
+    let tunnel_logs = crate::streams::TunnelLogs::new();
     // The control plane: the embedded one, or the attached cluster.
     let (plane, attached, api): (Arc<dyn ControlPlane>, _, _) = match &cfg.kubernetes {
         Some(k) => {
@@ -245,7 +247,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         }
         None => {
             let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
-            let api = api::bind(cfg.api_addr, api_tls, registry.clone())
+            let logs: Arc<dyn keel_api::PodLogs> = tunnel_logs.clone();
+            let api = api::bind(cfg.api_addr, api_tls, registry.clone(), Some(logs))
                 .await
                 .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
             (Arc::new(Embedded(registry.clone())), None, Some(api))
@@ -269,6 +272,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         },
     )?;
     guard.set_hub(hub.stats_handle());
+    tunnel_logs.set_hub(hub.stats_handle());
     let bootstrap = BootstrapServer::bind(
         cfg.bootstrap_addr,
         ca.clone(),

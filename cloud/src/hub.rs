@@ -218,6 +218,16 @@ impl HubHandle {
         &self.0.stats
     }
 
+    /// Node `node`'s live connection (for sessions: kubectl logs).
+    pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        self.0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map(|(_, c)| c.clone())
+    }
+
     /// Closes node `node`'s live connection, if it has one, telling it
     /// `reason` (code `UNAUTHORIZED`): for a revoked node. Returns whether
     /// there was one.

@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod hub;
 pub mod pki;
 pub mod plane;
+pub mod streams;
 pub mod token;
 
 pub use error::{Error, Result, TokenError};

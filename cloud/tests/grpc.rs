@@ -229,7 +229,7 @@ fn replay_is_the_log_status_tokens_and_only_the_admin_is_served() {
         let tls = identity.client_tls_config().unwrap();
         let (store, meta) = (store.clone(), meta.clone());
         rt.spawn(async move {
-            keel_edge::hub::run(opts, tls, store, meta, async {
+            keel_edge::hub::run(opts, tls, store, meta, None, async {
                 let _ = stop_rx.await;
             })
             .await
@@ -737,7 +737,7 @@ impl TestEdge {
         let opts = keel_edge::hub::EdgeHubOptions::new(c.hub.parse().unwrap(), node);
         let tls = identity.client_tls_config().unwrap();
         rt.spawn(async move {
-            keel_edge::hub::run(opts, tls, store, meta, async {
+            keel_edge::hub::run(opts, tls, store, meta, None, async {
                 let _ = stop_rx.await;
             })
             .await

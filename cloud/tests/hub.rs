@@ -144,7 +144,7 @@ impl Edge {
         let (store, sink) = (self.store.clone(), self.sink.clone());
         self.stop = Some(tx);
         self.task = Some(tokio::spawn(async move {
-            keel_edge::hub::run(opts, tls, store, sink, async {
+            keel_edge::hub::run(opts, tls, store, sink, None, async {
                 let _ = rx.await;
             })
             .await

@@ -64,12 +64,16 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Sessions cloudcore may have open on the connection at once.
+const MAX_SESSIONS: u32 = 128;
+
 /// Runs the edge hub until `stop` resolves.
 pub async fn run(
     opts: EdgeHubOptions,
     tls: rustls::ClientConfig,
     store: Store,
     sink: Arc<dyn Sink>,
+    sessions: Option<Arc<dyn keel_sync::session::SessionHandler>>,
     stop: impl std::future::Future<Output = ()>,
 ) -> crate::Result<()> {
     let (down, up) = (down_stream(&opts.node), up_stream(&opts.node));
@@ -86,7 +90,10 @@ pub async fn run(
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(opts.idle_timeout).ok());
     transport.keep_alive_interval(Some(opts.keep_alive));
     transport.max_concurrent_uni_streams(2u32.into());
-    transport.max_concurrent_bidi_streams(0u32.into());
+    // Sessions cloudcore opens on this connection (kubectl logs), each a
+    // bidirectional stream; none when this edge serves none.
+    transport
+        .max_concurrent_bidi_streams((if sessions.is_some() { MAX_SESSIONS } else { 0 }).into());
     client.transport_config(Arc::new(transport));
     let bind: SocketAddr = if opts.server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -113,7 +120,13 @@ pub async fn run(
                     cfg.idle_timeout_ms =
                         u64::try_from(opts.link_idle_timeout.as_millis()).unwrap_or(u64::MAX);
                     info!(node = %opts.node, server = %opts.server, "connected to cloudcore");
+                    let serving = sessions
+                        .clone()
+                        .map(|h| tokio::spawn(keel_sync::session::serve_sessions(conn.clone(), h)));
                     let closed = run_link(conn, store.clone(), cfg, sink.clone(), None).await;
+                    if let Some(s) = serving {
+                        s.abort();
+                    }
                     warn!(node = %opts.node, code = ?closed.code, reason = %closed.message, "disconnected from cloudcore");
                     // A connection that lasted resets the backoff.
                     if started.elapsed() > Duration::from_secs(10) {

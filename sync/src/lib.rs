@@ -7,5 +7,7 @@ pub mod link;
 pub mod objects;
 #[cfg(feature = "quic")]
 pub mod quic;
+#[cfg(feature = "quic")]
+pub mod session;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -30,6 +30,7 @@ pub async fn bind(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     registry: Arc<Registry>,
+    logs: Option<Arc<dyn PodLogs>>,
 ) -> std::io::Result<ApiServer> {
     let writes = Writes {
         registry: registry.clone(),
@@ -40,6 +41,7 @@ pub async fn bind(
         tls,
         registry,
         Arc::new(writes),
+        logs,
         crate::pki::is_admin_cert,
     )
     .await

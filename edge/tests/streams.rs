@@ -1,0 +1,224 @@
+//! `kubectl logs` against cloudcore, carried by the node's own QUIC
+//! connection (a session stream beside replication): real kubectl, a real
+//! cloudcore and edgecore as processes. kubectl talks to cloudcore only;
+//! the edge's API is never used here.
+//!
+//! cloudcore is the binary built next to edgecore (`cargo test --workspace`
+//! builds both; with `-p keel-edge` alone build it first).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "../../cloud/tests/support/kubectl.rs"]
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::*;
+use serde_json::Value;
+
+fn pod_yaml(name: &str, node: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: busybox\n    command: [\"/bin/sh\", \"-c\", {script:?}]\n"
+    )
+}
+
+fn cloud_pod(cloud: &Cloud, name: &str) -> Value {
+    serde_json::from_str(&ok(cloud.k(&["get", "pod", name, "-o", "json"]), "get pod")).unwrap()
+}
+
+/// `kubectl logs -f` against the cloud, its lines collected on a thread.
+struct Follow {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Follow {
+    fn start(cloud: &Cloud, cache: &std::path::Path, pod: &str) -> Follow {
+        let mut child = Command::new(support::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(cloud.kubeconfig())
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["logs", "-f", pod])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Follow { child, lines }
+    }
+
+    fn numbers(&self) -> Vec<u64> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("line ")?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn kubectl_logs_through_cloudcore() {
+    let tmp = tempfile::tempdir().unwrap();
+    eprintln!("state and logs in {}", tmp.path().display());
+    let cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
+    let mut edge = Edge::start(
+        &tmp.path().join("edge-a"),
+        "edge-a",
+        &cloud,
+        Some(cloud.token("edge-a")),
+        None,
+    );
+    wait_for("edge-a Ready", Duration::from_secs(60), || {
+        String::from_utf8_lossy(&cloud.k(&["get", "nodes"]).stdout)
+            .lines()
+            .any(|l| l.starts_with("edge-a") && l.contains(" Ready"))
+    });
+    let apply = |yaml: &str| {
+        ok(
+            kubectl(
+                &cloud.kubeconfig(),
+                &tmp.path().join("kc"),
+                &["apply", "-f", "-"],
+                Some(yaml),
+            ),
+            "kubectl apply",
+        )
+    };
+    apply(&pod_yaml(
+        "counter",
+        "edge-a",
+        "i=0; while true; do i=$((i+1)); echo \"line $i\"; sleep 0.1; done",
+    ));
+    wait_for(
+        "log lines through cloudcore",
+        Duration::from_secs(60),
+        || String::from_utf8_lossy(&cloud.k(&["logs", "counter"]).stdout).contains("line 5"),
+    );
+    let tail = ok(cloud.k(&["logs", "counter", "--tail=2"]), "logs --tail");
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    let limited = ok(
+        cloud.k(&["logs", "counter", "--limit-bytes=7"]),
+        "logs --limit-bytes",
+    );
+    assert_eq!(limited, "line 1\n");
+
+    // Follow: lines keep arriving while the pod writes.
+    let cache = tmp.path().join("kc");
+    let follow = Follow::start(&cloud, &cache, "counter");
+    wait_for("lines on logs -f", Duration::from_secs(30), || {
+        follow.numbers().len() > 5
+    });
+    let seen = follow.numbers().last().copied().unwrap();
+    wait_for("newer lines on logs -f", Duration::from_secs(30), || {
+        follow.numbers().last().is_some_and(|n| *n >= seen + 10)
+    });
+    let numbers = follow.numbers();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines lost or reordered: {numbers:?}"
+    );
+    drop(follow);
+
+    // Clear errors: an unknown container, an unknown pod.
+    let o = cloud.k(&["logs", "counter", "-c", "nope"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("container nope is not valid"), "{err}");
+    let o = cloud.k(&["logs", "nobody"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"));
+
+    // --previous: the container is killed and restarted by edgecore.
+    let pod = cloud_pod(&cloud, "counter");
+    let pid: u32 = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("process://"))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    ok(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .output()
+            .unwrap(),
+        "kill the container",
+    );
+    wait_for("the container restarted", Duration::from_secs(60), || {
+        cloud_pod(&cloud, "counter")["status"]["containerStatuses"][0]["restartCount"] == 1
+    });
+    let previous = ok(
+        cloud.k(&["logs", "counter", "--previous"]),
+        "logs --previous",
+    );
+    assert!(previous.starts_with("line 1\n"), "{previous}");
+
+    // 50 followers at once on one node while it replicates: every line
+    // reaches each of them, and a new pod's status still comes back.
+    let followers: Vec<Follow> = (0..50)
+        .map(|_| Follow::start(&cloud, &cache, "counter"))
+        .collect();
+    apply(&pod_yaml("during", "edge-a", "exec sleep 3600"));
+    wait_for(
+        "a new pod Running while 50 follow",
+        Duration::from_secs(60),
+        || cloud_pod(&cloud, "during")["status"]["phase"] == "Running",
+    );
+    let start = Instant::now();
+    wait_for(
+        "every follower past the same line",
+        Duration::from_secs(120),
+        || {
+            followers
+                .iter()
+                .all(|f| f.numbers().last().is_some_and(|n| *n >= 40))
+        },
+    );
+    eprintln!("50 followers caught up in {:?}", start.elapsed());
+    for f in &followers {
+        let n = f.numbers();
+        assert_eq!(n.first(), Some(&1), "a follower missed the start");
+        assert!(
+            n.windows(2).all(|w| w[1] == w[0] + 1),
+            "a follower lost or reordered lines: {n:?}"
+        );
+    }
+    drop(followers);
+
+    // The node goes away (SIGKILL): logs fail fast with a clear message.
+    edge.proc.kill9();
+    let start = Instant::now();
+    let o = cloud.k(&["logs", "counter"]);
+    let took = start.elapsed();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("logs with the node gone: {took:?}: {err}");
+    assert!(
+        err.contains("edge-a") && (err.contains("not connected") || err.contains("did not answer")),
+        "{err}"
+    );
+}
