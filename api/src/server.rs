@@ -98,7 +98,8 @@ pub struct ApiServer {
 impl ApiServer {
     /// Serves the API on `addr` with `tls` (which should require client
     /// certificates from the cluster CA): reads from `reader`, writes to
-    /// `writer`, container logs from `logs`. Only a client whose
+    /// `writer`, container logs from `logs`, `kubectl exec` by `exec`.
+    /// Only a client whose
     /// certificate `admin` accepts may use it; any other gets `403
     /// Forbidden`.
     pub async fn bind(
@@ -107,6 +108,7 @@ impl ApiServer {
         reader: Arc<dyn ReadObjects>,
         writer: Arc<dyn WriteObjects>,
         logs: Option<Arc<dyn PodLogs>>,
+        exec: Option<Arc<dyn crate::exec::PodExec>>,
         admin: fn(&[u8]) -> bool,
     ) -> std::io::Result<ApiServer> {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -118,6 +120,7 @@ impl ApiServer {
             reader,
             writer: Some(writer),
             logs,
+            exec,
             addr: addr.to_string(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
@@ -167,6 +170,7 @@ impl ApiServer {
             reader,
             writer: None,
             logs,
+            exec: None,
             addr: addr.to_string(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
@@ -331,7 +335,11 @@ where
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(Some(std::time::Duration::from_secs(30)));
-    if let Err(e) = b.serve_connection(TokioIo::new(io), service).await {
+    if let Err(e) = b
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+    {
         debug!(error = %e, "API connection ended with an error");
     }
 }
@@ -341,6 +349,7 @@ struct Server {
     reader: Arc<dyn ReadObjects>,
     writer: Option<Arc<dyn WriteObjects>>,
     logs: Option<Arc<dyn PodLogs>>,
+    exec: Option<Arc<dyn crate::exec::PodExec>>,
     addr: String,
 }
 
@@ -581,6 +590,10 @@ impl Server {
                     .ok_or_else(|| Status::not_found(t.rt, name))?;
                 Ok(json_resp(200, &obj))
             }
+            (&Method::GET | &Method::POST, Some(name), Some("exec")) if t.rt.plural == "pods" => {
+                let name = name.clone();
+                return self.exec(req, &t, &name, &query).await;
+            }
             (&Method::GET, Some(name), Some("log")) if t.rt.plural == "pods" => {
                 let key = t.rt.key(t.namespace.as_deref(), name);
                 let pod = self
@@ -659,6 +672,86 @@ impl Server {
                 ),
             )),
         }
+    }
+
+    /// `kubectl exec`: a WebSocket upgrade (`v5.channel.k8s.io`) relayed to
+    /// the pod's exec.
+    async fn exec(
+        &self,
+        mut req: Request<Incoming>,
+        t: &Target,
+        name: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Resp, Status> {
+        use crate::exec::{ExecRequest, PROTOCOL};
+        let key = t.rt.key(t.namespace.as_deref(), name);
+        let pod = self
+            .reader
+            .get(&key)
+            .ok_or_else(|| Status::not_found(t.rt, name))?;
+        let Some(exec) = &self.exec else {
+            return Err(Status::new(
+                405,
+                "MethodNotAllowed",
+                "exec is served by cloudcore, not by this API",
+            ));
+        };
+        let header = |h: &str| {
+            req.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+        let offered = header("sec-websocket-protocol").unwrap_or_default();
+        let (Some(ws_key), true, true) = (
+            header("sec-websocket-key"),
+            websocket,
+            offered.split(',').any(|p| p.trim() == PROTOCOL),
+        ) else {
+            exec.check(&pod, name)?;
+            return Err(Status::bad_request(format!(
+                "exec needs a WebSocket upgrade with subprotocol {PROTOCOL} (kubectl 1.30 or newer); this request asked for {:?} with {:?}",
+                header("upgrade").unwrap_or_default(),
+                offered
+            )));
+        };
+        let commands: Vec<String> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|p| p.strip_prefix("command="))
+            .map(decode)
+            .collect();
+        let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
+        let er = ExecRequest::from_query(&namespace, name, query, commands)?;
+        let streams = exec.exec(&pod, &er).await?;
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(io) => crate::exec::relay(TokioIo::new(io), streams).await,
+                Err(e) => debug!(error = %e, "exec upgrade failed"),
+            }
+        });
+        let accept =
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+        let mut r = Response::new(ApiBody::Full(None));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("Upgrade"),
+        );
+        h.insert("sec-websocket-protocol", HeaderValue::from_static(PROTOCOL));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        Ok(r)
     }
 
     /// Where writes go; a read-only API (edgecore's) refuses them.

@@ -238,7 +238,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let registry = Registry::open(store.clone())?;
 
     // `kubectl logs` through each node's connection (the hub comes later).
-    let tunnel_logs = crate::streams::TunnelLogs::new();
+    let tunnel = crate::streams::Tunnel::new();
     // The control plane: the embedded one, or the attached cluster.
     let (plane, attached, api): (Arc<dyn ControlPlane>, _, _) = match &cfg.kubernetes {
         Some(k) => {
@@ -247,10 +247,17 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         }
         None => {
             let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
-            let logs: Arc<dyn keel_api::PodLogs> = tunnel_logs.clone();
-            let api = api::bind(cfg.api_addr, api_tls, registry.clone(), Some(logs))
-                .await
-                .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
+            let logs: Arc<dyn keel_api::PodLogs> = tunnel.clone();
+            let exec: Arc<dyn keel_api::exec::PodExec> = tunnel.clone();
+            let api = api::bind(
+                cfg.api_addr,
+                api_tls,
+                registry.clone(),
+                Some(logs),
+                Some(exec),
+            )
+            .await
+            .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
             (Arc::new(Embedded(registry.clone())), None, Some(api))
         }
     };
@@ -272,7 +279,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         },
     )?;
     guard.set_hub(hub.stats_handle());
-    tunnel_logs.set_hub(hub.stats_handle());
+    tunnel.set_hub(hub.stats_handle());
     let bootstrap = BootstrapServer::bind(
         cfg.bootstrap_addr,
         ca.clone(),

@@ -1,37 +1,47 @@
 //! Container streams through each node's own connection: cloudcore's API
-//! answers `kubectl logs` by opening a session on the node's QUIC
-//! connection (`keel_sync::session`); edgecore answers it from its
-//! containers' log files, as its own API does. No port on the edge, no
-//! inbound route to it: the node dialled the connection.
+//! answers `kubectl logs` and `kubectl exec` by opening a session on the
+//! node's QUIC connection (`keel_sync::session`); edgecore answers logs
+//! from its containers' log files, as its own API does, and runs an exec
+//! in the container. No port on the edge, no inbound route to it: the
+//! node dialled the connection.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use keel_api::exec::{ExecFuture, ExecRequest, ExecStreams, PodExec, deframe, frame};
 use keel_api::{LogRequest, LogsFuture, PodLogs, Status};
 use keel_sync::session::{SessionError, open_session};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::hub::HubHandle;
 
 /// How long a node may take to answer a session's request.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How long a node that did not answer is reported so without trying.
+const UNANSWERED_FOR: Duration = Duration::from_secs(30);
 
-/// `kubectl logs` through the node's connection.
+/// `kubectl logs` and `kubectl exec` through the node's connection.
 #[derive(Default)]
-pub struct TunnelLogs {
+pub struct Tunnel {
     hub: OnceLock<HubHandle>,
+    /// Nodes whose connection did not answer a session lately, and when:
+    /// requests meanwhile fail at once, with the same reason.
+    unanswered: Mutex<HashMap<String, Instant>>,
 }
 
-impl std::fmt::Debug for TunnelLogs {
+impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelLogs").finish_non_exhaustive()
+        f.debug_struct("Tunnel").finish_non_exhaustive()
     }
 }
 
-impl TunnelLogs {
-    pub fn new() -> Arc<TunnelLogs> {
-        Arc::new(TunnelLogs::default())
+impl Tunnel {
+    pub fn new() -> Arc<Tunnel> {
+        Arc::new(Tunnel::default())
     }
 
     /// The hub whose connections carry the sessions (it starts after the
@@ -45,41 +55,115 @@ fn unavailable(message: String) -> Status {
     Status::new(503, "ServiceUnavailable", message)
 }
 
-impl PodLogs for TunnelLogs {
+impl Tunnel {
+    /// The connection of the node `pod` runs on.
+    fn connection(&self, pod: &Value, name: &str) -> Result<(String, quinn::Connection), Status> {
+        let Some(node) = pod.pointer("/spec/nodeName").and_then(Value::as_str) else {
+            return Err(Status::bad_request(format!(
+                "pod {name} is not scheduled to a node yet"
+            )));
+        };
+        let conn = self
+            .hub
+            .get()
+            .and_then(|h| h.connection(node))
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "node {node} is not connected to cloudcore: pod {name} cannot be reached until it is (its pods keep running)"
+                ))
+            })?;
+        let since = self
+            .unanswered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map(Instant::elapsed)
+            .filter(|t| *t < UNANSWERED_FOR);
+        if let Some(t) = since {
+            return Err(Self::timeout(node, t));
+        }
+        Ok((node.to_owned(), conn))
+    }
+
+    fn timeout(node: &str, ago: Duration) -> Status {
+        Status::new(
+            504,
+            "Timeout",
+            format!(
+                "node {node} did not answer within {ANSWER_WITHIN:?} ({}s ago); its connection may be gone",
+                ago.as_secs()
+            ),
+        )
+    }
+
+    /// Opens a session with `request` (and `input`) on `node`'s connection;
+    /// the node's error answer becomes its Status.
+    async fn session(
+        &self,
+        node: &str,
+        conn: &quinn::Connection,
+        request: &Value,
+        input: Option<mpsc::Receiver<Bytes>>,
+    ) -> Result<mpsc::Receiver<Bytes>, Status> {
+        let request = request.to_string();
+        let answer = open_session(conn, request.as_bytes(), input, ANSWER_WITHIN).await;
+        let mut unanswered = self
+            .unanswered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if matches!(answer, Err(SessionError::Timeout(_))) {
+            unanswered.insert(node.to_owned(), Instant::now());
+        } else {
+            unanswered.remove(node);
+        }
+        drop(unanswered);
+        match answer {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(why)) => Err(serde_json::from_slice::<Value>(&why)
+                .map(|v| Status::from_json(&v))
+                .unwrap_or_else(|_| Status::internal(String::from_utf8_lossy(&why).into_owned()))),
+            Err(SessionError::Timeout(_)) => Err(Self::timeout(node, Duration::ZERO)),
+            Err(e) => Err(unavailable(format!("node {node}: {e}"))),
+        }
+    }
+}
+
+impl PodExec for Tunnel {
+    fn check(&self, pod: &Value, name: &str) -> Result<(), Status> {
+        self.connection(pod, name).map(|_| ())
+    }
+
+    fn exec<'a>(&'a self, pod: &'a Value, req: &'a ExecRequest) -> ExecFuture<'a> {
+        Box::pin(async move {
+            let (node, conn) = self.connection(pod, &req.pod)?;
+            debug!(%node, pod = %req.pod, command = ?req.command, "exec through the node's connection");
+            // kubectl's messages, framed for the session.
+            let (input, mut messages) = mpsc::channel::<Bytes>(16);
+            let (framed_tx, framed) = mpsc::channel::<Bytes>(16);
+            tokio::spawn(async move {
+                while let Some(m) = messages.recv().await {
+                    if framed_tx.send(frame(&m)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let output = self
+                .session(&node, &conn, &req.to_json(), Some(framed))
+                .await?;
+            Ok(ExecStreams {
+                input,
+                output: deframe(output),
+            })
+        })
+    }
+}
+
+impl PodLogs for Tunnel {
     fn logs<'a>(&'a self, pod: &'a Value, req: &'a LogRequest) -> LogsFuture<'a> {
         Box::pin(async move {
-            let Some(node) = pod.pointer("/spec/nodeName").and_then(Value::as_str) else {
-                return Err(Status::bad_request(format!(
-                    "pod {} is not scheduled to a node yet: it has no logs",
-                    req.pod
-                )));
-            };
-            let conn = self
-                .hub
-                .get()
-                .and_then(|h| h.connection(node))
-                .ok_or_else(|| {
-                    unavailable(format!(
-                        "node {node} is not connected to cloudcore: the logs of pod {} stay on the node until it is (its pods keep running)",
-                        req.pod
-                    ))
-                })?;
-            let request = req.to_json().to_string();
+            let (node, conn) = self.connection(pod, &req.pod)?;
             debug!(%node, pod = %req.pod, follow = req.follow, "logs through the node's connection");
-            match open_session(&conn, request.as_bytes(), None, ANSWER_WITHIN).await {
-                Ok(Ok(output)) => Ok(output),
-                Ok(Err(why)) => Err(serde_json::from_slice::<Value>(&why)
-                    .map(|v| Status::from_json(&v))
-                    .unwrap_or_else(|_| {
-                        Status::internal(String::from_utf8_lossy(&why).into_owned())
-                    })),
-                Err(SessionError::Timeout(t)) => Err(Status::new(
-                    504,
-                    "Timeout",
-                    format!("node {node} did not answer within {t:?}"),
-                )),
-                Err(e) => Err(unavailable(format!("node {node}: {e}"))),
-            }
+            self.session(&node, &conn, &req.to_json(), None).await
         })
     }
 }

@@ -141,11 +141,13 @@ struct EdgeLogs(Arc<Edged>);
 
 impl PodLogs for EdgeLogs {
     fn logs<'a>(&'a self, pod: &'a Value, req: &'a LogRequest) -> keel_api::LogsFuture<'a> {
-        Box::pin(std::future::ready(self.logs_now(pod, req)))
+        Box::pin(std::future::ready(crate::streams::Logs::logs_now(
+            self, pod, req,
+        )))
     }
 }
 
-impl EdgeLogs {
+impl crate::streams::Logs for EdgeLogs {
     fn logs_now(&self, pod: &Value, req: &LogRequest) -> Result<mpsc::Receiver<Bytes>, Status> {
         let names: Vec<String> = pod
             .pointer("/spec/containers")
@@ -204,42 +206,6 @@ impl EdgeLogs {
             }
         });
         Ok(rx)
-    }
-}
-
-/// What cloudcore asks of this node over its connection (`kubectl logs`
-/// through cloudcore): the same answers as the edge's own API gives.
-struct Sessions {
-    logs: EdgeLogs,
-    meta: Arc<MetaManager>,
-}
-
-impl keel_sync::session::SessionHandler for Sessions {
-    fn open(
-        &self,
-        request: Vec<u8>,
-        _input: mpsc::Receiver<Bytes>,
-    ) -> keel_sync::session::SessionFuture {
-        let answer = (|| {
-            let v: Value = serde_json::from_slice(&request)
-                .map_err(|e| Status::bad_request(format!("session request: {e}")))?;
-            let req = LogRequest::from_json(&v)?;
-            let key = format!("pods/{}/{}", req.namespace, req.pod);
-            let pod = keel_api::ReadObjects::get(&*self.meta, &key).ok_or_else(|| {
-                Status::new(
-                    404,
-                    "NotFound",
-                    format!(
-                        "pods \"{}\" not found on this edge node (not bound to it, or not received yet)",
-                        req.pod
-                    ),
-                )
-            })?;
-            self.logs.logs_now(&pod, &req)
-        })();
-        Box::pin(std::future::ready(
-            answer.map_err(|s| s.to_json().to_string().into_bytes()),
-        ))
     }
 }
 
@@ -449,8 +415,9 @@ pub async fn run(
             opts.server_name = n.clone();
         }
         let tls = identity.client_tls_config()?;
-        let sessions = Arc::new(Sessions {
+        let sessions = Arc::new(crate::streams::Sessions {
             logs: EdgeLogs(edged.clone()),
+            edged: edged.clone(),
             meta: meta.clone(),
         });
         let r = hub::run(opts, tls, store, meta.clone(), Some(sessions), stop).await;

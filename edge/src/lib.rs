@@ -15,5 +15,6 @@ pub mod eventbus;
 pub mod hub;
 pub mod meta;
 pub mod node;
+mod streams;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! `kubectl logs` against cloudcore, carried by the node's own QUIC
+//! `kubectl logs` and `exec` against cloudcore, carried by the node's own QUIC
 //! connection (a session stream beside replication): real kubectl, a real
 //! cloudcore and edgecore as processes. kubectl talks to cloudcore only;
 //! the edge's API is never used here.
@@ -83,7 +83,7 @@ impl Drop for Follow {
 }
 
 #[test]
-fn kubectl_logs_through_cloudcore() {
+fn kubectl_logs_and_exec_through_cloudcore() {
     let tmp = tempfile::tempdir().unwrap();
     eprintln!("state and logs in {}", tmp.path().display());
     let cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
@@ -209,6 +209,39 @@ fn kubectl_logs_through_cloudcore() {
     }
     drop(followers);
 
+    // kubectl exec: output and exit code, the container's environment.
+    let o = cloud.k(&[
+        "exec",
+        "counter",
+        "--",
+        "sh",
+        "-c",
+        "echo $HOSTNAME; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "counter\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oops"), "{o:?}");
+    let o = cloud.k(&["exec", "counter", "--", "true"]);
+    assert!(o.status.success(), "{o:?}");
+    // stdin piped.
+    let o = kubectl(
+        &cloud.kubeconfig(),
+        &cache,
+        &["exec", "-i", "counter", "--", "sh", "-c", "tr a-z A-Z"],
+        Some("hello through the tunnel\n"),
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "HELLO THROUGH THE TUNNEL\n"
+    );
+    // A missing binary: its message and a non-zero exit.
+    let o = cloud.k(&["exec", "counter", "--", "no-such-binary"]);
+    assert!(!o.status.success(), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no-such-binary"), "{err}");
+    // (kubectl cp still speaks SPDY, which keel does not serve: not tested.)
+
     // The node goes away (SIGKILL): logs fail fast with a clear message.
     edge.proc.kill9();
     let start = Instant::now();
@@ -217,6 +250,13 @@ fn kubectl_logs_through_cloudcore() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     eprintln!("logs with the node gone: {took:?}: {err}");
+    assert!(
+        err.contains("edge-a") && (err.contains("not connected") || err.contains("did not answer")),
+        "{err}"
+    );
+    let o = cloud.k(&["exec", "counter", "--", "true"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("edge-a") && (err.contains("not connected") || err.contains("did not answer")),
         "{err}"

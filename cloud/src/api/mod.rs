@@ -31,6 +31,7 @@ pub async fn bind(
     tls: rustls::ServerConfig,
     registry: Arc<Registry>,
     logs: Option<Arc<dyn PodLogs>>,
+    exec: Option<Arc<dyn keel_api::exec::PodExec>>,
 ) -> std::io::Result<ApiServer> {
     let writes = Writes {
         registry: registry.clone(),
@@ -42,6 +43,7 @@ pub async fn bind(
         registry,
         Arc::new(writes),
         logs,
+        exec,
         crate::pki::is_admin_cert,
     )
     .await

@@ -86,6 +86,17 @@
 //! succeed. Liveness/startup failure kills the container (SIGTERM, SIGKILL
 //! after the grace period), which restarts per policy with back-off.
 //!
+//! # Exec
+//! [`Edged::exec`] (`kubectl exec`) runs a command in a running container
+//! (or init container) through [`ContainerHandle::exec_interactive`]: with
+//! the process runtime, a new process with the container's environment and
+//! working directory, in its own process group, its stdin, stdout and
+//! stderr piped to the caller ([`ExecProcess`]; no terminal). It is killed
+//! (its whole group) when the caller drops [`ExecProcess::exit`] before it
+//! ended and when the container stops; what it leaves in its group is
+//! killed when it exits. The worker records each running container's
+//! handle (by pod key and container name) for it.
+//!
 //! # Lifecycle
 //! A changed container spec (command, args, env, image, ...) restarts that
 //! container immediately; a changed pod uid replaces the pod. A pod no
@@ -117,7 +128,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 pub use runtime::{
-    BoxFuture, ContainerHandle, ExitStatus, LaunchSpec, ProcessRuntime, Runtime, StopSignal,
+    BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin, ExitStatus,
+    LaunchSpec, ProcessRuntime, Runtime, StopSignal,
 };
 
 use plan::PodPlan;
@@ -147,9 +159,64 @@ pub enum Error {
     /// An exec did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The container has exited (an exec into it).
+    #[error("the container is not running")]
+    NotRunning,
+    /// The runtime does not implement this operation (named).
+    #[error("{0} is not supported by this container runtime")]
+    Unsupported(&'static str),
     /// Any other runtime failure.
     #[error("{0}")]
     Runtime(String),
+}
+
+/// Why [`Edged::exec`] could not start a command.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// No such pod runs on this node.
+    #[error("pod {namespace}/{pod} not found on this node")]
+    PodNotFound { namespace: String, pod: String },
+    /// The pod has no container of that name (`containers`: the pod's
+    /// init containers and containers).
+    #[error(
+        "container {container} is not valid for pod {pod}, choose one of: [{}]",
+        containers.join(" ")
+    )]
+    ContainerNotFound {
+        pod: String,
+        container: String,
+        containers: Vec<String>,
+    },
+    /// The container exists but is not running now.
+    #[error("container {container} is not running in pod {pod}")]
+    ContainerNotRunning { pod: String, container: String },
+    /// No command was given.
+    #[error("no command given")]
+    EmptyCommand,
+    /// The program could not be started; `message` reads like kubelet's
+    /// (`exec: "nope": executable file not found in $PATH`).
+    #[error("{message}")]
+    Start { program: String, message: String },
+    /// The container runtime cannot exec.
+    #[error("exec is not supported by this container runtime")]
+    Unsupported,
+    /// The runtime failed otherwise.
+    #[error("exec failed: {0}")]
+    Runtime(Error),
+}
+
+/// kubelet's (runc's) words for a program that cannot be started.
+fn start_message(program: &str, source: &std::io::Error) -> String {
+    match source.kind() {
+        std::io::ErrorKind::NotFound if !program.contains('/') => {
+            format!("exec: {program:?}: executable file not found in $PATH")
+        }
+        std::io::ErrorKind::NotFound => {
+            format!("exec: {program:?}: stat {program}: no such file or directory")
+        }
+        std::io::ErrorKind::PermissionDenied => format!("exec: {program:?}: permission denied"),
+        _ => format!("exec: {program:?}: {source}"),
+    }
 }
 
 impl Error {
@@ -276,7 +343,7 @@ impl Edged {
             }
         }
         Ok(Edged {
-            shared: Arc::new(Shared { cfg, runtime, sink }),
+            shared: Arc::new(Shared::new(cfg, runtime, sink)),
             handle,
             state: Mutex::new(State {
                 gc_pending: true,
@@ -404,6 +471,76 @@ impl Edged {
         runs.sort_unstable_by(|a, b| b.cmp(a));
         let run = runs.get(usize::from(previous))?;
         Some(dir.join(format!("{run}.log")))
+    }
+
+    /// Runs `command` (program, then arguments) in container `container`
+    /// (an init container or a container) of pod `namespace/pod`, for
+    /// `kubectl exec`: with the process runtime, a new process with that
+    /// container's environment and working directory, in its own process
+    /// group, stdin/stdout/stderr piped (no terminal). The program is looked
+    /// up in the container's `PATH`.
+    ///
+    /// The command is killed (its whole process group) when the returned
+    /// [`ExecProcess::exit`] is dropped before it ended (the client went
+    /// away) and when the container stops; what it leaves in its process
+    /// group is killed when it exits.
+    pub async fn exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        command: Vec<String>,
+    ) -> Result<ExecProcess, ExecError> {
+        let (key, containers) = {
+            let state = self.lock();
+            let Some((key, entry)) = state
+                .pods
+                .iter()
+                .find(|(_, e)| e.namespace == namespace && e.name == pod)
+            else {
+                return Err(ExecError::PodNotFound {
+                    namespace: namespace.to_owned(),
+                    pod: pod.to_owned(),
+                });
+            };
+            let containers: Vec<String> = match &*entry.desired.borrow() {
+                Desired::Run(plan) => plan
+                    .init_containers
+                    .iter()
+                    .chain(&plan.containers)
+                    .map(|c| c.name.clone())
+                    .collect(),
+                Desired::Stop { .. } => Vec::new(),
+            };
+            (key.clone(), containers)
+        };
+        if !containers.iter().any(|c| c == container) {
+            return Err(ExecError::ContainerNotFound {
+                pod: pod.to_owned(),
+                container: container.to_owned(),
+                containers,
+            });
+        }
+        let not_running = || ExecError::ContainerNotRunning {
+            pod: pod.to_owned(),
+            container: container.to_owned(),
+        };
+        let handle = self
+            .shared
+            .running(&key, container)
+            .ok_or_else(not_running)?;
+        if command.is_empty() {
+            return Err(ExecError::EmptyCommand);
+        }
+        handle.exec_interactive(command).await.map_err(|e| match e {
+            Error::Spawn { program, source } => ExecError::Start {
+                message: start_message(&program, &source),
+                program,
+            },
+            Error::NotRunning => not_running(),
+            Error::Unsupported(_) => ExecError::Unsupported,
+            e => ExecError::Runtime(e),
+        })
     }
 
     /// Stops every container (SIGTERM to its process group, then SIGKILL

@@ -15,6 +15,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::Error;
@@ -125,6 +127,99 @@ pub trait ContainerHandle: Send + Sync + Debug + 'static {
         command: Vec<String>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<ExitStatus, Error>>;
+
+    /// Starts `command` (program, then arguments) "inside" the container
+    /// with its stdin, stdout and stderr handed to the caller (`kubectl
+    /// exec`); no terminal. The command is killed when the caller drops
+    /// [`ExecProcess::exit`] before it ended, and when the container stops.
+    ///
+    /// Errors: [`Error::NotRunning`] if the container has exited,
+    /// [`Error::Spawn`] if the program could not be started. Runtimes
+    /// without it (the default) return [`Error::Unsupported`]; a CRI
+    /// runtime implements it with the streaming `Exec` call.
+    fn exec_interactive(
+        &self,
+        command: Vec<String>,
+    ) -> BoxFuture<'static, Result<ExecProcess, Error>> {
+        drop(command);
+        Box::pin(async { Err(Error::Unsupported("exec")) })
+    }
+}
+
+/// The caller's end of an exec'd command's stdin.
+pub type ExecStdin = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The caller's end of an exec'd command's stdout or stderr.
+pub type ExecOutput = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A command started by [`ContainerHandle::exec_interactive`] (see
+/// `Edged::exec`).
+///
+/// The fields are independent: move the streams out (e.g. to copy them to
+/// and from a client) and keep `exit` to learn how the command ended.
+/// Dropping `exit` (or the future of [`ExecExit::wait`]) before the command
+/// ended kills it (its whole process group with the process runtime), so a
+/// client that goes away leaves nothing running. stdout and stderr are
+/// pipes: read them, or the command blocks once a pipe is full.
+pub struct ExecProcess {
+    /// The command's stdin; dropping it closes it (the command reads end of
+    /// file). Always `Some` from [`ContainerHandle::exec_interactive`]; an
+    /// `Option` so that it can be [`Option::take`]n and dropped.
+    pub stdin: Option<ExecStdin>,
+    /// The command's stdout.
+    pub stdout: ExecOutput,
+    /// The command's stderr.
+    pub stderr: ExecOutput,
+    /// How the command ends; kills it when dropped before.
+    pub exit: ExecExit,
+}
+
+impl Debug for ExecProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecProcess")
+            .field("stdin", &self.stdin.is_some())
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The end of an exec'd command. Dropping it before the command ended kills
+/// the command.
+#[derive(Debug)]
+pub struct ExecExit {
+    result: oneshot::Receiver<Result<ExitStatus, Error>>,
+    _cancel: oneshot::Sender<()>,
+}
+
+impl ExecExit {
+    /// For runtimes: the task running the command sends its status on
+    /// `result` once it ended, and kills the command as soon as `cancel`'s
+    /// sender (held by the returned value) is dropped before that.
+    pub fn new(
+        result: oneshot::Receiver<Result<ExitStatus, Error>>,
+        cancel: oneshot::Sender<()>,
+    ) -> ExecExit {
+        ExecExit {
+            result,
+            _cancel: cancel,
+        }
+    }
+
+    /// Waits until the command ended: its exit code, or 128 + the signal
+    /// number if a signal killed it (137 when it was killed because the
+    /// container stopped). Dropping this future kills the command.
+    pub async fn wait(self) -> Result<i32, Error> {
+        Ok(self.status().await?.exit_code())
+    }
+
+    /// Like [`ExecExit::wait`], with the exit code and signal apart.
+    pub async fn status(self) -> Result<ExitStatus, Error> {
+        // `_cancel` lives until the status arrived.
+        let ExecExit { result, _cancel } = self;
+        result
+            .await
+            .map_err(|_| Error::Runtime("exec: the command's supervisor went away".into()))?
+    }
 }
 
 /// Runs containers as host processes: `program` with `args`, a clean
@@ -170,6 +265,7 @@ impl Runtime for ProcessRuntime {
             child: tokio::sync::Mutex::new(Some(child)),
             exit: OnceLock::new(),
             exited: AtomicBool::new(false),
+            gone: watch::Sender::new(false),
             env: spec.env.clone(),
             working_dir: spec.working_dir.clone(),
             state_file: spec.state_file.clone(),
@@ -215,6 +311,8 @@ struct ProcessContainer {
     child: tokio::sync::Mutex<Option<tokio::process::Child>>,
     exit: OnceLock<ExitStatus>,
     exited: AtomicBool,
+    /// Becomes true when the container has exited (kills its execs).
+    gone: watch::Sender<bool>,
     env: Vec<(String, String)>,
     working_dir: PathBuf,
     state_file: PathBuf,
@@ -255,6 +353,7 @@ impl ContainerHandle for ProcessContainer {
             // remain, so this cannot hit another process).
             let _ = kill_group(self.pid, Signal::KILL);
             self.exited.store(true, Ordering::Release);
+            self.gone.send_replace(true);
             let status = ExitStatus::from(status);
             let _ = self.exit.set(status);
             *guard = None;
@@ -278,16 +377,7 @@ impl ContainerHandle for ProcessContainer {
             let Some((program, args)) = command.split_first() else {
                 return Err(Error::Runtime("exec: empty command".into()));
             };
-            let mut child = tokio::process::Command::new(program)
-                .args(args)
-                .env_clear()
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .current_dir(&working_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .kill_on_drop(false)
+            let mut child = command_in(&env, &working_dir, program, args, Stdio::null)
                 .spawn()
                 .map_err(|source| Error::Spawn {
                     program: program.clone(),
@@ -313,6 +403,119 @@ impl ContainerHandle for ProcessContainer {
             }
         })
     }
+
+    fn exec_interactive(
+        &self,
+        command: Vec<String>,
+    ) -> BoxFuture<'static, Result<ExecProcess, Error>> {
+        let env = self.env.clone();
+        let working_dir = self.working_dir.clone();
+        let gone = self.gone.subscribe();
+        let exited = self.exited.load(Ordering::Acquire);
+        Box::pin(async move {
+            if exited || *gone.borrow() {
+                return Err(Error::NotRunning);
+            }
+            let Some((program, args)) = command.split_first() else {
+                return Err(Error::Runtime("exec: empty command".into()));
+            };
+            let mut child = command_in(&env, &working_dir, program, args, Stdio::piped)
+                .spawn()
+                .map_err(|source| Error::Spawn {
+                    program: program.clone(),
+                    source,
+                })?;
+            let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+                let _ = child.kill().await;
+                return Err(Error::Runtime("exec: started process has no pid".into()));
+            };
+            let guard = GroupGuard::new(pid);
+            let (Some(stdin), Some(stdout), Some(stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                drop(guard);
+                let _ = child.wait().await;
+                return Err(Error::Runtime("exec: no pipes to the process".into()));
+            };
+            debug!(pid, program = %program, "exec started");
+            let (result_tx, result_rx) = oneshot::channel();
+            let (cancel_tx, cancel_rx) = oneshot::channel();
+            tokio::spawn(supervise_exec(child, guard, cancel_rx, gone, result_tx));
+            Ok(ExecProcess {
+                stdin: Some(Box::new(stdin)),
+                stdout: Box::new(stdout),
+                stderr: Box::new(stderr),
+                exit: ExecExit::new(result_rx, cancel_tx),
+            })
+        })
+    }
+}
+
+/// Kills the process group of a started, not yet reaped, process when
+/// dropped (also when the task owning it is dropped, e.g. at shutdown).
+struct GroupGuard {
+    pid: i32,
+    armed: bool,
+}
+
+impl GroupGuard {
+    fn new(pid: i32) -> GroupGuard {
+        GroupGuard { pid, armed: true }
+    }
+
+    /// The process was reaped: its pid may be reused, never signal it.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = kill_group(self.pid, Signal::KILL);
+        }
+    }
+}
+
+/// Owns an exec'd process until it ended: kills its group when the caller
+/// dropped its [`ExecExit`] (`cancel`) or the container stopped (`gone`),
+/// kills what it left in its group once it exited, and reports its status.
+async fn supervise_exec(
+    mut child: tokio::process::Child,
+    mut guard: GroupGuard,
+    mut cancel: oneshot::Receiver<()>,
+    mut gone: watch::Receiver<bool>,
+    result: oneshot::Sender<Result<ExitStatus, Error>>,
+) {
+    let pid = guard.pid;
+    let container_gone = async {
+        // The container's handle dropped without an exit (edgecore going
+        // away as if it crashed): nothing to react to.
+        if gone.wait_for(|gone| *gone).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = &mut cancel => {
+            debug!(pid, "exec abandoned by its caller: killing it");
+            let _ = kill_group(pid, Signal::KILL);
+            child.wait().await
+        }
+        () = container_gone => {
+            debug!(pid, "container stopped: killing its exec");
+            let _ = kill_group(pid, Signal::KILL);
+            child.wait().await
+        }
+    };
+    guard.disarm();
+    // The leader is gone; so is the command. Kill what it left in its
+    // group (the group id stays reserved while members remain).
+    let _ = kill_group(pid, Signal::KILL);
+    let status = status
+        .map(ExitStatus::from)
+        .map_err(|e| Error::Runtime(format!("exec wait: {e}")));
+    let _ = result.send(status);
 }
 
 /// Sends `signal` to the process group `pid`; a group that no longer exists
@@ -357,4 +560,26 @@ fn write_state_file(path: &Path, pid: i32) -> Result<(), Error> {
     }
     fs::write(&tmp, format!("{pid} {start}\n")).map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A command run in a container's environment and working directory, in a
+/// process group of its own, with `stdio` for its three streams.
+fn command_in(
+    env: &[(String, String)],
+    working_dir: &Path,
+    program: &str,
+    args: &[String],
+    stdio: fn() -> Stdio,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(program);
+    c.args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(working_dir)
+        .stdin(stdio())
+        .stdout(stdio())
+        .stderr(stdio())
+        .process_group(0)
+        .kill_on_drop(false);
+    c
 }

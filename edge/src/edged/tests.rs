@@ -93,14 +93,13 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Self::with_runtime(Arc::new(ProcessRuntime))
+    }
+
+    fn with_runtime(runtime: Arc<dyn Runtime>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let sink = Arc::new(Sink::default());
-        let edged = Edged::new(
-            Self::config(dir.path()),
-            Arc::new(ProcessRuntime),
-            sink.clone(),
-        )
-        .unwrap();
+        let edged = Edged::new(Self::config(dir.path()), runtime, sink.clone()).unwrap();
         Fixture {
             dir,
             sink,
@@ -607,6 +606,273 @@ async fn init_containers_run_first_and_spec_change_restarts() {
         .await;
     assert_ne!(pid_of(&status, "containerStatuses", 0), pid);
     wait_until("the old process to die", || !alive(pid)).await;
+    fx.edged().shutdown().await;
+}
+
+/// Pod `default/box`: container `main`, `sleep 60` with env `GREETING=hi`
+/// and working directory `work` under the test directory.
+fn box_pod(fx: &Fixture) -> (String, Value) {
+    let work = fx.dir.path().join("work");
+    pod(
+        "box",
+        "u20",
+        json!({"terminationGracePeriodSeconds": 1,
+               "containers": [{"name": "main", "image": "sleep", "args": ["60"],
+                               "workingDir": work.to_str().unwrap(),
+                               "env": [{"name": "GREETING", "value": "hi"}]}]}),
+    )
+}
+
+/// Starts [`box_pod`] and waits until it runs; returns its working
+/// directory.
+async fn running_box(fx: &Fixture) -> PathBuf {
+    let (key, p) = box_pod(fx);
+    fx.edged().sync(vec![(key.clone(), p)], &no_lookup);
+    fx.wait_status(&key, "Running", |s| s["phase"] == "Running")
+        .await;
+    fx.dir.path().join("work")
+}
+
+fn command(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+async fn read_all(mut stream: impl tokio::io::AsyncRead + Unpin) -> String {
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn exec_runs_in_the_container_environment() {
+    let fx = Fixture::new();
+    let work = running_box(&fx).await;
+    let process = fx
+        .edged()
+        .exec(
+            "default",
+            "box",
+            "main",
+            command(&[
+                "sh",
+                "-c",
+                "echo $HOSTNAME $GREETING; pwd; echo err >&2; exit 3",
+            ]),
+        )
+        .await
+        .unwrap();
+    let ExecProcess {
+        stdin,
+        stdout,
+        stderr,
+        exit,
+    } = process;
+    drop(stdin);
+    let (stdout, stderr) = tokio::join!(read_all(stdout), read_all(stderr));
+    let work = std::fs::canonicalize(work).unwrap();
+    assert_eq!(stdout, format!("box hi\n{}\n", work.display()));
+    assert_eq!(stderr, "err\n");
+    assert_eq!(exit.wait().await.unwrap(), 3);
+    // A signal gives 128 + its number.
+    let process = fx
+        .edged()
+        .exec(
+            "default",
+            "box",
+            "main",
+            command(&["sh", "-c", "kill -9 $$"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(process.exit.wait().await.unwrap(), 137);
+    fx.edged().shutdown().await;
+}
+
+#[tokio::test]
+async fn exec_stdin_reaches_the_command() {
+    let fx = Fixture::new();
+    running_box(&fx).await;
+    let mut process = fx
+        .edged()
+        .exec("default", "box", "main", command(&["cat"]))
+        .await
+        .unwrap();
+    let mut stdin = process.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let mut line = [0u8; 6];
+    process.stdout.read_exact(&mut line).await.unwrap();
+    assert_eq!(&line, b"hello\n");
+    stdin.write_all(b"bye").await.unwrap();
+    // Closing stdin ends `cat`.
+    drop(stdin);
+    assert_eq!(read_all(&mut process.stdout).await, "bye");
+    assert_eq!(process.exit.wait().await.unwrap(), 0);
+    fx.edged().shutdown().await;
+}
+
+#[tokio::test]
+async fn exec_errors_name_what_is_wrong() {
+    let fx = Fixture::new();
+    running_box(&fx).await;
+    let (done, p) = pod(
+        "done",
+        "u21",
+        json!({"restartPolicy": "Never",
+               "initContainers": [{"name": "setup", "image": "true"}],
+               "containers": [{"name": "c", "image": "true"}]}),
+    );
+    fx.edged()
+        .sync(vec![box_pod(&fx), (done.clone(), p)], &no_lookup);
+    let edged = fx.edged();
+    let exec = |pod: &'static str, container: &'static str, args: &'static [&'static str]| {
+        edged.exec("default", pod, container, command(args))
+    };
+
+    let e = exec("nope", "main", &["true"]).await.unwrap_err();
+    assert!(matches!(e, ExecError::PodNotFound { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "pod default/nope not found on this node");
+    let e = fx
+        .edged()
+        .exec("other", "box", "main", command(&["true"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ExecError::PodNotFound { .. }), "{e:?}");
+
+    let e = exec("box", "side", &["true"]).await.unwrap_err();
+    assert!(matches!(e, ExecError::ContainerNotFound { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "container side is not valid for pod box, choose one of: [main]"
+    );
+
+    let e = exec("box", "main", &["no-such-program-here"])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ExecError::Start { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        r#"exec: "no-such-program-here": executable file not found in $PATH"#
+    );
+    let e = exec("box", "main", &["/nonexistent/program"])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"exec: "/nonexistent/program": stat /nonexistent/program: no such file or directory"#
+    );
+    let e = exec("box", "main", &[]).await.unwrap_err();
+    assert!(matches!(e, ExecError::EmptyCommand), "{e:?}");
+
+    fx.wait_status(&done, "Succeeded", |s| s["phase"] == "Succeeded")
+        .await;
+    let e = exec("done", "c", &["true"]).await.unwrap_err();
+    assert!(matches!(e, ExecError::ContainerNotRunning { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "container c is not running in pod done");
+    let e = exec("done", "x", &["true"]).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "container x is not valid for pod done, choose one of: [setup c]"
+    );
+    fx.edged().shutdown().await;
+}
+
+#[tokio::test]
+async fn dropped_exec_and_stopped_container_kill_the_command() {
+    let fx = Fixture::new();
+    running_box(&fx).await;
+    let start =
+        |args: &'static [&'static str]| fx.edged().exec("default", "box", "main", command(args));
+    let pid_of_exec = |mut process: ExecProcess| async move {
+        let mut line = String::new();
+        while !line.ends_with('\n') {
+            let mut byte = [0u8; 1];
+            process.stdout.read_exact(&mut byte).await.unwrap();
+            line.push(char::from(byte[0]));
+        }
+        let pid: i32 = line.trim().parse().unwrap();
+        (pid, process)
+    };
+
+    // The client goes away: the command dies.
+    let process = start(&["sh", "-c", "echo $$; exec sleep 1000"])
+        .await
+        .unwrap();
+    let (pid, process) = pid_of_exec(process).await;
+    assert!(alive(pid));
+    drop(process);
+    wait_until("the dropped exec to die", || !alive(pid)).await;
+
+    // Dropping the future waiting for it does the same, and kills what it
+    // started in the background too.
+    let process = start(&["sh", "-c", "sleep 1000 & echo $!; wait"])
+        .await
+        .unwrap();
+    let (child, process) = pid_of_exec(process).await;
+    assert!(alive(child));
+    let waited = tokio::time::timeout(Duration::from_millis(100), process.exit.wait()).await;
+    assert!(waited.is_err());
+    wait_until("the background child to die", || !alive(child)).await;
+
+    // The container stops: its exec is killed.
+    let process = start(&["sh", "-c", "echo $$; exec sleep 1000"])
+        .await
+        .unwrap();
+    let (pid, process) = pid_of_exec(process).await;
+    fx.edged().shutdown().await;
+    assert_eq!(process.exit.wait().await.unwrap(), 137);
+    assert!(!alive(pid));
+}
+
+/// The process runtime without interactive exec (the trait's default).
+#[derive(Debug)]
+struct NoExecRuntime;
+
+#[derive(Debug)]
+struct NoExec(Arc<dyn ContainerHandle>);
+
+impl Runtime for NoExecRuntime {
+    fn start(&self, spec: &LaunchSpec) -> Result<Arc<dyn ContainerHandle>, Error> {
+        Ok(Arc::new(NoExec(ProcessRuntime.start(spec)?)))
+    }
+
+    fn kill_leftover(&self, state_file: &std::path::Path) -> Result<bool, Error> {
+        ProcessRuntime.kill_leftover(state_file)
+    }
+}
+
+impl ContainerHandle for NoExec {
+    fn id(&self) -> String {
+        self.0.id()
+    }
+
+    fn signal(&self, signal: StopSignal) -> Result<(), Error> {
+        self.0.signal(signal)
+    }
+
+    fn wait(&self) -> BoxFuture<'_, Result<ExitStatus, Error>> {
+        self.0.wait()
+    }
+
+    fn exec(
+        &self,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<ExitStatus, Error>> {
+        self.0.exec(command, timeout)
+    }
+}
+
+#[tokio::test]
+async fn exec_needs_a_runtime_that_supports_it() {
+    let fx = Fixture::with_runtime(Arc::new(NoExecRuntime));
+    running_box(&fx).await;
+    let e = fx
+        .edged()
+        .exec("default", "box", "main", command(&["true"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ExecError::Unsupported), "{e:?}");
     fx.edged().shutdown().await;
 }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -31,6 +31,49 @@ pub(crate) struct Shared {
     pub cfg: EdgedConfig,
     pub runtime: Arc<dyn Runtime>,
     pub sink: Arc<dyn StatusSink>,
+    /// Handles of the running containers by (pod key, container name), for
+    /// `Edged::exec`: added when a worker started one, removed when it
+    /// exited (or the worker stopped following it).
+    containers: Mutex<HashMap<(String, String), Arc<dyn ContainerHandle>>>,
+}
+
+impl Shared {
+    pub fn new(cfg: EdgedConfig, runtime: Arc<dyn Runtime>, sink: Arc<dyn StatusSink>) -> Shared {
+        Shared {
+            cfg,
+            runtime,
+            sink,
+            containers: Mutex::default(),
+        }
+    }
+
+    fn running_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<dyn ContainerHandle>>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The running container `container` of pod `key`.
+    pub fn running(&self, key: &str, container: &str) -> Option<Arc<dyn ContainerHandle>> {
+        self.running_map()
+            .get(&(key.to_owned(), container.to_owned()))
+            .cloned()
+    }
+
+    fn add_running(&self, key: &str, container: &str, handle: &Arc<dyn ContainerHandle>) {
+        self.running_map()
+            .insert((key.to_owned(), container.to_owned()), handle.clone());
+    }
+
+    /// Forgets `handle` (not a newer container of the same name, which a
+    /// worker replacing the pod may have started meanwhile).
+    fn remove_running(&self, key: &str, container: &str, handle: &Arc<dyn ContainerHandle>) {
+        let mut map = self.running_map();
+        let id = (key.to_owned(), container.to_owned());
+        if map.get(&id).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+            map.remove(&id);
+        }
+    }
 }
 
 /// What Edged wants of a worker.
@@ -319,6 +362,12 @@ impl Worker {
             match current {
                 Desired::Stop { grace, remove } => {
                     self.terminate(grace).await;
+                    for c in &self.ctrs {
+                        if let Some(run) = &c.run {
+                            self.shared
+                                .remove_running(&self.key, &c.plan.name, &run.handle);
+                        }
+                    }
                     if remove {
                         self.remove_files();
                     }
@@ -405,6 +454,8 @@ impl Worker {
             if let Some(run) = &mut c.run {
                 info!(pod = %self.key, container = %c.plan.name, "container removed from the spec");
                 stop_run(&mut self.tasks, run, Duration::ZERO);
+                self.shared
+                    .remove_running(&self.key, &c.plan.name, &run.handle);
             }
         }
     }
@@ -672,6 +723,7 @@ impl Worker {
             )));
         }
         c.container_id = Some(handle.id());
+        self.shared.add_running(&self.key, &plan.name, &handle);
         c.run = Some(Run {
             run_id,
             handle,
@@ -734,6 +786,8 @@ impl Worker {
         let Some(run) = c.run.take() else {
             return;
         };
+        self.shared
+            .remove_running(&self.key, &c.plan.name, &run.handle);
         for task in &run.tasks {
             task.abort();
         }
