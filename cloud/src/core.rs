@@ -238,7 +238,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let registry = Registry::open(store.clone())?;
 
     // `kubectl logs` through each node's connection (the hub comes later).
-    let tunnel = crate::streams::Tunnel::new();
+    let tunnel = crate::streams::Tunnel::new(registry.clone());
     // The control plane: the embedded one, or the attached cluster.
     let (plane, attached, api): (Arc<dyn ControlPlane>, _, _) = match &cfg.kubernetes {
         Some(k) => {

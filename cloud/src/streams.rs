@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_api::exec::{ExecFuture, ExecRequest, ExecStreams, PodExec, deframe, frame};
+use keel_api::exec::{ERROR, ExecFuture, ExecRequest, ExecStreams, PodExec, deframe, frame};
 use keel_api::{LogRequest, LogsFuture, PodLogs, Status};
 use keel_sync::session::{SessionError, open_session};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::api::registry::{Registry, user_origin};
 use crate::hub::HubHandle;
 
 /// How long a node may take to answer a session's request.
@@ -25,9 +26,10 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 const UNANSWERED_FOR: Duration = Duration::from_secs(30);
 
 /// `kubectl logs` and `kubectl exec` through the node's connection.
-#[derive(Default)]
 pub struct Tunnel {
     hub: OnceLock<HubHandle>,
+    /// Where exec sessions are recorded (`cluster`, for `keel audit`).
+    registry: Arc<Registry>,
     /// Nodes whose connection did not answer a session lately, and when:
     /// requests meanwhile fail at once, with the same reason.
     unanswered: Mutex<HashMap<String, Instant>>,
@@ -40,14 +42,30 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl Tunnel {
-    pub fn new() -> Arc<Tunnel> {
-        Arc::new(Tunnel::default())
+    pub fn new(registry: Arc<Registry>) -> Arc<Tunnel> {
+        Arc::new(Tunnel {
+            hub: OnceLock::new(),
+            registry,
+            unanswered: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The hub whose connections carry the sessions (it starts after the
     /// API; until then every request is answered 503).
     pub fn set_hub(&self, hub: HubHandle) {
         let _ = self.hub.set(hub);
+    }
+}
+
+/// Records one phase of an exec session in the cluster's log (who, which
+/// pod and container, the command; at the end its exit code).
+fn audit(registry: &Registry, req: &ExecRequest, phase: &str, exit_code: Option<i64>) {
+    let key = format!("pods/{}/{}", req.namespace, req.pod);
+    let record = json!({"exec": {"phase": phase, "container": req.container,
+        "command": req.command, "stdin": req.stdin, "exitCode": exit_code}});
+    let origin = user_origin(crate::pki::ADMIN_COMMON_NAME);
+    if let Err(e) = registry.record_event(&origin, &key, record.to_string().into_bytes()) {
+        warn!(%key, error = %e, "could not record an exec session");
     }
 }
 
@@ -150,10 +168,30 @@ impl PodExec for Tunnel {
             let output = self
                 .session(&node, &conn, &req.to_json(), Some(framed))
                 .await?;
-            Ok(ExecStreams {
-                input,
-                output: deframe(output),
-            })
+            audit(&self.registry, req, "started", None);
+            // Passed on as they come; the final Status gives the exit code
+            // for the session's record.
+            let (tx, rx) = mpsc::channel::<Bytes>(16);
+            let mut messages = deframe(output);
+            let (registry, req) = (self.registry.clone(), req.clone());
+            tokio::spawn(async move {
+                let mut exit = None;
+                while let Some(m) = messages.recv().await {
+                    if let Some((&ERROR, status)) = m.split_first() {
+                        exit = serde_json::from_slice::<Value>(status).ok().map(|s| {
+                            s.pointer("/details/causes/0/message")
+                                .and_then(Value::as_str)
+                                .and_then(|c| c.parse().ok())
+                                .unwrap_or(i64::from(s.get("status") != Some(&json!("Success"))))
+                        });
+                    }
+                    if tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                audit(&registry, &req, "ended", exit);
+            });
+            Ok(ExecStreams { input, output: rx })
         })
     }
 }

@@ -261,4 +261,51 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         err.contains("edge-a") && (err.contains("not connected") || err.contains("did not answer")),
         "{err}"
     );
+    // Each exec session is in the cluster's log (who, pod, command, and
+    // its exit code at the end), for `keel audit`.
+    let mut cloud = cloud;
+    cloud.proc.stop();
+    let store = keel_log::Store::open(
+        tmp.path().join("cloud").join("log"),
+        keel_log::StoreOptions::default(),
+    )
+    .unwrap();
+    let mut sessions = Vec::new();
+    let mut after = 0;
+    loop {
+        let keel_log::Read::Records(seg) = store
+            .read("cluster", after, keel_log::ReadLimits::default())
+            .unwrap()
+        else {
+            panic!("no compaction here");
+        };
+        let Some(last) = seg.records.last() else {
+            break;
+        };
+        after = last.seq;
+        for r in seg.records {
+            if r.kind == keel_log::PayloadKind::Event && r.key == "pods/default/counter" {
+                assert_eq!(r.origin, "user:keel-admin");
+                sessions.push(serde_json::from_slice::<Value>(&r.payload).unwrap());
+            }
+        }
+    }
+    let ended: Vec<&Value> = sessions
+        .iter()
+        .filter(|s| s["exec"]["phase"] == "ended")
+        .collect();
+    assert!(
+        ended
+            .iter()
+            .any(|s| s["exec"]["exitCode"] == 3 && s["exec"]["command"][0] == "sh"),
+        "{sessions:?}"
+    );
+    assert!(
+        sessions
+            .iter()
+            .filter(|s| s["exec"]["phase"] == "started")
+            .count()
+            >= 4,
+        "{sessions:?}"
+    );
 }

@@ -116,7 +116,13 @@ pub(super) fn audit(store: &Store, key: &str, streams: &[String]) -> Result<Audi
                 Err(e) => note = format!("unreadable change: {e}"),
             },
             PayloadKind::Tombstone => objects.apply_tombstone(key),
-            PayloadKind::Event => note = "event".into(),
+            PayloadKind::Event => {
+                // An event's text, if it is one (an exec session's record).
+                note = match std::str::from_utf8(&r.payload) {
+                    Ok(t) if t.len() <= 4096 => format!("event: {t}"),
+                    _ => "event".into(),
+                };
+            }
         }
         let after = objects.get_json(key).unwrap_or(Value::Null);
         let patch = json_patch::diff(&before, &after);

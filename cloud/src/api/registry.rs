@@ -263,7 +263,10 @@ impl Registry {
                 if let Err(e) = apply_record(&mut objects, r) {
                     warn!(key = %r.key, seq = r.seq, error = %e, "record unusable; skipped");
                 }
-                rvs.insert(r.key.clone(), r.seq);
+                // An event record (an exec session, say) changes no object.
+                if r.kind != PayloadKind::Event {
+                    rvs.insert(r.key.clone(), r.seq);
+                }
                 after = r.seq;
             }
         }
@@ -500,6 +503,33 @@ impl Registry {
         f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
     ) -> Result<Option<Value>, Status> {
         self.prepare(ACTOR, key, f).map(|(v, _)| v)
+    }
+
+    /// Records an event about `key` (an exec session's start or end) in
+    /// `cluster`, for `keel audit`; it changes no object. Resolves once
+    /// durable.
+    pub fn record_event(
+        &self,
+        origin: &str,
+        key: &str,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, Status> {
+        let mut inner = lock(&self.inner);
+        let ticket = self
+            .store
+            .append_async(
+                CLUSTER_STREAM,
+                vec![Entry::new(origin, key, PayloadKind::Event, payload)],
+            )
+            .map_err(|e| Status::internal(format!("log: {e}")))?;
+        inner.next_seq += 1;
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commits.send(Commit {
+            tickets: vec![ticket],
+            events: Vec::new(),
+            done: Some(tx),
+        });
+        Ok(rx)
     }
 
     #[allow(clippy::type_complexity)]
