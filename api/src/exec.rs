@@ -224,12 +224,17 @@ where
         tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
     let (mut sink, mut source) = ws.split();
     let ExecStreams { input, mut output } = streams;
+    // Until the client goes away (v5 signals the end of stdin with a
+    // message, not by closing): what the exec no longer reads is dropped.
     let upstream = async move {
+        let mut input = Some(input);
         while let Some(m) = source.next().await {
             match m {
                 Ok(Message::Binary(b)) => {
-                    if input.send(b).await.is_err() {
-                        return;
+                    if let Some(i) = &input
+                        && i.send(b).await.is_err()
+                    {
+                        input = None;
                     }
                 }
                 Ok(Message::Close(_)) | Err(_) => return,
@@ -253,12 +258,12 @@ where
             .await;
         let _ = sink.close().await;
     };
-    // The exec ends when its output does (the final Status is sent);
-    // stdin may be closed long before.
-    tokio::pin!(downstream);
+    // The exec ends when its output does (the final Status is sent), or
+    // when the client goes away: then its output is dropped, which ends
+    // the session and kills the command on the edge.
     tokio::select! {
-        () = &mut downstream => {}
-        () = upstream => { downstream.await; }
+        () = downstream => {}
+        () = upstream => debug!("exec client went away"),
     }
     debug!("exec stream closed");
 }

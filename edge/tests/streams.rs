@@ -241,6 +241,37 @@ fn kubectl_logs_and_exec_through_cloudcore() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no-such-binary"), "{err}");
     // (kubectl cp still speaks SPDY, which keel does not serve: not tested.)
+    // A client that goes away takes its command with it.
+    let running = || {
+        Command::new("pgrep")
+            .args(["-f", "sleep 4242"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let mut client = Command::new(support::kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(cloud.kubeconfig())
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["exec", "counter", "--", "sleep", "4242"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the exec'd command running",
+        Duration::from_secs(30),
+        running,
+    );
+    client.kill().unwrap();
+    client.wait().unwrap();
+    wait_for(
+        "the exec'd command gone with its client",
+        Duration::from_secs(30),
+        || !running(),
+    );
 
     // The node goes away (SIGKILL): logs fail fast with a clear message.
     edge.proc.kill9();
