@@ -719,3 +719,31 @@ fn slow_bodies_and_fake_joins_do_not_stop_real_joins_or_kubectl() {
     drop(held);
     drop(late);
 }
+
+/// What an honest node sends passes: its own status changes and event
+/// records on any key (device readings, MQTT uploads under `upload/`),
+/// acknowledged on the same connection.
+#[test]
+fn honest_records_and_events_are_acknowledged() {
+    let mut fx = Fixture::start();
+    let mut conn = fx.rt.block_on(fx.attacker.establish());
+    let first = conn.up.seq + 1;
+    fx.rt.block_on(conn.send_entries(vec![
+        entry(
+            ATTACKER,
+            "upload/line-1/counter",
+            PayloadKind::Event,
+            b"{\"n\":1}".to_vec(),
+        ),
+        entry(
+            ATTACKER,
+            "devices.devices.kubeedge.io/default/thermo",
+            PayloadKind::Event,
+            b"{\"t\":21}".to_vec(),
+        ),
+    ]));
+    fx.rt.block_on(conn.wait_ack(first + 1));
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    drop(conn);
+    fx.assert_healthy("honest");
+}

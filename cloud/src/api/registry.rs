@@ -782,11 +782,16 @@ impl Registry {
     /// (configmap, secret, device model: cloud changes to those never
     /// depend on a node's change), never another node, never a deletion.
     /// A pod or device no longer bound to the node passes (a race with a
-    /// delete or a move; its change is ignored when folded).
+    /// delete or a move; its change is ignored when folded). Event records
+    /// (readings, MQTT uploads) fold into nothing and pass on any key.
     pub fn admit_from_node(&self, node: &str, records: &[Record]) -> Result<(), Refusal> {
         let own = format!("nodes/{node}");
         let mut changes: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
         for r in records {
+            // Events (readings, MQTT uploads) fold into no object: any key.
+            if r.kind == PayloadKind::Event {
+                continue;
+            }
             let writable =
                 r.key == own || r.key.starts_with("pods/") || r.key.starts_with(DEVICES_PREFIX);
             if !writable {
