@@ -248,11 +248,8 @@ impl ClusterCa {
         node_name: &str,
         validity: Duration,
     ) -> Result<IssuedCert> {
-        let now = SystemTime::now();
-        let not_after = now
-            .checked_add(validity)
-            .ok_or_else(|| Error::InvalidValidity(format!("{validity:?} is too long")))?;
-        self.sign_node_csr_between(csr_pem, node_name, backdate(now), not_after)
+        let (not_before, not_after) = window_from_now(validity)?;
+        self.sign_node_csr_between(csr_pem, node_name, not_before, not_after)
     }
 
     /// Signs a node's CSR for an explicit validity window.
@@ -287,11 +284,8 @@ impl ClusterCa {
         node_name: &str,
         validity: Duration,
     ) -> Result<IssuedCert> {
-        let now = SystemTime::now();
-        let not_after = now
-            .checked_add(validity)
-            .ok_or_else(|| Error::InvalidValidity(format!("{validity:?} is too long")))?;
-        self.sign_node(csr_pem, node_name, backdate(now), not_after, true)
+        let (not_before, not_after) = window_from_now(validity)?;
+        self.sign_node(csr_pem, node_name, not_before, not_after, true)
     }
 
     fn sign_node(
@@ -1217,6 +1211,16 @@ fn dn(common_name: &str, organization: Option<&str>) -> DistinguishedName {
     }
     dn.push(DnType::CommonName, common_name);
     dn
+}
+
+/// A certificate's validity window: from now (backdated, see
+/// [`backdate`]) for `validity`.
+fn window_from_now(validity: Duration) -> Result<(SystemTime, SystemTime)> {
+    let now = SystemTime::now();
+    let not_after = now
+        .checked_add(validity)
+        .ok_or_else(|| Error::InvalidValidity(format!("{validity:?} is too long")))?;
+    Ok((backdate(now), not_after))
 }
 
 fn backdate(now: SystemTime) -> SystemTime {

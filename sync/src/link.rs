@@ -133,8 +133,8 @@ impl LinkConfig {
             inbound: vec![(inbound_stream, inbound_cursor)],
             node,
             side,
-            window_records: 4096,
-            window_bytes: 8 << 20,
+            window_records: DEFAULT_WINDOW_RECORDS,
+            window_bytes: DEFAULT_WINDOW_BYTES,
             max_segment_records: 512,
             max_segment_bytes: 1 << 20,
             ping_interval_ms: 15_000,
@@ -152,6 +152,23 @@ impl LinkConfig {
             Side::Cloud => down_stream(&self.node),
         }
     }
+}
+
+/// The window a side grants unless configured otherwise.
+const DEFAULT_WINDOW_RECORDS: u32 = 4096;
+const DEFAULT_WINDOW_BYTES: u64 = 8 << 20;
+
+/// The window a Hello grants, in records and bytes: 0 means the default.
+fn granted_window(records: u32, bytes: u64) -> (u64, u64) {
+    let records = match records {
+        0 => DEFAULT_WINDOW_RECORDS,
+        r => r,
+    };
+    let bytes = match bytes {
+        0 => DEFAULT_WINDOW_BYTES,
+        b => b,
+    };
+    (u64::from(records), bytes)
 }
 
 /// Which transport channel a frame belongs on.
@@ -556,7 +573,7 @@ impl Link {
                 );
             }
         };
-        let default = LinkConfig::new("", Side::Edge, Cursor::default());
+        let (window_records, window_bytes) = granted_window(h.window_records, h.window_bytes);
         self.outbound.peer = Some(PeerState {
             acked,
             sent: acked,
@@ -564,16 +581,8 @@ impl Link {
             snapshot_sent: false,
             inflight: VecDeque::new(),
             last_progress: now,
-            window_records: u64::from(if h.window_records == 0 {
-                default.window_records
-            } else {
-                h.window_records
-            }),
-            window_bytes: if h.window_bytes == 0 {
-                default.window_bytes
-            } else {
-                h.window_bytes
-            },
+            window_records,
+            window_bytes,
         });
         self.got_hello = true;
         self.events.push_back(Event::Established);
@@ -645,16 +654,9 @@ impl Link {
             .fold((0u64, 0u64), |(r, b), (_, n, by)| (r + n, b + by));
         let new_bytes: u64 = records.iter().map(|r| r.size_hint() as u64).sum();
         let new_records = records.len() as u64;
-        // (A window of 0 in a Hello means the default, as the sender reads it.)
-        let default = LinkConfig::new("", Side::Edge, Cursor::default());
-        let window_records = u64::from(match self.cfg.window_records {
-            0 => default.window_records,
-            w => w,
-        });
-        let window_bytes = match self.cfg.window_bytes {
-            0 => default.window_bytes,
-            w => w,
-        };
+        // (Read as the sender reads this side's Hello.)
+        let (window_records, window_bytes) =
+            granted_window(self.cfg.window_records, self.cfg.window_bytes);
         if out_records + new_records > window_records || out_bytes >= window_bytes {
             let msg = format!(
                 "the peer exceeded its window on {}: {} records / {out_bytes} bytes unacknowledged, then {new_records} more (window {window_records} records, {window_bytes} bytes)",
