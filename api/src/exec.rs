@@ -40,6 +40,8 @@ pub struct ExecRequest {
     pub stdout: bool,
     pub stderr: bool,
     pub tty: bool,
+    /// `kubectl attach`: to the container's main process (no command).
+    pub attach: bool,
 }
 
 impl ExecRequest {
@@ -50,7 +52,8 @@ impl ExecRequest {
         query: &BTreeMap<String, String>,
         commands: Vec<String>,
     ) -> Result<ExecRequest, Status> {
-        if commands.is_empty() {
+        let attach = commands.is_empty() && query.contains_key("attach");
+        if commands.is_empty() && !attach {
             return Err(Status::bad_request(
                 "you must specify at least one command for the container",
             ));
@@ -65,11 +68,28 @@ impl ExecRequest {
             stdout: flag("stdout"),
             stderr: flag("stderr"),
             tty: flag("tty"),
+            attach,
         })
     }
 
+    /// `kubectl attach`'s request (`pods/NAME/attach`).
+    pub fn attach_from_query(
+        namespace: &str,
+        pod: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Result<ExecRequest, Status> {
+        let mut q = query.clone();
+        q.insert("attach".into(), "true".into());
+        ExecRequest::from_query(namespace, pod, &q, Vec::new())
+    }
+
+    /// What the session carries: `exec` or `attach`.
+    pub fn op(&self) -> &'static str {
+        if self.attach { "attach" } else { "exec" }
+    }
+
     pub fn to_json(&self) -> Value {
-        json!({"op": "exec", "namespace": self.namespace, "pod": self.pod,
+        json!({"op": self.op(), "namespace": self.namespace, "pod": self.pod,
             "container": self.container, "command": self.command, "stdin": self.stdin,
             "stdout": self.stdout, "stderr": self.stderr, "tty": self.tty})
     }
@@ -77,9 +97,11 @@ impl ExecRequest {
     pub fn from_json(v: &Value) -> Result<ExecRequest, Status> {
         let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-        if v.get("op").and_then(Value::as_str) != Some("exec") {
-            return Err(Status::bad_request("not an exec request"));
-        }
+        let attach = match v.get("op").and_then(Value::as_str) {
+            Some("exec") => false,
+            Some("attach") => true,
+            _ => return Err(Status::bad_request("not an exec or attach request")),
+        };
         let command: Vec<String> = v
             .get("command")
             .and_then(Value::as_array)
@@ -90,8 +112,10 @@ impl ExecRequest {
                     .collect()
             })
             .unwrap_or_default();
-        if command.is_empty() {
-            return Err(Status::bad_request("an exec needs a command"));
+        if command.is_empty() != attach {
+            return Err(Status::bad_request(
+                "an exec needs a command, an attach has none",
+            ));
         }
         Ok(ExecRequest {
             namespace: s("namespace").ok_or_else(|| Status::bad_request("no namespace"))?,
@@ -102,6 +126,7 @@ impl ExecRequest {
             stdout: b("stdout"),
             stderr: b("stderr"),
             tty: b("tty"),
+            attach,
         })
     }
 }

@@ -248,6 +248,12 @@ pub struct LogRequest {
     pub previous: bool,
     pub tail_lines: Option<u64>,
     pub limit_bytes: Option<u64>,
+    /// Each line prefixed with the time the node read it (RFC 3339).
+    pub timestamps: bool,
+    /// Only lines read at most this many seconds ago (by the node's clock).
+    pub since_seconds: Option<u64>,
+    /// Only lines read at or after this time (RFC 3339; checked on parse).
+    pub since_time: Option<String>,
 }
 
 impl LogRequest {
@@ -256,7 +262,9 @@ impl LogRequest {
     pub fn to_json(&self) -> Value {
         json!({"op": "log", "namespace": self.namespace, "pod": self.pod,
             "container": self.container, "follow": self.follow, "previous": self.previous,
-            "tailLines": self.tail_lines, "limitBytes": self.limit_bytes})
+            "tailLines": self.tail_lines, "limitBytes": self.limit_bytes,
+            "timestamps": self.timestamps, "sinceSeconds": self.since_seconds,
+            "sinceTime": self.since_time})
     }
 
     /// A request from its JSON form.
@@ -267,7 +275,7 @@ impl LogRequest {
         if v.get("op").and_then(Value::as_str) != Some("log") {
             return Err(Status::bad_request("not a log request"));
         }
-        Ok(LogRequest {
+        LogRequest {
             namespace: s("namespace").ok_or_else(|| Status::bad_request("no namespace"))?,
             pod: s("pod").ok_or_else(|| Status::bad_request("no pod"))?,
             container: s("container"),
@@ -275,7 +283,47 @@ impl LogRequest {
             previous: b("previous"),
             tail_lines: n("tailLines"),
             limit_bytes: n("limitBytes"),
-        })
+            timestamps: b("timestamps"),
+            since_seconds: n("sinceSeconds"),
+            since_time: s("sinceTime"),
+        }
+        .checked()
+    }
+
+    /// The time before which lines are left out (`since_time`, or
+    /// `since_seconds` before `now`).
+    pub fn since(&self, now: time::OffsetDateTime) -> Option<time::OffsetDateTime> {
+        let time = self.since_time.as_deref().and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        });
+        let seconds = self
+            .since_seconds
+            .and_then(|s| i64::try_from(s).ok())
+            .and_then(|s| now.checked_sub(time::Duration::seconds(s)));
+        time.or(seconds)
+    }
+
+    /// Refuses what the Kubernetes API refuses: both `sinceSeconds` and
+    /// `sinceTime`, a `sinceSeconds` under 1, a `sinceTime` that is not RFC
+    /// 3339, a negative count.
+    fn checked(self) -> Result<LogRequest, Status> {
+        if self.since_seconds.is_some() && self.since_time.is_some() {
+            return Err(Status::bad_request(
+                "at most one of sinceTime or sinceSeconds may be specified",
+            ));
+        }
+        if self.since_seconds == Some(0) {
+            return Err(Status::bad_request("sinceSeconds: must be greater than 0"));
+        }
+        if let Some(t) = &self.since_time
+            && time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .is_err()
+        {
+            return Err(Status::bad_request(format!(
+                "sinceTime: {t:?} is not an RFC 3339 time"
+            )));
+        }
+        Ok(self)
     }
 }
 
@@ -590,9 +638,11 @@ impl Server {
                     .ok_or_else(|| Status::not_found(t.rt, name))?;
                 Ok(json_resp(200, &obj))
             }
-            (&Method::GET | &Method::POST, Some(name), Some("exec")) if t.rt.plural == "pods" => {
-                let name = name.clone();
-                return self.exec(req, &t, &name, &query).await;
+            (&Method::GET | &Method::POST, Some(name), Some(sub @ ("exec" | "attach")))
+                if t.rt.plural == "pods" =>
+            {
+                let (name, attach) = (name.clone(), sub == "attach");
+                return self.exec(req, &t, &name, &query, attach).await;
             }
             (&Method::GET, Some(name), Some("log")) if t.rt.plural == "pods" => {
                 let key = t.rt.key(t.namespace.as_deref(), name);
@@ -630,7 +680,11 @@ impl Server {
                     previous: query.get("previous").is_some_and(|v| v == "true"),
                     tail_lines: num("tailLines")?,
                     limit_bytes: num("limitBytes")?,
-                };
+                    timestamps: query.get("timestamps").is_some_and(|v| v == "true"),
+                    since_seconds: num("sinceSeconds")?,
+                    since_time: query.get("sinceTime").cloned(),
+                }
+                .checked()?;
                 let rx = logs.logs(&pod, &lr).await?;
                 let mut r = Response::new(ApiBody::Stream(rx));
                 r.headers_mut()
@@ -674,14 +728,15 @@ impl Server {
         }
     }
 
-    /// `kubectl exec`: a WebSocket upgrade (`v5.channel.k8s.io`) relayed to
-    /// the pod's exec.
+    /// `kubectl exec` and `kubectl attach`: a WebSocket upgrade
+    /// (`v5.channel.k8s.io`) relayed to the pod's exec (or attach).
     async fn exec(
         &self,
         mut req: Request<Incoming>,
         t: &Target,
         name: &str,
         query: &BTreeMap<String, String>,
+        attach: bool,
     ) -> Result<Resp, Status> {
         use crate::exec::{ExecRequest, PROTOCOL};
         let key = t.rt.key(t.namespace.as_deref(), name);
@@ -693,7 +748,7 @@ impl Server {
             return Err(Status::new(
                 405,
                 "MethodNotAllowed",
-                "exec is served by cloudcore, not by this API",
+                "exec and attach are served by cloudcore, not by this API",
             ));
         };
         let header = |h: &str| {
@@ -711,7 +766,8 @@ impl Server {
         ) else {
             exec.check(&pod, name)?;
             return Err(Status::bad_request(format!(
-                "exec needs a WebSocket upgrade with subprotocol {PROTOCOL} (kubectl 1.30 or newer); this request asked for {:?} with {:?}",
+                "{} needs a WebSocket upgrade with subprotocol {PROTOCOL} (kubectl 1.30 or newer); this request asked for {:?} with {:?}",
+                if attach { "attach" } else { "exec" },
                 header("upgrade").unwrap_or_default(),
                 offered
             )));
@@ -725,7 +781,11 @@ impl Server {
             .map(decode)
             .collect();
         let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
-        let er = ExecRequest::from_query(&namespace, name, query, commands)?;
+        let er = if attach {
+            ExecRequest::attach_from_query(&namespace, name, query)?
+        } else {
+            ExecRequest::from_query(&namespace, name, query, commands)?
+        };
         let streams = exec.exec(&pod, &er).await?;
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {

@@ -57,12 +57,17 @@ impl Tunnel {
     }
 }
 
-/// Records one phase of an exec session in the cluster's log (who, which
-/// pod and container, the command; at the end its exit code).
+/// Records one phase of an exec or attach session in the cluster's log
+/// (who, which pod and container, the command; at the end its exit code).
 fn audit(registry: &Registry, req: &ExecRequest, phase: &str, exit_code: Option<i64>) {
     let key = format!("pods/{}/{}", req.namespace, req.pod);
-    let record = json!({"exec": {"phase": phase, "container": req.container,
-        "command": req.command, "stdin": req.stdin, "exitCode": exit_code}});
+    let mut record = serde_json::Map::new();
+    record.insert(
+        req.op().to_owned(),
+        json!({"phase": phase, "container": req.container,
+            "command": req.command, "stdin": req.stdin, "exitCode": exit_code}),
+    );
+    let record = Value::Object(record);
     let origin = user_origin(crate::pki::ADMIN_COMMON_NAME);
     if let Err(e) = registry.record_event(&origin, &key, record.to_string().into_bytes()) {
         warn!(%key, error = %e, "could not record an exec session");

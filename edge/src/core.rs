@@ -20,7 +20,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::bootstrap::{self, NodeIdentity};
 use crate::devicetwin::DeviceTwin;
-use crate::edged::{Edged, EdgedConfig, ProcessRuntime, StatusSink};
+use crate::edged::{Edged, EdgedConfig, ProcessRuntime, StatusSink, crilog};
 use crate::error::{Error, Result};
 use crate::eventbus::EventBus;
 use crate::hub::{self, EdgeHubOptions};
@@ -209,9 +209,10 @@ impl crate::streams::Logs for EdgeLogs {
     }
 }
 
-/// Sends the log at `path` (its last `tail_lines`, at most `limit_bytes`),
-/// then, with `follow`, what is appended while it is the container's
-/// current log.
+/// Sends the log at `path` (its last `tail_lines`, lines since `since`,
+/// with their times when asked, at most `limit_bytes`), then, with
+/// `follow`, what is appended while it is the container's current log.
+/// The file holds CRI entries (see `edged::crilog`).
 async fn stream_log(
     edged: &Edged,
     path: PathBuf,
@@ -223,40 +224,60 @@ async fn stream_log(
     if let Some(n) = req.tail_lines {
         let mut all = Vec::new();
         f.read_to_end(&mut all).await?;
-        let mut newlines = 0;
-        let mut cut = 0usize;
-        let body = all.strip_suffix(b"\n").unwrap_or(&all);
-        for (i, b) in body.iter().enumerate().rev() {
-            if *b == b'\n' {
-                newlines += 1;
-                if newlines == n {
-                    cut = i + 1;
-                    break;
-                }
-            }
-        }
-        if n == 0 {
-            cut = all.len();
-        }
-        f.seek(std::io::SeekFrom::Start(cut as u64)).await?;
+        f.seek(std::io::SeekFrom::Start(tail_start(&all, n) as u64))
+            .await?;
     }
+    let since = req.since(time::OffsetDateTime::now_utc());
     let mut left = req.limit_bytes.unwrap_or(u64::MAX);
     let mut buf = vec![0u8; 64 * 1024];
+    // Bytes of a line not complete yet (a writer is inside it).
+    let mut line: Vec<u8> = Vec::new();
+    let mut out = Vec::with_capacity(buf.len());
     loop {
-        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = match buf.get_mut(..want) {
-            Some(b) if want > 0 => f.read(b).await?,
-            _ => 0,
-        };
+        if left == 0 {
+            return Ok(());
+        }
+        let n = f.read(&mut buf).await?;
         if n > 0 {
-            left -= n as u64;
-            let chunk = buf.get(..n).map(Bytes::copy_from_slice).unwrap_or_default();
-            if tx.send(chunk).await.is_err() {
-                return Ok(());
+            out.clear();
+            let mut rest = buf.get(..n).unwrap_or_default();
+            while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+                line.extend_from_slice(rest.get(..i).unwrap_or_default());
+                rest = rest.get(i + 1..).unwrap_or_default();
+                let entry = crilog::parse(&line);
+                if since.is_none_or(|s| entry.time.is_none_or(|t| t >= s)) {
+                    crilog::render(&entry, req.timestamps, &mut out);
+                }
+                line.clear();
+            }
+            line.extend_from_slice(rest);
+            if line.len() > 4 * crilog::MAX_ENTRY {
+                // Not a log edgecore wrote: pass it on as it is.
+                out.append(&mut line);
+            }
+            let take = usize::try_from(left).unwrap_or(usize::MAX).min(out.len());
+            if take > 0 {
+                left -= take as u64;
+                let chunk = out
+                    .get(..take)
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default();
+                if tx.send(chunk).await.is_err() {
+                    return Ok(());
+                }
             }
             continue;
         }
-        if !req.follow || left == 0 {
+        if !req.follow {
+            // A last line without its newline (an older, plain log).
+            if !line.is_empty() {
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(line.len());
+                let chunk = line
+                    .get(..take)
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default();
+                let _ = tx.send(chunk).await;
+            }
             return Ok(());
         }
         // Follow while this file is the container's current log.
@@ -265,6 +286,45 @@ async fn stream_log(
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Where the last `n` lines of a log file start: just after the `n + 1`th
+/// entry from the end that ends a line (or at the start).
+fn tail_start(file: &[u8], n: u64) -> usize {
+    let mut ends = Vec::new();
+    let mut start = 0;
+    for (i, b) in file.iter().enumerate() {
+        if *b == b'\n' {
+            ends.push((start, i));
+            start = i + 1;
+        }
+    }
+    let mut full = 0u64;
+    for &(start, end) in ends.iter().rev() {
+        if crilog::parse(file.get(start..end).unwrap_or_default()).full {
+            if full == n {
+                return end + 1;
+            }
+            full += 1;
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tail_tests {
+    #[test]
+    fn tail_counts_lines_not_parts() {
+        let f = b"t stdout F a\nt stdout P b\nt stdout F c\nt stdout F d\n";
+        // Raw (non-CRI) lines count as lines too; here every line is raw.
+        assert_eq!(super::tail_start(f, 0), f.len());
+        assert_eq!(super::tail_start(f, 1), f.len() - 13);
+        assert_eq!(super::tail_start(f, 10), 0);
+        let cri = b"2026-01-01T00:00:00Z stdout F a\n2026-01-01T00:00:00Z stdout P b\n2026-01-01T00:00:00Z stdout F c\n";
+        // The last line is the `P` part and the `F` that ends it.
+        assert_eq!(super::tail_start(cri, 1), 32);
+        assert_eq!(super::tail_start(cri, 2), 0);
     }
 }
 

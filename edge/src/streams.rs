@@ -4,7 +4,9 @@
 //! its stdin, stdout, stderr and exit code carried as `v5.channel.k8s.io`
 //! messages).
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use keel_api::exec::{
@@ -12,11 +14,11 @@ use keel_api::exec::{
 };
 use keel_api::{LogRequest, Status};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::edged::{Edged, ExecError};
+use crate::edged::{ContainerHandle, Edged, ExecError, crilog};
 use crate::meta::MetaManager;
 
 /// Answers logs requests (see `core.rs`).
@@ -61,6 +63,30 @@ impl<L: Logs> keel_sync::session::SessionHandler for Sessions<L> {
                 let answer = LogRequest::from_json(&v).and_then(|req| {
                     let pod = self.pod(&req.namespace, &req.pod)?;
                     self.logs.logs_now(&pod, &req)
+                });
+                Box::pin(std::future::ready(answer.map_err(|s| status_bytes(&s))))
+            }
+            Some("attach") => {
+                let answer = ExecRequest::from_json(&v).and_then(|mut req| {
+                    let pod = self.pod(&req.namespace, &req.pod)?;
+                    if req.container.is_none() {
+                        req.container = pod
+                            .pointer("/spec/containers/0/name")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned);
+                    }
+                    let once = pod
+                        .pointer("/spec/containers")
+                        .and_then(Value::as_array)
+                        .and_then(|cs| {
+                            cs.iter().find(|c| {
+                                c.get("name").and_then(Value::as_str) == req.container.as_deref()
+                            })
+                        })
+                        .and_then(|c| c.get("stdinOnce"))
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    attach(&self.edged, req, once, input)
                 });
                 Box::pin(std::future::ready(answer.map_err(|s| status_bytes(&s))))
             }
@@ -178,6 +204,102 @@ async fn exec(
             .await;
     });
     Ok(rx)
+}
+
+/// Attaches `req` to its container's main process: its output from now
+/// on (read from its log, each entry on its stream's channel) until it
+/// exits, and with stdin, the client's input to its stdin (closed after
+/// the session when the container's `stdinOnce`).
+fn attach(
+    edged: &Edged,
+    req: ExecRequest,
+    stdin_once: bool,
+    mut input: mpsc::Receiver<Bytes>,
+) -> Result<mpsc::Receiver<Bytes>, Status> {
+    let container = req.container.clone().unwrap_or_default();
+    let (handle, log) = edged
+        .attach(&req.namespace, &req.pod, &container)
+        .map_err(|e| Status::bad_request(e.to_string()))?;
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    if req.stdin {
+        let (handle, tx) = (handle.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut d = Deframer::default();
+            while let Some(chunk) = input.recv().await {
+                let Ok(msgs) = d.push(&chunk) else { return };
+                for m in msgs {
+                    let write = match m.split_first() {
+                        Some((&STDIN, data)) => Some(Bytes::copy_from_slice(data)),
+                        // The client closed its stdin: so does a
+                        // `stdinOnce` container's.
+                        Some((&CLOSE, [STDIN, ..])) if stdin_once => None,
+                        _ => continue,
+                    };
+                    if let Err(e) = handle.write_stdin(write).await {
+                        let why = format!("the container's stdin: {e}\n");
+                        let _ = tx.send(frame(&message(STDERR, why.as_bytes()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    debug!(pod = %req.pod, %container, "attached");
+    tokio::spawn(async move {
+        if follow_output(&log, &*handle, &tx).await {
+            let status = exit_status(0).to_string();
+            let _ = tx.send(frame(&message(ERROR, status.as_bytes()))).await;
+        }
+    });
+    Ok(rx)
+}
+
+/// Sends what the container writes from now on (its log's new entries,
+/// each on its stream's channel) until it exits (true) or the client goes
+/// away (false).
+async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Sender<Bytes>) -> bool {
+    let Ok(mut f) = tokio::fs::File::open(log).await else {
+        return true;
+    };
+    if f.seek(std::io::SeekFrom::End(0)).await.is_err() {
+        return true;
+    }
+    let exited = handle.wait();
+    tokio::pin!(exited);
+    let (mut line, mut buf, mut exited_now) = (Vec::new(), vec![0u8; 32 << 10], false);
+    loop {
+        while let Ok(n @ 1..) = f.read(&mut buf).await {
+            let mut rest = buf.get(..n).unwrap_or_default();
+            while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+                line.extend_from_slice(rest.get(..i).unwrap_or_default());
+                rest = rest.get(i + 1..).unwrap_or_default();
+                let entry = crilog::parse(&line);
+                let mut data = entry.content.to_vec();
+                if entry.full {
+                    data.push(b'\n');
+                }
+                let channel = if entry.stderr { STDERR } else { STDOUT };
+                if tx.send(frame(&message(channel, &data))).await.is_err() {
+                    return false;
+                }
+                line.clear();
+            }
+            line.extend_from_slice(rest);
+            line.truncate(4 * crilog::MAX_ENTRY);
+        }
+        if exited_now {
+            return true;
+        }
+        tokio::select! {
+            _ = &mut exited => {
+                // Its last output may still be on its way to the log.
+                exited_now = true;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = tx.closed() => return false,
+        }
+    }
 }
 
 async fn copy_out(mut from: impl AsyncRead + Unpin, channel: u8, tx: mpsc::Sender<Bytes>) {

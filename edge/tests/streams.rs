@@ -127,6 +127,27 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         "logs --limit-bytes",
     );
     assert_eq!(limited, "line 1\n");
+    // --timestamps: each line carries the time the node read it.
+    let stamped = ok(
+        cloud.k(&["logs", "counter", "--tail=3", "--timestamps"]),
+        "logs --timestamps",
+    );
+    for l in stamped.lines() {
+        let (stamp, text) = l.split_once(' ').unwrap();
+        assert!(
+            stamp.len() >= 20 && stamp.ends_with('Z') && stamp.contains('T'),
+            "{l}"
+        );
+        assert!(text.starts_with("line "), "{l}");
+    }
+    // --since: only the lines of the last seconds (10 a second).
+    std::thread::sleep(Duration::from_secs(3));
+    let all = ok(cloud.k(&["logs", "counter"]), "logs").lines().count();
+    let recent = ok(cloud.k(&["logs", "counter", "--since=1s"]), "logs --since");
+    let n = recent.lines().count();
+    assert!(n > 0 && n < all && n <= 30, "{n} of {all}: {recent}");
+    let o = cloud.k(&["logs", "counter", "--since-time=yesterday"]);
+    assert!(!o.status.success(), "{o:?}");
 
     // Follow: lines keep arriving while the pod writes.
     let cache = tmp.path().join("kc");
@@ -240,7 +261,93 @@ fn kubectl_logs_and_exec_through_cloudcore() {
     assert!(!o.status.success(), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no-such-binary"), "{err}");
-    // (kubectl cp still speaks SPDY, which keel does not serve: not tested.)
+    // kubectl cp, both ways (exec of tar underneath).
+    let local = tmp.path().join("to-pod.txt");
+    std::fs::write(&local, "copied through the tunnel\n").unwrap();
+    let in_pod = tmp.path().join("in-pod");
+    std::fs::create_dir_all(&in_pod).unwrap();
+    let target = in_pod.join("copy.txt");
+    ok(
+        cloud.k(&[
+            "cp",
+            local.to_str().unwrap(),
+            &format!("counter:{}", target.display()),
+        ]),
+        "kubectl cp to the pod",
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "copied through the tunnel\n"
+    );
+    let back = tmp.path().join("from-pod.txt");
+    ok(
+        cloud.k(&[
+            "cp",
+            &format!("counter:{}", target.display()),
+            back.to_str().unwrap(),
+        ]),
+        "kubectl cp from the pod",
+    );
+    assert_eq!(
+        std::fs::read_to_string(&back).unwrap(),
+        "copied through the tunnel\n"
+    );
+    // kubectl attach: the container's output from now on, and with -i its
+    // stdin (a container with `stdin: true`).
+    let attached = |args: &[&str], input: Option<&str>| {
+        let mut child = Command::new(support::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(cloud.kubeconfig())
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(input) = input {
+            use std::io::Write as _;
+            stdin.write_all(input.as_bytes()).unwrap();
+        }
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        (child, stdin, lines)
+    };
+    let (mut child, _stdin, lines) = attached(&["attach", "counter"], None);
+    wait_for("lines on kubectl attach", Duration::from_secs(30), || {
+        lines.lock().unwrap().len() >= 3
+    });
+    let got = lines.lock().unwrap().clone();
+    let first: u64 = got[0].strip_prefix("line ").unwrap().parse().unwrap();
+    assert!(first > 40, "attach shows output from now on: {got:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    apply(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo\nspec:\n  nodeName: edge-a\n  containers:\n  - name: main\n    image: busybox\n    stdin: true\n    command: [\"/bin/sh\", \"-c\", \"while read l; do echo got $l; done\"]\n",
+    );
+    wait_for("the echo pod Running", Duration::from_secs(60), || {
+        cloud_pod(&cloud, "echo")["status"]["phase"] == "Running"
+    });
+    let (mut child, stdin, lines) = attached(&["attach", "-i", "echo"], Some("one\ntwo\n"));
+    wait_for(
+        "stdin through kubectl attach -i",
+        Duration::from_secs(30),
+        || {
+            let l = lines.lock().unwrap();
+            l.iter().any(|l| l == "got one") && l.iter().any(|l| l == "got two")
+        },
+    );
+    drop(stdin);
+    child.kill().unwrap();
+    child.wait().unwrap();
     // A client that goes away takes its command with it.
     let running = || {
         Command::new("pgrep")

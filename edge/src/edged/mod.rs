@@ -107,6 +107,7 @@
 //! lifecycle hooks, resource limits, `imagePullPolicy`/images, ephemeral and
 //! sidecar (restartable init) containers, log rotation.
 
+pub(crate) mod crilog;
 mod plan;
 mod probe;
 mod runtime;
@@ -491,6 +492,50 @@ impl Edged {
         container: &str,
         command: Vec<String>,
     ) -> Result<ExecProcess, ExecError> {
+        let handle = self.running_container(namespace, pod, container)?;
+        if command.is_empty() {
+            return Err(ExecError::EmptyCommand);
+        }
+        let not_running = || ExecError::ContainerNotRunning {
+            pod: pod.to_owned(),
+            container: container.to_owned(),
+        };
+        handle.exec_interactive(command).await.map_err(|e| match e {
+            Error::Spawn { program, source } => ExecError::Start {
+                message: start_message(&program, &source),
+                program,
+            },
+            Error::NotRunning => not_running(),
+            Error::Unsupported(_) => ExecError::Unsupported,
+            e => ExecError::Runtime(e),
+        })
+    }
+
+    /// The running container `container` of pod `namespace/pod`, for
+    /// `kubectl attach`: its handle (stdin, exit) and its current log file
+    /// (its output).
+    pub fn attach(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<(Arc<dyn ContainerHandle>, PathBuf), ExecError> {
+        let handle = self.running_container(namespace, pod, container)?;
+        let log = self
+            .log_path(namespace, pod, container, false)
+            .ok_or_else(|| ExecError::ContainerNotRunning {
+                pod: pod.to_owned(),
+                container: container.to_owned(),
+            })?;
+        Ok((handle, log))
+    }
+
+    fn running_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<Arc<dyn ContainerHandle>, ExecError> {
         let (key, containers) = {
             let state = self.lock();
             let Some((key, entry)) = state
@@ -525,22 +570,7 @@ impl Edged {
             pod: pod.to_owned(),
             container: container.to_owned(),
         };
-        let handle = self
-            .shared
-            .running(&key, container)
-            .ok_or_else(not_running)?;
-        if command.is_empty() {
-            return Err(ExecError::EmptyCommand);
-        }
-        handle.exec_interactive(command).await.map_err(|e| match e {
-            Error::Spawn { program, source } => ExecError::Start {
-                message: start_message(&program, &source),
-                program,
-            },
-            Error::NotRunning => not_running(),
-            Error::Unsupported(_) => ExecError::Unsupported,
-            e => ExecError::Runtime(e),
-        })
+        self.shared.running(&key, container).ok_or_else(not_running)
     }
 
     /// Stops every container (SIGTERM to its process group, then SIGKILL

@@ -41,6 +41,9 @@ pub struct LaunchSpec {
     pub working_dir: PathBuf,
     /// stdout and stderr are appended to this file.
     pub log_file: PathBuf,
+    /// The container's `stdin`: keep a pipe to it open for `kubectl
+    /// attach -i` (otherwise it reads end of file at once).
+    pub stdin: bool,
     /// Where the runtime records what it needs to find and kill this
     /// container after edgecore crashed (see [`Runtime::kill_leftover`]).
     /// The runtime removes it once the container has exited.
@@ -144,6 +147,15 @@ pub trait ContainerHandle: Send + Sync + Debug + 'static {
         drop(command);
         Box::pin(async { Err(Error::Unsupported("exec")) })
     }
+
+    /// Writes `data` to the container's stdin (`kubectl attach -i`);
+    /// `None` closes it (`stdinOnce`). Errors: [`Error::Unsupported`] when
+    /// the container has no stdin (its spec did not ask for one, or the
+    /// runtime cannot), [`Error::NotRunning`] once it is closed.
+    fn write_stdin(&self, data: Option<bytes::Bytes>) -> BoxFuture<'_, Result<(), Error>> {
+        drop(data);
+        Box::pin(async { Err(Error::Unsupported("stdin")) })
+    }
 }
 
 /// The caller's end of an exec'd command's stdin.
@@ -240,22 +252,35 @@ impl Runtime for ProcessRuntime {
             .append(true)
             .open(&spec.log_file)
             .map_err(|e| Error::io(&spec.log_file, e))?;
-        let log_err = log.try_clone().map_err(|e| Error::io(&spec.log_file, e))?;
         let mut command = tokio::process::Command::new(&spec.program);
         command
             .args(&spec.args)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.working_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
+            .stdin(if spec.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
-        let child = command.spawn().map_err(|source| Error::Spawn {
+        let mut child = command.spawn().map_err(|source| Error::Spawn {
             program: spec.program.clone(),
             source,
         })?;
+        // Its output, stamped, into the log file (CRI format, see crilog).
+        if let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) {
+            let (file, path) = (tokio::fs::File::from_std(log), spec.log_file.clone());
+            tokio::spawn(async move {
+                if let Err(e) = super::crilog::copy(stdout, stderr, file).await {
+                    warn!(file = %path.display(), error = %e, "writing a container's log failed");
+                }
+            });
+        }
+        let stdin = child.stdin.take();
         let pid = child
             .id()
             .and_then(|pid| i32::try_from(pid).ok())
@@ -263,6 +288,7 @@ impl Runtime for ProcessRuntime {
         let container = ProcessContainer {
             pid,
             child: tokio::sync::Mutex::new(Some(child)),
+            stdin: tokio::sync::Mutex::new(stdin),
             exit: OnceLock::new(),
             exited: AtomicBool::new(false),
             gone: watch::Sender::new(false),
@@ -309,6 +335,8 @@ impl Runtime for ProcessRuntime {
 struct ProcessContainer {
     pid: i32,
     child: tokio::sync::Mutex<Option<tokio::process::Child>>,
+    /// The pipe to its stdin while open (specs with `stdin: true`).
+    stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
     exit: OnceLock<ExitStatus>,
     exited: AtomicBool,
     /// Becomes true when the container has exited (kills its execs).
@@ -321,6 +349,29 @@ struct ProcessContainer {
 impl ContainerHandle for ProcessContainer {
     fn id(&self) -> String {
         format!("process://{}", self.pid)
+    }
+
+    fn write_stdin(&self, data: Option<bytes::Bytes>) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let mut stdin = self.stdin.lock().await;
+            let Some(pipe) = stdin.as_mut() else {
+                return Err(Error::NotRunning);
+            };
+            match data {
+                Some(data) => {
+                    if let Err(e) = pipe.write_all(&data).await {
+                        *stdin = None;
+                        return Err(Error::Runtime(format!("writing to stdin: {e}")));
+                    }
+                    Ok(())
+                }
+                None => {
+                    *stdin = None;
+                    Ok(())
+                }
+            }
+        })
     }
 
     fn signal(&self, signal: StopSignal) -> Result<(), Error> {

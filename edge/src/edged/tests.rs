@@ -561,11 +561,27 @@ async fn log_path_holds_the_output_of_each_run() {
     let current = fx.edged().log_path("default", "logs", "c", false).unwrap();
     let previous = fx.edged().log_path("default", "logs", "c", true).unwrap();
     assert_ne!(current, previous);
-    wait_until("the output", || {
-        std::fs::read_to_string(&current).is_ok_and(|s| s == "hello\noops\n")
-    })
-    .await;
-    assert_eq!(std::fs::read_to_string(&previous).unwrap(), "hello\noops\n");
+    // CRI entries: each line stamped and tagged with its stream.
+    let text = |path: &std::path::Path| {
+        let file = std::fs::read(path).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut streams = Vec::new();
+        for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let e = super::crilog::parse(line);
+            assert!(e.time.is_some(), "{}", String::from_utf8_lossy(line));
+            streams.push(
+                String::from_utf8_lossy(line.split(|b| *b == b' ').nth(1).unwrap()).into_owned(),
+            );
+            super::crilog::render(&e, false, &mut out);
+        }
+        (String::from_utf8(out).unwrap(), streams)
+    };
+    let want = (
+        "hello\noops\n".to_owned(),
+        vec!["stdout".to_owned(), "stderr".to_owned()],
+    );
+    wait_until("the output", || text(&current) == want).await;
+    assert_eq!(text(&previous), want);
     assert_eq!(fx.edged().log_path("default", "logs", "../c", false), None);
     assert_eq!(fx.edged().log_path("default", "nope", "c", false), None);
     fx.edged().shutdown().await;

@@ -610,6 +610,7 @@ impl Worker {
             env,
             working_dir,
             log_file: self.log_dir.join(&plan.name).join(format!("{log_seq}.log")),
+            stdin: plan.spec.get("stdin").and_then(Value::as_bool) == Some(true),
             state_file: self
                 .run_dir
                 .join(format!("{}_{}.pid", self.plan.dir_name(), plan.name)),

@@ -1,0 +1,207 @@
+//! Container log files in the CRI format (what the kubelet reads from
+//! containerd): one entry per line, `<RFC 3339 time> <stdout|stderr> <F|P>
+//! <content>`. `F` ends a line of the container's output, `P` is a part of
+//! one (the container wrote no newline yet, or the line is longer than
+//! [`MAX_ENTRY`]). Concatenating the contents, with a newline after each
+//! `F`, gives back exactly what the container wrote to each stream.
+//!
+//! The process runtime pipes a container's stdout and stderr through
+//! [`copy`], which stamps each entry with the time it was read; `kubectl
+//! logs --timestamps` and `--since` use those times.
+
+use std::io;
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Longest content of one entry; a longer line becomes several `P` entries.
+pub(crate) const MAX_ENTRY: usize = 16 << 10;
+
+/// One parsed entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry<'a> {
+    /// The entry's time, as written.
+    pub stamp: &'a [u8],
+    /// When, parsed (`None` for a line that is not a CRI entry).
+    pub time: Option<OffsetDateTime>,
+    /// Whether it was written to stderr (else stdout).
+    pub stderr: bool,
+    /// Whether the content ends a line.
+    pub full: bool,
+    pub content: &'a [u8],
+}
+
+/// Parses one line of a log file (without its newline). A line that is not
+/// a CRI entry (a log written by an older edgecore) is passed through as a
+/// whole line without a time.
+pub(crate) fn parse(line: &[u8]) -> Entry<'_> {
+    let raw = Entry {
+        stamp: b"",
+        time: None,
+        stderr: false,
+        full: true,
+        content: line,
+    };
+    let mut parts = line.splitn(4, |b| *b == b' ');
+    let (Some(stamp), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
+        return raw;
+    };
+    let content = parts.next().unwrap_or_default();
+    let time = std::str::from_utf8(stamp)
+        .ok()
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+    let full = match tag {
+        b"F" => true,
+        b"P" => false,
+        _ => return raw,
+    };
+    if time.is_none() || !matches!(stream, b"stdout" | b"stderr") {
+        return raw;
+    }
+    Entry {
+        stamp,
+        time,
+        stderr: stream == b"stderr",
+        full,
+        content,
+    }
+}
+
+/// The bytes `kubectl logs` shows for `entry` (its time first, with
+/// `timestamps`).
+pub(crate) fn render(entry: &Entry<'_>, timestamps: bool, out: &mut Vec<u8>) {
+    if timestamps && !entry.stamp.is_empty() {
+        out.extend_from_slice(entry.stamp);
+        out.push(b' ');
+    }
+    out.extend_from_slice(entry.content);
+    if entry.full {
+        out.push(b'\n');
+    }
+}
+
+/// Appends the entries for `data`, read from `stream` at `now`: complete
+/// lines as `F`, a trailing part as `P` (the next entry of the stream
+/// continues its line).
+fn encode(stream: &str, now: OffsetDateTime, data: &[u8], out: &mut Vec<u8>) {
+    let stamp = now
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+    let mut rest = data;
+    while !rest.is_empty() {
+        let newline = rest.iter().position(|b| *b == b'\n');
+        let (content, full, used) = match newline {
+            Some(i) if i <= MAX_ENTRY => (rest.get(..i).unwrap_or_default(), true, i + 1),
+            _ => {
+                let n = rest.len().min(MAX_ENTRY);
+                (rest.get(..n).unwrap_or_default(), false, n)
+            }
+        };
+        out.extend_from_slice(stamp.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(stream.as_bytes());
+        out.extend_from_slice(if full { b" F " } else { b" P " });
+        out.extend_from_slice(content);
+        out.push(b'\n');
+        rest = rest.get(used..).unwrap_or_default();
+    }
+}
+
+/// Copies a container's stdout and stderr into its log file until both
+/// end (the container and everything it started closed them). Each read
+/// becomes whole entries written at once, so a reader never sees an entry
+/// of one stream cut by one of the other.
+pub(crate) async fn copy(
+    mut stdout: impl AsyncRead + Unpin,
+    mut stderr: impl AsyncRead + Unpin,
+    mut file: tokio::fs::File,
+) -> io::Result<()> {
+    let mut out_buf = vec![0u8; MAX_ENTRY];
+    let mut err_buf = vec![0u8; MAX_ENTRY];
+    let (mut out_open, mut err_open) = (true, true);
+    let mut entries = Vec::with_capacity(2 * MAX_ENTRY);
+    while out_open || err_open {
+        // stdout first when both are ready: a shell's `echo a; echo b >&2`
+        // then keeps its order.
+        let (stream, read) = tokio::select! {
+            biased;
+            r = stdout.read(&mut out_buf), if out_open => ("stdout", r.map(|n| (n, true))),
+            r = stderr.read(&mut err_buf), if err_open => ("stderr", r.map(|n| (n, false))),
+        };
+        let (n, is_out) = read?;
+        if n == 0 {
+            if is_out {
+                out_open = false;
+            } else {
+                err_open = false;
+            }
+            continue;
+        }
+        let buf = if is_out { &out_buf } else { &err_buf };
+        entries.clear();
+        encode(
+            stream,
+            OffsetDateTime::now_utc(),
+            buf.get(..n).unwrap_or_default(),
+            &mut entries,
+        );
+        file.write_all(&entries).await?;
+    }
+    file.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn decode(file: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            render(&parse(line), false, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn entries_give_back_what_was_written() {
+        let now = OffsetDateTime::now_utc();
+        let long = vec![b'x'; MAX_ENTRY * 2 + 5];
+        for data in [
+            &b"hello\nworld\n"[..],
+            b"no newline",
+            b"\n\n",
+            b"a b c F P\n",
+            &long,
+        ] {
+            let mut file = Vec::new();
+            encode("stdout", now, data, &mut file);
+            assert_eq!(decode(&file), data, "{:?}", String::from_utf8_lossy(data));
+        }
+        // A line split over two reads joins again.
+        let mut file = Vec::new();
+        encode("stdout", now, b"par", &mut file);
+        encode("stdout", now, b"t\nnext\n", &mut file);
+        assert_eq!(decode(&file), b"part\nnext\n");
+    }
+
+    #[test]
+    fn timestamps_and_times_parse() {
+        let now = OffsetDateTime::now_utc();
+        let mut file = Vec::new();
+        encode("stderr", now, b"oops\n", &mut file);
+        let line = file.strip_suffix(b"\n").unwrap();
+        let e = parse(line);
+        assert_eq!(e.time, Some(now));
+        assert!(e.full);
+        let mut out = Vec::new();
+        render(&e, true, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("Z oops\n"), "{text}");
+        // Lines of an older, plain log pass through whole.
+        let plain = parse(b"just a line");
+        assert_eq!((plain.time, plain.content), (None, &b"just a line"[..]));
+        assert_eq!(parse(b"2026-01-01T00:00:00Z stdin F x").time, None);
+    }
+}
