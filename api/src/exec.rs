@@ -273,15 +273,7 @@ where
                 return;
             }
         }
-        // A normal closure: kubectl reads it as the end of every stream
-        // (a close without a status code is an error to it).
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
+        close_normally(&mut sink).await;
     };
     // The exec ends when its output does (the final Status is sent), or
     // when the client goes away: then its output is dropped, which ends
@@ -291,6 +283,21 @@ where
         () = upstream => debug!("exec client went away"),
     }
     debug!("exec stream closed");
+}
+
+/// Ends a WebSocket with a normal closure: kubectl reads it as the end of
+/// every stream (a close without a status code is an error to it).
+pub(crate) async fn close_normally<S>(sink: &mut S)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })))
+        .await;
+    let _ = sink.close().await;
 }
 
 #[cfg(test)]

@@ -15,9 +15,11 @@
 pub mod exec;
 pub mod grpc;
 pub mod meta;
+pub mod portforward;
 pub mod resources;
 pub mod select;
 pub mod server;
+pub mod spdy;
 pub mod status;
 pub mod watch;
 

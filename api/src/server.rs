@@ -95,11 +95,33 @@ pub struct ApiServer {
     task: JoinHandle<()>,
 }
 
+/// What serves a pod's container streams (cloudcore: each node's own
+/// connection); what is `None` is refused.
+#[derive(Clone, Default)]
+pub struct PodStreams {
+    /// `kubectl logs`.
+    pub logs: Option<Arc<dyn PodLogs>>,
+    /// `kubectl exec` and `kubectl attach`.
+    pub exec: Option<Arc<dyn crate::exec::PodExec>>,
+    /// `kubectl port-forward`.
+    pub portforward: Option<Arc<dyn crate::portforward::PodPortForward>>,
+}
+
+impl std::fmt::Debug for PodStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodStreams")
+            .field("logs", &self.logs.is_some())
+            .field("exec", &self.exec.is_some())
+            .field("portforward", &self.portforward.is_some())
+            .finish()
+    }
+}
+
 impl ApiServer {
     /// Serves the API on `addr` with `tls` (which should require client
     /// certificates from the cluster CA): reads from `reader`, writes to
-    /// `writer`, container logs from `logs`, `kubectl exec` by `exec`.
-    /// Only a client whose
+    /// `writer`, container logs, exec, attach and port-forward through
+    /// `streams`. Only a client whose
     /// certificate `admin` accepts may use it; any other gets `403
     /// Forbidden`.
     pub async fn bind(
@@ -107,10 +129,14 @@ impl ApiServer {
         mut tls: rustls::ServerConfig,
         reader: Arc<dyn ReadObjects>,
         writer: Arc<dyn WriteObjects>,
-        logs: Option<Arc<dyn PodLogs>>,
-        exec: Option<Arc<dyn crate::exec::PodExec>>,
+        streams: PodStreams,
         admin: fn(&[u8]) -> bool,
     ) -> std::io::Result<ApiServer> {
+        let PodStreams {
+            logs,
+            exec,
+            portforward,
+        } = streams;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -121,6 +147,7 @@ impl ApiServer {
             writer: Some(writer),
             logs,
             exec,
+            portforward,
             addr: addr.to_string(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
@@ -171,6 +198,7 @@ impl ApiServer {
             writer: None,
             logs,
             exec: None,
+            portforward: None,
             addr: addr.to_string(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
@@ -398,6 +426,7 @@ struct Server {
     writer: Option<Arc<dyn WriteObjects>>,
     logs: Option<Arc<dyn PodLogs>>,
     exec: Option<Arc<dyn crate::exec::PodExec>>,
+    portforward: Option<Arc<dyn crate::portforward::PodPortForward>>,
     addr: String,
 }
 
@@ -644,6 +673,12 @@ impl Server {
                 let (name, attach) = (name.clone(), sub == "attach");
                 return self.exec(req, &t, &name, &query, attach).await;
             }
+            (&Method::GET | &Method::POST, Some(name), Some("portforward"))
+                if t.rt.plural == "pods" =>
+            {
+                let name = name.clone();
+                return self.portforward(req, &t, &name).await;
+            }
             (&Method::GET, Some(name), Some("log")) if t.rt.plural == "pods" => {
                 let key = t.rt.key(t.namespace.as_deref(), name);
                 let pod = self
@@ -751,26 +786,14 @@ impl Server {
                 "exec and attach are served by cloudcore, not by this API",
             ));
         };
-        let header = |h: &str| {
-            req.headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
-        let offered = header("sec-websocket-protocol").unwrap_or_default();
-        let (Some(ws_key), true, true) = (
-            header("sec-websocket-key"),
-            websocket,
-            offered.split(',').any(|p| p.trim() == PROTOCOL),
-        ) else {
+        let Some(ws_key) = websocket_key(&req, PROTOCOL) else {
             exec.check(&pod, name)?;
-            return Err(Status::bad_request(format!(
-                "{} needs a WebSocket upgrade with subprotocol {PROTOCOL} (kubectl 1.30 or newer); this request asked for {:?} with {:?}",
+            return Err(not_websocket(
+                &req,
                 if attach { "attach" } else { "exec" },
-                header("upgrade").unwrap_or_default(),
-                offered
-            )));
+                PROTOCOL,
+                "1.30",
+            ));
         };
         let commands: Vec<String> = req
             .uri()
@@ -794,24 +817,48 @@ impl Server {
                 Err(e) => debug!(error = %e, "exec upgrade failed"),
             }
         });
-        let accept =
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
-        let mut r = Response::new(ApiBody::Full(None));
-        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
-        let h = r.headers_mut();
-        h.insert(
-            hyper::header::UPGRADE,
-            HeaderValue::from_static("websocket"),
-        );
-        h.insert(
-            hyper::header::CONNECTION,
-            HeaderValue::from_static("Upgrade"),
-        );
-        h.insert("sec-websocket-protocol", HeaderValue::from_static(PROTOCOL));
-        if let Ok(v) = HeaderValue::from_str(&accept) {
-            h.insert("sec-websocket-accept", v);
-        }
-        Ok(r)
+        Ok(switching(&ws_key, PROTOCOL))
+    }
+
+    /// `kubectl port-forward`: a WebSocket upgrade carrying SPDY
+    /// (`SPDY/3.1+portforward.k8s.io`, as kubectl 1.31 and newer speak it),
+    /// each forwarded connection opened through `portforward`.
+    async fn portforward(
+        &self,
+        mut req: Request<Incoming>,
+        t: &Target,
+        name: &str,
+    ) -> Result<Resp, Status> {
+        use crate::portforward::PROTOCOL;
+        let key = t.rt.key(t.namespace.as_deref(), name);
+        let pod = self
+            .reader
+            .get(&key)
+            .ok_or_else(|| Status::not_found(t.rt, name))?;
+        let Some(forwarder) = self.portforward.clone() else {
+            return Err(Status::new(
+                405,
+                "MethodNotAllowed",
+                "port-forward is served by cloudcore, not by this API",
+            ));
+        };
+        forwarder.check(&pod, name)?;
+        let Some(ws_key) = websocket_key(&req, PROTOCOL) else {
+            return Err(not_websocket(&req, "port-forward", PROTOCOL, "1.31"));
+        };
+        let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
+        let upgrade = hyper::upgrade::on(&mut req);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(io) => {
+                    crate::portforward::serve(TokioIo::new(io), pod, namespace, name, forwarder)
+                        .await;
+                }
+                Err(e) => debug!(error = %e, "port-forward upgrade failed"),
+            }
+        });
+        Ok(switching(&ws_key, PROTOCOL))
     }
 
     /// Where writes go; a read-only API (edgecore's) refuses them.
@@ -967,4 +1014,51 @@ impl Server {
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(r)
     }
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade with
+/// `ws_key`, choosing `protocol`.
+fn switching(ws_key: &str, protocol: &'static str) -> Resp {
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    let mut r = Response::new(ApiBody::Full(None));
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    h.insert("sec-websocket-protocol", HeaderValue::from_static(protocol));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}
+
+/// The `Sec-WebSocket-Key` of a WebSocket upgrade offering `protocol`.
+fn websocket_key(req: &Request<Incoming>, protocol: &str) -> Option<String> {
+    let header = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok());
+    let websocket = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let offered = header("sec-websocket-protocol").unwrap_or_default();
+    (websocket && offered.split(',').any(|p| p.trim() == protocol))
+        .then(|| header("sec-websocket-key").map(str::to_owned))
+        .flatten()
+}
+
+/// Why a request for `what` that is not such an upgrade is refused.
+fn not_websocket(req: &Request<Incoming>, what: &str, protocol: &str, kubectl: &str) -> Status {
+    let header = |h: &str| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    Status::bad_request(format!(
+        "{what} needs a WebSocket upgrade with subprotocol {protocol} (kubectl {kubectl} or newer); this request asked for {:?} with {:?}",
+        header("upgrade"),
+        header("sec-websocket-protocol")
+    ))
 }

@@ -237,7 +237,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
     let registry = Registry::open(store.clone())?;
 
-    // `kubectl logs` through each node's connection (the hub comes later).
+    // `kubectl logs`, `exec`, `attach` and `port-forward` through each
+    // node's connection (the hub comes later).
     let tunnel = crate::streams::Tunnel::new(registry.clone());
     // The control plane: the embedded one, or the attached cluster.
     let (plane, attached, api): (Arc<dyn ControlPlane>, _, _) = match &cfg.kubernetes {
@@ -247,17 +248,9 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         }
         None => {
             let api_tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
-            let logs: Arc<dyn keel_api::PodLogs> = tunnel.clone();
-            let exec: Arc<dyn keel_api::exec::PodExec> = tunnel.clone();
-            let api = api::bind(
-                cfg.api_addr,
-                api_tls,
-                registry.clone(),
-                Some(logs),
-                Some(exec),
-            )
-            .await
-            .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
+            let api = api::bind(cfg.api_addr, api_tls, registry.clone(), tunnel.clone())
+                .await
+                .map_err(io(format!("binding the API on {}", cfg.api_addr)))?;
             (Arc::new(Embedded(registry.clone())), None, Some(api))
         }
     };

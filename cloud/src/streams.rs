@@ -1,5 +1,6 @@
 //! Container streams through each node's own connection: cloudcore's API
-//! answers `kubectl logs` and `kubectl exec` by opening a session on the
+//! answers `kubectl logs`, `exec`, `attach` and `port-forward` by opening a
+//! session (one per forwarded connection) on the
 //! node's QUIC connection (`keel_sync::session`); edgecore answers logs
 //! from its containers' log files, as its own API does, and runs an exec
 //! in the container. No port on the edge, no inbound route to it: the
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_api::exec::{ERROR, ExecFuture, ExecRequest, ExecStreams, PodExec, deframe, frame};
+use keel_api::portforward::{ForwardFuture, ForwardRequest, ForwardStreams, PodPortForward};
 use keel_api::{LogRequest, LogsFuture, PodLogs, Status};
 use keel_sync::session::{SessionError, open_session};
 use serde_json::{Value, json};
@@ -67,10 +69,14 @@ fn audit(registry: &Registry, req: &ExecRequest, phase: &str, exit_code: Option<
         json!({"phase": phase, "container": req.container,
             "command": req.command, "stdin": req.stdin, "exitCode": exit_code}),
     );
-    let record = Value::Object(record);
+    record_session(registry, &key, &Value::Object(record));
+}
+
+/// Records a session event on `key` in the cluster's log.
+fn record_session(registry: &Registry, key: &str, record: &Value) {
     let origin = user_origin(crate::pki::ADMIN_COMMON_NAME);
-    if let Err(e) = registry.record_event(&origin, &key, record.to_string().into_bytes()) {
-        warn!(%key, error = %e, "could not record an exec session");
+    if let Err(e) = registry.record_event(&origin, key, record.to_string().into_bytes()) {
+        warn!(%key, error = %e, "could not record a session");
     }
 }
 
@@ -197,6 +203,38 @@ impl PodExec for Tunnel {
                 audit(&registry, &req, "ended", exit);
             });
             Ok(ExecStreams { input, output: rx })
+        })
+    }
+}
+
+impl PodPortForward for Tunnel {
+    fn check(&self, pod: &Value, name: &str) -> Result<(), Status> {
+        self.connection(pod, name).map(|_| ())
+    }
+
+    fn forward<'a>(&'a self, pod: &'a Value, req: &'a ForwardRequest) -> ForwardFuture<'a> {
+        Box::pin(async move {
+            let (node, conn) = self.connection(pod, &req.pod)?;
+            debug!(%node, pod = %req.pod, port = req.port, "port-forward through the node's connection");
+            let (input, to_node) = mpsc::channel::<Bytes>(16);
+            let mut from_node = self
+                .session(&node, &conn, &req.to_json(), Some(to_node))
+                .await?;
+            let key = format!("pods/{}/{}", req.namespace, req.pod);
+            let record = |phase: &str| json!({"portforward": {"phase": phase, "port": req.port}});
+            record_session(&self.registry, &key, &record("started"));
+            let ended = record("ended");
+            let (tx, output) = mpsc::channel::<Bytes>(16);
+            let registry = self.registry.clone();
+            tokio::spawn(async move {
+                while let Some(chunk) = from_node.recv().await {
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                record_session(&registry, &key, &ended);
+            });
+            Ok(ForwardStreams { input, output })
         })
     }
 }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use keel_api::exec::{
     CLOSE, Deframer, ERROR, ExecRequest, STDERR, STDIN, STDOUT, exit_status, frame, message,
 };
+use keel_api::portforward::ForwardRequest;
 use keel_api::{LogRequest, Status};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
@@ -89,6 +90,16 @@ impl<L: Logs> keel_sync::session::SessionHandler for Sessions<L> {
                     attach(&self.edged, req, once, input)
                 });
                 Box::pin(std::future::ready(answer.map_err(|s| status_bytes(&s))))
+            }
+            Some("portforward") => {
+                let req = match ForwardRequest::from_json(&v) {
+                    Ok(r) => r,
+                    Err(s) => return refuse(s),
+                };
+                if let Err(s) = self.pod(&req.namespace, &req.pod) {
+                    return refuse(s);
+                }
+                Box::pin(async move { forward(req, input).await.map_err(|s| status_bytes(&s)) })
             }
             Some("exec") => {
                 let req = match ExecRequest::from_json(&v) {
@@ -202,6 +213,61 @@ async fn exec(
         let _ = tx
             .send(frame(&message(ERROR, status.to_string().as_bytes())))
             .await;
+    });
+    Ok(rx)
+}
+
+/// How long connecting to a pod's port may take.
+const CONNECT_WITHIN: Duration = Duration::from_secs(5);
+
+/// One `kubectl port-forward` connection: to the pod's port (the process
+/// runtime's pods share the node's network, so on the loopback address),
+/// the session's input to it and its output back. The session's input
+/// ending closes the connection's sending side; the pod closing ends the
+/// output.
+async fn forward(
+    req: ForwardRequest,
+    mut input: mpsc::Receiver<Bytes>,
+) -> Result<mpsc::Receiver<Bytes>, Status> {
+    let failed = |why: String| {
+        Status::internal(format!(
+            "error forwarding port {} to pod {}: failed to connect to localhost:{}: {why}",
+            req.port, req.pod, req.port
+        ))
+    };
+    let conn = tokio::time::timeout(
+        CONNECT_WITHIN,
+        tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, req.port)),
+    )
+    .await
+    .map_err(|_| failed(format!("no answer within {CONNECT_WITHIN:?}")))?
+    .map_err(|e| failed(e.to_string()))?;
+    debug!(pod = %req.pod, port = req.port, "port forwarded");
+    let (mut from_pod, mut to_pod) = conn.into_split();
+    tokio::spawn(async move {
+        while let Some(chunk) = input.recv().await {
+            if to_pod.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_pod.shutdown().await;
+    });
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            let n = tokio::select! {
+                r = from_pod.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                () = tx.closed() => return,
+            };
+            let chunk = buf.get(..n).map(Bytes::copy_from_slice).unwrap_or_default();
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
     });
     Ok(rx)
 }

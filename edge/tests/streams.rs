@@ -82,17 +82,79 @@ impl Drop for Follow {
     }
 }
 
+/// `kubectl port-forward pod/NAME :PORT` against the cloud.
+struct PortForward {
+    child: std::process::Child,
+    local: u16,
+    err: Arc<Mutex<String>>,
+}
+
+impl PortForward {
+    fn start(cloud: &Cloud, cache: &std::path::Path, pod: &str, port: u16) -> PortForward {
+        let mut child = Command::new(support::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(cloud.kubeconfig())
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["port-forward", &format!("pod/{pod}"), &format!(":{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = Arc::new(Mutex::new(String::new()));
+        let sink = err.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut e = sink.lock().unwrap();
+                e.push_str(&l);
+                e.push('\n');
+            }
+        });
+        // "Forwarding from 127.0.0.1:LOCAL -> PORT"
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let local = first
+            .strip_prefix("Forwarding from 127.0.0.1:")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "kubectl port-forward said {first:?}: {}",
+                    err.lock().unwrap()
+                )
+            });
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        PortForward { child, local, err }
+    }
+
+    /// What kubectl wrote on stderr so far (after a moment for it to).
+    fn stderr(&mut self) -> String {
+        std::thread::sleep(Duration::from_millis(500));
+        self.err.lock().unwrap().clone()
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn kubectl_logs_and_exec_through_cloudcore() {
     let tmp = tempfile::tempdir().unwrap();
     eprintln!("state and logs in {}", tmp.path().display());
     let cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
+    // The edge on another loopback address than the cloud (kubectl only
+    // ever has the cloud's).
     let mut edge = Edge::start(
         &tmp.path().join("edge-a"),
         "edge-a",
         &cloud,
         Some(cloud.token("edge-a")),
-        None,
+        Some(format!("127.0.0.2:{}", free_port())),
     );
     wait_for("edge-a Ready", Duration::from_secs(60), || {
         String::from_utf8_lossy(&cloud.k(&["get", "nodes"]).stdout)
@@ -348,6 +410,76 @@ fn kubectl_logs_and_exec_through_cloudcore() {
     drop(stdin);
     child.kill().unwrap();
     child.wait().unwrap();
+    // kubectl port-forward: HTTP through the tunnel to a server in a pod
+    // (the process runtime's pods share the node's network).
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from the pod\n").unwrap();
+    let port = free_port();
+    apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  nodeName: edge-a\n  containers:\n  - name: main\n    image: python\n    command: [\"python3\", \"-m\", \"http.server\", \"{port}\", \"--bind\", \"127.0.0.1\", \"--directory\", {:?}]\n    readinessProbe:\n      tcpSocket:\n        port: {port}\n      periodSeconds: 1\n",
+        www.display().to_string()
+    ));
+    // Ready: its server listens (kubectl ends a port-forward session on
+    // the first refused connection).
+    wait_for("the web pod Ready", Duration::from_secs(60), || {
+        cloud_pod(&cloud, "web")["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+    });
+    let forward = PortForward::start(&cloud, &cache, "web", port);
+    let get = |local: u16| -> std::io::Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", local))?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))?;
+        c.write_all(b"GET /hello.txt HTTP/1.0\r\nHost: pod\r\n\r\n")?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    let answer;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match get(forward.local) {
+            Ok(a) if a.contains("hello from the pod") => {
+                answer = a;
+                break;
+            }
+            r => assert!(
+                Instant::now() < deadline,
+                "no HTTP answer through port-forward: {r:?}; kubectl said {}",
+                forward.err.lock().unwrap()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    // Several connections, one after the other and at once.
+    let many: Vec<_> = (0..4)
+        .map(|_| {
+            let local = forward.local;
+            std::thread::spawn(move || get(local))
+        })
+        .collect();
+    for t in many {
+        let a = t.join().unwrap().unwrap();
+        assert!(a.contains("hello from the pod"), "{a}");
+    }
+    drop(forward);
+    // A port nothing listens on: kubectl reports the pod's answer.
+    let closed = free_port();
+    let mut forward = PortForward::start(&cloud, &cache, "web", closed);
+    let a = get(forward.local).unwrap_or_default();
+    assert!(!a.contains("HTTP"), "{a}");
+    let err = forward.stderr();
+    assert!(
+        err.contains(&format!("localhost:{closed}")) || err.contains("connection refused"),
+        "{err}"
+    );
+    drop(forward);
     // A client that goes away takes its command with it.
     let running = || {
         Command::new("pgrep")
@@ -399,6 +531,20 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         err.contains("edge-a") && (err.contains("not connected") || err.contains("did not answer")),
         "{err}"
     );
+    let start = Instant::now();
+    let o = cloud.k(&["port-forward", "pod/web", &format!(":{port}")]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!(
+        "port-forward with the node gone: {:?}: {err}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("edge-a") && (err.contains("not connected") || err.contains("did not answer")),
+        "{err}"
+    );
+    let o = cloud.k(&["attach", "counter"]);
+    assert!(!o.status.success());
     // Each exec session is in the cluster's log (who, pod, command, and
     // its exit code at the end), for `keel audit`.
     let mut cloud = cloud;
@@ -422,7 +568,9 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         };
         after = last.seq;
         for r in seg.records {
-            if r.kind == keel_log::PayloadKind::Event && r.key == "pods/default/counter" {
+            if r.kind == keel_log::PayloadKind::Event
+                && (r.key == "pods/default/counter" || r.key == "pods/default/web")
+            {
                 assert_eq!(r.origin, "user:keel-admin");
                 sessions.push(serde_json::from_slice::<Value>(&r.payload).unwrap());
             }
@@ -444,6 +592,16 @@ fn kubectl_logs_and_exec_through_cloudcore() {
             .filter(|s| s["exec"]["phase"] == "started")
             .count()
             >= 4,
+        "{sessions:?}"
+    );
+    let attaches = sessions
+        .iter()
+        .filter(|s| s["attach"]["phase"] == "started");
+    assert!(attaches.count() >= 1, "{sessions:?}");
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["portforward"]["phase"] == "ended" && s["portforward"]["port"] == port),
         "{sessions:?}"
     );
 }

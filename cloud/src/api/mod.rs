@@ -30,9 +30,11 @@ pub async fn bind(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     registry: Arc<Registry>,
-    logs: Option<Arc<dyn PodLogs>>,
-    exec: Option<Arc<dyn keel_api::exec::PodExec>>,
+    streams: Arc<crate::streams::Tunnel>,
 ) -> std::io::Result<ApiServer> {
+    let logs: Arc<dyn PodLogs> = streams.clone();
+    let exec: Arc<dyn keel_api::exec::PodExec> = streams.clone();
+    let portforward: Arc<dyn keel_api::portforward::PodPortForward> = streams;
     let writes = Writes {
         registry: registry.clone(),
         origin: registry::user_origin(crate::pki::ADMIN_COMMON_NAME),
@@ -42,8 +44,11 @@ pub async fn bind(
         tls,
         registry,
         Arc::new(writes),
-        logs,
-        exec,
+        keel_api::server::PodStreams {
+            logs: Some(logs),
+            exec: Some(exec),
+            portforward: Some(portforward),
+        },
         crate::pki::is_admin_cert,
     )
     .await
