@@ -14,8 +14,10 @@
 
 pub mod exec;
 pub mod grpc;
+pub mod kubelet;
 pub mod meta;
 pub mod portforward;
+pub mod remotecommand;
 pub mod resources;
 pub mod select;
 pub mod server;

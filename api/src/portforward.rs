@@ -2,7 +2,12 @@
 //! (client-go's `tools/portforward` tunneling dialer): the connection is
 //! upgraded with subprotocol [`PROTOCOL`], and the WebSocket's binary
 //! messages then carry, in arbitrary chunks, a SPDY/3.1 connection
-//! ([`crate::spdy`]) in which kubectl is the client.
+//! ([`crate::spdy`]) in which kubectl is the client. The same session also
+//! runs on a raw SPDY connection ([`serve_spdy`]): the kubelet's API, where
+//! the API server upgrades an HTTP/1.1 connection to `SPDY/3.1` with
+//! `X-Stream-Protocol-Version:` [`SPDY_PROTOCOL`] and then relays
+//! kubectl's SPDY bytes as they are. Only the transport differs
+//! (`spdy::conn`).
 //!
 //! For each local connection kubectl opens two streams with headers
 //! `streamtype` (`error`, then `data`), `port` and `requestid`, and waits
@@ -23,7 +28,7 @@
 //! Bounds: at most [`MAX_PAIRS`] forwards (pairs) per session, a stream
 //! that would open one more is refused with RST_STREAM (REFUSED_STREAM);
 //! client bytes wait in a queue of [`CLIENT_QUEUE`] chunks per forward, and
-//! a full queue stops reading the WebSocket (backpressure on the whole
+//! a full queue stops reading the connection (backpressure on the whole
 //! session, as spdystream does); frames to the client wait in one queue of
 //! [`WRITE_QUEUE`] frames; pod bytes go out in data frames of at most
 //! [`MAX_CHUNK`] bytes. SPDY flow control is not used (spdystream sends no
@@ -34,21 +39,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::{Sink, SinkExt as _, Stream, StreamExt as _};
+use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{Instrument as _, debug, debug_span, info_span, warn};
 
-use crate::spdy::{self, Decoder, Encoder, Frame, Headers, SpdyError};
+use crate::spdy::conn::{self, Inbound, Incoming, Outbound};
+use crate::spdy::{self, Decoder, Frame, Headers, SpdyError};
 use crate::status::Status;
 
 /// The WebSocket subprotocol keel serves for port-forward.
 pub const PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+/// `X-Stream-Protocol-Version` of port-forward over plain SPDY.
+pub const SPDY_PROTOCOL: &str = "portforward.k8s.io";
 /// Largest WebSocket message accepted (kubectl writes a few bytes to 32 KiB).
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Most forwards (error + data stream pairs) open at once in one session.
@@ -60,12 +65,8 @@ pub const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CHUNK: usize = 32 * 1024;
 /// Client chunks queued per forward before the session stops reading.
 pub const CLIENT_QUEUE: usize = 16;
-/// Frames queued for the WebSocket writer.
+/// Frames queued for the connection's writer.
 pub const WRITE_QUEUE: usize = 64;
-/// Frames batched into one WebSocket message up to about this many bytes.
-const BATCH: usize = 64 * 1024;
-/// How long the last frames (GOAWAY, close) may take when a session ends.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const STREAM_TYPE: &str = "streamtype";
 const PORT: &str = "port";
@@ -145,98 +146,95 @@ pub async fn serve<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let span = info_span!("portforward", namespace = %namespace, pod = %name);
+    let span =
+        info_span!("portforward", namespace = %namespace, pod = %name, transport = "websocket");
     async move {
-        let mut config = WebSocketConfig::default();
-        config.max_message_size = Some(MAX_MESSAGE);
-        config.max_frame_size = Some(MAX_MESSAGE);
-        let ws =
-            tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, Some(config))
-                .await;
-        let (sink, source) = ws.split();
-        let (out, frames) = mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::spawn(write_frames(sink, frames).in_current_span());
-        let stop_writer = writer.abort_handle();
-        let mut session = Session {
-            pod: Arc::new(pod),
-            namespace,
-            name,
-            forwarder,
-            out,
-            decoder: Decoder::new(),
-            last_stream_id: 0,
-            streams: HashMap::new(),
-            pairs: HashMap::new(),
-            tasks: JoinSet::new(),
-            serial: 0,
-            pending: None,
-        };
-        let end = session.run(source).await;
-        let status = match &end {
-            End::Client => {
-                debug!("client left");
-                spdy::goaway::OK
-            }
-            End::WriterGone => {
-                debug!("connection closed");
-                spdy::goaway::OK
-            }
-            End::Protocol(e) => {
-                warn!(error = %e, "port-forward protocol error");
-                spdy::goaway::PROTOCOL_ERROR
-            }
-        };
-        // Every forward stops (their connections to the pod close); the
-        // client is told with a GOAWAY, then the WebSocket closes.
-        session.tasks.shutdown().await;
-        let goaway = Frame::GoAway {
-            last_good_stream_id: session.last_stream_id,
-            status,
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.out.send(goaway)).await;
-        drop(session);
-        if tokio::time::timeout(CLOSE_TIMEOUT, writer).await.is_err() {
-            stop_writer.abort();
-        }
-        debug!("port-forward session ended");
+        let (inbound, outbound) = conn::websocket(io, MAX_MESSAGE).await;
+        run(inbound, outbound, pod, namespace, name, forwarder).await;
     }
     .instrument(span)
     .await
 }
 
-/// Writes frames as binary messages (batching what is queued) until every
-/// sender is gone, then closes the WebSocket normally.
-async fn write_frames<S>(mut sink: S, mut frames: mpsc::Receiver<Frame>)
-where
-    S: Sink<Message> + Unpin,
+/// Runs one port-forward session on a raw SPDY connection (an upgraded
+/// HTTP/1.1 connection, server role), as the API server opens it to a
+/// kubelet; otherwise exactly like [`serve`].
+pub async fn serve_spdy<IO>(
+    io: IO,
+    pod: Value,
+    namespace: String,
+    name: String,
+    forwarder: Arc<dyn PodPortForward>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut encoder = Encoder::new();
-    let mut buf = BytesMut::new();
-    while let Some(frame) = frames.recv().await {
-        let mut next = Some(frame);
-        while let Some(frame) = next.take() {
-            if let Err(e) = encoder.encode(&frame, &mut buf) {
-                warn!(error = %e, "cannot encode a SPDY frame");
-                return;
-            }
-            if buf.len() < BATCH {
-                next = frames.try_recv().ok();
-            }
-        }
-        if sink
-            .send(Message::Binary(buf.split().freeze()))
-            .await
-            .is_err()
-        {
-            return;
-        }
+    let span = info_span!("portforward", namespace = %namespace, pod = %name, transport = "spdy");
+    async move {
+        let (inbound, outbound) = conn::raw(io);
+        run(inbound, outbound, pod, namespace, name, forwarder).await;
     }
-    crate::exec::close_normally(&mut sink).await;
+    .instrument(span)
+    .await
+}
+
+/// The session, whatever carries its bytes.
+async fn run<IO>(
+    mut inbound: Inbound<IO>,
+    outbound: Outbound<IO>,
+    pod: Value,
+    namespace: String,
+    name: String,
+    forwarder: Arc<dyn PodPortForward>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (out, frames) = mpsc::channel(WRITE_QUEUE);
+    let writer = tokio::spawn(conn::write_frames(outbound, frames).in_current_span());
+    let mut session = Session {
+        pod: Arc::new(pod),
+        namespace,
+        name,
+        forwarder,
+        out,
+        decoder: Decoder::new(),
+        last_stream_id: 0,
+        streams: HashMap::new(),
+        pairs: HashMap::new(),
+        tasks: JoinSet::new(),
+        serial: 0,
+        pending: None,
+    };
+    let end = session.run(&mut inbound).await;
+    let status = match &end {
+        End::Client => {
+            debug!("client left");
+            spdy::goaway::OK
+        }
+        End::WriterGone => {
+            debug!("connection closed");
+            spdy::goaway::OK
+        }
+        End::Protocol(e) => {
+            warn!(error = %e, "port-forward protocol error");
+            spdy::goaway::PROTOCOL_ERROR
+        }
+    };
+    // Every forward stops (their connections to the pod close); the
+    // client is told with a GOAWAY, then the connection closes.
+    session.tasks.shutdown().await;
+    let goaway = Frame::GoAway {
+        last_good_stream_id: session.last_stream_id,
+        status,
+    };
+    let _ = tokio::time::timeout(conn::CLOSE_TIMEOUT, session.out.send(goaway)).await;
+    drop(session);
+    conn::finish(writer, &mut inbound).await;
+    debug!("port-forward session ended");
 }
 
 /// Why a session ended.
 enum End {
-    /// The client sent GOAWAY or closed the WebSocket.
+    /// The client sent GOAWAY or closed the connection.
     Client,
     /// Writing to the client failed.
     WriterGone,
@@ -304,9 +302,9 @@ struct Session {
 }
 
 impl Session {
-    async fn run<S, E>(&mut self, mut source: S) -> End
+    async fn run<IO>(&mut self, source: &mut Inbound<IO>) -> End
     where
-        S: Stream<Item = Result<Message, E>> + Unpin,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         loop {
             // Every whole frame is handled before more is read, unless a
@@ -344,13 +342,10 @@ impl Session {
                         }
                     }
                 }
-                message = source.next(), if self.pending.is_none() => match message {
-                    Some(Ok(Message::Binary(b))) => self.decoder.push(&b),
-                    Some(Ok(Message::Text(_))) => {
-                        return End::Protocol("a text message".into());
-                    }
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => return End::Client,
-                    Some(Ok(_)) => {}
+                incoming = source.next(), if self.pending.is_none() => match incoming {
+                    Incoming::Bytes(b) => self.decoder.push(&b),
+                    Incoming::Invalid(what) => return End::Protocol(what.into()),
+                    Incoming::Closed => return End::Client,
                 },
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     let id = match done {
@@ -829,108 +824,17 @@ mod tests {
         clippy::panic
     )]
 
-    use std::collections::HashSet;
     use std::net::SocketAddr;
     use std::sync::Mutex;
 
-    use futures::stream::{SplitSink, SplitStream};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+    use futures::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
 
     use super::*;
-
-    type Ws = WebSocketStream<DuplexStream>;
-
-    /// The client's sending half: SPDY frames, each cut into several
-    /// binary messages as spdystream's framer writes them through the
-    /// tunnel (one message per field write).
-    struct Tx {
-        sink: SplitSink<Ws, Message>,
-        encoder: Encoder,
-    }
-
-    impl Tx {
-        async fn send(&mut self, frame: Frame) {
-            let mut b = BytesMut::new();
-            self.encoder.encode(&frame, &mut b).unwrap();
-            let b = b.freeze();
-            for part in [b.slice(..4), b.slice(4..8), b.slice(8..)] {
-                if !part.is_empty() {
-                    self.sink.send(Message::Binary(part)).await.unwrap();
-                }
-            }
-        }
-
-        async fn raw(&mut self, bytes: &[u8]) {
-            self.sink
-                .send(Message::Binary(Bytes::copy_from_slice(bytes)))
-                .await
-                .unwrap();
-        }
-    }
-
-    struct Rx {
-        stream: SplitStream<Ws>,
-        decoder: Decoder,
-        wait: Option<Duration>,
-    }
-
-    impl Rx {
-        /// The next frame from the server; `None` once the WebSocket closes.
-        async fn frame(&mut self) -> Option<Frame> {
-            loop {
-                if let Some(f) = self.decoder.next_frame().unwrap() {
-                    return Some(f);
-                }
-                let next = match self.wait {
-                    Some(d) => tokio::time::timeout(d, self.stream.next())
-                        .await
-                        .expect("no frame in time"),
-                    None => self.stream.next().await,
-                };
-                match next {
-                    Some(Ok(Message::Binary(b))) => self.decoder.push(&b),
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
-                    Some(Ok(other)) => panic!("unexpected message {other:?}"),
-                }
-            }
-        }
-
-        async fn reply(&mut self, stream_id: u32) {
-            assert_eq!(
-                self.frame().await,
-                Some(Frame::SynReply {
-                    stream_id,
-                    fin: false,
-                    headers: Headers::new()
-                })
-            );
-        }
-
-        /// Data frames until each of `ids` is FINed: the bytes of each.
-        async fn until_fin(&mut self, ids: &[u32]) -> HashMap<u32, Vec<u8>> {
-            let mut got: HashMap<u32, Vec<u8>> = ids.iter().map(|i| (*i, Vec::new())).collect();
-            let mut open: HashSet<u32> = ids.iter().copied().collect();
-            while !open.is_empty() {
-                match self.frame().await.expect("session ended") {
-                    Frame::Data {
-                        stream_id,
-                        fin,
-                        data,
-                    } => {
-                        assert!(open.contains(&stream_id), "data on stream {stream_id}");
-                        got.get_mut(&stream_id).unwrap().extend_from_slice(&data);
-                        if fin {
-                            open.remove(&stream_id);
-                        }
-                    }
-                    other => panic!("unexpected frame {other:?}"),
-                }
-            }
-            got
-        }
-    }
+    use crate::spdy::testing::{self, Rx, Tx};
 
     struct Client {
         tx: Tx,
@@ -938,11 +842,16 @@ mod tests {
         server: tokio::task::JoinHandle<()>,
     }
 
+    fn pod() -> Value {
+        json!({"metadata": {"name": "web", "namespace": "ns"}})
+    }
+
+    /// A session over a WebSocket, as kubectl's tunnel.
     async fn start(forwarder: Arc<dyn PodPortForward>, wait: Option<Duration>) -> Client {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(serve(
             server_io,
-            json!({"metadata": {"name": "web", "namespace": "ns"}}),
+            pod(),
             "ns".into(),
             "web".into(),
             forwarder,
@@ -950,17 +859,23 @@ mod tests {
         let ws = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         let (sink, stream) = ws.split();
         Client {
-            tx: Tx {
-                sink,
-                encoder: Encoder::new(),
-            },
-            rx: Rx {
-                stream,
-                decoder: Decoder::new(),
-                wait,
-            },
+            tx: Tx::over_websocket(sink),
+            rx: Rx::over_websocket(stream, wait),
             server,
         }
+    }
+
+    /// A session over a raw connection, as the API server's upgrade.
+    fn start_raw(forwarder: Arc<dyn PodPortForward>, wait: Option<Duration>) -> Client {
+        let (tx, rx, server_io) = testing::raw_pair(wait);
+        let server = tokio::spawn(serve_spdy(
+            server_io,
+            pod(),
+            "ns".into(),
+            "web".into(),
+            forwarder,
+        ));
+        Client { tx, rx, server }
     }
 
     const WAIT: Option<Duration> = Some(Duration::from_secs(10));
@@ -1076,7 +991,18 @@ mod tests {
     #[tokio::test]
     async fn forwards_bytes_both_ways_and_closes_as_the_kubelet_does() {
         let fwd = TcpForwarder::new(echo_server().await, None);
-        let mut c = start(fwd.clone(), WAIT).await;
+        let c = start(fwd.clone(), WAIT).await;
+        forwards_bytes_both_ways(c, fwd).await;
+    }
+
+    #[tokio::test]
+    async fn forwards_on_a_raw_spdy_connection_as_over_the_websocket() {
+        let fwd = TcpForwarder::new(echo_server().await, None);
+        let c = start_raw(fwd.clone(), WAIT);
+        forwards_bytes_both_ways(c, fwd).await;
+    }
+
+    async fn forwards_bytes_both_ways(mut c: Client, fwd: Arc<TcpForwarder>) {
         // As kubectl: error stream, its FIN, then the data stream.
         c.tx.send(open(1, "error", Some("8080"), Some("0"))).await;
         c.rx.reply(1).await;
@@ -1145,6 +1071,7 @@ mod tests {
             })
         );
         assert_eq!(c.rx.frame().await, None);
+        c.tx.close().await;
         tokio::time::timeout(Duration::from_secs(5), c.server)
             .await
             .unwrap()
@@ -1313,6 +1240,39 @@ mod tests {
             assert_eq!(c.rx.frame().await, None);
             c.server.await.unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raw_connection_ends_with_goaway_and_waits_for_the_client_to_close() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut c = start_raw(TcpForwarder::new(addr, None), WAIT);
+        c.tx.raw(&[0xff; 64]).await;
+        assert_eq!(
+            c.rx.frame().await,
+            Some(Frame::GoAway {
+                last_good_stream_id: 0,
+                status: spdy::goaway::PROTOCOL_ERROR,
+            })
+        );
+        // Our side is shut down; the session waits for the client's.
+        assert_eq!(c.rx.frame().await, None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!c.server.is_finished());
+        c.tx.close().await;
+        tokio::time::timeout(Duration::from_secs(5), c.server)
+            .await
+            .unwrap()
+            .unwrap();
+        // A client that never closes is not waited for long.
+        let mut c = start_raw(TcpForwarder::new(addr, None), WAIT);
+        c.tx.raw(&[0x80, 0x02, 0, 1, 0, 0, 0, 0]).await;
+        assert!(matches!(c.rx.frame().await, Some(Frame::GoAway { .. })));
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), c.server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() >= conn::CLOSE_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]

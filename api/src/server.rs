@@ -65,9 +65,9 @@ impl hyper::body::Body for ApiBody {
     }
 }
 
-type Resp = Response<ApiBody>;
+pub(crate) type Resp = Response<ApiBody>;
 
-fn respond(code: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
+pub(crate) fn respond(code: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(ApiBody::Full(Some(body.into())));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Ok(v) = HeaderValue::from_str(content_type) {
@@ -84,7 +84,7 @@ fn json_resp(code: u16, v: &Value) -> Resp {
     )
 }
 
-fn status_resp(s: &Status) -> Resp {
+pub(crate) fn status_resp(s: &Status) -> Resp {
     json_resp(s.code, &s.to_json())
 }
 
@@ -318,6 +318,38 @@ impl LogRequest {
         .checked()
     }
 
+    /// From a `pods/NAME/log` (or kubelet `containerLogs`) query.
+    pub fn from_query(
+        namespace: &str,
+        pod: &str,
+        container: Option<String>,
+        query: &BTreeMap<String, String>,
+    ) -> Result<LogRequest, Status> {
+        let num = |k: &str| -> Result<Option<u64>, Status> {
+            query
+                .get(k)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| Status::bad_request(format!("invalid {k} {v:?}")))
+                })
+                .transpose()
+        };
+        let flag = |k: &str| query.get(k).is_some_and(|v| v == "true" || v == "1");
+        LogRequest {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            container,
+            follow: flag("follow"),
+            previous: flag("previous"),
+            tail_lines: num("tailLines")?,
+            limit_bytes: num("limitBytes")?,
+            timestamps: flag("timestamps"),
+            since_seconds: num("sinceSeconds")?,
+            since_time: query.get("sinceTime").cloned(),
+        }
+        .checked()
+    }
+
     /// The time before which lines are left out (`since_time`, or
     /// `since_seconds` before `now`).
     pub fn since(&self, now: time::OffsetDateTime) -> Option<time::OffsetDateTime> {
@@ -370,7 +402,7 @@ pub trait PodLogs: Send + Sync + 'static {
 }
 
 /// Accepts connections forever, each handled by its own task.
-async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
 where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -440,7 +472,7 @@ pub struct Target {
     pub sub: Option<String>,
 }
 
-fn query_map(q: Option<&str>) -> BTreeMap<String, String> {
+pub(crate) fn query_map(q: Option<&str>) -> BTreeMap<String, String> {
     q.unwrap_or_default()
         .split('&')
         .filter(|p| !p.is_empty())
@@ -451,7 +483,7 @@ fn query_map(q: Option<&str>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn decode(s: &str) -> String {
+pub(crate) fn decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -698,28 +730,13 @@ impl Server {
                         ),
                     ));
                 };
-                let num = |k: &str| -> Result<Option<u64>, Status> {
-                    query
-                        .get(k)
-                        .map(|v| {
-                            v.parse()
-                                .map_err(|_| Status::bad_request(format!("invalid {k} {v:?}")))
-                        })
-                        .transpose()
-                };
-                let lr = LogRequest {
-                    namespace: t.namespace.clone().unwrap_or_else(|| "default".into()),
-                    pod: name.clone(),
-                    container: query.get("container").cloned(),
-                    follow: query.get("follow").is_some_and(|v| v == "true"),
-                    previous: query.get("previous").is_some_and(|v| v == "true"),
-                    tail_lines: num("tailLines")?,
-                    limit_bytes: num("limitBytes")?,
-                    timestamps: query.get("timestamps").is_some_and(|v| v == "true"),
-                    since_seconds: num("sinceSeconds")?,
-                    since_time: query.get("sinceTime").cloned(),
-                }
-                .checked()?;
+                let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
+                let lr = LogRequest::from_query(
+                    &namespace,
+                    name,
+                    query.get("container").cloned(),
+                    &query,
+                )?;
                 let rx = logs.logs(&pod, &lr).await?;
                 let mut r = Response::new(ApiBody::Stream(rx));
                 r.headers_mut()

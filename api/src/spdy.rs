@@ -1,6 +1,9 @@
 //! SPDY/3.1 framing, sans IO: the byte stream `kubectl port-forward`
 //! tunnels through its WebSocket is a SPDY/3.1 connection in which kubectl
-//! is the client (client-go's `tools/portforward`, spdystream's framer).
+//! is the client (client-go's `tools/portforward`, spdystream's framer);
+//! so is the upgraded connection the API server opens to a kubelet for
+//! port-forward, exec and attach. `conn` (crate-internal) runs a
+//! connection's frames over either transport.
 //!
 //! [`Decoder`] turns arriving bytes (any chunking) into [`Frame`]s;
 //! [`Encoder`] turns frames into bytes. Each direction of a connection has
@@ -893,6 +896,411 @@ fn control_head(out: &mut BytesMut, kind: u16, flags: u8, length: usize) -> Resu
     out.put_u16(kind);
     out.put_u32(u32::from(flags) << 24 | length as u32);
     Ok(())
+}
+
+/// The byte transports a SPDY connection runs on (server role), and the
+/// task that writes its frames: shared by port-forward (over kubectl's
+/// WebSocket, or a raw upgraded connection from the API server) and
+/// remotecommand (raw). The codec above stays sans IO.
+pub(crate) mod conn {
+    use std::time::Duration;
+
+    use bytes::{Bytes, BytesMut};
+    use futures::stream::{SplitSink, SplitStream};
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+    use tokio::io::{ReadHalf, WriteHalf};
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+    use tracing::{debug, warn};
+
+    use super::{Encoder, Frame};
+
+    /// Frames batched into one write (one WebSocket message) up to about
+    /// this many bytes.
+    const BATCH: usize = 64 * 1024;
+    /// Bytes read from a raw connection at a time.
+    const READ_CHUNK: usize = 16 * 1024;
+    /// How long the last frames (GOAWAY, close) may take when a session
+    /// ends, and how long the peer then has to close its side.
+    pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// What the transport delivered.
+    #[derive(Debug)]
+    pub(crate) enum Incoming {
+        Bytes(Bytes),
+        /// The peer closed the transport, or it failed.
+        Closed,
+        /// Something that cannot carry SPDY bytes (a WebSocket text message).
+        Invalid(&'static str),
+    }
+
+    /// The receiving half of a transport.
+    pub(crate) enum Inbound<IO> {
+        WebSocket(SplitStream<WebSocketStream<IO>>),
+        Raw(ReadHalf<IO>, BytesMut),
+    }
+
+    impl<IO> std::fmt::Debug for Inbound<IO> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self {
+                Inbound::WebSocket(_) => "Inbound::WebSocket",
+                Inbound::Raw(..) => "Inbound::Raw",
+            })
+        }
+    }
+
+    /// The sending half of a transport.
+    pub(crate) enum Outbound<IO> {
+        WebSocket(SplitSink<WebSocketStream<IO>, Message>),
+        Raw(WriteHalf<IO>),
+    }
+
+    /// A WebSocket (already past the HTTP handshake, server role) whose
+    /// binary messages carry the SPDY bytes, messages of at most
+    /// `max_message` bytes.
+    pub(crate) async fn websocket<IO>(io: IO, max_message: usize) -> (Inbound<IO>, Outbound<IO>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut config = WebSocketConfig::default();
+        config.max_message_size = Some(max_message);
+        config.max_frame_size = Some(max_message);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let (sink, source) = ws.split();
+        (Inbound::WebSocket(source), Outbound::WebSocket(sink))
+    }
+
+    /// A raw connection (an upgraded HTTP/1.1 connection) carrying the
+    /// SPDY bytes as they are.
+    pub(crate) fn raw<IO>(io: IO) -> (Inbound<IO>, Outbound<IO>)
+    where
+        IO: AsyncRead + AsyncWrite,
+    {
+        let (rd, wr) = tokio::io::split(io);
+        (Inbound::Raw(rd, BytesMut::new()), Outbound::Raw(wr))
+    }
+
+    impl<IO: AsyncRead + AsyncWrite + Unpin> Inbound<IO> {
+        /// The next bytes. Cancel safe: nothing is lost when the future is
+        /// dropped before it completes.
+        pub(crate) async fn next(&mut self) -> Incoming {
+            match self {
+                Inbound::WebSocket(source) => loop {
+                    match source.next().await {
+                        Some(Ok(Message::Binary(b))) => return Incoming::Bytes(b),
+                        Some(Ok(Message::Text(_))) => return Incoming::Invalid("a text message"),
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => return Incoming::Closed,
+                        // Pings are answered by tungstenite.
+                        Some(Ok(_)) => {}
+                    }
+                },
+                Inbound::Raw(rd, buf) => {
+                    buf.reserve(READ_CHUNK);
+                    match rd.read_buf(buf).await {
+                        Ok(1..) => Incoming::Bytes(buf.split().freeze()),
+                        Ok(0) | Err(_) => Incoming::Closed,
+                    }
+                }
+            }
+        }
+
+        /// After the last frames went out: waits (at most [`CLOSE_TIMEOUT`])
+        /// for the peer to close a raw connection, dropping what it still
+        /// sends, so that closing ours does not reset the connection while
+        /// those frames are in flight (a socket closed with unread bytes
+        /// is reset). A WebSocket has its close handshake instead.
+        pub(crate) async fn drain(&mut self) {
+            if let Inbound::WebSocket(_) = self {
+                return;
+            }
+            let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while let Incoming::Bytes(_) = self.next().await {}
+            })
+            .await;
+            if drained.is_err() {
+                debug!("the peer did not close the connection in time");
+            }
+        }
+    }
+
+    impl<IO: AsyncRead + AsyncWrite + Unpin> Outbound<IO> {
+        async fn write(&mut self, bytes: Bytes) -> bool {
+            match self {
+                Outbound::WebSocket(sink) => sink.send(Message::Binary(bytes)).await.is_ok(),
+                Outbound::Raw(wr) => wr.write_all(&bytes).await.is_ok() && wr.flush().await.is_ok(),
+            }
+        }
+
+        /// Closes normally: a WebSocket close (kubectl reads it as the end
+        /// of every stream), or a shutdown of our side of the connection.
+        async fn close(&mut self) {
+            match self {
+                Outbound::WebSocket(sink) => crate::exec::close_normally(sink).await,
+                Outbound::Raw(wr) => {
+                    let _ = wr.shutdown().await;
+                }
+            }
+        }
+    }
+
+    /// Encodes frames on the connection's one [`Encoder`] and writes them
+    /// (batching what is queued) until every sender is gone, then closes
+    /// the transport normally; stops at the first failed write.
+    pub(crate) async fn write_frames<IO>(mut out: Outbound<IO>, mut frames: mpsc::Receiver<Frame>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut encoder = Encoder::new();
+        let mut buf = BytesMut::new();
+        while let Some(frame) = frames.recv().await {
+            let mut next = Some(frame);
+            while let Some(frame) = next.take() {
+                if let Err(e) = encoder.encode(&frame, &mut buf) {
+                    warn!(error = %e, "cannot encode a SPDY frame");
+                    return;
+                }
+                if buf.len() < BATCH {
+                    next = frames.try_recv().ok();
+                }
+            }
+            if !out.write(buf.split().freeze()).await {
+                return;
+            }
+        }
+        out.close().await;
+    }
+
+    /// Ends a connection once every sender of its writer's queue is gone:
+    /// waits (at most [`CLOSE_TIMEOUT`]) for the writer to flush and close,
+    /// then for the peer to close ([`Inbound::drain`]).
+    pub(crate) async fn finish<IO>(writer: JoinHandle<()>, inbound: &mut Inbound<IO>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stop_writer = writer.abort_handle();
+        if tokio::time::timeout(CLOSE_TIMEOUT, writer).await.is_err() {
+            stop_writer.abort();
+            return;
+        }
+        inbound.drain().await;
+    }
+}
+
+/// A SPDY client for tests: frames over a WebSocket (as kubectl's tunnel)
+/// or a raw connection (as the API server's upgrade), encoded and decoded
+/// with this codec (header blocks compressed with the dictionary, as Go's
+/// framer does).
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+
+    use std::collections::{HashMap, HashSet};
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use futures::stream::{SplitSink, SplitStream};
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream, ReadHalf, WriteHalf};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::{Decoder, Encoder, Frame, Headers};
+
+    type Ws = WebSocketStream<DuplexStream>;
+
+    /// The client's sending half.
+    pub(crate) struct Tx {
+        to: To,
+        encoder: Encoder,
+    }
+
+    enum To {
+        WebSocket(SplitSink<Ws, Message>),
+        Raw(WriteHalf<DuplexStream>),
+    }
+
+    impl Tx {
+        pub(crate) fn over_websocket(sink: SplitSink<Ws, Message>) -> Tx {
+            Tx {
+                to: To::WebSocket(sink),
+                encoder: Encoder::new(),
+            }
+        }
+
+        pub(crate) fn over_raw(wr: WriteHalf<DuplexStream>) -> Tx {
+            Tx {
+                to: To::Raw(wr),
+                encoder: Encoder::new(),
+            }
+        }
+
+        /// Sends a frame in three parts, as spdystream's framer writes
+        /// them (one write per field group): over a WebSocket, one binary
+        /// message each.
+        pub(crate) async fn send(&mut self, frame: Frame) {
+            let mut b = BytesMut::new();
+            self.encoder.encode(&frame, &mut b).unwrap();
+            let b = b.freeze();
+            for part in [b.slice(..4), b.slice(4..8), b.slice(8..)] {
+                if !part.is_empty() {
+                    self.raw(&part).await;
+                }
+            }
+        }
+
+        pub(crate) async fn raw(&mut self, bytes: &[u8]) {
+            match &mut self.to {
+                To::WebSocket(sink) => sink
+                    .send(Message::Binary(bytes::Bytes::copy_from_slice(bytes)))
+                    .await
+                    .unwrap(),
+                To::Raw(wr) => wr.write_all(bytes).await.unwrap(),
+            }
+        }
+
+        /// Closes the client's side (a raw connection's write half).
+        pub(crate) async fn close(&mut self) {
+            match &mut self.to {
+                To::WebSocket(sink) => {
+                    let _ = sink.close().await;
+                }
+                To::Raw(wr) => {
+                    let _ = wr.shutdown().await;
+                }
+            }
+        }
+    }
+
+    /// The client's receiving half.
+    pub(crate) struct Rx {
+        from: From,
+        decoder: Decoder,
+        /// How long to wait for a frame before failing the test.
+        pub(crate) wait: Option<Duration>,
+    }
+
+    enum From {
+        WebSocket(SplitStream<Ws>),
+        Raw(ReadHalf<DuplexStream>),
+    }
+
+    impl Rx {
+        pub(crate) fn over_websocket(stream: SplitStream<Ws>, wait: Option<Duration>) -> Rx {
+            Rx {
+                from: From::WebSocket(stream),
+                decoder: Decoder::new(),
+                wait,
+            }
+        }
+
+        pub(crate) fn over_raw(rd: ReadHalf<DuplexStream>, wait: Option<Duration>) -> Rx {
+            Rx {
+                from: From::Raw(rd),
+                decoder: Decoder::new(),
+                wait,
+            }
+        }
+
+        /// The next bytes; `None` once the connection closes.
+        async fn bytes(&mut self) -> Option<Vec<u8>> {
+            match &mut self.from {
+                From::WebSocket(stream) => match stream.next().await {
+                    Some(Ok(Message::Binary(b))) => Some(b.to_vec()),
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => None,
+                    Some(Ok(other)) => panic!("unexpected message {other:?}"),
+                },
+                From::Raw(rd) => {
+                    let mut buf = vec![0; 16 * 1024];
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            Some(buf)
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The next frame from the server; `None` once the connection closes.
+        pub(crate) async fn frame(&mut self) -> Option<Frame> {
+            loop {
+                if let Some(f) = self.decoder.next_frame().unwrap() {
+                    return Some(f);
+                }
+                let next = match self.wait {
+                    Some(d) => tokio::time::timeout(d, self.bytes())
+                        .await
+                        .expect("no frame in time"),
+                    None => self.bytes().await,
+                };
+                self.decoder.push(&next?);
+            }
+        }
+
+        pub(crate) async fn reply(&mut self, stream_id: u32) {
+            assert_eq!(
+                self.frame().await,
+                Some(Frame::SynReply {
+                    stream_id,
+                    fin: false,
+                    headers: Headers::new()
+                })
+            );
+        }
+
+        /// Data frames until each of `ids` is FINed: the bytes of each.
+        pub(crate) async fn until_fin(&mut self, ids: &[u32]) -> HashMap<u32, Vec<u8>> {
+            let mut got: HashMap<u32, Vec<u8>> = ids.iter().map(|i| (*i, Vec::new())).collect();
+            let mut open: HashSet<u32> = ids.iter().copied().collect();
+            while !open.is_empty() {
+                match self.frame().await.expect("session ended") {
+                    Frame::Data {
+                        stream_id,
+                        fin,
+                        data,
+                    } => {
+                        assert!(open.contains(&stream_id), "data on stream {stream_id}");
+                        got.get_mut(&stream_id).unwrap().extend_from_slice(&data);
+                        if fin {
+                            open.remove(&stream_id);
+                        }
+                    }
+                    other => panic!("unexpected frame {other:?}"),
+                }
+            }
+            got
+        }
+    }
+
+    /// A raw connection's client halves and the server's end.
+    pub(crate) fn raw_pair(wait: Option<Duration>) -> (Tx, Rx, DuplexStream) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (rd, wr) = tokio::io::split(client);
+        (Tx::over_raw(wr), Rx::over_raw(rd, wait), server)
+    }
+
+    /// A SYN_STREAM with these headers.
+    pub(crate) fn syn_stream(stream_id: u32, headers: Headers) -> Frame {
+        Frame::SynStream {
+            stream_id,
+            associated_to: 0,
+            priority: 0,
+            slot: 0,
+            fin: false,
+            unidirectional: false,
+            headers,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -347,7 +347,8 @@ fn main() {
         format!("127.0.0.1:{}", port(true)),
         format!("127.0.0.1:{}", port(false)),
     );
-    let (webhook, api) = (
+    let (webhook, api, stream) = (
+        format!("127.0.0.1:{}", port(false)),
         format!("127.0.0.1:{}", port(false)),
         format!("127.0.0.1:{}", port(false)),
     );
@@ -360,6 +361,8 @@ fn main() {
             kubeconfig.as_ref(),
             "--webhook-addr".as_ref(),
             webhook.as_ref(),
+            "--stream-addr".as_ref(),
+            stream.as_ref(),
             "--api-addr".as_ref(),
             api.as_ref(),
         ],

@@ -255,7 +255,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         }
     };
     let webhook_addr = match &attached {
-        Some(a) => a.start(&ca, &server).await?,
+        Some(a) => a.start(&ca, &server, tunnel.pod_streams()).await?,
         None => None,
     };
     let hub_tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem)?;

@@ -891,6 +891,38 @@ pub(crate) fn build_server_config(
     Ok(config)
 }
 
+/// The rustls server configuration of the kubelet stream API cloudcore
+/// serves for its edge nodes in attached mode: HTTP/1.1, a client
+/// certificate issued by one of `client_roots` (the Kubernetes cluster's
+/// CA, DER) required; no session resumption (as everywhere).
+///
+/// # Errors
+/// Unusable roots, certificate or key.
+pub fn kubelet_api_tls_config(
+    client_roots: &[Vec<u8>],
+    server_cert_pem: &str,
+    server_key_pem: &str,
+) -> Result<rustls::ServerConfig> {
+    let provider = crypto_provider();
+    let mut roots = RootCertStore::empty();
+    for der in client_roots {
+        roots.add(CertificateDer::from(der.clone()))?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()?;
+    let chain = certs_from_pem(server_cert_pem)?;
+    let key = key_from_pem(server_key_pem)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
 fn client_verifier(
     ca: &ClusterCa,
     client_auth: ClientAuth,

@@ -52,6 +52,18 @@ impl Tunnel {
         })
     }
 
+    /// Everything this tunnel serves, for an API server.
+    pub fn pod_streams(self: &Arc<Self>) -> keel_api::server::PodStreams {
+        let logs: Arc<dyn PodLogs> = self.clone();
+        let exec: Arc<dyn PodExec> = self.clone();
+        let portforward: Arc<dyn PodPortForward> = self.clone();
+        keel_api::server::PodStreams {
+            logs: Some(logs),
+            exec: Some(exec),
+            portforward: Some(portforward),
+        }
+    }
+
     /// The hub whose connections carry the sessions (it starts after the
     /// API; until then every request is answered 503).
     pub fn set_hub(&self, hub: HubHandle) {

@@ -226,6 +226,137 @@ fn watched(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `kubectl logs`, `exec` and `port-forward` against the API server, for
+/// edge pods: the API server calls the kubelet API at the Node's address,
+/// which is cloudcore's stream server, and cloudcore goes on through the
+/// node's own connection. Who may use that server is the API server's
+/// decision (`nodes/proxy`).
+fn streams_through_the_api_server(k8s: &ControlPlane, www: &Path, pod: &Value) {
+    let name = pod["metadata"]["name"].as_str().unwrap();
+    let node: Value =
+        serde_json::from_str(&k8s.kubectl_ok(&["get", "node", "edge-a", "-o", "json"])).unwrap();
+    assert_eq!(
+        node["status"]["addresses"],
+        serde_json::json!([{"type": "InternalIP", "address": "127.0.0.1"}]),
+        "{node}"
+    );
+    let own: Value = serde_json::from_str(
+        node["metadata"]["annotations"]["node.keel.io/edge-addresses"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(own.as_array().is_some_and(|a| !a.is_empty()), "{own}");
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .unwrap();
+
+    let logs = k8s.kubectl_ok(&["logs", name]);
+    assert_eq!(logs, "color=red\n");
+    let stamped = k8s.kubectl_ok(&["logs", name, "--timestamps"]);
+    assert!(stamped.ends_with("Z color=red\n"), "{stamped}");
+    let o = k8s.kubectl(&[
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "echo $HOSTNAME; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{name}\n"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oops"), "{o:?}");
+    let o = kubectl(
+        k8s.admin_kubeconfig(),
+        &k8s.dir().join("kube-cache"),
+        &["exec", "-i", name, "--", "tr", "a-z", "A-Z"],
+        Some("through the api server\n"),
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "THROUGH THE API SERVER\n"
+    );
+    let o = k8s.kubectl(&["exec", name, "--", "no-such-binary"]);
+    assert!(!o.status.success(), "{o:?}");
+
+    // port-forward to an HTTP server in an edge pod.
+    std::fs::create_dir_all(www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from the edge\n").unwrap();
+    let http_port = free_port();
+    k8s.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: http\nspec:\n  nodeName: edge-a\n  containers:\n  - name: main\n    image: python\n    command: [\"python3\", \"-m\", \"http.server\", \"{http_port}\", \"--bind\", \"127.0.0.1\", \"--directory\", {:?}]\n    readinessProbe:\n      tcpSocket:\n        port: {http_port}\n      periodSeconds: 1\n",
+        www.display().to_string()
+    ));
+    wait_for("the http pod Ready", Duration::from_secs(60), || {
+        k8s.kubectl(&[
+            "get",
+            "pod",
+            "http",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])
+        .stdout
+            == b"True"
+    });
+    let mut forward = Command::new(support::kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(k8s.admin_kubeconfig())
+        .arg("--cache-dir")
+        .arg(k8s.dir().join("kube-cache"))
+        .args(["port-forward", "pod/http", &format!(":{http_port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(forward.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    let local: u16 = first
+        .strip_prefix("Forwarding from 127.0.0.1:")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("kubectl port-forward said {first:?}"));
+    let answer = {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(b"GET /hello.txt HTTP/1.0\r\nHost: pod\r\n\r\n")
+            .unwrap();
+        let mut a = String::new();
+        c.read_to_string(&mut a).unwrap();
+        a
+    };
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert!(answer.contains("hello from the edge"), "{answer}");
+    k8s.kubectl_ok(&["delete", "pod", "http", "--wait=false"]);
+
+    // The stream server asks the API server who may use it: a certificate
+    // of the cluster's CA without `nodes/proxy` is refused; no
+    // certificate, no connection.
+    let (cert, key) = k8s.client_cert("someone", &[]);
+    let (crt, keyf) = (k8s.dir().join("someone.crt"), k8s.dir().join("someone.key"));
+    std::fs::write(&crt, cert).unwrap();
+    std::fs::write(&keyf, key).unwrap();
+    let url = format!("https://127.0.0.1:{port}/containerLogs/default/{name}/main");
+    let o = Command::new("curl")
+        .args(["-sk", "--cert"])
+        .arg(&crt)
+        .arg("--key")
+        .arg(&keyf)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        body.contains("Forbidden") && body.contains("someone") && body.contains("nodes/proxy"),
+        "{body}"
+    );
+    let o = Command::new("curl").args(["-sk", &url]).output().unwrap();
+    assert!(!o.status.success(), "{o:?}");
+}
+
 #[test]
 fn workloads_devices_and_outages_on_a_real_cluster() {
     let tmp = tempfile::tempdir().unwrap();
@@ -371,6 +502,8 @@ fn workloads_devices_and_outages_on_a_real_cluster() {
             NODES[i]
         );
     }
+
+    streams_through_the_api_server(&k8s, &tmp.path().join("www"), &web[0]);
 
     // Scale to 5; a rolling update (changed env) replaces every pod.
     k8s.kubectl_ok(&["scale", "deployment/web", "--replicas=5"]);

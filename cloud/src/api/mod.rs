@@ -32,9 +32,6 @@ pub async fn bind(
     registry: Arc<Registry>,
     streams: Arc<crate::streams::Tunnel>,
 ) -> std::io::Result<ApiServer> {
-    let logs: Arc<dyn PodLogs> = streams.clone();
-    let exec: Arc<dyn keel_api::exec::PodExec> = streams.clone();
-    let portforward: Arc<dyn keel_api::portforward::PodPortForward> = streams;
     let writes = Writes {
         registry: registry.clone(),
         origin: registry::user_origin(crate::pki::ADMIN_COMMON_NAME),
@@ -44,11 +41,7 @@ pub async fn bind(
         tls,
         registry,
         Arc::new(writes),
-        keel_api::server::PodStreams {
-            logs: Some(logs),
-            exec: Some(exec),
-            portforward: Some(portforward),
-        },
+        streams.pod_streams(),
         crate::pki::is_admin_cert,
     )
     .await

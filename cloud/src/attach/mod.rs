@@ -38,6 +38,7 @@
 //!   them while a node is offline.
 
 mod kinds;
+mod streams;
 mod webhook;
 mod writeback;
 
@@ -90,11 +91,31 @@ pub struct KubernetesConfig {
     /// Seconds between renewals of a connected node's Lease.
     #[serde(default = "default_lease_renew")]
     pub lease_renew_seconds: u64,
+    /// Where cloudcore serves the kubelet streaming API of its edge nodes
+    /// (HTTPS): the API server's `kubectl logs`, `exec`, `attach` and
+    /// `port-forward` for edge pods arrive here and go on through each
+    /// node's own connection.
+    #[serde(default = "default_stream_addr")]
+    pub stream_addr: SocketAddr,
+    /// The address the API server dials for it (each edge Node's
+    /// `InternalIP`); default: the IP of `streamAddr`, which must then not
+    /// be a wildcard.
+    #[serde(default)]
+    pub stream_advertise_address: Option<std::net::IpAddr>,
+    /// PEM file of the CA that issues the API server's kubelet client
+    /// certificate (`--kubelet-client-certificate`); default: the CA of
+    /// the kubeconfig's cluster.
+    #[serde(default)]
+    pub kubelet_client_ca: Option<PathBuf>,
 }
 
 /// The label on the Nodes cloudcore created for its edge nodes (set in
 /// `sync_node`).
 const MANAGED_BY: &str = "node.keel.io/managed-by";
+
+/// The annotation on an edge Node with the node's own addresses (JSON, as
+/// `status.addresses`), since its status names cloudcore's stream server.
+pub const EDGE_ADDRESSES: &str = "node.keel.io/edge-addresses";
 
 fn default_webhook_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 10004))
@@ -102,6 +123,10 @@ fn default_webhook_addr() -> SocketAddr {
 
 fn default_lease_renew() -> u64 {
     10
+}
+
+fn default_stream_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10350))
 }
 
 impl KubernetesConfig {
@@ -114,6 +139,9 @@ impl KubernetesConfig {
             webhook_addr: default_webhook_addr(),
             webhook_url: None,
             lease_renew_seconds: default_lease_renew(),
+            stream_addr: default_stream_addr(),
+            stream_advertise_address: None,
+            kubelet_client_ca: None,
         }
     }
 }
@@ -153,6 +181,9 @@ pub enum AttachError {
     /// The webhook listener could not start.
     #[error("admission webhook on {addr}: {message}")]
     Webhook { addr: SocketAddr, message: String },
+    /// The kubelet stream server could not start.
+    #[error("the kubelet stream API on {addr}: {message}")]
+    Streams { addr: SocketAddr, message: String },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -204,6 +235,8 @@ struct State {
     cache: BTreeMap<String, Value>,
     /// Node statuses last written to the cluster.
     node_status: BTreeMap<String, Value>,
+    /// The edge's own addresses last written to its Node's annotation.
+    edge_addresses: BTreeMap<String, Value>,
     /// Per node, the highest seq of its `down` stream it holds durably
     /// (its acks, and the cursor of its Hello).
     acked_down: BTreeMap<String, u64>,
@@ -227,6 +260,13 @@ pub struct Attached {
     node_q: WorkQueue,
     /// Whether the Device CRD has a `status` subresource.
     device_status_subresource: std::sync::atomic::AtomicBool,
+    /// The CA certificates (DER) of the kubeconfig's cluster.
+    cluster_ca: Vec<Vec<u8>>,
+    /// Where the API server reaches the kubelet API of every edge node
+    /// (cloudcore's stream server), once it listens.
+    stream_endpoint: std::sync::OnceLock<SocketAddr>,
+    /// The stream server, while it runs.
+    streams_server: Mutex<Option<keel_api::kubelet::KubeletServer>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -282,6 +322,7 @@ impl Attached {
                 message: e.to_string(),
             })?;
         config.connect_timeout = Some(Duration::from_secs(5));
+        let cluster_ca = config.root_cert.clone().unwrap_or_default();
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).map_err(|e| AttachError::Kubeconfig {
             path,
@@ -321,6 +362,9 @@ impl Attached {
             status_q: WorkQueue::default(),
             node_q: WorkQueue::default(),
             device_status_subresource: std::sync::atomic::AtomicBool::new(true),
+            cluster_ca,
+            stream_endpoint: std::sync::OnceLock::new(),
+            streams_server: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
         }))
     }
@@ -337,8 +381,11 @@ impl Attached {
         self: &Arc<Self>,
         ca: &ClusterCa,
         server_cert: &crate::pki::Credentials,
+        streams: keel_api::server::PodStreams,
     ) -> Result<Option<SocketAddr>, AttachError> {
         kinds::install_crds(self).await?;
+        let endpoint = streams::start(self, server_cert, streams).await?;
+        let _ = self.stream_endpoint.set(endpoint);
         let webhook_addr = match self.cfg.autonomy {
             Autonomy::Webhook => Some(webhook::start(self, ca, server_cert).await?),
             Autonomy::None => None,
@@ -380,6 +427,7 @@ impl Attached {
         for t in lock(&self.tasks).drain(..) {
             t.abort();
         }
+        lock(&self.streams_server).take();
     }
 
     /// Whether `node` is one of this cloudcore's edge nodes.
@@ -777,6 +825,20 @@ impl Attached {
                 status.insert(f.into(), v.clone());
             }
         }
+        if let Some(endpoint) = self.stream_endpoint.get() {
+            // The API server reaches the node's kubelet API at cloudcore
+            // (the list replaced whole: an address of the edge there would
+            // be dialled instead).
+            status.insert(
+                "addresses".into(),
+                json!([{"$patch": "replace"},
+                    {"type": "InternalIP", "address": endpoint.ip().to_string()}]),
+            );
+            status.insert(
+                "daemonEndpoints".into(),
+                json!({"kubeletEndpoint": {"Port": endpoint.port()}}),
+            );
+        }
         let now = now_rfc3339();
         let (st, reason, message) = ready_condition(connected);
         let previous = lock(&self.state).node_status.get(node).cloned();
@@ -801,6 +863,20 @@ impl Attached {
             other => other,
         };
         written.map_err(|e| format!("writing the status of Node {node}: {e}"))?;
+        if self.stream_endpoint.get().is_some()
+            && let Some(own) = reported.get("addresses")
+            && lock(&self.state).edge_addresses.get(node) != Some(own)
+        {
+            // The edge's own addresses, which `status.addresses` cannot
+            // hold here: for people and tools that want them.
+            let body = json!({"metadata": {"annotations": {EDGE_ADDRESSES: own.to_string()}}});
+            api.patch(node, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map_err(|e| format!("writing the addresses of Node {node}: {e}"))?;
+            lock(&self.state)
+                .edge_addresses
+                .insert(node.to_owned(), own.clone());
+        }
         lock(&self.state)
             .node_status
             .insert(node.to_owned(), json!({"ready": st, "since": transition}));

@@ -56,6 +56,11 @@ enum Command {
         /// (the API server must reach it); default 127.0.0.1:10004.
         #[arg(long)]
         webhook_addr: Option<SocketAddr>,
+        /// Attached mode: where cloudcore serves the kubelet streaming API
+        /// of its edge nodes (`kubectl logs/exec/attach/port-forward` from
+        /// the API server); default 127.0.0.1:10350.
+        #[arg(long)]
+        stream_addr: Option<SocketAddr>,
     },
     /// Issue a single-use join token bound to one node name.
     Token {
@@ -109,6 +114,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             no_grpc,
             kubeconfig,
             webhook_addr,
+            stream_addr,
         } => {
             let mut cfg = match config {
                 Some(p) => {
@@ -150,6 +156,12 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 match cfg.kubernetes.as_mut() {
                     Some(k) => k.webhook_addr = a,
                     None => return Err("--webhook-addr needs --kubeconfig (attached mode)".into()),
+                }
+            }
+            if let Some(a) = stream_addr {
+                match cfg.kubernetes.as_mut() {
+                    Some(k) => k.stream_addr = a,
+                    None => return Err("--stream-addr needs --kubeconfig (attached mode)".into()),
                 }
             }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;

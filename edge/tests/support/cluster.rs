@@ -203,6 +203,8 @@ impl Cloud {
                 &bootstrap,
                 "--webhook-addr",
                 &webhook,
+                "--stream-addr",
+                &format!("127.0.0.1:{}", free_port()),
                 "--api-addr",
                 &format!("127.0.0.1:{}", free_port()),
             ])

@@ -25,6 +25,9 @@ use rcgen::{
 
 use super::cluster::{Proc, free_port, kubectl, ok, wait_for};
 
+/// The user of the API server's kubelet client certificate.
+pub const KUBELET_CLIENT: &str = "kube-apiserver-kubelet-client";
+
 /// Where the Kubernetes binaries are.
 #[derive(Debug, Clone)]
 pub struct K8sBins {
@@ -252,7 +255,11 @@ impl ControlPlane {
         cp.wait_ready("etcd", opts.ready_timeout, |_| http_ok(&health));
         eprintln!("etcd ready in {:.1?}", t.elapsed());
 
-        // kube-apiserver.
+        // kube-apiserver; its client certificate for kubelets (here:
+        // cloudcore's kubelet stream API for the edge nodes).
+        let (kubelet_client, kubelet_client_key) = cp.client_cert(KUBELET_CLIENT, &[]);
+        std::fs::write(p("kubelet-client.crt"), kubelet_client).unwrap();
+        write_private(&p("kubelet-client.key"), &kubelet_client_key);
         let t = Instant::now();
         let tol = opts.unreachable_toleration_secs.to_string();
         let mut args = vec![
@@ -272,6 +279,11 @@ impl ControlPlane {
             format!("--default-unreachable-toleration-seconds={tol}"),
             format!("--default-not-ready-toleration-seconds={tol}"),
             format!("--cert-dir={}", s(&p("apiserver-certs"))),
+            format!(
+                "--kubelet-client-certificate={}",
+                s(&p("kubelet-client.crt"))
+            ),
+            format!("--kubelet-client-key={}", s(&p("kubelet-client.key"))),
         ];
         args.extend(opts.apiserver_args.iter().cloned());
         cp.spawn("kube-apiserver", "kube-apiserver", &args);
@@ -279,6 +291,15 @@ impl ControlPlane {
             cp.kubectl(&["get", "--raw", "/readyz"]).status.success()
         });
         eprintln!("kube-apiserver ready in {:.1?}", t.elapsed());
+        // As kubeadm: the API server's kubelet client may use every
+        // kubelet API (`nodes/proxy`, asked by cloudcore).
+        cp.kubectl_ok(&[
+            "create",
+            "clusterrolebinding",
+            "kube-apiserver-kubelet-client",
+            "--clusterrole=system:kubelet-api-admin",
+            &format!("--user={KUBELET_CLIENT}"),
+        ]);
 
         // kube-controller-manager.
         let t = Instant::now();
