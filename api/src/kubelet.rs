@@ -33,16 +33,16 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info, info_span};
 
 use crate::exec::ExecRequest;
 use crate::server::{
-    ApiBody, LogRequest, PodStreams, ReadObjects, Resp, accept_loop, decode, query_map, status_resp,
+    ApiBody, LogRequest, PodStreams, ReadObjects, Resp, decode, query_map, query_values, serve_tls,
+    status_resp,
 };
 use crate::status::Status;
 
@@ -76,45 +76,28 @@ impl KubeletServer {
     /// `reader`, streams through `streams`, each request allowed by `auth`.
     pub async fn bind(
         addr: SocketAddr,
-        mut tls: rustls::ServerConfig,
+        tls: rustls::ServerConfig,
         reader: Arc<dyn ReadObjects>,
         streams: PodStreams,
         auth: Arc<dyn KubeletAuth>,
     ) -> std::io::Result<KubeletServer> {
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let acceptor = TlsAcceptor::from(Arc::new(tls));
-        info!(%addr, "kubelet stream API listening");
         let server = Arc::new(Server {
             reader,
             streams,
             auth,
         });
-        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
-            let (acceptor, server) = (acceptor.clone(), server.clone());
-            async move {
-                let tls = match tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "kubelet API TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let cert: Option<Vec<u8>> = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.as_ref().to_vec());
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        info!(%addr, "kubelet stream API listening");
+        let task = tokio::spawn(serve_tls(
+            listener,
+            tls,
+            "kubelet API",
+            |peer| info_span!("kubelet_api", %peer),
+            move |cert| {
+                let server = server.clone();
                 let cert: Arc<[u8]> = cert.unwrap_or_default().into();
-                let service = hyper::service::service_fn(move |req| {
+                hyper::service::service_fn(move |req| {
                     let (server, cert) = (server.clone(), cert.clone());
                     async move {
                         let r = match server.handle(req, &cert).await {
@@ -123,20 +106,9 @@ impl KubeletServer {
                         };
                         Ok::<_, std::convert::Infallible>(r)
                     }
-                });
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(Some(std::time::Duration::from_secs(30)));
-                if let Err(e) = b
-                    .serve_connection(TokioIo::new(tls), service)
-                    .with_upgrades()
-                    .await
-                {
-                    debug!(error = %e, "kubelet API connection ended with an error");
-                }
-            }
-            .instrument(info_span!("kubelet_api", %peer))
-        }));
+                })
+            },
+        ));
         Ok(KubeletServer { addr, task })
     }
 
@@ -252,14 +224,7 @@ impl Server {
                 let exec = self.streams.exec.clone().ok_or_else(|| unsupported(what))?;
                 exec.check(&pod_obj, pod)?;
                 let flag = |k: &str| query.get(k).is_some_and(|v| v == "1" || v == "true");
-                let command: Vec<String> = req
-                    .uri()
-                    .query()
-                    .unwrap_or_default()
-                    .split('&')
-                    .filter_map(|p| p.strip_prefix("command="))
-                    .map(decode)
-                    .collect();
+                let command = query_values(req.uri().query(), "command");
                 let er = ExecRequest {
                     namespace: namespace.to_owned(),
                     pod: pod.to_owned(),

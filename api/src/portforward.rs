@@ -36,18 +36,20 @@
 //! compression, stream-id reuse) ends the session with GOAWAY.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, debug_span, info_span, warn};
 
-use crate::spdy::conn::{self, Inbound, Incoming, Outbound};
-use crate::spdy::{self, Decoder, Frame, Headers, SpdyError};
+use crate::spdy::conn::{self, Connection, End, Inbound, Outbound, Peer, fin};
+use crate::spdy::{Frame, Headers};
 use crate::status::Status;
 
 /// The WebSocket subprotocol keel serves for port-forward.
@@ -144,13 +146,13 @@ pub async fn serve<IO>(
     name: String,
     forwarder: Arc<dyn PodPortForward>,
 ) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span =
         info_span!("portforward", namespace = %namespace, pod = %name, transport = "websocket");
     async move {
-        let (inbound, outbound) = conn::websocket(io, MAX_MESSAGE).await;
-        run(inbound, outbound, pod, namespace, name, forwarder).await;
+        let transport = conn::websocket(io, MAX_MESSAGE).await;
+        run(transport, pod, namespace, name, forwarder).await;
     }
     .instrument(span)
     .await
@@ -159,92 +161,48 @@ pub async fn serve<IO>(
 /// Runs one port-forward session on a raw SPDY connection (an upgraded
 /// HTTP/1.1 connection, server role), as the API server opens it to a
 /// kubelet; otherwise exactly like [`serve`].
-pub async fn serve_spdy<IO>(
+pub async fn serve_spdy<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: IO,
     pod: Value,
     namespace: String,
     name: String,
     forwarder: Arc<dyn PodPortForward>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let span = info_span!("portforward", namespace = %namespace, pod = %name, transport = "spdy");
-    async move {
-        let (inbound, outbound) = conn::raw(io);
-        run(inbound, outbound, pod, namespace, name, forwarder).await;
-    }
-    .instrument(span)
-    .await
+    run(conn::raw(io), pod, namespace, name, forwarder)
+        .instrument(span)
+        .await
 }
 
 /// The session, whatever carries its bytes.
-async fn run<IO>(
-    mut inbound: Inbound<IO>,
-    outbound: Outbound<IO>,
+async fn run<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    transport: (Inbound<IO>, Outbound<IO>),
     pod: Value,
     namespace: String,
     name: String,
     forwarder: Arc<dyn PodPortForward>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (out, frames) = mpsc::channel(WRITE_QUEUE);
-    let writer = tokio::spawn(conn::write_frames(outbound, frames).in_current_span());
+) {
+    let (mut connection, peer) = conn::start(transport, WRITE_QUEUE);
     let mut session = Session {
         pod: Arc::new(pod),
         namespace,
         name,
         forwarder,
-        out,
-        decoder: Decoder::new(),
-        last_stream_id: 0,
+        peer,
         streams: HashMap::new(),
         pairs: HashMap::new(),
         tasks: JoinSet::new(),
         serial: 0,
         pending: None,
     };
-    let end = session.run(&mut inbound).await;
-    let status = match &end {
-        End::Client => {
-            debug!("client left");
-            spdy::goaway::OK
-        }
-        End::WriterGone => {
-            debug!("connection closed");
-            spdy::goaway::OK
-        }
-        End::Protocol(e) => {
-            warn!(error = %e, "port-forward protocol error");
-            spdy::goaway::PROTOCOL_ERROR
-        }
-    };
+    let Err(end) = session.run(&mut connection).await;
     // Every forward stops (their connections to the pod close); the
     // client is told with a GOAWAY, then the connection closes.
     session.tasks.shutdown().await;
-    let goaway = Frame::GoAway {
-        last_good_stream_id: session.last_stream_id,
-        status,
-    };
-    let _ = tokio::time::timeout(conn::CLOSE_TIMEOUT, session.out.send(goaway)).await;
+    session.peer.goaway(&end, "port-forward").await;
     drop(session);
-    conn::finish(writer, &mut inbound).await;
+    connection.finish().await;
     debug!("port-forward session ended");
-}
-
-/// Why a session ended.
-enum End {
-    /// The client sent GOAWAY or closed the connection.
-    Client,
-    /// Writing to the client failed.
-    WriterGone,
-    Protocol(String),
-}
-
-impl From<SpdyError> for End {
-    fn from(e: SpdyError) -> Self {
-        End::Protocol(e.to_string())
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,10 +247,7 @@ struct Session {
     namespace: String,
     name: String,
     forwarder: Arc<dyn PodPortForward>,
-    out: mpsc::Sender<Frame>,
-    decoder: Decoder,
-    /// The highest stream id the client opened (ids must grow, odd).
-    last_stream_id: u32,
+    peer: Peer,
     /// Open streams: their pair's request id and type.
     streams: HashMap<u32, (String, Kind)>,
     pairs: HashMap<String, Pair>,
@@ -302,24 +257,14 @@ struct Session {
 }
 
 impl Session {
-    async fn run<IO>(&mut self, source: &mut Inbound<IO>) -> End
+    async fn run<IO>(&mut self, connection: &mut Connection<IO>) -> Result<Infallible, End>
     where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        IO: AsyncRead + AsyncWrite + Unpin,
     {
         loop {
             // Every whole frame is handled before more is read, unless a
             // forward's queue is full: then nothing is read until it has room.
-            while self.pending.is_none() {
-                match self.decoder.next_frame() {
-                    Ok(Some(frame)) => {
-                        if let Err(end) = self.on_frame(frame).await {
-                            return end;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => return e.into(),
-                }
-            }
+            conn::handle_frames(self).await?;
             let deadline = self.pairs.values().filter_map(|p| p.deadline).min();
             let far = Instant::now() + STREAM_CREATION_TIMEOUT;
             let pending = self.pending.as_ref().map(|p| p.to_pod.clone());
@@ -342,11 +287,9 @@ impl Session {
                         }
                     }
                 }
-                incoming = source.next(), if self.pending.is_none() => match incoming {
-                    Incoming::Bytes(b) => self.decoder.push(&b),
-                    Incoming::Invalid(what) => return End::Protocol(what.into()),
-                    Incoming::Closed => return End::Client,
-                },
+                incoming = connection.inbound().next(), if self.pending.is_none() => {
+                    self.peer.receive(incoming)?;
+                }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     let id = match done {
                         Ok((id, ())) => id,
@@ -358,134 +301,15 @@ impl Session {
                     self.reap(id);
                 }
                 () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
-                    if let Err(end) = self.expire().await {
-                        return end;
-                    }
+                    self.expire().await?;
                 }
-                () = self.out.closed() => return End::WriterGone,
+                () = self.peer.out.closed() => return Err(End::WriterGone),
             }
         }
     }
 
     async fn send(&self, frame: Frame) -> Result<(), End> {
-        self.out.send(frame).await.map_err(|_| End::WriterGone)
-    }
-
-    async fn on_frame(&mut self, frame: Frame) -> Result<(), End> {
-        match frame {
-            Frame::SynStream {
-                stream_id,
-                fin,
-                headers,
-                ..
-            } => self.open(stream_id, fin, &headers).await,
-            Frame::Data {
-                stream_id,
-                fin,
-                data,
-            } => {
-                self.data(stream_id, fin, data);
-                Ok(())
-            }
-            Frame::RstStream { stream_id, status } => {
-                debug!(stream_id, status, "client reset a stream");
-                self.reset(stream_id).await
-            }
-            // Client pings have odd ids; even ones would answer ours.
-            Frame::Ping { id } if !id.is_multiple_of(2) => self.send(Frame::Ping { id }).await,
-            Frame::GoAway { .. } => Err(End::Client),
-            other => {
-                debug!(frame = ?other, "ignored");
-                Ok(())
-            }
-        }
-    }
-
-    /// A SYN_STREAM: answered with a SYN_REPLY, or refused.
-    async fn open(&mut self, stream_id: u32, fin: bool, headers: &Headers) -> Result<(), End> {
-        if stream_id.is_multiple_of(2) || stream_id <= self.last_stream_id {
-            return Err(End::Protocol(format!(
-                "stream id {stream_id} after {} (client stream ids are odd and grow)",
-                self.last_stream_id
-            )));
-        }
-        self.last_stream_id = stream_id;
-        let refuse = Frame::RstStream {
-            stream_id,
-            status: spdy::rst::REFUSED_STREAM,
-        };
-        let kind = match headers.get(STREAM_TYPE) {
-            Some("error") => Kind::Error,
-            Some("data") => Kind::Data,
-            other => {
-                debug!(stream_id, stream_type = ?other, "refusing a stream without a valid streamtype");
-                return self.send(refuse).await;
-            }
-        };
-        let request = match headers.get(REQUEST_ID) {
-            Some(r) => r.to_owned(),
-            // As the kubelet does for clients that send no request id.
-            None => match kind {
-                Kind::Error => stream_id.to_string(),
-                Kind::Data => stream_id.saturating_sub(2).to_string(),
-            },
-        };
-        if !self.pairs.contains_key(&request) {
-            if self.pairs.len() >= MAX_PAIRS {
-                debug!(stream_id, "refusing a stream: {MAX_PAIRS} forwards open");
-                return self.send(refuse).await;
-            }
-            self.serial += 1;
-            let (to_pod, from_client) = mpsc::channel(CLIENT_QUEUE);
-            self.pairs.insert(
-                request.clone(),
-                Pair {
-                    serial: self.serial,
-                    error: None,
-                    data: None,
-                    deadline: Some(Instant::now() + STREAM_CREATION_TIMEOUT),
-                    to_pod: Some(to_pod),
-                    from_client: Some(from_client),
-                    cancel: None,
-                    task: None,
-                },
-            );
-        }
-        let Some(pair) = self.pairs.get_mut(&request) else {
-            return Ok(());
-        };
-        let slot = match kind {
-            Kind::Error => &mut pair.error,
-            Kind::Data => &mut pair.data,
-        };
-        if slot.is_some() {
-            debug!(
-                stream_id,
-                request,
-                ?kind,
-                "refusing a second stream of one type"
-            );
-            return self.send(refuse).await;
-        }
-        *slot = Some(Slot {
-            id: stream_id,
-            port: headers.get(PORT).map(str::to_owned),
-        });
-        let complete = pair.error.is_some() && pair.data.is_some();
-        self.streams.insert(stream_id, (request.clone(), kind));
-        self.send(Frame::SynReply {
-            stream_id,
-            fin: false,
-            headers: Headers::new(),
-        })
-        .await?;
-        if fin {
-            self.client_finished(stream_id);
-        }
-        if complete {
-            self.start(&request).await?;
-        }
-        Ok(())
+        self.peer.send(frame).await
     }
 
     /// Both streams are there: checks the ports and starts the forward.
@@ -525,7 +349,7 @@ impl Session {
             error_id,
             data_id,
             from_client,
-            out: self.out.clone(),
+            out: self.peer.out.clone(),
             cancelled,
         };
         let span = debug_span!("forward", request, port);
@@ -548,37 +372,6 @@ impl Session {
         Ok(())
     }
 
-    /// Client bytes: the data stream's go to its forward; the error
-    /// stream's (kubectl writes none) are dropped.
-    fn data(&mut self, stream_id: u32, fin: bool, data: Bytes) {
-        let Some((request, kind)) = self.streams.get(&stream_id) else {
-            // A stream that ended (or never was): nothing to do.
-            return;
-        };
-        if *kind == Kind::Data
-            && !data.is_empty()
-            && let Some(pair) = self.pairs.get_mut(request)
-            && let Some(to_pod) = &pair.to_pod
-        {
-            match to_pod.try_send(data) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(data)) => {
-                    self.pending = Some(Pending {
-                        to_pod: to_pod.clone(),
-                        data,
-                        stream_id,
-                        fin,
-                    });
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => pair.to_pod = None,
-            }
-        }
-        if fin {
-            self.client_finished(stream_id);
-        }
-    }
-
     /// The client FINed a stream: for the data stream, the pod's input ends.
     fn client_finished(&mut self, stream_id: u32) {
         if let Some((request, Kind::Data)) = self.streams.get(&stream_id)
@@ -590,37 +383,6 @@ impl Session {
 
     fn pod_stopped_reading(&mut self, stream_id: u32) {
         self.client_finished(stream_id);
-    }
-
-    /// RST_STREAM from the client: that forward ends.
-    async fn reset(&mut self, stream_id: u32) -> Result<(), End> {
-        let Some((request, kind)) = self.streams.remove(&stream_id) else {
-            return Ok(());
-        };
-        let Some(pair) = self.pairs.get_mut(&request) else {
-            return Ok(());
-        };
-        if kind == Kind::Data {
-            pair.to_pod = None;
-        }
-        if pair.task.is_some() {
-            // The forward FINs the other stream (kubectl, after resetting
-            // the data stream, reads the error stream to its end).
-            if let Some(cancel) = pair.cancel.take() {
-                let _ = cancel.send(kind);
-            }
-            return Ok(());
-        }
-        // Still waiting for its other stream: the pair is given up.
-        let other = match kind {
-            Kind::Error => pair.data.as_ref().map(|s| s.id),
-            Kind::Data => pair.error.as_ref().map(|s| s.id),
-        };
-        self.remove_pair(&request);
-        if let Some(other) = other {
-            self.send(fin(other)).await?;
-        }
-        Ok(())
     }
 
     /// Pairs whose second stream did not come in time fail.
@@ -681,12 +443,147 @@ impl Session {
     }
 }
 
-/// An empty data frame with FIN.
-fn fin(stream_id: u32) -> Frame {
-    Frame::Data {
-        stream_id,
-        fin: true,
-        data: Bytes::new(),
+impl conn::Streams for Session {
+    fn peer(&mut self) -> &mut Peer {
+        &mut self.peer
+    }
+
+    fn reading(&self) -> bool {
+        self.pending.is_none()
+    }
+
+    /// A SYN_STREAM: answered with a SYN_REPLY, or refused.
+    async fn open(&mut self, stream_id: u32, fin: bool, headers: &Headers) -> Result<(), End> {
+        let kind = match headers.get(STREAM_TYPE) {
+            Some("error") => Kind::Error,
+            Some("data") => Kind::Data,
+            other => {
+                debug!(stream_id, stream_type = ?other, "refusing a stream without a valid streamtype");
+                return self.peer.refuse(stream_id).await;
+            }
+        };
+        let request = match headers.get(REQUEST_ID) {
+            Some(r) => r.to_owned(),
+            // As the kubelet does for clients that send no request id.
+            None => match kind {
+                Kind::Error => stream_id.to_string(),
+                Kind::Data => stream_id.saturating_sub(2).to_string(),
+            },
+        };
+        if !self.pairs.contains_key(&request) {
+            if self.pairs.len() >= MAX_PAIRS {
+                debug!(stream_id, "refusing a stream: {MAX_PAIRS} forwards open");
+                return self.peer.refuse(stream_id).await;
+            }
+            self.serial += 1;
+            let (to_pod, from_client) = mpsc::channel(CLIENT_QUEUE);
+            self.pairs.insert(
+                request.clone(),
+                Pair {
+                    serial: self.serial,
+                    error: None,
+                    data: None,
+                    deadline: Some(Instant::now() + STREAM_CREATION_TIMEOUT),
+                    to_pod: Some(to_pod),
+                    from_client: Some(from_client),
+                    cancel: None,
+                    task: None,
+                },
+            );
+        }
+        let Some(pair) = self.pairs.get_mut(&request) else {
+            return Ok(());
+        };
+        let slot = match kind {
+            Kind::Error => &mut pair.error,
+            Kind::Data => &mut pair.data,
+        };
+        if slot.is_some() {
+            debug!(
+                stream_id,
+                request,
+                ?kind,
+                "refusing a second stream of one type"
+            );
+            return self.peer.refuse(stream_id).await;
+        }
+        *slot = Some(Slot {
+            id: stream_id,
+            port: headers.get(PORT).map(str::to_owned),
+        });
+        let complete = pair.error.is_some() && pair.data.is_some();
+        self.streams.insert(stream_id, (request.clone(), kind));
+        self.peer.reply(stream_id).await?;
+        if fin {
+            self.client_finished(stream_id);
+        }
+        if complete {
+            self.start(&request).await?;
+        }
+        Ok(())
+    }
+
+    /// Client bytes: the data stream's go to its forward; the error
+    /// stream's (kubectl writes none) are dropped.
+    async fn data(&mut self, stream_id: u32, fin: bool, data: Bytes) -> Result<(), End> {
+        let Some((request, kind)) = self.streams.get(&stream_id) else {
+            // A stream that ended (or never was): nothing to do.
+            return Ok(());
+        };
+        if *kind == Kind::Data
+            && !data.is_empty()
+            && let Some(pair) = self.pairs.get_mut(request)
+            && let Some(to_pod) = &pair.to_pod
+        {
+            match to_pod.try_send(data) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(data)) => {
+                    self.pending = Some(Pending {
+                        to_pod: to_pod.clone(),
+                        data,
+                        stream_id,
+                        fin,
+                    });
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => pair.to_pod = None,
+            }
+        }
+        if fin {
+            self.client_finished(stream_id);
+        }
+        Ok(())
+    }
+
+    /// RST_STREAM from the client: that forward ends.
+    async fn reset(&mut self, stream_id: u32) -> Result<(), End> {
+        let Some((request, kind)) = self.streams.remove(&stream_id) else {
+            return Ok(());
+        };
+        let Some(pair) = self.pairs.get_mut(&request) else {
+            return Ok(());
+        };
+        if kind == Kind::Data {
+            pair.to_pod = None;
+        }
+        if pair.task.is_some() {
+            // The forward FINs the other stream (kubectl, after resetting
+            // the data stream, reads the error stream to its end).
+            if let Some(cancel) = pair.cancel.take() {
+                let _ = cancel.send(kind);
+            }
+            return Ok(());
+        }
+        // Still waiting for its other stream: the pair is given up.
+        let other = match kind {
+            Kind::Error => pair.data.as_ref().map(|s| s.id),
+            Kind::Data => pair.error.as_ref().map(|s| s.id),
+        };
+        self.remove_pair(&request);
+        if let Some(other) = other {
+            self.send(fin(other)).await?;
+        }
+        Ok(())
     }
 }
 
@@ -817,12 +714,7 @@ async fn after_reset(out: &mpsc::Sender<Frame>, reset: Option<Kind>, error_id: u
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic
-    )]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use std::net::SocketAddr;
     use std::sync::Mutex;
@@ -834,6 +726,7 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     use super::*;
+    use crate::spdy;
     use crate::spdy::testing::{self, Rx, Tx};
 
     struct Client {
@@ -889,15 +782,7 @@ mod tests {
         if let Some(r) = request {
             headers = headers.with("requestid", r);
         }
-        Frame::SynStream {
-            stream_id,
-            associated_to: 0,
-            priority: 0,
-            slot: 0,
-            fin: false,
-            unidirectional: false,
-            headers,
-        }
+        testing::syn_stream(stream_id, headers)
     }
 
     fn data(stream_id: u32, bytes: &[u8]) -> Frame {
@@ -1063,19 +948,7 @@ mod tests {
             status: spdy::goaway::OK,
         })
         .await;
-        assert_eq!(
-            c.rx.frame().await,
-            Some(Frame::GoAway {
-                last_good_stream_id: 7,
-                status: spdy::goaway::OK
-            })
-        );
-        assert_eq!(c.rx.frame().await, None);
-        c.tx.close().await;
-        tokio::time::timeout(Duration::from_secs(5), c.server)
-            .await
-            .unwrap()
-            .unwrap();
+        testing::ends_with_goaway(c.tx, c.rx, c.server, 7, spdy::goaway::OK).await;
     }
 
     #[tokio::test]
@@ -1095,10 +968,7 @@ mod tests {
         // The client leaving ends the session.
         drop(c.tx);
         drop(c.rx);
-        tokio::time::timeout(Duration::from_secs(5), c.server)
-            .await
-            .unwrap()
-            .unwrap();
+        testing::ended(c.server).await;
     }
 
     #[tokio::test]
@@ -1259,10 +1129,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!c.server.is_finished());
         c.tx.close().await;
-        tokio::time::timeout(Duration::from_secs(5), c.server)
-            .await
-            .unwrap()
-            .unwrap();
+        testing::ended(c.server).await;
         // A client that never closes is not waited for long.
         let mut c = start_raw(TcpForwarder::new(addr, None), WAIT);
         c.tx.raw(&[0x80, 0x02, 0, 1, 0, 0, 0, 0]).await;

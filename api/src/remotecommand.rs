@@ -52,13 +52,14 @@ use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{Instrument as _, debug, info_span, warn};
+use tracing::{Instrument as _, debug, info_span};
 
 use crate::exec::{self, ExecRequest, ExecStreams};
-use crate::spdy::conn::{self, Inbound, Incoming};
-use crate::spdy::{self, Decoder, Frame, Headers, SpdyError};
+use crate::spdy::conn::{self, End, Peer, fin};
+use crate::spdy::{Frame, Headers};
 
 /// `X-Stream-Protocol-Version` values.
 pub const V1: &str = "channel.k8s.io";
@@ -208,24 +209,25 @@ fn wanted(req: &ExecRequest, version: Version) -> Vec<Kind> {
 /// the module documentation.
 pub async fn serve_spdy<IO>(io: IO, protocol: &'static str, req: ExecRequest, streams: ExecStreams)
 where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = info_span!("remotecommand", op = req.op(), namespace = %req.namespace,
         pod = %req.pod, container = req.container.as_deref().unwrap_or(""), protocol);
     async move {
         let version = Version::of(protocol);
-        let (mut inbound, outbound) = conn::raw(io);
-        let (out, frames) = mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::spawn(conn::write_frames(outbound, frames).in_current_span());
+        let (mut connection, peer) = conn::start(conn::raw(io), WRITE_QUEUE);
         let activity = Activity::new();
         let ExecStreams { input, output } = streams;
         let (ready, setup) = oneshot::channel();
+        let downstream = Downstream {
+            version,
+            out: peer.out.clone(),
+            activity: activity.clone(),
+        };
         let mut upstream = Upstream {
             version,
             wanted: wanted(&req, version),
-            out: out.clone(),
-            decoder: Decoder::new(),
-            last_stream_id: 0,
+            peer,
             opened: 0,
             ids: Ids::default(),
             extra: Vec::new(),
@@ -235,78 +237,21 @@ where
             resize: Some(BytesMut::new()),
             activity: activity.clone(),
         };
-        let downstream = Downstream {
-            version,
-            out: out.clone(),
-            activity: activity.clone(),
-        };
         let end = tokio::select! {
-            end = upstream.run(&mut inbound) => end,
+            end = conn::serve(&mut upstream, &mut connection) => end,
             end = downstream.run(setup, output) => end,
             () = activity.idle() => End::Idle,
         };
         // The exec's output went with the future that read it; its input
         // goes now: that ends the exec's session on the edge.
         upstream.input = None;
-        let status = match &end {
-            End::Done => {
-                debug!("exec finished");
-                spdy::goaway::OK
-            }
-            End::Client => {
-                debug!("client left");
-                spdy::goaway::OK
-            }
-            End::WriterGone => {
-                debug!("connection closed");
-                spdy::goaway::OK
-            }
-            End::Timeout => {
-                warn!("timed out waiting for client to create streams");
-                spdy::goaway::OK
-            }
-            End::Idle => {
-                debug!("connection idle for too long");
-                spdy::goaway::OK
-            }
-            End::Protocol(e) => {
-                warn!(error = %e, "remotecommand protocol error");
-                spdy::goaway::PROTOCOL_ERROR
-            }
-        };
-        let goaway = Frame::GoAway {
-            last_good_stream_id: upstream.last_stream_id,
-            status,
-        };
-        let _ = tokio::time::timeout(conn::CLOSE_TIMEOUT, out.send(goaway)).await;
-        drop((out, upstream, downstream));
-        conn::finish(writer, &mut inbound).await;
+        upstream.peer.goaway(&end, "remotecommand").await;
+        drop((upstream, downstream));
+        connection.finish().await;
         debug!("remotecommand session ended");
     }
     .instrument(span)
     .await
-}
-
-/// Why a session ended.
-#[derive(Debug)]
-enum End {
-    /// The exec finished and its outcome was sent.
-    Done,
-    /// The client sent GOAWAY or closed the connection.
-    Client,
-    /// Writing to the client failed.
-    WriterGone,
-    /// The client did not open its streams in time.
-    Timeout,
-    /// No frame either way for [`IDLE_TIMEOUT`].
-    Idle,
-    Protocol(String),
-}
-
-impl From<SpdyError> for End {
-    fn from(e: SpdyError) -> Self {
-        End::Protocol(e.to_string())
-    }
 }
 
 /// When a frame last went either way, for the idle timeout.
@@ -343,23 +288,11 @@ impl Activity {
     }
 }
 
-/// An empty data frame with FIN.
-fn fin(stream_id: u32) -> Frame {
-    Frame::Data {
-        stream_id,
-        fin: true,
-        data: Bytes::new(),
-    }
-}
-
 /// The client's side: streams opened, stdin and resize data to the exec.
 struct Upstream {
     version: Version,
     wanted: Vec<Kind>,
-    out: mpsc::Sender<Frame>,
-    decoder: Decoder,
-    /// The highest stream id the client opened (ids must grow, odd).
-    last_stream_id: u32,
+    peer: Peer,
     opened: usize,
     ids: Ids,
     /// Streams answered but not used (unknown type, or one too many).
@@ -383,148 +316,6 @@ struct Ready {
 }
 
 impl Upstream {
-    async fn run<IO>(&mut self, inbound: &mut Inbound<IO>) -> End
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        loop {
-            loop {
-                match self.decoder.next_frame() {
-                    Ok(Some(frame)) => {
-                        self.activity.touch();
-                        if let Err(end) = self.on_frame(frame).await {
-                            return end;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => return e.into(),
-                }
-            }
-            match inbound.next().await {
-                Incoming::Bytes(b) => self.decoder.push(&b),
-                Incoming::Closed => return End::Client,
-                Incoming::Invalid(what) => return End::Protocol(what.into()),
-            }
-        }
-    }
-
-    async fn send(&self, frame: Frame) -> Result<(), End> {
-        self.out.send(frame).await.map_err(|_| End::WriterGone)
-    }
-
-    async fn on_frame(&mut self, frame: Frame) -> Result<(), End> {
-        match frame {
-            Frame::SynStream {
-                stream_id,
-                fin,
-                headers,
-                ..
-            } => self.open(stream_id, fin, &headers).await,
-            Frame::Data {
-                stream_id,
-                fin,
-                data,
-            } => self.data(stream_id, fin, data).await,
-            Frame::RstStream { stream_id, status } => {
-                debug!(stream_id, status, "client reset a stream");
-                if self.ids.stdin == Some(stream_id) {
-                    self.close_stdin().await;
-                }
-                Ok(())
-            }
-            // Client pings have odd ids; even ones would answer ours.
-            Frame::Ping { id } if !id.is_multiple_of(2) => self.send(Frame::Ping { id }).await,
-            Frame::GoAway { .. } => Err(End::Client),
-            other => {
-                debug!(frame = ?other, "ignored");
-                Ok(())
-            }
-        }
-    }
-
-    /// A SYN_STREAM: answered with a SYN_REPLY while the streams are being
-    /// set up, refused after.
-    async fn open(&mut self, stream_id: u32, syn_fin: bool, headers: &Headers) -> Result<(), End> {
-        if stream_id.is_multiple_of(2) || stream_id <= self.last_stream_id {
-            return Err(End::Protocol(format!(
-                "stream id {stream_id} after {} (client stream ids are odd and grow)",
-                self.last_stream_id
-            )));
-        }
-        self.last_stream_id = stream_id;
-        let refuse = Frame::RstStream {
-            stream_id,
-            status: spdy::rst::REFUSED_STREAM,
-        };
-        if self.ready.is_none() || self.opened >= MAX_STREAMS {
-            debug!(
-                stream_id,
-                "refusing a stream: the session's streams are set up"
-            );
-            return self.send(refuse).await;
-        }
-        self.opened += 1;
-        let streamtype = headers.get(STREAM_TYPE);
-        let kind = Kind::of(streamtype).filter(|k| self.wanted.contains(k));
-        match kind {
-            Some(kind) if self.ids.slot(kind).is_none() => {
-                *self.ids.slot(kind) = Some(stream_id);
-            }
-            _ => {
-                debug!(stream_id, ?streamtype, "a stream this session does not use");
-                self.extra.push(stream_id);
-            }
-        }
-        self.send(Frame::SynReply {
-            stream_id,
-            fin: false,
-            headers: Headers::new(),
-        })
-        .await?;
-        if syn_fin && self.ids.stdin == Some(stream_id) {
-            self.close_stdin().await;
-        }
-        let mut ids = self.ids;
-        if self.wanted.iter().all(|k| ids.slot(*k).is_some())
-            && let Some(ready) = self.ready.take()
-        {
-            debug!(?ids, "streams set up");
-            let mut to_fin: Vec<u32> = [ids.stdout, ids.stderr, ids.resize]
-                .into_iter()
-                .flatten()
-                .chain(self.extra.iter().copied())
-                .collect();
-            match (self.version, ids.stdin) {
-                // As the kubelet: v1 closes stdin (our side) at once.
-                (Version::V1, Some(stdin)) => self.send(fin(stdin)).await?,
-                (_, Some(stdin)) => to_fin.push(stdin),
-                (_, None) => {}
-            }
-            to_fin.extend(ids.error);
-            // Gone only if the session is ending anyway.
-            let _ = ready.send(Ready { ids, to_fin });
-        }
-        Ok(())
-    }
-
-    async fn data(&mut self, stream_id: u32, fin: bool, mut data: Bytes) -> Result<(), End> {
-        match self.ids.kind_of(stream_id) {
-            Some(Kind::Stdin) if !self.stdin_closed => {
-                while !data.is_empty() {
-                    let part = data.split_to(data.len().min(MAX_CHUNK));
-                    self.pass_on(exec::message(exec::STDIN, &part)).await;
-                }
-                if fin {
-                    self.close_stdin().await;
-                }
-            }
-            Some(Kind::Resize) => self.resize(&data).await,
-            // Nothing is read from the other streams.
-            _ => {}
-        }
-        Ok(())
-    }
-
     /// Hands a message to the exec (waiting for room: meanwhile the
     /// connection is not read), unless it stopped reading.
     async fn pass_on(&mut self, message: Bytes) {
@@ -588,6 +379,90 @@ impl Upstream {
             self.pass_on(exec::message(exec::RESIZE, size.as_bytes()))
                 .await;
         }
+    }
+}
+
+impl conn::Streams for Upstream {
+    fn peer(&mut self) -> &mut Peer {
+        &mut self.peer
+    }
+
+    fn received(&mut self) {
+        self.activity.touch();
+    }
+
+    /// A SYN_STREAM: answered with a SYN_REPLY while the streams are being
+    /// set up, refused after.
+    async fn open(&mut self, stream_id: u32, syn_fin: bool, headers: &Headers) -> Result<(), End> {
+        if self.ready.is_none() || self.opened >= MAX_STREAMS {
+            debug!(
+                stream_id,
+                "refusing a stream: the session's streams are set up"
+            );
+            return self.peer.refuse(stream_id).await;
+        }
+        self.opened += 1;
+        let streamtype = headers.get(STREAM_TYPE);
+        let kind = Kind::of(streamtype).filter(|k| self.wanted.contains(k));
+        match kind {
+            Some(kind) if self.ids.slot(kind).is_none() => {
+                *self.ids.slot(kind) = Some(stream_id);
+            }
+            _ => {
+                debug!(stream_id, ?streamtype, "a stream this session does not use");
+                self.extra.push(stream_id);
+            }
+        }
+        self.peer.reply(stream_id).await?;
+        if syn_fin && self.ids.stdin == Some(stream_id) {
+            self.close_stdin().await;
+        }
+        let mut ids = self.ids;
+        if self.wanted.iter().all(|k| ids.slot(*k).is_some())
+            && let Some(ready) = self.ready.take()
+        {
+            debug!(?ids, "streams set up");
+            let mut to_fin: Vec<u32> = [ids.stdout, ids.stderr, ids.resize]
+                .into_iter()
+                .flatten()
+                .chain(self.extra.iter().copied())
+                .collect();
+            match (self.version, ids.stdin) {
+                // As the kubelet: v1 closes stdin (our side) at once.
+                (Version::V1, Some(stdin)) => self.peer.send(fin(stdin)).await?,
+                (_, Some(stdin)) => to_fin.push(stdin),
+                (_, None) => {}
+            }
+            to_fin.extend(ids.error);
+            // Gone only if the session is ending anyway.
+            let _ = ready.send(Ready { ids, to_fin });
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, stream_id: u32, fin: bool, mut data: Bytes) -> Result<(), End> {
+        match self.ids.kind_of(stream_id) {
+            Some(Kind::Stdin) if !self.stdin_closed => {
+                while !data.is_empty() {
+                    let part = data.split_to(data.len().min(MAX_CHUNK));
+                    self.pass_on(exec::message(exec::STDIN, &part)).await;
+                }
+                if fin {
+                    self.close_stdin().await;
+                }
+            }
+            Some(Kind::Resize) => self.resize(&data).await,
+            // Nothing is read from the other streams.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn reset(&mut self, stream_id: u32) -> Result<(), End> {
+        if self.ids.stdin == Some(stream_id) {
+            self.close_stdin().await;
+        }
+        Ok(())
     }
 }
 
@@ -719,16 +594,12 @@ fn error_stream_payload(version: Version, status: Bytes) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic
-    )]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::spdy;
     use crate::spdy::testing::{self, Rx, Tx};
 
     const WAIT: Option<Duration> = Some(Duration::from_secs(10));
@@ -827,22 +698,9 @@ mod tests {
         }
     }
 
-    /// The session's end as the client sees it: GOAWAY, then (once the
-    /// client closes its side) the end of the connection and the session.
-    async fn ends_with_goaway(mut c: Client, last_good_stream_id: u32, status: u32) {
-        assert_eq!(
-            c.rx.frame().await,
-            Some(Frame::GoAway {
-                last_good_stream_id,
-                status
-            })
-        );
-        assert_eq!(c.rx.frame().await, None);
-        c.tx.close().await;
-        tokio::time::timeout(Duration::from_secs(5), c.server)
-            .await
-            .unwrap()
-            .unwrap();
+    /// See [`testing::ends_with_goaway`].
+    async fn ends_with_goaway(c: Client, last_good_stream_id: u32, status: u32) {
+        testing::ends_with_goaway(c.tx, c.rx, c.server, last_good_stream_id, status).await;
     }
 
     const EXIT_3: &str =
@@ -971,9 +829,7 @@ mod tests {
         let mut r = Upstream {
             version: Version::V4,
             wanted: vec![],
-            out: mpsc::channel(1).0,
-            decoder: Decoder::new(),
-            last_stream_id: 0,
+            peer: Peer::new(mpsc::channel(1).0),
             opened: 0,
             ids: Ids::default(),
             extra: vec![],
@@ -1099,10 +955,7 @@ mod tests {
             if goaway {
                 ends_with_goaway(c, 5, spdy::goaway::OK).await;
             } else {
-                tokio::time::timeout(Duration::from_secs(5), c.server)
-                    .await
-                    .unwrap()
-                    .unwrap();
+                testing::ended(c.server).await;
             }
         }
     }

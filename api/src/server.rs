@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use hyper::service::Service;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
@@ -126,7 +127,7 @@ impl ApiServer {
     /// Forbidden`.
     pub async fn bind(
         addr: SocketAddr,
-        mut tls: rustls::ServerConfig,
+        tls: rustls::ServerConfig,
         reader: Arc<dyn ReadObjects>,
         writer: Arc<dyn WriteObjects>,
         streams: PodStreams,
@@ -137,10 +138,8 @@ impl ApiServer {
             exec,
             portforward,
         } = streams;
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let acceptor = TlsAcceptor::from(Arc::new(tls));
         info!(%addr, "kubernetes API listening");
         let server = Arc::new(Server {
             reader,
@@ -150,34 +149,15 @@ impl ApiServer {
             portforward,
             addr: addr.to_string(),
         });
-        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
-            let (acceptor, server) = (acceptor.clone(), server.clone());
-            async move {
-                let tls = match tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "API TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                // Only the admin certificate may use the API; node
-                // certificates speak the sync protocol, not this.
-                let allowed = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .is_some_and(|c| admin(c));
-                serve_http(tls, server, allowed).await;
-            }
-            .instrument(info_span!("api", %peer))
-        }));
+        let task = tokio::spawn(serve_tls(
+            listener,
+            tls,
+            "API",
+            |peer| info_span!("api", %peer),
+            // Only the admin certificate may use the API; node
+            // certificates speak the sync protocol, not this.
+            move |cert| api_service(server.clone(), cert.is_some_and(admin)),
+        ));
         Ok(ApiServer { addr, task })
     }
 
@@ -202,7 +182,8 @@ impl ApiServer {
             addr: addr.to_string(),
         });
         let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
-            serve_http(tcp, server.clone(), true).instrument(info_span!("edge_api", %peer))
+            serve_http(tcp, api_service(server.clone(), true), "API")
+                .instrument(info_span!("edge_api", %peer))
         }));
         Ok(ApiServer { addr, task })
     }
@@ -402,7 +383,7 @@ pub trait PodLogs: Send + Sync + 'static {
 }
 
 /// Accepts connections forever, each handled by its own task.
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
+async fn accept_loop<F, Fut>(listener: TcpListener, handle: F)
 where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -410,6 +391,9 @@ where
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                // Small writes (a response's head, then a log line) go out
+                // at once, not after the peer's delayed ack.
+                let _ = tcp.set_nodelay(true);
                 tokio::spawn(handle(tcp, peer));
             }
             Err(e) => {
@@ -420,13 +404,77 @@ where
     }
 }
 
-/// HTTP/1.1 on one connection; `allowed` is false for a client the API
-/// refuses (every request then gets 403).
-async fn serve_http<IO>(io: IO, server: Arc<Server>, allowed: bool)
+/// Serves HTTPS on `listener` with `tls`: each connection (in the span
+/// `span` makes for its peer) has 10 s for the TLS handshake, then is
+/// served HTTP/1.1 by the service `service` makes for the client's
+/// certificate (the first it gave, DER). `api` names the API in the log.
+pub(crate) async fn serve_tls<F, S>(
+    listener: TcpListener,
+    mut tls: rustls::ServerConfig,
+    api: &'static str,
+    span: fn(SocketAddr) -> tracing::Span,
+    service: F,
+) where
+    F: Fn(Option<&[u8]>) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Resp, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let service = Arc::new(service);
+    accept_loop(listener, move |tcp, peer| {
+        let (acceptor, service) = (acceptor.clone(), service.clone());
+        async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "{api} TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let service = service(cert.map(|c| c.as_ref()));
+            serve_http(tls, service, api).await;
+        }
+        .instrument(span(peer))
+    })
+    .await;
+}
+
+/// HTTP/1.1 (with upgrades) on one connection, answered by `service`.
+async fn serve_http<IO, S>(io: IO, service: S, api: &str)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Resp, Error = Infallible>,
+    S::Future: Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Some(std::time::Duration::from_secs(30)));
+    if let Err(e) = b
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+    {
+        debug!(error = %e, "{api} connection ended with an error");
+    }
+}
+
+/// The API's service on one connection; `allowed` is false for a client
+/// the API refuses (every request then gets 403).
+fn api_service(
+    server: Arc<Server>,
+    allowed: bool,
+) -> impl Service<Request<Incoming>, Response = Resp, Error = Infallible, Future: Send + 'static>
++ Send
++ 'static {
+    hyper::service::service_fn(move |req| {
         let server = server.clone();
         async move {
             if !allowed {
@@ -439,17 +487,7 @@ where
             }
             Ok::<_, Infallible>(server.handle(req).await)
         }
-    });
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(Some(std::time::Duration::from_secs(30)));
-    if let Err(e) = b
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades()
-        .await
-    {
-        debug!(error = %e, "API connection ended with an error");
-    }
+    })
 }
 
 #[derive(Clone)]
@@ -470,6 +508,15 @@ pub struct Target {
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub sub: Option<String>,
+}
+
+/// Every value of a repeated query parameter, in order.
+pub(crate) fn query_values(q: Option<&str>, key: &str) -> Vec<String> {
+    q.unwrap_or_default()
+        .split('&')
+        .filter_map(|p| p.split_once('=').filter(|(k, _)| decode(k) == key))
+        .map(|(_, v)| decode(v))
+        .collect()
 }
 
 pub(crate) fn query_map(q: Option<&str>) -> BTreeMap<String, String> {
@@ -812,14 +859,7 @@ impl Server {
                 "1.30",
             ));
         };
-        let commands: Vec<String> = req
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter_map(|p| p.strip_prefix("command="))
-            .map(decode)
-            .collect();
+        let commands = query_values(req.uri().query(), "command");
         let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
         let er = if attach {
             ExecRequest::attach_from_query(&namespace, name, query)?

@@ -901,7 +901,12 @@ fn control_head(out: &mut BytesMut, kind: u16, flags: u8, length: usize) -> Resu
 /// The byte transports a SPDY connection runs on (server role), and the
 /// task that writes its frames: shared by port-forward (over kubectl's
 /// WebSocket, or a raw upgraded connection from the API server) and
-/// remotecommand (raw). The codec above stays sans IO.
+/// remotecommand (raw). So is the rest of a session that is not about its
+/// streams: the client's side ([`Peer`](conn::Peer): decoding, stream ids,
+/// replies, the final GOAWAY), the frames a session does not see
+/// ([`handle_frames`](conn::handle_frames): PING, GOAWAY, SETTINGS, ...; the
+/// streams' frames go to its [`Streams`](conn::Streams)), and why it ended
+/// ([`End`](conn::End)). The codec above stays sans IO.
 pub(crate) mod conn {
     use std::time::Duration;
 
@@ -915,9 +920,9 @@ pub(crate) mod conn {
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-    use tracing::{debug, warn};
+    use tracing::{Instrument as _, debug, warn};
 
-    use super::{Encoder, Frame};
+    use super::{Decoder, Encoder, Frame, Headers, SpdyError, goaway, rst};
 
     /// Frames batched into one write (one WebSocket message) up to about
     /// this many bytes.
@@ -1077,7 +1082,7 @@ pub(crate) mod conn {
     /// Ends a connection once every sender of its writer's queue is gone:
     /// waits (at most [`CLOSE_TIMEOUT`]) for the writer to flush and close,
     /// then for the peer to close ([`Inbound::drain`]).
-    pub(crate) async fn finish<IO>(writer: JoinHandle<()>, inbound: &mut Inbound<IO>)
+    async fn finish<IO>(writer: JoinHandle<()>, inbound: &mut Inbound<IO>)
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -1087,6 +1092,259 @@ pub(crate) mod conn {
             return;
         }
         inbound.drain().await;
+    }
+
+    /// A session's connection: the transport's receiving half and the task
+    /// writing the frames queued for the client.
+    #[derive(Debug)]
+    pub(crate) struct Connection<IO> {
+        inbound: Inbound<IO>,
+        writer: JoinHandle<()>,
+    }
+
+    /// Starts a session on a transport: its writer (a queue of `queue`
+    /// frames, written by [`write_frames`]) and the client's side.
+    pub(crate) fn start<IO>(
+        (inbound, outbound): (Inbound<IO>, Outbound<IO>),
+        queue: usize,
+    ) -> (Connection<IO>, Peer)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (out, frames) = mpsc::channel(queue);
+        let writer = tokio::spawn(write_frames(outbound, frames).in_current_span());
+        (Connection { inbound, writer }, Peer::new(out))
+    }
+
+    impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+        /// The transport's receiving half.
+        pub(crate) fn inbound(&mut self) -> &mut Inbound<IO> {
+            &mut self.inbound
+        }
+
+        /// Ends the connection once every sender of the writer's queue is
+        /// gone (see [`finish`]).
+        pub(crate) async fn finish(mut self) {
+            finish(self.writer, &mut self.inbound).await;
+        }
+    }
+
+    /// Why a session ended.
+    #[derive(Debug)]
+    pub(crate) enum End {
+        /// Remotecommand: the exec finished and its outcome was sent.
+        Done,
+        /// The client sent GOAWAY or closed the connection.
+        Client,
+        /// Writing to the client failed.
+        WriterGone,
+        /// Remotecommand: the client did not open its streams in time.
+        Timeout,
+        /// Remotecommand: no frame either way for
+        /// [`IDLE_TIMEOUT`](crate::remotecommand::IDLE_TIMEOUT).
+        Idle,
+        Protocol(String),
+    }
+
+    impl From<SpdyError> for End {
+        fn from(e: SpdyError) -> Self {
+            End::Protocol(e.to_string())
+        }
+    }
+
+    impl End {
+        /// Logs why the `session` ended: the GOAWAY status that says so.
+        fn goaway_status(&self, session: &str) -> u32 {
+            match self {
+                End::Done => debug!("exec finished"),
+                End::Client => debug!("client left"),
+                End::WriterGone => debug!("connection closed"),
+                End::Timeout => warn!("timed out waiting for client to create streams"),
+                End::Idle => debug!("connection idle for too long"),
+                End::Protocol(e) => {
+                    warn!(error = %e, "{session} protocol error");
+                    return goaway::PROTOCOL_ERROR;
+                }
+            }
+            goaway::OK
+        }
+    }
+
+    /// The client's side of a session: its frames, decoded from what the
+    /// transport delivers, and the queue of frames to it.
+    #[derive(Debug)]
+    pub(crate) struct Peer {
+        /// Frames to the client (the writer's queue).
+        pub(crate) out: mpsc::Sender<Frame>,
+        decoder: Decoder,
+        /// The highest stream id the client opened (ids must grow, odd).
+        last_stream_id: u32,
+    }
+
+    impl Peer {
+        pub(crate) fn new(out: mpsc::Sender<Frame>) -> Peer {
+            Peer {
+                out,
+                decoder: Decoder::new(),
+                last_stream_id: 0,
+            }
+        }
+
+        /// What the transport delivered: bytes are kept for decoding, the
+        /// rest ends the session.
+        pub(crate) fn receive(&mut self, incoming: Incoming) -> Result<(), End> {
+            match incoming {
+                Incoming::Bytes(b) => {
+                    self.decoder.push(&b);
+                    Ok(())
+                }
+                Incoming::Closed => Err(End::Client),
+                Incoming::Invalid(what) => Err(End::Protocol(what.into())),
+            }
+        }
+
+        /// The next whole frame received, `None` until more bytes come.
+        pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, End> {
+            Ok(self.decoder.next_frame()?)
+        }
+
+        pub(crate) async fn send(&self, frame: Frame) -> Result<(), End> {
+            self.out.send(frame).await.map_err(|_| End::WriterGone)
+        }
+
+        /// Accepts a stream the client opens (a SYN_REPLY).
+        pub(crate) async fn reply(&self, stream_id: u32) -> Result<(), End> {
+            self.send(Frame::SynReply {
+                stream_id,
+                fin: false,
+                headers: Headers::new(),
+            })
+            .await
+        }
+
+        /// Refuses a stream the client opens (RST_STREAM, REFUSED_STREAM).
+        pub(crate) async fn refuse(&self, stream_id: u32) -> Result<(), End> {
+            self.send(Frame::RstStream {
+                stream_id,
+                status: rst::REFUSED_STREAM,
+            })
+            .await
+        }
+
+        /// Tells the client why the `session` ends (logged): a GOAWAY naming
+        /// the last stream it opened, queued within [`CLOSE_TIMEOUT`].
+        pub(crate) async fn goaway(&self, end: &End, session: &str) {
+            let goaway = Frame::GoAway {
+                last_good_stream_id: self.last_stream_id,
+                status: end.goaway_status(session),
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.out.send(goaway)).await;
+        }
+    }
+
+    /// What a session does with the client's streams; [`handle`] answers
+    /// the connection's other frames.
+    pub(crate) trait Streams {
+        fn peer(&mut self) -> &mut Peer;
+
+        /// Whether frames are handled now; while not, nothing more is read
+        /// (backpressure on the whole session).
+        fn reading(&self) -> bool {
+            true
+        }
+
+        /// A frame came (before it is handled).
+        fn received(&mut self) {}
+
+        /// A SYN_STREAM, its id checked (odd, above every earlier one): to
+        /// be answered with [`Peer::reply`] or [`Peer::refuse`].
+        async fn open(&mut self, stream_id: u32, fin: bool, headers: &Headers) -> Result<(), End>;
+
+        /// A data frame.
+        async fn data(&mut self, stream_id: u32, fin: bool, data: Bytes) -> Result<(), End>;
+
+        /// RST_STREAM from the client.
+        async fn reset(&mut self, stream_id: u32) -> Result<(), End>;
+    }
+
+    /// Reads and handles the client's frames until the session ends, for a
+    /// session that waits for nothing else.
+    pub(crate) async fn serve<S, IO>(session: &mut S, connection: &mut Connection<IO>) -> End
+    where
+        S: Streams,
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            if let Err(end) = handle_frames(session).await {
+                return end;
+            }
+            if let Err(end) = session.peer().receive(connection.inbound.next().await) {
+                return end;
+            }
+        }
+    }
+
+    /// Handles every whole frame received so far, while `session` is
+    /// [reading](Streams::reading).
+    pub(crate) async fn handle_frames<S: Streams>(session: &mut S) -> Result<(), End> {
+        while session.reading()
+            && let Some(frame) = session.peer().next_frame()?
+        {
+            session.received();
+            handle(session, frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles a frame from the client: stream frames go to `session`,
+    /// client pings are answered, GOAWAY ends the session, and anything
+    /// else (SETTINGS, WINDOW_UPDATE: flow control is not used) is ignored.
+    async fn handle<S: Streams>(session: &mut S, frame: Frame) -> Result<(), End> {
+        match frame {
+            Frame::SynStream {
+                stream_id,
+                fin,
+                headers,
+                ..
+            } => {
+                let peer = session.peer();
+                if stream_id.is_multiple_of(2) || stream_id <= peer.last_stream_id {
+                    return Err(End::Protocol(format!(
+                        "stream id {stream_id} after {} (client stream ids are odd and grow)",
+                        peer.last_stream_id
+                    )));
+                }
+                peer.last_stream_id = stream_id;
+                session.open(stream_id, fin, &headers).await
+            }
+            Frame::Data {
+                stream_id,
+                fin,
+                data,
+            } => session.data(stream_id, fin, data).await,
+            Frame::RstStream { stream_id, status } => {
+                debug!(stream_id, status, "client reset a stream");
+                session.reset(stream_id).await
+            }
+            // Client pings have odd ids; even ones would answer ours.
+            Frame::Ping { id } if !id.is_multiple_of(2) => {
+                session.peer().send(Frame::Ping { id }).await
+            }
+            Frame::GoAway { .. } => Err(End::Client),
+            other => {
+                debug!(frame = ?other, "ignored");
+                Ok(())
+            }
+        }
+    }
+
+    /// An empty data frame with FIN.
+    pub(crate) fn fin(stream_id: u32) -> Frame {
+        Frame::Data {
+            stream_id,
+            fin: true,
+            data: Bytes::new(),
+        }
     }
 }
 
@@ -1110,6 +1368,7 @@ pub(crate) mod testing {
     use futures::stream::{SplitSink, SplitStream};
     use futures::{SinkExt as _, StreamExt as _};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream, ReadHalf, WriteHalf};
+    use tokio::task::JoinHandle;
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message;
 
@@ -1282,6 +1541,35 @@ pub(crate) mod testing {
         }
     }
 
+    /// Waits (at most 5 s) for the server's session task to end.
+    pub(crate) async fn ended(server: JoinHandle<()>) {
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// The session's end as the client sees it: GOAWAY, then (once the
+    /// client closes its side) the end of the connection and the session.
+    pub(crate) async fn ends_with_goaway(
+        mut tx: Tx,
+        mut rx: Rx,
+        server: JoinHandle<()>,
+        last_good_stream_id: u32,
+        status: u32,
+    ) {
+        assert_eq!(
+            rx.frame().await,
+            Some(Frame::GoAway {
+                last_good_stream_id,
+                status
+            })
+        );
+        assert_eq!(rx.frame().await, None);
+        tx.close().await;
+        ended(server).await;
+    }
+
     /// A raw connection's client halves and the server's end.
     pub(crate) fn raw_pair(wait: Option<Duration>) -> (Tx, Rx, DuplexStream) {
         let (client, server) = tokio::io::duplex(64 * 1024);
@@ -1372,19 +1660,10 @@ mod tests {
         let frames = decode_all(&[&wire]).unwrap();
         assert_eq!(frames.len(), 12);
         for (i, (kind, id)) in [("error", 1), ("data", 3)].into_iter().enumerate() {
-            let Frame::SynStream {
-                stream_id,
-                associated_to: 0,
-                priority: 0,
-                slot: 0,
-                fin: false,
-                unidirectional: false,
-                headers,
-            } = &frames[i * 2]
-            else {
+            let Frame::SynStream { headers, .. } = &frames[i * 2] else {
                 panic!("{:?}", frames[i * 2]);
             };
-            assert_eq!(*stream_id, id);
+            assert_eq!(frames[i * 2], testing::syn_stream(id, headers.clone()));
             assert_eq!(headers.len(), 3);
             assert_eq!(headers.get("streamtype"), Some(kind));
             assert_eq!(headers.get("port"), Some("8080"));

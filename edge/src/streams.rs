@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_api::exec::{
-    CLOSE, Deframer, ERROR, ExecRequest, STDERR, STDIN, STDOUT, exit_status, frame, message,
+    CLOSE, Deframer, ERROR, ExecRequest, RESIZE, STDERR, STDIN, STDOUT, exit_status, frame, message,
 };
 use keel_api::portforward::ForwardRequest;
 use keel_api::{LogRequest, Status};
@@ -150,10 +150,18 @@ async fn exec(
             .to_owned(),
     };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let process = match edged
-        .exec(&req.namespace, &req.pod, &container, req.command.clone())
-        .await
-    {
+    let started = if req.tty {
+        edged
+            .exec_terminal(&req.namespace, &req.pod, &container, req.command.clone())
+            .await
+            .map(|(p, resize)| (p, Some(resize)))
+    } else {
+        edged
+            .exec(&req.namespace, &req.pod, &container, req.command.clone())
+            .await
+            .map(|p| (p, None))
+    };
+    let (process, resize) = match started {
         Ok(p) => p,
         Err(ExecError::Start { message: why, .. }) => {
             // As with kubelet: the command could not start in the
@@ -183,12 +191,19 @@ async fn exec(
                 match m.split_first() {
                     Some((&STDIN, data)) => {
                         if let Some(w) = stdin.as_mut()
-                            && w.write_all(data).await.is_err()
+                            && (w.write_all(data).await.is_err() || w.flush().await.is_err())
                         {
                             stdin = None;
                         }
                     }
                     Some((&CLOSE, [STDIN, ..])) => stdin = None,
+                    Some((&RESIZE, size)) => {
+                        if let (Some(resize), Some((cols, rows))) =
+                            (resize.as_ref(), terminal_size(size))
+                        {
+                            resize(cols, rows);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -366,6 +381,13 @@ async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Send
             () = tx.closed() => return false,
         }
     }
+}
+
+/// A terminal size message (`{"Width": …, "Height": …}`).
+fn terminal_size(json: &[u8]) -> Option<(u16, u16)> {
+    let v: Value = serde_json::from_slice(json).ok()?;
+    let n = |k: &str| v.get(k)?.as_u64().and_then(|n| u16::try_from(n).ok());
+    Some((n("Width")?, n("Height")?))
 }
 
 async fn copy_out(mut from: impl AsyncRead + Unpin, channel: u8, tx: mpsc::Sender<Bytes>) {

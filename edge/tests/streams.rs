@@ -318,6 +318,26 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         String::from_utf8_lossy(&o.stdout),
         "HELLO THROUGH THE TUNNEL\n"
     );
+    // exec -t: the command on a terminal of its own, sized as kubectl's
+    // (which needs a terminal itself: `script` gives it one).
+    let o = Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "stty cols 123 rows 45; {} --kubeconfig {} --cache-dir {} exec -it counter -- sh -c 'sleep 1; tty; stty size'",
+                support::kubectl_bin().display(),
+                cloud.kubeconfig().display(),
+                cache.display()
+            ),
+            "/dev/null",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(shown.contains("/dev/pts/"), "{shown}");
+    assert!(shown.contains("45 123"), "{shown}");
     // A missing binary: its message and a non-zero exit.
     let o = cloud.k(&["exec", "counter", "--", "no-such-binary"]);
     assert!(!o.status.success(), "{o:?}");

@@ -130,7 +130,7 @@ use tracing::{info, warn};
 
 pub use runtime::{
     BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin, ExitStatus,
-    LaunchSpec, ProcessRuntime, Runtime, StopSignal,
+    LaunchSpec, ProcessRuntime, Runtime, StopSignal, TerminalResize,
 };
 
 use plan::PodPlan;
@@ -496,19 +496,29 @@ impl Edged {
         if command.is_empty() {
             return Err(ExecError::EmptyCommand);
         }
-        let not_running = || ExecError::ContainerNotRunning {
-            pod: pod.to_owned(),
-            container: container.to_owned(),
-        };
-        handle.exec_interactive(command).await.map_err(|e| match e {
-            Error::Spawn { program, source } => ExecError::Start {
-                message: start_message(&program, &source),
-                program,
-            },
-            Error::NotRunning => not_running(),
-            Error::Unsupported(_) => ExecError::Unsupported,
-            e => ExecError::Runtime(e),
-        })
+        handle
+            .exec_interactive(command)
+            .await
+            .map_err(|e| exec_error(pod, container, e))
+    }
+
+    /// Like [`Edged::exec`], on a new terminal (`kubectl exec -t`); see
+    /// [`ContainerHandle::exec_terminal`].
+    pub async fn exec_terminal(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        command: Vec<String>,
+    ) -> Result<(ExecProcess, TerminalResize), ExecError> {
+        let handle = self.running_container(namespace, pod, container)?;
+        if command.is_empty() {
+            return Err(ExecError::EmptyCommand);
+        }
+        handle
+            .exec_terminal(command)
+            .await
+            .map_err(|e| exec_error(pod, container, e))
     }
 
     /// The running container `container` of pod `namespace/pod`, for
@@ -632,5 +642,21 @@ impl Drop for Edged {
         for (_, task) in &state.stopping {
             task.abort();
         }
+    }
+}
+
+/// What a runtime's exec error means to `kubectl exec`.
+fn exec_error(pod: &str, container: &str, e: Error) -> ExecError {
+    match e {
+        Error::Spawn { program, source } => ExecError::Start {
+            message: start_message(&program, &source),
+            program,
+        },
+        Error::NotRunning => ExecError::ContainerNotRunning {
+            pod: pod.to_owned(),
+            container: container.to_owned(),
+        },
+        Error::Unsupported(_) => ExecError::Unsupported,
+        e => ExecError::Runtime(e),
     }
 }

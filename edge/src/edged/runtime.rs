@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use std::fs;
 use std::future::Future;
 use std::io;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -148,6 +149,20 @@ pub trait ContainerHandle: Send + Sync + Debug + 'static {
         Box::pin(async { Err(Error::Unsupported("exec")) })
     }
 
+    /// Like [`ContainerHandle::exec_interactive`], with the command on a
+    /// new terminal (`kubectl exec -t`): its stdin, stdout and stderr are
+    /// the terminal, [`ExecProcess::stdout`] reads what it shows,
+    /// [`ExecProcess::stdin`] types, [`ExecProcess::stderr`] yields
+    /// nothing; the returned [`TerminalResize`] sets its size. Runtimes
+    /// without it return [`Error::Unsupported`].
+    fn exec_terminal(
+        &self,
+        command: Vec<String>,
+    ) -> BoxFuture<'static, Result<(ExecProcess, TerminalResize), Error>> {
+        drop(command);
+        Box::pin(async { Err(Error::Unsupported("exec with a terminal")) })
+    }
+
     /// Writes `data` to the container's stdin (`kubectl attach -i`);
     /// `None` closes it (`stdinOnce`). Errors: [`Error::Unsupported`] when
     /// the container has no stdin (its spec did not ask for one, or the
@@ -157,6 +172,9 @@ pub trait ContainerHandle: Send + Sync + Debug + 'static {
         Box::pin(async { Err(Error::Unsupported("stdin")) })
     }
 }
+
+/// Sets the size (columns, rows) of an exec's terminal.
+pub type TerminalResize = Box<dyn Fn(u16, u16) + Send + Sync>;
 
 /// The caller's end of an exec'd command's stdin.
 pub type ExecStdin = Box<dyn AsyncWrite + Send + Unpin>;
@@ -346,6 +364,36 @@ struct ProcessContainer {
     state_file: PathBuf,
 }
 
+/// What an exec needs of its container, taken when it is asked for.
+struct ExecIn {
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+    gone: watch::Receiver<bool>,
+    exited: bool,
+}
+
+impl ProcessContainer {
+    fn exec_in(&self) -> ExecIn {
+        ExecIn {
+            env: self.env.clone(),
+            working_dir: self.working_dir.clone(),
+            gone: self.gone.subscribe(),
+            exited: self.exited.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The program and arguments of an exec into a container that still runs
+/// (unless `gone`).
+fn exec_command(command: &[String], gone: bool) -> Result<(&String, &[String]), Error> {
+    if gone {
+        return Err(Error::NotRunning);
+    }
+    command
+        .split_first()
+        .ok_or_else(|| Error::Runtime("exec: empty command".into()))
+}
+
 impl ContainerHandle for ProcessContainer {
     fn id(&self) -> String {
         format!("process://{}", self.pid)
@@ -459,28 +507,16 @@ impl ContainerHandle for ProcessContainer {
         &self,
         command: Vec<String>,
     ) -> BoxFuture<'static, Result<ExecProcess, Error>> {
-        let env = self.env.clone();
-        let working_dir = self.working_dir.clone();
-        let gone = self.gone.subscribe();
-        let exited = self.exited.load(Ordering::Acquire);
+        let cx = self.exec_in();
         Box::pin(async move {
-            if exited || *gone.borrow() {
-                return Err(Error::NotRunning);
-            }
-            let Some((program, args)) = command.split_first() else {
-                return Err(Error::Runtime("exec: empty command".into()));
-            };
-            let mut child = command_in(&env, &working_dir, program, args, Stdio::piped)
+            let (program, args) = exec_command(&command, cx.exited || *cx.gone.borrow())?;
+            let mut child = command_in(&cx.env, &cx.working_dir, program, args, Stdio::piped)
                 .spawn()
                 .map_err(|source| Error::Spawn {
                     program: program.clone(),
                     source,
                 })?;
-            let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
-                let _ = child.kill().await;
-                return Err(Error::Runtime("exec: started process has no pid".into()));
-            };
-            let guard = GroupGuard::new(pid);
+            let (pid, guard) = leader(&mut child).await?;
             let (Some(stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
             else {
@@ -491,7 +527,7 @@ impl ContainerHandle for ProcessContainer {
             debug!(pid, program = %program, "exec started");
             let (result_tx, result_rx) = oneshot::channel();
             let (cancel_tx, cancel_rx) = oneshot::channel();
-            tokio::spawn(supervise_exec(child, guard, cancel_rx, gone, result_tx));
+            tokio::spawn(supervise_exec(child, guard, cancel_rx, cx.gone, result_tx));
             Ok(ExecProcess {
                 stdin: Some(Box::new(stdin)),
                 stdout: Box::new(stdout),
@@ -500,6 +536,146 @@ impl ContainerHandle for ProcessContainer {
             })
         })
     }
+
+    fn exec_terminal(
+        &self,
+        command: Vec<String>,
+    ) -> BoxFuture<'static, Result<(ExecProcess, TerminalResize), Error>> {
+        let cx = self.exec_in();
+        Box::pin(async move {
+            let (program, args) = exec_command(&command, cx.exited || *cx.gone.borrow())?;
+            let (mut child, master) = spawn_on_terminal(&cx.env, &cx.working_dir, program, args)?;
+            // `setsid` made it the leader of its own group.
+            let (pid, guard) = leader(&mut child).await?;
+            let clone = |m: &std::os::fd::OwnedFd| {
+                m.try_clone()
+                    .map(|fd| tokio::fs::File::from_std(fs::File::from(fd)))
+                    .map_err(|e| Error::Runtime(format!("exec -t: {e}")))
+            };
+            let (reader, writer) = (clone(&master)?, clone(&master)?);
+            debug!(pid, program = %program, "exec on a terminal started");
+            let (result_tx, result_rx) = oneshot::channel();
+            let (cancel_tx, cancel_rx) = oneshot::channel();
+            tokio::spawn(supervise_exec(child, guard, cancel_rx, cx.gone, result_tx));
+            let resize: TerminalResize = Box::new(move |cols, rows| {
+                let size = rustix::termios::Winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                let _ = rustix::termios::tcsetwinsize(&master, size);
+            });
+            Ok((
+                ExecProcess {
+                    stdin: Some(Box::new(writer)),
+                    stdout: Box::new(reader),
+                    stderr: Box::new(tokio::io::empty()),
+                    exit: ExecExit::new(result_rx, cancel_tx),
+                },
+                resize,
+            ))
+        })
+    }
+}
+
+/// Where `program` is found: itself when it names a path, else the first
+/// match in the `PATH` of `env` (`kubectl exec` reports a missing program
+/// before anything runs).
+fn resolve(env: &[(String, String)], working_dir: &Path, program: &str) -> io::Result<PathBuf> {
+    let found = |p: &Path| {
+        fs::metadata(p).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt as _;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        })
+    };
+    let not_found = || io::Error::new(io::ErrorKind::NotFound, "no such file or directory");
+    if program.contains('/') {
+        let p = working_dir.join(program);
+        return if found(&p) { Ok(p) } else { Err(not_found()) };
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or("/usr/local/bin:/usr/bin:/bin", |(_, v)| v.as_str());
+    path.split(':')
+        .map(|d| working_dir.join(d).join(program))
+        .find(|p| found(p))
+        .ok_or_else(not_found)
+}
+
+/// Starts `program` with `args` on a new terminal: a pseudo-terminal whose
+/// other end is the command's stdin, stdout, stderr and controlling
+/// terminal (through util-linux `setsid --ctty`, which also makes it the
+/// leader of its own session and process group).
+fn spawn_on_terminal(
+    env: &[(String, String)],
+    working_dir: &Path,
+    program: &str,
+    args: &[String],
+) -> Result<(tokio::process::Child, std::os::fd::OwnedFd), Error> {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let io_err = |what: &str, e: io::Error| Error::Runtime(format!("exec -t: {what}: {e}"));
+    let resolved = resolve(env, working_dir, program).map_err(|source| Error::Spawn {
+        program: program.to_owned(),
+        source,
+    })?;
+    let setsid = ["/usr/bin/setsid", "/bin/setsid"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .ok_or(Error::Unsupported(
+            "exec with a terminal (util-linux setsid is missing)",
+        ))?;
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+        .map_err(|e| io_err("opening a terminal", e.into()))?;
+    grantpt(&master).map_err(|e| io_err("grantpt", e.into()))?;
+    unlockpt(&master).map_err(|e| io_err("unlockpt", e.into()))?;
+    let name = ptsname(&master, Vec::new()).map_err(|e| io_err("ptsname", e.into()))?;
+    let slave = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+            .open(std::ffi::OsStr::from_bytes(name.as_bytes()))
+            .map_err(|e| io_err("opening its other end", e))?
+    };
+    let stdio = |f: &fs::File| {
+        f.try_clone()
+            .map(Stdio::from)
+            .map_err(|e| io_err("its other end", e))
+    };
+    let mut c = tokio::process::Command::new(setsid);
+    c.arg("--ctty")
+        .arg(&resolved)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(working_dir)
+        .stdin(stdio(&slave)?)
+        .stdout(stdio(&slave)?)
+        .stderr(Stdio::from(slave))
+        .kill_on_drop(false);
+    let child = c.spawn().map_err(|source| Error::Spawn {
+        program: program.to_owned(),
+        source,
+    })?;
+    // The command's copies are its own now: ours close, so the terminal
+    // reads end of file (EIO) once the command and its children are gone.
+    drop(c);
+    Ok((child, master))
+}
+
+/// The pid of a started exec, leader of its own process group, and the
+/// guard that kills that group.
+async fn leader(child: &mut tokio::process::Child) -> Result<(i32, GroupGuard), Error> {
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        let _ = child.kill().await;
+        return Err(Error::Runtime("exec: started process has no pid".into()));
+    };
+    Ok((pid, GroupGuard::new(pid)))
 }
 
 /// Kills the process group of a started, not yet reaped, process when
