@@ -4,7 +4,9 @@
 //!
 //! 1. Time to first byte of `kubectl logs`: the kube client asks cloudcore
 //!    for a pod's log (`--tail=1`) and times the first chunk of the body,
-//!    p50 / p99 over `KEEL_STREAMS_N` requests (default 200).
+//!    over `KEEL_STREAMS_N` requests (default 200); then curl, a new TLS
+//!    connection each, from the request to the first byte, beside a GET
+//!    of the same pod (no session to the edge) in the same run.
 //! 2. `kubectl exec POD -- true`: the whole kubectl command, p50 / p99 over
 //!    `KEEL_STREAMS_N / 4` runs, beside `kubectl get pod POD` (the same
 //!    kubectl start-up, kubeconfig and TLS handshake with no stream) in
@@ -76,6 +78,64 @@ fn fetch(port: u16) -> f64 {
     let secs = start.elapsed().as_secs_f64();
     assert!(total > FILE_MIB << 20, "short answer: {total} bytes");
     total as f64 / 1e6 / secs
+}
+
+/// Time to first byte of `GET /api/v1/namespaces/default/{path}` with
+/// curl, each on a new connection: `time_starttransfer - time_appconnect`
+/// (from the request, once TLS is up, to the answer's first byte).
+fn curl_ttfb(dir: &Path, kubeconfig: &Path, path: &str, n: usize) -> Vec<Duration> {
+    let pem = |field: &str, file: &str| {
+        let out = dir.join(file);
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep '{field}:' '{}' | awk '{{print $2}}' | base64 -d > '{}'",
+                kubeconfig.display(),
+                out.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        out
+    };
+    let (ca, crt, key) = (
+        pem("certificate-authority-data", "ca.pem"),
+        pem("client-certificate-data", "crt.pem"),
+        pem("client-key-data", "key.pem"),
+    );
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    (0..n)
+        .map(|_| {
+            let o = Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{time_appconnect} %{time_starttransfer}",
+                ])
+                .arg("--cacert")
+                .arg(&ca)
+                .arg("--cert")
+                .arg(&crt)
+                .arg("--key")
+                .arg(&key)
+                .arg(format!("{server}/api/v1/namespaces/default/{path}"))
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            let mut t = out.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+            let (tls, first) = (t.next().unwrap(), t.next().unwrap());
+            assert!(first > 0.0, "curl: {o:?}");
+            Duration::from_secs_f64(first - tls)
+        })
+        .collect()
 }
 
 fn main() {
@@ -185,6 +245,10 @@ fn main() {
     });
     drop(client);
     let mut logs_ttfb = logs_ttfb;
+    let (mut curl_logs, mut curl_get) = (
+        curl_ttfb(dir.path(), &kubeconfig, "pods/counter/log?tailLines=1", n),
+        curl_ttfb(dir.path(), &kubeconfig, "pods/counter", n),
+    );
 
     let runs = (n / 4).max(8);
     let (mut exec, mut get) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
@@ -226,9 +290,18 @@ fn main() {
     let _ = forward.wait();
 
     eprintln!(
-        "kubectl logs through cloudcore, time to first byte ({n} requests, kube client): p50 {:.1} ms, p99 {:.1} ms",
+        "kubectl logs through cloudcore, time to first byte ({n} requests, kube client): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         pct(&mut logs_ttfb, 0.5),
-        pct(&mut logs_ttfb, 0.99)
+        pct(&mut logs_ttfb, 0.9),
+        pct(&mut logs_ttfb, 0.99),
+        pct(&mut logs_ttfb, 1.0)
+    );
+    eprintln!(
+        "the same with curl (a new TLS connection each; request sent -> first byte, TLS handshake excluded; {n} requests): logs p50 {:.2} ms, p99 {:.2} ms; GET of the pod in the same run p50 {:.2} ms, p99 {:.2} ms",
+        pct(&mut curl_logs, 0.5),
+        pct(&mut curl_logs, 0.99),
+        pct(&mut curl_get, 0.5),
+        pct(&mut curl_get, 0.99)
     );
     eprintln!(
         "kubectl exec POD -- true, whole command ({runs} runs): p50 {:.1} ms, p99 {:.1} ms; kubectl get pod in the same run: p50 {:.1} ms, p99 {:.1} ms",
