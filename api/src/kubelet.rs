@@ -166,7 +166,95 @@ fn switching_to_spdy(protocol: &'static str) -> Resp {
     r
 }
 
-fn wants_spdy(req: &Request<Incoming>) -> bool {
+/// The remotecommand protocol to answer a SPDY upgrade for `what` (exec
+/// or attach) with, or why it cannot be (as the kubelet answers).
+pub(crate) fn spdy_exec_protocol(
+    req: &Request<Incoming>,
+    what: &str,
+) -> Result<&'static str, Status> {
+    if !wants_spdy(req) {
+        return Err(Status::bad_request(format!(
+            "{what} needs an upgrade to SPDY/3.1"
+        )));
+    }
+    let offered = header_values(req, "x-stream-protocol-version");
+    if offered.is_empty() {
+        return Err(Status::bad_request(
+            "unable to upgrade: no X-Stream-Protocol-Version given",
+        ));
+    }
+    crate::remotecommand::negotiate(offered.iter().copied()).ok_or_else(|| {
+        Status::new(
+            403,
+            "Forbidden",
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {:?}",
+                crate::remotecommand::PROTOCOLS
+            ),
+        )
+    })
+}
+
+/// Answers a SPDY upgrade with `protocol` and serves `er` on it through
+/// `streams` once upgraded.
+pub(crate) fn spdy_exec_upgrade(
+    req: &mut Request<Incoming>,
+    protocol: &'static str,
+    er: ExecRequest,
+    streams: crate::exec::ExecStreams,
+) -> Resp {
+    on_upgrade(req, move |io| {
+        crate::remotecommand::serve_spdy(io, protocol, er, streams)
+    });
+    switching_to_spdy(protocol)
+}
+
+/// Whether `req` is an upgrade to SPDY for port-forward.
+pub(crate) fn spdy_portforward_check(req: &Request<Incoming>) -> Result<(), Status> {
+    let offered = header_values(req, "x-stream-protocol-version");
+    if !wants_spdy(req) || !offered.contains(&crate::portforward::SPDY_PROTOCOL) {
+        return Err(Status::bad_request(format!(
+            "port-forward needs an upgrade to SPDY/3.1 with protocol {}; offered {offered:?}",
+            crate::portforward::SPDY_PROTOCOL
+        )));
+    }
+    Ok(())
+}
+
+/// Answers a SPDY upgrade for port-forward and serves it once upgraded.
+pub(crate) fn spdy_portforward_upgrade(
+    req: &mut Request<Incoming>,
+    pod: Value,
+    namespace: String,
+    name: String,
+    forwarder: std::sync::Arc<dyn crate::portforward::PodPortForward>,
+) -> Resp {
+    on_upgrade(req, move |io| {
+        crate::portforward::serve_spdy(io, pod, namespace, name, forwarder)
+    });
+    switching_to_spdy(crate::portforward::SPDY_PROTOCOL)
+}
+
+/// Runs `serve` on `req`'s connection once it is upgraded.
+fn on_upgrade<F, Fut>(req: &mut Request<Incoming>, serve: F)
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(
+        async move {
+            match upgrade.await {
+                Ok(io) => serve(TokioIo::new(io)).await,
+                Err(e) => debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+/// Whether `req` asks to upgrade to SPDY/3.1.
+pub(crate) fn wants_spdy(req: &Request<Incoming>) -> bool {
     header_values(req, "upgrade")
         .iter()
         .any(|u| u.eq_ignore_ascii_case("SPDY/3.1"))
@@ -246,48 +334,9 @@ impl Server {
                         "you must specify at least one command for the container",
                     ));
                 }
-                if !wants_spdy(&req) {
-                    return Err(Status::bad_request(format!(
-                        "{what} needs an upgrade to SPDY/3.1"
-                    )));
-                }
-                let offered = header_values(&req, "x-stream-protocol-version");
-                if offered.is_empty() {
-                    return Err(Status::bad_request(
-                        "unable to upgrade: no X-Stream-Protocol-Version given",
-                    ));
-                }
-                let protocol = crate::remotecommand::negotiate(offered.iter().copied())
-                    .ok_or_else(|| {
-                        Status::new(
-                            403,
-                            "Forbidden",
-                            format!(
-                                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {:?}",
-                                crate::remotecommand::PROTOCOLS
-                            ),
-                        )
-                    })?;
+                let protocol = spdy_exec_protocol(&req, what)?;
                 let streams = exec.exec(&pod_obj, &er).await?;
-                let upgrade = hyper::upgrade::on(&mut req);
-                tokio::spawn(
-                    async move {
-                        match upgrade.await {
-                            Ok(io) => {
-                                crate::remotecommand::serve_spdy(
-                                    TokioIo::new(io),
-                                    protocol,
-                                    er,
-                                    streams,
-                                )
-                                .await;
-                            }
-                            Err(e) => debug!(error = %e, "upgrade failed"),
-                        }
-                    }
-                    .in_current_span(),
-                );
-                Ok(switching_to_spdy(protocol))
+                Ok(spdy_exec_upgrade(&mut req, protocol, er, streams))
             }
             _ => {
                 let forwarder = self
@@ -296,34 +345,14 @@ impl Server {
                     .clone()
                     .ok_or_else(|| unsupported("portForward"))?;
                 forwarder.check(&pod_obj, pod)?;
-                let offered = header_values(&req, "x-stream-protocol-version");
-                if !wants_spdy(&req) || !offered.contains(&crate::portforward::SPDY_PROTOCOL) {
-                    return Err(Status::bad_request(format!(
-                        "portForward needs an upgrade to SPDY/3.1 with protocol {}; offered {offered:?}",
-                        crate::portforward::SPDY_PROTOCOL
-                    )));
-                }
-                let upgrade = hyper::upgrade::on(&mut req);
-                let (namespace, name) = (namespace.to_owned(), pod.to_owned());
-                tokio::spawn(
-                    async move {
-                        match upgrade.await {
-                            Ok(io) => {
-                                crate::portforward::serve_spdy(
-                                    TokioIo::new(io),
-                                    pod_obj,
-                                    namespace,
-                                    name,
-                                    forwarder,
-                                )
-                                .await;
-                            }
-                            Err(e) => debug!(error = %e, "upgrade failed"),
-                        }
-                    }
-                    .in_current_span(),
-                );
-                Ok(switching_to_spdy(crate::portforward::SPDY_PROTOCOL))
+                spdy_portforward_check(&req)?;
+                Ok(spdy_portforward_upgrade(
+                    &mut req,
+                    pod_obj,
+                    namespace.to_owned(),
+                    pod.to_owned(),
+                    forwarder,
+                ))
             }
         }
     }

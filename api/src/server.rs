@@ -850,21 +850,29 @@ impl Server {
                 "exec and attach are served by cloudcore, not by this API",
             ));
         };
-        let Some(ws_key) = websocket_key(&req, PROTOCOL) else {
+        let what = if attach { "attach" } else { "exec" };
+        let ws_key = websocket_key(&req, PROTOCOL);
+        // What kubectl falls back to when WebSocket is refused (or turned
+        // off with KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false): SPDY.
+        let spdy = ws_key.is_none() && crate::kubelet::wants_spdy(&req);
+        if ws_key.is_none() && !spdy {
             exec.check(&pod, name)?;
-            return Err(not_websocket(
-                &req,
-                if attach { "attach" } else { "exec" },
-                PROTOCOL,
-                "1.30",
-            ));
-        };
+            return Err(not_websocket(&req, what, PROTOCOL, "1.30"));
+        }
         let commands = query_values(req.uri().query(), "command");
         let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
         let er = if attach {
             ExecRequest::attach_from_query(&namespace, name, query)?
         } else {
             ExecRequest::from_query(&namespace, name, query, commands)?
+        };
+        let Some(ws_key) = ws_key else {
+            exec.check(&pod, name)?;
+            let protocol = crate::kubelet::spdy_exec_protocol(&req, what)?;
+            let streams = exec.exec(&pod, &er).await?;
+            return Ok(crate::kubelet::spdy_exec_upgrade(
+                &mut req, protocol, er, streams,
+            ));
         };
         let streams = exec.exec(&pod, &er).await?;
         let upgrade = hyper::upgrade::on(&mut req);
@@ -901,6 +909,19 @@ impl Server {
         };
         forwarder.check(&pod, name)?;
         let Some(ws_key) = websocket_key(&req, PROTOCOL) else {
+            // kubectl's fallback (or KUBECTL_PORT_FORWARD_WEBSOCKETS=false):
+            // SPDY on the connection itself.
+            if crate::kubelet::wants_spdy(&req) {
+                crate::kubelet::spdy_portforward_check(&req)?;
+                let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
+                return Ok(crate::kubelet::spdy_portforward_upgrade(
+                    &mut req,
+                    pod,
+                    namespace,
+                    name.to_owned(),
+                    forwarder,
+                ));
+            }
             return Err(not_websocket(&req, "port-forward", PROTOCOL, "1.31"));
         };
         let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());

@@ -82,6 +82,13 @@ impl Drop for Follow {
     }
 }
 
+/// A file holding `over spdy\n` (kubectl's stdin).
+fn local_input(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+    let p = tmp.path().join("spdy-input.txt");
+    std::fs::write(&p, "over spdy\n").unwrap();
+    p
+}
+
 /// `kubectl port-forward pod/NAME :PORT` against the cloud.
 struct PortForward {
     child: std::process::Child,
@@ -91,7 +98,18 @@ struct PortForward {
 
 impl PortForward {
     fn start(cloud: &Cloud, cache: &std::path::Path, pod: &str, port: u16) -> PortForward {
+        Self::start_with(cloud, cache, pod, port, &[])
+    }
+
+    fn start_with(
+        cloud: &Cloud,
+        cache: &std::path::Path,
+        pod: &str,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> PortForward {
         let mut child = Command::new(support::kubectl_bin())
+            .envs(env.iter().copied())
             .arg("--kubeconfig")
             .arg(cloud.kubeconfig())
             .arg("--cache-dir")
@@ -338,6 +356,19 @@ fn kubectl_logs_and_exec_through_cloudcore() {
     assert!(o.status.success(), "{o:?}");
     assert!(shown.contains("/dev/pts/"), "{shown}");
     assert!(shown.contains("45 123"), "{shown}");
+    // kubectl's fallback when WebSocket is off: SPDY (remotecommand v4).
+    let o = Command::new(support::kubectl_bin())
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .arg("--kubeconfig")
+        .arg(cloud.kubeconfig())
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["exec", "-i", "counter", "--", "sh", "-c", "cat; exit 4"])
+        .stdin(std::fs::File::open(local_input(&tmp)).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "over spdy\n");
     // A missing binary: its message and a non-zero exit.
     let o = cloud.k(&["exec", "counter", "--", "no-such-binary"]);
     assert!(!o.status.success(), "{o:?}");
@@ -488,6 +519,17 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         let a = t.join().unwrap().unwrap();
         assert!(a.contains("hello from the pod"), "{a}");
     }
+    drop(forward);
+    // kubectl's fallback when WebSocket is off: SPDY on the connection.
+    let forward = PortForward::start_with(
+        &cloud,
+        &cache,
+        "web",
+        port,
+        &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")],
+    );
+    let a = get(forward.local).unwrap();
+    assert!(a.contains("hello from the pod"), "{a}");
     drop(forward);
     // A port nothing listens on: kubectl reports the pod's answer.
     let closed = free_port();
