@@ -57,6 +57,22 @@ pub struct Config {
     /// keep it on loopback).
     #[serde(default = "default_mqtt")]
     pub mqtt_addr: SocketAddr,
+    /// A container's log file is rotated past this many bytes (the
+    /// kubelet's `containerLogMaxSize`; default 10 MiB).
+    #[serde(default = "default_log_max_size")]
+    pub container_log_max_size: u64,
+    /// Log files kept per container run, the current one included (the
+    /// kubelet's `containerLogMaxFiles`; default 5).
+    #[serde(default = "default_log_max_files")]
+    pub container_log_max_files: u32,
+}
+
+fn default_log_max_size() -> u64 {
+    10 << 20
+}
+
+fn default_log_max_files() -> u32 {
+    5
 }
 
 fn default_mqtt() -> SocketAddr {
@@ -79,6 +95,8 @@ impl Default for Config {
             grpc_addr: None,
             restart_backoff_seconds: default_backoff(),
             mqtt_addr: default_mqtt(),
+            container_log_max_size: default_log_max_size(),
+            container_log_max_files: default_log_max_files(),
         }
     }
 }
@@ -213,7 +231,7 @@ impl crate::streams::Logs for EdgeLogs {
 /// with their times when asked, at most `limit_bytes`), then, with
 /// `follow`, what is appended while it is the container's current log.
 /// The file holds CRI entries (see `edged::crilog`).
-async fn stream_log(
+pub(crate) async fn stream_log(
     edged: &Edged,
     path: PathBuf,
     container: &str,
@@ -222,16 +240,16 @@ async fn stream_log(
 ) -> std::io::Result<()> {
     let mut f = tokio::fs::File::open(&path).await?;
     if let Some(n) = req.tail_lines {
-        let mut all = Vec::new();
-        f.read_to_end(&mut all).await?;
-        f.seek(std::io::SeekFrom::Start(tail_start(&all, n) as u64))
-            .await?;
+        let at = tail_offset(&mut f, n).await?;
+        f.seek(std::io::SeekFrom::Start(at)).await?;
     }
     let since = req.since(time::OffsetDateTime::now_utc());
     let mut left = req.limit_bytes.unwrap_or(u64::MAX);
     let mut buf = vec![0u8; 64 * 1024];
     // Bytes of a line not complete yet (a writer is inside it).
     let mut line: Vec<u8> = Vec::new();
+    // The log's new file after a rotation, once the old one is read.
+    let mut next: Option<tokio::fs::File> = None;
     let mut out = Vec::with_capacity(buf.len());
     loop {
         if left == 0 {
@@ -280,13 +298,55 @@ async fn stream_log(
             }
             return Ok(());
         }
-        // Follow while this file is the container's current log.
+        // Follow while this file is the container's current log; after a
+        // rotation, in the new file at that path.
         let current = edged.log_path(&req.namespace, &req.pod, container, false);
         if current.as_deref() != Some(path.as_path()) || tx.is_closed() {
             return Ok(());
         }
+        if let Some(new) = next.take() {
+            f = new;
+            line.clear();
+            continue;
+        }
+        if crilog::rotated(&f, &path).await {
+            // Read the old file to its end once more (what was written
+            // just before the rotation), then go on in the new one.
+            next = Some(tokio::fs::File::open(&path).await?);
+            continue;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Where the last `n` lines of the log file `f` start, read from its end
+/// (only as much as those lines hold, plus a block).
+pub(crate) async fn tail_offset(f: &mut tokio::fs::File, n: u64) -> std::io::Result<u64> {
+    const BLOCK: u64 = 64 << 10;
+    let len = f.metadata().await?.len();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut from = len;
+    while from > 0 {
+        let start = from.saturating_sub(BLOCK);
+        let mut block = vec![0u8; usize::try_from(from - start).unwrap_or(0)];
+        f.seek(std::io::SeekFrom::Start(start)).await?;
+        f.read_exact(&mut block).await?;
+        block.append(&mut buf);
+        buf = block;
+        from = start;
+        if from == 0 {
+            break;
+        }
+        // The first line may be cut: count from the next one.
+        if let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let rest = buf.get(nl + 1..).unwrap_or_default();
+            let at = tail_start(rest, n);
+            if at > 0 {
+                return Ok(from + (nl + 1 + at) as u64);
+            }
+        }
+    }
+    Ok(tail_start(&buf, n) as u64)
 }
 
 /// Where the last `n` lines of a log file start: just after the `n + 1`th
@@ -314,6 +374,33 @@ fn tail_start(file: &[u8], n: u64) -> usize {
 
 #[cfg(test)]
 mod tail_tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #[tokio::test]
+    async fn tail_reads_from_the_end() {
+        use tokio::io::AsyncReadExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&format!("2026-01-01T00:00:00Z stdout F line {i}\n"));
+        }
+        std::fs::write(&path, &text).unwrap();
+        for n in [0u64, 1, 5, 3000, 19_999, 20_000, 50_000] {
+            let mut f = tokio::fs::File::open(&path).await.unwrap();
+            let at = super::tail_offset(&mut f, n).await.unwrap();
+            assert_eq!(
+                at as usize,
+                super::tail_start(text.as_bytes(), n),
+                "n = {n}"
+            );
+            let mut f = tokio::fs::File::open(&path).await.unwrap();
+            let mut all = String::new();
+            f.read_to_string(&mut all).await.unwrap();
+            let lines = all[at as usize..].lines().count() as u64;
+            assert_eq!(lines, n.min(20_000), "n = {n}");
+        }
+    }
+
     #[test]
     fn tail_counts_lines_not_parts() {
         let f = b"t stdout F a\nt stdout P b\nt stdout F c\nt stdout F d\n";
@@ -420,6 +507,14 @@ pub async fn run(
             )));
         }
         ecfg.backoff_base = Duration::from_secs_f64(cfg.restart_backoff_seconds);
+        if cfg.container_log_max_size < 1024 || cfg.container_log_max_files < 1 {
+            return Err(Error::Config(format!(
+                "containerLogMaxSize must be at least 1024 bytes and containerLogMaxFiles at least 1, not {} and {}",
+                cfg.container_log_max_size, cfg.container_log_max_files
+            )));
+        }
+        ecfg.container_log_max_size = cfg.container_log_max_size;
+        ecfg.container_log_max_files = cfg.container_log_max_files;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let edged = Arc::new(
             Edged::new(

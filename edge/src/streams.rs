@@ -348,6 +348,7 @@ async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Send
     let exited = handle.wait();
     tokio::pin!(exited);
     let (mut line, mut buf, mut exited_now) = (Vec::new(), vec![0u8; 32 << 10], false);
+    let mut next: Option<tokio::fs::File> = None;
     loop {
         while let Ok(n @ 1..) = f.read(&mut buf).await {
             let mut rest = buf.get(..n).unwrap_or_default();
@@ -370,6 +371,19 @@ async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Send
         }
         if exited_now {
             return true;
+        }
+        if let Some(new) = next.take() {
+            f = new;
+            line.clear();
+            continue;
+        }
+        if crilog::rotated(&f, log).await {
+            // The old file once more to its end, then the new one.
+            match tokio::fs::File::open(log).await {
+                Ok(new) => next = Some(new),
+                Err(_) => return true,
+            }
+            continue;
         }
         tokio::select! {
             _ = &mut exited => {

@@ -66,6 +66,13 @@ enum Command {
         /// First container restart back-off, seconds.
         #[arg(long)]
         restart_backoff_seconds: Option<f64>,
+        /// Rotate a container's log file past this many bytes (default
+        /// 10 MiB).
+        #[arg(long)]
+        container_log_max_size: Option<u64>,
+        /// Log files kept per container run (default 5).
+        #[arg(long)]
+        container_log_max_files: Option<u32>,
     },
 }
 
@@ -126,6 +133,8 @@ fn real_main(cli: Cli) -> Result<(), String> {
             mqtt_addr,
             grpc_addr,
             restart_backoff_seconds,
+            container_log_max_size,
+            container_log_max_files,
         } => {
             let mut cfg = config(&common)?;
             if let Some(v) = api_addr {
@@ -142,6 +151,12 @@ fn real_main(cli: Cli) -> Result<(), String> {
             }
             if let Some(v) = restart_backoff_seconds {
                 cfg.restart_backoff_seconds = v;
+            }
+            if let Some(v) = container_log_max_size {
+                cfg.container_log_max_size = v;
+            }
+            if let Some(v) = container_log_max_files {
+                cfg.container_log_max_files = v;
             }
             rt.block_on(core::run(
                 cfg,

@@ -108,15 +108,71 @@ fn encode(stream: &str, now: OffsetDateTime, data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// How a log file rotates (as the kubelet's `containerLogMaxSize` and
+/// `containerLogMaxFiles`): once it holds `max_size` bytes it is renamed
+/// `<path>.1` (`.1` to `.2`, and so on; beyond `max_files - 1` they are
+/// removed) and a new file starts at `path`.
+#[derive(Debug, Clone)]
+pub(crate) struct Rotation {
+    pub path: std::path::PathBuf,
+    pub max_size: u64,
+    pub max_files: u32,
+}
+
+impl Rotation {
+    fn rotated(&self, n: u32) -> std::path::PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        name.into()
+    }
+
+    /// Moves the current file aside and opens a new one at `path`.
+    async fn rotate(&self) -> io::Result<tokio::fs::File> {
+        let keep = self.max_files.saturating_sub(1);
+        match tokio::fs::remove_file(self.rotated(keep.max(1))).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        for n in (1..keep).rev() {
+            match tokio::fs::rename(self.rotated(n), self.rotated(n + 1)).await {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        if keep >= 1 {
+            tokio::fs::rename(&self.path, self.rotated(1)).await?;
+        } else {
+            tokio::fs::remove_file(&self.path).await?;
+        }
+        tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .await
+    }
+}
+
+/// Whether the file at `path` is no longer the one `f` reads (the log was
+/// rotated: a new file is there).
+pub(crate) async fn rotated(f: &tokio::fs::File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (f.metadata().await, tokio::fs::metadata(path).await) {
+        (Ok(open), Ok(now)) => open.ino() != now.ino() || open.dev() != now.dev(),
+        _ => false,
+    }
+}
+
 /// Copies a container's stdout and stderr into its log file until both
-/// end (the container and everything it started closed them). Each read
-/// becomes whole entries written at once, so a reader never sees an entry
-/// of one stream cut by one of the other.
+/// end (the container and everything it started closed them), rotating
+/// it by `rotation`. Each read becomes whole entries written at once, so a
+/// reader never sees an entry of one stream cut by one of the other.
 pub(crate) async fn copy(
     mut stdout: impl AsyncRead + Unpin,
     mut stderr: impl AsyncRead + Unpin,
     mut file: tokio::fs::File,
+    rotation: &Rotation,
 ) -> io::Result<()> {
+    let mut size = file.metadata().await?.len();
     let mut out_buf = vec![0u8; MAX_ENTRY];
     let mut err_buf = vec![0u8; MAX_ENTRY];
     let (mut out_open, mut err_open) = (true, true);
@@ -146,14 +202,20 @@ pub(crate) async fn copy(
             buf.get(..n).unwrap_or_default(),
             &mut entries,
         );
+        if size > 0 && size + entries.len() as u64 > rotation.max_size {
+            file.flush().await?;
+            file = rotation.rotate().await?;
+            size = 0;
+        }
         file.write_all(&entries).await?;
+        size += entries.len() as u64;
     }
     file.flush().await
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
 
     fn decode(file: &[u8]) -> Vec<u8> {
@@ -184,6 +246,53 @@ mod tests {
         encode("stdout", now, b"par", &mut file);
         encode("stdout", now, b"t\nnext\n", &mut file);
         assert_eq!(decode(&file), b"part\nnext\n");
+    }
+
+    #[tokio::test]
+    async fn a_log_rotates_keeping_its_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let rotation = Rotation {
+            path: path.clone(),
+            max_size: 1000,
+            max_files: 3,
+        };
+        let file = tokio::fs::File::create(&path).await.unwrap();
+        // 100 lines of ~50 bytes, each read on its own.
+        let (mut w, r) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            for i in 0..100 {
+                w.write_all(format!("line {i:03}\n").as_bytes())
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        copy(r, tokio::io::empty(), file, &rotation).await.unwrap();
+        writer.await.unwrap();
+        let read = |p: &std::path::Path| decode(&std::fs::read(p).unwrap());
+        let (current, one, two) = (
+            read(&path),
+            read(&rotation.rotated(1)),
+            read(&rotation.rotated(2)),
+        );
+        assert!(!rotation.rotated(3).exists());
+        for f in [&path, &rotation.rotated(1), &rotation.rotated(2)] {
+            assert!(std::fs::metadata(f).unwrap().len() <= 1000);
+        }
+        // Oldest first, nothing lost inside what is kept, the newest last.
+        let kept = [two, one, current].concat();
+        let text = String::from_utf8(kept).unwrap();
+        assert!(text.ends_with("line 099\n"), "{text}");
+        // (The oldest kept file may begin inside a line.)
+        let numbers: Vec<u32> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("line "))
+            .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+            .collect();
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+        assert!(numbers.len() < 100, "older lines were dropped");
     }
 
     #[test]

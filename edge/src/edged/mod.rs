@@ -241,6 +241,12 @@ pub struct EdgedConfig {
     pub backoff_base: Duration,
     /// Back-off cap (kubelet: 300 s).
     pub backoff_max: Duration,
+    /// A container's log file is rotated past this size (kubelet's
+    /// `containerLogMaxSize`, 10 MiB).
+    pub container_log_max_size: u64,
+    /// Log files kept per container run, the current one included
+    /// (kubelet's `containerLogMaxFiles`, 5).
+    pub container_log_max_files: u32,
 }
 
 impl EdgedConfig {
@@ -252,6 +258,8 @@ impl EdgedConfig {
             host_ip: host_ip.into(),
             backoff_base: Duration::from_secs(10),
             backoff_max: Duration::from_secs(300),
+            container_log_max_size: 10 << 20,
+            container_log_max_files: 5,
         }
     }
 }

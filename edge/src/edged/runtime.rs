@@ -40,8 +40,12 @@ pub struct LaunchSpec {
     pub env: Vec<(String, String)>,
     /// Working directory; it exists.
     pub working_dir: PathBuf,
-    /// stdout and stderr are appended to this file.
+    /// stdout and stderr are appended to this file (CRI format).
     pub log_file: PathBuf,
+    /// Rotation of `log_file`: past this size it becomes `<file>.1` (the
+    /// older ones shifted up), keeping `log_max_files` files in all.
+    pub log_max_size: u64,
+    pub log_max_files: u32,
     /// The container's `stdin`: keep a pipe to it open for `kubectl
     /// attach -i` (otherwise it reads end of file at once).
     pub stdin: bool,
@@ -292,8 +296,13 @@ impl Runtime for ProcessRuntime {
         // Its output, stamped, into the log file (CRI format, see crilog).
         if let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) {
             let (file, path) = (tokio::fs::File::from_std(log), spec.log_file.clone());
+            let rotation = super::crilog::Rotation {
+                path: path.clone(),
+                max_size: spec.log_max_size,
+                max_files: spec.log_max_files,
+            };
             tokio::spawn(async move {
-                if let Err(e) = super::crilog::copy(stdout, stderr, file).await {
+                if let Err(e) = super::crilog::copy(stdout, stderr, file, &rotation).await {
                     warn!(file = %path.display(), error = %e, "writing a container's log failed");
                 }
             });

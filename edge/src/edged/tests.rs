@@ -111,6 +111,10 @@ impl Fixture {
         let mut cfg = EdgedConfig::new(dir.join("edged"), "node-1", "127.0.0.1");
         cfg.backoff_base = Duration::from_millis(100);
         cfg.backoff_max = Duration::from_millis(400);
+        // Small, so that rotation is tested: 4 KiB, the current file and
+        // one older.
+        cfg.container_log_max_size = 4096;
+        cfg.container_log_max_files = 2;
         cfg
     }
 
@@ -584,6 +588,70 @@ async fn log_path_holds_the_output_of_each_run() {
     assert_eq!(text(&previous), want);
     assert_eq!(fx.edged().log_path("default", "logs", "../c", false), None);
     assert_eq!(fx.edged().log_path("default", "nope", "c", false), None);
+    fx.edged().shutdown().await;
+}
+
+#[tokio::test]
+async fn logs_rotate_and_a_follower_goes_on_in_the_new_file() {
+    let fx = Fixture::new();
+    let (key, p) = pod(
+        "chatty",
+        "u-rot",
+        json!({"containers": [{"name": "c", "image": "sh",
+            "command": ["/bin/sh", "-c",
+                "i=0; while [ $i -lt 600 ]; do i=$((i+1)); echo \"line $i\"; sleep 0.005; done; exec sleep 60"]}]}),
+    );
+    fx.edged().sync(vec![(key.clone(), p)], &no_lookup);
+    fx.wait_status(&key, "Running", |s| s["phase"] == "Running")
+        .await;
+    let path = fx
+        .edged()
+        .log_path("default", "chatty", "c", false)
+        .unwrap();
+    let req = keel_api::LogRequest {
+        namespace: "default".into(),
+        pod: "chatty".into(),
+        container: Some("c".into()),
+        follow: true,
+        ..keel_api::LogRequest::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let mut text = String::new();
+    let follow = crate::core::stream_log(fx.edged(), path.clone(), "c", &req, &tx);
+    let collect = async {
+        while let Some(chunk) = rx.recv().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains("line 600\n") {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = follow => panic!("the follower ended: {r:?}"),
+        () = collect => {}
+        () = tokio::time::sleep(Duration::from_secs(30)) => panic!("not every line: {text}"),
+    }
+    // Every line from where the follower started, none lost in rotations.
+    let numbers: Vec<u32> = text
+        .lines()
+        .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    assert_eq!(numbers.last(), Some(&600));
+    // Rotated, keeping two files of at most 4 KiB.
+    let mut rotated = path.clone().into_os_string();
+    rotated.push(".1");
+    assert!(std::path::Path::new(&rotated).exists());
+    let mut gone = path.clone().into_os_string();
+    gone.push(".2");
+    assert!(!std::path::Path::new(&gone).exists());
+    assert!(std::fs::metadata(&path).unwrap().len() <= 4096);
+    // --tail reads the current file's last lines.
+    let mut f = tokio::fs::File::open(&path).await.unwrap();
+    let at = crate::core::tail_offset(&mut f, 1).await.unwrap();
+    let last = std::fs::read(&path).unwrap();
+    let last = String::from_utf8_lossy(&last[at as usize..]).into_owned();
+    assert!(last.ends_with(" stdout F line 600\n"), "{last}");
     fx.edged().shutdown().await;
 }
 

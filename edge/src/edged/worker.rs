@@ -610,6 +610,8 @@ impl Worker {
             env,
             working_dir,
             log_file: self.log_dir.join(&plan.name).join(format!("{log_seq}.log")),
+            log_max_size: self.shared.cfg.container_log_max_size,
+            log_max_files: self.shared.cfg.container_log_max_files,
             stdin: plan.spec.get("stdin").and_then(Value::as_bool) == Some(true),
             state_file: self
                 .run_dir
