@@ -101,6 +101,39 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The edge's own endpoints (Kubernetes API, log gRPC API, MQTT
+    /// broker) have no authentication yet: each must listen on a loopback
+    /// address, where only this host reaches it. Anything else is refused
+    /// before anything listens.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the endpoint and its address.
+    pub fn check_endpoints(&self) -> Result<()> {
+        let endpoints = [
+            (
+                "the Kubernetes API (apiAddr, --api-addr)",
+                Some(self.api_addr),
+            ),
+            ("the log gRPC API (grpcAddr, --grpc-addr)", self.grpc_addr),
+            (
+                "the MQTT broker (mqttAddr, --mqtt-addr)",
+                Some(self.mqtt_addr),
+            ),
+        ];
+        for (what, addr) in endpoints {
+            if let Some(addr) = addr
+                && !addr.ip().is_loopback()
+            {
+                return Err(Error::Config(format!(
+                    "{what} would listen on {addr}, which is not a loopback address: edgecore's endpoints have no authentication, so they listen only on loopback (127.0.0.0/8 or ::1)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Joins the cluster with `token` unless this data directory already holds
 /// a node identity; returns the identity.
 pub async fn ensure_identity(cfg: &Config, token: Option<&str>) -> Result<NodeIdentity> {
@@ -402,6 +435,33 @@ mod tail_tests {
     }
 
     #[test]
+    fn endpoints_listen_only_on_loopback() {
+        let mut cfg = super::Config::default();
+        assert!(cfg.check_endpoints().is_ok());
+        cfg.api_addr = "127.0.0.2:10550".parse().unwrap();
+        cfg.grpc_addr = Some("[::1]:10650".parse().unwrap());
+        assert!(cfg.check_endpoints().is_ok());
+        for (field, addr) in [
+            ("api", "0.0.0.0:10550"),
+            ("grpc", "10.1.2.3:10650"),
+            ("mqtt", "[::]:1883"),
+        ] {
+            let mut cfg = super::Config::default();
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            match field {
+                "api" => cfg.api_addr = addr,
+                "grpc" => cfg.grpc_addr = Some(addr),
+                _ => cfg.mqtt_addr = addr,
+            }
+            let err = cfg.check_endpoints().unwrap_err().to_string();
+            assert!(
+                err.contains(&addr.to_string()) && err.contains("not a loopback"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn tail_counts_lines_not_parts() {
         let f = b"t stdout F a\nt stdout P b\nt stdout F c\nt stdout F d\n";
         // Raw (non-CRI) lines count as lines too; here every line is raw.
@@ -480,6 +540,7 @@ pub async fn run(
     started: impl FnOnce(&Running),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    cfg.check_endpoints()?;
     ensure_identity(&cfg, token.as_deref()).await?;
     // Renewed while running, at 2/3 of its lifetime (at once if past that);
     // each new connection presents the current certificate.
