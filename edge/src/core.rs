@@ -541,6 +541,15 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     cfg.check_endpoints()?;
+    // The data directory holds the node's key, its log (secrets included)
+    // and the pods' volumes: its owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = &cfg.data_dir;
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| Error::io(format!("data directory {}", dir.display()), e))?;
+    }
     ensure_identity(&cfg, token.as_deref()).await?;
     // Renewed while running, at 2/3 of its lifetime (at once if past that);
     // each new connection presents the current certificate.

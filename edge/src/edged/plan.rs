@@ -537,6 +537,11 @@ impl PodCtx<'_> {
         let mode = mode_at(source, "defaultMode")
             .or(default_mode)
             .unwrap_or(0o644);
+        // A secret's files are its owner's only: the process runtime's
+        // pods share the host, so group and others are left out whatever
+        // mode is asked (the API server defaults it to 0644).
+        let owner_only = |m: u32| if secret { m & 0o700 } else { m };
+        let mode = owner_only(mode);
         let Some(mut data) = self.source(secret, name)? else {
             return if optional {
                 Ok(Vec::new())
@@ -568,7 +573,7 @@ impl PodCtx<'_> {
                 Some(data) => files.push(VolumeFile {
                     path: path.to_owned(),
                     data,
-                    mode: mode_at(item, "mode").unwrap_or(mode),
+                    mode: mode_at(item, "mode").map_or(mode, owner_only),
                 }),
                 None if optional => {}
                 None => return Err(format!("{kind} \"{name}\" has no key {key:?}")),

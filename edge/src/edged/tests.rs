@@ -308,7 +308,8 @@ async fn env_and_configmap_volume_reach_the_process() {
         objects.get(key).cloned()
     };
     let spec = json!({
-        "volumes": [{"name": "conf", "configMap": {"name": "cfg", "items": [{"key": "file.txt", "path": "file.txt"}]}}],
+        "volumes": [{"name": "conf", "configMap": {"name": "cfg", "items": [{"key": "file.txt", "path": "file.txt"}]}},
+                    {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 420}}],
         "containers": [{
             "name": "c",
             "image": "sh",
@@ -344,6 +345,13 @@ async fn env_and_configmap_volume_reach_the_process() {
     assert_eq!(
         std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
         0o644
+    );
+    // A secret's file is its owner's only, whatever mode the spec asks.
+    let token = fx.pod_dir("env", "u5").join("volumes/sec/token");
+    assert_eq!(std::fs::read_to_string(&token).unwrap(), "s3cret");
+    assert_eq!(
+        std::fs::metadata(&token).unwrap().permissions().mode() & 0o777,
+        0o600
     );
     let status = fx.sink.latest(&key).unwrap();
     assert_eq!(status["containerStatuses"][0]["restartCount"], 0);

@@ -27,8 +27,24 @@ pub(crate) fn write_files(dir: &Path, files: &[VolumeFile]) -> io::Result<()> {
         if unchanged {
             continue;
         }
+        // Created with its final mode (a secret is never readable by
+        // others, not even for a moment), then set exactly (the umask may
+        // have taken bits away).
         let tmp = parent.join(format!(".{}.tmp", name.to_string_lossy()));
-        fs::write(&tmp, &file.data)?;
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(file.mode)
+                .open(&tmp)?;
+            f.write_all(&file.data)?;
+        }
         fs::set_permissions(&tmp, fs::Permissions::from_mode(file.mode))?;
         fs::rename(&tmp, &dest)?;
     }
