@@ -574,6 +574,28 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         || !running(),
     );
 
+    // Nothing restarts the edge below (a restarted edgecore would kill
+    // what it left): the pods that would outlive it are deleted first.
+    let pids: Vec<u32> = ["web", "echo", "during"]
+        .iter()
+        .filter_map(|p| {
+            cloud_pod(&cloud, p)["status"]["containerStatuses"][0]["containerID"]
+                .as_str()?
+                .strip_prefix("process://")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(pids.len(), 3);
+    ok(
+        cloud.k(&["delete", "pod", "web", "echo", "during", "--wait=false"]),
+        "delete the pods",
+    );
+    wait_for("their processes gone", Duration::from_secs(60), || {
+        pids.iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    });
+
     // The node goes away (SIGKILL): logs fail fast with a clear message.
     edge.proc.kill9();
     let start = Instant::now();
@@ -594,7 +616,7 @@ fn kubectl_logs_and_exec_through_cloudcore() {
         "{err}"
     );
     let start = Instant::now();
-    let o = cloud.k(&["port-forward", "pod/web", &format!(":{port}")]);
+    let o = cloud.k(&["port-forward", "pod/counter", &format!(":{port}")]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     eprintln!(
