@@ -33,16 +33,15 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{Instrument as _, debug, info, info_span};
+use tracing::{debug, info, info_span};
 
 use crate::exec::ExecRequest;
 use crate::server::{
-    ApiBody, LogRequest, PodStreams, ReadObjects, Resp, decode, query_map, query_values, serve_tls,
-    status_resp,
+    ApiBody, LogRequest, PodStreams, ReadObjects, Resp, decode, on_upgrade, query_map,
+    query_values, serve_tls, status_resp,
 };
 use crate::status::Status;
 
@@ -233,24 +232,6 @@ pub(crate) fn spdy_portforward_upgrade(
         crate::portforward::serve_spdy(io, pod, namespace, name, forwarder)
     });
     switching_to_spdy(crate::portforward::SPDY_PROTOCOL)
-}
-
-/// Runs `serve` on `req`'s connection once it is upgraded.
-fn on_upgrade<F, Fut>(req: &mut Request<Incoming>, serve: F)
-where
-    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let upgrade = hyper::upgrade::on(req);
-    tokio::spawn(
-        async move {
-            match upgrade.await {
-                Ok(io) => serve(TokioIo::new(io)).await,
-                Err(e) => debug!(error = %e, "upgrade failed"),
-            }
-        }
-        .in_current_span(),
-    );
 }
 
 /// Whether `req` asks to upgrade to SPDY/3.1.

@@ -731,19 +731,11 @@ impl Server {
                 }
             }
             (&Method::GET, Some(name), None) => {
-                let key = t.rt.key(t.namespace.as_deref(), name);
-                let obj = self
-                    .reader
-                    .get(&key)
-                    .ok_or_else(|| Status::not_found(t.rt, name))?;
+                let obj = self.get_or_404(&t, name)?;
                 Ok(self.one(t.rt, &obj, table))
             }
             (&Method::GET, Some(name), Some("status")) if t.rt.has_status => {
-                let key = t.rt.key(t.namespace.as_deref(), name);
-                let obj = self
-                    .reader
-                    .get(&key)
-                    .ok_or_else(|| Status::not_found(t.rt, name))?;
+                let obj = self.get_or_404(&t, name)?;
                 Ok(json_resp(200, &obj))
             }
             (&Method::GET | &Method::POST, Some(name), Some(sub @ ("exec" | "attach")))
@@ -759,11 +751,7 @@ impl Server {
                 return self.portforward(req, &t, &name).await;
             }
             (&Method::GET, Some(name), Some("log")) if t.rt.plural == "pods" => {
-                let key = t.rt.key(t.namespace.as_deref(), name);
-                let pod = self
-                    .reader
-                    .get(&key)
-                    .ok_or_else(|| Status::not_found(t.rt, name))?;
+                let pod = self.get_or_404(&t, name)?;
                 let Some(logs) = &self.logs else {
                     let node = pod
                         .pointer("/spec/nodeName")
@@ -827,6 +815,13 @@ impl Server {
         }
     }
 
+    /// The object `name` of `t`, or `404 NotFound`.
+    fn get_or_404(&self, t: &Target, name: &str) -> Result<Value, Status> {
+        self.reader
+            .get(&t.rt.key(t.namespace.as_deref(), name))
+            .ok_or_else(|| Status::not_found(t.rt, name))
+    }
+
     /// `kubectl exec` and `kubectl attach`: a WebSocket upgrade
     /// (`v5.channel.k8s.io`) relayed to the pod's exec (or attach).
     async fn exec(
@@ -838,11 +833,7 @@ impl Server {
         attach: bool,
     ) -> Result<Resp, Status> {
         use crate::exec::{ExecRequest, PROTOCOL};
-        let key = t.rt.key(t.namespace.as_deref(), name);
-        let pod = self
-            .reader
-            .get(&key)
-            .ok_or_else(|| Status::not_found(t.rt, name))?;
+        let pod = self.get_or_404(t, name)?;
         let Some(exec) = &self.exec else {
             return Err(Status::new(
                 405,
@@ -852,10 +843,9 @@ impl Server {
         };
         let what = if attach { "attach" } else { "exec" };
         let ws_key = websocket_key(&req, PROTOCOL);
-        // What kubectl falls back to when WebSocket is refused (or turned
-        // off with KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false): SPDY.
-        let spdy = ws_key.is_none() && crate::kubelet::wants_spdy(&req);
-        if ws_key.is_none() && !spdy {
+        // Else SPDY: what kubectl falls back to when WebSocket is refused
+        // (or turned off with KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false).
+        if ws_key.is_none() && !crate::kubelet::wants_spdy(&req) {
             exec.check(&pod, name)?;
             return Err(not_websocket(&req, what, PROTOCOL, "1.30"));
         }
@@ -875,13 +865,7 @@ impl Server {
             ));
         };
         let streams = exec.exec(&pod, &er).await?;
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(io) => crate::exec::relay(TokioIo::new(io), streams).await,
-                Err(e) => debug!(error = %e, "exec upgrade failed"),
-            }
-        });
+        on_upgrade(&mut req, move |io| crate::exec::relay(io, streams));
         Ok(switching(&ws_key, PROTOCOL))
     }
 
@@ -895,11 +879,7 @@ impl Server {
         name: &str,
     ) -> Result<Resp, Status> {
         use crate::portforward::PROTOCOL;
-        let key = t.rt.key(t.namespace.as_deref(), name);
-        let pod = self
-            .reader
-            .get(&key)
-            .ok_or_else(|| Status::not_found(t.rt, name))?;
+        let pod = self.get_or_404(t, name)?;
         let Some(forwarder) = self.portforward.clone() else {
             return Err(Status::new(
                 405,
@@ -925,16 +905,9 @@ impl Server {
             return Err(not_websocket(&req, "port-forward", PROTOCOL, "1.31"));
         };
         let namespace = t.namespace.clone().unwrap_or_else(|| "default".into());
-        let upgrade = hyper::upgrade::on(&mut req);
         let name = name.to_owned();
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(io) => {
-                    crate::portforward::serve(TokioIo::new(io), pod, namespace, name, forwarder)
-                        .await;
-                }
-                Err(e) => debug!(error = %e, "port-forward upgrade failed"),
-            }
+        on_upgrade(&mut req, move |io| {
+            crate::portforward::serve(io, pod, namespace, name, forwarder)
         });
         Ok(switching(&ws_key, PROTOCOL))
     }
@@ -1139,4 +1112,22 @@ fn not_websocket(req: &Request<Incoming>, what: &str, protocol: &str, kubectl: &
         header("upgrade"),
         header("sec-websocket-protocol")
     ))
+}
+
+/// Runs `serve` on `req`'s connection once it is upgraded.
+pub(crate) fn on_upgrade<F, Fut>(req: &mut Request<Incoming>, serve: F)
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(
+        async move {
+            match upgrade.await {
+                Ok(io) => serve(TokioIo::new(io)).await,
+                Err(e) => debug!(error = %e, "upgrade failed"),
+            }
+        }
+        .in_current_span(),
+    );
 }

@@ -271,62 +271,46 @@ pub(crate) async fn stream_log(
     req: &LogRequest,
     tx: &mpsc::Sender<Bytes>,
 ) -> std::io::Result<()> {
-    let mut f = tokio::fs::File::open(&path).await?;
+    let mut r = crilog::Reader::open(&path).await?;
     if let Some(n) = req.tail_lines {
-        let at = tail_offset(&mut f, n).await?;
-        f.seek(std::io::SeekFrom::Start(at)).await?;
+        let at = tail_offset(r.file(), n).await?;
+        r.file().seek(std::io::SeekFrom::Start(at)).await?;
     }
     let since = req.since(time::OffsetDateTime::now_utc());
     let mut left = req.limit_bytes.unwrap_or(u64::MAX);
-    let mut buf = vec![0u8; 64 * 1024];
-    // Bytes of a line not complete yet (a writer is inside it).
-    let mut line: Vec<u8> = Vec::new();
-    // The log's new file after a rotation, once the old one is read.
-    let mut next: Option<tokio::fs::File> = None;
-    let mut out = Vec::with_capacity(buf.len());
+    let mut out = Vec::new();
+    let take = |bytes: &[u8], left: &mut u64| {
+        let n = usize::try_from(*left)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        *left -= n as u64;
+        bytes
+            .get(..n)
+            .map(Bytes::copy_from_slice)
+            .unwrap_or_default()
+    };
     loop {
         if left == 0 {
             return Ok(());
         }
-        let n = f.read(&mut buf).await?;
-        if n > 0 {
-            out.clear();
-            let mut rest = buf.get(..n).unwrap_or_default();
-            while let Some(i) = rest.iter().position(|b| *b == b'\n') {
-                line.extend_from_slice(rest.get(..i).unwrap_or_default());
-                rest = rest.get(i + 1..).unwrap_or_default();
-                let entry = crilog::parse(&line);
+        out.clear();
+        let read = r
+            .read(|entry| {
                 if since.is_none_or(|s| entry.time.is_none_or(|t| t >= s)) {
-                    crilog::render(&entry, req.timestamps, &mut out);
+                    crilog::render(entry, req.timestamps, &mut out);
                 }
-                line.clear();
-            }
-            line.extend_from_slice(rest);
-            if line.len() > 4 * crilog::MAX_ENTRY {
-                // Not a log edgecore wrote: pass it on as it is.
-                out.append(&mut line);
-            }
-            let take = usize::try_from(left).unwrap_or(usize::MAX).min(out.len());
-            if take > 0 {
-                left -= take as u64;
-                let chunk = out
-                    .get(..take)
-                    .map(Bytes::copy_from_slice)
-                    .unwrap_or_default();
-                if tx.send(chunk).await.is_err() {
-                    return Ok(());
-                }
+            })
+            .await?;
+        if read {
+            let chunk = take(&out, &mut left);
+            if !chunk.is_empty() && tx.send(chunk).await.is_err() {
+                return Ok(());
             }
             continue;
         }
         if !req.follow {
-            // A last line without its newline (an older, plain log).
-            if !line.is_empty() {
-                let take = usize::try_from(left).unwrap_or(usize::MAX).min(line.len());
-                let chunk = line
-                    .get(..take)
-                    .map(Bytes::copy_from_slice)
-                    .unwrap_or_default();
+            let chunk = take(r.partial(), &mut left);
+            if !chunk.is_empty() {
                 let _ = tx.send(chunk).await;
             }
             return Ok(());
@@ -337,15 +321,7 @@ pub(crate) async fn stream_log(
         if current.as_deref() != Some(path.as_path()) || tx.is_closed() {
             return Ok(());
         }
-        if let Some(new) = next.take() {
-            f = new;
-            line.clear();
-            continue;
-        }
-        if crilog::rotated(&f, &path).await {
-            // Read the old file to its end once more (what was written
-            // just before the rotation), then go on in the new one.
-            next = Some(tokio::fs::File::open(&path).await?);
+        if r.rotated().await? {
             continue;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -339,51 +339,40 @@ fn attach(
 /// each on its stream's channel) until it exits (true) or the client goes
 /// away (false).
 async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Sender<Bytes>) -> bool {
-    let Ok(mut f) = tokio::fs::File::open(log).await else {
+    let Ok(mut r) = crilog::Reader::open(log).await else {
         return true;
     };
-    if f.seek(std::io::SeekFrom::End(0)).await.is_err() {
+    if r.file().seek(std::io::SeekFrom::End(0)).await.is_err() {
         return true;
     }
     let exited = handle.wait();
     tokio::pin!(exited);
-    let (mut line, mut buf, mut exited_now) = (Vec::new(), vec![0u8; 32 << 10], false);
-    let mut next: Option<tokio::fs::File> = None;
+    let mut exited_now = false;
+    let mut messages = Vec::new();
     loop {
-        while let Ok(n @ 1..) = f.read(&mut buf).await {
-            let mut rest = buf.get(..n).unwrap_or_default();
-            while let Some(i) = rest.iter().position(|b| *b == b'\n') {
-                line.extend_from_slice(rest.get(..i).unwrap_or_default());
-                rest = rest.get(i + 1..).unwrap_or_default();
-                let entry = crilog::parse(&line);
-                let mut data = entry.content.to_vec();
-                if entry.full {
-                    data.push(b'\n');
-                }
-                let channel = if entry.stderr { STDERR } else { STDOUT };
-                if tx.send(frame(&message(channel, &data))).await.is_err() {
+        let each = |entry: &crilog::Entry<'_>| {
+            let mut data = entry.content.to_vec();
+            if entry.full {
+                data.push(b'\n');
+            }
+            let channel = if entry.stderr { STDERR } else { STDOUT };
+            messages.push(frame(&message(channel, &data)));
+        };
+        if let Ok(true) = r.read(each).await {
+            for m in messages.drain(..) {
+                if tx.send(m).await.is_err() {
                     return false;
                 }
-                line.clear();
             }
-            line.extend_from_slice(rest);
-            line.truncate(4 * crilog::MAX_ENTRY);
+            continue;
         }
         if exited_now {
             return true;
         }
-        if let Some(new) = next.take() {
-            f = new;
-            line.clear();
-            continue;
-        }
-        if crilog::rotated(&f, log).await {
-            // The old file once more to its end, then the new one.
-            match tokio::fs::File::open(log).await {
-                Ok(new) => next = Some(new),
-                Err(_) => return true,
-            }
-            continue;
+        match r.rotated().await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(_) => return true,
         }
         tokio::select! {
             _ = &mut exited => {

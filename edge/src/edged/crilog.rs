@@ -152,9 +152,90 @@ impl Rotation {
     }
 }
 
+/// Reads a log file's entries as they are written, and on into the new
+/// file after a rotation (the old one read to its end first).
+#[derive(Debug)]
+pub(crate) struct Reader {
+    path: std::path::PathBuf,
+    file: tokio::fs::File,
+    /// Bytes of a line not complete yet (a writer is inside it).
+    line: Vec<u8>,
+    /// The new file after a rotation, once the old one is read.
+    next: Option<tokio::fs::File>,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    pub(crate) async fn open(path: &std::path::Path) -> io::Result<Reader> {
+        Ok(Reader {
+            path: path.to_owned(),
+            file: tokio::fs::File::open(path).await?,
+            line: Vec::new(),
+            next: None,
+            buf: vec![0u8; 64 << 10],
+        })
+    }
+
+    /// The file being read (to seek in it).
+    pub(crate) fn file(&mut self) -> &mut tokio::fs::File {
+        &mut self.file
+    }
+
+    /// Reads what the file holds now, giving each complete entry to
+    /// `each` (a line longer than any edgecore writes is given as it is,
+    /// as a part); false at the end of the file.
+    pub(crate) async fn read(&mut self, mut each: impl FnMut(&Entry<'_>)) -> io::Result<bool> {
+        let n = self.file.read(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut rest = self.buf.get(..n).unwrap_or_default();
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            self.line
+                .extend_from_slice(rest.get(..i).unwrap_or_default());
+            rest = rest.get(i + 1..).unwrap_or_default();
+            each(&parse(&self.line));
+            self.line.clear();
+        }
+        self.line.extend_from_slice(rest);
+        if self.line.len() > 4 * MAX_ENTRY {
+            each(&Entry {
+                stamp: b"",
+                time: None,
+                stderr: false,
+                full: false,
+                content: &self.line,
+            });
+            self.line.clear();
+        }
+        Ok(true)
+    }
+
+    /// An unfinished last line (an older, plain log without its newline).
+    pub(crate) fn partial(&self) -> &[u8] {
+        &self.line
+    }
+
+    /// At the end of the file: whether to read again because the log was
+    /// rotated (the old file is read once more to its end, for what was
+    /// written just before the rotation, then the new one).
+    pub(crate) async fn rotated(&mut self) -> io::Result<bool> {
+        if let Some(new) = self.next.take() {
+            self.file = new;
+            self.line.clear();
+            return Ok(true);
+        }
+        if rotated(&self.file, &self.path).await {
+            self.next = Some(tokio::fs::File::open(&self.path).await?);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
 /// Whether the file at `path` is no longer the one `f` reads (the log was
 /// rotated: a new file is there).
-pub(crate) async fn rotated(f: &tokio::fs::File, path: &std::path::Path) -> bool {
+async fn rotated(f: &tokio::fs::File, path: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
     match (f.metadata().await, tokio::fs::metadata(path).await) {
         (Ok(open), Ok(now)) => open.ino() != now.ino() || open.dev() != now.dev(),
