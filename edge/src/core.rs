@@ -272,9 +272,15 @@ pub(crate) async fn stream_log(
     tx: &mpsc::Sender<Bytes>,
 ) -> std::io::Result<()> {
     let mut r = crilog::Reader::open(&path).await?;
+    // What the log holds now: `--tail` counts back from here, and an
+    // answer that does not follow ends here.
+    let end = r.file().metadata().await?.len();
+    if !req.follow {
+        r.stop_at(end);
+    }
     if let Some(n) = req.tail_lines {
-        let at = tail_offset(r.file(), n).await?;
-        r.file().seek(std::io::SeekFrom::Start(at)).await?;
+        let at = tail_offset(r.file(), end, n).await?;
+        r.seek(std::io::SeekFrom::Start(at)).await?;
     }
     let since = req.since(time::OffsetDateTime::now_utc());
     let mut left = req.limit_bytes.unwrap_or(u64::MAX);
@@ -328,11 +334,11 @@ pub(crate) async fn stream_log(
     }
 }
 
-/// Where the last `n` lines of the log file `f` start, read from its end
-/// (only as much as those lines hold, plus a block).
-pub(crate) async fn tail_offset(f: &mut tokio::fs::File, n: u64) -> std::io::Result<u64> {
+/// Where the last `n` lines of the first `len` bytes of the log file `f`
+/// start, read from that end (only as much as those lines hold, plus a
+/// block).
+pub(crate) async fn tail_offset(f: &mut tokio::fs::File, len: u64, n: u64) -> std::io::Result<u64> {
     const BLOCK: u64 = 64 << 10;
-    let len = f.metadata().await?.len();
     let mut buf: Vec<u8> = Vec::new();
     let mut from = len;
     while from > 0 {
@@ -396,7 +402,8 @@ mod tail_tests {
         std::fs::write(&path, &text).unwrap();
         for n in [0u64, 1, 5, 3000, 19_999, 20_000, 50_000] {
             let mut f = tokio::fs::File::open(&path).await.unwrap();
-            let at = super::tail_offset(&mut f, n).await.unwrap();
+            let len = f.metadata().await.unwrap().len();
+            let at = super::tail_offset(&mut f, len, n).await.unwrap();
             assert_eq!(
                 at as usize,
                 super::tail_start(text.as_bytes(), n),

@@ -15,7 +15,7 @@ use keel_api::exec::{
 use keel_api::portforward::ForwardRequest;
 use keel_api::{LogRequest, Status};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -342,7 +342,7 @@ async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Send
     let Ok(mut r) = crilog::Reader::open(log).await else {
         return true;
     };
-    if r.file().seek(std::io::SeekFrom::End(0)).await.is_err() {
+    if r.seek(std::io::SeekFrom::End(0)).await.is_err() {
         return true;
     }
     let exited = handle.wait();

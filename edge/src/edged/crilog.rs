@@ -163,6 +163,9 @@ pub(crate) struct Reader {
     /// The new file after a rotation, once the old one is read.
     next: Option<tokio::fs::File>,
     buf: Vec<u8>,
+    /// Where in the file the next read starts, and where reading stops.
+    pos: u64,
+    end: Option<u64>,
 }
 
 impl Reader {
@@ -173,22 +176,45 @@ impl Reader {
             line: Vec::new(),
             next: None,
             buf: vec![0u8; 64 << 10],
+            pos: 0,
+            end: None,
         })
     }
 
-    /// The file being read (to seek in it).
+    /// The file being read.
     pub(crate) fn file(&mut self) -> &mut tokio::fs::File {
         &mut self.file
+    }
+
+    /// Reads from `to` on.
+    pub(crate) async fn seek(&mut self, to: std::io::SeekFrom) -> io::Result<()> {
+        use tokio::io::AsyncSeekExt as _;
+        self.pos = self.file.seek(to).await?;
+        Ok(())
+    }
+
+    /// Reads no further than byte `end` of the file (what it held when a
+    /// request came, for an answer that does not follow).
+    pub(crate) fn stop_at(&mut self, end: u64) {
+        self.end = Some(end);
     }
 
     /// Reads what the file holds now, giving each complete entry to
     /// `each` (a line longer than any edgecore writes is given as it is,
     /// as a part); false at the end of the file.
     pub(crate) async fn read(&mut self, mut each: impl FnMut(&Entry<'_>)) -> io::Result<bool> {
-        let n = self.file.read(&mut self.buf).await?;
+        let want = self.end.map_or(self.buf.len(), |end| {
+            usize::try_from(end.saturating_sub(self.pos))
+                .map_or(self.buf.len(), |left| left.min(self.buf.len()))
+        });
+        let n = match self.buf.get_mut(..want) {
+            Some(buf) if want > 0 => self.file.read(buf).await?,
+            _ => 0,
+        };
         if n == 0 {
             return Ok(false);
         }
+        self.pos += n as u64;
         let mut rest = self.buf.get(..n).unwrap_or_default();
         while let Some(i) = rest.iter().position(|b| *b == b'\n') {
             self.line
@@ -223,6 +249,7 @@ impl Reader {
         if let Some(new) = self.next.take() {
             self.file = new;
             self.line.clear();
+            self.pos = 0;
             return Ok(true);
         }
         if rotated(&self.file, &self.path).await {

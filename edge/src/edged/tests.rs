@@ -656,7 +656,8 @@ async fn logs_rotate_and_a_follower_goes_on_in_the_new_file() {
     assert!(std::fs::metadata(&path).unwrap().len() <= 4096);
     // --tail reads the current file's last lines.
     let mut f = tokio::fs::File::open(&path).await.unwrap();
-    let at = crate::core::tail_offset(&mut f, 1).await.unwrap();
+    let len = f.metadata().await.unwrap().len();
+    let at = crate::core::tail_offset(&mut f, len, 1).await.unwrap();
     let last = std::fs::read(&path).unwrap();
     let last = String::from_utf8_lossy(&last[at as usize..]).into_owned();
     assert!(last.ends_with(" stdout F line 600\n"), "{last}");
