@@ -227,6 +227,23 @@ fn reset_secret(dir: &Path) -> Result<[u8; 32], CoreError> {
     Ok(secret)
 }
 
+/// The log's options. `KEEL_FAULT_SLOW_FSYNC_MS` (crash tests only) makes
+/// every fsync that much slower, so that a SIGKILL lands between a change
+/// and its durability more often than on a fast disk.
+fn store_options() -> StoreOptions {
+    let slow_sync = std::env::var("KEEL_FAULT_SLOW_FSYNC_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
+    if let Some(d) = slow_sync {
+        warn!(?d, "fault injection: every fsync is slowed down");
+    }
+    StoreOptions {
+        slow_sync,
+        ..StoreOptions::default()
+    }
+}
+
 /// Starts every part of cloudcore.
 pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
@@ -234,7 +251,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let tokens = Arc::new(TokenStore::open(&cfg.data_dir, &ca.ca_hash())?);
     let names: Vec<&str> = cfg.server_names.iter().map(String::as_str).collect();
     let server = ca.server_cert(&names)?;
-    let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
+    let store = Store::open(cfg.data_dir.join("log"), store_options())?;
     let registry = Registry::open(store.clone())?;
 
     // `kubectl logs`, `exec`, `attach` and `port-forward` through each

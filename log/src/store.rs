@@ -75,6 +75,10 @@ pub struct StoreOptions {
     /// ordinal (1-based) fails as if the disk had failed.
     #[doc(hidden)]
     pub fail_sync_at_group: Option<u64>,
+    /// Fault injection for tests: every fsync takes this much longer (a
+    /// slow disk), which widens the window a crash test aims at.
+    #[doc(hidden)]
+    pub slow_sync: Option<std::time::Duration>,
     /// How far ahead of this store's clock a replicated record's HLC may
     /// move it (a peer's clock skew). Beyond it, the record is kept as it
     /// is (its hash covers the HLC) but the local clock only advances to
@@ -90,6 +94,7 @@ impl Default for StoreOptions {
             max_group_records: 64 * 1024,
             max_group_bytes: 64 << 20,
             fail_sync_at_group: None,
+            slow_sync: None,
             max_clock_skew_ms: 5 * 60 * 1000,
         }
     }
@@ -1042,6 +1047,9 @@ impl Shared {
             let mut ok = !self.poisoned.load(Ordering::SeqCst);
             if ok && groups.iter().any(|g| g.wrote) {
                 let ordinal = self.groups.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(d) = self.opts.slow_sync {
+                    std::thread::sleep(d);
+                }
                 let r = if self.opts.fail_sync_at_group == Some(ordinal) {
                     Err(fjall::Error::Io(std::io::Error::other(
                         "injected fsync failure",

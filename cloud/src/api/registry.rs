@@ -10,8 +10,14 @@
 //! node's `down` stream; what the node reports arrives on its `up` stream
 //! and is folded in here.
 //!
-//! A write answers only after its record is durable. Watchers see events
-//! in seq order, once durable.
+//! A write answers only after its record is durable, and nothing is
+//! visible before it is: get, list and watch read the *visible* view, which
+//! a change reaches only once its records are durable (a failed commit
+//! leaves it unseen). Writers work on the *latest* view, durable or not, so
+//! that writes queue behind each other; `Inner::shadow` holds, for every
+//! object with a change still in flight, what readers see meanwhile.
+//! Watchers see events in seq order, once durable; a list's
+//! resourceVersion is the last durable seq.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,9 +48,26 @@ struct Stored {
     rv: u64,
 }
 
+/// What readers see of an object that has a change in flight.
+#[derive(Debug)]
+struct Shadow {
+    /// The object as last made durable (`None`: absent).
+    visible: Option<Stored>,
+    /// The seq of its latest change in flight.
+    pending: u64,
+}
+
+/// One object's state once a commit is durable (`None`: deleted).
+type Visible = (String, Option<Stored>, u64);
+
 struct Inner {
     objects: ObjectStore,
+    /// The latest state, durable or not (what writers build on).
     view: BTreeMap<String, Stored>,
+    /// Objects whose latest change is not durable yet: what readers see.
+    shadow: BTreeMap<String, Shadow>,
+    /// The last `cluster` seq that is durable and visible.
+    durable_seq: u64,
     next_seq: u64,
     /// Object key → nodes whose `down` stream carries it.
     bound: BTreeMap<String, BTreeSet<String>>,
@@ -53,9 +76,25 @@ struct Inner {
 }
 
 struct Commit {
+    /// `cluster` appends, each with the seq it must get.
+    cluster: Vec<(Ticket<Cursor>, u64)>,
+    /// Appends to node streams.
     tickets: Vec<Ticket<Cursor>>,
     events: Vec<Arc<WatchEvent>>,
+    visible: Vec<Visible>,
     done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+impl Commit {
+    fn new() -> Commit {
+        Commit {
+            cluster: Vec::new(),
+            tickets: Vec::new(),
+            events: Vec::new(),
+            visible: Vec::new(),
+            done: None,
+        }
+    }
 }
 
 /// What a write function decides.
@@ -183,6 +222,84 @@ pub fn pod_refs(pod: &Value) -> Vec<(&'static str, String)> {
 }
 
 impl Inner {
+    /// Sets the latest state of `key` (`None`: deleted) at seq `rv`, and
+    /// notes it in `commit`, which makes it visible once durable.
+    fn stage(&mut self, commit: &mut Commit, key: &str, new: Option<Stored>, rv: u64) {
+        let before = self.view.get(key).cloned();
+        self.shadow
+            .entry(key.to_owned())
+            .and_modify(|s| s.pending = rv)
+            .or_insert(Shadow {
+                visible: before,
+                pending: rv,
+            });
+        match &new {
+            Some(s) => {
+                self.view.insert(key.to_owned(), s.clone());
+            }
+            None => {
+                self.view.remove(key);
+            }
+        }
+        commit.visible.push((key.to_owned(), new, rv));
+    }
+
+    /// Makes a durable commit's changes visible.
+    fn make_visible(&mut self, visible: Vec<Visible>) {
+        for (key, val, rv) in visible {
+            if let Some(sh) = self.shadow.get_mut(&key) {
+                if sh.pending <= rv {
+                    self.shadow.remove(&key);
+                } else {
+                    sh.visible = val;
+                }
+            }
+        }
+    }
+
+    /// What readers see of `key`.
+    fn visible(&self, key: &str) -> Option<&Stored> {
+        match self.shadow.get(key) {
+            Some(sh) => sh.visible.as_ref(),
+            None => self.view.get(key),
+        }
+    }
+
+    /// Calls `f` on what readers see of every object whose key starts
+    /// with `prefix`, in key order.
+    fn visible_range(&self, prefix: &str, mut f: impl FnMut(&Stored)) {
+        let in_range = |k: &String| k.starts_with(prefix);
+        // Objects deleted (or not yet created) in the latest view but
+        // visible still; few, and merged in key order.
+        let mut extra = self
+            .shadow
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| in_range(k))
+            .filter(|(k, _)| !self.view.contains_key(*k))
+            .filter_map(|(k, sh)| sh.visible.as_ref().map(|v| (k, v)))
+            .peekable();
+        for (k, s) in self
+            .view
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| in_range(k))
+        {
+            while let Some((_, ev)) = extra.next_if(|(ek, _)| *ek < k) {
+                f(ev);
+            }
+            match self.shadow.get(k) {
+                Some(sh) => {
+                    if let Some(v) = &sh.visible {
+                        f(v);
+                    }
+                }
+                None => f(s),
+            }
+        }
+        for (_, ev) in extra {
+            f(ev);
+        }
+    }
+
     /// Nodes `key` (holding `obj`) must reach.
     fn targets(&self, key: &str, obj: &Value) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
@@ -291,6 +408,8 @@ impl Registry {
             inner: Mutex::new(Inner {
                 objects,
                 view,
+                shadow: BTreeMap::new(),
+                durable_seq: head,
                 next_seq: head + 1,
                 bound: BTreeMap::new(),
                 node_streams: BTreeSet::new(),
@@ -406,8 +525,7 @@ impl Registry {
     /// One object with its resourceVersion, or `None`.
     pub fn get(&self, key: &str) -> Option<Value> {
         lock(&self.inner)
-            .view
-            .get(key)
+            .visible(key)
             .map(|s| with_rv(&s.obj, s.rv))
     }
 
@@ -415,18 +533,22 @@ impl Registry {
     /// resourceVersion.
     pub fn list(&self, prefix: &str) -> (Vec<Value>, u64) {
         let inner = lock(&self.inner);
-        let items = inner
-            .view
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, s)| with_rv(&s.obj, s.rv))
-            .collect();
-        (items, inner.next_seq.saturating_sub(1))
+        let mut items = Vec::new();
+        inner.visible_range(prefix, |s| items.push(with_rv(&s.obj, s.rv)));
+        (items, inner.durable_seq)
     }
 
-    /// Calls `f` on every object whose key starts with `prefix`, without
-    /// copying them (the registry is locked meanwhile: keep `f` short).
+    /// Calls `f` on every visible object whose key starts with `prefix`,
+    /// without copying them (the registry is locked meanwhile: keep `f`
+    /// short).
     pub fn scan(&self, prefix: &str, mut f: impl FnMut(&Value)) {
+        lock(&self.inner).visible_range(prefix, |s| f(&s.obj));
+    }
+
+    /// [`Self::scan`] over the latest state, durable or not: for writers'
+    /// decisions (the scheduler places pods on nodes whose readiness is
+    /// still being recorded), never for what a reader is shown.
+    pub(crate) fn scan_latest(&self, prefix: &str, mut f: impl FnMut(&Value)) {
         let inner = lock(&self.inner);
         for (_, s) in inner
             .view
@@ -522,13 +644,13 @@ impl Registry {
                 vec![Entry::new(origin, key, PayloadKind::Event, payload)],
             )
             .map_err(|e| Status::internal(format!("log: {e}")))?;
+        let seq = inner.next_seq;
         inner.next_seq += 1;
         let (tx, rx) = oneshot::channel();
-        let _ = self.commits.send(Commit {
-            tickets: vec![ticket],
-            events: Vec::new(),
-            done: Some(tx),
-        });
+        let mut commit = Commit::new();
+        commit.cluster.push((ticket, seq));
+        commit.done = Some(tx);
+        let _ = self.commits.send(commit);
         Ok(rx)
     }
 
@@ -547,8 +669,11 @@ impl Registry {
             return Ok((None, None));
         };
         let seq = inner.next_seq;
-        let mut tickets = Vec::new();
-        let (event, out) = match write {
+        let mut commit = Commit::new();
+        // From the `cluster` append on, the change has its seq: whatever
+        // fails after it, the commit goes out (visible if it turns out
+        // durable), so that resourceVersion stays the `cluster` seq.
+        let (kind, obj, rest) = match write {
             Write::Put(mut new) => {
                 strip_rv(&mut new);
                 if key.starts_with("pods/") && str_at(&new, &["spec", "nodeName"]).is_none() {
@@ -564,91 +689,103 @@ impl Registry {
                 let Some(change) = change else {
                     return Ok((None, None));
                 };
-                tickets.push(
-                    self.store
-                        .append_async(
-                            CLUSTER_STREAM,
-                            vec![Entry::new(origin, key, PayloadKind::Change, change.clone())],
-                        )
-                        .map_err(err)?,
-                );
+                let ticket = self
+                    .store
+                    .append_async(
+                        CLUSTER_STREAM,
+                        vec![Entry::new(origin, key, PayloadKind::Change, change.clone())],
+                    )
+                    .map_err(err)?;
+                inner.next_seq += 1;
+                commit.cluster.push((ticket, seq));
                 // The store's view is what the CRDT folded (identical to
                 // `new` for a single writer; merged if an edge wrote too).
                 let folded = inner.objects.get_json(key).unwrap_or(new);
                 let obj = Arc::new(folded);
-                inner.view.insert(
-                    key.to_owned(),
-                    Stored {
-                        obj: obj.clone(),
-                        rv: seq,
-                    },
-                );
-                tickets.extend(self.send_down(&mut inner, origin, key, &obj, Some(change))?);
+                let stored = Stored {
+                    obj: obj.clone(),
+                    rv: seq,
+                };
+                inner.stage(&mut commit, key, Some(stored), seq);
+                let rest = self
+                    .send_down(&mut inner, origin, key, &obj, Some(change))
+                    .map(|t| commit.tickets.extend(t));
                 let kind = if old.is_some() {
                     EventKind::Modified
                 } else {
                     EventKind::Added
                 };
-                (kind, with_rv(&obj, seq))
+                (kind, obj, rest)
             }
             Write::Delete => {
                 let Some(old) = old else {
                     return Ok((None, None));
                 };
                 inner.objects.apply_tombstone(key);
+                let ticket = self
+                    .store
+                    .append_async(
+                        CLUSTER_STREAM,
+                        vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
+                    )
+                    .map_err(err)?;
+                inner.next_seq += 1;
+                commit.cluster.push((ticket, seq));
+                inner.stage(&mut commit, key, None, seq);
+                let rest = self.unbind_deleted(&mut inner, origin, key, &old.obj);
+                (
+                    EventKind::Deleted,
+                    old.obj,
+                    rest.map(|t| commit.tickets.extend(t)),
+                )
+            }
+        };
+        let out = with_rv(&obj, seq);
+        commit.events.push(Arc::new(WatchEvent {
+            rv: seq,
+            kind,
+            key: key.to_owned(),
+            object: Arc::new(out.clone()),
+        }));
+        let (tx, rx) = oneshot::channel();
+        commit.done = Some(tx);
+        let _ = self.commits.send(commit);
+        rest?;
+        Ok((Some(out), Some(rx)))
+    }
+
+    /// Tombstones deleted `key` (which held `obj`) in the `down` stream of
+    /// every node it was bound to, and unbinds what only it used there (a
+    /// pod's configmaps and secrets, a device's model).
+    fn unbind_deleted(
+        &self,
+        inner: &mut Inner,
+        origin: &str,
+        key: &str,
+        obj: &Value,
+    ) -> Result<Vec<Ticket<Cursor>>, Status> {
+        let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
+        let mut tickets = Vec::new();
+        if let Some(nodes) = inner.bound.remove(key) {
+            for n in nodes {
                 tickets.push(
                     self.store
                         .append_async(
-                            CLUSTER_STREAM,
+                            &down_stream(&n),
                             vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
                         )
                         .map_err(err)?,
                 );
-                inner.view.remove(key);
-                if let Some(nodes) = inner.bound.remove(key) {
-                    for n in nodes {
-                        let down = down_stream(&n);
-                        tickets.push(
-                            self.store
-                                .append_async(
-                                    &down,
-                                    vec![Entry::new(
-                                        origin,
-                                        key,
-                                        PayloadKind::Tombstone,
-                                        Vec::new(),
-                                    )],
-                                )
-                                .map_err(err)?,
-                        );
-                    }
-                }
-                // What it used (a pod's configmaps and secrets, a device's
-                // model) leaves the nodes where nothing else uses it.
-                let ns = str_at(&old.obj, &["metadata", "namespace"]).unwrap_or("default");
-                for (kind, name) in refs(key, &old.obj) {
-                    let k = format!("{kind}/{ns}/{name}");
-                    if let Some(obj) = inner.view.get(&k).map(|s| s.obj.clone()) {
-                        tickets.extend(self.unbind_stale(&mut inner, origin, &k, &obj)?);
-                    }
-                }
-                (EventKind::Deleted, with_rv(&old.obj, seq))
             }
-        };
-        inner.next_seq += 1;
-        let event = Arc::new(WatchEvent {
-            rv: seq,
-            kind: event,
-            key: key.to_owned(),
-            object: Arc::new(out.clone()),
-        });
-        let (tx, rx) = oneshot::channel();
-        let _ = self.commits.send(Commit {
-            tickets,
-            events: vec![event],
-            done: Some(tx),
-        });
-        Ok((Some(out), Some(rx)))
+        }
+        let ns = str_at(obj, &["metadata", "namespace"]).unwrap_or("default");
+        for (kind, name) in refs(key, obj) {
+            let k = format!("{kind}/{ns}/{name}");
+            if let Some(used) = inner.view.get(&k).map(|s| s.obj.clone()) {
+                tickets.extend(self.unbind_stale(inner, origin, &k, &used)?);
+            }
+        }
+        Ok(tickets)
     }
 
     /// Appends `key`'s change (or whole history, where a node has not had
@@ -837,8 +974,7 @@ impl Registry {
     fn fold_node(&self, node: &str, records: &[Record], refold: bool) -> Vec<String> {
         let mut changed: Vec<String> = Vec::new();
         let mut inner = lock(&self.inner);
-        let mut tickets = Vec::new();
-        let mut events = Vec::new();
+        let mut commit = Commit::new();
         let own_node = format!("nodes/{node}");
         for r in records {
             if r.kind != PayloadKind::Change {
@@ -868,6 +1004,7 @@ impl Registry {
             let Some(mut obj) = inner.objects.get_json(&r.key) else {
                 continue;
             };
+            let mut seq = inner.next_seq;
             match self.store.append_async(
                 CLUSTER_STREAM,
                 vec![Entry::new(
@@ -877,13 +1014,12 @@ impl Registry {
                     r.payload.clone(),
                 )],
             ) {
-                Ok(t) => tickets.push(t),
+                Ok(t) => commit.cluster.push((t, seq)),
                 Err(e) => {
                     warn!(%node, error = %e, "could not record a node change");
                     continue;
                 }
             }
-            let mut seq = inner.next_seq;
             inner.next_seq += 1;
             // A node owns only the status of what is bound to it: anything
             // else it changed is put back by a cloud change right after
@@ -903,11 +1039,9 @@ impl Registry {
                     }
                     _ => {}
                 }
-                match self.correct(&mut inner, &r.key, &fixed) {
-                    Ok(Some(mut t)) => {
-                        tickets.append(&mut t);
-                        seq = inner.next_seq;
-                        inner.next_seq += 1;
+                match self.correct(&mut inner, &mut commit, &r.key, &fixed) {
+                    Ok(Some(s)) => {
+                        seq = s;
                         obj = inner.objects.get_json(&r.key).unwrap_or(fixed);
                     }
                     Ok(None) => {}
@@ -921,14 +1055,12 @@ impl Registry {
                 changed.push(r.key.clone());
             }
             let obj = Arc::new(obj);
-            inner.view.insert(
-                r.key.clone(),
-                Stored {
-                    obj: obj.clone(),
-                    rv: seq,
-                },
-            );
-            events.push(Arc::new(WatchEvent {
+            let stored = Stored {
+                obj: obj.clone(),
+                rv: seq,
+            };
+            inner.stage(&mut commit, &r.key, Some(stored), seq);
+            commit.events.push(Arc::new(WatchEvent {
                 rv: seq,
                 kind: if existed {
                     EventKind::Modified
@@ -939,13 +1071,9 @@ impl Registry {
                 object: Arc::new(with_rv(&obj, seq)),
             }));
         }
-        if !events.is_empty() {
-            debug!(%node, changes = events.len(), "folded node changes");
-            let _ = self.commits.send(Commit {
-                tickets,
-                events,
-                done: None,
-            });
+        if !commit.cluster.is_empty() {
+            debug!(%node, changes = commit.events.len(), "folded node changes");
+            let _ = self.commits.send(commit);
         }
         changed
     }
@@ -997,13 +1125,15 @@ impl Registry {
     }
 
     /// Writes `fixed` as the cloud's change to `key` (in `cluster` and the
-    /// bound nodes' `down`); the tickets, or `None` if nothing differed.
+    /// bound nodes' `down`) into `commit`; its seq, or `None` if nothing
+    /// differed.
     fn correct(
         &self,
         inner: &mut Inner,
+        commit: &mut Commit,
         key: &str,
         fixed: &Value,
-    ) -> Result<Option<Vec<Ticket<Cursor>>>, Status> {
+    ) -> Result<Option<u64>, Status> {
         let err = |e: keel_log::Error| Status::internal(format!("log: {e}"));
         let Some(change) = inner
             .objects
@@ -1012,16 +1142,22 @@ impl Registry {
         else {
             return Ok(None);
         };
-        let mut tickets = vec![
-            self.store
-                .append_async(
-                    CLUSTER_STREAM,
-                    vec![Entry::new(ACTOR, key, PayloadKind::Change, change.clone())],
-                )
-                .map_err(err)?,
-        ];
-        tickets.extend(self.send_down(inner, ACTOR, key, fixed, Some(change))?);
-        Ok(Some(tickets))
+        let seq = inner.next_seq;
+        let ticket = self
+            .store
+            .append_async(
+                CLUSTER_STREAM,
+                vec![Entry::new(ACTOR, key, PayloadKind::Change, change.clone())],
+            )
+            .map_err(err)?;
+        inner.next_seq += 1;
+        commit.cluster.push((ticket, seq));
+        // (On failure here the correction has its seq all the same.)
+        match self.send_down(inner, ACTOR, key, fixed, Some(change)) {
+            Ok(t) => commit.tickets.extend(t),
+            Err(e) => warn!(key, error = %e, "could not send a correction down"),
+        }
+        Ok(Some(seq))
     }
 
     /// Node `node` connected (`ready`) or lost its connection: its Node
@@ -1137,10 +1273,30 @@ fn same_but_status(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// Publishes commits in order once durable.
+/// Publishes commits in order once durable: their events go to watchers
+/// and their changes become visible to get and list. A failed commit
+/// (the store is then poisoned) publishes nothing.
 async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver<Commit>) {
     while let Some(c) = rx.recv().await {
         let mut result = Ok(());
+        let mut last = 0;
+        for (t, want) in c.cluster {
+            match t.await {
+                Ok(cursor) => {
+                    if cursor.seq != want {
+                        // Never expected: every `cluster` append goes
+                        // through the registry in seq order.
+                        tracing::error!(
+                            got = cursor.seq,
+                            want,
+                            "a cluster record got another seq than its resourceVersion"
+                        );
+                    }
+                    last = cursor.seq;
+                }
+                Err(e) => result = Err(e.to_string()),
+            }
+        }
         for t in c.tickets {
             if let Err(e) = t.await {
                 result = Err(e.to_string());
@@ -1150,9 +1306,14 @@ async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver
             return;
         };
         if result.is_ok() {
+            let mut inner = lock(&reg.inner);
+            // Under the lock, so that a list and its resourceVersion are
+            // of one moment and a watch from it misses nothing.
             reg.hub.publish(c.events);
+            inner.make_visible(c.visible);
+            inner.durable_seq = inner.durable_seq.max(last);
         } else {
-            warn!(error = ?result, "a commit failed: the log store is poisoned");
+            warn!(error = ?result, "a commit failed: the log store is poisoned; its changes stay unseen");
         }
         if let Some(done) = c.done {
             let _ = done.send(result);
@@ -1205,5 +1366,130 @@ pub fn parse_key(key: &str) -> Option<(&'static ResourceType, Option<&str>, &str
         Some((rt, Some(ns), name))
     } else {
         Some((rt, None, rest))
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use keel_log::StoreOptions;
+
+    fn cm(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "default"}, "data": {"k": name}})
+    }
+
+    fn listed(reg: &Registry, key: &str) -> bool {
+        let mut found = false;
+        reg.scan("configmaps/", |o| {
+            let name = o.pointer("/metadata/name").and_then(Value::as_str);
+            found |= name.is_some_and(|n| key.ends_with(&format!("/{n}")));
+        });
+        let (items, _) = reg.list("configmaps/");
+        let in_list = items.iter().any(|o| {
+            o.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| key.ends_with(&format!("/{n}")))
+        });
+        assert_eq!(found, in_list, "scan and list disagree on {key}");
+        in_list
+    }
+
+    /// A failed fsync during a create (or a delete) leaves nothing visible:
+    /// the object is not got, listed or watched (for a delete: it is still
+    /// there), and the list's resourceVersion never passes the last
+    /// durable seq. Every group commit in turn is made to fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_is_never_seen() {
+        let mut failed_creates = 0;
+        let mut failed_deletes = 0;
+        for group in 1..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = StoreOptions {
+                fail_sync_at_group: Some(group),
+                ..StoreOptions::default()
+            };
+            let store = Store::open(dir.path(), opts).unwrap();
+            let Ok(reg) = Registry::open(store) else {
+                continue; // the failure hit the registry's own start-up
+            };
+            let (_, rv0) = reg.list("configmaps/");
+            let (mut watched, mut rx) = reg.watch(rv0).unwrap();
+            let mut durable = rv0;
+            let mut seen_fail = None;
+            'ops: for i in 0..30 {
+                let key = format!("configmaps/default/c{i}");
+                match reg
+                    .write(&key, |_| {
+                        Ok(Some(Write::Put(new_meta(cm(&format!("c{i}")), None))))
+                    })
+                    .await
+                {
+                    Ok(Some(o)) => {
+                        assert!(reg.get(&key).is_some() && listed(&reg, &key));
+                        durable = o["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                    }
+                    Ok(None) => panic!("nothing written"),
+                    Err(_) => {
+                        assert!(reg.get(&key).is_none(), "failed create is visible");
+                        assert!(!listed(&reg, &key), "failed create is listed");
+                        failed_creates += 1;
+                        seen_fail = Some((key, EventKind::Added));
+                        break 'ops;
+                    }
+                }
+                if i % 2 == 1 {
+                    match reg.write(&key, |_| Ok(Some(Write::Delete))).await {
+                        Ok(_) => assert!(reg.get(&key).is_none() && !listed(&reg, &key)),
+                        Err(_) => {
+                            assert!(reg.get(&key).is_some(), "failed delete is visible");
+                            assert!(listed(&reg, &key), "failed delete hides the object");
+                            failed_deletes += 1;
+                            seen_fail = Some((key, EventKind::Deleted));
+                            break 'ops;
+                        }
+                    }
+                }
+                let (_, rv) = reg.list("configmaps/");
+                assert!(rv >= durable);
+            }
+            let Some((key, kind)) = seen_fail else {
+                continue;
+            };
+            // Let the publisher finish whatever it still holds.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let head = reg.store().info(CLUSTER_STREAM).unwrap().head.seq;
+            assert!(head >= durable);
+            let durable = head;
+            let (_, rv) = reg.list("configmaps/");
+            assert!(
+                rv <= durable,
+                "list resourceVersion {rv} past durable {durable}"
+            );
+            while let Ok(e) = rx.try_recv() {
+                watched.push(e);
+            }
+            for e in watched {
+                assert!(e.rv <= durable, "watched {} past durable {durable}", e.rv);
+                assert!(
+                    !(e.key == key && e.kind == kind),
+                    "the failed change was watched"
+                );
+            }
+        }
+        assert!(
+            failed_creates > 0 && failed_deletes > 0,
+            "no injected failure hit a create and a delete: {failed_creates} / {failed_deletes}"
+        );
     }
 }

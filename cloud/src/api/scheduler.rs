@@ -23,10 +23,13 @@ pub fn schedule(registry: &Registry, pod: &mut Value) {
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    let (nodes, _) = registry.list("nodes/");
+    // The latest state, durable or not: a node's Ready condition is
+    // recorded without waiting, and this is a writer's decision.
+    let mut nodes = Vec::new();
+    registry.scan_latest("nodes/", |n| nodes.push(n.clone()));
     // Pods per node, counted in place (no copies of the pods).
     let mut per_node: std::collections::BTreeMap<String, usize> = Default::default();
-    registry.scan("pods/", |p| {
+    registry.scan_latest("pods/", |p| {
         if let Some(n) = p.pointer("/spec/nodeName").and_then(Value::as_str) {
             *per_node.entry(n.to_owned()).or_default() += 1;
         }
@@ -79,7 +82,7 @@ pub fn place_pending(registry: &Registry) {
     }
     registry.set_may_have_unscheduled(false);
     let mut pods = Vec::new();
-    registry.scan("pods/", |p| {
+    registry.scan_latest("pods/", |p| {
         if p.pointer("/spec/nodeName")
             .and_then(Value::as_str)
             .is_none()
