@@ -12,6 +12,7 @@
 //! log gRPC service ([`grpc`]): replay, tail, audit and chain
 //! verification over any keel log.
 
+pub mod auth;
 pub mod exec;
 pub mod grpc;
 pub mod kubelet;

@@ -161,18 +161,22 @@ impl ApiServer {
         Ok(ApiServer { addr, task })
     }
 
-    /// Serves a read-only API over plain HTTP on `addr` (meant for
-    /// loopback: edgecore's offline API, as KubeEdge's MetaServer): get,
-    /// list and watch from `reader`, container logs from `logs`; every
-    /// write is refused with `405 MethodNotAllowed`.
+    /// Serves a read-only API on `addr` (edgecore's offline API, as
+    /// KubeEdge's MetaServer): get, list and watch from `reader`, container
+    /// logs from `logs`; every write is refused with `405
+    /// MethodNotAllowed`. Without `tls`, plain HTTP with no authentication
+    /// (for loopback only); with it (which must require client
+    /// certificates), HTTPS where only the cluster admin's certificate
+    /// ([`crate::auth::is_admin_cert`]) is served and any other gets `403
+    /// Forbidden`.
     pub async fn bind_read_only(
         addr: SocketAddr,
         reader: Arc<dyn ReadObjects>,
         logs: Option<Arc<dyn PodLogs>>,
+        tls: Option<rustls::ServerConfig>,
     ) -> std::io::Result<ApiServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        info!(%addr, "read-only kubernetes API listening");
         let server = Arc::new(Server {
             reader,
             writer: None,
@@ -181,10 +185,27 @@ impl ApiServer {
             portforward: None,
             addr: addr.to_string(),
         });
-        let task = tokio::spawn(accept_loop(listener, move |tcp, peer| {
-            serve_http(tcp, api_service(server.clone(), true), "API")
-                .instrument(info_span!("edge_api", %peer))
-        }));
+        let task = match tls {
+            Some(tls) => {
+                info!(%addr, "read-only kubernetes API listening (HTTPS, client certificates)");
+                tokio::spawn(serve_tls(
+                    listener,
+                    tls,
+                    "API",
+                    |peer| info_span!("edge_api", %peer),
+                    move |cert| {
+                        api_service(server.clone(), cert.is_some_and(crate::auth::is_admin_cert))
+                    },
+                ))
+            }
+            None => {
+                info!(%addr, "read-only kubernetes API listening");
+                tokio::spawn(accept_loop(listener, move |tcp, peer| {
+                    serve_http(tcp, api_service(server.clone(), true), "API")
+                        .instrument(info_span!("edge_api", %peer))
+                }))
+            }
+        };
         Ok(ApiServer { addr, task })
     }
 

@@ -46,7 +46,7 @@ fn ingest(n: usize) {
         keel_log::Store::open(dir.path().join("log"), keel_log::StoreOptions::default()).unwrap();
     let (bus, meta) = rt.block_on(async {
         let meta = MetaManager::open(store.clone(), "edge-1").unwrap();
-        let bus = EventBus::bind("127.0.0.1:0".parse().unwrap())
+        let bus = EventBus::bind("127.0.0.1:0".parse().unwrap(), None)
             .await
             .unwrap();
         DeviceTwin::start(meta.clone(), bus.clone());

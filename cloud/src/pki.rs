@@ -65,10 +65,9 @@ pub const ALPN_SYNC: &[u8] = b"keel-sync/1";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// Common name of the cluster CA.
 pub const CA_COMMON_NAME: &str = "keel-cluster-ca";
-/// Common name of the admin client certificate.
-pub const ADMIN_COMMON_NAME: &str = "keel-admin";
-/// Organisation of the admin client certificate.
-pub const ADMIN_ORGANIZATION: &str = "system:masters";
+use keel_api::auth::single_common_name;
+/// The admin certificate's subject and its check (shared with edgecore).
+pub use keel_api::auth::{ADMIN_COMMON_NAME, ADMIN_ORGANIZATION, is_admin_cert};
 /// Organisation of every node client certificate.
 pub const NODE_ORGANIZATION: &str = "keel:nodes";
 /// Common name of the cloudcore server certificate.
@@ -1067,19 +1066,6 @@ pub fn node_name_from_cert(der: &[u8]) -> Result<String> {
     Ok(name)
 }
 
-/// Whether a DER certificate is the cluster admin's (O =
-/// [`ADMIN_ORGANIZATION`], CN = [`ADMIN_COMMON_NAME`]).
-pub fn is_admin_cert(der: &[u8]) -> bool {
-    let Ok((_, cert)) = X509Certificate::from_der(der) else {
-        return false;
-    };
-    let subject = cert.subject();
-    subject
-        .iter_organization()
-        .any(|o| o.as_str().is_ok_and(|o| o == ADMIN_ORGANIZATION))
-        && single_common_name(subject).is_ok_and(|cn| cn == ADMIN_COMMON_NAME)
-}
-
 /// The TLS configuration of the Kubernetes API: the cluster CA must have
 /// issued the client's certificate (which one may do what is decided per
 /// request).
@@ -1220,20 +1206,6 @@ fn parse_csr(csr_pem: &str) -> Result<ParsedCsr> {
         params,
         common_name,
     })
-}
-
-fn single_common_name(
-    name: &x509_parser::x509::X509Name<'_>,
-) -> std::result::Result<String, String> {
-    let mut cns = name.iter_common_name();
-    let first = cns.next().ok_or("no common name")?;
-    if cns.next().is_some() {
-        return Err("more than one common name".into());
-    }
-    first
-        .as_str()
-        .map(str::to_owned)
-        .map_err(|e| format!("common name is not a string: {e}"))
 }
 
 fn dn(common_name: &str, organization: Option<&str>) -> DistinguishedName {

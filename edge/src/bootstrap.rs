@@ -425,6 +425,101 @@ fn roots_of(ca: &CertificateDer<'static>) -> Result<RootCertStore> {
 }
 
 // ---------------------------------------------------------------------------
+// the edge's own endpoints
+// ---------------------------------------------------------------------------
+
+/// Serving certificate generated when none is configured (as the kubelet
+/// does for its own API): `pki/serving.pem` and `pki/serving.key`.
+pub const SERVING_CERT_FILE: &str = "serving.pem";
+const SERVING_KEY_FILE: &str = "serving.key";
+
+/// The TLS configuration of the edge's Kubernetes API and log gRPC API when
+/// they require authentication: a client certificate issued by the CA in
+/// `client_ca` (PEM, one or more certificates), and the serving certificate
+/// and key `serving` (PEM files), or else a self-signed one kept in the data
+/// directory for `names` (DNS names and IP addresses), created on first
+/// use.
+///
+/// # Errors
+/// Unreadable or unusable files, or a rustls configuration error.
+pub fn endpoint_tls_config(
+    data_dir: &Path,
+    client_ca: &Path,
+    serving: Option<(&Path, &Path)>,
+    names: &[String],
+) -> Result<rustls::ServerConfig> {
+    let read = |p: &Path| fs::read_to_string(p).map_err(|e| Error::io(p, e));
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(read(client_ca)?.as_bytes()) {
+        let c = c.map_err(|e| {
+            Error::Certificate(format!("client CA {}: bad PEM: {e}", client_ca.display()))
+        })?;
+        roots
+            .add(c)
+            .map_err(|e| Error::Certificate(format!("client CA {}: {e}", client_ca.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Certificate(format!(
+            "client CA {}: no certificate in it",
+            client_ca.display()
+        )));
+    }
+    let (cert_pem, key_pem) = match serving {
+        Some((cert, key)) => (read(cert)?, read(key)?),
+        None => self_signed_serving(data_dir, names)?,
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Certificate(format!("serving certificate: bad PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| Error::Certificate(format!("serving key: {e}")))?;
+    let provider = crypto_provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| Error::Certificate(format!("client CA: {e}")))?;
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Certificate(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Certificate(format!("serving certificate and key: {e}")))
+}
+
+/// The self-signed serving certificate and key (PEM) in `pki/`, created
+/// for `names` when absent (key 0600).
+fn self_signed_serving(data_dir: &Path, names: &[String]) -> Result<(String, String)> {
+    let dir = pki_dir(data_dir);
+    let (cert, key) = (dir.join(SERVING_CERT_FILE), dir.join(SERVING_KEY_FILE));
+    if cert.exists() && key.exists() {
+        let read = |p: &Path| fs::read_to_string(p).map_err(|e| Error::io(p, e));
+        return Ok((read(&cert)?, read(&key)?));
+    }
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&dir, e))?;
+    let pair = KeyPair::generate().map_err(|e| Error::Certificate(e.to_string()))?;
+    let mut params = CertificateParams::new(names.to_vec())
+        .map_err(|e| Error::Certificate(format!("serving certificate names: {e}")))?;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "keel edgecore");
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = (now + Duration::from_secs(10 * 365 * 24 * 3600)).into();
+    let c = params
+        .self_signed(&pair)
+        .map_err(|e| Error::Certificate(format!("serving certificate: {e}")))?;
+    let (cert_pem, key_pem) = (c.pem(), pair.serialize_pem());
+    write_atomic(&key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&cert, cert_pem.as_bytes(), 0o644)?;
+    tracing::info!(path = %cert.display(), "created a self-signed serving certificate for the edge's endpoints");
+    Ok((cert_pem, key_pem))
+}
+
+// ---------------------------------------------------------------------------
 // join and renew
 // ---------------------------------------------------------------------------
 

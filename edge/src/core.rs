@@ -39,22 +39,24 @@ pub struct Config {
     /// Name cloudcore's certificate carries; default: the hub's IP.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// The read-only Kubernetes API (plain HTTP; keep it on loopback).
+    /// The read-only Kubernetes API: plain HTTP on loopback, or HTTPS with
+    /// client certificates once `clientCAFile` is set (required for any
+    /// other address).
     pub api_addr: SocketAddr,
     /// The node's address (InternalIP, pod IPs of the process runtime);
     /// default: the local address that reaches the cloud.
     #[serde(default)]
     pub node_ip: Option<String>,
     /// The log gRPC API (replay, tail, audit, chain verification for the
-    /// `keel` CLI's `--edge`): plain HTTP/2 with no authentication, so keep
-    /// it on loopback. Off unless set.
+    /// `keel` CLI's `--edge`): plain HTTP/2 on loopback, or TLS with client
+    /// certificates once `clientCAFile` is set. Off unless set.
     #[serde(default)]
     pub grpc_addr: Option<SocketAddr>,
     /// First container restart back-off in seconds (doubles up to 300).
     #[serde(default = "default_backoff")]
     pub restart_backoff_seconds: f64,
-    /// The event bus: MQTT broker for mappers and devices (plain MQTT;
-    /// keep it on loopback).
+    /// The event bus: MQTT broker for mappers and devices; on loopback, or
+    /// anywhere with `mqttPasswordFile`.
     #[serde(default = "default_mqtt")]
     pub mqtt_addr: SocketAddr,
     /// A container's log file is rotated past this many bytes (the
@@ -65,6 +67,23 @@ pub struct Config {
     /// kubelet's `containerLogMaxFiles`; default 5).
     #[serde(default = "default_log_max_files")]
     pub container_log_max_files: u32,
+    /// Authentication of the Kubernetes API and the log gRPC API (the
+    /// kubelet's `--client-ca-file`): a client must present a certificate
+    /// this CA (PEM) issued, and only the cluster admin's certificate is
+    /// served. The cluster CA the node joined with is `<dataDir>/pki/ca.pem`.
+    #[serde(default, rename = "clientCAFile")]
+    pub client_ca_file: Option<PathBuf>,
+    /// The endpoints' serving certificate and key (PEM), with
+    /// `clientCAFile`; default: a self-signed certificate created in
+    /// `<dataDir>/pki/serving.pem` (as the kubelet does).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// MQTT clients must log in with a user and password from this file
+    /// (`user:password` lines; readable by its owner only).
+    #[serde(default)]
+    pub mqtt_password_file: Option<PathBuf>,
 }
 
 fn default_log_max_size() -> u64 {
@@ -97,40 +116,84 @@ impl Default for Config {
             mqtt_addr: default_mqtt(),
             container_log_max_size: default_log_max_size(),
             container_log_max_files: default_log_max_files(),
+            client_ca_file: None,
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            mqtt_password_file: None,
         }
     }
 }
 
 impl Config {
     /// The edge's own endpoints (Kubernetes API, log gRPC API, MQTT
-    /// broker) have no authentication yet: each must listen on a loopback
-    /// address, where only this host reaches it. Anything else is refused
-    /// before anything listens.
+    /// broker) listen on a loopback address, where only this host reaches
+    /// them, unless they authenticate their clients: the APIs with
+    /// `clientCAFile`, the broker with `mqttPasswordFile`. Anything else is
+    /// refused before anything listens.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the endpoint and its address.
+    /// [`Error::Config`] naming the endpoint and its address, or the
+    /// setting that is incomplete.
     pub fn check_endpoints(&self) -> Result<()> {
+        let auth = self.client_ca_file.is_some();
         let endpoints = [
             (
                 "the Kubernetes API (apiAddr, --api-addr)",
                 Some(self.api_addr),
+                auth,
+                "clientCAFile (--client-ca-file)",
             ),
-            ("the log gRPC API (grpcAddr, --grpc-addr)", self.grpc_addr),
+            (
+                "the log gRPC API (grpcAddr, --grpc-addr)",
+                self.grpc_addr,
+                auth,
+                "clientCAFile (--client-ca-file)",
+            ),
             (
                 "the MQTT broker (mqttAddr, --mqtt-addr)",
                 Some(self.mqtt_addr),
+                self.mqtt_password_file.is_some(),
+                "mqttPasswordFile (--mqtt-password-file)",
             ),
         ];
-        for (what, addr) in endpoints {
+        for (what, addr, authenticated, setting) in endpoints {
             if let Some(addr) = addr
                 && !addr.ip().is_loopback()
+                && !authenticated
             {
                 return Err(Error::Config(format!(
-                    "{what} would listen on {addr}, which is not a loopback address: edgecore's endpoints have no authentication, so they listen only on loopback (127.0.0.0/8 or ::1)"
+                    "{what} would listen on {addr}, which is not a loopback address, without authentication: set {setting}, or listen on loopback (127.0.0.0/8 or ::1)"
                 )));
             }
         }
+        match (&self.tls_cert_file, &self.tls_private_key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(Error::Config(
+                    "tlsCertFile and tlsPrivateKeyFile (--tls-cert-file, --tls-private-key-file) go together".into(),
+                ));
+            }
+            (Some(_), Some(_)) if !auth => {
+                return Err(Error::Config(
+                    "tlsCertFile serves the endpoints with client certificates: set clientCAFile (--client-ca-file) too".into(),
+                ));
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// The TLS configuration of the Kubernetes API and the gRPC API, when
+    /// they authenticate clients; `names` go into a generated serving
+    /// certificate.
+    fn endpoint_tls(&self, names: &[String]) -> Result<Option<rustls::ServerConfig>> {
+        let Some(ca) = &self.client_ca_file else {
+            return Ok(None);
+        };
+        let serving = self
+            .tls_cert_file
+            .as_deref()
+            .zip(self.tls_private_key_file.as_deref());
+        bootstrap::endpoint_tls_config(&self.data_dir, ca, serving, names).map(Some)
     }
 }
 
@@ -441,7 +504,29 @@ mod tail_tests {
                 err.contains(&addr.to_string()) && err.contains("not a loopback"),
                 "{err}"
             );
+            // With the endpoint's authentication set, it may listen there.
+            if field == "mqtt" {
+                cfg.mqtt_password_file = Some("pw".into());
+            } else {
+                cfg.client_ca_file = Some("ca.pem".into());
+            }
+            assert!(cfg.check_endpoints().is_ok(), "{field}");
         }
+        // A serving certificate needs its key, and client authentication.
+        let mut cfg = super::Config {
+            tls_cert_file: Some("c.pem".into()),
+            ..super::Config::default()
+        };
+        assert!(cfg.check_endpoints().is_err());
+        cfg.tls_private_key_file = Some("k.pem".into());
+        assert!(
+            cfg.check_endpoints()
+                .unwrap_err()
+                .to_string()
+                .contains("clientCAFile")
+        );
+        cfg.client_ca_file = Some("ca.pem".into());
+        assert!(cfg.check_endpoints().is_ok());
     }
 
     #[test]
@@ -579,10 +664,28 @@ pub async fn run(
         );
         let reconciler = tokio::spawn(reconcile(meta.clone(), edged.clone()));
         let compactor = tokio::spawn(compact_loop(meta.clone()));
+        // With clientCAFile, both APIs are TLS with client certificates; a
+        // generated serving certificate names the node and its addresses.
+        let mut names: std::collections::BTreeSet<String> =
+            [node.clone(), "localhost".into(), "127.0.0.1".into(), node_ip.clone()].into();
+        for a in [Some(cfg.api_addr), cfg.grpc_addr].into_iter().flatten() {
+            if !a.ip().is_unspecified() {
+                names.insert(a.ip().to_string());
+            }
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        let tls = cfg.endpoint_tls(&names)?;
+        let users = cfg
+            .mqtt_password_file
+            .as_deref()
+            .map(crate::eventbus::MqttUsers::load)
+            .transpose()
+            .map_err(|e| Error::Config(format!("mqttPasswordFile: {e}")))?;
         let api = ApiServer::bind_read_only(
             cfg.api_addr,
             meta.clone(),
             Some(Arc::new(EdgeLogs(edged.clone()))),
+            tls.clone(),
         )
         .await
         .map_err(|e| Error::io(format!("edge API on {}", cfg.api_addr), e))?;
@@ -594,7 +697,7 @@ pub async fn run(
                 ];
                 let log = keel_api::grpc::LogApi::new(store.clone(), streams);
                 Some(
-                    keel_api::grpc::GrpcServer::bind_plain(a, log)
+                    keel_api::grpc::GrpcServer::bind_log(a, log, tls)
                         .await
                         .map_err(|e| Error::io(format!("edge log gRPC API on {a}"), e))?,
                 )
@@ -606,7 +709,7 @@ pub async fn run(
             node_ip,
             api.local_addr().port(),
         ));
-        let bus = EventBus::bind(cfg.mqtt_addr)
+        let bus = EventBus::bind(cfg.mqtt_addr, users)
             .await
             .map_err(|e| Error::io(format!("event bus (MQTT) on {}", cfg.mqtt_addr), e))?;
         let devicetwin = DeviceTwin::start(meta.clone(), bus.clone());

@@ -60,6 +60,8 @@ struct Subscription {
 
 #[derive(Default)]
 struct Shared {
+    /// Who may connect (none: anyone, for a loopback broker).
+    users: Option<MqttUsers>,
     subs: Mutex<Vec<Subscription>>,
     clients: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     ingest: Mutex<Option<Arc<dyn Ingest>>>,
@@ -120,11 +122,14 @@ pub fn valid_filter(filter: &str) -> bool {
 
 impl EventBus {
     /// Listens on `addr` (loopback).
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<EventBus> {
+    pub async fn bind(addr: SocketAddr, users: Option<MqttUsers>) -> std::io::Result<EventBus> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let bus = EventBus {
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared {
+                users,
+                ..Shared::default()
+            }),
             addr,
         };
         let shared = bus.shared.clone();
@@ -193,6 +198,89 @@ fn deliver(shared: &Shared, topic: &str, payload: Bytes) {
     }
 }
 
+/// The users an authenticating broker accepts, from a password file:
+/// `user:password` lines (blank lines and `#` comments skipped), which
+/// must be readable by its owner only. Passwords are held and compared as
+/// BLAKE3 digests (constant-time comparison).
+#[derive(Clone)]
+pub struct MqttUsers(HashMap<String, blake3::Hash>);
+
+impl std::fmt::Debug for MqttUsers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttUsers")
+            .field("users", &self.0.len())
+            .finish()
+    }
+}
+
+/// Largest password file read.
+const MAX_PASSWORD_FILE: u64 = 1 << 20;
+
+impl MqttUsers {
+    /// Reads the password file at `path`.
+    ///
+    /// # Errors
+    /// A message naming the file: unreadable, too large, readable by group
+    /// or others, a line without `:`, an empty user or password, or no
+    /// user at all.
+    pub fn load(path: &std::path::Path) -> Result<MqttUsers, String> {
+        use std::io::Read as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let name = path.display();
+        let f = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+        let mode = f
+            .metadata()
+            .map_err(|e| format!("{name}: {e}"))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{name}: readable by others (mode {:o}); it must be its owner's only (chmod 600)",
+                mode & 0o777
+            ));
+        }
+        let mut text = String::new();
+        f.take(MAX_PASSWORD_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if text.len() as u64 > MAX_PASSWORD_FILE {
+            return Err(format!("{name}: larger than {MAX_PASSWORD_FILE} bytes"));
+        }
+        Self::parse(&text).map_err(|e| format!("{name}: {e}"))
+    }
+
+    /// Parses `user:password` lines.
+    ///
+    /// # Errors
+    /// The first bad line (by number), or no user at all.
+    pub fn parse(text: &str) -> Result<MqttUsers, String> {
+        let mut users = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            match line.split_once(':') {
+                Some((u, p)) if !u.is_empty() && !p.is_empty() => {
+                    users.insert(u.to_owned(), blake3::hash(p.as_bytes()));
+                }
+                _ => return Err(format!("line {}: not user:password", n + 1)),
+            }
+        }
+        if users.is_empty() {
+            return Err("no user in it".into());
+        }
+        Ok(MqttUsers(users))
+    }
+
+    /// Whether `user` logs in with `password`.
+    pub fn check(&self, user: &str, password: &str) -> bool {
+        self.0
+            .get(user)
+            .is_some_and(|h| *h == blake3::hash(password.as_bytes()))
+    }
+}
+
 /// Why a connection was closed.
 #[derive(Debug, thiserror::Error)]
 enum Close {
@@ -248,6 +336,18 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
         }
     };
     let mut out = BytesMut::new();
+    if let Some(users) = &shared.users
+        && !connect
+            .login
+            .as_ref()
+            .is_some_and(|l| users.check(&l.username, &l.password))
+    {
+        debug!(user = ?connect.login.as_ref().map(|l| &l.username), "MQTT login refused");
+        let _ = Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))
+            .write(&mut out, MAX_PACKET);
+        let _ = wr.write_all(&out).await;
+        return;
+    }
     if connect.client_id.is_empty() && !connect.clean_session {
         let _ = Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))
             .write(&mut out, MAX_PACKET);
@@ -430,6 +530,20 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn password_file_lines() {
+        let Ok(u) = MqttUsers::parse("# who\n\nmapper:s3:cret\r\nother:x\n") else {
+            unreachable!("a good file");
+        };
+        assert!(u.check("mapper", "s3:cret"));
+        assert!(u.check("other", "x"));
+        assert!(!u.check("mapper", "s3"));
+        assert!(!u.check("nobody", "x"));
+        for bad in ["", "# only a comment\n", "nocolon\n", ":pw\n", "user:\n"] {
+            assert!(MqttUsers::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn topic_matching() {

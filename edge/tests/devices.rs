@@ -404,7 +404,7 @@ fn event_bus_acks_only_what_is_recorded() {
         keel_log::Store::open(tmp.path().join("log"), keel_log::StoreOptions::default()).unwrap();
     let bus = rt.block_on(async {
         let meta = keel_edge::meta::MetaManager::open(store.clone(), "edge-1").unwrap();
-        let bus = keel_edge::eventbus::EventBus::bind("127.0.0.1:0".parse().unwrap())
+        let bus = keel_edge::eventbus::EventBus::bind("127.0.0.1:0".parse().unwrap(), None)
             .await
             .unwrap();
         keel_edge::devicetwin::DeviceTwin::start(meta, bus.clone());

@@ -527,6 +527,29 @@ impl GrpcServer {
         })
     }
 
+    /// Serves `log` alone on `addr` (edgecore's log API): over TLS where
+    /// only the cluster admin's certificate is served when `tls` is given
+    /// (it must require client certificates), else plain.
+    pub async fn bind_log(
+        addr: SocketAddr,
+        log: LogApi,
+        tls: Option<rustls::ServerConfig>,
+    ) -> std::io::Result<GrpcServer> {
+        match tls {
+            Some(tls) => {
+                Self::bind_tls(
+                    addr,
+                    tls,
+                    log,
+                    Routes::default(),
+                    crate::auth::is_admin_cert,
+                )
+                .await
+            }
+            None => Self::bind_plain(addr, log).await,
+        }
+    }
+
     /// Serves `log` on `addr` in plain HTTP/2 with no authentication: for
     /// loopback only (edgecore).
     pub async fn bind_plain(addr: SocketAddr, log: LogApi) -> std::io::Result<GrpcServer> {

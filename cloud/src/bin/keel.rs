@@ -24,10 +24,15 @@ struct Cli {
     /// cloudcore's admin gRPC address.
     #[arg(long, global = true, default_value = keel_cloud::grpc::DEFAULT_CLOUD_ADDR)]
     server: String,
-    /// Talk to an edgecore's loopback log API at this address instead
-    /// (replay, tail, audit, verify).
+    /// Talk to an edgecore's log API at this address instead (replay,
+    /// tail, audit, verify).
     #[arg(long, global = true)]
     edge: Option<String>,
+    /// The edge's serving certificate (or its CA), for an edgecore run with
+    /// --client-ca-file: TLS with the admin kubeconfig's certificate. An
+    /// edge's generated one is DATA_DIR/pki/serving.pem.
+    #[arg(long, global = true)]
+    edge_ca: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -182,7 +187,23 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Output::Json => Format::Json,
     };
     let ch = match &cli.edge {
-        Some(addr) => cli::connect_edge(addr).await?,
+        Some(addr) => {
+            let tls = match &cli.edge_ca {
+                Some(ca) => {
+                    let path =
+                        cli::kubeconfig_path(cli.kubeconfig, std::env::var("KUBECONFIG").ok());
+                    let mut creds = cli::load_credentials(&path)?;
+                    creds.ca_pem =
+                        std::fs::read_to_string(ca).map_err(|e| CliError::Kubeconfig {
+                            path: ca.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    Some(creds)
+                }
+                None => None,
+            };
+            cli::connect_edge(addr, tls.as_ref()).await?
+        }
         None => {
             let path = cli::kubeconfig_path(cli.kubeconfig, std::env::var("KUBECONFIG").ok());
             let creds = cli::load_credentials(&path)?;

@@ -132,6 +132,23 @@ pub fn load_credentials(path: &Path) -> Result<Credentials, CliError> {
 
 /// Connects to cloudcore's admin API at `addr` (host:port) over TLS.
 pub async fn connect_cloud(addr: &str, creds: &Credentials) -> Result<Channel, CliError> {
+    connect_tls(
+        addr,
+        creds,
+        "cloudcore's admin API",
+        "cloudcore",
+        "--grpc-addr",
+    )
+    .await
+}
+
+async fn connect_tls(
+    addr: &str,
+    creds: &Credentials,
+    what: &'static str,
+    peer: &str,
+    flag: &str,
+) -> Result<Channel, CliError> {
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
@@ -142,7 +159,7 @@ pub async fn connect_cloud(addr: &str, creds: &Credentials) -> Result<Channel, C
         .identity(Identity::from_pem(&creds.cert_pem, &creds.key_pem))
         .domain_name(host);
     let conn = |reason: String| CliError::Connect {
-        what: "cloudcore's admin API",
+        what,
         addr: addr.to_owned(),
         reason,
     };
@@ -155,14 +172,19 @@ pub async fn connect_cloud(addr: &str, creds: &Credentials) -> Result<Channel, C
         .await
         .map_err(|e| {
             conn(format!(
-                "{} (is cloudcore running with --grpc-addr {addr}?)",
+                "{} (is {peer} running with {flag} {addr}?)",
                 error_chain(&e)
             ))
         })
 }
 
-/// Connects to an edgecore's log API at `addr` (plain HTTP/2, loopback).
-pub async fn connect_edge(addr: &str) -> Result<Channel, CliError> {
+/// Connects to an edgecore's log API at `addr`: plain HTTP/2 (loopback),
+/// or, with `tls` (the admin's certificate, and the edge's serving
+/// certificate as CA), TLS for an edgecore run with `--client-ca-file`.
+pub async fn connect_edge(addr: &str, tls: Option<&Credentials>) -> Result<Channel, CliError> {
+    if let Some(creds) = tls {
+        return connect_tls(addr, creds, "edgecore's log API", "edgecore", "--grpc-addr").await;
+    }
     let conn = |reason: String| CliError::Connect {
         what: "edgecore's log API",
         addr: addr.to_owned(),

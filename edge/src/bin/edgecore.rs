@@ -34,6 +34,8 @@ struct Common {
     cloud_bootstrap: Option<SocketAddr>,
 }
 
+// Parsed once at start: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Join the cluster with a token from `cloudcore token NODE`, then exit.
@@ -50,19 +52,35 @@ enum Command {
         common: Common,
         #[arg(long)]
         token: Option<String>,
-        /// The read-only Kubernetes API (plain HTTP, keep it on loopback).
+        /// The read-only Kubernetes API (plain HTTP on loopback; HTTPS with
+        /// client certificates with --client-ca-file, required elsewhere).
         #[arg(long)]
         api_addr: Option<SocketAddr>,
         #[arg(long)]
         node_ip: Option<String>,
-        /// The event bus (MQTT broker for mappers and devices; keep it on
-        /// loopback).
+        /// The event bus (MQTT broker for mappers and devices; on loopback
+        /// unless --mqtt-password-file is set).
         #[arg(long)]
         mqtt_addr: Option<SocketAddr>,
-        /// The log gRPC API for `keel --edge` (plain HTTP/2, no
-        /// authentication: keep it on loopback); off unless set.
+        /// The log gRPC API for `keel --edge` (plain HTTP/2 on loopback;
+        /// TLS with client certificates with --client-ca-file); off unless
+        /// set.
         #[arg(long)]
         grpc_addr: Option<SocketAddr>,
+        /// Require client certificates of this CA (PEM) on the Kubernetes
+        /// and gRPC APIs; only the cluster admin's is served. The cluster
+        /// CA is DATA_DIR/pki/ca.pem.
+        #[arg(long)]
+        client_ca_file: Option<PathBuf>,
+        /// Serving certificate of those APIs (default: self-signed, made
+        /// in DATA_DIR/pki/serving.pem).
+        #[arg(long)]
+        tls_cert_file: Option<PathBuf>,
+        #[arg(long)]
+        tls_private_key_file: Option<PathBuf>,
+        /// MQTT clients log in with a user:password line of this file.
+        #[arg(long)]
+        mqtt_password_file: Option<PathBuf>,
         /// First container restart back-off, seconds.
         #[arg(long)]
         restart_backoff_seconds: Option<f64>,
@@ -135,6 +153,10 @@ fn real_main(cli: Cli) -> Result<(), String> {
             restart_backoff_seconds,
             container_log_max_size,
             container_log_max_files,
+            client_ca_file,
+            tls_cert_file,
+            tls_private_key_file,
+            mqtt_password_file,
         } => {
             let mut cfg = config(&common)?;
             if let Some(v) = api_addr {
@@ -157,6 +179,16 @@ fn real_main(cli: Cli) -> Result<(), String> {
             }
             if let Some(v) = container_log_max_files {
                 cfg.container_log_max_files = v;
+            }
+            for (flag, field) in [
+                (client_ca_file, &mut cfg.client_ca_file),
+                (tls_cert_file, &mut cfg.tls_cert_file),
+                (tls_private_key_file, &mut cfg.tls_private_key_file),
+                (mqtt_password_file, &mut cfg.mqtt_password_file),
+            ] {
+                if flag.is_some() {
+                    *field = flag;
+                }
             }
             rt.block_on(core::run(
                 cfg,
