@@ -31,13 +31,23 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Largest packet accepted or sent.
 pub const MAX_PACKET: usize = 256 * 1024;
 /// Deliveries queued per subscriber before messages are dropped.
 pub const OUT_QUEUE: usize = 1024;
+/// Bytes a connection may have published that are not durable yet; past
+/// it, the broker stops reading from that client (TCP flow control) until
+/// records are fsync'd. QoS 0 messages count too.
+pub const IN_FLIGHT_BYTES: usize = 1 << 20;
+/// Publishes of a connection waiting for durability (for their PUBACK).
+const ACK_QUEUE: usize = 1024;
+/// How long a publish may wait for room before its connection is closed.
+const STALLED: Duration = Duration::from_secs(60);
+/// Connections served at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Time a client has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,7 +68,6 @@ struct Subscription {
     tx: mpsc::Sender<Packet>,
 }
 
-#[derive(Default)]
 struct Shared {
     /// Who may connect (none: anyone, for a loopback broker).
     users: Option<MqttUsers>,
@@ -67,6 +76,21 @@ struct Shared {
     ingest: Mutex<Option<Arc<dyn Ingest>>>,
     next_conn: AtomicU64,
     dropped: AtomicU64,
+    connections: Arc<Semaphore>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            users: None,
+            subs: Mutex::default(),
+            clients: Mutex::default(),
+            ingest: Mutex::default(),
+            next_conn: AtomicU64::default(),
+            dropped: AtomicU64::default(),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -137,10 +161,21 @@ impl EventBus {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+                            debug!(%peer, "MQTT connection refused: {MAX_CONNECTIONS} served already");
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
                         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                         let span = info_span!("mqtt", %peer, conn);
-                        tokio::spawn(serve(shared.clone(), stream, conn).instrument(span));
+                        let shared = shared.clone();
+                        tokio::spawn(
+                            async move {
+                                serve(shared, stream, conn).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Err(e) => {
                         warn!(error = %e, "accepting an MQTT connection failed");
@@ -367,7 +402,12 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
             old.notify_one();
         }
         let (tx, mut rx) = mpsc::channel::<Packet>(OUT_QUEUE);
-        let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<(u16, Option<Durable>)>();
+        // Each publish not yet durable, in order: its PUBACK's packet id
+        // (QoS 1), whether it is durable, and its share of the
+        // connection's in-flight bytes.
+        let (acks_tx, mut acks_rx) =
+            mpsc::channel::<(Option<u16>, Option<Durable>, OwnedSemaphorePermit)>(ACK_QUEUE);
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BYTES));
         let _ = tx
             .send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)))
             .await;
@@ -396,16 +436,20 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
         let unrecorded = Arc::new(Notify::new());
         let unrecorded_tx = unrecorded.clone();
         let acker = tokio::spawn(async move {
-            while let Some((pkid, durable)) = acks_rx.recv().await {
+            while let Some((pkid, durable, permit)) = acks_rx.recv().await {
                 if let Some(d) = durable
                     && !d.await
                 {
                     // Not durable: no ack, and the connection closes so
                     // the client resends after reconnecting.
-                    warn!(pkid, "a published message could not be recorded; not acknowledged");
+                    warn!(?pkid, "a published message could not be recorded; not acknowledged");
                     unrecorded_tx.notify_one();
                     return;
                 }
+                drop(permit);
+                let Some(pkid) = pkid else {
+                    continue;
+                };
                 if ack_out
                     .send(Packet::PubAck(PubAck::new(pkid)))
                     .await
@@ -442,12 +486,33 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, conn: u64) {
                         if p.topic.is_empty() || p.topic.contains(['+', '#']) {
                             return Err(Close::Refused("invalid topic name"));
                         }
+                        // Backpressure: with this connection's share of
+                        // unrecorded bytes used up, nothing more is read
+                        // from it until earlier messages are durable.
+                        // A client that reads none of its PUBACKs holds
+                        // its slot only so long.
+                        let cost = (p.payload.len() + p.topic.len()).clamp(1, IN_FLIGHT_BYTES);
+                        let permit = tokio::time::timeout(
+                            STALLED,
+                            in_flight
+                                .clone()
+                                .acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX)),
+                        )
+                        .await
+                        .map_err(|_| Close::Refused("no progress for a minute (are PUBACKs read?)"))?
+                        .map_err(|_| Close::Refused("shutting down"))?;
                         let durable = ingest
                             .as_ref()
                             .and_then(|i| i.publish(&client, &p.topic, &p.payload));
                         deliver(&shared, &p.topic, p.payload.clone());
-                        if p.qos == QoS::AtLeastOnce {
-                            let _ = acks_tx.send((p.pkid, durable));
+                        let pkid = (p.qos == QoS::AtLeastOnce).then_some(p.pkid);
+                        if (pkid.is_some() || durable.is_some())
+                            && !matches!(
+                                tokio::time::timeout(STALLED, acks_tx.send((pkid, durable, permit))).await,
+                                Ok(Ok(()))
+                            )
+                        {
+                            return Err(Close::Refused("acknowledgements stalled"));
                         }
                     }
                     Packet::Subscribe(s) => {

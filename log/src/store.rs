@@ -62,6 +62,12 @@ pub enum VerifyOnOpen {
     Full,
 }
 
+/// Growth of unflushed memtables after which the records memtable is
+/// rotated (see `Shared::bound_memtables`).
+const MEMTABLE_ROTATE_BYTES: u64 = 8 << 20;
+/// Unflushed memtable bytes past which staging waits for flushes.
+const MEMTABLE_STALL_BYTES: u64 = 48 << 20;
+
 /// Options for [`Store::open`].
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -1015,6 +1021,7 @@ impl Shared {
     /// the fsync of the previous one.
     fn stage_loop(self: Arc<Self>, mut hlc: Hlc, tx: std::sync::mpsc::SyncSender<Group>) {
         let mut heads: BTreeMap<String, StreamState> = self.read_state().clone();
+        let mut rotated_at = 0u64;
         loop {
             let items = {
                 let mut q = lock(&self.queue);
@@ -1033,6 +1040,35 @@ impl Shared {
             if tx.send(group).is_err() {
                 return;
             }
+            self.bound_memtables(&mut rotated_at);
+        }
+    }
+
+    /// Keeps what fjall holds in memory bounded under sustained appends.
+    /// fjall rotates a memtable through a request its workers may drop when
+    /// busy, and its write-buffer limit is not enforced (3.1), so under a
+    /// flood the active memtable grew with everything written. Here the
+    /// records memtable is rotated (and flushed) every
+    /// [`MEMTABLE_ROTATE_BYTES`] of growth, and staging waits while more
+    /// than [`MEMTABLE_STALL_BYTES`] is unflushed: appends then queue up
+    /// behind it, and their writers wait for their tickets (backpressure).
+    fn bound_memtables(&self, rotated_at: &mut u64) {
+        let size = self.db.write_buffer_size();
+        if size < *rotated_at {
+            *rotated_at = size;
+        }
+        if size >= *rotated_at + MEMTABLE_ROTATE_BYTES {
+            if let Err(e) = self.records.rotate_memtable() {
+                warn!(error = %e, "rotating the memtable failed");
+            }
+            *rotated_at = self.db.write_buffer_size();
+        }
+        let start = std::time::Instant::now();
+        while self.db.write_buffer_size() > MEMTABLE_STALL_BYTES
+            && start.elapsed() < std::time::Duration::from_secs(30)
+            && !self.poisoned.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 

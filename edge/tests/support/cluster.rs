@@ -135,6 +135,17 @@ impl Cloud {
         hub: Option<String>,
         bootstrap: Option<String>,
     ) -> Cloud {
+        Self::start_with(dir, api, hub, bootstrap, &[])
+    }
+
+    /// [`Cloud::start`] with more flags for `cloudcore run`.
+    pub fn start_with(
+        dir: &Path,
+        api: Option<String>,
+        hub: Option<String>,
+        bootstrap: Option<String>,
+        extra: &[&str],
+    ) -> Cloud {
         let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let hub = hub.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()));
         let bootstrap = bootstrap.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
@@ -154,6 +165,7 @@ impl Cloud {
                 "--bootstrap-addr",
                 &bootstrap,
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
