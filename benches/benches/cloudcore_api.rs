@@ -84,6 +84,7 @@ fn cloud(dir: &str) {
             grpc_addr: None,
             server_names: vec!["127.0.0.1".into()],
             kubernetes: None,
+            retention: Default::default(),
         };
         let running = keel_cloud::core::start(&cfg).await.unwrap();
         println!("ready");

@@ -51,6 +51,9 @@ pub struct Config {
     /// embedded control plane.
     #[serde(default)]
     pub kubernetes: Option<KubernetesConfig>,
+    /// What the log keeps, and how often it is compacted.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 fn default_grpc_addr() -> Option<SocketAddr> {
@@ -72,6 +75,7 @@ impl Default for Config {
             grpc_addr: default_grpc_addr(),
             server_names: default_names(),
             kubernetes: None,
+            retention: crate::retention::RetentionConfig::default(),
         }
     }
 }
@@ -192,6 +196,7 @@ pub struct Running {
     bootstrap: BootstrapServer,
     metrics: Option<tokio::task::JoinHandle<()>>,
     grpc: Option<GrpcServer>,
+    compactor: tokio::task::JoinHandle<()>,
 }
 
 /// The hub's stateless-reset secret, created once (0600) in the data
@@ -337,6 +342,11 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         None => None,
     };
     let grpc_addr = grpc.as_ref().map(GrpcServer::local_addr);
+    let compactor = tokio::spawn(crate::retention::run(
+        registry.clone(),
+        hub.stats_handle(),
+        cfg.retention.clone(),
+    ));
     let hub_addr = hub.local_addr()?;
     info!(api = ?api_addr, hub = %hub_addr, bootstrap = %bootstrap.local_addr(),
         grpc = ?grpc_addr, kubeconfig = %kubeconfig.display(), "cloudcore running");
@@ -355,6 +365,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         bootstrap,
         metrics,
         grpc,
+        compactor,
     })
 }
 
@@ -373,6 +384,7 @@ impl Running {
         if let Some(m) = self.metrics {
             m.abort();
         }
+        self.compactor.abort();
         self.bootstrap.shutdown().await;
         self.hub.shutdown().await;
         info!("cloudcore stopped");
@@ -471,6 +483,13 @@ mod metrics {
             out.push_str(&format!(
                 "keel_stream_head_seq{{stream=\"{}\"}} {}\n",
                 st.name, st.head.seq
+            ));
+        }
+        out.push_str("# HELP keel_stream_horizon_seq Seq each stream is compacted up to (its snapshot).\n# TYPE keel_stream_horizon_seq gauge\n");
+        for st in &streams {
+            out.push_str(&format!(
+                "keel_stream_horizon_seq{{stream=\"{}\"}} {}\n",
+                st.name, st.horizon.seq
             ));
         }
         out.push_str("# HELP keel_node_acked_seq Seq of each node's down stream the node has acknowledged.\n# TYPE keel_node_acked_seq gauge\n");

@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod hub;
 pub mod pki;
 pub mod plane;
+pub mod retention;
 pub mod streams;
 pub mod token;
 

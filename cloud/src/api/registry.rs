@@ -68,6 +68,9 @@ struct Inner {
     shadow: BTreeMap<String, Shadow>,
     /// The last `cluster` seq that is durable and visible.
     durable_seq: u64,
+    /// Node → the last seq of its `up` stream whose fold into `cluster`
+    /// is durable (compaction of `up` never passes it).
+    folded: BTreeMap<String, u64>,
     next_seq: u64,
     /// Object key → nodes whose `down` stream carries it.
     bound: BTreeMap<String, BTreeSet<String>>,
@@ -82,6 +85,8 @@ struct Commit {
     tickets: Vec<Ticket<Cursor>>,
     events: Vec<Arc<WatchEvent>>,
     visible: Vec<Visible>,
+    /// A node's `up` records folded up to this seq by this commit.
+    folded: Option<(String, u64)>,
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -92,6 +97,7 @@ impl Commit {
             tickets: Vec::new(),
             events: Vec::new(),
             visible: Vec::new(),
+            folded: None,
             done: None,
         }
     }
@@ -410,6 +416,7 @@ impl Registry {
                 view,
                 shadow: BTreeMap::new(),
                 durable_seq: head,
+                folded: BTreeMap::new(),
                 next_seq: head + 1,
                 bound: BTreeMap::new(),
                 node_streams: BTreeSet::new(),
@@ -1073,6 +1080,11 @@ impl Registry {
         }
         if !commit.cluster.is_empty() {
             debug!(%node, changes = commit.events.len(), "folded node changes");
+        }
+        // Sent even with nothing to record: it marks the records folded
+        // once everything before it is durable (commits complete in order).
+        commit.folded = records.last().map(|r| (node.to_owned(), r.seq));
+        if commit.folded.is_some() {
             let _ = self.commits.send(commit);
         }
         changed
@@ -1100,7 +1112,13 @@ impl Registry {
                     .map_err(err)?
                 {
                     Read::Records(s) => s,
-                    Read::Snapshot { tail, .. } => tail,
+                    Read::Snapshot { snapshot, tail } => {
+                        // Compaction folded only what was folded here.
+                        let mut inner = lock(&self.inner);
+                        let f = inner.folded.entry(node.clone()).or_default();
+                        *f = (*f).max(snapshot.base.seq);
+                        tail
+                    }
                 };
                 let Some(last) = seg.records.last() else {
                     break;
@@ -1113,6 +1131,22 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// The last seq of `node`'s `up` stream whose fold into `cluster` is
+    /// durable: what compaction of `up` may fold away (0 before anything).
+    pub fn folded_up(&self, node: &str) -> u64 {
+        lock(&self.inner).folded.get(node).copied().unwrap_or(0)
+    }
+
+    /// Resolves once every change submitted before it is durable (or
+    /// failed).
+    pub async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        let mut commit = Commit::new();
+        commit.done = Some(tx);
+        let _ = self.commits.send(commit);
+        let _ = rx.await;
     }
 
     /// Names of the edge nodes this cloudcore holds streams for.
@@ -1312,6 +1346,10 @@ async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver
             reg.hub.publish(c.events);
             inner.make_visible(c.visible);
             inner.durable_seq = inner.durable_seq.max(last);
+            if let Some((node, seq)) = c.folded {
+                let f = inner.folded.entry(node).or_default();
+                *f = (*f).max(seq);
+            }
         } else {
             warn!(error = ?result, "a commit failed: the log store is poisoned; its changes stay unseen");
         }

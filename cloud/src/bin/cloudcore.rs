@@ -61,6 +61,22 @@ enum Command {
         /// the API server); default 127.0.0.1:10350.
         #[arg(long)]
         stream_addr: Option<SocketAddr>,
+        /// Keep every record younger than this in the log (history for
+        /// `keel audit`, device readings); older ones are compacted into
+        /// snapshots. Default 7d (`90s`, `10m`, `2h`, `7d`).
+        #[arg(long, value_parser = keel_cloud::retention::parse_age)]
+        retain: Option<Duration>,
+        /// Keep at least the newest this many records of each stream
+        /// (default 10000).
+        #[arg(long)]
+        retain_records: Option<u64>,
+        /// Append event records (device readings) to this file as JSON
+        /// lines before compaction drops them.
+        #[arg(long)]
+        event_sink: Option<PathBuf>,
+        /// How often the log is compacted (default 60s).
+        #[arg(long, value_parser = keel_cloud::retention::parse_age)]
+        compact_interval: Option<Duration>,
     },
     /// Issue a single-use join token bound to one node name.
     Token {
@@ -115,6 +131,10 @@ fn real_main(cli: Cli) -> Result<(), String> {
             kubeconfig,
             webhook_addr,
             stream_addr,
+            retain,
+            retain_records,
+            event_sink,
+            compact_interval,
         } => {
             let mut cfg = match config {
                 Some(p) => {
@@ -163,6 +183,21 @@ fn real_main(cli: Cli) -> Result<(), String> {
                     Some(k) => k.stream_addr = a,
                     None => return Err("--stream-addr needs --kubeconfig (attached mode)".into()),
                 }
+            }
+            if let Some(v) = retain {
+                cfg.retention.age = v;
+            }
+            if let Some(v) = retain_records {
+                cfg.retention.records = v;
+            }
+            if event_sink.is_some() {
+                cfg.retention.event_sink = event_sink;
+            }
+            if let Some(v) = compact_interval {
+                if v.is_zero() {
+                    return Err("--compact-interval must be more than 0".into());
+                }
+                cfg.retention.interval = v;
             }
             let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
             let r = rt

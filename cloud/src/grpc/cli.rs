@@ -251,24 +251,15 @@ pub fn format_millis(ms: u64) -> String {
 /// A time bound for `--since` / `--until`: milliseconds since the epoch,
 /// or a duration before `now_ms` such as `90s`, `10m`, `2h`, `1d`.
 pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, CliError> {
-    let bad = || {
-        CliError::Usage(format!(
-            "time {s:?}: want milliseconds since the epoch or an age such as 90s, 10m, 2h, 1d"
-        ))
-    };
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(ms);
     }
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err(bad()),
-    };
-    Ok(now_ms.saturating_sub(secs.saturating_mul(1000)))
+    let age = crate::retention::parse_age(s).map_err(|_| {
+        CliError::Usage(format!(
+            "time {s:?}: want milliseconds since the epoch or an age such as 90s, 10m, 2h, 1d"
+        ))
+    })?;
+    Ok(now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
 }
 
 /// The log key of `TYPE/NAME` (kubectl's forms: `pod/web`, `pods/web`,

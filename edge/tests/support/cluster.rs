@@ -154,8 +154,16 @@ impl Cloud {
             .append(true)
             .open(dir.with_extension("log"))
             .unwrap();
+        // The admin gRPC API only when asked for.
+        let grpc = if extra.contains(&"--grpc-addr") {
+            None
+        } else {
+            Some("--no-grpc")
+        };
         let child = Command::new(cloudcore_bin())
-            .args(["run", "--no-grpc", "--data-dir"])
+            .arg("run")
+            .args(grpc)
+            .arg("--data-dir")
             .arg(dir)
             .args([
                 "--api-addr",
