@@ -25,19 +25,6 @@ use std::time::Duration;
 
 use cluster::*;
 
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_edgecore")).with_file_name(name)
-}
-
-fn on_path(tool: &str) -> PathBuf {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{tool} is missing: run the tests with ./dev test"))
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -233,7 +220,7 @@ fn endpoints_off_loopback_require_authentication() {
     // The log gRPC API: plain HTTP/2 gets nothing; TLS with the admin's
     // certificate verifies the node's chains.
     let keel = |args: &[&str]| {
-        Command::new(bin("keel"))
+        Command::new(sibling_bin("keel"))
             .arg("--kubeconfig")
             .arg(cloud.kubeconfig())
             .args(["--edge", &lo(grpc_port)])

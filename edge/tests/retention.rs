@@ -20,25 +20,11 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use cluster::*;
 use serde_json::Value;
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_edgecore")).with_file_name(name)
-}
-
-fn on_path(tool: &str) -> PathBuf {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{tool} is missing: run the tests with ./dev test"))
-}
 
 fn metric(addr: &str, name: &str, stream: &str) -> u64 {
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
@@ -54,7 +40,7 @@ fn metric(addr: &str, name: &str, stream: &str) -> u64 {
 }
 
 fn keel(cloud: &Cloud, grpc: &str, args: &[&str]) -> Output {
-    Command::new(bin("keel"))
+    Command::new(sibling_bin("keel"))
         .arg("--kubeconfig")
         .arg(cloud.kubeconfig())
         .args(["--server", grpc])

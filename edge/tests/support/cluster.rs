@@ -24,6 +24,21 @@ pub fn cloudcore_bin() -> PathBuf {
     bin
 }
 
+/// A binary built next to edgecore (cloudcore, keel).
+pub fn sibling_bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_edgecore")).with_file_name(name)
+}
+
+/// A tool on `PATH` (mosquitto_pub, curl), which `./dev test` installs.
+pub fn on_path(tool: &str) -> PathBuf {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{tool} is missing: run the tests with ./dev test"))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
