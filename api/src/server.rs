@@ -1076,7 +1076,11 @@ impl Server {
                 if !allow(&ev.object) {
                     continue;
                 }
-                if tx.send(render(ev.kind.as_str(), &ev.object)).await.is_err() {
+                if tx
+                    .send(render(ev.kind.as_str(), &ev.rendered()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

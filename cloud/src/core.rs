@@ -258,6 +258,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     let server = ca.server_cert(&names)?;
     let store = Store::open(cfg.data_dir.join("log"), store_options())?;
     let registry = Registry::open(store.clone())?;
+    // A watch resumes from history as long as the log keeps it as history.
+    registry.set_watch_window(cfg.retention.age);
 
     // `kubectl logs`, `exec`, `attach` and `port-forward` through each
     // node's connection (the hub comes later).

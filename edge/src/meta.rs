@@ -44,6 +44,9 @@ struct Commit {
     done: Option<oneshot::Sender<bool>>,
 }
 
+/// How long the edge API's watch history lasts.
+pub const WATCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The node's objects (cheap to share behind an `Arc`).
 pub struct MetaManager {
     node: String,
@@ -142,6 +145,9 @@ impl MetaManager {
             changed,
             acked_up: std::sync::atomic::AtomicU64::new(0),
         });
+        // Local watchers (on this host) that were away longer list again
+        // (410): history stays what minutes of churn make, not hours.
+        meta.hub.set_window(WATCH_WINDOW);
         tokio::spawn(publish(Arc::downgrade(&meta), rx));
         Ok(meta)
     }
@@ -354,7 +360,7 @@ fn refresh<'a>(inner: &mut Inner, keys: impl IntoIterator<Item = &'a str>) -> Ve
             rv,
             kind,
             key: key.to_owned(),
-            object: Arc::new(with_rv(&obj, rv)),
+            object: obj,
         }));
     }
     events

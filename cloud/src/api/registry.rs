@@ -586,6 +586,11 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Lets watch history go once older than `window` (the retention).
+    pub fn set_watch_window(&self, window: std::time::Duration) {
+        self.hub.set_window(window);
+    }
+
     /// Events after `rv` still held, and a receiver for the ones to come
     /// (subscribed first, so nothing falls between). `410 Gone` if `rv`
     /// is older than the history kept.
@@ -752,7 +757,7 @@ impl Registry {
             rv: seq,
             kind,
             key: key.to_owned(),
-            object: Arc::new(out.clone()),
+            object: obj,
         }));
         let (tx, rx) = oneshot::channel();
         commit.done = Some(tx);
@@ -1075,7 +1080,7 @@ impl Registry {
                     EventKind::Added
                 },
                 key: r.key.clone(),
-                object: Arc::new(with_rv(&obj, seq)),
+                object: obj,
             }));
         }
         if !commit.cluster.is_empty() {

@@ -1,0 +1,328 @@
+//! A soak run on time-scaled settings: a real cloudcore and two real
+//! edgecores, each edge receiving a device reading every 10 ms over MQTT
+//! and flapping the readiness of its pods every second (pod status churn),
+//! for many retention periods (`--retain 5s`, compaction every second:
+//! the default 7 days of retention scaled down). Memory and disk of all
+//! three processes are sampled: the end of the run stays within a bound of
+//! its middle (they plateau); every reading reached the cloud's log or its
+//! event sink; `keel verify` passes; cloudcore restarts about as fast as it
+//! started fresh.
+//!
+//! `KEEL_SOAK_SECS` sets the length (default 60 s).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "../../cloud/tests/support/kubectl.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cluster::*;
+use serde_json::Value;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn du_kib(dir: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return 0;
+        };
+        if meta.is_dir() {
+            std::fs::read_dir(p)
+                .map(|rd| rd.flatten().map(|e| walk(&e.path())).sum())
+                .unwrap_or(0)
+        } else {
+            use std::os::unix::fs::MetadataExt as _;
+            meta.blocks() * 512 / 1024
+        }
+    }
+    walk(dir)
+}
+
+fn metric(addr: &str, name: &str, stream: &str) -> u64 {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let prefix = format!("{name}{{stream=\"{stream}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn keel(cloud: &Cloud, grpc: &str, args: &[&str]) -> Output {
+    Command::new(sibling_bin("keel"))
+        .arg("--kubeconfig")
+        .arg(cloud.kubeconfig())
+        .args(["--server", grpc])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A pod whose readiness flips every second (its status changes about
+/// once a second).
+fn flapping_pod(name: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: busybox\n    command: [\"/bin/sh\", \"-c\", \"exec sleep 3600\"]\n    readinessProbe:\n      exec:\n        command: [\"/bin/sh\", \"-c\", \"test $(( $(date +%s) % 2 )) = 0\"]\n      periodSeconds: 1\n      failureThreshold: 1\n      successThreshold: 1\n"
+    )
+}
+
+/// Starts cloudcore; returns it and how long it took to serve.
+fn start_cloud(dir: &Path, ports: Option<&Cloud>, flags: &[&str]) -> (Cloud, Duration) {
+    let t = Instant::now();
+    let c = Cloud::start_with(
+        dir,
+        ports.map(|c| c.api.clone()),
+        ports.map(|c| c.hub.clone()),
+        ports.map(|c| c.bootstrap.clone()),
+        flags,
+    );
+    (c, t.elapsed())
+}
+
+#[test]
+fn soak_plateaus() {
+    let secs: u64 = std::env::var("KEEL_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let tmp = tempfile::tempdir().unwrap();
+    if let Ok(keep) = std::env::var("KEEL_SOAK_KEEP") {
+        eprintln!("soak data in {}", tmp.path().display());
+        std::fs::write(keep, tmp.path().display().to_string()).unwrap();
+    }
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let sink = tmp.path().join("events.jsonl");
+    let cloud_dir = tmp.path().join("cloud");
+    let flags = [
+        "--grpc-addr",
+        &grpc,
+        "--metrics-addr",
+        &metrics,
+        "--retain",
+        "5s",
+        "--retain-records",
+        "50",
+        "--compact-interval",
+        "1s",
+        "--event-sink",
+        sink.to_str().unwrap(),
+    ];
+    let (mut cloud, fresh_start) = start_cloud(&cloud_dir, None, &flags);
+    let nodes = ["soak-a", "soak-b"];
+    let edges: Vec<Edge> = nodes
+        .iter()
+        .map(|n| Edge::start(&tmp.path().join(n), n, &cloud, Some(cloud.token(n)), None))
+        .collect();
+    for n in nodes {
+        for i in 0..4 {
+            let yaml = tmp.path().join(format!("{n}-{i}.yaml"));
+            std::fs::write(&yaml, flapping_pod(&format!("{n}-p{i}"), n)).unwrap();
+            ok(
+                cloud.k(&["apply", "-f", yaml.to_str().unwrap()]),
+                "apply pod",
+            );
+        }
+    }
+
+    // A reading every 10 ms on each edge, QoS 1.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = edges
+        .iter()
+        .enumerate()
+        .map(|(e, edge)| {
+            let (host, port) = edge.mqtt.rsplit_once(':').unwrap();
+            let mut child = Command::new(on_path("mosquitto_pub"))
+                .args(["-h", host, "-p", port, "-q", "1", "-l"])
+                .args(["-t", "$hw/events/upload/meter"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                let start = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    writeln!(stdin, "{{\"e\":{e},\"i\":{sent}}}").unwrap();
+                    sent += 1;
+                    let next = start + Duration::from_millis(10 * sent);
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                drop(stdin);
+                assert!(child.wait().unwrap().success());
+                sent
+            })
+        })
+        .collect();
+
+    // Samples every 2 s: RSS and disk of cloudcore and the edges.
+    let pids: Vec<u32> = std::iter::once(&cloud.proc)
+        .chain(edges.iter().map(|e| &e.proc))
+        .map(|p| p.0.as_ref().unwrap().id())
+        .collect();
+    let dirs: Vec<std::path::PathBuf> = std::iter::once(cloud_dir.clone())
+        .chain(nodes.iter().map(|n| tmp.path().join(n)))
+        .collect();
+    let names = ["cloudcore", "edgecore a", "edgecore b"];
+    let mut series: Vec<Vec<(u64, u64)>> = vec![Vec::new(); 3];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(2));
+        for (i, s) in series.iter_mut().enumerate() {
+            s.push((rss_kib(pids[i]), du_kib(&dirs[i])));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent: Vec<u64> = publishers.into_iter().map(|p| p.join().unwrap()).collect();
+
+    for (i, s) in series.iter().enumerate() {
+        let rss: Vec<String> = s.iter().map(|(r, _)| (r / 1024).to_string()).collect();
+        let disk: Vec<String> = s.iter().map(|(_, d)| (d / 1024).to_string()).collect();
+        eprintln!("{}: RSS MiB {}", names[i], rss.join(" "));
+        eprintln!("{}: disk MiB {}", names[i], disk.join(" "));
+    }
+    // The end within a bound of the middle: growth has stopped.
+    for (i, s) in series.iter().enumerate() {
+        let mid = s[s.len() / 2];
+        let end = s[s.len() - 1];
+        assert!(
+            end.0 <= mid.0 + mid.0 / 2 + 16 * 1024,
+            "{} RSS grew from {} to {} KiB",
+            names[i],
+            mid.0,
+            end.0
+        );
+        assert!(
+            end.1 <= mid.1 + mid.1 / 2 + 16 * 1024,
+            "{} disk grew from {} to {} KiB",
+            names[i],
+            mid.1,
+            end.1
+        );
+    }
+    // The cloud compacted all along.
+    for n in nodes {
+        assert!(metric(&metrics, "keel_stream_horizon_seq", &format!("{n}/up")) > 0);
+    }
+    assert!(metric(&metrics, "keel_stream_horizon_seq", "cluster") > 0);
+
+    // Every reading is in the cloud's log or its sink.
+    let mut got: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 2];
+    wait_for(
+        "every reading on the cloud",
+        Duration::from_secs(60),
+        || {
+            got = vec![BTreeSet::new(); 2];
+            if let Ok(text) = std::fs::read_to_string(&sink) {
+                for line in text.lines() {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    if let (Some(e), Some(i)) = (
+                        v["payload"]["payload"]["e"].as_u64(),
+                        v["payload"]["payload"]["i"].as_u64(),
+                    ) {
+                        got[e as usize].insert(i);
+                    }
+                }
+            }
+            for n in nodes {
+                let r = keel(
+                    &cloud,
+                    &grpc,
+                    &["replay", "--quiet", "-s", &format!("{n}/up"), "-o", "json"],
+                );
+                if !r.status.success() {
+                    return false;
+                }
+                for line in String::from_utf8_lossy(&r.stdout).lines() {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    if v["kind"] != "event" {
+                        continue;
+                    }
+                    use base64::Engine as _;
+                    let payload = base64::engine::general_purpose::STANDARD
+                        .decode(v["payload"].as_str().unwrap())
+                        .unwrap();
+                    let ev: Value = serde_json::from_slice(&payload).unwrap();
+                    if let (Some(e), Some(i)) =
+                        (ev["payload"]["e"].as_u64(), ev["payload"]["i"].as_u64())
+                    {
+                        got[e as usize].insert(i);
+                    }
+                }
+            }
+            (0..2).all(|e| got[e].len() as u64 == sent[e])
+        },
+    );
+    for e in 0..2 {
+        assert_eq!(got[e], (0..sent[e]).collect::<BTreeSet<_>>(), "edge {e}");
+    }
+    eprintln!("readings: {sent:?} published, all on the cloud (log or sink)");
+
+    let verify = keel(&cloud, &grpc, &["verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
+    // Start-up after the soak, against a fresh start.
+    let before = ok(cloud.k(&["get", "pods", "-o", "json"]), "get pods");
+    cloud.proc.stop();
+    if std::env::var("KEEL_SOAK_KEEP").is_ok() {
+        let _ = std::fs::create_dir_all(tmp.path().join("copy"));
+        let _ = Command::new("cp")
+            .arg("-a")
+            .arg(&cloud_dir)
+            .arg(tmp.path().join("copy"))
+            .status();
+    }
+    let (restarted, soaked_start) = start_cloud(&cloud_dir, Some(&cloud), &flags);
+    cloud = restarted;
+    eprintln!("cloudcore start: fresh {fresh_start:?}, after the soak {soaked_start:?}");
+    assert!(
+        soaked_start <= fresh_start * 3 + Duration::from_secs(2),
+        "start-up after the soak took {soaked_start:?} (fresh: {fresh_start:?})"
+    );
+    let after: Value =
+        serde_json::from_str(&ok(cloud.k(&["get", "pods", "-o", "json"]), "get pods")).unwrap();
+    let before: Value = serde_json::from_str(&before).unwrap();
+    let names_of = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names_of(&before), names_of(&after));
+    drop(edges);
+    if std::env::var("KEEL_SOAK_KEEP").is_ok() {
+        let _ = tmp.keep();
+    }
+}
