@@ -19,35 +19,12 @@ mod cluster;
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
-use std::process::{Command, Output, Stdio};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cluster::*;
 use serde_json::Value;
-
-fn metric(addr: &str, name: &str, stream: &str) -> u64 {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let prefix = format!("{name}{{stream=\"{stream}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn keel(cloud: &Cloud, grpc: &str, args: &[&str]) -> Output {
-    Command::new(sibling_bin("keel"))
-        .arg("--kubeconfig")
-        .arg(cloud.kubeconfig())
-        .args(["--server", grpc])
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 const READINGS: usize = 1000;
 
@@ -139,7 +116,7 @@ fn compaction_keeps_what_retention_says_and_exports_readings() {
         }
     }
     assert!(!seen.is_empty(), "nothing exported: {exported}");
-    let replay = keel(
+    let replay = keel_cli(
         &cloud,
         &grpc,
         &["replay", "--quiet", "-s", &up, "-o", "json"],
@@ -173,7 +150,7 @@ fn compaction_keeps_what_retention_says_and_exports_readings() {
     );
 
     // History across compaction, chains, and a restart from snapshots.
-    let audit = keel(&cloud, &grpc, &["audit", "configmap/cm-7"]);
+    let audit = keel_cli(&cloud, &grpc, &["audit", "configmap/cm-7"]);
     assert!(
         audit.status.success(),
         "{}",
@@ -184,7 +161,7 @@ fn compaction_keeps_what_retention_says_and_exports_readings() {
         "{}",
         String::from_utf8_lossy(&audit.stdout)
     );
-    let verify = keel(&cloud, &grpc, &["verify"]);
+    let verify = keel_cli(&cloud, &grpc, &["verify"]);
     assert!(
         verify.status.success(),
         "{}",

@@ -23,9 +23,9 @@ mod cluster;
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -58,29 +58,6 @@ fn du_kib(dir: &Path) -> u64 {
         }
     }
     walk(dir)
-}
-
-fn metric(addr: &str, name: &str, stream: &str) -> u64 {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let prefix = format!("{name}{{stream=\"{stream}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn keel(cloud: &Cloud, grpc: &str, args: &[&str]) -> Output {
-    Command::new(sibling_bin("keel"))
-        .arg("--kubeconfig")
-        .arg(cloud.kubeconfig())
-        .args(["--server", grpc])
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// A pod whose readiness flips every second (its status changes about
@@ -251,7 +228,7 @@ fn soak_plateaus() {
                 }
             }
             for n in nodes {
-                let r = keel(
+                let r = keel_cli(
                     &cloud,
                     &grpc,
                     &["replay", "--quiet", "-s", &format!("{n}/up"), "-o", "json"],
@@ -284,7 +261,7 @@ fn soak_plateaus() {
     }
     eprintln!("readings: {sent:?} published, all on the cloud (log or sink)");
 
-    let verify = keel(&cloud, &grpc, &["verify"]);
+    let verify = keel_cli(&cloud, &grpc, &["verify"]);
     assert!(
         verify.status.success(),
         "{}",

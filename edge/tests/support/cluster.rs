@@ -39,6 +39,33 @@ pub fn on_path(tool: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{tool} is missing: run the tests with ./dev test"))
 }
 
+/// A stream's value of metric `name` in cloudcore's `/metrics` at `addr`
+/// (0 when absent or unreachable).
+pub fn metric(addr: &str, name: &str, stream: &str) -> u64 {
+    use std::io::Read as _;
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let prefix = format!("{name}{{stream=\"{stream}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `keel` CLI against cloudcore's admin gRPC API at `grpc`.
+pub fn keel_cli(cloud: &Cloud, grpc: &str, args: &[&str]) -> Output {
+    Command::new(sibling_bin("keel"))
+        .arg("--kubeconfig")
+        .arg(cloud.kubeconfig())
+        .args(["--server", grpc])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
