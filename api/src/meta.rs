@@ -46,3 +46,39 @@ pub fn now_rfc3339() -> String {
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+/// An age such as `500ms`, `90s`, `10m`, `2h` or `7d` (retention, watch
+/// windows, `keel --since`).
+///
+/// # Errors
+/// A message naming what is wrong.
+pub fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?}: want an age such as 90s, 10m, 2h, 7d (or 500ms)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return Err(bad()),
+    };
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// Serde for a setting written as an age (see [`parse_age`]):
+/// `#[serde(with = "keel_api::meta::age_serde")]`.
+pub mod age_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// # Errors
+    /// Not a string, or not an age.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_age(&s).map_err(serde::de::Error::custom)
+    }
+}

@@ -34,7 +34,7 @@ const MIN_BATCH: u64 = 256;
 pub struct RetentionConfig {
     /// Records younger than this are kept (`--retain`; `90s`, `10m`, `2h`,
     /// `7d`).
-    #[serde(default = "default_age", with = "age_str")]
+    #[serde(default = "default_age", with = "keel_api::meta::age_serde")]
     pub age: Duration,
     /// The newest this many records of each stream are kept
     /// (`--retain-records`).
@@ -45,7 +45,7 @@ pub struct RetentionConfig {
     #[serde(default)]
     pub event_sink: Option<PathBuf>,
     /// How often a compaction pass runs (`--compact-interval`).
-    #[serde(default = "default_interval", with = "age_str")]
+    #[serde(default = "default_interval", with = "keel_api::meta::age_serde")]
     pub interval: Duration,
 }
 
@@ -72,36 +72,7 @@ impl Default for RetentionConfig {
     }
 }
 
-/// An age such as `500ms`, `90s`, `10m`, `2h` or `7d`.
-///
-/// # Errors
-/// A message naming what is wrong.
-pub fn parse_age(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?}: want an age such as 90s, 10m, 2h, 7d (or 500ms)");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        "d" => n.saturating_mul(86_400_000),
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_millis(ms))
-}
-
-mod age_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        super::parse_age(&s).map_err(serde::de::Error::custom)
-    }
-}
+pub use keel_api::meta::parse_age;
 
 /// Errors of a compaction pass.
 #[derive(Debug, thiserror::Error)]

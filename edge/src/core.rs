@@ -84,6 +84,14 @@ pub struct Config {
     /// (`user:password` lines; readable by its owner only).
     #[serde(default)]
     pub mqtt_password_file: Option<PathBuf>,
+    /// How long the edge API's watch history lasts (`5m`): a local
+    /// watcher away longer lists again.
+    #[serde(default = "default_watch_window", with = "keel_api::meta::age_serde")]
+    pub watch_window: Duration,
+}
+
+fn default_watch_window() -> Duration {
+    crate::meta::WATCH_WINDOW
 }
 
 fn default_log_max_size() -> u64 {
@@ -120,6 +128,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_private_key_file: None,
             mqtt_password_file: None,
+            watch_window: default_watch_window(),
         }
     }
 }
@@ -632,6 +641,7 @@ pub async fn run(
     async move {
         let store = Store::open(cfg.data_dir.join("log"), StoreOptions::default())?;
         let meta = MetaManager::open(store.clone(), &node)?;
+        meta.set_watch_window(cfg.watch_window);
         let node_ip = cfg
             .node_ip
             .clone()

@@ -44,7 +44,8 @@ struct Commit {
     done: Option<oneshot::Sender<bool>>,
 }
 
-/// How long the edge API's watch history lasts.
+/// How long the edge API's watch history lasts by default
+/// ([`MetaManager::set_watch_window`]).
 pub const WATCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The node's objects (cheap to share behind an `Arc`).
@@ -150,6 +151,12 @@ impl MetaManager {
         meta.hub.set_window(WATCH_WINDOW);
         tokio::spawn(publish(Arc::downgrade(&meta), rx));
         Ok(meta)
+    }
+
+    /// Keeps watch history for `window` (an event holds its object's
+    /// version: this bounds what churn costs in memory).
+    pub fn set_watch_window(&self, window: std::time::Duration) {
+        self.hub.set_window(window);
     }
 
     pub fn node(&self) -> &str {

@@ -1,14 +1,16 @@
 //! A soak run on time-scaled settings: a real cloudcore and two real
 //! edgecores, each edge receiving a device reading every 10 ms over MQTT
 //! and flapping the readiness of its pods every second (pod status churn),
-//! for many retention periods (`--retain 5s`, compaction every second:
-//! the default 7 days of retention scaled down). Memory and disk of all
+//! for many retention periods (`--retain 5s`, compaction every second,
+//! the edges' watch history 5 s: the defaults of days and minutes scaled
+//! down). Memory and disk of all
 //! three processes are sampled: the end of the run stays within a bound of
 //! its middle (they plateau); every reading reached the cloud's log or its
 //! event sink; `keel verify` passes; cloudcore restarts about as fast as it
 //! started fresh.
 //!
-//! `KEEL_SOAK_SECS` sets the length (default 60 s).
+//! `KEEL_SOAK_SECS` sets the length (default 60 s), `KEEL_SOAK_PODS` the
+//! pods per edge (4) and `KEEL_SOAK_READING_MS` the reading interval (10).
 
 #![allow(
     clippy::unwrap_used,
@@ -87,6 +89,14 @@ fn soak_plateaus() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
+    let pods: usize = std::env::var("KEEL_SOAK_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let reading_ms: u64 = std::env::var("KEEL_SOAK_READING_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let tmp = tempfile::tempdir().unwrap();
     if let Ok(keep) = std::env::var("KEEL_SOAK_KEEP") {
         eprintln!("soak data in {}", tmp.path().display());
@@ -117,7 +127,7 @@ fn soak_plateaus() {
         .map(|n| Edge::start(&tmp.path().join(n), n, &cloud, Some(cloud.token(n)), None))
         .collect();
     for n in nodes {
-        for i in 0..4 {
+        for i in 0..pods {
             let yaml = tmp.path().join(format!("{n}-{i}.yaml"));
             std::fs::write(&yaml, flapping_pod(&format!("{n}-p{i}"), n)).unwrap();
             ok(
@@ -148,7 +158,7 @@ fn soak_plateaus() {
                 while !stop.load(Ordering::Relaxed) {
                     writeln!(stdin, "{{\"e\":{e},\"i\":{sent}}}").unwrap();
                     sent += 1;
-                    let next = start + Duration::from_millis(10 * sent);
+                    let next = start + Duration::from_millis(reading_ms * sent);
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 }
                 drop(stdin);

@@ -64,7 +64,7 @@ pub enum VerifyOnOpen {
 
 /// Growth of unflushed memtables after which the records memtable is
 /// rotated (see `Shared::bound_memtables`).
-const MEMTABLE_ROTATE_BYTES: u64 = 8 << 20;
+const MEMTABLE_ROTATE_BYTES: u64 = 4 << 20;
 /// Unflushed memtable bytes past which staging waits for flushes.
 const MEMTABLE_STALL_BYTES: u64 = 48 << 20;
 

@@ -81,6 +81,9 @@ enum Command {
         /// MQTT clients log in with a user:password line of this file.
         #[arg(long)]
         mqtt_password_file: Option<PathBuf>,
+        /// How long the edge API keeps watch history (default 5m).
+        #[arg(long, value_parser = keel_api::meta::parse_age)]
+        watch_window: Option<std::time::Duration>,
         /// First container restart back-off, seconds.
         #[arg(long)]
         restart_backoff_seconds: Option<f64>,
@@ -157,6 +160,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             tls_cert_file,
             tls_private_key_file,
             mqtt_password_file,
+            watch_window,
         } => {
             let mut cfg = config(&common)?;
             if let Some(v) = api_addr {
@@ -189,6 +193,9 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 if flag.is_some() {
                     *field = flag;
                 }
+            }
+            if let Some(v) = watch_window {
+                cfg.watch_window = v;
             }
             rt.block_on(core::run(
                 cfg,

@@ -381,6 +381,18 @@ impl Edge {
         token: Option<String>,
         api: Option<String>,
     ) -> Edge {
+        Self::start_with(dir, node, cloud, token, api, &[])
+    }
+
+    /// [`Edge::start`] with more flags for `edgecore run`.
+    pub fn start_with(
+        dir: &Path,
+        node: &str,
+        cloud: &Cloud,
+        token: Option<String>,
+        api: Option<String>,
+        extra: &[&str],
+    ) -> Edge {
         std::fs::create_dir_all(dir).unwrap();
         let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let mqtt = format!("127.0.0.1:{}", free_port());
@@ -405,6 +417,7 @@ impl Edge {
         if let Some(t) = &token {
             cmd.args(["--token", t]);
         }
+        cmd.args(extra);
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let kubeconfig = dir.join("edge.kubeconfig");
         std::fs::write(
