@@ -140,28 +140,35 @@ fn endpoints_off_loopback_require_authentication() {
     std::fs::write(&pw, "# mappers\nmapper:s3cret\n").unwrap();
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
     let ca = dir.join("pki/ca.pem");
-    let authed = [
-        "--api-addr".to_owned(),
-        any(api_port),
-        "--grpc-addr".to_owned(),
-        any(grpc_port),
-        "--mqtt-addr".to_owned(),
-        any(mqtt_port),
-        "--client-ca-file".to_owned(),
-        ca.display().to_string(),
-        "--mqtt-password-file".to_owned(),
-        pw.display().to_string(),
-    ];
-    let authed: Vec<&str> = authed.iter().map(String::as_str).collect();
-    let o = run(&authed).output().unwrap();
+    let authed = |at: &dyn Fn(u16) -> String| {
+        vec![
+            "--api-addr".to_owned(),
+            at(api_port),
+            "--grpc-addr".to_owned(),
+            at(grpc_port),
+            "--mqtt-addr".to_owned(),
+            at(mqtt_port),
+            "--client-ca-file".to_owned(),
+            ca.display().to_string(),
+            "--mqtt-password-file".to_owned(),
+            pw.display().to_string(),
+        ]
+    };
+    let off_loopback = authed(&any);
+    let off_loopback: Vec<&str> = off_loopback.iter().map(String::as_str).collect();
+    let o = run(&off_loopback).output().unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // With authentication configured: it runs.
+    // With authentication configured it runs (accepted off loopback, see
+    // `Config::check_endpoints`' unit test; run here on loopback, as every
+    // test peer, with authentication on all the same).
+    let on_loopback = authed(&lo);
+    let on_loopback: Vec<&str> = on_loopback.iter().map(String::as_str).collect();
     let log = std::fs::File::create(tmp.path().join("edgecore.log")).unwrap();
     let mut edge = Proc(Some(
-        run(&authed)
+        run(&on_loopback)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

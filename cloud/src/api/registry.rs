@@ -1144,16 +1144,6 @@ impl Registry {
         lock(&self.inner).folded.get(node).copied().unwrap_or(0)
     }
 
-    /// Resolves once every change submitted before it is durable (or
-    /// failed).
-    pub async fn barrier(&self) {
-        let (tx, rx) = oneshot::channel();
-        let mut commit = Commit::new();
-        commit.done = Some(tx);
-        let _ = self.commits.send(commit);
-        let _ = rx.await;
-    }
-
     /// Names of the edge nodes this cloudcore holds streams for.
     pub fn nodes(&self) -> Vec<String> {
         lock(&self.inner)
