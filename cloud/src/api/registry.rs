@@ -552,6 +552,17 @@ impl Registry {
         lock(&self.inner).visible_range(prefix, |s| f(&s.obj));
     }
 
+    /// [`Self::get`] from the latest state, durable or not: for what
+    /// cloudcore itself passes on (attached mode writes what a node
+    /// reported back to the API server as soon as it is folded; the node's
+    /// records are durable already, and a crash folds them again).
+    pub(crate) fn get_latest(&self, key: &str) -> Option<Value> {
+        lock(&self.inner)
+            .view
+            .get(key)
+            .map(|s| with_rv(&s.obj, s.rv))
+    }
+
     /// [`Self::scan`] over the latest state, durable or not: for writers'
     /// decisions (the scheduler places pods on nodes whose readiness is
     /// still being recorded), never for what a reader is shown.

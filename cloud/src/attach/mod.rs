@@ -810,7 +810,7 @@ impl Attached {
         let connected = lock(&self.state).connected.contains(node);
         let reported = self
             .registry
-            .get(&format!("nodes/{node}"))
+            .get_latest(&format!("nodes/{node}"))
             .and_then(|n| n.get("status").cloned())
             .unwrap_or(Value::Null);
         let mut status = serde_json::Map::new();

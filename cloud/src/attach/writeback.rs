@@ -39,7 +39,9 @@ impl Attached {
         let Some(kind) = Kind::of_key(key).filter(|k| k.edge_status) else {
             return Ok(());
         };
-        let Some(mirror) = self.registry.get(key) else {
+        // The latest fold: the write-back is queued as a node's change is
+        // folded, before its `cluster` record is durable (and visible).
+        let Some(mirror) = self.registry.get_latest(key) else {
             return Ok(());
         };
         let Some(cluster) = lock(&self.state).cache.get(key).cloned() else {
