@@ -31,16 +31,6 @@ use cluster::*;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
 
-fn vm_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// One flooding client: writes `count` QoS 1 publishes of `size` bytes as
 /// fast as the socket takes them, while a thread counts the PUBACKs.
 fn flood(addr: &str, id: usize, count: u16, size: usize, acked: Arc<AtomicU64>) {
@@ -133,7 +123,7 @@ fn mqtt_flood_stays_bounded() {
         ]);
         String::from_utf8_lossy(&o.stdout) == "True"
     });
-    let before = (vm_kib(edge_pid, "VmRSS"), vm_kib(cloud_pid, "VmRSS"));
+    let before = (proc_kib(edge_pid, "VmRSS"), proc_kib(cloud_pid, "VmRSS"));
 
     let clients = 8;
     let size = 32 * 1024;
@@ -146,9 +136,9 @@ fn mqtt_flood_stays_bounded() {
         std::thread::spawn(move || {
             let mut peak = (0, 0);
             while !done.load(Ordering::Relaxed) {
-                peak.0 = peak.0.max(vm_kib(edge_pid, "VmRSS"));
+                peak.0 = peak.0.max(proc_kib(edge_pid, "VmRSS"));
 
-                peak.1 = peak.1.max(vm_kib(cloud_pid, "VmRSS"));
+                peak.1 = peak.1.max(proc_kib(cloud_pid, "VmRSS"));
                 std::thread::sleep(Duration::from_millis(50));
             }
             peak
@@ -189,18 +179,18 @@ fn mqtt_flood_stays_bounded() {
         edge_peak / 1024,
         before.1 / 1024,
         cloud_peak / 1024,
-        vm_kib(edge_pid, "VmHWM") / 1024,
-        vm_kib(cloud_pid, "VmHWM") / 1024,
+        proc_kib(edge_pid, "VmHWM") / 1024,
+        proc_kib(cloud_pid, "VmHWM") / 1024,
     );
     // Generous: the queues and memtables allow far less.
     assert!(
-        vm_kib(edge_pid, "VmHWM") < 256 * 1024,
+        proc_kib(edge_pid, "VmHWM") < 256 * 1024,
         "edgecore peaked at {} MiB",
-        vm_kib(edge_pid, "VmHWM") / 1024
+        proc_kib(edge_pid, "VmHWM") / 1024
     );
     assert!(
-        vm_kib(cloud_pid, "VmHWM") < 384 * 1024,
+        proc_kib(cloud_pid, "VmHWM") < 384 * 1024,
         "cloudcore peaked at {} MiB",
-        vm_kib(cloud_pid, "VmHWM") / 1024
+        proc_kib(cloud_pid, "VmHWM") / 1024
     );
 }

@@ -35,16 +35,6 @@ use std::time::{Duration, Instant};
 use cluster::*;
 use serde_json::Value;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 fn du_kib(dir: &Path) -> u64 {
     fn walk(p: &Path) -> u64 {
         let Ok(meta) = std::fs::symlink_metadata(p) else {
@@ -182,7 +172,7 @@ fn soak_plateaus() {
     while start.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_secs(2));
         for (i, s) in series.iter_mut().enumerate() {
-            s.push((rss_kib(pids[i]), du_kib(&dirs[i])));
+            s.push((proc_kib(pids[i], "VmRSS"), du_kib(&dirs[i])));
         }
     }
     stop.store(true, Ordering::Relaxed);

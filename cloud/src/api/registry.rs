@@ -660,18 +660,14 @@ impl Registry {
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<Result<(), String>>, Status> {
         let mut inner = lock(&self.inner);
-        let ticket = self
-            .store
-            .append_async(
-                CLUSTER_STREAM,
-                vec![Entry::new(origin, key, PayloadKind::Event, payload)],
-            )
-            .map_err(|e| Status::internal(format!("log: {e}")))?;
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
-        let (tx, rx) = oneshot::channel();
         let mut commit = Commit::new();
-        commit.cluster.push((ticket, seq));
+        self.append_cluster(
+            &mut inner,
+            &mut commit,
+            Entry::new(origin, key, PayloadKind::Event, payload),
+        )
+        .map_err(|e| Status::internal(format!("log: {e}")))?;
+        let (tx, rx) = oneshot::channel();
         commit.done = Some(tx);
         let _ = self.commits.send(commit);
         Ok(rx)
@@ -712,15 +708,12 @@ impl Registry {
                 let Some(change) = change else {
                     return Ok((None, None));
                 };
-                let ticket = self
-                    .store
-                    .append_async(
-                        CLUSTER_STREAM,
-                        vec![Entry::new(origin, key, PayloadKind::Change, change.clone())],
-                    )
-                    .map_err(err)?;
-                inner.next_seq += 1;
-                commit.cluster.push((ticket, seq));
+                self.append_cluster(
+                    &mut inner,
+                    &mut commit,
+                    Entry::new(origin, key, PayloadKind::Change, change.clone()),
+                )
+                .map_err(err)?;
                 // The store's view is what the CRDT folded (identical to
                 // `new` for a single writer; merged if an edge wrote too).
                 let folded = inner.objects.get_json(key).unwrap_or(new);
@@ -745,15 +738,12 @@ impl Registry {
                     return Ok((None, None));
                 };
                 inner.objects.apply_tombstone(key);
-                let ticket = self
-                    .store
-                    .append_async(
-                        CLUSTER_STREAM,
-                        vec![Entry::new(origin, key, PayloadKind::Tombstone, Vec::new())],
-                    )
-                    .map_err(err)?;
-                inner.next_seq += 1;
-                commit.cluster.push((ticket, seq));
+                self.append_cluster(
+                    &mut inner,
+                    &mut commit,
+                    Entry::new(origin, key, PayloadKind::Tombstone, Vec::new()),
+                )
+                .map_err(err)?;
                 inner.stage(&mut commit, key, None, seq);
                 let rest = self.unbind_deleted(&mut inner, origin, key, &old.obj);
                 (
@@ -809,6 +799,22 @@ impl Registry {
             }
         }
         Ok(tickets)
+    }
+
+    /// Appends `entry` to `cluster` as part of `commit`, and returns its seq
+    /// (the resourceVersion). The seq is taken with the append, whatever
+    /// fails after it, so that resourceVersion stays the `cluster` seq.
+    fn append_cluster(
+        &self,
+        inner: &mut Inner,
+        commit: &mut Commit,
+        entry: Entry,
+    ) -> Result<u64, keel_log::Error> {
+        let ticket = self.store.append_async(CLUSTER_STREAM, vec![entry])?;
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        commit.cluster.push((ticket, seq));
+        Ok(seq)
     }
 
     /// Appends `key`'s change (or whole history, where a node has not had
@@ -1027,23 +1033,14 @@ impl Registry {
             let Some(mut obj) = inner.objects.get_json(&r.key) else {
                 continue;
             };
-            let mut seq = inner.next_seq;
-            match self.store.append_async(
-                CLUSTER_STREAM,
-                vec![Entry::new(
-                    node,
-                    &r.key,
-                    PayloadKind::Change,
-                    r.payload.clone(),
-                )],
-            ) {
-                Ok(t) => commit.cluster.push((t, seq)),
+            let entry = Entry::new(node, &r.key, PayloadKind::Change, r.payload.clone());
+            let mut seq = match self.append_cluster(&mut inner, &mut commit, entry) {
+                Ok(seq) => seq,
                 Err(e) => {
                     warn!(%node, error = %e, "could not record a node change");
                     continue;
                 }
-            }
-            inner.next_seq += 1;
+            };
             // A node owns only the status of what is bound to it: anything
             // else it changed is put back by a cloud change right after
             // (the node's change stays in the log, history is never
@@ -1182,16 +1179,13 @@ impl Registry {
         else {
             return Ok(None);
         };
-        let seq = inner.next_seq;
-        let ticket = self
-            .store
-            .append_async(
-                CLUSTER_STREAM,
-                vec![Entry::new(ACTOR, key, PayloadKind::Change, change.clone())],
+        let seq = self
+            .append_cluster(
+                inner,
+                commit,
+                Entry::new(ACTOR, key, PayloadKind::Change, change.clone()),
             )
             .map_err(err)?;
-        inner.next_seq += 1;
-        commit.cluster.push((ticket, seq));
         // (On failure here the correction has its seq all the same.)
         match self.send_down(inner, ACTOR, key, fixed, Some(change)) {
             Ok(t) => commit.tickets.extend(t),

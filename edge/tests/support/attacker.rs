@@ -696,15 +696,7 @@ pub fn keel(cloud: &Cloud, grpc: &str, args: &[&str]) -> Output {
     run(&mut cmd, None)
 }
 
-/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
-pub fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
+pub use super::cluster::proc_kib;
 
 pub fn pod_yaml(name: &str, node: &str, extra_container: &str, extra_spec: &str) -> String {
     format!(
