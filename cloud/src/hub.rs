@@ -134,8 +134,10 @@ struct HubState {
     sink: Arc<dyn Sink>,
     opts: HubOptions,
     pace: Arc<Pace>,
-    /// Node → its current connection (and that connection's id).
-    current: Mutex<BTreeMap<String, (usize, quinn::Connection)>>,
+    /// Node → its current connection (and that connection's arrival
+    /// number: the newest arrival wins, whatever order the set-up of
+    /// several of them finishes in).
+    current: Mutex<BTreeMap<String, (u64, quinn::Connection)>>,
     /// Node → seq of its down stream it last acknowledged.
     acked: Mutex<BTreeMap<String, u64>>,
     /// Node → when the hub last heard from it (connect, records, acks,
@@ -340,9 +342,11 @@ impl CloudHub {
         let ep = endpoint.clone();
         let st = state.clone();
         let accept = tokio::spawn(async move {
+            let mut arrival = 0u64;
             while let Some(incoming) = ep.accept().await {
+                arrival += 1;
                 let st = st.clone();
-                tokio::spawn(async move { st.serve(incoming).await });
+                tokio::spawn(async move { st.serve(incoming, arrival).await });
             }
         });
         info!(addr = %endpoint.local_addr().map_err(crate::Error::Net)?, "cloudhub listening");
@@ -381,7 +385,7 @@ impl CloudHub {
 }
 
 impl HubState {
-    async fn serve(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn serve(self: Arc<Self>, incoming: quinn::Incoming, id: u64) {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -425,12 +429,26 @@ impl HubState {
             }
         };
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let id = conn.stable_id();
-        let older = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(node.clone(), (id, conn.clone()));
+        // The newer arrival of the same node wins: an older one whose set-up
+        // finished later is refused as replaced, not let in over the newer.
+        let older = {
+            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            match current.get(&node) {
+                Some((newer, _)) if *newer > id => Err(()),
+                _ => Ok(current.insert(node.clone(), (id, conn.clone()))),
+            }
+        };
+        let older = match older {
+            Ok(older) => older,
+            Err(()) => {
+                debug!(%node, "a newer connection of the node arrived first");
+                conn.close(
+                    quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Replaced as u32),
+                    b"replaced by a newer connection of the same node",
+                );
+                return;
+            }
+        };
         if let Some((_, old)) = older {
             debug!(%node, "a newer connection replaces the node's older one");
             old.close(
