@@ -27,6 +27,23 @@
 //! (an object's creation) and before any re-creation that follows it;
 //! otherwise replicas can disagree on whether the object exists.
 //!
+//! ## Rebase (history compaction)
+//!
+//! An automerge document keeps every op ever made, so an object updated for
+//! months (a Node's heartbeat, a pod's status) grows without bound.
+//! [`ObjectStore::rebase`] replaces an object's document with a fresh one
+//! holding its current value as a single change with no dependencies, the
+//! *rebase root* (marked by its commit message). Only cloudcore rebases; the
+//! root travels as an ordinary change record, so every replica that meets
+//! it (in stream order, after the history it replaces) drops its document
+//! for the root. Everything the replaced document held becomes dead
+//! history, as after a tombstone: a straggler built on it is discarded, and
+//! so is whatever was still waiting for dependencies. A replica that had
+//! changes the root does not include (an edge's status the cloud had not
+//! folded yet) keeps what it had as *diverged*; its writer re-asserts it
+//! with [`ObjectStore::take_diverged`], a minimal change on top of the root.
+//! A log compaction fold that meets a root replaces its state with it.
+//!
 //! ## Hostile input
 //!
 //! Change and snapshot bytes are untrusted. The checksum is verified, ops are
@@ -144,9 +161,36 @@ struct Entry {
     doc: Option<Automerge>,
     /// Changes whose dependencies are not all applied yet.
     pending: BTreeMap<ChangeHash, Change>,
-    /// Hashes of changes removed by a tombstone, and of changes discarded
-    /// because they depend on such changes or could not be applied.
+    /// Hashes of changes removed by a tombstone or replaced by a rebase
+    /// root, and of changes discarded because they depend on such changes
+    /// or could not be applied. A rebase starts the set afresh (so it holds
+    /// one generation of history, not all of them).
     dead: BTreeSet<ChangeHash>,
+    /// What this replica held when a rebase root replaced its document, if
+    /// that differs from the root (see [`ObjectStore::take_diverged`]).
+    diverged: Option<Value>,
+}
+
+/// The commit message that marks a rebase root.
+const REBASE_MESSAGE: &str = "keel: rebase";
+
+fn is_rebase_root(change: &Change) -> bool {
+    change.deps().is_empty()
+        && change
+            .message()
+            .is_some_and(|m| m.starts_with(REBASE_MESSAGE))
+}
+
+/// Whether `bytes` is one change that rebases its object (see the module
+/// documentation): false for anything else, malformed bytes included.
+pub fn is_rebase(bytes: &[u8]) -> bool {
+    parse_change(bytes).is_ok_and(|c| is_rebase_root(&c))
+}
+
+/// The hash of one change (checked as [`ObjectStore::apply_change`]
+/// checks it).
+pub fn change_hash(bytes: &[u8]) -> Result<[u8; 32], CrdtError> {
+    parse_change(bytes).map(|c| c.hash().0)
 }
 
 /// Check that `doc` reproduces each of `hashes` exactly from its op set.
@@ -201,6 +245,10 @@ impl Entry {
         if let Some(known) = self.knows(&hash) {
             return Ok(known);
         }
+        if is_rebase_root(&change) {
+            self.rebase_to(change)?;
+            return Ok(Applied::New);
+        }
         if change.deps().iter().any(|d| self.dead.contains(d)) {
             self.dead.insert(hash);
             // Queued changes that depend on this one are dead as well.
@@ -214,6 +262,37 @@ impl Entry {
         self.apply_ready(change)?;
         self.drain_pending();
         Ok(Applied::New)
+    }
+
+    /// Replace the document with a rebase root: the old document's history,
+    /// and every change still waiting, become dead; what the old document
+    /// held beyond the root is kept as `diverged`. Atomic: on error the
+    /// entry is left as it was.
+    fn rebase_to(&mut self, change: Change) -> Result<(), CrdtError> {
+        check_change(None, &change)?;
+        let hash = change.hash();
+        let doc = guarded("applying a rebase root", move || {
+            let mut doc = Automerge::new();
+            doc.apply_changes([change]).map(|()| doc)
+        })??;
+        if !has_change(&doc, &hash) {
+            return Err(CrdtError::InvalidChange(format!("{hash} was not applied")));
+        }
+        verify_faithful(&doc, &[hash])?;
+        let mut dead: BTreeSet<ChangeHash> = BTreeSet::new();
+        self.diverged = None;
+        if let Some(old) = self.doc.take() {
+            let held = json::read_root(&old);
+            if held != json::read_root(&doc) {
+                self.diverged = Some(held);
+            }
+            dead.extend(old.get_changes_meta(&[]).into_iter().map(|m| m.hash));
+        }
+        // What was waiting was built on the history the root replaces.
+        dead.extend(std::mem::take(&mut self.pending).into_keys());
+        self.dead = dead;
+        self.doc = Some(doc);
+        Ok(())
     }
 
     /// Apply a causally ready change, atomically: on any error (or a panic
@@ -339,6 +418,30 @@ impl Entry {
     /// Route a batch of changes for this object. Unknown changes are queued
     /// and the queue drained once, so ready changes go to automerge together.
     fn ingest_batch(&mut self, changes: Vec<Change>) -> Vec<Applied> {
+        // A rebase root cuts the batch: what comes before it is applied
+        // (and then superseded) before the root replaces the document.
+        let mut out = Vec::with_capacity(changes.len());
+        let mut run = Vec::new();
+        for change in changes {
+            if is_rebase_root(&change) && self.knows(&change.hash()).is_none() {
+                out.extend(self.ingest_run(std::mem::take(&mut run)));
+                out.push(match self.rebase_to(change) {
+                    Ok(()) => Applied::New,
+                    Err(error) => {
+                        tracing::warn!(%error, "rebase root could not be applied; discarded");
+                        Applied::Discarded
+                    }
+                });
+            } else {
+                run.push(change);
+            }
+        }
+        out.extend(self.ingest_run(run));
+        out
+    }
+
+    /// [`Self::ingest_batch`] for changes that hold no rebase root.
+    fn ingest_run(&mut self, changes: Vec<Change>) -> Vec<Applied> {
         let mut out = Vec::with_capacity(changes.len());
         let mut fresh = Vec::new();
         for change in changes {
@@ -374,6 +477,20 @@ impl Entry {
     fn merge_doc(&mut self, loaded: Automerge) -> Result<(), CrdtError> {
         if loaded.get_heads().is_empty() {
             return Ok(());
+        }
+        // A document that starts from a rebase root this replica has not
+        // met replaces what it holds (its root first, then the rest).
+        let root = loaded.get_changes_meta(&[]).into_iter().find(|m| {
+            m.deps.is_empty()
+                && m.message
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with(REBASE_MESSAGE))
+        });
+        if let Some(root) = root
+            && self.knows(&root.hash).is_none()
+            && let Some(change) = loaded.get_change_by_hash(&root.hash)
+        {
+            self.rebase_to(change)?;
         }
         if self.doc.is_none() && self.dead.is_empty() {
             // Fast path: adopt the loaded document as is.
@@ -658,6 +775,116 @@ impl ObjectStore {
         }
     }
 
+    /// Replaces the object's document with a rebase root written by `actor`
+    /// that holds its current value, dropping its history (see the module
+    /// documentation), and returns the root's bytes, to be recorded and
+    /// sent like any change. `None` if the object does not exist or its
+    /// history is already a single change.
+    pub fn rebase(&mut self, key: &str, actor: &ActorId) -> Result<Option<Vec<u8>>, CrdtError> {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return Ok(None);
+        };
+        let Some(doc) = entry.doc.as_ref() else {
+            return Ok(None);
+        };
+        let history = doc.get_changes_meta(&[]);
+        if history.len() <= 1 {
+            return Ok(None);
+        }
+        let Value::Object(value) = json::read_root(doc) else {
+            return Ok(None);
+        };
+        // Named after the history it replaces: two rebases never make the
+        // same root, even of the same value.
+        let mut heads: Vec<ChangeHash> = doc.get_heads();
+        heads.sort_unstable();
+        let mut hasher = blake3::Hasher::new();
+        for h in &heads {
+            hasher.update(&h.0);
+        }
+        let tag = hasher.finalize().to_hex();
+        let message = format!(
+            "{REBASE_MESSAGE} of {} changes, heads {}",
+            history.len(),
+            &tag[..16]
+        );
+        let mut base = Automerge::new().with_actor(actor.to_automerge());
+        let mut tx = base.transaction();
+        if let Err(e) = json::sync_map(&mut tx, &ROOT, &value, 0) {
+            tx.rollback();
+            return Err(e);
+        }
+        let options = CommitOptions::default()
+            .with_message(message.clone())
+            .with_time(0);
+        let hash = match tx.commit_with(options).0 {
+            Some(h) => h,
+            None => base.empty_commit(CommitOptions::default().with_message(message).with_time(0)),
+        };
+        let bytes = change_bytes(&base, &hash)?;
+        entry.rebase_to(parse_change(&bytes)?)?;
+        entry.diverged = None;
+        Ok(Some(bytes))
+    }
+
+    /// How many changes the object's document holds (0 if it does not
+    /// exist): what decides whether a rebase is worth it.
+    pub fn history_len(&self, key: &str) -> usize {
+        self.entries
+            .get(key)
+            .and_then(|e| e.doc.as_ref())
+            .map_or(0, |d| d.get_changes_meta(&[]).len())
+    }
+
+    /// Whether the object's live document holds the change with `hash`.
+    pub fn has_change(&self, key: &str, hash: &[u8; 32]) -> bool {
+        self.entries
+            .get(key)
+            .and_then(|e| e.doc.as_ref())
+            .is_some_and(|d| has_change(d, &ChangeHash(*hash)))
+    }
+
+    /// After a rebase root replaced the object's document: what this
+    /// replica held beyond the root, re-asserted by `actor` as a minimal
+    /// change on top of it (applied here; returns its bytes to be sent).
+    /// `None` when nothing diverged. Called by the writer whose changes the
+    /// root may not include (an edge, for the status it wrote).
+    pub fn take_diverged(
+        &mut self,
+        key: &str,
+        actor: &ActorId,
+    ) -> Result<Option<Vec<u8>>, CrdtError> {
+        let Some(held) = self.entries.get_mut(key).and_then(|e| e.diverged.take()) else {
+            return Ok(None);
+        };
+        if !self.contains(key) {
+            return Ok(None);
+        }
+        self.edit_replace(key, actor, &held)
+    }
+
+    /// Forgets what any rebase left diverged, without re-asserting it (a
+    /// replica that does not write, or one rebuilding from its own log,
+    /// where its re-assertions are recorded already).
+    pub fn clear_diverged(&mut self) {
+        for e in self.entries.values_mut() {
+            e.diverged = None;
+        }
+    }
+
+    /// Drops every change still waiting for dependencies, as dead history:
+    /// for a replica that has read all it will ever get of the history they
+    /// wait for (an edge after loading its own log).
+    pub fn drop_pending(&mut self) -> usize {
+        let mut dropped = 0;
+        for e in self.entries.values_mut() {
+            dropped += e.pending.len();
+            let pending = std::mem::take(&mut e.pending);
+            e.dead.extend(pending.into_keys());
+        }
+        dropped
+    }
+
     /// The object's whole state for log compaction or snapshot transfer:
     /// automerge's saved document, followed by any changes still queued for
     /// it (as automerge does with orphans). `None` if the object does not
@@ -772,6 +999,14 @@ pub fn fold_change(state: Option<&[u8]>, change: &[u8]) -> Result<Vec<u8>, CrdtE
         None => Automerge::new(),
         Some(bytes) => load_for_fold(bytes)?,
     };
+    if is_rebase_root(&change) && !has_change(&doc, &change.hash()) {
+        // The root replaces the state; it is checked as when applied.
+        let mut entry = Entry::default();
+        entry.rebase_to(change)?;
+        return entry.doc.as_ref().map_or(Ok(Vec::new()), |d| {
+            guarded("saving a rebased document", || d.save())
+        });
+    }
     if change.deps().iter().all(|d| has_change(&doc, d)) {
         check_change(Some(&doc), &change)?;
     }
