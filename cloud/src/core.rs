@@ -479,6 +479,11 @@ mod metrics {
         }
         out.push_str("# HELP keel_objects Objects in the registry.\n# TYPE keel_objects gauge\n");
         out.push_str(&format!("keel_objects {}\n", registry.len()));
+        out.push_str("# HELP keel_rebased_objects_total Object histories replaced by a rebase root.\n# TYPE keel_rebased_objects_total counter\n");
+        out.push_str(&format!(
+            "keel_rebased_objects_total {}\n",
+            registry.rebased_total()
+        ));
         out.push_str("# HELP keel_stream_head_seq Last durable seq of each stream (appends).\n# TYPE keel_stream_head_seq counter\n");
         let streams = registry.store().streams();
         for st in &streams {

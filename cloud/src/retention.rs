@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_log::{Hlc, PayloadKind, Read, ReadLimits, Record, Store};
-use keel_sync::objects::CrdtFold;
+use keel_sync::objects::{CrdtFold, LiveFold};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
@@ -47,6 +47,15 @@ pub struct RetentionConfig {
     /// How often a compaction pass runs (`--compact-interval`).
     #[serde(default = "default_interval", with = "keel_api::meta::age_serde")]
     pub interval: Duration,
+    /// An object whose document holds this many changes has its history
+    /// replaced by its current value (a rebase root) at the next pass
+    /// (`--rebase-after`; 0: never).
+    #[serde(default = "default_rebase_after")]
+    pub rebase_after: usize,
+}
+
+fn default_rebase_after() -> usize {
+    1000
 }
 
 fn default_age() -> Duration {
@@ -68,6 +77,7 @@ impl Default for RetentionConfig {
             records: default_records(),
             event_sink: None,
             interval: default_interval(),
+            rebase_after: default_rebase_after(),
         }
     }
 }
@@ -124,6 +134,12 @@ pub fn pass(
     let store = registry.store();
     let cutoff = now_ms.saturating_sub(u64::try_from(cfg.age.as_millis()).unwrap_or(u64::MAX));
     let mut done = Vec::new();
+    // Long histories first: the compaction below then folds their roots.
+    if cfg.rebase_after > 0 {
+        registry.rebase_long_histories(cfg.rebase_after);
+    }
+    // A node's `up` keeps only the changes the registry's documents hold.
+    let live = LiveFold(|key: &str, hash: &[u8; 32]| registry.holds_change(key, hash));
     for info in store.streams() {
         let name = info.name.as_str();
         // What a peer, or the registry, still needs.
@@ -152,7 +168,11 @@ pub fn pass(
         {
             export(path, name, &events)?;
         }
-        store.compact(name, upto, &CrdtFold)?;
+        if name.ends_with("/up") {
+            store.compact(name, upto, &live)?;
+        } else {
+            store.compact(name, upto, &CrdtFold)?;
+        }
         info!(stream = %name, upto, events = events.len(), "compacted");
         done.push((name.to_owned(), upto));
     }

@@ -24,7 +24,7 @@ use keel_api::{ReadObjects, Status};
 use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
 use keel_sync::crdt::{ActorId, ObjectStore};
 use keel_sync::link::{down_stream, up_stream};
-use keel_sync::objects::{CrdtFold, apply_records, apply_snapshot_object};
+use keel_sync::objects::{CrdtFold, LiveFold, apply_records, apply_snapshot_object};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -107,6 +107,19 @@ fn load_stream(store: &Store, stream: &str, objects: &mut ObjectStore) -> Result
     }
 }
 
+/// After the node's whole log is loaded (`down`, then `up`): a rebase root
+/// in `down` was met before the node's own changes in `up`, so what it left
+/// "diverged" is not what the node held (and the node's re-assertion, if it
+/// made one, is in `up` already); changes still waiting were built on
+/// history a rebase replaced: nothing will ever complete them.
+fn settle_loaded(node: &str, objects: &mut ObjectStore) {
+    objects.clear_diverged();
+    let dropped = objects.drop_pending();
+    if dropped > 0 {
+        debug!(%node, dropped, "changes built on rebased history dropped");
+    }
+}
+
 impl MetaManager {
     /// Opens the node's streams in `store` (creating them if new) and
     /// rebuilds the objects from them. Must run inside a tokio runtime.
@@ -119,6 +132,7 @@ impl MetaManager {
         let mut objects = ObjectStore::new();
         load_stream(&store, &down, &mut objects)?;
         load_stream(&store, &up, &mut objects)?;
+        settle_loaded(node, &mut objects);
         let base = store.info(&down).map_err(log_err)?.head.seq
             + store.info(&up).map_err(log_err)?.head.seq;
         let view = objects
@@ -269,12 +283,42 @@ impl MetaManager {
             warn!(node = %self.node, error = %e, "a record from the cloud was unusable; skipped");
         }
         let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        keys.sort_unstable();
         keys.dedup();
+        // A rebase root the cloud made before it had folded all this node
+        // wrote: what the node holds beyond it goes up again, on top of it.
+        let mut again = Vec::new();
+        for key in &keys {
+            match inner.objects.take_diverged(key, &self.actor) {
+                Ok(Some(change)) => again.push(Entry::new(
+                    self.node.as_str(),
+                    *key,
+                    PayloadKind::Change,
+                    change,
+                )),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(node = %self.node, %key, error = %e, "could not re-assert after a rebase")
+                }
+            }
+        }
+        let ticket = if again.is_empty() {
+            None
+        } else {
+            debug!(node = %self.node, objects = again.len(), "re-asserting status after a rebase");
+            match self.store.append_async(&up_stream(&self.node), again) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!(node = %self.node, error = %e, "could not record a re-assertion");
+                    None
+                }
+            }
+        };
         let events = refresh(&mut inner, keys);
-        if !events.is_empty() {
+        if !events.is_empty() || ticket.is_some() {
             debug!(node = %self.node, changes = events.len(), "applied changes from the cloud");
             let _ = self.commits.send(Commit {
-                ticket: None,
+                ticket,
                 events,
                 done: None,
             });
@@ -294,11 +338,19 @@ impl MetaManager {
         let down = down_stream(&self.node);
         let up = up_stream(&self.node);
         let acked = self.acked_up.load(std::sync::atomic::Ordering::SeqCst);
+        // `up` keeps only the node's changes its documents still hold (not
+        // those a rebase root replaced, nor those of deleted objects).
+        let live =
+            LiveFold(|key: &str, hash: &[u8; 32]| lock(&self.inner).objects.has_change(key, hash));
         for (stream, limit) in [(down, u64::MAX), (up, acked)] {
             let info = self.store.info(&stream)?;
             let upto = info.head.seq.min(limit);
             if upto >= info.horizon.seq.saturating_add(min_records.max(1)) {
-                self.store.compact(&stream, upto, &CrdtFold)?;
+                if stream.ends_with("/up") {
+                    self.store.compact(&stream, upto, &live)?;
+                } else {
+                    self.store.compact(&stream, upto, &CrdtFold)?;
+                }
                 info!(node = %self.node, %stream, upto, "compacted");
                 done += 1;
             }
@@ -317,6 +369,7 @@ impl MetaManager {
             warn!(node = %self.node, error = %e, "rebuilding from the log failed");
             return;
         }
+        settle_loaded(&self.node, &mut objects);
         let mut inner = lock(&self.inner);
         let mut keys: Vec<String> = inner.view.keys().cloned().collect();
         keys.extend(objects.keys().map(str::to_owned));

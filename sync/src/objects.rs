@@ -4,7 +4,7 @@
 
 use keel_log::{FoldError, ObjectSnapshot, PayloadKind, Record};
 
-use crate::crdt::{Applied, CrdtError, ObjectStore, fold_change};
+use crate::crdt::{Applied, CrdtError, ObjectStore, change_hash, fold_change, state_changes};
 
 /// Compaction folder for object streams: an object's snapshot state is its
 /// saved automerge document. A tombstone is kept as an empty state, so that
@@ -26,6 +26,45 @@ impl keel_log::Fold for CrdtFold {
             PayloadKind::Event => state.map(<[u8]>::to_vec),
             PayloadKind::Change => Some(fold_change(state, &record.payload)?),
         })
+    }
+}
+
+/// Compaction folder for a stream whose changes the replica's live
+/// documents hold (a node's `up` stream, which only carries that node's
+/// changes, built on the cloud's): an object's state is the concatenation
+/// of its changes that `live(key, hash)` says the live document still
+/// holds. A change a rebase root replaced, or of a deleted object, is
+/// dropped, from the record folded and from the state folded before, so
+/// the state holds no more history than the document itself. Tombstones
+/// and events fold as in [`CrdtFold`].
+#[derive(Debug, Clone, Copy)]
+pub struct LiveFold<F>(pub F);
+
+impl<F: Fn(&str, &[u8; 32]) -> bool> keel_log::Fold for LiveFold<F> {
+    fn fold(
+        &self,
+        key: &str,
+        state: Option<&[u8]>,
+        record: &Record,
+    ) -> Result<Option<Vec<u8>>, FoldError> {
+        if record.kind != PayloadKind::Change {
+            return CrdtFold.fold(key, state, record);
+        }
+        let mut out = Vec::new();
+        let hash = change_hash(&record.payload)?;
+        let mut folded_before = false;
+        if let Some(state) = state.filter(|s| !s.is_empty()) {
+            for (h, bytes) in state_changes(state)? {
+                if (self.0)(key, &h) {
+                    folded_before |= h == hash;
+                    out.extend_from_slice(&bytes);
+                }
+            }
+        }
+        if !folded_before && (self.0)(key, &hash) {
+            out.extend_from_slice(&record.payload);
+        }
+        Ok((!out.is_empty()).then_some(out))
     }
 }
 

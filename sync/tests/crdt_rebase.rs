@@ -25,7 +25,7 @@ fn pod() -> Value {
 
 fn status(i: u64) -> Value {
     json!({"status": {"phase": "Running", "conditions": [
-        {"type": "Ready", "status": if i % 2 == 0 { "True" } else { "False" }}],
+        {"type": "Ready", "status": if i.is_multiple_of(2) { "True" } else { "False" }}],
         "restarts": i}})
 }
 

@@ -120,6 +120,8 @@ pub struct Registry {
     commits: mpsc::UnboundedSender<Commit>,
     actor: ActorId,
     unscheduled: std::sync::atomic::AtomicBool,
+    /// Objects rebased since start.
+    rebased: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -386,13 +388,18 @@ impl Registry {
                 if let Err(e) = apply_record(&mut objects, r) {
                     warn!(key = %r.key, seq = r.seq, error = %e, "record unusable; skipped");
                 }
-                // An event record (an exec session, say) changes no object.
-                if r.kind != PayloadKind::Event {
+                // An event record (an exec session, say) changes no
+                // object, and a rebase root no value.
+                let rebase =
+                    r.kind == PayloadKind::Change && keel_sync::crdt::is_rebase(&r.payload);
+                if r.kind != PayloadKind::Event && !rebase {
                     rvs.insert(r.key.clone(), r.seq);
                 }
                 after = r.seq;
             }
         }
+        // Its own rebase roots hold what it had: nothing diverged.
+        objects.clear_diverged();
         let head = store.info(CLUSTER_STREAM).map_err(err)?.head.seq;
         let mut view = BTreeMap::new();
         for key in objects.keys() {
@@ -426,6 +433,7 @@ impl Registry {
             actor: ActorId::from_name(ACTOR),
             // After a restart, let the first node connection look.
             unscheduled: std::sync::atomic::AtomicBool::new(true),
+            rebased: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(publish(Arc::downgrade(&reg), rx));
         reg.rebind()?;
@@ -930,6 +938,75 @@ impl Registry {
         Ok(tickets)
     }
 
+    /// How many objects [`Self::rebase_long_histories`] rebased since start.
+    pub fn rebased_total(&self) -> u64 {
+        self.rebased.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the registry's document of `key` holds the change `hash`
+    /// (compaction of a node's `up` stream keeps only those).
+    pub fn holds_change(&self, key: &str, hash: &[u8; 32]) -> bool {
+        lock(&self.inner).objects.has_change(key, hash)
+    }
+
+    /// Rebases every object whose document holds at least `min_history`
+    /// changes (see `keel_sync::crdt`): its history is replaced by one
+    /// root holding its value, recorded in `cluster` and sent to every node
+    /// that holds it, in order after everything sent before. No value
+    /// changes: no watch event, and the object keeps its resourceVersion
+    /// (a restart that finds the root in a compaction snapshot gives the
+    /// object the root's seq). Returns how many objects were rebased.
+    pub fn rebase_long_histories(&self, min_history: usize) -> usize {
+        let min_history = min_history.max(2);
+        let mut inner = lock(&self.inner);
+        let mut commit = Commit::new();
+        let keys: Vec<String> = inner
+            .view
+            .keys()
+            .filter(|k| inner.objects.op_count(k) >= min_history as u64)
+            .filter(|k| inner.objects.history_len(k) >= min_history)
+            .cloned()
+            .collect();
+        let mut rebased = 0;
+        for key in keys {
+            let root = match inner.objects.rebase(&key, &self.actor) {
+                Ok(Some(root)) => root,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(%key, error = %e, "could not rebase an object");
+                    continue;
+                }
+            };
+            let entry = Entry::new(ACTOR, &key, PayloadKind::Change, root);
+            if let Err(e) = self.append_cluster(&mut inner, &mut commit, entry.clone()) {
+                warn!(%key, error = %e, "could not record a rebase");
+                break;
+            }
+            let nodes: Vec<String> = inner
+                .bound
+                .get(&key)
+                .map(|b| b.iter().cloned().collect())
+                .unwrap_or_default();
+            for node in nodes {
+                match self
+                    .store
+                    .append_async(&down_stream(&node), vec![entry.clone()])
+                {
+                    Ok(t) => commit.tickets.push(t),
+                    Err(e) => warn!(%key, %node, error = %e, "could not send a rebase"),
+                }
+            }
+            rebased += 1;
+        }
+        self.rebased
+            .fetch_add(rebased as u64, std::sync::atomic::Ordering::Relaxed);
+        if !commit.cluster.is_empty() {
+            info!(objects = rebased, "rebased long object histories");
+            let _ = self.commits.send(commit);
+        }
+        rebased
+    }
+
     /// Records node `node` reported (durable in its `up` stream): folded
     /// into the objects bound to it, each new change re-recorded in the
     /// `cluster` stream. Changes to objects not bound to the node (other
@@ -970,6 +1047,12 @@ impl Registry {
                 PayloadKind::Tombstone => {
                     return Err(Refusal::forbidden(format!(
                         "record {}: node {node:?} may not delete {}",
+                        r.seq, r.key
+                    )));
+                }
+                PayloadKind::Change if keel_sync::crdt::is_rebase(&r.payload) => {
+                    return Err(Refusal::forbidden(format!(
+                        "record {}: node {node:?} may not rebase {} (only cloudcore compacts histories)",
                         r.seq, r.key
                     )));
                 }
@@ -1437,6 +1520,82 @@ mod tests {
         });
         assert_eq!(found, in_list, "scan and list disagree on {key}");
         in_list
+    }
+
+    /// An object with a long history is rebased: its value and
+    /// resourceVersion stay, its history becomes one root, the root goes
+    /// to the node that holds it, and a restart rebuilds the same objects.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_histories_are_rebased_and_sent_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let reg = Registry::open(store.clone()).unwrap();
+        let key = "pods/default/p";
+        let mut rv = 0;
+        for i in 0..40 {
+            let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "default", "labels": {"i": i.to_string()}},
+                "spec": {"nodeName": "edge-1", "containers": [{"name": "c", "image": "x"}]}});
+            let o = reg
+                .write(key, |_| Ok(Some(Write::Put(new_meta(pod, None)))))
+                .await
+                .unwrap()
+                .unwrap();
+            rv = o["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+        }
+        let before = reg.get(key).unwrap();
+        assert_eq!(lock(&reg.inner).objects.history_len(key), 40);
+        // Short histories (the namespaces) are left alone.
+        assert_eq!(reg.rebase_long_histories(100), 0);
+        assert_eq!(reg.rebase_long_histories(30), 1);
+        assert_eq!(lock(&reg.inner).objects.history_len(key), 1);
+        // Durable once a later write is.
+        reg.write("configmaps/default/after", |_| {
+            Ok(Some(Write::Put(new_meta(cm("after"), None))))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            reg.get(key).unwrap(),
+            before,
+            "same value, same resourceVersion"
+        );
+        assert_eq!(before["metadata"]["resourceVersion"], rv.to_string());
+        let read = |stream: &str| match store.read(stream, 0, ReadLimits::default()).unwrap() {
+            Read::Records(seg) => seg.records,
+            Read::Snapshot { tail, .. } => tail.records,
+        };
+        let down = read("edge-1/down");
+        let last = down.iter().rev().find(|r| r.key == key).unwrap();
+        assert!(
+            keel_sync::crdt::is_rebase(&last.payload),
+            "the root went down"
+        );
+        // A node that folds its down stream holds the same value.
+        let mut edge = ObjectStore::new();
+        for r in &down {
+            apply_record(&mut edge, r).unwrap();
+        }
+        assert_eq!(
+            edge.get_json(key).map(|mut v| {
+                strip_rv(&mut v);
+                v
+            }),
+            {
+                let mut b = before.clone();
+                strip_rv(&mut b);
+                Some(b)
+            }
+        );
+        assert_eq!(edge.history_len(key), 1);
+        assert_eq!(reg.rebased_total(), 1);
+        drop(reg);
+        let again = Registry::open(store).unwrap();
+        assert_eq!(again.get(key).unwrap(), before);
     }
 
     /// A failed fsync during a create (or a delete) leaves nothing visible:

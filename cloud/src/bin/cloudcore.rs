@@ -77,6 +77,10 @@ enum Command {
         /// How often the log is compacted (default 60s).
         #[arg(long, value_parser = keel_cloud::retention::parse_age)]
         compact_interval: Option<Duration>,
+        /// Rebase an object's document (replace its history by its current
+        /// value) once it holds this many changes (default 1000; 0: never).
+        #[arg(long)]
+        rebase_after: Option<usize>,
     },
     /// Issue a single-use join token bound to one node name.
     Token {
@@ -135,6 +139,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             retain_records,
             event_sink,
             compact_interval,
+            rebase_after,
         } => {
             let mut cfg = match config {
                 Some(p) => {
@@ -192,6 +197,9 @@ fn real_main(cli: Cli) -> Result<(), String> {
             }
             if event_sink.is_some() {
                 cfg.retention.event_sink = event_sink;
+            }
+            if let Some(v) = rebase_after {
+                cfg.retention.rebase_after = v;
             }
             if let Some(v) = compact_interval {
                 if v.is_zero() {

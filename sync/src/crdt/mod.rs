@@ -836,6 +836,22 @@ impl ObjectStore {
             .map_or(0, |d| d.get_changes_meta(&[]).len())
     }
 
+    /// The object's op counter (0 if it does not exist): cheap, and never
+    /// less than the number of changes its document holds.
+    pub fn op_count(&self, key: &str) -> u64 {
+        self.entries
+            .get(key)
+            .and_then(|e| e.doc.as_ref())
+            .map_or(0, |d| {
+                d.get_heads()
+                    .iter()
+                    .filter_map(|h| d.get_change_by_hash(h))
+                    .map(|c| c.max_op())
+                    .max()
+                    .unwrap_or(0)
+            })
+    }
+
     /// Whether the object's live document holds the change with `hash`.
     pub fn has_change(&self, key: &str, hash: &[u8; 32]) -> bool {
         self.entries
@@ -1023,6 +1039,29 @@ pub fn fold_change(state: Option<&[u8]>, change: &[u8]) -> Result<Vec<u8>, CrdtE
         .collect();
     verify_faithful(&doc, &applied)?;
     guarded("saving a folded document", || doc.save())
+}
+
+/// One change of saved state: its hash and its bytes.
+pub type HashedChange = ([u8; 32], Vec<u8>);
+
+/// The changes in saved state (a document's history, then loose changes),
+/// each with its hash and bytes.
+pub fn state_changes(bytes: &[u8]) -> Result<Vec<HashedChange>, CrdtError> {
+    let mut out = Vec::new();
+    for chunk in parse_state(bytes)? {
+        match chunk {
+            Chunk::Document(doc) => {
+                let changes = guarded("reading a saved document", || doc.get_changes(&[]))?;
+                out.extend(
+                    changes
+                        .into_iter()
+                        .map(|c| (c.hash().0, c.raw_bytes().to_vec())),
+                );
+            }
+            Chunk::Change(c) => out.push((c.hash().0, c.raw_bytes().to_vec())),
+        }
+    }
+    Ok(out)
 }
 
 /// Load saved state into one automerge document, keeping orphans queued.
