@@ -37,7 +37,7 @@ use crate::link::{
     Action, Event, Fault, Link, LinkConfig, LogSource, Side, check_node_records, down_stream,
     up_stream,
 };
-use crate::objects::{CrdtFold, apply_record, apply_records, apply_snapshot_object};
+use crate::objects::{CrdtFold, LiveFold, apply_record, apply_records, apply_snapshot_object};
 
 /// splitmix64: small, fast, good enough, and ours (no dependency).
 #[derive(Debug, Clone)]
@@ -215,7 +215,7 @@ impl MemLog {
         }
     }
 
-    fn compact(&mut self, name: &str, upto: u64) -> Result<(), String> {
+    fn compact(&mut self, name: &str, upto: u64, fold: &dyn Fold) -> Result<(), String> {
         let s = self.streams.get_mut(name).ok_or("unknown stream")?;
         if upto <= s.base.seq || upto > s.head().seq {
             return Ok(());
@@ -224,7 +224,7 @@ impl MemLog {
         let folded: Vec<Record> = s.records.drain(..n).collect();
         for r in &folded {
             let prev = s.objects.get(&r.key).map(|(_, st)| st.as_slice());
-            match CrdtFold.fold(&r.key, prev, r).map_err(|e| e.to_string())? {
+            match fold.fold(&r.key, prev, r).map_err(|e| e.to_string())? {
                 Some(st) => {
                     s.objects.insert(r.key.clone(), (r.seq, st));
                 }
@@ -385,6 +385,8 @@ impl Node {
     fn rebuild(&self, edge: usize) -> Result<ObjectStore, String> {
         let mut store = ObjectStore::new();
         let streams = [down_stream(&edge_name(edge)), up_stream(&edge_name(edge))];
+        // Stream by stream, as edgecore loads them: all of `down` (where
+        // rebase roots are) before `up`.
         for s in &streams {
             if let Some(ms) = self.log.streams.get(s) {
                 for (key, (seq, state)) in &ms.objects {
@@ -396,16 +398,17 @@ impl Node {
                     apply_snapshot_object(&mut store, &o)
                         .map_err(|e| format!("{}: {e}", self.name))?;
                 }
-            }
-        }
-        for s in &streams {
-            if let Some(ms) = self.log.streams.get(s) {
                 for r in &ms.records {
                     apply_record(&mut store, r)
                         .map_err(|e| format!("{} seq {}: {e}", self.name, r.seq))?;
                 }
             }
         }
+        // As edgecore does after loading its log: what a rebase left
+        // diverged is re-asserted in the log already (or lost with the
+        // crash), and what still waits was built on replaced history.
+        store.clear_diverged();
+        store.drop_pending();
         Ok(store)
     }
 }
@@ -434,6 +437,8 @@ pub struct SimConfig {
     pub crash_cloud: f64,
     pub compact: f64,
     pub edit: f64,
+    /// Chance that a cloud edit is a rebase of the object instead.
+    pub rebase: f64,
     pub fsync: f64,
     /// A deliberately broken link, to prove the checker bites.
     pub fault: Option<Fault>,
@@ -457,6 +462,7 @@ impl SimConfig {
             crash_cloud: 0.0005,
             compact: 0.004,
             edit: 0.03,
+            rebase: 0.1,
             fsync: 0.5,
             fault: None,
             hostile: (seed % 4 == 3 && edges > 1).then(|| (seed / 4) as usize % edges),
@@ -480,6 +486,9 @@ pub struct SimReport {
     pub connections: u64,
     /// Links the cloud closed because a node broke a rule of its identity.
     pub refusals: u64,
+    /// Rebase roots the cloud wrote, and re-assertions the edges wrote.
+    pub rebases: u64,
+    pub reasserted: u64,
     pub converged: bool,
     /// Invariant violations, each with the step it was seen at.
     pub violations: Vec<String>,
@@ -699,7 +708,15 @@ impl Sim {
                 let (lo, hi) = (s.base.seq, s.head().seq.min(acked));
                 if hi > lo {
                     let upto = lo + 1 + self.rng.below(hi - lo);
-                    if let Err(e) = node.log.compact(&stream, upto) {
+                    // As edgecore does: `up` keeps what the live documents
+                    // hold (not what a rebase root replaced).
+                    let Node { log, objects, .. } = &mut *node;
+                    let live = objects.get(&i);
+                    let live = LiveFold(|key: &str, hash: &[u8; 32]| {
+                        live.is_some_and(|o| o.has_change(key, hash))
+                    });
+                    let fold: &dyn Fold = if on_cloud { &CrdtFold } else { &live };
+                    if let Err(e) = log.compact(&stream, upto, fold) {
                         self.violate(format!("compaction of {stream} failed: {e}"));
                     }
                     self.report.compactions += 1;
@@ -921,7 +938,22 @@ impl Sim {
             return;
         };
         let stream = down_stream(&edge_name(i));
-        let entry = if store.get_json(&key).is_some() && self.rng.chance(0.1) {
+        let exists = store.get_json(&key).is_some();
+        if exists && self.rng.chance(self.cfg.rebase) {
+            // Compaction of the object's history: a root sent like a change.
+            match store.rebase(&key, &node.actor) {
+                Ok(Some(root)) => {
+                    self.report.rebases += 1;
+                    self.report.records_written += 1;
+                    let entry = Entry::new("cloudcore", key, PayloadKind::Change, root);
+                    self.cloud.pending.push(Pending::Local { stream, entry });
+                }
+                Ok(None) => {}
+                Err(e) => self.violate(format!("rebase of {key} failed: {e}")),
+            }
+            return;
+        }
+        let entry = if exists && self.rng.chance(0.1) {
             store.apply_tombstone(&key);
             // Kubernetes gives a re-created object a new uid; keel keys a new
             // incarnation by a new name here.
@@ -1035,6 +1067,8 @@ impl Sim {
                 continue;
             }
             let pending = std::mem::take(&mut node.pending);
+            let mut again = Vec::new();
+            let mut reasserted = 0u64;
             let mut errors = Vec::new();
             let mut touched: BTreeMap<usize, Vec<String>> = BTreeMap::new();
             let mut rebuild = Vec::new();
@@ -1050,14 +1084,40 @@ impl Sim {
                     } => {
                         match node.log.append_replicated(&stream, records) {
                             Ok(fresh) => {
-                                if let Some(store) = node.objects.get_mut(&edge)
-                                    && let Err(e) = apply_records(store, &fresh)
-                                {
-                                    errors.push(format!(
-                                        "{}: applying {stream} records {}..: {e}",
-                                        node.name,
-                                        fresh.first().map_or(0, |r| r.seq)
-                                    ));
+                                if let Some(store) = node.objects.get_mut(&edge) {
+                                    if let Err(e) = apply_records(store, &fresh) {
+                                        errors.push(format!(
+                                            "{}: applying {stream} records {}..: {e}",
+                                            node.name,
+                                            fresh.first().map_or(0, |r| r.seq)
+                                        ));
+                                    }
+                                    // An edge re-asserts what a rebase root
+                                    // did not hold of its own writes.
+                                    if target.is_some() {
+                                        let up = up_stream(&node.name);
+                                        for r in &fresh {
+                                            match store.take_diverged(&r.key, &node.actor) {
+                                                Ok(Some(change)) => {
+                                                    reasserted += 1;
+                                                    again.push((
+                                                        up.clone(),
+                                                        Entry::new(
+                                                            node.name.clone(),
+                                                            r.key.clone(),
+                                                            PayloadKind::Change,
+                                                            change,
+                                                        ),
+                                                    ));
+                                                }
+                                                Ok(None) => {}
+                                                Err(e) => errors.push(format!(
+                                                    "{}: re-asserting {}: {e}",
+                                                    node.name, r.key
+                                                )),
+                                            }
+                                        }
+                                    }
                                 }
                             }
                             Err(e) => errors.push(format!(
@@ -1066,6 +1126,11 @@ impl Sim {
                             )),
                         }
                         touched.entry(edge).or_default().push(stream);
+                        // Submitted before anything that follows, as
+                        // edgecore does (so a rebuild after it finds it).
+                        for (stream, entry) in again.drain(..) {
+                            node.log.append_local(&stream, entry, now);
+                        }
                     }
                     Pending::Install {
                         edge,
@@ -1097,6 +1162,8 @@ impl Sim {
                     }
                 }
             }
+            self.report.records_written += reasserted;
+            self.report.reasserted += reasserted;
             for e in errors {
                 self.violate(e);
             }
@@ -1298,8 +1365,10 @@ impl Sim {
             for k in keys {
                 if a.get_json(k) != b.get_json(k) {
                     return Some(format!(
-                        "object {k} differs between cloud and {}",
-                        edge_name(i)
+                        "object {k} differs between cloud and {}: {:?} vs {:?}",
+                        edge_name(i),
+                        a.get_json(k),
+                        b.get_json(k)
                     ));
                 }
             }
@@ -1335,8 +1404,10 @@ impl Sim {
                         for k in keys {
                             if store.get_json(k) != fresh.get_json(k) {
                                 bad.push(format!(
-                                    "{}: object {k} differs from a rebuild from its log",
-                                    node.name
+                                    "{}: object {k} differs from a rebuild from its log: {:?} vs rebuilt {:?}",
+                                    node.name,
+                                    store.get_json(k).map(|v| v["status"].clone()),
+                                    fresh.get_json(k).map(|v| v["status"].clone())
                                 ));
                             }
                         }

@@ -233,6 +233,38 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// The RFC 7386 merge patch that turns `from` into `to` (`None`: they are
+/// equal). Objects are diffed key by key; anything else that differs is
+/// replaced whole. (A merge patch cannot set a value to `null`: such a
+/// value in `to` comes out as a deletion.)
+pub fn merge_diff(from: &Value, to: &Value) -> Option<Value> {
+    match (from, to) {
+        (Value::Object(f), Value::Object(t)) => {
+            let mut patch = Map::new();
+            for (k, v) in t {
+                match f.get(k) {
+                    Some(old) => {
+                        if let Some(d) = merge_diff(old, v) {
+                            patch.insert(k.clone(), d);
+                        }
+                    }
+                    None => {
+                        patch.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            for k in f.keys() {
+                if !t.contains_key(k) {
+                    patch.insert(k.clone(), Value::Null);
+                }
+            }
+            (!patch.is_empty()).then_some(Value::Object(patch))
+        }
+        _ if from == to => None,
+        _ => Some(to.clone()),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Writing: make the object at `obj` equal `new` with as few ops as possible.
 // ---------------------------------------------------------------------------

@@ -166,8 +166,9 @@ struct Entry {
     /// or could not be applied. A rebase starts the set afresh (so it holds
     /// one generation of history, not all of them).
     dead: BTreeSet<ChangeHash>,
-    /// What this replica held when a rebase root replaced its document, if
-    /// that differs from the root (see [`ObjectStore::take_diverged`]).
+    /// What this replica held beyond a rebase root that replaced its
+    /// document, as a merge patch on top of the root (see
+    /// [`ObjectStore::take_diverged`]).
     diverged: Option<Value>,
 }
 
@@ -282,10 +283,7 @@ impl Entry {
         let mut dead: BTreeSet<ChangeHash> = BTreeSet::new();
         self.diverged = None;
         if let Some(old) = self.doc.take() {
-            let held = json::read_root(&old);
-            if held != json::read_root(&doc) {
-                self.diverged = Some(held);
-            }
+            self.diverged = json::merge_diff(&json::read_root(&doc), &json::read_root(&old));
             dead.extend(old.get_changes_meta(&[]).into_iter().map(|m| m.hash));
         }
         // What was waiting was built on the history the root replaces.
@@ -861,22 +859,24 @@ impl ObjectStore {
     }
 
     /// After a rebase root replaced the object's document: what this
-    /// replica held beyond the root, re-asserted by `actor` as a minimal
-    /// change on top of it (applied here; returns its bytes to be sent).
-    /// `None` when nothing diverged. Called by the writer whose changes the
-    /// root may not include (an edge, for the status it wrote).
+    /// replica held beyond the root (the fields where the two differed),
+    /// re-asserted by `actor` as a change on top of the document as it is
+    /// now — the root and whatever came after it (applied here; returns its
+    /// bytes to be sent). `None` when nothing diverged. Called by the writer
+    /// whose changes the root may not include (an edge, for the status it
+    /// wrote).
     pub fn take_diverged(
         &mut self,
         key: &str,
         actor: &ActorId,
     ) -> Result<Option<Vec<u8>>, CrdtError> {
-        let Some(held) = self.entries.get_mut(key).and_then(|e| e.diverged.take()) else {
+        let Some(patch) = self.entries.get_mut(key).and_then(|e| e.diverged.take()) else {
             return Ok(None);
         };
         if !self.contains(key) {
             return Ok(None);
         }
-        self.edit_replace(key, actor, &held)
+        self.edit_merge_patch(key, actor, &patch)
     }
 
     /// Forgets what any rebase left diverged, without re-asserting it (a

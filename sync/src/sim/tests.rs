@@ -52,7 +52,7 @@ fn simulated_faults_lose_nothing_and_converge() {
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections, {} refusals of hostile edges; {} runs with violations",
+        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections, {} refusals of hostile edges, {} rebases, {} re-assertions; {} runs with violations",
         seeds.start,
         seeds.end,
         reports.len(),
@@ -66,6 +66,8 @@ fn simulated_faults_lose_nothing_and_converge() {
         total(|r| r.snapshots_sent),
         total(|r| r.connections),
         total(|r| r.refusals),
+        total(|r| r.rebases),
+        total(|r| r.reasserted),
         failed.len(),
     );
     for r in failed.iter().take(5) {
@@ -95,6 +97,8 @@ fn simulated_faults_lose_nothing_and_converge() {
         assert!(total(|r| r.compactions) > 0);
         // Hostile edges ran, and the cloud refused them.
         assert!(total(|r| r.refusals) > 0);
+        // Histories were rebased, and edges ahead of a root re-asserted.
+        assert!(total(|r| r.rebases) > 0 && total(|r| r.reasserted) > 0);
     }
 }
 
