@@ -49,7 +49,12 @@ pub fn metric(addr: &str, name: &str, stream: &str) -> u64 {
     let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
-    let prefix = format!("{name}{{stream=\"{stream}\"}} ");
+    // An empty `stream`: a metric without labels.
+    let prefix = if stream.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{stream=\"{stream}\"}} ")
+    };
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
         .unwrap_or(0)
