@@ -29,6 +29,8 @@ struct Fixture {
     actor: ActorId,
     seq: u64,
     n: u64,
+    /// Seq of the node's `down` stream applied to `edge`.
+    down_seen: u64,
 }
 
 impl Fixture {
@@ -43,15 +45,18 @@ impl Fixture {
         rt.block_on(reg.write(KEY, |_| Ok(Some(Write::Put(new_meta(pod, None))))))
             .unwrap();
         let mut edge = ObjectStore::new();
+        let mut down_seen = 0;
         if let Read::Records(seg) = store
             .read(&format!("{NODE}/down"), 0, ReadLimits::default())
             .unwrap()
         {
             for r in &seg.records {
                 apply_record(&mut edge, r).unwrap();
+                down_seen = r.seq;
             }
         }
         Fixture {
+            down_seen,
             _dir: dir,
             reg,
             edge,
@@ -106,15 +111,37 @@ impl Fixture {
         }
     }
 
-    /// The node meets the root the cloud sent down.
+    /// The node meets the root the cloud sent down (once it is durable).
     fn follow_rebase(&mut self) {
-        let store = self.reg.store();
-        if let Read::Records(seg) = store
-            .read(&format!("{NODE}/down"), 0, ReadLimits::default())
-            .unwrap()
-            && let Some(root) = seg.records.iter().rev().find(|r| r.key == KEY)
-        {
-            apply_record(&mut self.edge, root).unwrap();
+        let store = self.reg.store().clone();
+        let down = format!("{NODE}/down");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut records = Vec::new();
+            loop {
+                let seg = match store
+                    .read(&down, self.down_seen, ReadLimits::default())
+                    .unwrap()
+                {
+                    Read::Records(seg) => seg,
+                    Read::Snapshot { tail, .. } => tail,
+                };
+                let Some(last) = seg.records.last() else {
+                    break;
+                };
+                self.down_seen = last.seq;
+                records.extend(seg.records);
+            }
+            let mut met = false;
+            for r in &records {
+                apply_record(&mut self.edge, r).unwrap();
+                met |= keel_sync::crdt::is_rebase(&r.payload);
+            }
+            if met {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the root never reached down");
+            std::thread::sleep(Duration::from_millis(1));
         }
         assert!(self.edge.take_diverged(KEY, &self.actor).unwrap().is_none());
     }

@@ -108,6 +108,9 @@ pub(super) fn audit(store: &Store, key: &str, streams: &[String]) -> Result<Audi
         let mut note = String::new();
         match r.kind {
             PayloadKind::Change => match objects.apply_change(key, &r.payload) {
+                Ok(Applied::New) if keel_sync::crdt::is_rebase(&r.payload) => {
+                    note = "rebase: history replaced by the current value".into();
+                }
                 Ok(Applied::New) => {}
                 Ok(Applied::Duplicate) => note = "duplicate".into(),
                 Ok(Applied::Queued) => note = "queued".into(),
