@@ -806,19 +806,12 @@ impl ObjectStore {
             history.len(),
             &tag[..16]
         );
-        let mut base = Automerge::new().with_actor(actor.to_automerge());
-        let mut tx = base.transaction();
-        if let Err(e) = json::sync_map(&mut tx, &ROOT, &value, 0) {
-            tx.rollback();
-            return Err(e);
-        }
-        let options = CommitOptions::default()
-            .with_message(message.clone())
-            .with_time(0);
-        let hash = match tx.commit_with(options).0 {
-            Some(h) => h,
-            None => base.empty_commit(CommitOptions::default().with_message(message).with_time(0)),
+        let options = || {
+            CommitOptions::default()
+                .with_message(message.clone())
+                .with_time(0)
         };
+        let (base, hash) = single_change_doc(actor.to_automerge(), &value, options)?;
         let bytes = change_bytes(&base, &hash)?;
         entry.rebase_to(parse_change(&bytes)?)?;
         entry.diverged = None;
@@ -959,17 +952,7 @@ fn create(
                 o.with_message(format!("keel: re-creation {attempt}"))
             }
         };
-        let mut doc = Automerge::new().with_actor(actor.clone());
-        let mut tx = doc.transaction();
-        if let Err(e) = json::sync_map(&mut tx, &ROOT, new, 0) {
-            tx.rollback();
-            return Err(e);
-        }
-        let hash = match tx.commit_with(options()).0 {
-            Some(h) => h,
-            // `{}`: an empty change still creates the object.
-            None => doc.empty_commit(options()),
-        };
+        let (doc, hash) = single_change_doc(actor.clone(), new, options)?;
         if entry.dead.contains(&hash) {
             continue;
         }
@@ -979,6 +962,26 @@ fn create(
         return Ok(bytes);
     }
     Err(CrdtError::Recreate(key.to_owned()))
+}
+
+/// A fresh document whose one change, by `actor`, writes `value`
+/// (committed with `options`; `{}` still makes an empty change).
+fn single_change_doc(
+    actor: automerge::ActorId,
+    value: &serde_json::Map<String, Value>,
+    options: impl Fn() -> CommitOptions,
+) -> Result<(Automerge, ChangeHash), CrdtError> {
+    let mut doc = Automerge::new().with_actor(actor);
+    let mut tx = doc.transaction();
+    if let Err(e) = json::sync_map(&mut tx, &ROOT, value, 0) {
+        tx.rollback();
+        return Err(e);
+    }
+    let hash = match tx.commit_with(options()).0 {
+        Some(h) => h,
+        None => doc.empty_commit(options()),
+    };
+    Ok((doc, hash))
 }
 
 fn change_bytes(doc: &Automerge, hash: &ChangeHash) -> Result<Vec<u8>, CrdtError> {
