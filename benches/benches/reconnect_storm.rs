@@ -77,6 +77,9 @@ impl Sink for Quiet {
     fn admit(&self, _: &str, _: &str, _: &[Record]) -> Result<(), keel_sync::link::Refusal> {
         Ok(())
     }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        keel_sync::quic::room_now()
+    }
 
     fn persisted(&self, _: &str, _: &str, _: &[Record]) {}
     fn snapshot_installed(&self, _: &str, _: &str) {}
@@ -185,6 +188,9 @@ impl EdgeSink {
 impl Sink for EdgeSink {
     fn admit(&self, _: &str, _: &str, _: &[Record]) -> Result<(), keel_sync::link::Refusal> {
         Ok(())
+    }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        keel_sync::quic::room_now()
     }
 
     fn persisted(&self, node: &str, stream: &str, _: &[Record]) {

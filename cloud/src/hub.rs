@@ -184,6 +184,9 @@ impl Sink for Tracking {
             .insert(node.to_owned(), cursor.seq);
         self.0.sink.acked(node, stream, cursor);
     }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        self.0.sink.room()
+    }
     fn admit(
         &self,
         node: &str,

@@ -82,6 +82,9 @@ impl Sink for PlaneSink {
     fn acked(&self, node: &str, stream: &str, cursor: Cursor) {
         self.0.node_acked(node, stream, cursor.seq);
     }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        Box::pin(self.0.registry().room())
+    }
     fn admit(&self, node: &str, stream: &str, records: &[Record]) -> Result<(), Refusal> {
         if stream.ends_with("/up") {
             let r = self.0.registry().admit_from_node(node, records);

@@ -138,6 +138,9 @@ pub fn pass(
     if cfg.rebase_after > 0 {
         registry.rebase_long_histories(cfg.rebase_after);
     }
+    // Deleted objects are remembered (against stragglers) for one to two
+    // passes, not for ever.
+    registry.forget_deleted();
     // A node's `up` keeps only the changes the registry's documents hold.
     let live = LiveFold(|key: &str, hash: &[u8; 32]| registry.holds_change(key, hash));
     for info in store.streams() {

@@ -34,6 +34,9 @@ impl Sink for Recorder {
     fn admit(&self, _: &str, _: &str, _: &[Record]) -> Result<(), keel_sync::link::Refusal> {
         Ok(())
     }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        keel_sync::quic::room_now()
+    }
 
     fn persisted(&self, _node: &str, stream: &str, records: &[Record]) {
         self.records

@@ -731,6 +731,9 @@ impl keel_sync::quic::Sink for EdgeObjects {
     ) -> Result<(), keel_sync::link::Refusal> {
         Ok(())
     }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        keel_sync::quic::room_now()
+    }
 
     fn persisted(&self, _node: &str, _stream: &str, records: &[keel_log::Record]) {
         let mut s = self.0.lock().unwrap();

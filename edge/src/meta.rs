@@ -25,8 +25,9 @@ use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store
 use keel_sync::crdt::{ActorId, ObjectStore};
 use keel_sync::link::{down_stream, up_stream};
 use keel_sync::objects::{CrdtFold, LiveFold, apply_records, apply_snapshot_object};
+use keel_sync::queue::{CommitQueue, Commits, commit_queue};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
@@ -48,6 +49,10 @@ struct Commit {
 /// ([`MetaManager::set_watch_window`]).
 pub const WATCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Commits waiting for durability past which the sync driver waits
+/// before persisting more of what the cloud sends.
+const META_QUEUE: usize = 1024;
+
 /// The node's objects (cheap to share behind an `Arc`).
 pub struct MetaManager {
     node: String,
@@ -55,7 +60,7 @@ pub struct MetaManager {
     actor: ActorId,
     inner: Mutex<Inner>,
     hub: WatchHub,
-    commits: mpsc::UnboundedSender<Commit>,
+    commits: CommitQueue<Commit>,
     /// Bumped after every change from the cloud (Edged and the node
     /// reporter wait on it).
     changed: watch::Sender<u64>,
@@ -144,7 +149,7 @@ impl MetaManager {
             })
             .collect::<BTreeMap<_, _>>();
         info!(%node, objects = view.len(), "node objects loaded from the local log");
-        let (commits, rx) = mpsc::unbounded_channel();
+        let (commits, rx) = commit_queue(META_QUEUE);
         let (changed, _) = watch::channel(0);
         let meta = Arc::new(MetaManager {
             node: node.to_owned(),
@@ -266,7 +271,7 @@ impl MetaManager {
         };
         let ticket = self.append_up(key, PayloadKind::Change, change)?;
         let events = refresh(&mut inner, [key]);
-        let _ = self.commits.send(Commit {
+        self.commits.push(Commit {
             ticket: Some(ticket),
             events,
             done,
@@ -317,7 +322,7 @@ impl MetaManager {
         let events = refresh(&mut inner, keys);
         if !events.is_empty() || ticket.is_some() {
             debug!(node = %self.node, changes = events.len(), "applied changes from the cloud");
-            let _ = self.commits.send(Commit {
+            self.commits.push(Commit {
                 ticket,
                 events,
                 done: None,
@@ -335,6 +340,12 @@ impl MetaManager {
     /// workers. Returns how many streams were compacted.
     pub fn compact(&self, min_records: u64) -> Result<usize> {
         let mut done = 0;
+        // Deleted objects are remembered (against stragglers) for one to
+        // two passes, not for ever.
+        let forgotten = lock(&self.inner).objects.forget_deleted();
+        if forgotten > 0 {
+            debug!(node = %self.node, objects = forgotten, "forgot deleted objects");
+        }
         let down = down_stream(&self.node);
         let up = up_stream(&self.node);
         let acked = self.acked_up.load(std::sync::atomic::Ordering::SeqCst);
@@ -377,7 +388,7 @@ impl MetaManager {
         keys.dedup();
         inner.objects = objects;
         let events = refresh(&mut inner, keys.iter().map(String::as_str));
-        let _ = self.commits.send(Commit {
+        self.commits.push(Commit {
             ticket: None,
             events,
             done: None,
@@ -427,7 +438,7 @@ fn refresh<'a>(inner: &mut Inner, keys: impl IntoIterator<Item = &'a str>) -> Ve
 }
 
 /// Publishes watch events in order, each once durable.
-async fn publish(meta: std::sync::Weak<MetaManager>, mut rx: mpsc::UnboundedReceiver<Commit>) {
+async fn publish(meta: std::sync::Weak<MetaManager>, mut rx: Commits<Commit>) {
     while let Some(c) = rx.recv().await {
         if let Some(t) = c.ticket
             && let Err(e) = t.await
@@ -474,6 +485,12 @@ impl ReadObjects for MetaManager {
 
 /// The sync driver's sink: what arrives on `down` is folded in.
 impl keel_sync::quic::Sink for MetaManager {
+    /// What comes down is folded in and its watch events queued: the
+    /// driver waits while that queue is full.
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        Box::pin(self.commits.room())
+    }
+
     /// The edge takes what its cloud sends (the cloud is the authority).
     fn admit(
         &self,

@@ -747,3 +747,56 @@ fn honest_records_and_events_are_acknowledged() {
     drop(conn);
     fx.assert_healthy("honest");
 }
+
+/// A node that writes its pod's status as fast as its link lets it: each
+/// change folds into the pod through the registry, whose queue of commits
+/// waiting for durability holds the node back (through the window it was
+/// granted) instead of growing. cloudcore stays under the memory cap and
+/// the last status written is the pod's status on the cloud.
+#[test]
+fn a_flood_of_status_changes_is_paced_and_folded() {
+    let mut fx = Fixture::start();
+    let pod_key = "pods/default/busy";
+    fx.apply(&pod_yaml("busy", ATTACKER, "", ""));
+    let mut conn = fx.rt.block_on(fx.attacker.establish());
+    fx.rt.block_on(fx.attacker.wait_object(pod_key));
+    let mut own = fx.attacker.objects();
+    let actor = ActorId::from_name(ATTACKER);
+    let window = u64::from(conn.cloud_hello.as_ref().unwrap().window_records);
+    let per_segment = 50u64.min(window);
+    let first = conn.up.seq + 1;
+    let total = 4000u64;
+    let mut sent = 0u64;
+    while sent < total {
+        let entries = (sent..sent + per_segment)
+            .map(|n| {
+                let change = own
+                    .edit_merge_patch(
+                        pod_key,
+                        &actor,
+                        &json!({"status": {"phase": "Running", "message": format!("tick {n}")}}),
+                    )
+                    .unwrap()
+                    .unwrap();
+                entry(ATTACKER, pod_key, PayloadKind::Change, change)
+            })
+            .collect();
+        assert!(fx.rt.block_on(conn.send_entries(entries)), "link closed");
+        sent += per_segment;
+        // Never more in flight than the window the cloud granted.
+        if sent + per_segment > window {
+            fx.rt
+                .block_on(conn.wait_ack(first + sent + per_segment - window - 1));
+        }
+    }
+    fx.rt.block_on(conn.wait_ack(first + total - 1));
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    let last = format!("tick {}", total - 1);
+    wait_for(
+        "the last status on the cloud",
+        Duration::from_secs(60),
+        || fx.get(&["pod", "busy"])["status"]["message"] == last.as_str(),
+    );
+    drop(conn);
+    fx.assert_healthy("status-flood");
+}

@@ -6,6 +6,8 @@ pub mod frame;
 pub mod link;
 pub mod objects;
 #[cfg(feature = "quic")]
+pub mod queue;
+#[cfg(feature = "quic")]
 pub mod quic;
 #[cfg(feature = "quic")]
 pub mod session;

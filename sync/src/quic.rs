@@ -38,12 +38,24 @@ const BULK_IN_QUEUE: usize = 2;
 /// a turn other nodes need).
 const STALLED_PERMIT: Duration = Duration::from_secs(10);
 
-/// What the driver tells its owner.
+/// Segments (or snapshots) accepted from the peer and waiting for the
+/// store; the link's receive window bounds what they hold.
+const PERSIST_QUEUE: usize = 16;
+
+/// What the driver tells its owner. `admit`, `persisted` and
+/// `snapshot_installed` run on the blocking pool, one at a time per link
+/// and in the link's order (they may do CPU work: folding CRDT changes).
 pub trait Sink: Send + Sync + 'static {
     /// Records from the peer are durable in `stream` (apply them).
     fn persisted(&self, node: &str, stream: &str, records: &[Record]);
     /// The local replica of `stream` was replaced by a snapshot (rebuild).
     fn snapshot_installed(&self, node: &str, stream: &str);
+    /// Resolves once what this sink feeds has room for one more segment
+    /// (see [`crate::queue`]); the driver waits for it before persisting,
+    /// so a sink that falls behind slows the peer through the window it
+    /// was granted. Required, like `admit`, so that a wrapping sink passes
+    /// it on.
+    fn room(&self) -> Room<'_>;
     /// The link completed its handshake.
     fn connected(&self, _node: &str) {}
     /// The node has no live connection any more (called by hubs that track
@@ -56,6 +68,14 @@ pub trait Sink: Send + Sync + 'static {
     /// code and message). Required, so that a wrapping sink cannot drop
     /// the check by forgetting to pass it on.
     fn admit(&self, node: &str, stream: &str, records: &[Record]) -> Result<(), Refusal>;
+}
+
+/// A sink's wait for room (see [`Sink::room`]).
+pub type Room<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// A sink with nothing to wait for.
+pub fn room_now<'a>() -> Room<'a> {
+    Box::pin(std::future::ready(()))
 }
 
 /// A pending admission: resolves to a permit that is held while sending.
@@ -181,6 +201,67 @@ pub async fn run_link(
     .await
 }
 
+/// What the persist task reports for one action: the stream and its new
+/// head, or why nothing more of this link is persisted.
+type Persisted = Result<(String, Cursor), Unpersisted>;
+
+enum Unpersisted {
+    /// The sink refused the records (nothing of them was kept).
+    Refused(Refusal),
+    /// The store failed.
+    Failed(String),
+}
+
+/// Runs `f` on the blocking pool (CPU work of the sink: off the async
+/// workers).
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, Unpersisted> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Unpersisted::Failed(format!("sink: {e}")))
+}
+
+/// Persists one action of the link: waits for the sink's room, has the
+/// sink admit the records, appends them and waits until durable, then
+/// hands them to the sink.
+async fn persist(
+    store: &Store,
+    sink: &Arc<dyn Sink>,
+    node: &str,
+    stream: String,
+    action: Action,
+) -> Persisted {
+    sink.room().await;
+    match action {
+        Action::Persist { records, .. } => {
+            let (s, n, st) = (sink.clone(), node.to_owned(), stream.clone());
+            let records = blocking(move || s.admit(&n, &st, &records).map(|()| records))
+                .await?
+                .map_err(Unpersisted::Refused)?;
+            let cursor = store
+                .append_replicated_async(&stream, records.clone())
+                .map_err(|e| Unpersisted::Failed(e.to_string()))?
+                .await
+                .map_err(|e| Unpersisted::Failed(e.to_string()))?;
+            let (s, n, st) = (sink.clone(), node.to_owned(), stream.clone());
+            blocking(move || s.persisted(&n, &st, &records)).await?;
+            Ok((stream, cursor))
+        }
+        Action::InstallSnapshot { snapshot, .. } => {
+            let (store, s, n, st) = (store.clone(), sink.clone(), node.to_owned(), stream.clone());
+            let cursor = blocking(move || {
+                let c = store.install_snapshot(&st, snapshot)?;
+                s.snapshot_installed(&n, &st);
+                Ok::<_, keel_log::Error>(c)
+            })
+            .await?
+            .map_err(|e| Unpersisted::Failed(e.to_string()))?;
+            Ok((stream, cursor))
+        }
+    }
+}
+
 fn lost(message: String) -> Closed {
     Closed {
         code: ErrorCode::Internal,
@@ -242,42 +323,24 @@ async fn drive(
     }
 
     // Persistence runs in order on its own task; completions come back here.
-    type Done = Result<(String, Option<Vec<Record>>, Cursor), String>;
-    let (persist_tx, mut persist_rx) = mpsc::unbounded_channel::<(String, Action)>();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let (persist_tx, mut persist_rx) = mpsc::channel::<(String, Action)>(PERSIST_QUEUE);
+    let (done_tx, mut done_rx) = mpsc::channel::<Persisted>(PERSIST_QUEUE);
     {
         let store = store.clone();
+        let sink = sink.clone();
+        let node = node.clone();
         tokio::spawn(async move {
             while let Some((stream, action)) = persist_rx.recv().await {
-                let r = match action {
-                    Action::Persist { records, .. } => {
-                        match store.append_replicated_async(&stream, records.clone()) {
-                            Ok(t) => t
-                                .await
-                                .map(|c| (stream, Some(records), c))
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                    Action::InstallSnapshot { snapshot, .. } => {
-                        let store = store.clone();
-                        let s = stream.clone();
-                        match tokio::task::spawn_blocking(move || {
-                            store.install_snapshot(&s, snapshot)
-                        })
-                        .await
-                        {
-                            Ok(r) => r.map(|c| (stream, None, c)).map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                };
-                if done_tx.send(r).is_err() {
+                let r = persist(&store, &sink, &node, stream, action).await;
+                let stop = r.is_err();
+                if done_tx.send(r).await.is_err() || stop {
                     return;
                 }
             }
         });
     }
+    // An action the persist queue had no room for: queued first once it has.
+    let mut persist_stash: Option<(String, Action)> = None;
 
     let mut permit: Option<Box<dyn Send>> = None;
     let mut admitted = pacer.is_none();
@@ -299,21 +362,19 @@ async fn drive(
             }
         }
         // The persist queue holds what the link accepted and the store has
-        // not made durable yet: at most the window this side granted.
-        while let Some(a) = link.poll_action() {
+        // not made durable yet: at most the window this side granted. What
+        // it has no room for waits in the link.
+        while persist_stash.is_none()
+            && let Some(a) = link.poll_action()
+        {
             let stream = match &a {
                 Action::Persist { stream, .. } | Action::InstallSnapshot { stream, .. } => {
                     stream.clone()
                 }
             };
-            if let Action::Persist { records, .. } = &a
-                && let Err(r) = sink.admit(&node, &stream, records)
-            {
-                warn!(code = ?r.code, reason = %r.message, "refused the peer's records");
-                link.close(r.code, r.message);
-                break;
+            if let Err(mpsc::error::TrySendError::Full(a)) = persist_tx.try_send((stream, a)) {
+                persist_stash = Some(a);
             }
-            let _ = persist_tx.send((stream, a));
         }
         while let Some(e) = link.poll_event() {
             match e {
@@ -393,16 +454,21 @@ async fn drive(
             Some(why) = bad_rx.recv() => link.close(ErrorCode::Malformed, why),
             // The control writer has room again for a stashed frame.
             Ok(room) = ctrl_tx.reserve(), if ctrl_stash.is_some() => drop(room),
+            Ok(room) = persist_tx.reserve(), if persist_stash.is_some() => {
+                if let Some(a) = persist_stash.take() {
+                    room.send(a);
+                }
+            }
             Some(bytes) = ctrl_in.recv() => link.handle_bytes(now(), &bytes, &store),
             Some(done) = done_rx.recv() => match done {
-                Ok((stream, records, cursor)) => {
-                    match records {
-                        Some(r) => sink.persisted(&node, &stream, &r),
-                        None => sink.snapshot_installed(&node, &stream),
-                    }
-                    link.handle_persisted(&stream, cursor);
+                Ok((stream, cursor)) => link.handle_persisted(&stream, cursor),
+                Err(Unpersisted::Refused(r)) => {
+                    warn!(code = ?r.code, reason = %r.message, "refused the peer's records");
+                    link.close(r.code, r.message);
                 }
-                Err(e) => link.close(ErrorCode::ChainMismatch, format!("persisting: {e}")),
+                Err(Unpersisted::Failed(e)) => {
+                    link.close(ErrorCode::ChainMismatch, format!("persisting: {e}"))
+                }
             },
             p = async {
                 match admission.as_mut() {
@@ -429,17 +495,12 @@ async fn drive(
     drop(ctrl_tx);
     drop(bulk_tx);
     // What the persist task already took on becomes durable whatever the
-    // connection does: the owner hears of every such record (it applies
-    // them), even though nothing is acknowledged any more.
+    // connection does, and the owner hears of every such record (the task
+    // hands them to the sink), even though nothing is acknowledged any
+    // more: wait for it.
     drop(persist_tx);
-    while let Some(done) = done_rx.recv().await {
-        if let Ok((stream, records, _)) = done {
-            match records {
-                Some(r) => sink.persisted(&node, &stream, &r),
-                None => sink.snapshot_installed(&node, &stream),
-            }
-        }
-    }
+    drop(persist_stash);
+    while done_rx.recv().await.is_some() {}
     // Give the writers a moment to flush the Error frame.
     let _ = tokio::time::timeout(Duration::from_millis(200), writers).await;
     if !closed.by_peer {

@@ -488,6 +488,8 @@ pub struct SimReport {
     pub refusals: u64,
     /// Rebase roots the cloud wrote, and re-assertions the edges wrote.
     pub rebases: u64,
+    /// Deleted objects whose memory (dead history) was dropped.
+    pub forgotten: u64,
     pub reasserted: u64,
     pub converged: bool,
     /// Invariant violations, each with the step it was seen at.
@@ -716,7 +718,12 @@ impl Sim {
                         live.is_some_and(|o| o.has_change(key, hash))
                     });
                     let fold: &dyn Fold = if on_cloud { &CrdtFold } else { &live };
-                    if let Err(e) = log.compact(&stream, upto, fold) {
+                    let failed = log.compact(&stream, upto, fold).err();
+                    // As cloudcore and edgecore do at each compaction.
+                    let forgotten: usize =
+                        objects.values_mut().map(ObjectStore::forget_deleted).sum();
+                    self.report.forgotten += forgotten as u64;
+                    if let Some(e) = failed {
                         self.violate(format!("compaction of {stream} failed: {e}"));
                     }
                     self.report.compactions += 1;

@@ -212,3 +212,31 @@ fn ordinary_changes_and_garbage_are_not_roots() {
     assert!(!is_rebase(b"garbage"));
     assert!(!is_rebase(&[]));
 }
+
+/// A deleted object's memory (its dead history) lasts from one
+/// `forget_deleted` to the next, then goes: a straggler in between is
+/// discarded, one after is only queued (it depends on the forgotten
+/// history, so it never re-creates the object) and goes at the next call.
+/// Live objects are never forgotten.
+#[test]
+fn deleted_objects_are_forgotten_after_two_sweeps_and_never_come_back() {
+    let (mut c, _, _, ups) = setup(3, 1);
+    let other = "pods/default/web-2";
+    c.edit_replace(other, &cloud(), &pod()).unwrap().unwrap();
+    c.apply_tombstone(KEY);
+    assert_eq!(c.forget_deleted(), 0, "first sweep only marks");
+    assert_eq!(c.apply_change(KEY, &ups[1]).unwrap(), Applied::Discarded);
+    assert_eq!(c.forget_deleted(), 1);
+    assert_eq!(c.get_json(KEY), None);
+    // Its history is forgotten: a straggler waits for it, and is dropped.
+    assert_eq!(c.apply_change(KEY, &ups[2]).unwrap(), Applied::Queued);
+    assert_eq!(c.get_json(KEY), None);
+    assert_eq!(c.forget_deleted(), 0, "marked again");
+    assert_eq!(c.forget_deleted(), 1);
+    // The live object stayed through every sweep.
+    assert!(c.get_json(other).is_some());
+    // The key can be created again from scratch.
+    c.edit_replace(KEY, &cloud(), &pod()).unwrap().unwrap();
+    assert_eq!(c.forget_deleted(), 0);
+    assert_eq!(c.get_json(KEY).unwrap()["metadata"]["name"], "web-1");
+}

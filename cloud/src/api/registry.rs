@@ -26,8 +26,9 @@ use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store
 use keel_sync::crdt::{ActorId, Applied, ObjectStore};
 use keel_sync::link::{Refusal, down_stream, up_stream};
 use keel_sync::objects::{apply_record, apply_snapshot_object};
+use keel_sync::queue::{CommitQueue, Commits, commit_queue, off_workers};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::resources::{self, ResourceType};
@@ -112,12 +113,15 @@ pub enum Write {
     Delete,
 }
 
+/// Commits waiting for durability past which writers from sockets wait.
+const REGISTRY_QUEUE: usize = 1024;
+
 /// The registry (cheap to share behind an `Arc`).
 pub struct Registry {
     store: Store,
     inner: Mutex<Inner>,
     hub: WatchHub,
-    commits: mpsc::UnboundedSender<Commit>,
+    commits: CommitQueue<Commit>,
     actor: ActorId,
     unscheduled: std::sync::atomic::AtomicBool,
     /// Objects rebased since start.
@@ -415,7 +419,7 @@ impl Registry {
             }
         }
         info!(objects = view.len(), head, "registry loaded from the log");
-        let (commits, rx) = mpsc::unbounded_channel();
+        let (commits, rx) = commit_queue(REGISTRY_QUEUE);
         let reg = Arc::new(Registry {
             store,
             inner: Mutex::new(Inner {
@@ -637,7 +641,8 @@ impl Registry {
         key: &str,
         f: impl FnOnce(Option<&Value>) -> Result<Option<Write>, Status>,
     ) -> Result<Option<Value>, Status> {
-        let (out, done) = self.prepare(origin, key, f)?;
+        self.room().await;
+        let (out, done) = off_workers(|| self.prepare(origin, key, f))?;
         if let Some(done) = done {
             match done.await {
                 Ok(Ok(())) => {}
@@ -646,6 +651,13 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// Resolves once the queue of commits waiting for durability has
+    /// room: what feeds the registry from a socket (an API write, a node's
+    /// segment) waits for it first, so that queue stays bounded.
+    pub async fn room(&self) {
+        self.commits.room().await
     }
 
     /// [`Self::write`] without waiting for durability (for callers that
@@ -677,7 +689,7 @@ impl Registry {
         .map_err(|e| Status::internal(format!("log: {e}")))?;
         let (tx, rx) = oneshot::channel();
         commit.done = Some(tx);
-        let _ = self.commits.send(commit);
+        self.commits.push(commit);
         Ok(rx)
     }
 
@@ -770,7 +782,7 @@ impl Registry {
         }));
         let (tx, rx) = oneshot::channel();
         commit.done = Some(tx);
-        let _ = self.commits.send(commit);
+        self.commits.push(commit);
         rest?;
         Ok((Some(out), Some(rx)))
     }
@@ -1002,9 +1014,20 @@ impl Registry {
             .fetch_add(rebased as u64, std::sync::atomic::Ordering::Relaxed);
         if !commit.cluster.is_empty() {
             info!(objects = rebased, "rebased long object histories");
-            let _ = self.commits.send(commit);
+            self.commits.push(commit);
         }
         rebased
+    }
+
+    /// Forgets the memory of objects deleted before the previous call
+    /// (their dead history; see [`ObjectStore::forget_deleted`]). Returns
+    /// how many.
+    pub fn forget_deleted(&self) -> usize {
+        let n = lock(&self.inner).objects.forget_deleted();
+        if n > 0 {
+            debug!(objects = n, "forgot deleted objects");
+        }
+        n
     }
 
     /// Records node `node` reported (durable in its `up` stream): folded
@@ -1181,7 +1204,7 @@ impl Registry {
         // once everything before it is durable (commits complete in order).
         commit.folded = records.last().map(|r| (node.to_owned(), r.seq));
         if commit.folded.is_some() {
-            let _ = self.commits.send(commit);
+            self.commits.push(commit);
         }
         changed
     }
@@ -1393,7 +1416,7 @@ fn same_but_status(a: &Value, b: &Value) -> bool {
 /// Publishes commits in order once durable: their events go to watchers
 /// and their changes become visible to get and list. A failed commit
 /// (the store is then poisoned) publishes nothing.
-async fn publish(reg: std::sync::Weak<Registry>, mut rx: mpsc::UnboundedReceiver<Commit>) {
+async fn publish(reg: std::sync::Weak<Registry>, mut rx: Commits<Commit>) {
     while let Some(c) = rx.recv().await {
         let mut result = Ok(());
         let mut last = 0;

@@ -156,6 +156,9 @@ impl Sink for RevokedNodeGuard {
     fn acked(&self, node: &str, stream: &str, cursor: keel_log::Cursor) {
         self.inner.acked(node, stream, cursor);
     }
+    fn room(&self) -> keel_sync::quic::Room<'_> {
+        self.inner.room()
+    }
     fn admit(
         &self,
         node: &str,

@@ -276,21 +276,26 @@ pub(crate) enum ProbeEvent {
 
 /// Runs a container's probes until the task is aborted: the startup probe
 /// first (if any), then liveness and readiness side by side.
-pub(crate) async fn run_probes(
+pub(crate) async fn run_probes<E: Send>(
     container: Arc<dyn ContainerHandle>,
     started_at: Instant,
     startup: Option<ProbeSpec>,
     liveness: Option<ProbeSpec>,
     readiness: Option<ProbeSpec>,
-    send: impl Fn(ProbeEvent) + Send + Sync,
+    events: tokio::sync::mpsc::Sender<E>,
+    wrap: impl Fn(ProbeEvent) -> E + Send + Sync,
 ) {
+    // A full queue makes the prober wait (it probes nothing meanwhile).
+    let send = async |event: ProbeEvent| {
+        let _ = events.send(wrap(event)).await;
+    };
     if let Some(probe) = startup {
         sleep_until(started_at + probe.initial_delay).await;
         let mut failures = 0;
         loop {
             match probe.run_once(container.as_ref()).await {
                 Ok(()) => {
-                    send(ProbeEvent::Started);
+                    send(ProbeEvent::Started).await;
                     break;
                 }
                 Err(message) => {
@@ -299,7 +304,8 @@ pub(crate) async fn run_probes(
                     if failures >= probe.failure_threshold {
                         send(ProbeEvent::Unhealthy(format!(
                             "Startup probe failed: {message}"
-                        )));
+                        )))
+                        .await;
                         return;
                     }
                 }
@@ -322,7 +328,8 @@ pub(crate) async fn run_probes(
                     if failures >= probe.failure_threshold {
                         send(ProbeEvent::Unhealthy(format!(
                             "Liveness probe failed: {message}"
-                        )));
+                        )))
+                        .await;
                         return;
                     }
                 }
@@ -343,7 +350,7 @@ pub(crate) async fn run_probes(
                     successes += 1;
                     if !ready && successes >= probe.success_threshold {
                         ready = true;
-                        send(ProbeEvent::Ready(true));
+                        send(ProbeEvent::Ready(true)).await;
                     }
                 }
                 Err(message) => {
@@ -352,7 +359,7 @@ pub(crate) async fn run_probes(
                     debug!(%message, failures, "readiness probe failed");
                     if ready && failures >= probe.failure_threshold {
                         ready = false;
-                        send(ProbeEvent::Ready(false));
+                        send(ProbeEvent::Ready(false)).await;
                     }
                 }
             }

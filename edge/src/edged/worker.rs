@@ -87,6 +87,10 @@ pub(crate) enum Desired {
     },
 }
 
+/// Container exits and probe results waiting for the pod's worker; the
+/// tasks that report them wait while it is full.
+const EVENTS_QUEUE: usize = 64;
+
 #[derive(Debug)]
 pub(crate) enum Event {
     Exited {
@@ -304,8 +308,8 @@ pub(crate) struct Worker {
     conditions: HashMap<&'static str, (bool, OffsetDateTime)>,
     last_status: Option<Value>,
     tasks: JoinSet<()>,
-    events_tx: mpsc::UnboundedSender<Event>,
-    events_rx: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
     next_run_id: u64,
     stopping: bool,
 }
@@ -326,7 +330,7 @@ impl Worker {
                     .map(|c| Ctr::new(false, c.clone(), base, &log_dir)),
             )
             .collect();
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUE);
         Worker {
             pod_dir: super::pods_dir(root).join(&dir_name),
             log_dir,
@@ -707,7 +711,7 @@ impl Worker {
         let waited = handle.clone();
         self.tasks.spawn(async move {
             let result = waited.wait().await.map_err(|e| e.to_string());
-            let _ = events.send(Event::Exited { run_id, result });
+            let _ = events.send(Event::Exited { run_id, result }).await;
         });
         let mut tasks = Vec::new();
         let probed = !c.init
@@ -720,9 +724,8 @@ impl Worker {
                 plan.startup.clone(),
                 plan.liveness.clone(),
                 plan.readiness.clone(),
-                move |event| {
-                    let _ = events.send(Event::Probe { run_id, event });
-                },
+                events,
+                move |event| Event::Probe { run_id, event },
             )));
         }
         c.container_id = Some(handle.id());

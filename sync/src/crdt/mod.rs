@@ -170,6 +170,8 @@ struct Entry {
     /// document, as a merge patch on top of the root (see
     /// [`ObjectStore::take_diverged`]).
     diverged: Option<Value>,
+    /// Without a document at the last [`ObjectStore::forget_deleted`].
+    gone_at_sweep: bool,
 }
 
 /// The commit message that marks a rebase root.
@@ -635,6 +637,29 @@ impl ObjectStore {
                 .extend(doc.get_changes_meta(&[]).into_iter().map(|m| m.hash));
         }
         entry.drain_pending();
+    }
+
+    /// Forgets deleted objects: an object without a document at this call
+    /// and at the one before is dropped with its dead history and whatever
+    /// waits in its queue. Call it at each log compaction, so that a
+    /// deleted object's memory lasts one to two compaction intervals
+    /// instead of for ever. That is what a restart from a snapshot past
+    /// the tombstone forgets as well (the fold keeps no tombstone
+    /// memory); a straggler that arrives later depends on the forgotten
+    /// history, so it only waits in the queue until the next call. Returns
+    /// how many objects were forgotten.
+    pub fn forget_deleted(&mut self) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| {
+            if e.doc.is_some() {
+                e.gone_at_sweep = false;
+                return true;
+            }
+            let keep = !e.gone_at_sweep;
+            e.gone_at_sweep = true;
+            keep
+        });
+        before - self.entries.len()
     }
 
     /// The object as JSON (an object, keys sorted), or `None` if it does not

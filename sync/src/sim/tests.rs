@@ -52,7 +52,7 @@ fn simulated_faults_lose_nothing_and_converge() {
     use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
-        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections, {} refusals of hostile edges, {} rebases, {} re-assertions; {} runs with violations",
+        "simulator: seeds {}..{} ({} runs, {edges} edges each): {} records written, {} acks, {} messages ({} lost), {} crashes, {} partitions, {} compactions, {} snapshots sent, {} connections, {} refusals of hostile edges, {} rebases, {} re-assertions, {} deleted objects forgotten; {} runs with violations",
         seeds.start,
         seeds.end,
         reports.len(),
@@ -68,6 +68,7 @@ fn simulated_faults_lose_nothing_and_converge() {
         total(|r| r.refusals),
         total(|r| r.rebases),
         total(|r| r.reasserted),
+        total(|r| r.forgotten),
         failed.len(),
     );
     for r in failed.iter().take(5) {
@@ -99,6 +100,8 @@ fn simulated_faults_lose_nothing_and_converge() {
         assert!(total(|r| r.refusals) > 0);
         // Histories were rebased, and edges ahead of a root re-asserted.
         assert!(total(|r| r.rebases) > 0 && total(|r| r.reasserted) > 0);
+        // Deleted objects were forgotten at compactions.
+        assert!(total(|r| r.forgotten) > 0);
     }
 }
 
