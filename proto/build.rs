@@ -4,6 +4,14 @@
 //! server code.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/cri/v1/cri.proto");
+    #[cfg(feature = "cri")]
+    if std::env::var_os("CARGO_FEATURE_CRI").is_some() {
+        let fds = protox::compile(["proto/cri/v1/cri.proto"], ["proto"])?;
+        tonic_prost_build::configure()
+            .build_server(false)
+            .compile_fds(fds)?;
+    }
     let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
     let mut files = vec!["proto/keel/v1/keel.proto"];
     if grpc {

@@ -20,7 +20,9 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::bootstrap::{self, NodeIdentity};
 use crate::devicetwin::DeviceTwin;
-use crate::edged::{Edged, EdgedConfig, ProcessRuntime, StatusSink, crilog};
+use crate::edged::{
+    CriRuntime, Edged, EdgedConfig, PROCESS_RUNTIME_CLASS, ProcessRuntime, StatusSink, crilog,
+};
 use crate::error::{Error, Result};
 use crate::eventbus::EventBus;
 use crate::hub::{self, EdgeHubOptions};
@@ -67,6 +69,12 @@ pub struct Config {
     /// kubelet's `containerLogMaxFiles`; default 5).
     #[serde(default = "default_log_max_files")]
     pub container_log_max_files: u32,
+    /// A CRI runtime's socket (containerd's): pods run there as
+    /// containers, except those with `runtimeClassName: keel-process`,
+    /// which run as host processes. Without it, every pod runs as host
+    /// processes.
+    #[serde(default)]
+    pub cri_socket: Option<PathBuf>,
     /// Authentication of the Kubernetes API and the log gRPC API (the
     /// kubelet's `--client-ca-file`): a client must present a certificate
     /// this CA (PEM) issued, and only the cluster admin's certificate is
@@ -124,6 +132,7 @@ impl Default for Config {
             mqtt_addr: default_mqtt(),
             container_log_max_size: default_log_max_size(),
             container_log_max_files: default_log_max_files(),
+            cri_socket: None,
             client_ca_file: None,
             tls_cert_file: None,
             tls_private_key_file: None,
@@ -664,10 +673,18 @@ pub async fn run(
         ecfg.container_log_max_size = cfg.container_log_max_size;
         ecfg.container_log_max_files = cfg.container_log_max_files;
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let process: Arc<dyn crate::edged::Runtime> = Arc::new(ProcessRuntime);
+        let default: Arc<dyn crate::edged::Runtime> = match &cfg.cri_socket {
+            Some(socket) => CriRuntime::connect(socket)
+                .await
+                .map_err(|e| Error::Config(format!("criSocket: {e}")))?,
+            None => process.clone(),
+        };
         let edged = Arc::new(
-            Edged::new(
+            Edged::with_runtimes(
                 ecfg,
-                Arc::new(ProcessRuntime),
+                default,
+                [(PROCESS_RUNTIME_CLASS.to_owned(), process)].into(),
                 Arc::new(MetaStatus(meta.clone(), stopping.clone())),
             )
             .map_err(|e| Error::Config(format!("edged: {e}")))?,

@@ -19,6 +19,14 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The part of the Kubernetes Container Runtime Interface keel's edge
+/// speaks (package `runtime.v1`, clients only; feature `cri`).
+#[cfg(feature = "cri")]
+pub mod cri {
+    #![allow(clippy::all, clippy::unwrap_used, clippy::indexing_slicing)]
+    include!(concat!(env!("OUT_DIR"), "/runtime.v1.rs"));
+}
+
 /// Version of the sync protocol spoken in [`Hello::protocol_version`].
 pub const PROTOCOL_VERSION: u32 = 1;
 

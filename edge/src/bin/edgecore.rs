@@ -38,6 +38,17 @@ struct Common {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Import an OCI (or Docker) image archive into the node's containerd,
+    /// for pods whose images no registry serves the node.
+    ImportImage {
+        #[command(flatten)]
+        common: Common,
+        /// containerd's socket (default: criSocket of the config).
+        #[arg(long)]
+        cri_socket: Option<PathBuf>,
+        /// The image archive (a tar of an OCI image layout, or `docker save`).
+        archive: PathBuf,
+    },
     /// Join the cluster with a token from `cloudcore token NODE`, then exit.
     Join {
         #[command(flatten)]
@@ -94,6 +105,11 @@ enum Command {
         /// Log files kept per container run (default 5).
         #[arg(long)]
         container_log_max_files: Option<u32>,
+        /// Run pods as containers of the CRI runtime (containerd) at this
+        /// socket; `runtimeClassName: keel-process` still runs a pod as
+        /// host processes.
+        #[arg(long)]
+        cri_socket: Option<std::path::PathBuf>,
     },
 }
 
@@ -138,6 +154,20 @@ fn config(c: &Common) -> Result<Config, String> {
 fn real_main(cli: Cli) -> Result<(), String> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
     match cli.command {
+        Command::ImportImage {
+            common,
+            cri_socket,
+            archive,
+        } => {
+            let cfg = config(&common)?;
+            let socket = cri_socket
+                .or(cfg.cri_socket)
+                .ok_or("no containerd socket: give --cri-socket or criSocket in the config")?;
+            let out =
+                keel_edge::edged::import_image(&socket, &archive).map_err(|e| e.to_string())?;
+            print!("{out}");
+            Ok(())
+        }
         Command::Join { common, token } => {
             let cfg = config(&common)?;
             let id = rt
@@ -156,6 +186,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             restart_backoff_seconds,
             container_log_max_size,
             container_log_max_files,
+            cri_socket,
             client_ca_file,
             tls_cert_file,
             tls_private_key_file,
@@ -183,6 +214,9 @@ fn real_main(cli: Cli) -> Result<(), String> {
             }
             if let Some(v) = container_log_max_files {
                 cfg.container_log_max_files = v;
+            }
+            if cri_socket.is_some() {
+                cfg.cri_socket = cri_socket;
             }
             for (flag, field) in [
                 (client_ca_file, &mut cfg.client_ca_file),

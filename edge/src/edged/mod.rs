@@ -107,6 +107,7 @@
 //! lifecycle hooks, resource limits, `imagePullPolicy`/images, ephemeral and
 //! sidecar (restartable init) containers, log rotation.
 
+mod cri;
 pub(crate) mod crilog;
 mod plan;
 mod probe;
@@ -128,10 +129,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub use cri::{CriRuntime, import_image};
 pub use runtime::{
-    BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin, ExitStatus,
-    LaunchSpec, ProcessRuntime, Runtime, StopSignal, TerminalResize,
+    BindMount, BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin,
+    ExitStatus, Isolated, LaunchSpec, PodRef, ProcessRuntime, PullPolicy, Runtime, StopSignal,
+    TerminalResize,
 };
+
+/// The `runtimeClassName` of pods that run as host processes on a node
+/// whose default runtime is a CRI runtime.
+pub const PROCESS_RUNTIME_CLASS: &str = "keel-process";
 
 use plan::PodPlan;
 use worker::{Desired, Shared, Worker};
@@ -166,6 +173,13 @@ pub enum Error {
     /// The runtime does not implement this operation (named).
     #[error("{0} is not supported by this container runtime")]
     Unsupported(&'static str),
+    /// The container's image is not on the node and could not be pulled
+    /// (`reason`: `ErrImagePull`, `ErrImageNeverPull`, `InvalidImageName`).
+    #[error("{message}")]
+    Image {
+        reason: &'static str,
+        message: String,
+    },
     /// Any other runtime failure.
     #[error("{0}")]
     Runtime(String),
@@ -330,6 +344,17 @@ impl Edged {
         runtime: Arc<dyn Runtime>,
         sink: Arc<dyn StatusSink>,
     ) -> Result<Edged, Error> {
+        Edged::with_runtimes(cfg, runtime, HashMap::new(), sink)
+    }
+
+    /// [`Edged::new`] with more runtimes, which pods choose by
+    /// `runtimeClassName` (`runtime` runs the pods that name none).
+    pub fn with_runtimes(
+        cfg: EdgedConfig,
+        runtime: Arc<dyn Runtime>,
+        classes: HashMap<String, Arc<dyn Runtime>>,
+        sink: Arc<dyn StatusSink>,
+    ) -> Result<Edged, Error> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         for dir in [pods_dir(&cfg.root), logs_dir(&cfg.root), run_dir(&cfg.root)] {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -337,22 +362,26 @@ impl Edged {
         let run = run_dir(&cfg.root);
         for entry in std::fs::read_dir(&run).map_err(|e| Error::io(&run, e))? {
             let path = entry.map_err(|e| Error::io(&run, e))?.path();
-            match path.extension().and_then(|e| e.to_str()) {
-                Some("pid") => match runtime.kill_leftover(&path) {
+            let ext = path.extension().and_then(|e| e.to_str());
+            let owner = std::iter::once(&runtime)
+                .chain(classes.values())
+                .find(|r| Some(r.state_extension()) == ext);
+            match (ext, owner) {
+                (Some("tmp"), _) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                (_, Some(owner)) => match owner.kill_leftover(&path) {
                     Ok(true) => info!(file = %path.display(), "killed a leftover container"),
                     Ok(false) => {}
                     Err(e) => {
                         warn!(file = %path.display(), error = %e, "cannot kill leftover container")
                     }
                 },
-                Some("tmp") => {
-                    let _ = std::fs::remove_file(&path);
-                }
                 _ => {}
             }
         }
         Ok(Edged {
-            shared: Arc::new(Shared::new(cfg, runtime, sink)),
+            shared: Arc::new(Shared::new(cfg, runtime, classes, sink)),
             handle,
             state: Mutex::new(State {
                 gc_pending: true,

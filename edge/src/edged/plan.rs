@@ -37,6 +37,10 @@ pub(crate) struct PodPlan {
     pub volumes: Vec<(String, VolumePlan)>,
     pub init_containers: Vec<ContainerPlan>,
     pub containers: Vec<ContainerPlan>,
+    /// `spec.runtimeClassName` (which of the node's runtimes runs it).
+    pub runtime_class: Option<String>,
+    /// `spec.securityContext` (the containers' own settings win).
+    pub security: Value,
 }
 
 impl PodPlan {
@@ -69,6 +73,10 @@ pub(crate) struct Launch {
     pub args: Vec<String>,
     /// Declared environment (`envFrom`, then `env`), in order.
     pub env: Vec<(String, String)>,
+    /// `command` and `args` as the spec gives them, expanded (a runtime
+    /// with images takes empty ones from the image).
+    pub command: Vec<String>,
+    pub spec_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +84,7 @@ pub(crate) struct MountPlan {
     pub volume: String,
     pub mount_path: String,
     pub sub_path: Option<String>,
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +212,10 @@ pub(crate) fn plan_pod(
         .chain(array_at(spec, "containers"))
         .collect();
     Ok(PodPlan {
+        runtime_class: str_at(spec, "runtimeClassName")
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned),
+        security: spec.get("securityContext").cloned().unwrap_or(Value::Null),
         qos_class: qos_class(&all),
         namespace,
         name,
@@ -299,27 +312,26 @@ impl PodCtx<'_> {
         }
         let image = str_at(c, "image").unwrap_or_default().to_owned();
         let launch = self.env(c).map(|env| {
-            let mut command = strings_at(c, "command");
+            let command = strings_at(c, "command");
             let args = strings_at(c, "args");
-            let program = if command.is_empty() {
-                image.clone()
-            } else {
-                command.remove(0)
-            };
             let lookup = |var: &str| {
                 env.iter()
                     .rev()
                     .find(|(k, _)| k == var)
                     .map(|(_, v)| v.as_str())
             };
+            let command: Vec<String> = command.iter().map(|a| expand(a, lookup)).collect();
+            let spec_args: Vec<String> = args.iter().map(|a| expand(a, lookup)).collect();
+            let (program, rest) = match command.split_first() {
+                Some((program, rest)) => (program.clone(), rest.to_vec()),
+                None => (expand(&image, lookup), Vec::new()),
+            };
             Launch {
-                program: expand(&program, lookup),
-                args: command
-                    .iter()
-                    .chain(&args)
-                    .map(|a| expand(a, lookup))
-                    .collect(),
+                program,
+                args: rest.into_iter().chain(spec_args.iter().cloned()).collect(),
                 env,
+                command,
+                spec_args,
             }
         });
         let ports: Vec<(String, u16)> = array_at(c, "ports")
@@ -350,6 +362,7 @@ impl PodCtx<'_> {
                         sub_path: str_at(m, "subPath")
                             .filter(|s| !s.is_empty())
                             .map(str::to_owned),
+                        read_only: bool_at(m, "readOnly"),
                     })
                 })
                 .collect(),
@@ -627,4 +640,36 @@ pub(crate) fn expand<'a>(input: &str, lookup: impl Fn(&str) -> Option<&'a str>) 
     }
     out.push_str(rest);
     out
+}
+
+/// A Kubernetes quantity (`64Mi`, `500m`, `1.5`, `2G`) in thousandths of
+/// its unit, or `None` if it is not one.
+pub(crate) fn quantity_milli(q: &str) -> Option<i64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match suffix {
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0_f64.powi(4),
+        "Pi" => 1024.0_f64.powi(5),
+        "Ei" => 1024.0_f64.powi(6),
+        _ => return None,
+    };
+    let milli = (number * factor * 1000.0).ceil();
+    (milli.is_finite() && milli >= 0.0 && milli < i64::MAX as f64).then_some(milli as i64)
 }

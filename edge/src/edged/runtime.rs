@@ -53,6 +53,69 @@ pub struct LaunchSpec {
     /// container after edgecore crashed (see [`Runtime::kill_leftover`]).
     /// The runtime removes it once the container has exited.
     pub state_file: PathBuf,
+    /// What a runtime that isolates containers needs besides (see
+    /// [`Runtime::isolates`]); the process runtime uses none of it.
+    pub isolated: Isolated,
+}
+
+/// The pod a container belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// A volume a container sees at `container_path`: the host directory or
+/// file `host_path`, bind-mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// The container's `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Pull at every start.
+    Always,
+    /// Pull only when the image is missing (Kubernetes' default for a
+    /// tagged image).
+    #[default]
+    IfNotPresent,
+    /// Never pull: a missing image is `ErrImageNeverPull`.
+    Never,
+}
+
+/// A container as a runtime with its own filesystem and namespaces sees
+/// it (a CRI runtime): the pod, the command as the spec gives it (empty:
+/// the image's), bind mounts, security context and resource limits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Isolated {
+    pub pod: PodRef,
+    /// `command` and `args` as the spec gives them, `$(VAR)` expanded;
+    /// empty ones take the image's entrypoint and command.
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    /// `workingDir`, or empty for the image's.
+    pub working_dir: String,
+    /// The declared environment only (the image's comes first).
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<BindMount>,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub read_only_root: bool,
+    pub privileged: bool,
+    /// `resources.limits.memory` in bytes.
+    pub memory_limit: Option<i64>,
+    /// `resources.limits.cpu` in millicores.
+    pub cpu_limit_millis: Option<i64>,
+    /// `resources.requests.cpu` in millicores (CPU shares).
+    pub cpu_request_millis: Option<i64>,
+    pub pull_policy: PullPolicy,
+    /// How many times this container was started before (CRI attempt).
+    pub attempt: u32,
 }
 
 /// Signals Edged sends to a container (to its whole process group for the
@@ -72,6 +135,8 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     /// Signal number, when a signal killed it.
     pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it (its memory limit was reached).
+    pub oom_killed: bool,
 }
 
 impl ExitStatus {
@@ -95,6 +160,7 @@ impl From<std::process::ExitStatus> for ExitStatus {
         ExitStatus {
             code: status.code(),
             signal: status.signal(),
+            oom_killed: false,
         }
     }
 }
@@ -112,6 +178,26 @@ pub trait Runtime: Send + Sync + Debug + 'static {
     /// Returns whether something was killed. Must never kill anything that
     /// is not that container.
     fn kill_leftover(&self, state_file: &Path) -> Result<bool, Error>;
+
+    /// The extension of the state files this runtime writes (and whose
+    /// leftovers it kills at start).
+    fn state_extension(&self) -> &'static str {
+        "pid"
+    }
+
+    /// Whether containers get a filesystem and namespaces of their own (a
+    /// CRI runtime): volumes are then bind mounts at their mount paths and
+    /// the command runs as the spec and the image say, instead of the
+    /// process runtime's host process in the pod directory.
+    fn isolates(&self) -> bool {
+        false
+    }
+
+    /// The pod is gone from this node: release what the runtime holds for
+    /// it (a CRI runtime's pod sandbox). Its containers have exited.
+    fn pod_removed(&self, _pod: &PodRef) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A started container.

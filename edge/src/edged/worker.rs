@@ -19,7 +19,9 @@ use super::plan::{
     ContainerPlan, MountPlan, PodPlan, RestartPolicy, VolumePlan, safe_component, safe_relative,
 };
 use super::probe::{ProbeEvent, run_probes};
-use super::runtime::{ContainerHandle, ExitStatus, LaunchSpec, StopSignal};
+use super::runtime::{
+    BindMount, ContainerHandle, ExitStatus, Isolated, LaunchSpec, PodRef, PullPolicy, StopSignal,
+};
 use super::{EdgedConfig, Runtime, StatusSink, volume};
 
 /// A container that ran this long gets its back-off reset.
@@ -29,7 +31,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 pub(crate) struct Shared {
     pub cfg: EdgedConfig,
+    /// The runtime of pods without a `runtimeClassName`.
     pub runtime: Arc<dyn Runtime>,
+    /// The runtimes pods name by `runtimeClassName`.
+    pub classes: HashMap<String, Arc<dyn Runtime>>,
     pub sink: Arc<dyn StatusSink>,
     /// Handles of the running containers by (pod key, container name), for
     /// `Edged::exec`: added when a worker started one, removed when it
@@ -38,13 +43,28 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: EdgedConfig, runtime: Arc<dyn Runtime>, sink: Arc<dyn StatusSink>) -> Shared {
+    pub fn new(
+        cfg: EdgedConfig,
+        runtime: Arc<dyn Runtime>,
+        classes: HashMap<String, Arc<dyn Runtime>>,
+        sink: Arc<dyn StatusSink>,
+    ) -> Shared {
         Shared {
             cfg,
             runtime,
+            classes,
             sink,
             containers: Mutex::default(),
         }
+    }
+
+    /// The runtime of pods with `runtimeClassName` `class` (the default
+    /// one without; an unknown class is refused earlier, by Edged).
+    pub fn runtime_for(&self, class: Option<&str>) -> Arc<dyn Runtime> {
+        class
+            .and_then(|c| self.classes.get(c))
+            .unwrap_or(&self.runtime)
+            .clone()
     }
 
     fn running_map(
@@ -143,6 +163,7 @@ pub(crate) fn go_duration(d: Duration) -> String {
 struct Terminated {
     exit_code: i32,
     signal: Option<i32>,
+    oom_killed: bool,
     message: Option<String>,
     started_at: OffsetDateTime,
     finished_at: OffsetDateTime,
@@ -153,7 +174,13 @@ impl Terminated {
     fn json(&self) -> Value {
         let mut t = json!({
             "exitCode": self.exit_code,
-            "reason": if self.exit_code == 0 { "Completed" } else { "Error" },
+            "reason": if self.oom_killed {
+                "OOMKilled"
+            } else if self.exit_code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            },
             "startedAt": rfc3339(self.started_at),
             "finishedAt": rfc3339(self.finished_at),
             "containerID": self.container_id,
@@ -374,6 +401,7 @@ impl Worker {
                     }
                     if remove {
                         self.remove_files();
+                        self.runtime().pod_removed(&self.pod_ref()).await;
                     }
                     debug!(pod = %self.key, "pod worker done");
                     return;
@@ -553,16 +581,73 @@ impl Worker {
         }
     }
 
+    /// The runtime that runs this pod (by its `runtimeClassName`).
+    fn runtime(&self) -> Arc<dyn Runtime> {
+        self.shared.runtime_for(self.plan.runtime_class.as_deref())
+    }
+
+    fn pod_ref(&self) -> PodRef {
+        PodRef {
+            namespace: self.plan.namespace.clone(),
+            name: self.plan.name.clone(),
+            uid: self.plan.uid.clone(),
+        }
+    }
+
     /// Everything needed to launch `plan`, or (reason, message).
     fn prepare(
         &mut self,
         plan: &ContainerPlan,
         log_seq: u32,
+        attempt: u32,
     ) -> Result<LaunchSpec, (&'static str, String)> {
         let launch = plan
             .launch
             .as_ref()
             .map_err(|message| ("CreateContainerConfigError", message.clone()))?;
+        if let Some(class) = &self.plan.runtime_class
+            && !self.shared.classes.contains_key(class)
+        {
+            let mut known: Vec<&str> = self.shared.classes.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err((
+                "CreateContainerConfigError",
+                format!(
+                    "runtimeClassName {class:?} is not a runtime of this node (it has: {})",
+                    if known.is_empty() {
+                        "only the default".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        let runtime = self.runtime();
+        let state_file = self.run_dir.join(format!(
+            "{}_{}.{}",
+            self.plan.dir_name(),
+            plan.name,
+            runtime.state_extension()
+        ));
+        let log_file = self.log_dir.join(&plan.name).join(format!("{log_seq}.log"));
+        let stdin = plan.spec.get("stdin").and_then(Value::as_bool) == Some(true);
+        if runtime.isolates() {
+            let isolated = self.isolated(plan, launch, attempt)?;
+            return Ok(LaunchSpec {
+                name: plan.name.clone(),
+                image: plan.image.clone(),
+                program: launch.program.clone(),
+                args: launch.args.clone(),
+                env: isolated.env.clone(),
+                working_dir: self.pod_dir.clone(),
+                log_file,
+                log_max_size: self.shared.cfg.container_log_max_size,
+                log_max_files: self.shared.cfg.container_log_max_files,
+                stdin,
+                state_file,
+                isolated,
+            });
+        }
         let working_dir = plan
             .working_dir
             .clone()
@@ -613,13 +698,115 @@ impl Worker {
             args: launch.args.clone(),
             env,
             working_dir,
-            log_file: self.log_dir.join(&plan.name).join(format!("{log_seq}.log")),
+            log_file,
             log_max_size: self.shared.cfg.container_log_max_size,
             log_max_files: self.shared.cfg.container_log_max_files,
-            stdin: plan.spec.get("stdin").and_then(Value::as_bool) == Some(true),
-            state_file: self
-                .run_dir
-                .join(format!("{}_{}.pid", self.plan.dir_name(), plan.name)),
+            stdin,
+            state_file,
+            isolated: Isolated {
+                pod: self.pod_ref(),
+                attempt,
+                ..Isolated::default()
+            },
+        })
+    }
+
+    /// The container as a runtime with images sees it: volumes as bind
+    /// mounts of their directories on the node, the security context
+    /// (the container's over the pod's), limits, the pull policy.
+    fn isolated(
+        &self,
+        plan: &ContainerPlan,
+        launch: &super::plan::Launch,
+        attempt: u32,
+    ) -> Result<Isolated, (&'static str, String)> {
+        let config = |m: String| ("CreateContainerConfigError", m);
+        let mut mounts = Vec::new();
+        for m in &plan.mounts {
+            let volume = self
+                .plan
+                .volumes
+                .iter()
+                .find(|(name, _)| *name == m.volume)
+                .map(|(_, v)| v)
+                .ok_or_else(|| config(format!("volume {:?} not found", m.volume)))?;
+            let (mut host_path, read_only) = match volume {
+                VolumePlan::HostPath { path, .. } => (path.clone(), false),
+                VolumePlan::Files(_) => (self.pod_dir.join("volumes").join(&m.volume), true),
+                VolumePlan::EmptyDir => (self.pod_dir.join("volumes").join(&m.volume), false),
+            };
+            if let Some(sub) = &m.sub_path {
+                if !safe_relative(sub) {
+                    return Err(config(format!("invalid subPath {sub:?}")));
+                }
+                host_path = host_path.join(sub);
+            }
+            if !m.mount_path.starts_with('/') || m.mount_path.contains('\0') {
+                return Err(config(format!(
+                    "mountPath {:?} must be an absolute path",
+                    m.mount_path
+                )));
+            }
+            mounts.push(BindMount {
+                host_path,
+                container_path: m.mount_path.clone(),
+                read_only: read_only || m.read_only,
+            });
+        }
+        let own = |key: &str| {
+            plan.spec
+                .get("securityContext")
+                .and_then(|s| s.get(key))
+                .filter(|v| !v.is_null())
+        };
+        let either = |key: &str| own(key).or_else(|| self.plan.security.get(key));
+        let quantity = |path: &str| {
+            plan.spec.pointer(path).and_then(|q| match q {
+                Value::String(s) => super::plan::quantity_milli(s),
+                Value::Number(n) => n.as_f64().map(|f| (f * 1000.0) as i64),
+                _ => None,
+            })
+        };
+        let tag_is_latest = {
+            let last = plan.image.rsplit('/').next().unwrap_or_default();
+            let name = last.split('@').next().unwrap_or_default();
+            !plan.image.contains('@') && name.rsplit_once(':').is_none_or(|(_, t)| t == "latest")
+        };
+        let pull_policy = match plan.spec.get("imagePullPolicy").and_then(Value::as_str) {
+            Some("Always") => PullPolicy::Always,
+            Some("Never") => PullPolicy::Never,
+            Some("IfNotPresent") => PullPolicy::IfNotPresent,
+            _ if tag_is_latest => PullPolicy::Always,
+            _ => PullPolicy::IfNotPresent,
+        };
+        let mut env = vec![("HOSTNAME".to_owned(), self.plan.name.clone())];
+        for (key, value) in &launch.env {
+            match env.iter_mut().find(|(k, _)| k == key) {
+                Some(entry) => entry.1.clone_from(value),
+                None => env.push((key.clone(), value.clone())),
+            }
+        }
+        Ok(Isolated {
+            pod: self.pod_ref(),
+            command: launch.command.clone(),
+            args: launch.spec_args.clone(),
+            working_dir: plan
+                .spec
+                .get("workingDir")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            env,
+            mounts,
+            run_as_user: either("runAsUser").and_then(Value::as_i64),
+            run_as_group: either("runAsGroup").and_then(Value::as_i64),
+            read_only_root: own("readOnlyRootFilesystem").and_then(Value::as_bool) == Some(true),
+            privileged: own("privileged").and_then(Value::as_bool) == Some(true),
+            memory_limit: quantity("/resources/limits/memory").map(|m| m / 1000),
+            cpu_limit_millis: quantity("/resources/limits/cpu"),
+            cpu_request_millis: quantity("/resources/requests/cpu"),
+            pull_policy,
+            attempt,
         })
     }
 
@@ -677,11 +864,11 @@ impl Worker {
         } else {
             0
         };
-        let started = self.prepare(&plan, c.log_seq).and_then(|spec| {
-            self.shared
-                .runtime
-                .start(&spec)
-                .map_err(|e| ("RunContainerError", e.to_string()))
+        let started = self.prepare(&plan, c.log_seq, attempt).and_then(|spec| {
+            self.runtime().start(&spec).map_err(|e| match e {
+                super::Error::Image { reason, message } => (reason, message),
+                e => ("RunContainerError", e.to_string()),
+            })
         });
         let run_id = self.next_run_id;
         self.next_run_id += 1;
@@ -695,7 +882,18 @@ impl Worker {
                 if c.waiting.as_ref().is_none_or(|(_, m)| *m != message) {
                     warn!(pod = %self.key, container = %plan.name, reason, %message, "cannot start container");
                 }
-                c.waiting = Some((reason, message));
+                let again = c
+                    .waiting
+                    .as_ref()
+                    .is_some_and(|(r, _)| matches!(*r, "ErrImagePull" | "ImagePullBackOff"));
+                c.waiting = Some(if reason == "ErrImagePull" && again {
+                    (
+                        "ImagePullBackOff",
+                        format!("Back-off pulling image {:?}: {message}", plan.image),
+                    )
+                } else {
+                    (reason, message)
+                });
                 if reason == "CreateContainerConfigError" {
                     // Retried when the plan changes.
                     c.next_start = None;
@@ -797,14 +995,15 @@ impl Worker {
         for task in &run.tasks {
             task.abort();
         }
-        let (exit_code, signal, message) = match result {
-            Ok(status) => (status.exit_code(), status.signal, None),
-            Err(e) => (255, None, Some(e)),
+        let (exit_code, signal, oom_killed, message) = match result {
+            Ok(status) => (status.exit_code(), status.signal, status.oom_killed, None),
+            Err(e) => (255, None, false, Some(e)),
         };
-        info!(pod = %self.key, container = %c.plan.name, exit_code, ?signal, "container exited");
+        info!(pod = %self.key, container = %c.plan.name, exit_code, ?signal, oom_killed, "container exited");
         let terminated = Terminated {
             exit_code,
             signal,
+            oom_killed,
             message,
             started_at: run.started_at,
             finished_at,

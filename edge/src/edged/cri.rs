@@ -1,0 +1,699 @@
+//! [`CriRuntime`]: pods as containers of a CRI runtime (containerd),
+//! driven over its unix socket with the Kubernetes Container Runtime
+//! Interface (`runtime.v1`).
+//!
+//! Each pod gets one sandbox, made when its first container starts and
+//! labelled with the pod's uid; it shares the node's network (pod
+//! networking through CNI is not configured by keel). Containers write
+//! their output to the pod's log directory in the CRI format, which
+//! `kubectl logs` reads as for the process runtime. A container's end is
+//! learnt by polling its status; `OOMKilled` comes from the runtime.
+//!
+//! The Runtime trait is synchronous where it starts containers: the CRI
+//! calls run on the caller's worker with `block_in_place` (edgecore's
+//! runtime is multi-threaded), each under a deadline.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_proto::cri;
+use keel_proto::cri::image_service_client::ImageServiceClient;
+use keel_proto::cri::runtime_service_client::RuntimeServiceClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::Error;
+use super::runtime::{
+    BoxFuture, ContainerHandle, ExitStatus, LaunchSpec, PodRef, PullPolicy, Runtime, StopSignal,
+};
+
+/// Label naming the pod uid on sandboxes and containers keel makes.
+const POD_UID_LABEL: &str = "io.kubernetes.pod.uid";
+/// Label naming the container on containers keel makes.
+const CONTAINER_LABEL: &str = "io.kubernetes.container.name";
+/// Deadline of one CRI call that does not pull an image.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of an image pull.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a running container's status is asked for.
+const POLL: Duration = Duration::from_millis(500);
+/// A Term asks the container to stop within this long (the worker sends
+/// Kill after the pod's grace period anyway).
+const TERM_TIMEOUT_SECS: i64 = 3600;
+
+fn rpc(what: &str, e: &tonic::Status) -> Error {
+    Error::Runtime(format!("{what}: {}", e.message()))
+}
+
+/// Runs `f` to completion from synchronous code inside edgecore's runtime.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, Error> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+    if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+        return Err(Error::Runtime(
+            "the CRI runtime needs a multi-threaded tokio runtime".into(),
+        ));
+    }
+    Ok(tokio::task::block_in_place(|| handle.block_on(f)))
+}
+
+async fn timed<T>(
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(e)) => Err(rpc(what, &e)),
+        Err(_) => Err(Error::Runtime(format!(
+            "{what}: no answer within {limit:?}"
+        ))),
+    }
+}
+
+/// A CRI runtime reached over a unix socket.
+pub struct CriRuntime {
+    socket: PathBuf,
+    runtime: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
+    /// Pod uid → its sandbox.
+    sandboxes: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for CriRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CriRuntime")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CriRuntime {
+    /// Connects to the CRI socket at `socket` and checks that it answers
+    /// `Version` with the v1 API.
+    pub async fn connect(socket: &Path) -> Result<Arc<CriRuntime>, Error> {
+        let path = socket.to_path_buf();
+        let channel = tonic::transport::Endpoint::from_static("http://cri.invalid")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "cannot reach the CRI socket {}: {e}",
+                    socket.display()
+                ))
+            })?;
+        let mut runtime = RuntimeServiceClient::new(channel.clone());
+        let v = timed(
+            "Version",
+            CALL_TIMEOUT,
+            runtime.version(cri::VersionRequest {
+                version: "v1".into(),
+            }),
+        )
+        .await?;
+        if v.runtime_api_version != "v1" {
+            return Err(Error::Runtime(format!(
+                "the CRI runtime at {} speaks {:?}, not v1",
+                socket.display(),
+                v.runtime_api_version
+            )));
+        }
+        info!(socket = %socket.display(), runtime = %v.runtime_name, version = %v.runtime_version, "CRI runtime connected");
+        Ok(Arc::new(CriRuntime {
+            socket: socket.to_path_buf(),
+            runtime,
+            images: ImageServiceClient::new(channel),
+            sandboxes: Mutex::default(),
+        }))
+    }
+
+    fn sandboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sandbox_config(pod: &PodRef, log_dir: &Path) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                attempt: 0,
+            }),
+            // No hostname: the sandbox shares the node's UTS namespace
+            // with its network.
+            hostname: String::new(),
+            log_directory: log_dir.to_string_lossy().into_owned(),
+            labels: [(POD_UID_LABEL.to_owned(), pod.uid.clone())].into(),
+            annotations: HashMap::new(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: String::new(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                    }),
+                    ..Default::default()
+                }),
+            }),
+        }
+    }
+
+    /// The pod's ready sandbox: known, found by label, or made now.
+    async fn sandbox(&self, pod: &PodRef, log_dir: &Path) -> Result<String, Error> {
+        if let Some(id) = self.sandboxes().get(&pod.uid).cloned() {
+            return Ok(id);
+        }
+        let mut rt = self.runtime.clone();
+        let found = timed(
+            "ListPodSandbox",
+            CALL_TIMEOUT,
+            rt.list_pod_sandbox(cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    id: String::new(),
+                    state: Some(cri::PodSandboxStateValue {
+                        state: cri::PodSandboxState::SandboxReady as i32,
+                    }),
+                    label_selector: [(POD_UID_LABEL.to_owned(), pod.uid.clone())].into(),
+                }),
+            }),
+        )
+        .await?;
+        let id = match found.items.into_iter().next() {
+            Some(s) => s.id,
+            None => {
+                let r = timed(
+                    "RunPodSandbox",
+                    CALL_TIMEOUT,
+                    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                        config: Some(Self::sandbox_config(pod, log_dir)),
+                        runtime_handler: String::new(),
+                    }),
+                )
+                .await?;
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), sandbox = %r.pod_sandbox_id, "pod sandbox ready");
+                r.pod_sandbox_id
+            }
+        };
+        self.sandboxes().insert(pod.uid.clone(), id.clone());
+        Ok(id)
+    }
+
+    /// Makes sure `image` is on the node, pulling it as `policy` says.
+    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), Error> {
+        if image.is_empty() {
+            return Err(Error::Image {
+                reason: "InvalidImageName",
+                message: "the container has no image".into(),
+            });
+        }
+        let mut images = self.images.clone();
+        let spec = || {
+            Some(cri::ImageSpec {
+                image: image.to_owned(),
+            })
+        };
+        let present = match images
+            .image_status(cri::ImageStatusRequest { image: spec() })
+            .await
+        {
+            Ok(r) => r.into_inner().image.is_some(),
+            Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                return Err(Error::Image {
+                    reason: "InvalidImageName",
+                    message: format!(
+                        "Failed to apply default image tag {image:?}: {}",
+                        e.message()
+                    ),
+                });
+            }
+            Err(e) => return Err(rpc("ImageStatus", &e)),
+        };
+        match (present, policy) {
+            (true, PullPolicy::IfNotPresent | PullPolicy::Never) => Ok(()),
+            (false, PullPolicy::Never) => Err(Error::Image {
+                reason: "ErrImageNeverPull",
+                message: format!(
+                    "Container image {image:?} is not present with pull policy of Never"
+                ),
+            }),
+            (_, PullPolicy::Always | PullPolicy::IfNotPresent) => {
+                debug!(%image, "pulling image");
+                match tokio::time::timeout(
+                    PULL_TIMEOUT,
+                    images.pull_image(cri::PullImageRequest {
+                        image: spec(),
+                        sandbox_config: None,
+                    }),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(Error::Image {
+                        reason: "ErrImagePull",
+                        message: e.message().to_owned(),
+                    }),
+                    Err(_) => Err(Error::Image {
+                        reason: "ErrImagePull",
+                        message: format!("pulling {image:?} took longer than {PULL_TIMEOUT:?}"),
+                    }),
+                }
+            }
+        }
+    }
+
+    async fn start_async(&self, spec: &LaunchSpec) -> Result<Arc<CriContainer>, Error> {
+        let iso = &spec.isolated;
+        let log_dir = spec
+            .log_file
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| Error::Runtime("log file outside a pod log directory".into()))?;
+        let log_path = spec
+            .log_file
+            .strip_prefix(log_dir)
+            .map_err(|e| Error::Runtime(e.to_string()))?
+            .to_string_lossy()
+            .into_owned();
+        if let Some(dir) = spec.log_file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        self.ensure_image(&spec.image, iso.pull_policy).await?;
+        let sandbox = self.sandbox(&iso.pod, log_dir).await?;
+        let mut rt = self.runtime.clone();
+        // The previous run of this container (exited) goes: its log stays.
+        self.remove_exited(&sandbox, &spec.name).await;
+        let limits = cri::LinuxContainerResources {
+            cpu_period: if iso.cpu_limit_millis.is_some() {
+                100_000
+            } else {
+                0
+            },
+            cpu_quota: iso.cpu_limit_millis.map_or(0, |m| (m * 100).max(1000)),
+            cpu_shares: iso
+                .cpu_request_millis
+                .or(iso.cpu_limit_millis)
+                .map_or(2, |m| (m * 1024 / 1000).max(2)),
+            memory_limit_in_bytes: iso.memory_limit.unwrap_or(0),
+            oom_score_adj: 0,
+        };
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: spec.name.clone(),
+                attempt: iso.attempt,
+            }),
+            image: Some(cri::ImageSpec {
+                image: spec.image.clone(),
+            }),
+            command: iso.command.clone(),
+            args: iso.args.clone(),
+            working_dir: iso.working_dir.clone(),
+            envs: iso
+                .env
+                .iter()
+                .map(|(k, v)| cri::KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            mounts: iso
+                .mounts
+                .iter()
+                .map(|m| cri::Mount {
+                    container_path: m.container_path.clone(),
+                    host_path: m.host_path.to_string_lossy().into_owned(),
+                    readonly: m.read_only,
+                })
+                .collect(),
+            labels: [
+                (POD_UID_LABEL.to_owned(), iso.pod.uid.clone()),
+                (CONTAINER_LABEL.to_owned(), spec.name.clone()),
+            ]
+            .into(),
+            annotations: HashMap::new(),
+            log_path,
+            stdin: spec.stdin,
+            stdin_once: false,
+            tty: false,
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(limits),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged: iso.privileged,
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                    }),
+                    run_as_user: iso.run_as_user.map(|value| cri::Int64Value { value }),
+                    readonly_rootfs: iso.read_only_root,
+                    supplemental_groups: Vec::new(),
+                    no_new_privs: !iso.privileged,
+                    run_as_group: iso.run_as_group.map(|value| cri::Int64Value { value }),
+                }),
+            }),
+        };
+        let created = timed(
+            "CreateContainer",
+            CALL_TIMEOUT,
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(config),
+                sandbox_config: Some(Self::sandbox_config(&iso.pod, log_dir)),
+            }),
+        )
+        .await?;
+        let id = created.container_id;
+        if let Err(e) = timed(
+            "StartContainer",
+            CALL_TIMEOUT,
+            rt.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        )
+        .await
+        {
+            let _ = rt
+                .remove_container(cri::RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await;
+            return Err(e);
+        }
+        write_state(&spec.state_file, &id)?;
+        Ok(CriContainer::follow(
+            self.runtime.clone(),
+            id,
+            spec.state_file.clone(),
+        ))
+    }
+
+    /// Removes the exited containers named `name` in `sandbox`.
+    async fn remove_exited(&self, sandbox: &str, name: &str) {
+        let mut rt = self.runtime.clone();
+        let Ok(list) = timed(
+            "ListContainers",
+            CALL_TIMEOUT,
+            rt.list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    id: String::new(),
+                    state: Some(cri::ContainerStateValue {
+                        state: cri::ContainerState::ContainerExited as i32,
+                    }),
+                    pod_sandbox_id: sandbox.to_owned(),
+                    label_selector: [(CONTAINER_LABEL.to_owned(), name.to_owned())].into(),
+                }),
+            }),
+        )
+        .await
+        else {
+            return;
+        };
+        for c in list.containers {
+            let _ = rt
+                .remove_container(cri::RemoveContainerRequest { container_id: c.id })
+                .await;
+        }
+    }
+}
+
+/// Imports the image archive `archive` (an OCI image layout, or `docker
+/// save`) into the containerd at `socket`, in the namespace its CRI
+/// plugin uses, with containerd's own client (`ctr`, shipped with
+/// containerd). Returns what it printed (the images imported).
+pub fn import_image(socket: &Path, archive: &Path) -> Result<String, Error> {
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(socket)
+        .args(["--namespace", "k8s.io", "images", "import"])
+        .arg(archive)
+        .output()
+        .map_err(|e| Error::Spawn {
+            program: "ctr".into(),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(Error::Runtime(format!(
+            "importing {}: {}",
+            archive.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Records the container id for [`Runtime::kill_leftover`], created with
+/// its final content and mode (a rename into place).
+fn write_state(path: &Path, id: &str) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, id).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+impl Runtime for CriRuntime {
+    fn start(&self, spec: &LaunchSpec) -> Result<Arc<dyn ContainerHandle>, Error> {
+        let c = block_on(self.start_async(spec))??;
+        Ok(c)
+    }
+
+    fn kill_leftover(&self, state_file: &Path) -> Result<bool, Error> {
+        let id = std::fs::read_to_string(state_file).map_err(|e| Error::io(state_file, e))?;
+        let id = id.trim().to_owned();
+        let mut rt = self.runtime.clone();
+        let killed = block_on(async move {
+            let stopped = rt
+                .stop_container(cri::StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout: 0,
+                })
+                .await
+                .is_ok();
+            let _ = rt
+                .remove_container(cri::RemoveContainerRequest { container_id: id })
+                .await;
+            stopped
+        })?;
+        let _ = std::fs::remove_file(state_file);
+        Ok(killed)
+    }
+
+    fn state_extension(&self) -> &'static str {
+        "cri"
+    }
+
+    fn isolates(&self) -> bool {
+        true
+    }
+
+    fn pod_removed(&self, pod: &PodRef) -> BoxFuture<'static, ()> {
+        let known = self.sandboxes().remove(&pod.uid);
+        let mut rt = self.runtime.clone();
+        let uid = pod.uid.clone();
+        Box::pin(async move {
+            let mut ids: Vec<String> = known.into_iter().collect();
+            if let Ok(r) = timed(
+                "ListPodSandbox",
+                CALL_TIMEOUT,
+                rt.list_pod_sandbox(cri::ListPodSandboxRequest {
+                    filter: Some(cri::PodSandboxFilter {
+                        id: String::new(),
+                        state: None,
+                        label_selector: [(POD_UID_LABEL.to_owned(), uid.clone())].into(),
+                    }),
+                }),
+            )
+            .await
+            {
+                ids.extend(r.items.into_iter().map(|s| s.id));
+            }
+            ids.sort();
+            ids.dedup();
+            for id in ids {
+                for r in [
+                    timed(
+                        "StopPodSandbox",
+                        CALL_TIMEOUT,
+                        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                            pod_sandbox_id: id.clone(),
+                        }),
+                    )
+                    .await
+                    .map(drop),
+                    timed(
+                        "RemovePodSandbox",
+                        CALL_TIMEOUT,
+                        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                            pod_sandbox_id: id.clone(),
+                        }),
+                    )
+                    .await
+                    .map(drop),
+                ] {
+                    if let Err(e) = r {
+                        warn!(pod_uid = %uid, sandbox = %id, error = %e, "cannot remove pod sandbox");
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// A container of the CRI runtime, its end learnt by polling.
+struct CriContainer {
+    id: String,
+    runtime: RuntimeServiceClient<Channel>,
+    exited: watch::Receiver<Option<Result<ExitStatus, String>>>,
+}
+
+impl std::fmt::Debug for CriContainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CriContainer")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CriContainer {
+    fn follow(
+        runtime: RuntimeServiceClient<Channel>,
+        id: String,
+        state_file: PathBuf,
+    ) -> Arc<CriContainer> {
+        let (tx, exited) = watch::channel(None);
+        let mut rt = runtime.clone();
+        let cid = id.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            let end = loop {
+                tokio::time::sleep(POLL).await;
+                let r = timed(
+                    "ContainerStatus",
+                    CALL_TIMEOUT,
+                    rt.container_status(cri::ContainerStatusRequest {
+                        container_id: cid.clone(),
+                        verbose: false,
+                    }),
+                )
+                .await;
+                match r.map(|r| r.status) {
+                    Ok(Some(s)) if s.state == cri::ContainerState::ContainerExited as i32 => {
+                        break Ok(ExitStatus {
+                            code: Some(s.exit_code),
+                            signal: None,
+                            oom_killed: s.reason == "OOMKilled",
+                        });
+                    }
+                    Ok(Some(_)) => failures = 0,
+                    Ok(None) => break Err("the container is gone from the runtime".to_owned()),
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= 20 {
+                            break Err(format!("lost track of the container: {e}"));
+                        }
+                    }
+                }
+            };
+            let _ = std::fs::remove_file(&state_file);
+            let _ = tx.send(Some(end));
+        });
+        Arc::new(CriContainer {
+            id,
+            runtime,
+            exited,
+        })
+    }
+}
+
+impl ContainerHandle for CriContainer {
+    fn id(&self) -> String {
+        format!("containerd://{}", self.id)
+    }
+
+    fn signal(&self, signal: StopSignal) -> Result<(), Error> {
+        if self.exited.borrow().is_some() {
+            return Ok(());
+        }
+        let mut rt = self.runtime.clone();
+        let id = self.id.clone();
+        let timeout = match signal {
+            StopSignal::Term => TERM_TIMEOUT_SECS,
+            StopSignal::Kill => 0,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = rt
+                .stop_container(cri::StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout,
+                })
+                .await
+            {
+                debug!(container = %id, error = %e.message(), "StopContainer");
+            }
+        });
+        Ok(())
+    }
+
+    fn wait(&self) -> BoxFuture<'_, Result<ExitStatus, Error>> {
+        let mut rx = self.exited.clone();
+        Box::pin(async move {
+            let end = rx
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| Error::Runtime("the runtime stopped following it".into()))?
+                .clone();
+            match end {
+                Some(Ok(status)) => Ok(status),
+                Some(Err(e)) => Err(Error::Runtime(e)),
+                None => Err(Error::Runtime("no exit status".into())),
+            }
+        })
+    }
+
+    fn exec(
+        &self,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<ExitStatus, Error>> {
+        let mut rt = self.runtime.clone();
+        let id = self.id.clone();
+        let running = self.exited.borrow().is_none();
+        Box::pin(async move {
+            if !running {
+                return Err(Error::NotRunning);
+            }
+            let secs = i64::try_from(timeout.as_secs().max(1)).unwrap_or(i64::MAX);
+            let r = tokio::time::timeout(
+                timeout + Duration::from_secs(5),
+                rt.exec_sync(cri::ExecSyncRequest {
+                    container_id: id,
+                    cmd: command,
+                    timeout: secs,
+                }),
+            )
+            .await
+            .map_err(|_| Error::Timeout(timeout))?
+            .map_err(|e| {
+                if e.code() == tonic::Code::DeadlineExceeded || e.message().contains("timeout") {
+                    Error::Timeout(timeout)
+                } else {
+                    rpc("ExecSync", &e)
+                }
+            })?
+            .into_inner();
+            Ok(ExitStatus {
+                code: Some(r.exit_code),
+                signal: None,
+                oom_killed: false,
+            })
+        })
+    }
+}

@@ -1,0 +1,378 @@
+//! Pods as containers, through a real containerd (its CRI API) started by
+//! the test with its own config, state and socket, and a real cloudcore,
+//! edgecore and kubectl. The image is built here from the host's static
+//! busybox as an OCI archive (no registry exists) and imported with
+//! `edgecore import-image`.
+//!
+//! One test, in steps: a pod runs from the image (its own filesystem) and
+//! `kubectl logs` shows its output; a failing exec liveness probe restarts
+//! it; a memory limit kills it (OOMKilled); readOnlyRootFilesystem holds;
+//! a missing image with pull policy Never, and one no registry serves,
+//! are errors on the pod; `runtimeClassName: keel-process` runs a pod as
+//! host processes beside.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "../../cloud/tests/support/kubectl.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cluster::*;
+use serde_json::Value;
+
+const IMAGE: &str = "docker.io/library/keel-busybox:1";
+
+/// A containerd of the test's own: config, root, state and socket under
+/// `dir`; the sandbox ("pause") image is the test image.
+struct Containerd {
+    child: Option<Child>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Containerd {
+        std::fs::create_dir_all(dir.join("net.d")).unwrap();
+        let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| on_path("runc"));
+        let socket = dir.join("containerd.sock");
+        // Loopback only: pods share the node's network.
+        std::fs::write(
+            dir.join("net.d/10-lo.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"lo","plugins":[{"type":"loopback"}]}"#,
+        )
+        .unwrap();
+        let d = dir.display();
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{IMAGE}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/net.d"
+"#,
+            socket = socket.display(),
+            runc = runc.display(),
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new(on_path("containerd"))
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Containerd {
+            child: Some(child),
+            dir: dir.to_owned(),
+            socket,
+        };
+        wait_for("containerd to answer", Duration::from_secs(60), || {
+            c.ctr(&["version"]).status.success()
+        });
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new(on_path("ctr"))
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // What still runs is killed and deleted, so the shims exit.
+        let tasks = self.ctr(&["tasks", "ls", "-q"]);
+        for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
+            let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
+            let _ = self.ctr(&["tasks", "delete", "-f", id]);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(1));
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Shims of this containerd, if any outlived it.
+        let sock = self.socket.display().to_string();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("containerd-shim") && cmdline.contains(&sock) {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &p.file_name().to_string_lossy()])
+                        .status();
+                }
+            }
+        }
+        // Its mounts (snapshots, sandbox shm) under the test's directory.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let dir = self.dir.display().to_string();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in points {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+    }
+}
+
+fn pod(name: &str, extra_spec: &str, container: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  nodeName: box
+  restartPolicy: Always
+  terminationGracePeriodSeconds: 1
+{extra_spec}  containers:
+  - name: main
+    image: {IMAGE}
+    imagePullPolicy: Never
+{container}"#
+    )
+}
+
+fn get(cloud: &Cloud, name: &str) -> Value {
+    let o = cloud.k(&["get", "pod", name, "-o", "json"]);
+    if !o.status.success() {
+        return Value::Null;
+    }
+    serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+}
+
+fn apply(cloud: &Cloud, yaml: &str) {
+    let o = kubectl(
+        &cloud.kubeconfig(),
+        &cloud.dir.with_extension("kube-cache"),
+        &["apply", "-f", "-"],
+        Some(yaml),
+    );
+    assert!(
+        o.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn pods_run_as_containers_through_containerd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start(&tmp.path().join("containerd"));
+    let archive = tmp.path().join("image.tar");
+    let built = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/oci_image.py"))
+        .arg(&archive)
+        .arg(IMAGE)
+        .status()
+        .unwrap();
+    assert!(built.success(), "building the test image");
+    let sock = containerd.socket.to_str().unwrap().to_owned();
+    let imported = Command::new(env!("CARGO_BIN_EXE_edgecore"))
+        .args(["import-image", "--cri-socket", &sock])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "edgecore import-image: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    assert!(
+        containerd
+            .ctr(&["images", "ls", "-q"])
+            .stdout
+            .starts_with(IMAGE.as_bytes())
+            || String::from_utf8_lossy(&containerd.ctr(&["images", "ls", "-q"]).stdout)
+                .contains(IMAGE),
+        "the image was not imported"
+    );
+
+    let cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
+    let edge = Edge::start_with(
+        &tmp.path().join("box"),
+        "box",
+        &cloud,
+        Some(cloud.token("box")),
+        None,
+        &["--cri-socket", &sock],
+    );
+
+    // A pod from the image: its own root filesystem (the host's
+    // /etc/os-release is not there), its output in kubectl logs.
+    apply(
+        &cloud,
+        &pod(
+            "hello",
+            "",
+            "    command: [\"sh\", \"-c\", \"test -e /etc/os-release || echo isolated; echo hello from a container; exec sleep 3600\"]\n",
+        ),
+    );
+    wait_for("hello Running", Duration::from_secs(120), || {
+        get(&cloud, "hello")["status"]["phase"] == "Running"
+    });
+    let p = get(&cloud, "hello");
+    let id = p["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(id.starts_with("containerd://"), "{p}");
+    eprintln!("hello runs as {id}");
+    wait_for("hello's logs", Duration::from_secs(30), || {
+        let o = cloud.k(&["logs", "hello"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        out.contains("isolated") && out.contains("hello from a container")
+    });
+
+    // An exec liveness probe that fails restarts the container.
+    apply(
+        &cloud,
+        &pod(
+            "unhealthy",
+            "",
+            "    command: [\"sh\", \"-c\", \"exec sleep 3600\"]\n    livenessProbe:\n      exec:\n        command: [\"cat\", \"/tmp/healthy\"]\n      periodSeconds: 1\n      failureThreshold: 1\n",
+        ),
+    );
+    wait_for("a liveness restart", Duration::from_secs(120), || {
+        get(&cloud, "unhealthy")["status"]["containerStatuses"][0]["restartCount"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+
+    // A memory limit is enforced.
+    apply(
+        &cloud,
+        &pod(
+            "hungry",
+            "",
+            "    command: [\"sh\", \"-c\", \"x=$(head -c 200000000 /dev/zero | tr '\\\\0' a); sleep 3600\"]\n    resources:\n      limits:\n        memory: 32Mi\n",
+        ),
+    );
+    wait_for("OOMKilled", Duration::from_secs(120), || {
+        let s = &get(&cloud, "hungry")["status"]["containerStatuses"][0];
+        s["lastState"]["terminated"]["reason"] == "OOMKilled"
+            || s["state"]["terminated"]["reason"] == "OOMKilled"
+    });
+    eprintln!(
+        "hungry: {}",
+        get(&cloud, "hungry")["status"]["containerStatuses"][0]
+    );
+
+    // readOnlyRootFilesystem holds (an emptyDir stays writable).
+    apply(
+        &cloud,
+        &pod(
+            "readonly",
+            "  volumes:\n  - name: scratch\n    emptyDir: {}\n",
+            "    command: [\"sh\", \"-c\", \"touch /x 2>/dev/null && echo root-writable || echo root-readonly; touch /scratch/y && echo scratch-writable; exec sleep 3600\"]\n    securityContext:\n      readOnlyRootFilesystem: true\n    volumeMounts:\n    - name: scratch\n      mountPath: /scratch\n",
+        ),
+    );
+    wait_for("readonly's logs", Duration::from_secs(120), || {
+        let o = cloud.k(&["logs", "readonly"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        out.contains("root-readonly") && out.contains("scratch-writable")
+    });
+
+    // Images the node does not have: Never is an error on the pod; a pull
+    // no registry answers is ErrImagePull, then ImagePullBackOff.
+    let missing = |name: &str, policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: box\n  containers:\n  - name: main\n    image: registry.invalid/keel/none:1\n    imagePullPolicy: {policy}\n"
+        )
+    };
+    apply(&cloud, &missing("never", "Never"));
+    apply(&cloud, &missing("unpullable", "IfNotPresent"));
+    wait_for("ErrImageNeverPull", Duration::from_secs(60), || {
+        get(&cloud, "never")["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+            == "ErrImageNeverPull"
+    });
+    wait_for("an image pull error", Duration::from_secs(120), || {
+        let r = get(&cloud, "unpullable")["status"]["containerStatuses"][0]["state"]["waiting"]
+            ["reason"]
+            .clone();
+        r == "ErrImagePull" || r == "ImagePullBackOff"
+    });
+
+    // The process runtime beside: a host process.
+    apply(
+        &cloud,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: host\nspec:\n  nodeName: box\n  runtimeClassName: keel-process\n  containers:\n  - name: main\n    image: busybox\n    command: [\"sleep\", \"3600\"]\n",
+    );
+    wait_for("host Running", Duration::from_secs(60), || {
+        get(&cloud, "host")["status"]["phase"] == "Running"
+    });
+    let host_id = get(&cloud, "host")["status"]["containerStatuses"][0]["containerID"].clone();
+    assert!(
+        host_id
+            .as_str()
+            .is_some_and(|i| i.starts_with("process://")),
+        "{host_id}"
+    );
+
+    // Deleting the pods removes their containers and sandboxes.
+    let o = cloud.k(&["delete", "pods", "--all", "--wait=false"]);
+    assert!(o.status.success());
+    wait_for("no pods", Duration::from_secs(120), || {
+        let o = cloud.k(&["get", "pods", "-o", "name"]);
+        o.status.success() && o.stdout.is_empty()
+    });
+    wait_for("no containers left", Duration::from_secs(60), || {
+        containerd
+            .ctr(&["containers", "ls", "-q"])
+            .stdout
+            .is_empty()
+    });
+    drop(edge);
+    drop(cloud);
+    drop(containerd);
+}
