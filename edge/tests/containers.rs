@@ -106,6 +106,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         c
     }
 
+    /// SIGKILL, then the same containerd again.
+    fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("containerd.log"))
+            .unwrap();
+        self.child = Some(
+            Command::new(on_path("containerd"))
+                .arg("--config")
+                .arg(self.dir.join("config.toml"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        wait_for(
+            "containerd to answer again",
+            Duration::from_secs(60),
+            || self.ctr(&["version"]).status.success(),
+        );
+    }
+
     fn ctr(&self, args: &[&str]) -> std::process::Output {
         Command::new(on_path("ctr"))
             .arg("--address")
@@ -359,19 +385,105 @@ fn pods_run_as_containers_through_containerd() {
         "{host_id}"
     );
 
-    // Deleting the pods removes their containers and sandboxes.
-    let o = cloud.k(&["delete", "pods", "--all", "--wait=false"]);
-    assert!(o.status.success());
-    wait_for("no pods", Duration::from_secs(120), || {
+    // Deleting pods removes their containers and sandboxes: only hello's
+    // container and sandbox stay.
+    for name in [
+        "unhealthy",
+        "hungry",
+        "readonly",
+        "never",
+        "unpullable",
+        "host",
+    ] {
+        let o = cloud.k(&["delete", "pod", name, "--wait=false"]);
+        assert!(o.status.success());
+    }
+    wait_for("only hello left", Duration::from_secs(120), || {
         let o = cloud.k(&["get", "pods", "-o", "name"]);
-        o.status.success() && o.stdout.is_empty()
+        String::from_utf8_lossy(&o.stdout).trim() == "pod/hello"
     });
-    wait_for("no containers left", Duration::from_secs(60), || {
-        containerd
-            .ctr(&["containers", "ls", "-q"])
-            .stdout
-            .is_empty()
+    wait_for(
+        "only hello's container and sandbox",
+        Duration::from_secs(60),
+        || {
+            let o = containerd.ctr(&["containers", "ls", "-q"]);
+            String::from_utf8_lossy(&o.stdout).lines().count() == 2
+        },
+    );
+
+    // Offline autonomy: with the cloud down, edgecore SIGKILLed and
+    // started again adopts the container (same ID, no restart).
+    let mut cloud = cloud;
+    cloud.proc.kill9();
+    let mut edge = edge;
+    edge.proc.kill9();
+    let running = |c: &Containerd, id: &str| {
+        let o = c.ctr(&["tasks", "ls"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+    };
+    let bare = id.trim_start_matches("containerd://").to_owned();
+    assert!(
+        running(&containerd, &bare),
+        "the container died with edgecore"
+    );
+    let edge = Edge::start_with(
+        &tmp.path().join("box"),
+        "box",
+        &cloud,
+        None,
+        None,
+        &["--cri-socket", &sock],
+    );
+    let on_edge = |e: &Edge| e.pod("hello").unwrap_or(Value::Null);
+    wait_for(
+        "hello Running again on the edge",
+        Duration::from_secs(60),
+        || on_edge(&edge)["status"]["containerStatuses"][0]["state"]["running"].is_object(),
+    );
+    let s = on_edge(&edge)["status"]["containerStatuses"][0].clone();
+    let log = std::fs::read_to_string(tmp.path().join("box/edgecore.log")).unwrap_or_default();
+    let log: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hello") || l.contains("adopt") || l.contains("leftover"))
+        .collect();
+    assert_eq!(
+        s["containerID"],
+        id.as_str(),
+        "not adopted: {s}\n{}",
+        log.join("\n")
+    );
+    assert_eq!(s["restartCount"], 0, "{s}");
+    assert!(running(&containerd, &bare));
+
+    // containerd SIGKILLed and started again: the container (kept by its
+    // shim) goes on, still followed.
+    let mut containerd = containerd;
+    containerd.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        running(&containerd, &bare),
+        "the container died with containerd"
+    );
+    let s = on_edge(&edge)["status"]["containerStatuses"][0].clone();
+    assert_eq!(s["containerID"], id.as_str(), "{s}");
+    // What a reboot does to it: the container is killed; edgecore starts
+    // it again from its local log, the cloud still down.
+    let o = containerd.ctr(&["tasks", "kill", "-s", "SIGKILL", &bare]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("hello restarted offline", Duration::from_secs(60), || {
+        let s = &on_edge(&edge)["status"]["containerStatuses"][0];
+        s["restartCount"] == 1 && s["state"]["running"].is_object()
     });
+    let again = on_edge(&edge)["status"]["containerStatuses"][0]["containerID"].clone();
+    assert_ne!(again, id.as_str());
+    assert!(
+        again
+            .as_str()
+            .is_some_and(|i| i.starts_with("containerd://")),
+        "{again}"
+    );
     drop(edge);
     drop(cloud);
     drop(containerd);

@@ -34,6 +34,9 @@ use super::runtime::{
 const POD_UID_LABEL: &str = "io.kubernetes.pod.uid";
 /// Label naming the container on containers keel makes.
 const CONTAINER_LABEL: &str = "io.kubernetes.container.name";
+/// Label holding a hash of what the container was made from: a container
+/// left running is adopted only if it still matches its spec.
+const SPEC_LABEL: &str = "keel.io/spec-hash";
 /// Deadline of one CRI call that does not pull an image.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of an image pull.
@@ -43,6 +46,14 @@ const POLL: Duration = Duration::from_millis(500);
 /// A Term asks the container to stop within this long (the worker sends
 /// Kill after the pod's grace period anyway).
 const TERM_TIMEOUT_SECS: i64 = 3600;
+
+/// A hash of everything a container is made from but its attempt.
+fn spec_hash(spec: &LaunchSpec) -> String {
+    let mut iso = spec.isolated.clone();
+    iso.attempt = 0;
+    let text = format!("{:?}|{}|{}|{:?}", iso, spec.name, spec.image, spec.stdin);
+    blake3::hash(text.as_bytes()).to_hex()[..32].to_owned()
+}
 
 fn rpc(what: &str, e: &tonic::Status) -> Error {
     Error::Runtime(format!("{what}: {}", e.message()))
@@ -338,6 +349,7 @@ impl CriRuntime {
             labels: [
                 (POD_UID_LABEL.to_owned(), iso.pod.uid.clone()),
                 (CONTAINER_LABEL.to_owned(), spec.name.clone()),
+                (SPEC_LABEL.to_owned(), spec_hash(spec)),
             ]
             .into(),
             annotations: HashMap::new(),
@@ -390,9 +402,23 @@ impl CriRuntime {
             return Err(e);
         }
         write_state(&spec.state_file, &id)?;
+        let image_ref = timed(
+            "ContainerStatus",
+            CALL_TIMEOUT,
+            rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            }),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.status)
+        .map(|s| s.image_ref)
+        .unwrap_or_default();
         Ok(CriContainer::follow(
             self.runtime.clone(),
             id,
+            image_ref,
             spec.state_file.clone(),
         ))
     }
@@ -490,6 +516,65 @@ impl Runtime for CriRuntime {
         "cri"
     }
 
+    fn adopts(&self) -> bool {
+        true
+    }
+
+    fn adopt(
+        &self,
+        state_file: &Path,
+        spec: &LaunchSpec,
+    ) -> Result<Option<super::runtime::Adopted>, Error> {
+        let id = std::fs::read_to_string(state_file).map_err(|e| Error::io(state_file, e))?;
+        let id = id.trim().to_owned();
+        let mut rt = self.runtime.clone();
+        let status = block_on(timed(
+            "ContainerStatus",
+            CALL_TIMEOUT,
+            rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            }),
+        ))?;
+        let status = match status {
+            Ok(r) => r.status,
+            // Gone (the node rebooted, containerd lost it): start anew.
+            Err(_) => None,
+        };
+        let matches = status.as_ref().is_some_and(|s| {
+            s.state == cri::ContainerState::ContainerRunning as i32
+                && s.labels.get(POD_UID_LABEL) == Some(&spec.isolated.pod.uid)
+                && s.labels.get(CONTAINER_LABEL) == Some(&spec.name)
+                && s.labels.get(SPEC_LABEL) == Some(&spec_hash(spec))
+        });
+        match status {
+            Some(s) if matches => {
+                info!(container = %id, "adopting a container left running");
+                let attempt = s.metadata.as_ref().map_or(0, |m| m.attempt);
+                if let Some(dir) = spec.log_file.parent().and_then(Path::parent) {
+                    // Its sandbox, for the containers to come.
+                    let sandbox = block_on(self.sandbox(&spec.isolated.pod, dir))??;
+                    debug!(%sandbox, "the adopted container's sandbox");
+                }
+                Ok(Some(super::runtime::Adopted {
+                    handle: CriContainer::follow(
+                        self.runtime.clone(),
+                        id,
+                        s.image_ref.clone(),
+                        state_file.to_path_buf(),
+                    ),
+                    restart_count: attempt,
+                    started_at_ns: s.started_at,
+                }))
+            }
+            _ => {
+                // Not what the pod asks any more (or gone): it goes.
+                self.kill_leftover(state_file)?;
+                Ok(None)
+            }
+        }
+    }
+
     fn isolates(&self) -> bool {
         true
     }
@@ -550,6 +635,8 @@ impl Runtime for CriRuntime {
 /// A container of the CRI runtime, its end learnt by polling.
 struct CriContainer {
     id: String,
+    /// The image's id (digest) as the runtime reports it.
+    image_ref: String,
     runtime: RuntimeServiceClient<Channel>,
     exited: watch::Receiver<Option<Result<ExitStatus, String>>>,
 }
@@ -566,15 +653,20 @@ impl CriContainer {
     fn follow(
         runtime: RuntimeServiceClient<Channel>,
         id: String,
+        image_ref: String,
         state_file: PathBuf,
     ) -> Arc<CriContainer> {
         let (tx, exited) = watch::channel(None);
         let mut rt = runtime.clone();
         let cid = id.clone();
         tokio::spawn(async move {
-            let mut failures = 0u32;
+            // While the runtime does not answer (containerd restarting),
+            // the container is not taken for ended: its shim keeps it
+            // running, and a new one would run beside it. Only the
+            // runtime saying it exited, or that it is gone, ends it.
+            let mut wait = POLL;
             let end = loop {
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(wait).await;
                 let r = timed(
                     "ContainerStatus",
                     CALL_TIMEOUT,
@@ -592,13 +684,14 @@ impl CriContainer {
                             oom_killed: s.reason == "OOMKilled",
                         });
                     }
-                    Ok(Some(_)) => failures = 0,
+                    Ok(Some(_)) => wait = POLL,
                     Ok(None) => break Err("the container is gone from the runtime".to_owned()),
+                    Err(Error::Runtime(m)) if m.contains("not found") => {
+                        break Err("the container is gone from the runtime".to_owned());
+                    }
                     Err(e) => {
-                        failures += 1;
-                        if failures >= 20 {
-                            break Err(format!("lost track of the container: {e}"));
-                        }
+                        debug!(container = %cid, error = %e, "the runtime does not answer");
+                        wait = (wait * 2).min(Duration::from_secs(5));
                     }
                 }
             };
@@ -607,6 +700,7 @@ impl CriContainer {
         });
         Arc::new(CriContainer {
             id,
+            image_ref,
             runtime,
             exited,
         })
@@ -616,6 +710,10 @@ impl CriContainer {
 impl ContainerHandle for CriContainer {
     fn id(&self) -> String {
         format!("containerd://{}", self.id)
+    }
+
+    fn image_id(&self) -> String {
+        self.image_ref.clone()
     }
 
     fn signal(&self, signal: StopSignal) -> Result<(), Error> {

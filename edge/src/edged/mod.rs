@@ -131,7 +131,7 @@ use tracing::{info, warn};
 
 pub use cri::{CriRuntime, import_image};
 pub use runtime::{
-    BindMount, BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin,
+    Adopted, BindMount, BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin,
     ExitStatus, Isolated, LaunchSpec, PodRef, ProcessRuntime, PullPolicy, Runtime, StopSignal,
     TerminalResize,
 };
@@ -315,6 +315,10 @@ struct State {
     stopping: Vec<(watch::Sender<Desired>, JoinHandle<()>)>,
     gc_pending: bool,
     shut_down: bool,
+    /// State files of containers a previous edgecore left running, of
+    /// runtimes that adopt them: the pods' workers take theirs over; the
+    /// first sync kills those of pods this node no longer runs.
+    leftovers: Vec<(PathBuf, Arc<dyn Runtime>)>,
 }
 
 /// Runs the pods bound to this node. See the [module documentation](self).
@@ -360,6 +364,7 @@ impl Edged {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
         let run = run_dir(&cfg.root);
+        let mut leftovers = Vec::new();
         for entry in std::fs::read_dir(&run).map_err(|e| Error::io(&run, e))? {
             let path = entry.map_err(|e| Error::io(&run, e))?.path();
             let ext = path.extension().and_then(|e| e.to_str());
@@ -370,6 +375,7 @@ impl Edged {
                 (Some("tmp"), _) => {
                     let _ = std::fs::remove_file(&path);
                 }
+                (_, Some(owner)) if owner.adopts() => leftovers.push((path, owner.clone())),
                 (_, Some(owner)) => match owner.kill_leftover(&path) {
                     Ok(true) => info!(file = %path.display(), "killed a leftover container"),
                     Ok(false) => {}
@@ -385,6 +391,7 @@ impl Edged {
             handle,
             state: Mutex::new(State {
                 gc_pending: true,
+                leftovers,
                 ..State::default()
             }),
         })
@@ -465,6 +472,31 @@ impl Edged {
         }
         state.stopping.retain(|(_, task)| !task.is_finished());
         if std::mem::take(&mut state.gc_pending) {
+            // Containers left running by a previous edgecore: those of pods
+            // still here are adopted by their workers, the rest killed.
+            let leftovers = std::mem::take(&mut state.leftovers);
+            for (path, runtime) in leftovers {
+                let file = path
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .unwrap_or_default();
+                let kept = state
+                    .pods
+                    .values()
+                    .any(|e| file.starts_with(&format!("{}_", e.dir_name)));
+                if kept {
+                    continue;
+                }
+                match runtime.kill_leftover(&path) {
+                    Ok(true) => {
+                        info!(file = %path.display(), "killed a leftover container of a pod gone")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(file = %path.display(), error = %e, "cannot kill leftover container")
+                    }
+                }
+            }
             let live: HashSet<&str> = state.pods.values().map(|e| e.dir_name.as_str()).collect();
             for dir in [
                 pods_dir(&self.shared.cfg.root),

@@ -58,6 +58,16 @@ pub struct LaunchSpec {
     pub isolated: Isolated,
 }
 
+/// A running container taken over from a previous edgecore.
+#[derive(Debug)]
+pub struct Adopted {
+    pub handle: Arc<dyn ContainerHandle>,
+    /// How many times it had been restarted when it was started.
+    pub restart_count: u32,
+    /// When it started (Unix nanoseconds).
+    pub started_at_ns: i64,
+}
+
 /// The pod a container belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PodRef {
@@ -185,6 +195,20 @@ pub trait Runtime: Send + Sync + Debug + 'static {
         "pid"
     }
 
+    /// Whether containers outlive edgecore and are taken over by the next
+    /// one ([`Runtime::adopt`]) instead of killed at its start.
+    fn adopts(&self) -> bool {
+        false
+    }
+
+    /// Takes over the container recorded in `state_file` if it still runs
+    /// what `spec` asks (same pod, container and spec); otherwise kills it
+    /// and returns `None`, so that the caller starts a new one.
+    fn adopt(&self, state_file: &Path, spec: &LaunchSpec) -> Result<Option<Adopted>, Error> {
+        let _ = (state_file, spec);
+        Ok(None)
+    }
+
     /// Whether containers get a filesystem and namespaces of their own (a
     /// CRI runtime): volumes are then bind mounts at their mount paths and
     /// the command runs as the spec and the image say, instead of the
@@ -204,6 +228,12 @@ pub trait Runtime: Send + Sync + Debug + 'static {
 pub trait ContainerHandle: Send + Sync + Debug + 'static {
     /// Kubernetes `containerID`, e.g. `process://1234`.
     fn id(&self) -> String;
+
+    /// Kubernetes `imageID`: the image's digest, where the runtime has
+    /// images (empty for the process runtime).
+    fn image_id(&self) -> String {
+        String::new()
+    }
 
     /// Sends a signal to the container (all its processes). Signalling a
     /// container that has exited is a no-op.

@@ -232,6 +232,11 @@ struct Ctr {
     backoff: Duration,
     next_start: Option<Instant>,
     container_id: Option<String>,
+    /// No start tried yet by this edgecore: a container a previous one
+    /// left running may be adopted.
+    adoptable: bool,
+    /// The image id its runtime reported for the last container started.
+    image_id: String,
     /// Exited and will not be started again.
     done: bool,
 }
@@ -256,6 +261,7 @@ impl Ctr {
             restart_count: log_seq.saturating_sub(1),
             log_seq,
             ever_started: log_seq > 0,
+            adoptable: true,
             run: None,
             waiting: None,
             terminated: None,
@@ -263,6 +269,7 @@ impl Ctr {
             backoff,
             next_start: None,
             container_id: None,
+            image_id: String::new(),
             done: false,
         }
     }
@@ -864,20 +871,36 @@ impl Worker {
         } else {
             0
         };
-        let started = self.prepare(&plan, c.log_seq, attempt).and_then(|spec| {
-            self.runtime().start(&spec).map_err(|e| match e {
-                super::Error::Image { reason, message } => (reason, message),
-                e => ("RunContainerError", e.to_string()),
-            })
-        });
+        let first = c.adoptable;
+        let started = self
+            .prepare(&plan, c.log_seq, attempt)
+            .and_then(|spec| {
+                let runtime = self.runtime();
+                // A container a previous edgecore left running goes on.
+                if first && runtime.adopts() && spec.state_file.exists() {
+                    match runtime.adopt(&spec.state_file, &spec) {
+                        Ok(Some(a)) => return Ok((a.handle, Some((a.restart_count, a.started_at_ns)))),
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(pod = %self.key, container = %plan.name, error = %e, "cannot adopt the running container")
+                        }
+                    }
+                }
+                runtime.start(&spec).map(|h| (h, None))
+                    .map_err(|e| match e {
+                        super::Error::Image { reason, message } => (reason, message),
+                        e => ("RunContainerError", e.to_string()),
+                    })
+            });
         let run_id = self.next_run_id;
         self.next_run_id += 1;
         let max = self.shared.cfg.backoff_max;
         let Some(c) = self.ctrs.get_mut(i) else {
             return;
         };
-        let handle = match started {
-            Ok(handle) => handle,
+        c.adoptable = false;
+        let (handle, adopted) = match started {
+            Ok(started) => started,
             Err((reason, message)) => {
                 if c.waiting.as_ref().is_none_or(|(_, m)| *m != message) {
                     warn!(pod = %self.key, container = %plan.name, reason, %message, "cannot start container");
@@ -904,7 +927,20 @@ impl Worker {
                 return;
             }
         };
-        info!(pod = %self.key, container = %plan.name, id = %handle.id(), restart_count = attempt, "container started");
+        let (attempt, started_at) = match adopted {
+            Some((restart_count, ns)) => {
+                info!(pod = %self.key, container = %plan.name, id = %handle.id(), restart_count, "adopted the running container");
+                (
+                    restart_count,
+                    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+                        .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+                )
+            }
+            None => {
+                info!(pod = %self.key, container = %plan.name, id = %handle.id(), restart_count = attempt, "container started");
+                (attempt, OffsetDateTime::now_utc())
+            }
+        };
         let events = self.events_tx.clone();
         let waited = handle.clone();
         self.tasks.spawn(async move {
@@ -927,11 +963,12 @@ impl Worker {
             )));
         }
         c.container_id = Some(handle.id());
+        c.image_id = handle.image_id();
         self.shared.add_running(&self.key, &plan.name, &handle);
         c.run = Some(Run {
             run_id,
             handle,
-            started_at: OffsetDateTime::now_utc(),
+            started_at,
             since: now,
             started: c.init || plan.startup.is_none(),
             ready: c.init || plan.readiness.is_none(),
@@ -940,7 +977,9 @@ impl Worker {
             tasks,
         });
         c.restart_count = attempt;
-        c.log_seq += 1;
+        if adopted.is_none() {
+            c.log_seq += 1;
+        }
         c.ever_started = true;
         c.waiting = None;
         c.next_start = None;
@@ -1214,7 +1253,7 @@ impl Worker {
         let mut s = json!({
             "name": c.plan.name,
             "image": c.plan.image,
-            "imageID": "",
+            "imageID": c.image_id,
         });
         if let Some(id) = &c.container_id {
             put(&mut s, "containerID", json!(id));
