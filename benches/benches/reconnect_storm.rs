@@ -51,10 +51,12 @@ fn node(i: usize) -> String {
 fn entries(origin: &str, round: usize) -> Vec<Entry> {
     (0..BEHIND)
         .map(|k| {
+            // Opaque event records (readings): the cloud refuses a
+            // "change" that is not an automerge change by the node.
             Entry::new(
                 origin,
                 format!("pods/default/p{k}"),
-                PayloadKind::Change,
+                PayloadKind::Event,
                 format!("round {round} record {k}: {:0>200}", k),
             )
         })
