@@ -115,6 +115,18 @@ pub fn token(dir: &Path, node: &str) -> String {
 /// The release edgecore on `dir`, joining the cloudcore at `hub`/`boot`
 /// with `token`; its stderr to `err` (null if `None`).
 pub fn edgecore(dir: &Path, hub: &str, boot: &str, token: &str, err: Option<&Path>) -> Kill {
+    edgecore_with(dir, hub, boot, token, err, &[])
+}
+
+/// [`edgecore`] with `extra` arguments to `edgecore run`.
+pub fn edgecore_with(
+    dir: &Path,
+    hub: &str,
+    boot: &str,
+    token: &str,
+    err: Option<&Path>,
+    extra: &[&str],
+) -> Kill {
     Kill(
         Command::new(bin("edgecore"))
             .args(["run", "--data-dir"])
@@ -131,6 +143,7 @@ pub fn edgecore(dir: &Path, hub: &str, boot: &str, token: &str, err: Option<&Pat
                 "--token",
                 token,
             ])
+            .args(extra)
             .stderr(err.map_or_else(Stdio::null, |p| File::create(p).unwrap().into()))
             .spawn()
             .unwrap(),
@@ -149,6 +162,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(dir: &Path) -> Cluster {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Cluster::start`] with `edge_extra` arguments to `edgecore run`.
+    pub fn start_with(dir: &Path, edge_extra: &[&str]) -> Cluster {
         let (hub, boot) = (
             format!("127.0.0.1:{}", port(true)),
             format!("127.0.0.1:{}", port(false)),
@@ -172,7 +190,7 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         let token = token(&cloud_dir, "edge-1");
-        let edge = edgecore(&dir.join("edge-1"), &hub, &boot, &token, None);
+        let edge = edgecore_with(&dir.join("edge-1"), &hub, &boot, &token, None, edge_extra);
         Cluster {
             edge,
             cloud,

@@ -628,13 +628,21 @@ pub async fn run(
 ) -> Result<()> {
     cfg.check_endpoints()?;
     // The data directory holds the node's key, its log (secrets included)
-    // and the pods' volumes: its owner's only.
+    // and the pods' directories. Others may pass through it (0711: a pod
+    // of the process runtime, running as another user, reaches its own
+    // directory under pods/) but list or read nothing: the key (pki/), the
+    // log (log/), container logs and state are their owner's only.
     {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = &cfg.data_dir;
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| Error::io(format!("data directory {}", dir.display()), e))?;
+        let mode = |d: &std::path::Path, m: u32| {
+            std::fs::create_dir_all(d)
+                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(m)))
+                .map_err(|e| Error::io(format!("data directory {}", d.display()), e))
+        };
+        mode(dir, 0o711)?;
+        mode(&dir.join("log"), 0o700)?;
+        mode(&dir.join("pods"), 0o711)?;
     }
     ensure_identity(&cfg, token.as_deref()).await?;
     // Renewed while running, at 2/3 of its lifetime (at once if past that);

@@ -20,175 +20,20 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/containerd.rs"]
+mod containerd;
 #[path = "../../cloud/tests/support/kubectl.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use cluster::*;
+use containerd::Containerd;
 use serde_json::Value;
 
 const IMAGE: &str = "docker.io/library/keel-busybox:1";
-
-/// A containerd of the test's own: config, root, state and socket under
-/// `dir`; the sandbox ("pause") image is the test image.
-struct Containerd {
-    child: Option<Child>,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Containerd {
-    fn start(dir: &Path) -> Containerd {
-        std::fs::create_dir_all(dir.join("net.d")).unwrap();
-        let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .unwrap_or_else(|| on_path("runc"));
-        let socket = dir.join("containerd.sock");
-        // Loopback only: pods share the node's network.
-        std::fs::write(
-            dir.join("net.d/10-lo.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"lo","plugins":[{"type":"loopback"}]}"#,
-        )
-        .unwrap();
-        let d = dir.display();
-        let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{IMAGE}"
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        BinaryName = "{runc}"
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{d}/net.d"
-"#,
-            socket = socket.display(),
-            runc = runc.display(),
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new(on_path("containerd"))
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let c = Containerd {
-            child: Some(child),
-            dir: dir.to_owned(),
-            socket,
-        };
-        wait_for("containerd to answer", Duration::from_secs(60), || {
-            c.ctr(&["version"]).status.success()
-        });
-        c
-    }
-
-    /// SIGKILL, then the same containerd again.
-    fn restart(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("containerd.log"))
-            .unwrap();
-        self.child = Some(
-            Command::new(on_path("containerd"))
-                .arg("--config")
-                .arg(self.dir.join("config.toml"))
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        wait_for(
-            "containerd to answer again",
-            Duration::from_secs(60),
-            || self.ctr(&["version"]).status.success(),
-        );
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new(on_path("ctr"))
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // What still runs is killed and deleted, so the shims exit.
-        let tasks = self.ctr(&["tasks", "ls", "-q"]);
-        for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
-            let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
-            let _ = self.ctr(&["tasks", "delete", "-f", id]);
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            std::thread::sleep(Duration::from_secs(1));
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Shims of this containerd, if any outlived it.
-        let sock = self.socket.display().to_string();
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.flatten() {
-                let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("containerd-shim") && cmdline.contains(&sock) {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &p.file_name().to_string_lossy()])
-                        .status();
-                }
-            }
-        }
-        // Its mounts (snapshots, sandbox shm) under the test's directory.
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in points {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
-    }
-}
 
 fn pod(name: &str, extra_spec: &str, container: &str) -> String {
     format!(
@@ -233,15 +78,13 @@ fn apply(cloud: &Cloud, yaml: &str) {
 #[test]
 fn pods_run_as_containers_through_containerd() {
     let tmp = tempfile::tempdir().unwrap();
-    let containerd = Containerd::start(&tmp.path().join("containerd"));
+    let containerd = Containerd::start(&tmp.path().join("containerd"), IMAGE);
     let archive = tmp.path().join("image.tar");
-    let built = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/oci_image.py"))
-        .arg(&archive)
-        .arg(IMAGE)
-        .status()
-        .unwrap();
-    assert!(built.success(), "building the test image");
+    containerd::build_image(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/oci_image.py"),
+        &archive,
+        IMAGE,
+    );
     let sock = containerd.socket.to_str().unwrap().to_owned();
     let imported = Command::new(env!("CARGO_BIN_EXE_edgecore"))
         .args(["import-image", "--cri-socket", &sock])

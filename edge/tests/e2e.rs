@@ -313,3 +313,66 @@ fn pods_run_on_their_edge_and_survive_outages() {
         "the cloud holds every record edge-a wrote"
     );
 }
+
+/// A process-runtime pod runs as the unprivileged `nobody` unless its
+/// securityContext says otherwise, owns its directory and volumes, and
+/// cannot read the node's private key, its local log or its containers'
+/// logs.
+#[test]
+fn process_pods_run_unprivileged_and_keep_out_of_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
+    let data = tmp.path().join("edge-1");
+    let _edge = Edge::start(&data, "edge-1", &cloud, Some(cloud.token("edge-1")), None);
+    let d = data.display();
+    let probe = format!(
+        "id -u; id -g; \
+         cat {d}/pki/node.key >/dev/null 2>&1 && echo key-READ || echo key-denied; \
+         ls {d}/log >/dev/null 2>&1 && echo log-LISTED || echo log-denied; \
+         ls {d}/pods/logs >/dev/null 2>&1 && echo logs-LISTED || echo logs-denied; \
+         cat sec/token && echo; touch mine && echo home-writable; \
+         exec sleep 3600"
+    );
+    let yaml = |name: &str, security: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s-{name}\ndata:\n  token: czNjcmV0\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  nodeName: edge-1\n{security}  volumes:\n  - name: sec\n    secret:\n      secretName: s-{name}\n  containers:\n  - name: main\n    image: busybox\n    command: [\"/bin/sh\", \"-c\", {probe:?}]\n    volumeMounts:\n    - name: sec\n      mountPath: sec\n"
+        )
+    };
+    let apply = |y: &str| {
+        ok(
+            kubectl(
+                &cloud.kubeconfig(),
+                &tmp.path().join("kc"),
+                &["apply", "-f", "-"],
+                Some(y),
+            ),
+            "kubectl apply",
+        )
+    };
+    apply(&yaml("plain", ""));
+    apply(&yaml(
+        "chosen",
+        "  securityContext:\n    runAsUser: 1234\n    runAsGroup: 2345\n",
+    ));
+    let logs = |name: &str| String::from_utf8_lossy(&cloud.k(&["logs", name]).stdout).into_owned();
+    for (name, uid, gid) in [("plain", "65534", "65534"), ("chosen", "1234", "2345")] {
+        wait_for(&format!("{name}'s report"), Duration::from_secs(60), || {
+            logs(name).contains("home-writable")
+        });
+        let out = logs(name);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                uid,
+                gid,
+                "key-denied",
+                "log-denied",
+                "logs-denied",
+                "s3cret",
+                "home-writable"
+            ],
+            "{name}: {out}"
+        );
+    }
+}

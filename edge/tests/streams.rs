@@ -379,6 +379,11 @@ fn kubectl_logs_and_exec_through_cloudcore() {
     std::fs::write(&local, "copied through the tunnel\n").unwrap();
     let in_pod = tmp.path().join("in-pod");
     std::fs::create_dir_all(&in_pod).unwrap();
+    // The pod runs as `nobody`: a host directory it may write.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&in_pod, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
     let target = in_pod.join("copy.txt");
     ok(
         cloud.k(&[

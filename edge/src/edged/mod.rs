@@ -360,8 +360,19 @@ impl Edged {
         sink: Arc<dyn StatusSink>,
     ) -> Result<Edged, Error> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        for dir in [pods_dir(&cfg.root), logs_dir(&cfg.root), run_dir(&cfg.root)] {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Pods pass through `pods/` to their own directory (0711); logs
+        // and state are edgecore's (0700).
+        for (dir, mode) in [
+            (pods_dir(&cfg.root), 0o711),
+            (logs_dir(&cfg.root), 0o700),
+            (run_dir(&cfg.root), 0o700),
+        ] {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|e| Error::io(&dir, e))?;
         }
         let run = run_dir(&cfg.root);
         let mut leftovers = Vec::new();

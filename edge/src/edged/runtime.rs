@@ -53,6 +53,9 @@ pub struct LaunchSpec {
     /// container after edgecore crashed (see [`Runtime::kill_leftover`]).
     /// The runtime removes it once the container has exited.
     pub state_file: PathBuf,
+    /// The uid and gid a process runtime runs the container (and its
+    /// execs) as; `None`: edgecore's own.
+    pub user: Option<(u32, u32)>,
     /// What a runtime that isolates containers needs besides (see
     /// [`Runtime::isolates`]); the process runtime uses none of it.
     pub isolated: Isolated,
@@ -390,7 +393,17 @@ impl Runtime for ProcessRuntime {
             .append(true)
             .open(&spec.log_file)
             .map_err(|e| Error::io(&spec.log_file, e))?;
-        let mut command = tokio::process::Command::new(&spec.program);
+        // Looked up here (as edgecore): run as another user, a search
+        // through PATH entries it may not read would say "permission
+        // denied" for a program that is simply missing.
+        let program =
+            resolve(&spec.env, &spec.working_dir, spec.user, &spec.program).map_err(|source| {
+                Error::Spawn {
+                    program: spec.program.clone(),
+                    source,
+                }
+            })?;
+        let mut command = tokio::process::Command::new(&program);
         command
             .args(&spec.args)
             .env_clear()
@@ -405,6 +418,7 @@ impl Runtime for ProcessRuntime {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
+        as_user(&mut command, spec.user);
         let mut child = command.spawn().map_err(|source| Error::Spawn {
             program: spec.program.clone(),
             source,
@@ -437,6 +451,7 @@ impl Runtime for ProcessRuntime {
             gone: watch::Sender::new(false),
             env: spec.env.clone(),
             working_dir: spec.working_dir.clone(),
+            user: spec.user,
             state_file: spec.state_file.clone(),
         };
         if let Err(e) = write_state_file(&spec.state_file, pid) {
@@ -486,6 +501,7 @@ struct ProcessContainer {
     gone: watch::Sender<bool>,
     env: Vec<(String, String)>,
     working_dir: PathBuf,
+    user: Option<(u32, u32)>,
     state_file: PathBuf,
 }
 
@@ -493,6 +509,7 @@ struct ProcessContainer {
 struct ExecIn {
     env: Vec<(String, String)>,
     working_dir: PathBuf,
+    user: Option<(u32, u32)>,
     gone: watch::Receiver<bool>,
     exited: bool,
 }
@@ -502,6 +519,7 @@ impl ProcessContainer {
         ExecIn {
             env: self.env.clone(),
             working_dir: self.working_dir.clone(),
+            user: self.user,
             gone: self.gone.subscribe(),
             exited: self.exited.load(Ordering::Acquire),
         }
@@ -597,12 +615,13 @@ impl ContainerHandle for ProcessContainer {
     ) -> BoxFuture<'static, Result<ExitStatus, Error>> {
         let env = self.env.clone();
         let working_dir = self.working_dir.clone();
+        let user = self.user;
         Box::pin(async move {
             let Some((program, args)) = command.split_first() else {
                 return Err(Error::Runtime("exec: empty command".into()));
             };
-            let mut child = command_in(&env, &working_dir, program, args, Stdio::null)
-                .spawn()
+            let mut child = command_in(&env, &working_dir, user, program, args, Stdio::null)
+                .and_then(|mut c| c.spawn())
                 .map_err(|source| Error::Spawn {
                     program: program.clone(),
                     source,
@@ -635,12 +654,19 @@ impl ContainerHandle for ProcessContainer {
         let cx = self.exec_in();
         Box::pin(async move {
             let (program, args) = exec_command(&command, cx.exited || *cx.gone.borrow())?;
-            let mut child = command_in(&cx.env, &cx.working_dir, program, args, Stdio::piped)
-                .spawn()
-                .map_err(|source| Error::Spawn {
-                    program: program.clone(),
-                    source,
-                })?;
+            let mut child = command_in(
+                &cx.env,
+                &cx.working_dir,
+                cx.user,
+                program,
+                args,
+                Stdio::piped,
+            )
+            .and_then(|mut c| c.spawn())
+            .map_err(|source| Error::Spawn {
+                program: program.clone(),
+                source,
+            })?;
             let (pid, guard) = leader(&mut child).await?;
             let (Some(stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -669,7 +695,8 @@ impl ContainerHandle for ProcessContainer {
         let cx = self.exec_in();
         Box::pin(async move {
             let (program, args) = exec_command(&command, cx.exited || *cx.gone.borrow())?;
-            let (mut child, master) = spawn_on_terminal(&cx.env, &cx.working_dir, program, args)?;
+            let (mut child, master) =
+                spawn_on_terminal(&cx.env, &cx.working_dir, cx.user, program, args)?;
             // `setsid` made it the leader of its own group.
             let (pid, guard) = leader(&mut child).await?;
             let clone = |m: &std::os::fd::OwnedFd| {
@@ -704,15 +731,52 @@ impl ContainerHandle for ProcessContainer {
     }
 }
 
+/// Whether `user` (uid, gid) may run the file at `path`: every directory
+/// on the way (as written and as resolved) searchable, the file readable
+/// and executable, by the owner, group or other bits that apply (root:
+/// anything). As `execvp` does, a PATH search then passes over entries
+/// the user cannot reach (a tool under root's home) to the next one.
+fn may_run(path: &Path, (uid, gid): (u32, u32)) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    if uid == 0 {
+        return true;
+    }
+    let allows = |m: &fs::Metadata, bits: u32| {
+        let mode = m.mode();
+        let class = if m.uid() == uid {
+            mode >> 6
+        } else if m.gid() == gid {
+            mode >> 3
+        } else {
+            mode
+        };
+        class & bits == bits
+    };
+    let dirs_ok = |p: &Path| {
+        p.ancestors()
+            .skip(1)
+            .all(|d| fs::metadata(d).is_ok_and(|m| allows(&m, 0o1)))
+    };
+    let Ok(real) = fs::canonicalize(path) else {
+        return false;
+    };
+    dirs_ok(path) && dirs_ok(&real) && fs::metadata(&real).is_ok_and(|m| allows(&m, 0o5))
+}
+
 /// Where `program` is found: itself when it names a path, else the first
 /// match in the `PATH` of `env` (`kubectl exec` reports a missing program
 /// before anything runs).
-fn resolve(env: &[(String, String)], working_dir: &Path, program: &str) -> io::Result<PathBuf> {
+fn resolve(
+    env: &[(String, String)],
+    working_dir: &Path,
+    user: Option<(u32, u32)>,
+    program: &str,
+) -> io::Result<PathBuf> {
     let found = |p: &Path| {
         fs::metadata(p).is_ok_and(|m| {
             use std::os::unix::fs::PermissionsExt as _;
             m.is_file() && m.permissions().mode() & 0o111 != 0
-        })
+        }) && user.is_none_or(|u| may_run(p, u))
     };
     let not_found = || io::Error::new(io::ErrorKind::NotFound, "no such file or directory");
     if program.contains('/') {
@@ -737,12 +801,13 @@ fn resolve(env: &[(String, String)], working_dir: &Path, program: &str) -> io::R
 fn spawn_on_terminal(
     env: &[(String, String)],
     working_dir: &Path,
+    user: Option<(u32, u32)>,
     program: &str,
     args: &[String],
 ) -> Result<(tokio::process::Child, std::os::fd::OwnedFd), Error> {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
     let io_err = |what: &str, e: io::Error| Error::Runtime(format!("exec -t: {what}: {e}"));
-    let resolved = resolve(env, working_dir, program).map_err(|source| Error::Spawn {
+    let resolved = resolve(env, working_dir, user, program).map_err(|source| Error::Spawn {
         program: program.to_owned(),
         source,
     })?;
@@ -783,6 +848,7 @@ fn spawn_on_terminal(
         .stdout(stdio(&slave)?)
         .stderr(Stdio::from(slave))
         .kill_on_drop(false);
+    as_user(&mut c, user);
     let child = c.spawn().map_err(|source| Error::Spawn {
         program: program.to_owned(),
         source,
@@ -919,11 +985,12 @@ fn write_state_file(path: &Path, pid: i32) -> Result<(), Error> {
 fn command_in(
     env: &[(String, String)],
     working_dir: &Path,
+    user: Option<(u32, u32)>,
     program: &str,
     args: &[String],
     stdio: fn() -> Stdio,
-) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(program);
+) -> io::Result<tokio::process::Command> {
+    let mut c = tokio::process::Command::new(resolve(env, working_dir, user, program)?);
     c.args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -933,5 +1000,15 @@ fn command_in(
         .stderr(stdio())
         .process_group(0)
         .kill_on_drop(false);
-    c
+    as_user(&mut c, user);
+    Ok(c)
+}
+
+/// Runs the command as `user` (uid, gid), without edgecore's
+/// supplementary groups (the standard library drops them when a root
+/// process sets a uid).
+fn as_user(c: &mut tokio::process::Command, user: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = user {
+        c.uid(uid).gid(gid);
+    }
 }

@@ -98,6 +98,13 @@ impl Fixture {
 
     fn with_runtime(runtime: Arc<dyn Runtime>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
+        // Pods run as an unprivileged user: they pass through to their
+        // directories, as through a data directory's parents, and the
+        // tests' pods leave their output here (sticky, as /tmp).
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        }
         let sink = Arc::new(Sink::default());
         let edged = Edged::new(Self::config(dir.path()), runtime, sink.clone()).unwrap();
         Fixture {

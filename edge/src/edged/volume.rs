@@ -109,3 +109,15 @@ pub(crate) fn remove_all(path: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Gives `path` and everything under it to `uid`:`gid` (symlinks
+/// themselves, never what they point to; modes unchanged).
+pub(crate) fn chown_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if fs::symlink_metadata(path)?.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}

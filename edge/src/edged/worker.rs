@@ -107,6 +107,10 @@ pub(crate) enum Desired {
     },
 }
 
+/// The user and group process-runtime containers run as by default
+/// (`nobody`).
+const NOBODY: u32 = 65534;
+
 /// Container exits and probe results waiting for the pod's worker; the
 /// tasks that report them wait while it is full.
 const EVENTS_QUEUE: usize = 64;
@@ -399,6 +403,18 @@ impl Worker {
             let current = desired.borrow_and_update().clone();
             match current {
                 Desired::Stop { grace, remove } => {
+                    if !remove && self.runtime().adopts() {
+                        // edgecore stops, the pod does not: its containers
+                        // go on, and the next edgecore adopts them.
+                        for c in &self.ctrs {
+                            if let Some(run) = &c.run {
+                                self.shared
+                                    .remove_running(&self.key, &c.plan.name, &run.handle);
+                            }
+                        }
+                        debug!(pod = %self.key, "pod left running for the next edgecore");
+                        return;
+                    }
                     self.terminate(grace).await;
                     for c in &self.ctrs {
                         if let Some(run) = &c.run {
@@ -581,11 +597,78 @@ impl Worker {
                 ));
             }
         }
+        if errors.is_empty()
+            && let Err(e) = self.own_pod_dir()
+        {
+            errors.push(format!("cannot give the pod its directory: {e}"));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors.join("; "))
         }
+    }
+
+    /// A number of the pod's `securityContext`.
+    fn pod_id(&self, key: &str) -> Option<u32> {
+        self.plan
+            .security
+            .get(key)
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    }
+
+    /// Who owns the pod's directory and volume files: the pod's
+    /// `runAsUser` and `fsGroup` (or `runAsGroup`); for the process
+    /// runtime by default the unprivileged user its containers run as.
+    /// `None` when edgecore cannot give files away (not root) or there is
+    /// nothing to change (a container runtime's pods run as root unless
+    /// told otherwise).
+    fn file_owner(&self) -> Option<(u32, u32)> {
+        if !rustix::process::getuid().is_root() {
+            return None;
+        }
+        let (uid, gid) = (
+            self.pod_id("runAsUser"),
+            self.pod_id("fsGroup").or(self.pod_id("runAsGroup")),
+        );
+        if self.runtime().isolates() {
+            return (uid.is_some() || gid.is_some()).then(|| (uid.unwrap_or(0), gid.unwrap_or(0)));
+        }
+        Some((uid.unwrap_or(NOBODY), gid.unwrap_or(NOBODY)))
+    }
+
+    /// Who a process-runtime container runs as: its `runAsUser` and
+    /// `runAsGroup` over the pod's, else the unprivileged `nobody`; `None`
+    /// when edgecore is not root (it runs them as itself).
+    fn process_user(&self, plan: &ContainerPlan) -> Option<(u32, u32)> {
+        if !rustix::process::getuid().is_root() {
+            return None;
+        }
+        let id = |key: &str| {
+            plan.spec
+                .get("securityContext")
+                .and_then(|s| s.get(key))
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .or(self.pod_id(key))
+        };
+        Some((
+            id("runAsUser").unwrap_or(NOBODY),
+            id("runAsGroup").unwrap_or(NOBODY),
+        ))
+    }
+
+    /// Gives the pod directory (and what is in it) to [`Self::file_owner`],
+    /// owner-only: other pods and users cannot look in.
+    fn own_pod_dir(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::create_dir_all(&self.pod_dir)?;
+        if let Some((uid, gid)) = self.file_owner() {
+            volume::chown_tree(&self.pod_dir, uid, gid)?;
+            fs::set_permissions(&self.pod_dir, fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
     }
 
     /// The runtime that runs this pod (by its `runtimeClassName`).
@@ -652,6 +735,7 @@ impl Worker {
                 log_max_files: self.shared.cfg.container_log_max_files,
                 stdin,
                 state_file,
+                user: None,
                 isolated,
             });
         }
@@ -659,15 +743,23 @@ impl Worker {
             .working_dir
             .clone()
             .unwrap_or_else(|| self.pod_dir.clone());
-        fs::create_dir_all(&working_dir).map_err(|e| {
-            (
-                "RunContainerError",
-                format!(
-                    "cannot create working directory {}: {e}",
-                    working_dir.display()
-                ),
-            )
-        })?;
+        fs::create_dir_all(&working_dir)
+            .and_then(|()| {
+                if working_dir.starts_with(&self.pod_dir) {
+                    self.own_pod_dir()
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| {
+                (
+                    "RunContainerError",
+                    format!(
+                        "cannot create working directory {}: {e}",
+                        working_dir.display()
+                    ),
+                )
+            })?;
         let prefix = format!("container {}: ", plan.name);
         self.mount_warnings.retain(|w| !w.starts_with(&prefix));
         for mount in &plan.mounts {
@@ -710,6 +802,7 @@ impl Worker {
             log_max_files: self.shared.cfg.container_log_max_files,
             stdin,
             state_file,
+            user: self.process_user(plan),
             isolated: Isolated {
                 pod: self.pod_ref(),
                 attempt,

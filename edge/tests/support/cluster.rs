@@ -409,6 +409,20 @@ impl Edge {
         extra: &[&str],
     ) -> Edge {
         std::fs::create_dir_all(dir).unwrap();
+        // Pods of the process runtime run as an unprivileged user: they
+        // pass through the test's directories (0700 as made) to their own,
+        // as through a data directory's parents.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let tmp = std::env::temp_dir();
+            for a in dir.ancestors().skip(1) {
+                if !a.starts_with(&tmp) || a == tmp {
+                    break;
+                }
+                let mode = std::fs::metadata(a).unwrap().permissions().mode();
+                std::fs::set_permissions(a, std::fs::Permissions::from_mode(mode | 0o111)).unwrap();
+            }
+        }
         let api = api.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let mqtt = format!("127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
