@@ -300,6 +300,31 @@ fn pods_run_as_containers_through_containerd() {
     assert_eq!(s["restartCount"], 0, "{s}");
     assert!(running(&containerd, &bare));
 
+    // Stopping edgecore (SIGTERM) leaves it running too, and the next one
+    // adopts it again.
+    let mut edge = edge;
+    edge.proc.stop();
+    assert!(
+        running(&containerd, &bare),
+        "stopping edgecore stopped the container"
+    );
+    let edge = Edge::start_with(
+        &tmp.path().join("box"),
+        "box",
+        &cloud,
+        None,
+        None,
+        &["--cri-socket", &sock],
+    );
+    wait_for(
+        "hello adopted after a clean stop",
+        Duration::from_secs(60),
+        || {
+            let s = &on_edge(&edge)["status"]["containerStatuses"][0];
+            s["state"]["running"].is_object() && s["containerID"] == id.as_str()
+        },
+    );
+
     // containerd SIGKILLed and started again: the container (kept by its
     // shim) goes on, still followed.
     let mut containerd = containerd;
