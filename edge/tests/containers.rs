@@ -142,6 +142,27 @@ fn pods_run_as_containers_through_containerd() {
         out.contains("isolated") && out.contains("hello from a container")
     });
 
+    // kubectl exec through cloudcore runs in the container: its output,
+    // its exit code.
+    let o = cloud.k(&[
+        "exec",
+        "hello",
+        "--",
+        "sh",
+        "-c",
+        "test -e /etc/os-release || echo exec-isolated; echo to-stderr >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "exec-isolated\n",
+        "{o:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("to-stderr"),
+        "{o:?}"
+    );
+
     // An exec liveness probe that fails restarts the container.
     apply(
         &cloud,

@@ -756,6 +756,42 @@ impl ContainerHandle for CriContainer {
         })
     }
 
+    fn exec_interactive(
+        &self,
+        command: Vec<String>,
+    ) -> BoxFuture<'static, Result<super::runtime::ExecProcess, Error>> {
+        let rt = self.runtime.clone();
+        let id = self.id.clone();
+        let running = self.exited.borrow().is_none();
+        Box::pin(async move {
+            if !running {
+                return Err(Error::NotRunning);
+            }
+            let (p, _) = stream_exec(rt, id, command, false).await?;
+            Ok(p)
+        })
+    }
+
+    fn exec_terminal(
+        &self,
+        command: Vec<String>,
+    ) -> BoxFuture<'static, Result<(super::runtime::ExecProcess, super::TerminalResize), Error>>
+    {
+        let rt = self.runtime.clone();
+        let id = self.id.clone();
+        let running = self.exited.borrow().is_none();
+        Box::pin(async move {
+            if !running {
+                return Err(Error::NotRunning);
+            }
+            let (p, resize) = stream_exec(rt, id, command, true).await?;
+            let resize: super::TerminalResize = Box::new(move |cols, rows| {
+                let _ = resize.try_send((cols, rows));
+            });
+            Ok((p, resize))
+        })
+    }
+
     fn exec(
         &self,
         command: Vec<String>,
@@ -794,4 +830,172 @@ impl ContainerHandle for CriContainer {
             })
         })
     }
+}
+
+/// The exit code in a remotecommand v4 status message (channel 3): 0 for
+/// `Success`, the `ExitCode` cause of a `NonZeroExitCode`, else `None`.
+fn status_exit_code(message: &[u8]) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_slice(message).ok()?;
+    if v.get("status").and_then(serde_json::Value::as_str) == Some("Success") {
+        return Some(0);
+    }
+    v.pointer("/details/causes")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("reason").and_then(serde_json::Value::as_str) == Some("ExitCode"))?
+        .get("message")?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// Runs `command` in container `id` through the runtime's streaming
+/// server: CRI `Exec` gives a URL, which speaks the kubelet's
+/// remotecommand protocol over a WebSocket (`v4.channel.k8s.io`: a byte
+/// of channel, then data; 0 stdin, 1 stdout, 2 stderr, 3 the status, 4
+/// terminal size). Its streams are handed to the caller as pipes; the
+/// returned sender resizes the terminal.
+///
+/// v4 cannot say that stdin ended: the command sees its stdin close only
+/// when the session ends.
+async fn stream_exec(
+    mut rt: RuntimeServiceClient<Channel>,
+    id: String,
+    command: Vec<String>,
+    tty: bool,
+) -> Result<
+    (
+        super::runtime::ExecProcess,
+        tokio::sync::mpsc::Sender<(u16, u16)>,
+    ),
+    Error,
+> {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    if command.is_empty() {
+        return Err(Error::Runtime("exec: empty command".into()));
+    }
+    let url = timed(
+        "Exec",
+        CALL_TIMEOUT,
+        rt.exec(cri::ExecRequest {
+            container_id: id,
+            cmd: command,
+            tty,
+            stdin: true,
+            stdout: true,
+            stderr: !tty,
+        }),
+    )
+    .await?
+    .url;
+    let ws_url = url
+        .strip_prefix("http://")
+        .map(|rest| format!("ws://{rest}"))
+        .ok_or_else(|| Error::Runtime(format!("exec: unexpected streaming URL {url:?}")))?;
+    let host = ws_url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut request = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Error::Runtime(format!("exec: {e}")))?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
+    );
+    let tcp = tokio::net::TcpStream::connect(&host)
+        .await
+        .map_err(|e| Error::Runtime(format!("exec: connecting to {host}: {e}")))?;
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .map_err(|e| Error::Runtime(format!("exec: {e}")))?;
+    let (mut ws_tx, mut ws_rx) = ws.split();
+
+    const PIPE: usize = 64 << 10;
+    let (stdin_caller, mut stdin_ours) = tokio::io::duplex(PIPE);
+    let (mut stdout_ours, stdout_caller) = tokio::io::duplex(PIPE);
+    let (mut stderr_ours, stderr_caller) = tokio::io::duplex(PIPE);
+    let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+    let (cancel_tx, mut cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let (resize_tx, mut resize_rx) = tokio::sync::mpsc::channel::<(u16, u16)>(4);
+    tokio::spawn(async move {
+        let mut code = None;
+        let mut stdin_open = true;
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            tokio::select! {
+                msg = ws_rx.next() => match msg {
+                    Some(Ok(Message::Binary(data))) => {
+                        let (Some(&ch), Some(rest)) = (data.first(), data.get(1..)) else {
+                            continue;
+                        };
+                        let written = match ch {
+                            1 => stdout_ours.write_all(rest).await,
+                            2 => stderr_ours.write_all(rest).await,
+                            3 => {
+                                code = status_exit_code(rest);
+                                Ok(())
+                            }
+                            _ => Ok(()),
+                        };
+                        // A caller that stopped reading: the session ends.
+                        if written.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+                n = stdin_ours.read(&mut buf), if stdin_open => match n {
+                    Ok(0) | Err(_) => stdin_open = false,
+                    Ok(n) => {
+                        let mut m = Vec::with_capacity(n + 1);
+                        m.push(0u8);
+                        m.extend_from_slice(buf.get(..n).unwrap_or_default());
+                        if ws_tx.send(Message::Binary(m.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                Some((cols, rows)) = resize_rx.recv() => {
+                    let size = serde_json::json!({"Width": cols, "Height": rows}).to_string();
+                    let mut m = vec![4u8];
+                    m.extend_from_slice(size.as_bytes());
+                    let _ = ws_tx.send(Message::Binary(m.into())).await;
+                }
+                _ = &mut cancel_rx => {
+                    let _ = ws_tx.send(Message::Close(None)).await;
+                    return;
+                }
+            }
+        }
+        let _ = stdout_ours.shutdown().await;
+        let _ = stderr_ours.shutdown().await;
+        let _ = result_tx.send(match code {
+            Some(code) => Ok(ExitStatus {
+                code: Some(code),
+                signal: None,
+                oom_killed: false,
+            }),
+            None => Err(Error::Runtime(
+                "the exec session ended without a status".into(),
+            )),
+        });
+    });
+    Ok((
+        super::runtime::ExecProcess {
+            stdin: Some(Box::new(stdin_caller)),
+            stdout: Box::new(stdout_caller),
+            stderr: Box::new(stderr_caller),
+            exit: super::runtime::ExecExit::new(result_rx, cancel_tx),
+        },
+        resize_tx,
+    ))
 }
