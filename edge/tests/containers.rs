@@ -107,13 +107,22 @@ fn pods_run_as_containers_through_containerd() {
     );
 
     let cloud = Cloud::start(&tmp.path().join("cloud"), None, None, None);
+    // Small log files, so that rotation shows.
+    let edge_args = [
+        "--cri-socket",
+        sock.as_str(),
+        "--container-log-max-size",
+        "65536",
+        "--container-log-max-files",
+        "3",
+    ];
     let edge = Edge::start_with(
         &tmp.path().join("box"),
         "box",
         &cloud,
         Some(cloud.token("box")),
         None,
-        &["--cri-socket", &sock],
+        &edge_args,
     );
 
     // A pod from the image: its own root filesystem (the host's
@@ -162,6 +171,44 @@ fn pods_run_as_containers_through_containerd() {
         String::from_utf8_lossy(&o.stderr).contains("to-stderr"),
         "{o:?}"
     );
+
+    // The runtime writes container logs; edgecore rotates them (moves the
+    // file aside, has containerd reopen it): kubectl logs still ends with
+    // the last line, and no more files are kept than configured.
+    apply(
+        &cloud,
+        &pod(
+            "chatty",
+            "",
+            "    command: [\"sh\", \"-c\", \"for b in 1 2 3 4 5 6 7 8; do i=0; while [ $i -lt 400 ]; do echo burst $b line $i, padded so that the file fills quickly; i=$((i+1)); done; sleep 1; done; echo the-last-line; exec sleep 3600\"]\n",
+        ),
+    );
+    wait_for("chatty's last line", Duration::from_secs(120), || {
+        let o = cloud.k(&["logs", "chatty", "--tail=1"]);
+        String::from_utf8_lossy(&o.stdout) == "the-last-line\n"
+    });
+    let logs = tmp.path().join("box/pods/logs");
+    let dir = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("default_chatty_")
+        })
+        .unwrap()
+        .path()
+        .join("main");
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with(".log.1")),
+        "no rotation: {files:?}"
+    );
+    assert!(files.len() <= 3, "more than 3 files kept: {files:?}");
 
     // An exec liveness probe that fails restarts the container.
     apply(
@@ -252,6 +299,7 @@ fn pods_run_as_containers_through_containerd() {
     // Deleting pods removes their containers and sandboxes: only hello's
     // container and sandbox stay.
     for name in [
+        "chatty",
         "unhealthy",
         "hungry",
         "readonly",
@@ -264,7 +312,11 @@ fn pods_run_as_containers_through_containerd() {
     }
     wait_for("only hello left", Duration::from_secs(120), || {
         let o = cloud.k(&["get", "pods", "-o", "name"]);
-        String::from_utf8_lossy(&o.stdout).trim() == "pod/hello"
+        let left = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        if left != "pod/hello" {
+            eprintln!("pods left: {left:?}");
+        }
+        left == "pod/hello"
     });
     wait_for(
         "only hello's container and sandbox",
@@ -298,7 +350,7 @@ fn pods_run_as_containers_through_containerd() {
         &cloud,
         None,
         None,
-        &["--cri-socket", &sock],
+        &edge_args,
     );
     let on_edge = |e: &Edge| e.pod("hello").unwrap_or(Value::Null);
     wait_for(
@@ -335,7 +387,7 @@ fn pods_run_as_containers_through_containerd() {
         &cloud,
         None,
         None,
-        &["--cri-socket", &sock],
+        &edge_args,
     );
     wait_for(
         "hello adopted after a clean stop",

@@ -420,6 +420,7 @@ impl CriRuntime {
             id,
             image_ref,
             spec.state_file.clone(),
+            rotation(spec),
         ))
     }
 
@@ -475,6 +476,15 @@ pub fn import_image(socket: &Path, archive: &Path) -> Result<String, Error> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// How `spec`'s log file rotates.
+fn rotation(spec: &LaunchSpec) -> super::crilog::Rotation {
+    super::crilog::Rotation {
+        path: spec.log_file.clone(),
+        max_size: spec.log_max_size,
+        max_files: spec.log_max_files,
+    }
 }
 
 /// Records the container id for [`Runtime::kill_leftover`], created with
@@ -562,6 +572,7 @@ impl Runtime for CriRuntime {
                         id,
                         s.image_ref.clone(),
                         state_file.to_path_buf(),
+                        rotation(spec),
                     ),
                     restart_count: attempt,
                     started_at_ns: s.started_at,
@@ -655,6 +666,7 @@ impl CriContainer {
         id: String,
         image_ref: String,
         state_file: PathBuf,
+        rotation: super::crilog::Rotation,
     ) -> Arc<CriContainer> {
         let (tx, exited) = watch::channel(None);
         let mut rt = runtime.clone();
@@ -684,7 +696,34 @@ impl CriContainer {
                             oom_killed: s.reason == "OOMKilled",
                         });
                     }
-                    Ok(Some(_)) => wait = POLL,
+                    Ok(Some(_)) => {
+                        wait = POLL;
+                        // The runtime writes the log; rotating it is ours
+                        // (as the kubelet's): move it aside, have the
+                        // runtime open a new one.
+                        let full = std::fs::metadata(&rotation.path)
+                            .is_ok_and(|m| m.len() >= rotation.max_size);
+                        if full {
+                            match rotation.move_aside().await {
+                                Ok(()) => {
+                                    if let Err(e) = timed(
+                                        "ReopenContainerLog",
+                                        CALL_TIMEOUT,
+                                        rt.reopen_container_log(cri::ReopenContainerLogRequest {
+                                            container_id: cid.clone(),
+                                        }),
+                                    )
+                                    .await
+                                    {
+                                        warn!(container = %cid, error = %e, "the runtime did not reopen a rotated log");
+                                    }
+                                }
+                                Err(e) => {
+                                    warn!(log = %rotation.path.display(), error = %e, "cannot rotate a container log")
+                                }
+                            }
+                        }
+                    }
                     Ok(None) => break Err("the container is gone from the runtime".to_owned()),
                     Err(Error::Runtime(m)) if m.contains("not found") => {
                         break Err("the container is gone from the runtime".to_owned());

@@ -128,6 +128,17 @@ impl Rotation {
 
     /// Moves the current file aside and opens a new one at `path`.
     async fn rotate(&self) -> io::Result<tokio::fs::File> {
+        self.move_aside().await?;
+        tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .await
+    }
+
+    /// Moves the current file aside (to `.1`, the older ones up, the
+    /// oldest beyond `max_files` removed); the writer starts a new one.
+    pub(crate) async fn move_aside(&self) -> io::Result<()> {
         let keep = self.max_files.saturating_sub(1);
         match tokio::fs::remove_file(self.rotated(keep.max(1))).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -140,15 +151,10 @@ impl Rotation {
             }
         }
         if keep >= 1 {
-            tokio::fs::rename(&self.path, self.rotated(1)).await?;
+            tokio::fs::rename(&self.path, self.rotated(1)).await
         } else {
-            tokio::fs::remove_file(&self.path).await?;
+            tokio::fs::remove_file(&self.path).await
         }
-        tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .await
     }
 }
 
