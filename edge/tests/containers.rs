@@ -268,6 +268,15 @@ fn pods_run_as_containers_through_containerd() {
         )
     };
     apply(&cloud, &missing("never", "Never"));
+    // A malformed reference is an error on the pod (edgecore goes on).
+    apply(
+        &cloud,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: malformed\nspec:\n  nodeName: box\n  containers:\n  - name: main\n    image: \"Not//A::Valid@@ref\"\n",
+    );
+    wait_for("InvalidImageName", Duration::from_secs(60), || {
+        get(&cloud, "malformed")["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+            == "InvalidImageName"
+    });
     apply(&cloud, &missing("unpullable", "IfNotPresent"));
     wait_for("ErrImageNeverPull", Duration::from_secs(60), || {
         get(&cloud, "never")["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
@@ -300,6 +309,7 @@ fn pods_run_as_containers_through_containerd() {
     // container and sandbox stay.
     for name in [
         "chatty",
+        "malformed",
         "unhealthy",
         "hungry",
         "readonly",

@@ -222,10 +222,12 @@ impl CriRuntime {
 
     /// Makes sure `image` is on the node, pulling it as `policy` says.
     async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), Error> {
-        if image.is_empty() {
+        if !valid_reference(image) {
             return Err(Error::Image {
                 reason: "InvalidImageName",
-                message: "the container has no image".into(),
+                message: format!(
+                    "Failed to apply default image tag {image:?}: couldn't parse image name {image:?}: invalid reference format"
+                ),
             });
         }
         let mut images = self.images.clone();
@@ -476,6 +478,97 @@ pub fn import_image(socket: &Path, archive: &Path) -> Result<String, Error> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `r` is an image reference as the distribution grammar has it:
+/// `[domain[:port]/]path[:tag][@algorithm:hex]`, path components
+/// lowercase alphanumerics with `.`, `_` or `-` inside.
+fn valid_reference(r: &str) -> bool {
+    if r.is_empty() || r.len() > 255 {
+        return false;
+    }
+    let (name, digest) = match r.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (r, None),
+    };
+    if let Some(d) = digest {
+        let Some((alg, hex)) = d.split_once(':') else {
+            return false;
+        };
+        if alg.is_empty() || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return false;
+        }
+    }
+    let (path, tag) = match name.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t)),
+        _ => (name, None),
+    };
+    if let Some(t) = tag {
+        let mut cs = t.chars();
+        let first_ok = cs
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !first_ok
+            || t.len() > 128
+            || !cs.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return false;
+        }
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    let domain = parts.len() > 1
+        && parts
+            .first()
+            .is_some_and(|d| d.contains('.') || d.contains(':') || *d == "localhost");
+    parts.iter().enumerate().all(|(i, p)| {
+        if i == 0 && domain {
+            let (host, port) = p.split_once(':').unwrap_or((p, ""));
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+                && port.chars().all(|c| c.is_ascii_digit())
+        } else {
+            let edge_ok =
+                |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            edge_ok(p.chars().next())
+                && edge_ok(p.chars().last())
+                && p.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+                })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_reference;
+
+    #[test]
+    fn image_references() {
+        for good in [
+            "busybox",
+            "busybox:1.36",
+            "docker.io/library/keel-busybox:1",
+            "localhost:5000/team/app:v1.2_3",
+            "registry.example.com/a/b",
+            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(valid_reference(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Not//A::Valid@@ref",
+            "UPPER/case",
+            "app:",
+            "app:-tag",
+            "app@sha256:xyz",
+            "-leading",
+            "a//b",
+        ] {
+            assert!(!valid_reference(bad), "{bad}");
+        }
+    }
 }
 
 /// How `spec`'s log file rotates.

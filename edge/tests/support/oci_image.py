@@ -17,8 +17,10 @@ import json
 import sys
 import tarfile
 
-APPLETS = ["sh", "sleep", "echo", "cat", "head", "tr", "touch", "test", "ls",
-           "id", "dd", "rm", "mkdir", "true", "false", "wc", "env"]
+APPLETS = ["sh", "sleep", "echo", "cat", "head", "tail", "tr", "touch", "test",
+           "ls", "id", "dd", "rm", "mkdir", "mv", "cp", "true", "false", "wc",
+           "env", "date", "grep", "ps", "hostname", "uname", "tar", "printf",
+           "seq", "wget"]
 
 
 def digest(data: bytes) -> str:
