@@ -540,37 +540,6 @@ fn valid_reference(r: &str) -> bool {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::valid_reference;
-
-    #[test]
-    fn image_references() {
-        for good in [
-            "busybox",
-            "busybox:1.36",
-            "docker.io/library/keel-busybox:1",
-            "localhost:5000/team/app:v1.2_3",
-            "registry.example.com/a/b",
-            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-        ] {
-            assert!(valid_reference(good), "{good}");
-        }
-        for bad in [
-            "",
-            "Not//A::Valid@@ref",
-            "UPPER/case",
-            "app:",
-            "app:-tag",
-            "app@sha256:xyz",
-            "-leading",
-            "a//b",
-        ] {
-            assert!(!valid_reference(bad), "{bad}");
-        }
-    }
-}
-
 /// How `spec`'s log file rotates.
 fn rotation(spec: &LaunchSpec) -> super::crilog::Rotation {
     super::crilog::Rotation {
@@ -1130,4 +1099,35 @@ async fn stream_exec(
         },
         resize_tx,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_reference;
+
+    #[test]
+    fn image_references() {
+        for good in [
+            "busybox",
+            "busybox:1.36",
+            "docker.io/library/keel-busybox:1",
+            "localhost:5000/team/app:v1.2_3",
+            "registry.example.com/a/b",
+            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(valid_reference(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Not//A::Valid@@ref",
+            "UPPER/case",
+            "app:",
+            "app:-tag",
+            "app@sha256:xyz",
+            "-leading",
+            "a//b",
+        ] {
+            assert!(!valid_reference(bad), "{bad}");
+        }
+    }
 }
