@@ -116,14 +116,17 @@ fn pods_run_as_containers_through_containerd() {
         "--container-log-max-files",
         "3",
     ];
-    let edge = Edge::start_with(
-        &tmp.path().join("box"),
-        "box",
-        &cloud,
-        Some(cloud.token("box")),
-        None,
-        &edge_args,
-    );
+    let start_edge = |cloud: &Cloud, token: Option<String>| {
+        Edge::start_with(
+            &tmp.path().join("box"),
+            "box",
+            cloud,
+            token,
+            None,
+            &edge_args,
+        )
+    };
+    let edge = start_edge(&cloud, Some(cloud.token("box")));
 
     // A pod from the image: its own root filesystem (the host's
     // /etc/os-release is not there), its output in kubectl logs.
@@ -354,14 +357,7 @@ fn pods_run_as_containers_through_containerd() {
         running(&containerd, &bare),
         "the container died with edgecore"
     );
-    let edge = Edge::start_with(
-        &tmp.path().join("box"),
-        "box",
-        &cloud,
-        None,
-        None,
-        &edge_args,
-    );
+    let edge = start_edge(&cloud, None);
     let on_edge = |e: &Edge| e.pod("hello").unwrap_or(Value::Null);
     wait_for(
         "hello Running again on the edge",
@@ -391,14 +387,7 @@ fn pods_run_as_containers_through_containerd() {
         running(&containerd, &bare),
         "stopping edgecore stopped the container"
     );
-    let edge = Edge::start_with(
-        &tmp.path().join("box"),
-        "box",
-        &cloud,
-        None,
-        None,
-        &edge_args,
-    );
+    let edge = start_edge(&cloud, None);
     wait_for(
         "hello adopted after a clean stop",
         Duration::from_secs(60),

@@ -85,6 +85,56 @@ async fn timed<T>(
     }
 }
 
+/// A container's status as the runtime reports it (`None`: no status).
+async fn container_status(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<Option<cri::ContainerStatus>, Error> {
+    timed(
+        "ContainerStatus",
+        CALL_TIMEOUT,
+        rt.container_status(cri::ContainerStatusRequest {
+            container_id: id.to_owned(),
+            verbose: false,
+        }),
+    )
+    .await
+    .map(|r| r.status)
+}
+
+/// The sandboxes keel made for pod `uid` (only ready ones if `ready`).
+async fn pod_sandboxes(
+    rt: &mut RuntimeServiceClient<Channel>,
+    uid: &str,
+    ready: bool,
+) -> Result<Vec<cri::PodSandbox>, Error> {
+    timed(
+        "ListPodSandbox",
+        CALL_TIMEOUT,
+        rt.list_pod_sandbox(cri::ListPodSandboxRequest {
+            filter: Some(cri::PodSandboxFilter {
+                id: String::new(),
+                state: ready.then_some(cri::PodSandboxStateValue {
+                    state: cri::PodSandboxState::SandboxReady as i32,
+                }),
+                label_selector: [(POD_UID_LABEL.to_owned(), uid.to_owned())].into(),
+            }),
+        }),
+    )
+    .await
+    .map(|r| r.items)
+}
+
+/// The namespaces of keel's pods and containers: the node's network, a
+/// PID namespace per container, IPC shared in the pod.
+fn namespaces() -> Option<cri::NamespaceOption> {
+    Some(cri::NamespaceOption {
+        network: cri::NamespaceMode::Node as i32,
+        pid: cri::NamespaceMode::Container as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+    })
+}
+
 /// A CRI runtime reached over a unix socket.
 pub struct CriRuntime {
     socket: PathBuf,
@@ -169,11 +219,7 @@ impl CriRuntime {
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: String::new(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                    }),
+                    namespace_options: namespaces(),
                     ..Default::default()
                 }),
             }),
@@ -186,21 +232,8 @@ impl CriRuntime {
             return Ok(id);
         }
         let mut rt = self.runtime.clone();
-        let found = timed(
-            "ListPodSandbox",
-            CALL_TIMEOUT,
-            rt.list_pod_sandbox(cri::ListPodSandboxRequest {
-                filter: Some(cri::PodSandboxFilter {
-                    id: String::new(),
-                    state: Some(cri::PodSandboxStateValue {
-                        state: cri::PodSandboxState::SandboxReady as i32,
-                    }),
-                    label_selector: [(POD_UID_LABEL.to_owned(), pod.uid.clone())].into(),
-                }),
-            }),
-        )
-        .await?;
-        let id = match found.items.into_iter().next() {
+        let found = pod_sandboxes(&mut rt, &pod.uid, true).await?;
+        let id = match found.into_iter().next() {
             Some(s) => s.id,
             None => {
                 let r = timed(
@@ -363,11 +396,7 @@ impl CriRuntime {
                 resources: Some(limits),
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     privileged: iso.privileged,
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: cri::NamespaceMode::Node as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                    }),
+                    namespace_options: namespaces(),
                     run_as_user: iso.run_as_user.map(|value| cri::Int64Value { value }),
                     readonly_rootfs: iso.read_only_root,
                     supplemental_groups: Vec::new(),
@@ -404,19 +433,12 @@ impl CriRuntime {
             return Err(e);
         }
         write_state(&spec.state_file, &id)?;
-        let image_ref = timed(
-            "ContainerStatus",
-            CALL_TIMEOUT,
-            rt.container_status(cri::ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            }),
-        )
-        .await
-        .ok()
-        .and_then(|r| r.status)
-        .map(|s| s.image_ref)
-        .unwrap_or_default();
+        let image_ref = container_status(&mut rt, &id)
+            .await
+            .ok()
+            .flatten()
+            .map(|s| s.image_ref)
+            .unwrap_or_default();
         Ok(CriContainer::follow(
             self.runtime.clone(),
             id,
@@ -600,19 +622,9 @@ impl Runtime for CriRuntime {
         let id = std::fs::read_to_string(state_file).map_err(|e| Error::io(state_file, e))?;
         let id = id.trim().to_owned();
         let mut rt = self.runtime.clone();
-        let status = block_on(timed(
-            "ContainerStatus",
-            CALL_TIMEOUT,
-            rt.container_status(cri::ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            }),
-        ))?;
-        let status = match status {
-            Ok(r) => r.status,
-            // Gone (the node rebooted, containerd lost it): start anew.
-            Err(_) => None,
-        };
+        // An error is a container gone (the node rebooted, containerd lost
+        // it): start anew.
+        let status = block_on(container_status(&mut rt, &id))?.unwrap_or(None);
         let matches = status.as_ref().is_some_and(|s| {
             s.state == cri::ContainerState::ContainerRunning as i32
                 && s.labels.get(POD_UID_LABEL) == Some(&spec.isolated.pod.uid)
@@ -658,20 +670,8 @@ impl Runtime for CriRuntime {
         let uid = pod.uid.clone();
         Box::pin(async move {
             let mut ids: Vec<String> = known.into_iter().collect();
-            if let Ok(r) = timed(
-                "ListPodSandbox",
-                CALL_TIMEOUT,
-                rt.list_pod_sandbox(cri::ListPodSandboxRequest {
-                    filter: Some(cri::PodSandboxFilter {
-                        id: String::new(),
-                        state: None,
-                        label_selector: [(POD_UID_LABEL.to_owned(), uid.clone())].into(),
-                    }),
-                }),
-            )
-            .await
-            {
-                ids.extend(r.items.into_iter().map(|s| s.id));
+            if let Ok(found) = pod_sandboxes(&mut rt, &uid, false).await {
+                ids.extend(found.into_iter().map(|s| s.id));
             }
             ids.sort();
             ids.dedup();
@@ -741,16 +741,7 @@ impl CriContainer {
             let mut wait = POLL;
             let end = loop {
                 tokio::time::sleep(wait).await;
-                let r = timed(
-                    "ContainerStatus",
-                    CALL_TIMEOUT,
-                    rt.container_status(cri::ContainerStatusRequest {
-                        container_id: cid.clone(),
-                        verbose: false,
-                    }),
-                )
-                .await;
-                match r.map(|r| r.status) {
+                match container_status(&mut rt, &cid).await {
                     Ok(Some(s)) if s.state == cri::ContainerState::ContainerExited as i32 => {
                         break Ok(ExitStatus {
                             code: Some(s.exit_code),

@@ -107,6 +107,14 @@ pub(crate) enum Desired {
     },
 }
 
+/// A uid or gid of a `securityContext` (`runAsUser`, `fsGroup`, ...).
+fn security_id(security: &Value, key: &str) -> Option<u32> {
+    security
+        .get(key)
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+}
+
 /// The user and group process-runtime containers run as by default
 /// (`nobody`).
 const NOBODY: u32 = 65534;
@@ -611,11 +619,7 @@ impl Worker {
 
     /// A number of the pod's `securityContext`.
     fn pod_id(&self, key: &str) -> Option<u32> {
-        self.plan
-            .security
-            .get(key)
-            .and_then(Value::as_u64)
-            .and_then(|v| u32::try_from(v).ok())
+        security_id(&self.plan.security, key)
     }
 
     /// Who owns the pod's directory and volume files: the pod's
@@ -645,14 +649,8 @@ impl Worker {
         if !rustix::process::getuid().is_root() {
             return None;
         }
-        let id = |key: &str| {
-            plan.spec
-                .get("securityContext")
-                .and_then(|s| s.get(key))
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .or(self.pod_id(key))
-        };
+        let own = plan.spec.get("securityContext").unwrap_or(&Value::Null);
+        let id = |key: &str| security_id(own, key).or(self.pod_id(key));
         Some((
             id("runAsUser").unwrap_or(NOBODY),
             id("runAsGroup").unwrap_or(NOBODY),
