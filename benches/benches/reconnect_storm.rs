@@ -5,8 +5,16 @@
 //! every connection idle.
 //!
 //! `cargo bench -p keel-benches --bench reconnect_storm` (criterion, 10+
-//! storms), or with `KEEL_STORM_ONCE=1` one storm; `KEEL_STORM_TRACE=1`
-//! prints progress twice a second.
+//! storms), or with `KEEL_STORM_ONCE=1` two (cold, then warm); `KEEL_STORM_TRACE=1`
+//! prints progress twice a second; `KEEL_STORM_MAX_HANDSHAKES` sets the
+//! cloud's handshakes in flight (`0`: no bound).
+//!
+//! The first storm is cold (full TLS handshakes), the later ones warm (the
+//! nodes resume their sessions with the hub's tickets). Each storm
+//! reports: time until 50 / 90 / 99 / 100 % of the nodes are
+//! caught up both ways, handshakes/s, connection attempts the cloud turned
+//! away, UDP datagrams the kernel dropped (`/proc/net/snmp`), and the CPU
+//! time of the cloud process and of this one (the simulated edges).
 //!
 //! The cloud runs in a child process (this binary with `KEEL_STORM_CLOUD`
 //! set) so that its RSS is its own; the edges share client endpoints (one per 500 nodes)
@@ -96,7 +104,10 @@ fn cloud(dir: &str) {
     rt.block_on(async {
         let ca = ClusterCa::load_or_create(std::path::Path::new(dir)).unwrap();
         let server = ca.server_cert(&["127.0.0.1"]).unwrap();
-        let tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem).unwrap();
+        // Session tickets, as cloudcore's hub: storms after the first
+        // resume their TLS sessions.
+        let tickets = pki::HubTickets::new(&[7; 32]).unwrap();
+        let tls = pki::hub_tls_config(&ca, &server.cert_pem, &server.key_pem, tickets).unwrap();
         let store = Store::open(
             std::path::Path::new(dir).join("log"),
             StoreOptions::default(),
@@ -111,12 +122,19 @@ fn cloud(dir: &str) {
                 .create_stream(&up_stream(&node(i)), Role::Replica, 1)
                 .unwrap();
         }
+        let mut opts = HubOptions::default();
+        if let Some(k) = std::env::var("KEEL_STORM_MAX_HANDSHAKES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            opts.max_handshakes = if k == 0 { usize::MAX } else { k };
+        }
         let hub = CloudHub::bind(
             "127.0.0.1:0".parse().unwrap(),
             tls,
             store.clone(),
             Arc::new(Quiet),
-            HubOptions::default(),
+            opts,
         )
         .unwrap();
         println!("addr {}", hub.local_addr().unwrap());
@@ -146,6 +164,12 @@ fn cloud(dir: &str) {
                     println!("ok");
                 }
                 "rss" => println!("rss {} connected {}", rss_kib(), hub.connected().len()),
+                "turned-away" => println!(
+                    "{}",
+                    hub.stats()
+                        .turned_away
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                ),
                 _ => break,
             }
             std::io::stdout().flush().unwrap();
@@ -164,6 +188,42 @@ struct Progress {
     connected: AtomicUsize,
     done: AtomicUsize,
     last_connect_ns: AtomicU64,
+    /// When each node was caught up both ways, from the storm's start.
+    done_at: std::sync::Mutex<Vec<Duration>>,
+}
+
+/// CPU time (user + system) of process `pid`, from `/proc`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 (11 and 12 after the name);
+    // the kernel's USER_HZ is 100.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// The kernel's UDP receive errors and receive-buffer drops.
+fn udp_drops() -> (u64, u64) {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let udp: Vec<Vec<&str>> = snmp
+        .lines()
+        .filter(|l| l.starts_with("Udp:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let (Some(names), Some(values)) = (udp.first(), udp.get(1)) else {
+        return (0, 0);
+    };
+    let get = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| values.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("InErrors"), get("RcvbufErrors"))
 }
 
 struct EdgeSink {
@@ -182,6 +242,11 @@ impl EdgeSink {
         s.0 |= down_ok;
         s.1 |= up_ok;
         if !before && s.0 && s.1 {
+            self.progress
+                .done_at
+                .lock()
+                .unwrap()
+                .push(self.start.elapsed());
             self.progress.done.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -221,6 +286,7 @@ fn storm(c: &mut Criterion) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let cloud_pid = child.id();
     let mut to_cloud = child.stdin.take().unwrap();
     let mut from_cloud = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr: SocketAddr = from_cloud
@@ -327,6 +393,10 @@ fn storm(c: &mut Criterion) {
         let want = (round * BEHIND) as u64;
         let progress = Arc::new(Progress::default());
         conns.lock().unwrap().clear();
+        let trace_errors = std::env::var_os("KEEL_STORM_TRACE").is_some();
+        let turned_away_before: u64 = ask("turned-away").parse().unwrap_or(0);
+        let drops_before = udp_drops();
+        let cpu_before = (cpu_secs(cloud_pid), cpu_secs(std::process::id()));
         let start = Instant::now();
         rt.block_on(async {
             for i in 0..n {
@@ -346,8 +416,10 @@ fn storm(c: &mut Criterion) {
                     conns.clone(),
                 );
                 tokio::spawn(async move {
-                    // A handshake lost in the storm is retried, as EdgeHub
-                    // does (here at once).
+                    // A handshake refused or lost in the storm is retried
+                    // after EdgeHub's jittered back-off.
+                    let defaults = keel_edge::hub::EdgeHubOptions::new(addr, name.clone());
+                    let mut attempt = 0;
                     let conn = loop {
                         match ep
                             .connect_with(cfg.clone(), addr, "127.0.0.1")
@@ -355,12 +427,23 @@ fn storm(c: &mut Criterion) {
                             .await
                         {
                             Ok(c) => break c,
-                            Err(e) => eprintln!("{name}: {e}; retrying"),
+                            Err(e) => {
+                                if trace_errors {
+                                    eprintln!("{name}: {e}; retrying");
+                                }
+                                let wait = keel_edge::hub::backoff(
+                                    attempt,
+                                    defaults.backoff_min,
+                                    defaults.backoff_max,
+                                    rand_u64(),
+                                );
+                                attempt += 1;
+                                tokio::time::sleep(wait).await;
+                            }
                         }
                     };
                     conns.lock().unwrap().push(conn.clone());
                     let head = store.info(&down_stream(&name)).unwrap().head;
-                    let defaults = keel_edge::hub::EdgeHubOptions::new(addr, name.clone());
                     let mut link = LinkConfig::new(name.clone(), Side::Edge, head);
                     link.ping_interval_ms = defaults.ping_interval.as_millis() as u64;
                     link.idle_timeout_ms = defaults.link_idle_timeout.as_millis() as u64;
@@ -390,11 +473,29 @@ fn storm(c: &mut Criterion) {
         });
         let took = start.elapsed();
         let hs = progress.last_connect_ns.load(Ordering::SeqCst) as f64 / 1e9;
-        report.push((took, n as f64 / hs));
+        let mut done_at = progress.done_at.lock().unwrap().clone();
+        done_at.sort();
+        let at = |p: usize| done_at[(done_at.len() * p / 100).min(done_at.len() - 1)].as_secs_f64();
+        let drops = udp_drops();
+        let turned_away: u64 = ask("turned-away").parse().unwrap_or(0);
+        report.push(StormReport {
+            took,
+            p50: at(50),
+            p90: at(90),
+            p99: at(99),
+            handshakes_per_sec: n as f64 / hs,
+            turned_away: turned_away - turned_away_before,
+            udp_in_errors: drops.0 - drops_before.0,
+            udp_rcvbuf_errors: drops.1 - drops_before.1,
+            cloud_cpu: cpu_secs(cloud_pid) - cpu_before.0,
+            edges_cpu: cpu_secs(std::process::id()) - cpu_before.1,
+        });
         took
     };
     if std::env::var_os("KEEL_STORM_ONCE").is_some() {
-        // One storm, no statistics (a 10,000-node storm takes a minute).
+        // Two storms, no statistics (a 10,000-node storm takes a minute):
+        // cold (first connections: full handshakes) and warm (resumed).
+        storm_once();
         storm_once();
     } else {
         let mut g = c.benchmark_group("reconnect_storm");
@@ -433,11 +534,20 @@ fn storm(c: &mut Criterion) {
         .iter()
         .filter(|c| c.close_reason().is_none())
         .count();
-    for (took, hs) in &report {
+    for (i, r) in report.iter().enumerate() {
+        let kind = if i == 0 { "cold" } else { "warm" };
         eprintln!(
-            "storm: {n} nodes caught up both ways in {:.2} s; handshakes {:.0}/s",
-            took.as_secs_f64(),
-            hs
+            "storm {kind}: {n} nodes caught up both ways: 50 % {:.2} s, 90 % {:.2} s, 99 % {:.2} s, 100 % {:.2} s; handshakes {:.0}/s; turned away {}; kernel UDP drops {} (receive-buffer {}); CPU: cloud {:.1} s, edges {:.1} s",
+            r.p50,
+            r.p90,
+            r.p99,
+            r.took.as_secs_f64(),
+            r.handshakes_per_sec,
+            r.turned_away,
+            r.udp_in_errors,
+            r.udp_rcvbuf_errors,
+            r.cloud_cpu,
+            r.edges_cpu,
         );
     }
     eprintln!("cloud process before connections: {rss_before}");
@@ -460,6 +570,28 @@ fn storm(c: &mut Criterion) {
     let _ = to_cloud.write_all(b"quit\n");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// What one storm measured.
+struct StormReport {
+    took: Duration,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    handshakes_per_sec: f64,
+    turned_away: u64,
+    udp_in_errors: u64,
+    udp_rcvbuf_errors: u64,
+    cloud_cpu: f64,
+    edges_cpu: f64,
+}
+
+/// Jitter for the back-off (not cryptographic).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
 }
 
 fn main() {

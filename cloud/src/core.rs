@@ -252,6 +252,12 @@ fn store_options() -> StoreOptions {
 /// Starts every part of cloudcore.
 pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("creating the data directory"))?;
+    // Replicas of one cluster share its CA (a Secret on the cluster).
+    if let Some(k) = &cfg.kubernetes
+        && let Some(r) = &k.replica
+    {
+        crate::attach::shards::share_ca(k, r, &cfg.data_dir).await?;
+    }
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir)?);
     let tokens = Arc::new(TokenStore::open(&cfg.data_dir, &ca.ca_hash())?);
     let names: Vec<&str> = cfg.server_names.iter().map(String::as_str).collect();
@@ -282,20 +288,49 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         Some(a) => a.start(&ca, &server, tunnel.pod_streams()).await?,
         None => None,
     };
-    let hub_tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
+    // Session tickets sealed with a key derived from the hub's persisted
+    // secret: nodes resume their TLS sessions across cloudcore restarts.
+    let hub_secret = reset_secret(&cfg.data_dir)?;
+    let hub_tls = pki::hub_tls_config(
+        &ca,
+        &server.cert_pem,
+        &server.key_pem,
+        pki::HubTickets::new(&hub_secret)?,
+    )?;
     // Closes a revoked node's link that raced its revocation.
     let guard = RevokedNodeGuard::new(Arc::new(PlaneSink(plane)), ca.clone());
+    // One of several replicas: the hub takes only this one's nodes.
+    let shards = attached.as_ref().and_then(|a| a.shards());
+    let router = match (&attached, &shards) {
+        (Some(a), Some(_)) => Some(a.clone() as Arc<dyn crate::hub::Router>),
+        _ => None,
+    };
     let hub = CloudHub::bind(
         cfg.hub_addr,
         hub_tls,
         store.clone(),
         guard.clone(),
         HubOptions {
-            reset_secret: Some(reset_secret(&cfg.data_dir)?),
+            reset_secret: Some(hub_secret),
+            revocations: Some(ca.revocations()),
+            router,
             ..HubOptions::default()
         },
     )?;
     guard.set_hub(hub.stats_handle());
+    if let (Some(a), Some(s)) = (&attached, &shards) {
+        let bound = hub.local_addr()?;
+        if !s.set_address(bound) {
+            return Err(CoreError::Io {
+                what: format!(
+                    "replica {}: the hub is bound to {bound}, which edges cannot be sent to; set kubernetes.replica.advertise",
+                    s.id()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        a.start_shards(hub.stats_handle());
+    }
     tunnel.set_hub(hub.stats_handle());
     let bootstrap = BootstrapServer::bind(
         cfg.bootstrap_addr,
@@ -322,9 +357,10 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
 
     let (metrics, metrics_addr) = match cfg.metrics_addr {
         Some(a) => {
-            let (task, addr) = metrics::serve(a, registry.clone(), hub.stats_handle())
-                .await
-                .map_err(io(format!("binding metrics on {a}")))?;
+            let (task, addr) =
+                metrics::serve(a, registry.clone(), hub.stats_handle(), shards.clone())
+                    .await
+                    .map_err(io(format!("binding metrics on {a}")))?;
             (Some(task), Some(addr))
         }
         None => (None, None),
@@ -333,7 +369,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         Some(a) => {
             let tls = pki::api_tls_config(&ca, &server.cert_pem, &server.key_pem)?;
             let log = LogApi::new(store.clone(), vec![CLUSTER_STREAM.to_owned()]);
-            let cluster = ClusterApi::new(registry.clone(), hub.stats_handle(), tokens, ca.clone());
+            let cluster = ClusterApi::new(registry.clone(), hub.stats_handle(), tokens, ca.clone())
+                .with_owners(shards.clone());
             let cluster = Some(cluster);
             Some(
                 GrpcServer::bind_tls(a, tls, log, cluster)
@@ -379,6 +416,7 @@ impl Running {
         }
         if let Some(a) = &self.attached {
             a.shutdown();
+            a.release_shards().await;
         }
         if let Some(g) = self.grpc {
             g.shutdown().await;
@@ -404,6 +442,7 @@ mod metrics {
         addr: SocketAddr,
         registry: Arc<Registry>,
         hub: crate::hub::HubHandle,
+        shards: Option<Arc<crate::attach::shards::Shards>>,
     ) -> std::io::Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
@@ -412,12 +451,12 @@ mod metrics {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (registry, hub) = (registry.clone(), hub.clone());
+                let (registry, hub, shards) = (registry.clone(), hub.clone(), shards.clone());
                 tokio::spawn(async move {
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let body = if req.uri().path() == "/metrics" {
-                                render(&registry, &hub)
+                                render(&registry, &hub, shards.as_deref())
                             } else {
                                 String::new()
                             };
@@ -448,8 +487,28 @@ mod metrics {
         Ok((task, local))
     }
 
-    fn render(registry: &Registry, hub: &crate::hub::HubHandle) -> String {
+    fn render(
+        registry: &Registry,
+        hub: &crate::hub::HubHandle,
+        shards: Option<&crate::attach::shards::Shards>,
+    ) -> String {
         let mut out = String::new();
+        if let Some(s) = shards {
+            out.push_str("# HELP keel_replica_shards Shards this cloudcore replica owns.\n# TYPE keel_replica_shards gauge\n");
+            out.push_str(&format!(
+                "keel_replica_shards{{replica=\"{}\"}} {}\n",
+                s.id(),
+                s.owned_count()
+            ));
+            out.push_str("# HELP keel_node_owner The replica owning each node this one knows, as its shard Leases say.\n# TYPE keel_node_owner gauge\n");
+            for node in registry.nodes() {
+                if let Some(owner) = s.owner_of(&node) {
+                    out.push_str(&format!(
+                        "keel_node_owner{{node=\"{node}\",replica=\"{owner}\"}} 1\n"
+                    ));
+                }
+            }
+        }
         let connected = hub.connected();
         out.push_str("# HELP keel_connected_nodes Edge nodes with a live connection.\n# TYPE keel_connected_nodes gauge\n");
         out.push_str(&format!("keel_connected_nodes {}\n", connected.len()));
@@ -458,6 +517,7 @@ mod metrics {
         for (what, v) in [
             ("accepted", &s.accepted),
             ("refused", &s.refused),
+            ("turned_away", &s.turned_away),
             ("closed", &s.closed),
         ] {
             out.push_str(&format!(

@@ -40,6 +40,50 @@ pub struct HubOptions {
     /// Secret for QUIC stateless-reset tokens; keep it across restarts
     /// (see `keel_sync::quic::server_endpoint`). Random if `None`.
     pub reset_secret: Option<[u8; 32]>,
+    /// Handshakes in flight at once. A connection attempt beyond them is
+    /// refused at once (QUIC `CONNECTION_REFUSED`), and the edge comes back
+    /// after its jittered back-off, instead of waiting out QUIC's
+    /// retransmission timers behind a saturated process.
+    pub max_handshakes: usize,
+    /// Checked against every connection's client certificate after its
+    /// handshake: a resumed TLS session (`pki::hub_tls_config`) never
+    /// reaches the verifier, so revocation and expiry are enforced here.
+    pub revocations: Option<Arc<crate::pki::Revocations>>,
+    /// Which replica owns a node, when several cloudcores share the
+    /// cluster's nodes (`attach::shards`); `None`: this one owns them all.
+    pub router: Option<Arc<dyn Router>>,
+}
+
+/// Where a node's connection belongs, when cloudcore replicas share the
+/// nodes of one cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This replica owns the node; its `down` stream is in `epoch` (a new
+    /// owner's epoch is above every earlier owner's).
+    Here { epoch: u64 },
+    /// Another replica owns it; edges reach it at `addr` (host:port).
+    Elsewhere { replica: String, addr: String },
+    /// Nobody does at the moment (a hand-over under way).
+    Nobody,
+}
+
+/// The seam between the hub and whatever shards nodes over replicas.
+pub trait Router: Send + Sync + std::fmt::Debug {
+    fn route(&self, node: &str) -> Route;
+
+    /// Called before the link of a node this replica owns starts, once
+    /// its `down` stream exists: whatever that stream must hold before the
+    /// node reads it. `takeover`: the node comes from another replica (its
+    /// stream is about to start a new epoch, whose snapshot the node will
+    /// install in place of what it holds).
+    fn prepare<'a>(
+        &'a self,
+        node: &'a str,
+        takeover: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        let _ = (node, takeover);
+        Box::pin(async {})
+    }
 }
 
 impl Default for HubOptions {
@@ -53,9 +97,16 @@ impl Default for HubOptions {
             ping_interval: Duration::from_secs(600),
             link_idle_timeout: Duration::from_secs(1800),
             reset_secret: None,
+            max_handshakes: 256,
+            revocations: None,
+            router: None,
         }
     }
 }
+
+/// How long a handshake may take before its slot is given back (an edge
+/// gives up after 10 s too).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counters of the hub.
 #[derive(Debug, Default)]
@@ -70,6 +121,8 @@ pub struct HubStats {
     pub limit: AtomicU64,
     pub malformed: AtomicU64,
     pub unauthorized: AtomicU64,
+    /// Connection attempts refused because `max_handshakes` were in flight.
+    pub turned_away: AtomicU64,
 }
 
 /// Least-behind-first admission of catch-up senders.
@@ -237,14 +290,7 @@ impl HubHandle {
     /// `reason` (code `UNAUTHORIZED`): for a revoked node. Returns whether
     /// there was one.
     pub fn disconnect(&self, node: &str, reason: &str) -> bool {
-        let conn = self
-            .0
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(node)
-            .map(|(_, c)| c.clone());
-        match conn {
+        match self.connection(node) {
             Some(c) => {
                 info!(%node, %reason, "closing the node's connection");
                 c.close(
@@ -255,6 +301,24 @@ impl HubHandle {
             }
             None => false,
         }
+    }
+
+    /// Closes node `node`'s live connection, if it has one, telling it to
+    /// go to the replica at `addr` (code `MOVED`), or to come back later
+    /// when `addr` is empty (code `UNAVAILABLE`): its shard changed hands.
+    pub fn move_node(&self, node: &str, addr: &str) -> bool {
+        let Some(c) = self.connection(node) else {
+            return false;
+        };
+        use keel_sync::frame::ErrorCode as C;
+        let code = if addr.is_empty() {
+            C::Unavailable
+        } else {
+            C::Moved
+        };
+        info!(%node, to = %addr, "the node's shard moved; closing its connection");
+        c.close(quinn::VarInt::from_u32(code as u32), addr.as_bytes());
+        true
     }
 
     /// Node → the seq of its down stream it last acknowledged.
@@ -346,10 +410,19 @@ impl CloudHub {
         let st = state.clone();
         let accept = tokio::spawn(async move {
             let mut arrival = 0u64;
+            let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let max = st.opts.max_handshakes.max(1);
             while let Some(incoming) = ep.accept().await {
+                if handshaking.load(Ordering::Acquire) >= max {
+                    st.stats.turned_away.fetch_add(1, Ordering::Relaxed);
+                    incoming.refuse();
+                    continue;
+                }
+                handshaking.fetch_add(1, Ordering::AcqRel);
+                let slot = HandshakeSlot(handshaking.clone());
                 arrival += 1;
                 let st = st.clone();
-                tokio::spawn(async move { st.serve(incoming, arrival).await });
+                tokio::spawn(async move { st.serve(incoming, slot, arrival).await });
             }
         });
         info!(addr = %endpoint.local_addr().map_err(crate::Error::Net)?, "cloudhub listening");
@@ -378,19 +451,44 @@ impl CloudHub {
         HubHandle(self.state.clone())
     }
 
-    /// Closes every connection and stops accepting.
+    /// Closes every connection and stops accepting. The close goes out at
+    /// once; draining the connections is awaited for at most
+    /// [`SHUTDOWN_DRAIN`] (with hundreds of connections it took seconds,
+    /// and every node that tried to come back meanwhile was refused and
+    /// backed off further).
     pub async fn shutdown(self) {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"cloudcore shutting down");
         self.accept.abort();
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// How long [`CloudHub::shutdown`] waits for closed connections to drain.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+
+/// One of the `max_handshakes` slots, given back when dropped.
+struct HandshakeSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl HubState {
-    async fn serve(self: Arc<Self>, incoming: quinn::Incoming, id: u64) {
+    async fn serve(self: Arc<Self>, incoming: quinn::Incoming, slot: HandshakeSlot, id: u64) {
         let remote = incoming.remote_address();
-        let conn = match incoming.await {
+        // A client that stops half-way holds its slot no longer than an
+        // edge waits for a handshake.
+        let handshake = match incoming.accept() {
+            Ok(connecting) => tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+                .await
+                .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
+            Err(e) => Err(e),
+        };
+        drop(slot);
+        let conn = match handshake {
             Ok(c) => c,
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -398,7 +496,7 @@ impl HubState {
                 return;
             }
         };
-        let node = match peer_node(&conn) {
+        let node = match peer_node(&conn, self.opts.revocations.as_deref()) {
             Ok(n) => n,
             Err(why) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -410,16 +508,62 @@ impl HubState {
                 return;
             }
         };
+        let routed = self.opts.router.as_ref().map(|r| r.route(&node));
+        let epoch = match routed {
+            None => 1,
+            Some(Route::Here { epoch }) => epoch,
+            Some(Route::Elsewhere { replica, addr }) => {
+                debug!(%node, %replica, %addr, "the node belongs to another replica");
+                conn.close(
+                    quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Moved as u32),
+                    addr.as_bytes(),
+                );
+                return;
+            }
+            Some(Route::Nobody) => {
+                debug!(%node, "no replica owns the node at the moment");
+                conn.close(
+                    quinn::VarInt::from_u32(keel_sync::frame::ErrorCode::Unavailable as u32),
+                    b"",
+                );
+                return;
+            }
+        };
         let (down, up) = (down_stream(&node), up_stream(&node));
         // Creating a stream waits for a group commit: off the async workers.
         let store = self.store.clone();
-        let created = tokio::task::spawn_blocking(move || {
-            store
-                .create_stream(&down, Role::Writer, 1)
-                .and_then(|_| store.create_stream(&up, Role::Replica, 1))
-        })
-        .await
-        .unwrap_or_else(|e| Err(keel_log::Error::Io(std::io::Error::other(e.to_string()))));
+        let takeover = match &self.opts.router {
+            None => Ok(false),
+            Some(router) => {
+                // A node that comes from another replica (or anew): the
+                // stream gets what the node must hold, then its new epoch.
+                let (store, down2) = (store.clone(), down.clone());
+                let made = tokio::task::spawn_blocking(move || {
+                    store.create_stream(&down2, Role::Writer, 1)
+                })
+                .await
+                .unwrap_or_else(joined);
+                match made {
+                    Ok(info) => {
+                        let takeover = info.epoch < epoch;
+                        router.prepare(&node, takeover).await;
+                        Ok(takeover)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let created = match takeover {
+            Ok(_) => tokio::task::spawn_blocking(move || {
+                store
+                    .create_stream(&down, Role::Writer, epoch)
+                    .and_then(|_| take_over(&store, &down, epoch))
+                    .and_then(|_| store.create_stream(&up, Role::Replica, 1))
+            })
+            .await
+            .unwrap_or_else(joined),
+            Err(e) => Err(e),
+        };
         let up_head = match created {
             Ok(info) => info.head,
             Err(e) => {
@@ -496,13 +640,52 @@ impl HubState {
     }
 }
 
+/// A blocking log task that did not finish, as a log error.
+fn joined<T>(e: tokio::task::JoinError) -> keel_log::Result<T> {
+    Err(keel_log::Error::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Brings a node's `down` stream to `epoch` if it is in an older one:
+/// this replica takes the node over from another, whose chain the node
+/// holds. Every record is folded into the snapshot, which the node then
+/// installs (its cursor names the older epoch) before the tail.
+fn take_over(store: &keel_log::Store, down: &str, epoch: u64) -> keel_log::Result<()> {
+    let mut tries = 0;
+    loop {
+        let info = store.info(down)?;
+        if info.epoch >= epoch {
+            return Ok(());
+        }
+        if info.horizon.seq < info.head.seq {
+            store.compact(down, info.head.seq, &keel_sync::objects::CrdtFold)?;
+        }
+        match store.begin_epoch(down, epoch) {
+            Ok(c) => {
+                info!(stream = %down, epoch = c.epoch, seq = c.seq, "new epoch of a node's down stream: taken over");
+                return Ok(());
+            }
+            // Appended to between the compaction and the new epoch.
+            Err(keel_log::Error::NotCompacted { .. }) if tries < 8 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The node a connection belongs to: the CN of its verified client
 /// certificate.
-fn peer_node(conn: &quinn::Connection) -> Result<String, String> {
+/// The node a connection's client certificate names; refused if
+/// `revocations` refuse the certificate (revoked, expired).
+fn peer_node(
+    conn: &quinn::Connection,
+    revocations: Option<&crate::pki::Revocations>,
+) -> Result<String, String> {
     let identity = conn.peer_identity().ok_or("no client certificate")?;
     let certs = identity
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .map_err(|_| "unexpected peer identity type".to_owned())?;
     let first = certs.first().ok_or("empty client certificate chain")?;
+    if revocations.is_some_and(|r| r.refuses_der(first)) {
+        return Err("certificate revoked or expired".into());
+    }
     node_name_from_cert(first).map_err(|e| e.to_string())
 }

@@ -758,6 +758,17 @@ impl Revocations {
     /// Whether a parsed client certificate is refused: its serial is
     /// revoked, or it is a certificate of a barred node that the ledger
     /// does not show as issued after the bar.
+    /// Whether a client certificate (DER) may not be used any more: it is
+    /// refused as [`Revocations`] says, has expired or cannot be read. For
+    /// the hub's resumed TLS sessions, which never reach the verifier.
+    #[must_use]
+    pub fn refuses_der(&self, der: &CertificateDer<'_>) -> bool {
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return true;
+        };
+        !cert.validity().is_valid() || self.refuses(&cert)
+    }
+
     fn refuses(&self, cert: &X509Certificate<'_>) -> bool {
         let serial = hex(strip_leading_zeros(cert.raw_serial()));
         if self
@@ -862,6 +873,98 @@ pub fn server_tls_config(
         ClientAuth::Required,
         ALPN_SYNC,
     )
+}
+
+/// The rustls server configuration of the cloud hub with TLS 1.3 session
+/// tickets from `tickets`: a node coming back resumes its session instead
+/// of a full handshake. A resumed handshake takes the client certificate
+/// from the ticket and never asks the verifier, so the hub checks every
+/// connection's certificate against the revocation list and its validity
+/// after the handshake ([`Revocations::refuses_der`]). No 0-RTT: the
+/// link's first flight would be replayable, and it is cheap after a
+/// resumed handshake anyway.
+pub fn hub_tls_config(
+    ca: &ClusterCa,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+    tickets: Arc<HubTickets>,
+) -> Result<rustls::ServerConfig> {
+    let mut config = server_tls_config(ca, server_cert_pem, server_key_pem)?;
+    config.ticketer = tickets;
+    config.send_tls13_tickets = 1;
+    Ok(config)
+}
+
+/// Stateless TLS session tickets of the cloud hub: the session state,
+/// sealed with ChaCha20-Poly1305 under a key derived from the hub's
+/// persisted secret (the one its stateless resets use), so tickets survive
+/// a cloudcore restart and no state is kept per node. A ticket of another
+/// cluster (another secret) does not open: that client gets a full
+/// handshake.
+pub struct HubTickets {
+    key: ring::aead::LessSafeKey,
+    rng: ring::rand::SystemRandom,
+}
+
+impl fmt::Debug for HubTickets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubTickets").finish_non_exhaustive()
+    }
+}
+
+/// How long a hub session ticket may be used (a day).
+pub const HUB_TICKET_LIFETIME_SECS: u32 = 24 * 3600;
+
+impl HubTickets {
+    /// Tickets sealed with a key derived from `secret`.
+    pub fn new(secret: &[u8; 32]) -> Result<Arc<HubTickets>> {
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keel hub session tickets v1")
+            .extract(secret);
+        let okm = prk
+            .expand(&[b"ticket key"], &ring::aead::CHACHA20_POLY1305)
+            .map_err(|_| Error::Tls(rustls::Error::General("deriving the ticket key".into())))?;
+        Ok(Arc::new(HubTickets {
+            key: ring::aead::LessSafeKey::new(ring::aead::UnboundKey::from(okm)),
+            rng: ring::rand::SystemRandom::new(),
+        }))
+    }
+}
+
+impl rustls::server::ProducesTickets for HubTickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        HUB_TICKET_LIFETIME_SECS
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let mut sealed = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut sealed,
+            )
+            .ok()?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let (nonce, sealed) = cipher.split_at_checked(ring::aead::NONCE_LEN)?;
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, ring::aead::Aad::empty(), &mut buf)
+            .ok()?;
+        Some(plain.to_vec())
+    }
 }
 
 pub(crate) fn build_server_config(

@@ -93,6 +93,10 @@ struct Cloud {
 }
 
 fn cloud() -> Cloud {
+    cloud_with(HubOptions::default())
+}
+
+fn cloud_with(opts: HubOptions) -> Cloud {
     let dir = tempfile::tempdir().unwrap();
     let ca = ClusterCa::load_or_create(dir.path()).unwrap();
     let server = ca.server_cert(&["127.0.0.1"]).unwrap();
@@ -104,7 +108,7 @@ fn cloud() -> Cloud {
         tls,
         store.clone(),
         sink.clone(),
-        HubOptions::default(),
+        opts,
     )
     .unwrap();
     let addr = hub.local_addr().unwrap();
@@ -178,8 +182,12 @@ fn entries(n: usize, origin: &str, tag: &str) -> Vec<Entry> {
         .collect()
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..400 {
+async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(20), f).await;
+}
+
+async fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    for _ in 0..limit.as_millis() / 50 {
         if f() {
             return;
         }
@@ -245,6 +253,228 @@ async fn edge_and_cloud_sync_both_ways_and_resume_without_resending() {
     e.stop().await;
     assert_eq!(c.store.verify(&up).unwrap(), head(&e.store, &up));
     drop(e.dir);
+}
+
+/// Runs node `node`'s edge hub against `addr` on `edge`'s store, until
+/// the returned sender fires.
+fn spawn_node(
+    ca: &ClusterCa,
+    creds: &Creds,
+    addr: SocketAddr,
+    node: &str,
+    edge: &Edge,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tls = pki::client_tls_config(ca.cert_pem(), &creds.cert_pem, &creds.key_pem).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = EdgeHubOptions::new(addr, node);
+    let (store, sink) = (edge.store.clone(), edge.sink.clone());
+    let task = tokio::spawn(async move {
+        keel_edge::hub::run(opts, tls, store, sink, None, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (tx, task)
+}
+
+/// A crowd of nodes connecting at once, beyond the hub's handshakes in
+/// flight: those turned away come back after their back-off, and every
+/// node catches up both ways with each record crossing once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_beyond_the_handshake_bound_is_turned_away_and_comes_back() {
+    let c = cloud_with(HubOptions {
+        max_handshakes: 2,
+        ..HubOptions::default()
+    });
+    let edge = Edge::new();
+    let nodes: Vec<String> = (0..40).map(|i| format!("crowd-{i:02}")).collect();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        let (down, up) = (down_stream(node), up_stream(node));
+        c.store.create_stream(&down, Role::Writer, 1).unwrap();
+        c.store.create_stream(&up, Role::Replica, 1).unwrap();
+        c.store
+            .append(&down, entries(5, "kubectl", "spec"))
+            .unwrap();
+        edge.store.create_stream(&up, Role::Writer, 1).unwrap();
+        edge.store.create_stream(&down, Role::Replica, 1).unwrap();
+        edge.store.append(&up, entries(5, node, "status")).unwrap();
+    }
+    for node in &nodes {
+        let (tx, task) = spawn_node(&c.ca, &node_creds(&c.ca, node), c.addr, node, &edge);
+        stops.push(tx);
+        tasks.push(task);
+    }
+    // Back-offs double from 200 ms: a node turned away often waits long.
+    eventually_within(
+        "every node caught up both ways",
+        Duration::from_secs(120),
+        || {
+            nodes.iter().all(|n| {
+                head(&c.store, &up_stream(n)).seq == 5
+                    && head(&edge.store, &down_stream(n)).seq == 5
+            })
+        },
+    )
+    .await;
+    let turned_away = c
+        .hub
+        .stats()
+        .turned_away
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(turned_away > 0, "no connection was turned away");
+    for n in &nodes {
+        assert_eq!(c.sink.seqs(&up_stream(n)), (1..=5).collect::<Vec<_>>());
+        assert_eq!(edge.sink.seqs(&down_stream(n)), (1..=5).collect::<Vec<_>>());
+    }
+    for tx in stops {
+        let _ = tx.send(());
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// A reconnect storm at small scale: 500 nodes connect at once (beyond
+/// the hub's default bound on handshakes in flight), each 10 records
+/// behind both ways; then the hub restarts on the same address while both
+/// sides write 5 more, and every node comes back by itself. Every record
+/// crosses, once. No timing is asserted (the reconnect_storm bench
+/// measures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_500_nodes_catches_up_with_nothing_lost_across_a_hub_restart() {
+    const NODES: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    let server = ca.server_cert(&["127.0.0.1"]).unwrap();
+    let store = Store::open(dir.path().join("log"), StoreOptions::default()).unwrap();
+    let sink = Arc::new(Recorder::default());
+    // The old hub's socket is held until its connections have drained: a
+    // restart on the same address waits for it (as a restarted process
+    // would find it free).
+    let bind = |addr: SocketAddr| {
+        let mut tries = 0;
+        loop {
+            let tls = pki::server_tls_config(&ca, &server.cert_pem, &server.key_pem).unwrap();
+            match CloudHub::bind(
+                addr,
+                tls,
+                store.clone(),
+                sink.clone(),
+                HubOptions::default(),
+            ) {
+                Ok(hub) => break hub,
+                Err(_) if tries < 300 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("binding {addr}: {e}"),
+            }
+        }
+    };
+    let hub = bind("127.0.0.1:0".parse().unwrap());
+    let addr = hub.local_addr().unwrap();
+    let edge = Edge::new();
+    let nodes: Vec<String> = (0..NODES).map(|i| format!("storm-{i:03}")).collect();
+    let write_both = |tag: &str, n: usize| {
+        let tickets: Vec<_> = nodes
+            .iter()
+            .flat_map(|node| {
+                [
+                    store
+                        .append_async(&down_stream(node), entries(n, "kubectl", tag))
+                        .unwrap(),
+                    edge.store
+                        .append_async(&up_stream(node), entries(n, node, tag))
+                        .unwrap(),
+                ]
+            })
+            .collect();
+        tickets
+    };
+    for node in &nodes {
+        let (down, up) = (down_stream(node), up_stream(node));
+        store.create_stream(&down, Role::Writer, 1).unwrap();
+        store.create_stream(&up, Role::Replica, 1).unwrap();
+        edge.store.create_stream(&up, Role::Writer, 1).unwrap();
+        edge.store.create_stream(&down, Role::Replica, 1).unwrap();
+    }
+    for t in write_both("first", 10) {
+        t.await.unwrap();
+    }
+    let all_at = |seq: u64| {
+        nodes.iter().all(|n| {
+            head(&store, &up_stream(n)).seq == seq && head(&edge.store, &down_stream(n)).seq == seq
+        })
+    };
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    let creds: Vec<Creds> = nodes.iter().map(|n| node_creds(&ca, n)).collect();
+    let start = std::time::Instant::now();
+    for (node, creds) in nodes.iter().zip(&creds) {
+        let (tx, task) = spawn_node(&ca, creds, addr, node, &edge);
+        stops.push(tx);
+        tasks.push(task);
+    }
+    eventually_within(
+        "the first storm caught up",
+        Duration::from_secs(300),
+        || all_at(10),
+    )
+    .await;
+    eprintln!("500 nodes: first storm caught up in {:?}", start.elapsed());
+
+    // Connected long enough that the nodes' back-off starts over (a
+    // connection that lasts 10 s resets it), the hub restarts; meanwhile
+    // both sides write.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let down = std::time::Instant::now();
+    hub.shutdown().await;
+    for t in write_both("apart", 5) {
+        t.await.unwrap();
+    }
+    let hub = bind(addr);
+    eprintln!("500 nodes: the hub was down {:?}", down.elapsed());
+    let start = std::time::Instant::now();
+    eventually_within(
+        "the second storm caught up",
+        Duration::from_secs(300),
+        || all_at(15),
+    )
+    .await;
+    eprintln!(
+        "500 nodes: caught up {:?} after the hub came back",
+        start.elapsed()
+    );
+    assert_eq!(hub.connected().len(), NODES);
+    for n in &nodes {
+        assert_eq!(
+            sink.seqs(&up_stream(n)),
+            (1..=15).collect::<Vec<_>>(),
+            "{n} up"
+        );
+        assert_eq!(
+            edge.sink.seqs(&down_stream(n)),
+            (1..=15).collect::<Vec<_>>(),
+            "{n} down"
+        );
+        assert_eq!(
+            store.verify(&up_stream(n)).unwrap(),
+            head(&edge.store, &up_stream(n))
+        );
+    }
+    for tx in stops {
+        let _ = tx.send(());
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    hub.shutdown().await;
 }
 
 /// A raw client with a node certificate, speaking frames by hand.
@@ -407,6 +637,86 @@ async fn revoked_and_foreign_certificates_are_refused_with_a_reason() {
     })
     .await;
     assert!(c.hub.connected().is_empty());
+}
+
+/// TLS session resumption: a node coming back resumes with the ticket the
+/// hub gave it, across a hub restart (the ticket key comes from the hub's
+/// persisted secret). A resumed handshake never asks the certificate
+/// verifier, so a certificate revoked since would get in; the hub checks
+/// every connection's certificate after the handshake and refuses it. A
+/// ticket sealed under another secret does not open: a full handshake,
+/// whose verifier refuses the revoked certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_sessions_are_checked_against_revocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+    let server = ca.server_cert(&["127.0.0.1"]).unwrap();
+    let store = Store::open(dir.path().join("log"), StoreOptions::default()).unwrap();
+    let hub_with = |secret: [u8; 32], revocations: Option<Arc<pki::Revocations>>| {
+        let tickets = pki::HubTickets::new(&secret).unwrap();
+        let tls = pki::hub_tls_config(&ca, &server.cert_pem, &server.key_pem, tickets).unwrap();
+        CloudHub::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            tls,
+            store.clone(),
+            Arc::new(Recorder::default()),
+            HubOptions {
+                revocations,
+                ..HubOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let creds = node_creds(&ca, "edge-t");
+    // One client configuration: its session store keeps the tickets.
+    let tls = pki::client_tls_config(ca.cert_pem(), &creds.cert_pem, &creds.key_pem).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let settle = || tokio::time::sleep(Duration::from_millis(500));
+    let connect = |hub: &CloudHub| ep.connect(hub.local_addr().unwrap(), "127.0.0.1").unwrap();
+
+    // A full handshake; the hub sends a ticket.
+    let hub = hub_with([7; 32], None);
+    let conn = connect(&hub).await.unwrap();
+    settle().await;
+    conn.close(0u32.into(), b"bye");
+    // Revoked since: without the hub's own check, the resumed session gets
+    // in (and this shows the session was resumed: the verifier would
+    // have refused it).
+    ca.revoke(&creds.serial).unwrap();
+    let conn = connect(&hub).await.unwrap();
+    settle().await;
+    assert!(
+        conn.close_reason().is_none(),
+        "not resumed: {:?}",
+        conn.close_reason()
+    );
+    conn.close(0u32.into(), b"bye");
+    hub.shutdown().await;
+    // The hub restarted with the same secret and its check: the ticket
+    // opens, the certificate is refused after the handshake.
+    let hub = hub_with([7; 32], Some(ca.revocations()));
+    let conn = connect(&hub).await.unwrap();
+    let why = close_reason(&conn).await;
+    assert!(why.contains("revoked"), "{why}");
+    hub.shutdown().await;
+    // Another secret: the ticket does not open, the full handshake's
+    // verifier refuses the certificate.
+    let hub = hub_with([9; 32], None);
+    let why = match ep
+        .connect(hub.local_addr().unwrap(), "127.0.0.1")
+        .unwrap()
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok(conn) => tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .unwrap()
+            .to_string(),
+    };
+    assert!(why.to_lowercase().contains("revoked"), "{why}");
+    hub.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -681,6 +681,92 @@ pub async fn renew(server: SocketAddr, data_dir: &Path) -> Result<NodeIdentity> 
 /// The identity a running edgecore presents, swapped on renewal: TLS
 /// client configurations from [`LiveIdentity::client_tls_config`] ask it for
 /// the certificate at every handshake.
+/// TLS sessions kept for resumption (one server: the hub).
+const SESSIONS_KEPT: usize = 8;
+
+/// The TLS sessions a node may resume, bound to the certificate it had
+/// when it got them: once [`LiveIdentity`] presents another (a renewal),
+/// they are dropped and the next handshake is a full one with the new
+/// certificate (the old one is revoked: a session resumed with it would be
+/// refused, and the refused connection would hand out another such ticket).
+struct IdentitySessions {
+    live: Arc<LiveIdentity>,
+    /// (serial the sessions belong to, the sessions).
+    cache: std::sync::Mutex<(String, Arc<rustls::client::ClientSessionMemoryCache>)>,
+}
+
+impl fmt::Debug for IdentitySessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentitySessions").finish_non_exhaustive()
+    }
+}
+
+impl IdentitySessions {
+    /// The sessions of the certificate presented now.
+    fn current(&self) -> Arc<rustls::client::ClientSessionMemoryCache> {
+        let serial = self.live.identity().serial;
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.0 != serial {
+            *cache = (
+                serial,
+                Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS_KEPT)),
+            );
+        }
+        Arc::clone(&cache.1)
+    }
+}
+
+impl rustls::client::ClientSessionStore for IdentitySessions {
+    fn set_kx_hint(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        group: rustls::NamedGroup,
+    ) {
+        self.current().set_kx_hint(server, group);
+    }
+
+    fn kx_hint(&self, server: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.current().kx_hint(server)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.current().set_tls12_session(server, value);
+    }
+
+    fn tls12_session(
+        &self,
+        server: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.current().tls12_session(server)
+    }
+
+    fn remove_tls12_session(&self, server: &rustls::pki_types::ServerName<'static>) {
+        self.current().remove_tls12_session(server);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.current().insert_tls13_ticket(server, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.current().take_tls13_ticket(server)
+    }
+}
+
 pub struct LiveIdentity {
     current: std::sync::RwLock<(NodeIdentity, Arc<rustls::sign::CertifiedKey>)>,
 }
@@ -759,6 +845,16 @@ impl LiveIdentity {
                 Arc::clone(self) as Arc<dyn rustls::client::ResolvesClientCert>
             );
         config.alpn_protocols = vec![ALPN_SYNC.to_vec()];
+        // The hub's session tickets, for this certificate only: a resumed
+        // session keeps the certificate of its first handshake, which a
+        // renewal revokes.
+        config.resumption = rustls::client::Resumption::store(Arc::new(IdentitySessions {
+            live: Arc::clone(self),
+            cache: std::sync::Mutex::new((
+                String::new(),
+                Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS_KEPT)),
+            )),
+        }));
         Ok(config)
     }
 

@@ -36,6 +36,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// CloudHub (QUIC).
     pub cloud_hub: SocketAddr,
+    /// More cloudcore replicas' CloudHubs, tried in turn after `cloudHub`
+    /// when it cannot be reached; a replica that does not own this node
+    /// sends it to the one that does (`MOVED`).
+    #[serde(default)]
+    pub cloud_hubs: Vec<SocketAddr>,
     /// cloudcore's join endpoint (HTTPS), used once with a join token.
     pub cloud_bootstrap: SocketAddr,
     /// Name cloudcore's certificate carries; default: the hub's IP.
@@ -54,6 +59,11 @@ pub struct Config {
     /// certificates once `clientCAFile` is set. Off unless set.
     #[serde(default)]
     pub grpc_addr: Option<SocketAddr>,
+    /// Seconds without a packet from cloudcore before its connection counts
+    /// as lost (and the next replica's hub is tried); the edge keeps it
+    /// alive at a third of that, at most every 25 s.
+    #[serde(default = "default_hub_idle_timeout")]
+    pub hub_idle_timeout_seconds: u64,
     /// First container restart back-off in seconds (doubles up to 300).
     #[serde(default = "default_backoff")]
     pub restart_backoff_seconds: f64,
@@ -114,6 +124,10 @@ fn default_mqtt() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 1883))
 }
 
+fn default_hub_idle_timeout() -> u64 {
+    90
+}
+
 fn default_backoff() -> f64 {
     10.0
 }
@@ -123,6 +137,8 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("edgecore-data"),
             cloud_hub: SocketAddr::from(([127, 0, 0, 1], 10000)),
+            cloud_hubs: Vec::new(),
+            hub_idle_timeout_seconds: default_hub_idle_timeout(),
             cloud_bootstrap: SocketAddr::from(([127, 0, 0, 1], 10002)),
             server_name: None,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 10550)),
@@ -757,6 +773,9 @@ pub async fn run(
         };
         started(&running);
         let mut opts = EdgeHubOptions::new(cfg.cloud_hub, node.clone());
+        opts.alternates = cfg.cloud_hubs.clone();
+        opts.idle_timeout = Duration::from_secs(cfg.hub_idle_timeout_seconds.max(3));
+        opts.keep_alive = (opts.idle_timeout / 3).min(opts.keep_alive);
         if let Some(n) = &cfg.server_name {
             opts.server_name = n.clone();
         }

@@ -382,19 +382,83 @@ impl MetaManager {
         }
         settle_loaded(&self.node, &mut objects);
         let mut inner = lock(&self.inner);
+        // What this node wrote and the new documents do not hold (the
+        // snapshot of a cloudcore replica that took the node over, built
+        // on the cluster's copy, without the changes this node built on
+        // the previous replica's documents): written again, on top of them.
+        let again = self.reassert(&inner.objects, &mut objects);
         let mut keys: Vec<String> = inner.view.keys().cloned().collect();
         keys.extend(objects.keys().map(str::to_owned));
         keys.sort();
         keys.dedup();
         inner.objects = objects;
         let events = refresh(&mut inner, keys.iter().map(String::as_str));
+        let ticket = if again.is_empty() {
+            None
+        } else {
+            info!(node = %self.node, objects = again.len(), "re-asserting this node's status over the cloud's new snapshot");
+            match self.store.append_async(&up_stream(&self.node), again) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!(node = %self.node, error = %e, "could not record a re-assertion");
+                    None
+                }
+            }
+        };
         self.commits.push(Commit {
-            ticket: None,
+            ticket,
             events,
             done: None,
         });
         drop(inner);
         self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+impl MetaManager {
+    /// For each object whose `status` this node writes (its Node, the pods
+    /// and devices bound to it) and that `new` holds with another status
+    /// than `old`: a change of `new` that puts `old`'s status back.
+    fn reassert(&self, old: &ObjectStore, new: &mut ObjectStore) -> Vec<Entry> {
+        let own = format!("nodes/{}", self.node);
+        let keys: Vec<String> = old
+            .keys()
+            .filter(|k| {
+                *k == own
+                    || k.starts_with("pods/")
+                    || k.starts_with(crate::devicetwin::DEVICE_PREFIX)
+            })
+            .map(str::to_owned)
+            .collect();
+        let mut out = Vec::new();
+        for key in keys {
+            let (Some(was), Some(mut now)) = (old.get_json(&key), new.get_json(&key)) else {
+                continue;
+            };
+            // Another object under the same name: nothing to carry over.
+            if was.pointer("/metadata/uid") != now.pointer("/metadata/uid") {
+                continue;
+            }
+            let Some(status) = was.get("status").filter(|s| now.get("status") != Some(*s)) else {
+                continue;
+            };
+            if let Some(o) = now.as_object_mut() {
+                o.insert("status".into(), status.clone());
+            }
+            match new.edit_replace(&key, &self.actor, &now) {
+                Ok(Some(change)) => out.push(Entry::new(
+                    self.node.as_str(),
+                    key,
+                    PayloadKind::Change,
+                    change,
+                )),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(node = %self.node, %key, error = %e, "could not re-assert a status")
+                }
+            }
+        }
+        out
     }
 }
 

@@ -96,10 +96,12 @@ impl<L: Logs> keel_sync::session::SessionHandler for Sessions<L> {
                     Ok(r) => r,
                     Err(s) => return refuse(s),
                 };
-                if let Err(s) = self.pod(&req.namespace, &req.pod) {
-                    return refuse(s);
-                }
-                Box::pin(async move { forward(req, input).await.map_err(|s| status_bytes(&s)) })
+                let pod = match self.pod(&req.namespace, &req.pod) {
+                    Ok(p) => p,
+                    Err(s) => return refuse(s),
+                };
+                let to = pod_address(&pod);
+                Box::pin(async move { forward(req, to, input).await.map_err(|s| status_bytes(&s)) })
             }
             Some("exec") => {
                 let req = match ExecRequest::from_json(&v) {
@@ -235,24 +237,42 @@ async fn exec(
 /// How long connecting to a pod's port may take.
 const CONNECT_WITHIN: Duration = Duration::from_secs(5);
 
-/// One `kubectl port-forward` connection: to the pod's port (the process
-/// runtime's pods share the node's network, so on the loopback address),
-/// the session's input to it and its output back. The session's input
-/// ending closes the connection's sending side; the pod closing ends the
-/// output.
+/// Where a pod's ports are: its own address on a pod network (its
+/// `podIP` differs from its `hostIP`), else the node's loopback (a pod on
+/// the node's network, as every process-runtime pod is).
+fn pod_address(pod: &Value) -> std::net::IpAddr {
+    let status = pod.get("status");
+    let ip = |key: &str| status.and_then(|s| s.get(key)).and_then(Value::as_str);
+    match (ip("podIP"), ip("hostIP")) {
+        (Some(pod_ip), host) if Some(pod_ip) != host => pod_ip
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+        _ => std::net::Ipv4Addr::LOCALHOST.into(),
+    }
+}
+
+/// One `kubectl port-forward` connection: to the pod's port at `to`, the
+/// session's input to it and its output back. The session's input ending
+/// closes the connection's sending side; the pod closing ends the output.
 async fn forward(
     req: ForwardRequest,
+    to: std::net::IpAddr,
     mut input: mpsc::Receiver<Bytes>,
 ) -> Result<mpsc::Receiver<Bytes>, Status> {
     let failed = |why: String| {
+        let at = if to.is_loopback() {
+            "localhost".to_owned()
+        } else {
+            to.to_string()
+        };
         Status::internal(format!(
-            "error forwarding port {} to pod {}: failed to connect to localhost:{}: {why}",
+            "error forwarding port {} to pod {}: failed to connect to {at}:{}: {why}",
             req.port, req.pod, req.port
         ))
     };
     let conn = tokio::time::timeout(
         CONNECT_WITHIN,
-        tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, req.port)),
+        tokio::net::TcpStream::connect((to, req.port)),
     )
     .await
     .map_err(|_| failed(format!("no answer within {CONNECT_WITHIN:?}")))?

@@ -5,8 +5,15 @@
 //! `edgecore import-image`.
 //!
 //! One test, in steps: a pod runs from the image (its own filesystem) and
-//! `kubectl logs` shows its output; a failing exec liveness probe restarts
+//! `kubectl logs` shows its output; `kubectl exec` runs in it, stdin and
+//! its end included (`kubectl cp` into it), `kubectl attach -i` writes to
+//! its stdin; a pod gets an address of its own on
+//! the containerd's CNI bridge (environment, HTTP probe, host port,
+//! `kubectl port-forward`), a hostNetwork pod the node's; a failing exec liveness probe restarts
 //! it; a memory limit kills it (OOMKilled); readOnlyRootFilesystem holds;
+//! offline, edgecore adopts its containers across restarts, and a reboot
+//! of the node (every container, sandbox and network gone) brings the pod
+//! back from the local log;
 //! a missing image with pull policy Never, and one no registry serves,
 //! are errors on the pod; `runtimeClassName: keel-process` runs a pod as
 //! host processes beside.
@@ -174,6 +181,206 @@ fn pods_run_as_containers_through_containerd() {
         String::from_utf8_lossy(&o.stderr).contains("to-stderr"),
         "{o:?}"
     );
+
+    // stdin reaches the command, and so does its end: `kubectl cp` pipes a
+    // tar archive into `tar x` in the container and waits for it to end.
+    let within = |secs: u32, args: &[&str], input: Option<&[u8]>| {
+        let mut child = Command::new("timeout")
+            .arg(secs.to_string())
+            .arg(support::kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(cloud.kubeconfig())
+            .arg("--cache-dir")
+            .arg(cloud.dir.with_extension("kube-cache"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input.unwrap_or_default()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    let o = within(
+        60,
+        &["exec", "-i", "hello", "--", "wc", "-c"],
+        Some(b"twelve bytes"),
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "12", "{o:?}");
+    let local = tmp.path().join("copied.txt");
+    std::fs::write(&local, "copied into the container\n").unwrap();
+    let o = within(
+        60,
+        &["cp", local.to_str().unwrap(), "hello:/tmp/copied.txt"],
+        None,
+    );
+    assert!(o.status.success(), "kubectl cp: {o:?}");
+    let o = cloud.k(&["exec", "hello", "--", "cat", "/tmp/copied.txt"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "copied into the container\n",
+        "{o:?}"
+    );
+
+    // kubectl attach -i: the container's stdin (CRI Attach), and with
+    // stdinOnce its end once the session ends; its output from its log.
+    apply(
+        &cloud,
+        &pod(
+            "echo",
+            "",
+            "    stdin: true\n    stdinOnce: true\n    command: [\"sh\", \"-c\", \"while read l; do echo got $l; done; echo stdin-closed; exec sleep 3600\"]\n",
+        ),
+    );
+    wait_for("echo Running", Duration::from_secs(120), || {
+        get(&cloud, "echo")["status"]["phase"] == "Running"
+    });
+    // The session lasts as long as the container (here, until `timeout`
+    // ends kubectl).
+    let o = within(10, &["attach", "-i", "echo"], Some(b"one\ntwo\n"));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        shown.contains("got one\ngot two\n"),
+        "kubectl attach -i: {o:?}"
+    );
+    wait_for("the end of echo's stdin", Duration::from_secs(30), || {
+        let o = cloud.k(&["logs", "echo"]);
+        String::from_utf8_lossy(&o.stdout).contains("got two\nstdin-closed\n")
+    });
+    let o = cloud.k(&["delete", "pod", "echo", "--wait=false"]);
+    assert!(o.status.success(), "{o:?}");
+
+    // exec -t: a terminal of the container's, sized as kubectl's (which
+    // needs a terminal itself: `script` gives it one).
+    let o = cloud.k_on_terminal("exec -it hello -- sh -c 'sleep 1; tty; stty size'");
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{o:?}\ncloudcore's log:\n{}\nedgecore's log:\n{}",
+        cloud.log_tail(60),
+        tail(&edge.dir.join("edgecore.log"), 60)
+    );
+    assert!(shown.contains("/dev/pts/"), "{shown}");
+    assert!(shown.contains("45 123"), "{shown}");
+
+    // Pod networking through CNI: a pod gets an address of its own on the
+    // test containerd's bridge, which its downward-API environment sees; its
+    // HTTP readiness probe reaches it there; its hostPort is mapped on the
+    // node. A hostNetwork pod keeps the node's address.
+    let host_port = free_port();
+    apply(
+        &cloud,
+        &pod(
+            "web",
+            "",
+            &format!(
+                "    command: [\"sh\", \"-c\", \"echo pod-ip=$POD_IP; mkdir -p /tmp/www; echo served-from-the-pod > /tmp/www/index.html; exec httpd -f -p 8080 -h /tmp/www\"]\n    env:\n    - name: POD_IP\n      valueFrom:\n        fieldRef:\n          fieldPath: status.podIP\n    ports:\n    - containerPort: 8080\n      hostPort: {host_port}\n    readinessProbe:\n      httpGet:\n        port: 8080\n      periodSeconds: 1\n"
+            ),
+        ),
+    );
+    wait_for("web Ready", Duration::from_secs(120), || {
+        get(&cloud, "web")["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+    });
+    let web = get(&cloud, "web");
+    let pod_ip = web["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let prefix = containerd.subnet.trim_end_matches(".0/24").to_owned() + ".";
+    assert!(
+        pod_ip.starts_with(&prefix),
+        "podIP {pod_ip:?} not on {}: {web}",
+        containerd.subnet
+    );
+    assert_eq!(web["status"]["podIPs"][0]["ip"], pod_ip.as_str(), "{web}");
+    assert_ne!(web["status"]["hostIP"], pod_ip.as_str(), "{web}");
+    wait_for("web's logs", Duration::from_secs(30), || {
+        let o = cloud.k(&["logs", "web"]);
+        String::from_utf8_lossy(&o.stdout).contains(&format!("pod-ip={pod_ip}\n"))
+    });
+    let fetch = |addr: &str| -> String {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(
+        fetch(&format!("{pod_ip}:8080")).contains("served-from-the-pod"),
+        "the pod's own address"
+    );
+    wait_for("the host port", Duration::from_secs(30), || {
+        fetch(&format!("127.0.0.1:{host_port}")).contains("served-from-the-pod")
+    });
+    // kubectl port-forward through cloudcore reaches the pod at its own
+    // address.
+    let mut forward = Command::new(support::kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(cloud.kubeconfig())
+        .arg("--cache-dir")
+        .arg(cloud.dir.with_extension("kube-cache"))
+        .args(["port-forward", "pod/web", ":8080"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(forward.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        // kubectl goes on writing ("Handling connection for …").
+        std::thread::spawn(move || lines.for_each(drop));
+        first
+    };
+    // "Forwarding from 127.0.0.1:LOCAL -> 8080"
+    let local = first
+        .strip_prefix("Forwarding from 127.0.0.1:")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("kubectl port-forward said {first:?}"))
+        .to_owned();
+    // The first connections may come before kubectl's tunnel is up.
+    let mut through = String::new();
+    wait_for(
+        "an answer through port-forward",
+        Duration::from_secs(30),
+        || {
+            through = fetch(&format!("127.0.0.1:{local}"));
+            through.contains("served-from-the-pod")
+        },
+    );
+    let _ = forward.kill();
+    let _ = forward.wait();
+    apply(
+        &cloud,
+        &pod(
+            "on-the-node",
+            "  hostNetwork: true\n",
+            "    command: [\"sleep\", \"3600\"]\n",
+        ),
+    );
+    wait_for("on-the-node Running", Duration::from_secs(120), || {
+        get(&cloud, "on-the-node")["status"]["phase"] == "Running"
+    });
+    let p = get(&cloud, "on-the-node");
+    assert_eq!(p["status"]["podIP"], p["status"]["hostIP"], "{p}");
+    for name in ["web", "on-the-node"] {
+        let o = cloud.k(&["delete", "pod", name, "--wait=false"]);
+        assert!(o.status.success(), "{o:?}");
+    }
 
     // The runtime writes container logs; edgecore rotates them (moves the
     // file aside, has containerd reopen it): kubectl logs still ends with
@@ -424,6 +631,38 @@ fn pods_run_as_containers_through_containerd() {
             .is_some_and(|i| i.starts_with("containerd://")),
         "{again}"
     );
+
+    // A reboot of the node, the cloud still down: every container and
+    // sandbox gone with their network, containerd started again, then
+    // edgecore. The pod comes back from the local log: a new container
+    // in a new sandbox, with an address on the pod network.
+    let mut edge = edge;
+    edge.proc.kill9();
+    containerd.reboot();
+    let edge = start_edge(&cloud, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = &on_edge(&edge)["status"]["containerStatuses"][0];
+        if s["state"]["running"].is_object() && s["containerID"] != again {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let log =
+                std::fs::read_to_string(tmp.path().join("box/edgecore.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!("hello not back after the reboot: {s}\n{}", tail.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = on_edge(&edge);
+    let rebooted = after["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches("containerd://")
+        .to_owned();
+    assert!(running(&containerd, &rebooted), "{after}");
+    let pod_ip = after["status"]["podIP"].as_str().unwrap_or_default();
+    assert!(pod_ip.starts_with(&prefix), "{after}");
     drop(edge);
     drop(cloud);
     drop(containerd);

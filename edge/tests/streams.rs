@@ -338,20 +338,7 @@ fn kubectl_logs_and_exec_through_cloudcore() {
     );
     // exec -t: the command on a terminal of its own, sized as kubectl's
     // (which needs a terminal itself: `script` gives it one).
-    let o = Command::new("script")
-        .args([
-            "-qec",
-            &format!(
-                "stty cols 123 rows 45; {} --kubeconfig {} --cache-dir {} exec -it counter -- sh -c 'sleep 1; tty; stty size'",
-                support::kubectl_bin().display(),
-                cloud.kubeconfig().display(),
-                cache.display()
-            ),
-            "/dev/null",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = cloud.k_on_terminal("exec -it counter -- sh -c 'sleep 1; tty; stty size'");
     let shown = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{o:?}");
     assert!(shown.contains("/dev/pts/"), "{shown}");

@@ -91,34 +91,40 @@ pub fn record_to_proto(r: &Record) -> keel_proto::Record {
 /// protobuf encoding of `keel.v1.Record` (written straight from the record,
 /// without building the intermediate message).
 pub fn encode_record(r: &Record) -> Vec<u8> {
-    use prost::encoding::{WireType, encode_key, encode_varint, int32, string, uint64};
     let mut out = Vec::with_capacity(1 + 64 + r.origin.len() + r.key.len() + r.payload.len());
+    encode_record_into(r, &mut out);
+    out
+}
+
+/// [`encode_record`], appended to `out`.
+pub fn encode_record_into(r: &Record, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, int32, string, uint64};
+    let out = &mut *out;
     out.push(FORMAT_V1);
     if r.seq != 0 {
-        uint64::encode(1, &r.seq, &mut out);
+        uint64::encode(1, &r.seq, out);
     }
     if r.epoch != 0 {
-        uint64::encode(2, &r.epoch, &mut out);
+        uint64::encode(2, &r.epoch, out);
     }
     if r.hlc != 0 {
-        uint64::encode(3, &r.hlc, &mut out);
+        uint64::encode(3, &r.hlc, out);
     }
     if !r.origin.is_empty() {
-        string::encode(4, &r.origin, &mut out);
+        string::encode(4, &r.origin, out);
     }
     if !r.key.is_empty() {
-        string::encode(5, &r.key, &mut out);
+        string::encode(5, &r.key, out);
     }
-    int32::encode(6, &(kind_to_proto(r.kind) as i32), &mut out);
+    int32::encode(6, &(kind_to_proto(r.kind) as i32), out);
     if !r.payload.is_empty() {
-        encode_key(7, WireType::LengthDelimited, &mut out);
-        encode_varint(r.payload.len() as u64, &mut out);
+        encode_key(7, WireType::LengthDelimited, out);
+        encode_varint(r.payload.len() as u64, out);
         out.extend_from_slice(&r.payload);
     }
-    encode_key(8, WireType::LengthDelimited, &mut out);
-    encode_varint(r.hash.0.len() as u64, &mut out);
+    encode_key(8, WireType::LengthDelimited, out);
+    encode_varint(r.hash.0.len() as u64, out);
     out.extend_from_slice(&r.hash.0);
-    out
 }
 
 /// Decodes a record as stored on disk.

@@ -48,6 +48,17 @@ pub enum Error {
         op: &'static str,
     },
 
+    /// `begin_epoch` on a stream with records not yet folded into its
+    /// snapshot.
+    #[error(
+        "stream {stream:?}: a new epoch needs every record compacted (horizon {horizon}, head {head})"
+    )]
+    NotCompacted {
+        stream: String,
+        horizon: u64,
+        head: u64,
+    },
+
     /// A replicated record does not extend the local chain.
     #[error("stream {stream:?}: record seq {seq} does not extend the chain: {reason}")]
     ChainMismatch {

@@ -7,12 +7,17 @@
 //! and only accepts records that extend its chain
 //! ([`Store::append_replicated`]).
 //!
-//! Durability: every append goes through group commit: a staging thread
-//! writes all pending appends of all streams as one atomic fjall batch, and
-//! a sync thread makes the journal durable with a single fdatasync for every
-//! batch staged meanwhile, and only then completes the callers. Staging the
-//! next group overlaps with the previous group's fsync. A failed write or fsync poisons the store: every later write is
-//! refused with [`Error::Poisoned`]. Reads only ever return durable records.
+//! Durability: every append goes through group commit: all pending
+//! appends of all streams become one entry of the commit journal (a ring
+//! whose blocks are written before use, so its fdatasync commits data
+//! alone) and one atomic fjall batch, and one fdatasync of the commit
+//! journal makes the group durable; only then are the callers completed.
+//! fjall's own journal is synced at checkpoints; on open, the commit
+//! journal's entries that fjall lost are applied again. A blocking
+//! [`Store::append`] that finds no group being committed commits its own
+//! (no hand-off to the commit thread). A failed write or fsync poisons the
+//! store: every later write is refused with [`Error::Poisoned`]. Reads
+//! only ever return durable records.
 //!
 //! Compaction folds records up to a seq into one snapshot per object
 //! ([`Store::compact`]); reading from a cursor below that horizon yields
@@ -27,6 +32,7 @@ mod fold;
 mod record;
 mod store;
 mod ticket;
+mod wal;
 pub mod wire;
 
 pub use clock::{Clock, Hlc, SystemClock};

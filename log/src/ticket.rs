@@ -85,6 +85,16 @@ impl<T> Drop for Completer<T> {
 }
 
 impl<T> Ticket<T> {
+    /// Whether the write has completed (or can no longer complete).
+    pub(crate) fn is_done(&self) -> bool {
+        let slot = self
+            .shared
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        slot.value.is_some() || slot.dropped
+    }
+
     /// Block the current thread until the write completes.
     pub fn wait(self) -> Result<T> {
         let mut slot = self

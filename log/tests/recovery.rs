@@ -89,6 +89,68 @@ fn torn_tail_recovers_to_a_verified_prefix() {
     assert_eq!(store.verify(S).unwrap().seq, 95);
 }
 
+/// What a crash right after the last ack leaves: fjall's journal is
+/// synced only at checkpoints, so its tail may be lost; the commit journal
+/// holds every acknowledged group and brings them back.
+#[test]
+fn acked_groups_lost_from_fjalls_journal_come_back_from_the_commit_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("commits.journal");
+    let saved = {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        store.create_stream(S, Role::Writer, 1).unwrap();
+        for b in 0..10 {
+            store.append(S, entries(10, &format!("b{b}"))).unwrap();
+        }
+        // The commit journal as it is at the last ack (a clean close then
+        // empties it).
+        std::fs::read(&ring).unwrap()
+    };
+    assert!(
+        std::fs::metadata(&ring).unwrap().len() == 0,
+        "a clean close leaves an empty commit journal"
+    );
+    // Lose the last two groups from fjall's journal, as a crash before its
+    // next sync would: cut it back to the end of the eighth.
+    let jnl = journals(dir.path()).pop().expect("a journal file");
+    let bytes = std::fs::read(&jnl).unwrap();
+    let end = data_len(&bytes);
+    let tail = b"b8-0";
+    let cut = bytes[..end]
+        .windows(tail.len())
+        .position(|w| w == tail)
+        .expect("the ninth group in fjall's journal");
+    let mut cut_bytes = bytes.clone();
+    cut_bytes[cut - 200..].fill(0);
+    std::fs::write(&jnl, &cut_bytes).unwrap();
+    std::fs::write(&ring, &saved).unwrap();
+
+    let store = Store::open(dir.path(), full()).unwrap();
+    let info = store.info(S).unwrap();
+    assert_eq!(info.head.seq, 100, "every acknowledged record is back");
+    assert_eq!(store.verify(S).unwrap(), info.head);
+    let Read::Records(seg) = store
+        .read(
+            S,
+            90,
+            ReadLimits {
+                max_records: 10,
+                max_bytes: 1 << 20,
+            },
+        )
+        .unwrap()
+    else {
+        panic!("no compaction here")
+    };
+    assert_eq!(seg.records[9].payload.as_ref(), b"b9-9");
+    let c = store.append(S, entries(5, "after")).unwrap();
+    assert_eq!(c.seq, 105);
+    drop(store);
+    // And again after a clean close.
+    let store = Store::open(dir.path(), full()).unwrap();
+    assert_eq!(store.verify(S).unwrap().seq, 105);
+}
+
 #[test]
 fn corrupt_journal_middle_is_an_error_not_a_silent_truncation() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,6 +360,65 @@ fn snapshot_install_replaces_a_replica() {
     assert_eq!(replica.info(S).unwrap().horizon.seq, 20);
 }
 
+/// A writer that takes over a stream whose older history its reader holds
+/// (a cloudcore replica taking a node over) starts a new epoch: the
+/// reader's cursor no longer matches, it installs the snapshot, and the
+/// chain goes on in the new epoch, across a reopen.
+#[test]
+fn a_new_epoch_sends_readers_to_the_snapshot() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let writer = Store::open(a.path(), StoreOptions::default()).unwrap();
+    let replica = Store::open(b.path(), StoreOptions::default()).unwrap();
+    writer.create_stream(S, Role::Writer, 1).unwrap();
+    replica.create_stream(S, Role::Replica, 1).unwrap();
+    writer.append(S, entries(10, "x")).unwrap();
+    let Read::Records(seg) = writer.read(S, 0, ReadLimits::default()).unwrap() else {
+        panic!("expected records")
+    };
+    replica.append_replicated(S, seg.records).unwrap();
+    // Not everything folded: refused, nothing changed.
+    assert!(matches!(
+        writer.begin_epoch(S, 3),
+        Err(Error::NotCompacted { head: 10, .. })
+    ));
+    assert!(matches!(
+        replica.begin_epoch(S, 3),
+        Err(Error::WrongRole { .. })
+    ));
+    writer.compact(S, 10, &ConcatFold).unwrap();
+    let head = writer.begin_epoch(S, 3).unwrap();
+    assert_eq!((head.epoch, head.seq), (3, 10));
+    // An epoch not above the stream's is a no-op.
+    assert_eq!(writer.begin_epoch(S, 2).unwrap(), head);
+    let at = replica.info(S).unwrap().head;
+    assert_eq!(at.seq, 10);
+    assert_eq!(writer.check_cursor(S, &at).unwrap(), CursorCheck::Mismatch);
+    // A reader further along the older epoch's chain is of another
+    // history too, not ahead of this one.
+    let mut beyond = at;
+    beyond.seq = 40;
+    assert_eq!(
+        writer.check_cursor(S, &beyond).unwrap(),
+        CursorCheck::Mismatch
+    );
+    writer.append(S, entries(5, "y")).unwrap();
+    let Read::Snapshot { snapshot, tail } = writer.read(S, 0, ReadLimits::default()).unwrap()
+    else {
+        panic!("expected snapshot + tail")
+    };
+    assert_eq!(snapshot.base.epoch, 3);
+    assert!(tail.records.iter().all(|r| r.epoch == 3));
+    replica.install_snapshot(S, snapshot).unwrap();
+    replica.append_replicated(S, tail.records).unwrap();
+    assert_eq!(replica.info(S).unwrap().head, writer.info(S).unwrap().head);
+    drop(writer);
+    let writer = Store::open(a.path(), full()).unwrap();
+    let head = writer.info(S).unwrap().head;
+    assert_eq!((head.epoch, head.seq), (3, 15));
+    assert_eq!(writer.check_cursor(S, &head).unwrap(), CursorCheck::Match);
+}
+
 #[test]
 fn bad_input_is_refused_without_panicking() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,4 +452,67 @@ fn bad_input_is_refused_without_panicking() {
     for bytes in [&b""[..], b"\x07abc", b"\x01\xff\xff\xff"] {
         assert!(decode_record(bytes).is_err());
     }
+}
+
+/// Keeps an object's last payload (what a status fold amounts to).
+struct LastFold;
+
+impl keel_log::Fold for LastFold {
+    fn fold(
+        &self,
+        _key: &str,
+        _state: Option<&[u8]>,
+        record: &keel_log::Record,
+    ) -> Result<Option<Vec<u8>>, keel_log::FoldError> {
+        Ok(Some(record.payload.to_vec()))
+    }
+}
+
+fn journal_bytes(dir: &Path) -> u64 {
+    journals(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// A store whose records are folded away soon after they are written (an
+/// edge's) writes its journal on and on while its memtables stay small:
+/// the journals on disk must still stay bounded, a sawtooth below about
+/// twice fjall's 64 MB rotation point, and what the store holds survives.
+#[test]
+fn journals_are_retired_under_sustained_writes_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    store.create_stream(S, Role::Writer, 1).unwrap();
+    let payload = vec![7u8; 16 << 10];
+    let mut most = 0u64;
+    // 320 MiB of records, 1 MiB per append, compacted every 4 MiB.
+    for round in 0..320u32 {
+        let batch: Vec<Entry> = (0..64)
+            .map(|i| {
+                Entry::new(
+                    "edge-1",
+                    format!("pods/default/p{}", i % 4),
+                    PayloadKind::Change,
+                    payload.clone(),
+                )
+            })
+            .collect();
+        let at = store.append(S, batch).unwrap();
+        if round % 4 == 3 {
+            store.compact(S, at.seq, &LastFold).unwrap();
+            most = most.max(journal_bytes(dir.path()));
+        }
+    }
+    eprintln!("largest journal total {} MiB", most >> 20);
+    assert!(
+        most <= 160 << 20,
+        "journals reached {} MiB under sustained writes",
+        most >> 20
+    );
+    let end = store.info(S).unwrap().head;
+    drop(store);
+    let store = Store::open(dir.path(), full()).unwrap();
+    assert_eq!(store.info(S).unwrap().head, end);
+    assert_eq!(store.snapshot(S).unwrap().objects.len(), 4);
 }

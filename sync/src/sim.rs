@@ -284,15 +284,19 @@ impl LogSource for MemLog {
     }
     fn check_cursor(&self, stream: &str, cursor: &Cursor) -> Result<CursorCheck, keel_log::Error> {
         let s = self.stream(stream)?;
-        Ok(if cursor.seq > s.head().seq {
-            CursorCheck::Ahead
-        } else if cursor.seq < s.base.seq {
-            CursorCheck::BelowHorizon
-        } else if s.cursor_at(cursor.seq) == Some(*cursor) {
-            CursorCheck::Match
-        } else {
-            CursorCheck::Mismatch
-        })
+        Ok(
+            if cursor.seq > s.head().seq && cursor.epoch < s.head().epoch {
+                CursorCheck::Mismatch
+            } else if cursor.seq > s.head().seq {
+                CursorCheck::Ahead
+            } else if cursor.seq < s.base.seq {
+                CursorCheck::BelowHorizon
+            } else if s.cursor_at(cursor.seq) == Some(*cursor) {
+                CursorCheck::Match
+            } else {
+                CursorCheck::Mismatch
+            },
+        )
     }
     fn read(&self, stream: &str, after: u64, limits: ReadLimits) -> Result<Read, keel_log::Error> {
         let s = self.stream(stream)?;

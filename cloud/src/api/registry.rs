@@ -152,7 +152,7 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str().filter(|s| !s.is_empty())
 }
 
-const DEVICES_PREFIX: &str = "devices.devices.kubeedge.io/";
+pub(crate) const DEVICES_PREFIX: &str = "devices.devices.kubeedge.io/";
 const MODELS_PREFIX: &str = "devicemodels.devices.kubeedge.io/";
 
 /// Objects (kind prefix, name; same namespace) that an object bound to a
@@ -970,8 +970,7 @@ impl Registry {
     /// object the root's seq). Returns how many objects were rebased.
     pub fn rebase_long_histories(&self, min_history: usize) -> usize {
         let min_history = min_history.max(2);
-        let mut inner = lock(&self.inner);
-        let mut commit = Commit::new();
+        let inner = lock(&self.inner);
         let keys: Vec<String> = inner
             .view
             .keys()
@@ -979,6 +978,20 @@ impl Registry {
             .filter(|k| inner.objects.history_len(k) >= min_history)
             .cloned()
             .collect();
+        self.rebase_in(inner, keys)
+    }
+
+    /// Rebases the objects at `keys` (those with more than one change),
+    /// as [`Registry::rebase_long_histories`] does: for a node taken over
+    /// from another replica, whose changes built on this replica's older
+    /// documents must not apply any more (they become dead history).
+    pub fn rebase_keys(&self, keys: Vec<String>) -> usize {
+        let inner = lock(&self.inner);
+        self.rebase_in(inner, keys)
+    }
+
+    fn rebase_in(&self, mut inner: std::sync::MutexGuard<'_, Inner>, keys: Vec<String>) -> usize {
+        let mut commit = Commit::new();
         let mut rebased = 0;
         for key in keys {
             let root = match inner.objects.rebase(&key, &self.actor) {

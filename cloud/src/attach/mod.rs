@@ -38,6 +38,7 @@
 //!   them while a node is offline.
 
 mod kinds;
+pub mod shards;
 mod streams;
 mod webhook;
 mod writeback;
@@ -107,7 +108,15 @@ pub struct KubernetesConfig {
     /// the kubeconfig's cluster.
     #[serde(default)]
     pub kubelet_client_ca: Option<PathBuf>,
+    /// Set when this cloudcore is one of several replicas sharing the
+    /// cluster's edge nodes (`shards`).
+    #[serde(default)]
+    pub replica: Option<shards::ReplicaConfig>,
 }
+
+/// How long a node taken over from another replica has to re-assert its
+/// status before this replica writes what it holds of it.
+const TAKEOVER_QUIET: Duration = Duration::from_secs(5);
 
 /// The label on the Nodes cloudcore created for its edge nodes (set in
 /// `sync_node`).
@@ -142,6 +151,7 @@ impl KubernetesConfig {
             stream_addr: default_stream_addr(),
             stream_advertise_address: None,
             kubelet_client_ca: None,
+            replica: None,
         }
     }
 }
@@ -228,6 +238,11 @@ impl WorkQueue {
 struct State {
     /// Edge nodes of this cloudcore (they hold streams in its log).
     nodes: BTreeSet<String>,
+    /// Nodes this replica just took over from another: what its registry
+    /// holds of their Node's status may be older than what the cluster
+    /// has, so it is not written until the node has re-asserted its own
+    /// (or, if it has nothing to re-assert, for `TAKEOVER_QUIET`).
+    taken_over: BTreeMap<String, (std::time::Instant, bool)>,
     /// Nodes with a live connection.
     connected: BTreeSet<String>,
     /// The cluster's current objects of every watched kind, by registry
@@ -268,6 +283,8 @@ pub struct Attached {
     /// The stream server, while it runs.
     streams_server: Mutex<Option<keel_api::kubelet::KubeletServer>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// This replica's share of the nodes, when it is one of several.
+    shards: std::sync::OnceLock<Arc<shards::Shards>>,
 }
 
 impl std::fmt::Debug for Attached {
@@ -308,40 +325,7 @@ impl Attached {
         cfg: KubernetesConfig,
         registry: Arc<Registry>,
     ) -> Result<Arc<Attached>, AttachError> {
-        let path = cfg.kubeconfig.display().to_string();
-        let kc = kube::config::Kubeconfig::read_from(&cfg.kubeconfig).map_err(|e| {
-            AttachError::Kubeconfig {
-                path: path.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .map_err(|e| AttachError::Kubeconfig {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-        config.connect_timeout = Some(Duration::from_secs(5));
-        let cluster_ca = config.root_cert.clone().unwrap_or_default();
-        let server = config.cluster_url.to_string();
-        let client = kube::Client::try_from(config).map_err(|e| AttachError::Kubeconfig {
-            path,
-            message: e.to_string(),
-        })?;
-        match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version()).await {
-            Ok(Ok(v)) => {
-                info!(%server, version = %v.git_version, "attached to a Kubernetes cluster")
-            }
-            Ok(Err(e)) => {
-                return Err(classify(&server, "version", &e));
-            }
-            Err(_) => {
-                return Err(AttachError::Unreachable {
-                    server,
-                    message: "no answer within 15 s".into(),
-                });
-            }
-        }
+        let (client, server, cluster_ca) = client_for(&cfg).await?;
         // /version answers anyone; listing nodes proves the credentials.
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
         nodes
@@ -366,7 +350,61 @@ impl Attached {
             stream_endpoint: std::sync::OnceLock::new(),
             streams_server: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
+            shards: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// When this cloudcore is one of several replicas (`kubernetes.replica`):
+    /// its share of the nodes. The hub routes connections by it;
+    /// `start_shards` keeps it.
+    pub fn shards(&self) -> Option<Arc<shards::Shards>> {
+        let cfg = self.cfg.replica.clone()?;
+        Some(
+            self.shards
+                .get_or_init(|| shards::Shards::new(cfg, self.client.clone()))
+                .clone(),
+        )
+    }
+
+    /// Keeps this replica's share of the nodes (see `shards`), closing
+    /// through `hub` the connections of nodes it no longer owns.
+    pub fn start_shards(&self, hub: crate::hub::HubHandle) {
+        if let Some(s) = self.shards.get() {
+            let s = s.clone();
+            let id = s.id().to_owned();
+            lock(&self.tasks).push(tokio::spawn(
+                s.run(hub).instrument(info_span!("shards", replica = %id)),
+            ));
+        }
+    }
+
+    /// Whether this replica writes the status of `node`'s pods and devices
+    /// now: always when it is the only one; when it is one of several,
+    /// only while it owns the node, the node is connected to it, and it
+    /// was not just taken over (its copy may be older than the cluster's until
+    /// the node re-asserts its own).
+    fn writes_status_of(&self, node: &str) -> bool {
+        if self.shards.get().is_none() {
+            return true;
+        }
+        if !self.owns(node) {
+            return false;
+        }
+        let st = lock(&self.state);
+        st.connected.contains(node)
+            && st
+                .taken_over
+                .get(node)
+                .is_none_or(|(t, _)| t.elapsed() >= TAKEOVER_QUIET)
+    }
+
+    /// Whether this replica owns `node` (always, unless it is one of
+    /// several): only the owner writes a node's status and its objects'.
+    fn owns(&self, node: &str) -> bool {
+        use crate::hub::Router as _;
+        self.shards
+            .get()
+            .is_none_or(|s| matches!(s.route(node), crate::hub::Route::Here { .. }))
     }
 
     /// The API server's URL.
@@ -420,6 +458,14 @@ impl Attached {
         ));
         lock(&self.tasks).extend(tasks);
         Ok(webhook_addr)
+    }
+
+    /// A replica that stops gives its shards back (see
+    /// `Shards::release_all`), within a few seconds.
+    pub async fn release_shards(&self) {
+        if let Some(s) = self.shards.get() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.release_all()).await;
+        }
     }
 
     /// Stops every task.
@@ -539,7 +585,7 @@ impl Attached {
     async fn mirror_loop(self: Arc<Self>) {
         loop {
             let key = self.mirror_q.next().await;
-            if let Err(e) = self.sync_key(&key).await {
+            if let Err(e) = self.sync_key(&key, false).await {
                 warn!(%key, error = %e, "could not mirror an object; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 self.mirror_q.push(key);
@@ -548,8 +594,11 @@ impl Attached {
     }
 
     /// Mirrors one key: written if bound to an edge node (the objects it
-    /// uses first), deleted from the mirror otherwise.
-    async fn sync_key(&self, key: &str) -> Result<(), String> {
+    /// uses first), deleted from the mirror otherwise. `adopt`: the
+    /// cluster's status replaces the mirror's too (a node taken over from
+    /// another replica: what this one kept is older than what that one
+    /// wrote to the cluster).
+    async fn sync_key(&self, key: &str, adopt: bool) -> Result<(), String> {
         let Some(kind) = Kind::of_key(key) else {
             return Ok(());
         };
@@ -595,7 +644,7 @@ impl Attached {
         {
             self.unmirror(key, &origin_of(&obj)).await?;
         }
-        self.put(key, &obj, kind.edge_status).await?;
+        self.put(key, &obj, kind.edge_status && !adopt).await?;
         if kind.edge_status {
             // The cluster may have changed a status the edge owns (the
             // node lifecycle controller marks pods not ready): compare.
@@ -807,12 +856,34 @@ impl Attached {
     async fn sync_node(&self, node: &str) -> Result<(), String> {
         use k8s_openapi::api::core::v1::Node;
         let api: Api<Node> = Api::all(self.client.clone());
-        let connected = lock(&self.state).connected.contains(node);
-        let reported = self
-            .registry
-            .get_latest(&format!("nodes/{node}"))
-            .and_then(|n| n.get("status").cloned())
-            .unwrap_or(Value::Null);
+        let (connected, taken_over) = {
+            let st = lock(&self.state);
+            let quiet = st
+                .taken_over
+                .get(node)
+                .map(|(t, _)| t.elapsed() < TAKEOVER_QUIET);
+            (st.connected.contains(node), quiet)
+        };
+        if !connected && !self.owns(node) {
+            // Another replica's node now: its owner writes it.
+            debug!(%node, "not this replica's node; its status left to its owner");
+            return Ok(());
+        }
+        if taken_over == Some(true) {
+            debug!(%node, "a node just taken over: its status waits for the node's own");
+            return Ok(());
+        }
+        // Taken over and quiet for a while: the conditions only; what the
+        // node reports waits for its first report to this replica (what
+        // this one holds may be from an older ownership).
+        let reported = if taken_over.is_some() {
+            Value::Null
+        } else {
+            self.registry
+                .get_latest(&format!("nodes/{node}"))
+                .and_then(|n| n.get("status").cloned())
+                .unwrap_or(Value::Null)
+        };
         let mut status = serde_json::Map::new();
         for f in [
             "capacity",
@@ -997,6 +1068,21 @@ impl Attached {
         loop {
             tick.tick().await;
             let nodes: Vec<String> = lock(&self.state).connected.iter().cloned().collect();
+            // Nodes taken over whose quiet time is over: written now (once).
+            let quiet: Vec<String> = {
+                let mut st = lock(&self.state);
+                st.taken_over
+                    .iter_mut()
+                    .filter(|(_, (t, pushed))| !*pushed && t.elapsed() >= TAKEOVER_QUIET)
+                    .map(|(n, (_, pushed))| {
+                        *pushed = true;
+                        n.clone()
+                    })
+                    .collect()
+            };
+            for node in quiet {
+                self.node_q.push(node);
+            }
             for node in nodes {
                 if let Err(e) = self.renew_lease(&node).await {
                     warn!(%node, server = %self.server, error = %e, "lease renewal failed");
@@ -1033,6 +1119,48 @@ fn refs_of(kind: &Kind, obj: &Value) -> Vec<(&'static str, String)> {
 }
 
 /// A failed request, as an error naming the server.
+/// A client of the cluster of `cfg.kubeconfig`, once its API server
+/// answered: (client, server URL, the cluster's CA certificates).
+pub(crate) async fn client_for(
+    cfg: &KubernetesConfig,
+) -> Result<(kube::Client, String, Vec<Vec<u8>>), AttachError> {
+    let path = cfg.kubeconfig.display().to_string();
+    let kc = kube::config::Kubeconfig::read_from(&cfg.kubeconfig).map_err(|e| {
+        AttachError::Kubeconfig {
+            path: path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| AttachError::Kubeconfig {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    let cluster_ca = config.root_cert.clone().unwrap_or_default();
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).map_err(|e| AttachError::Kubeconfig {
+        path,
+        message: e.to_string(),
+    })?;
+    match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version()).await {
+        Ok(Ok(v)) => {
+            info!(%server, version = %v.git_version, "attached to a Kubernetes cluster")
+        }
+        Ok(Err(e)) => {
+            return Err(classify(&server, "version", &e));
+        }
+        Err(_) => {
+            return Err(AttachError::Unreachable {
+                server,
+                message: "no answer within 15 s".into(),
+            });
+        }
+    }
+    Ok((client, server, cluster_ca))
+}
+
 fn classify(server: &str, what: &str, e: &kube::Error) -> AttachError {
     match e {
         kube::Error::Api(s) if s.code == 401 || s.code == 403 => AttachError::Unauthorized {
@@ -1048,6 +1176,69 @@ fn classify(server: &str, what: &str, e: &kube::Error) -> AttachError {
             server: server.to_owned(),
             message: format!("{what}: {other}"),
         },
+    }
+}
+
+impl crate::hub::Router for Attached {
+    fn route(&self, node: &str) -> crate::hub::Route {
+        match self.shards.get() {
+            Some(s) => s.route(node),
+            None => crate::hub::Route::Here { epoch: 1 },
+        }
+    }
+
+    /// Mirrors everything the cluster binds to `node` before its link
+    /// starts, so that the snapshot a node taken over installs is whole
+    /// (an object missing from it would be stopped there); on a takeover
+    /// with the cluster's status, which the node then corrects with its
+    /// own (`MetaManager`'s re-assertion).
+    fn prepare<'a>(
+        &'a self,
+        node: &'a str,
+        takeover: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let keys: Vec<String> = {
+                let mut st = lock(&self.state);
+                st.nodes.insert(node.to_owned());
+                st.cache
+                    .iter()
+                    .filter(|(_, v)| str_at(v, "/spec/nodeName") == Some(node))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            };
+            for key in &keys {
+                if let Err(e) = self.sync_key(key, takeover).await {
+                    warn!(%node, %key, error = %e, "could not mirror an object of a node taken over");
+                }
+            }
+            if takeover {
+                // Its Node object too, which a replica that never had the
+                // node makes only as it connects: otherwise the snapshot
+                // lacks it and what the node re-asserts has nowhere to go.
+                self.registry.node_ready(node, true);
+                // What the node wrote on this replica's documents earlier
+                // (an ownership ago) must not apply any more: only what it
+                // writes on the new epoch's, its re-assertion first.
+                let mut own: Vec<String> = keys
+                    .iter()
+                    .filter(|k| {
+                        k.starts_with("pods/")
+                            || k.starts_with(crate::api::registry::DEVICES_PREFIX)
+                    })
+                    .cloned()
+                    .collect();
+                own.push(format!("nodes/{node}"));
+                let rebased = self.registry.rebase_keys(own);
+                info!(%node, objects = keys.len(), rebased, "node taken over from another replica");
+                // A node whose status this replica already held as it is
+                // re-asserts nothing: its status is written after a while
+                // (by the lease loop).
+                lock(&self.state)
+                    .taken_over
+                    .insert(node.to_owned(), (std::time::Instant::now(), false));
+            }
+        })
     }
 }
 
@@ -1104,7 +1295,15 @@ impl ControlPlane for Attached {
     }
 
     fn node_reported(&self, node: &str, records: &[Record]) {
-        for key in self.registry.apply_from_node(node, records) {
+        let changed = self.registry.apply_from_node(node, records);
+        if !changed.is_empty() && lock(&self.state).taken_over.remove(node).is_some() {
+            // The node's own status (its re-assertion after a takeover
+            // comes in one append): from now on what this replica holds,
+            // and its Node is written (a write skipped while it was quiet,
+            // such as Ready again, is not lost).
+            self.node_q.push(node.to_owned());
+        }
+        for key in changed {
             if key.starts_with("nodes/") {
                 self.node_q.push(node.to_owned());
             } else {

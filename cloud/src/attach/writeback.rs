@@ -51,6 +51,11 @@ impl Attached {
         if mirror.pointer("/metadata/uid") != cluster.pointer("/metadata/uid") {
             return Ok(());
         }
+        // Only the replica the object's node is connected to writes its
+        // status: a former owner's copy may be older than the cluster's.
+        if str_at(&mirror, "/spec/nodeName").is_some_and(|n| !self.writes_status_of(n)) {
+            return Ok(());
+        }
         let empty = Value::Object(Map::new());
         let Some(diff) = merge_diff(
             cluster.get("status").unwrap_or(&empty),

@@ -61,6 +61,14 @@ enum Command {
         /// the API server); default 127.0.0.1:10350.
         #[arg(long)]
         stream_addr: Option<SocketAddr>,
+        /// Attached mode: this cloudcore is one of several replicas sharing
+        /// the cluster's edge nodes by Leases; its name among them (more
+        /// settings in the config file's `kubernetes.replica:`).
+        #[arg(long)]
+        replica_id: Option<String>,
+        /// Replicas: seconds a shard's Lease lasts unrenewed (default 15).
+        #[arg(long)]
+        shard_lease_seconds: Option<u64>,
         /// Keep every record younger than this in the log (history for
         /// `keel audit`, device readings); older ones are compacted into
         /// snapshots. Default 7d (`90s`, `10m`, `2h`, `7d`).
@@ -135,6 +143,8 @@ fn real_main(cli: Cli) -> Result<(), String> {
             kubeconfig,
             webhook_addr,
             stream_addr,
+            replica_id,
+            shard_lease_seconds,
             retain,
             retain_records,
             event_sink,
@@ -187,6 +197,23 @@ fn real_main(cli: Cli) -> Result<(), String> {
                 match cfg.kubernetes.as_mut() {
                     Some(k) => k.stream_addr = a,
                     None => return Err("--stream-addr needs --kubeconfig (attached mode)".into()),
+                }
+            }
+            if let Some(id) = replica_id {
+                let Some(k) = cfg.kubernetes.as_mut() else {
+                    return Err("--replica-id needs --kubeconfig (attached mode)".into());
+                };
+                match k.replica.as_mut() {
+                    Some(r) => r.id = id,
+                    None => {
+                        k.replica = Some(keel_cloud::attach::shards::ReplicaConfig::new(id));
+                    }
+                }
+            }
+            if let Some(secs) = shard_lease_seconds {
+                match cfg.kubernetes.as_mut().and_then(|k| k.replica.as_mut()) {
+                    Some(r) => r.lease_seconds = secs,
+                    None => return Err("--shard-lease-seconds needs --replica-id".into()),
                 }
             }
             if let Some(v) = retain {

@@ -437,6 +437,7 @@ pub async fn nodes(
                                  "acked": n.acked_known.then_some(n.down_acked_seq),
                                  "lag": n.down_lag},
                         "up": {"received": n.up_received_seq},
+                        "owner": (!n.owner.is_empty()).then_some(&n.owner),
                     })
                 })
                 .collect();
@@ -474,6 +475,15 @@ pub async fn nodes(
                     },
                     n.up_received_seq.to_string(),
                 ]);
+            }
+            // Replicas sharing the nodes: which one owns each.
+            if r.nodes.iter().any(|n| !n.owner.is_empty()) {
+                for (row, n) in rows
+                    .iter_mut()
+                    .zip(std::iter::once(None).chain(r.nodes.iter().map(Some)))
+                {
+                    row.push(n.map_or_else(|| "OWNER".to_owned(), |n| n.owner.clone()));
+                }
             }
             table(out, &rows)?;
             if r.nodes.is_empty() {

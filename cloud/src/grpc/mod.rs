@@ -43,6 +43,7 @@ pub struct ClusterApi {
     hub: HubHandle,
     tokens: Arc<TokenStore>,
     ca: Arc<ClusterCa>,
+    owners: Option<Arc<crate::attach::shards::Shards>>,
 }
 
 impl std::fmt::Debug for ClusterApi {
@@ -63,7 +64,14 @@ impl ClusterApi {
             hub,
             tokens,
             ca,
+            owners: None,
         }
+    }
+
+    /// Names each node's owning replica (replicas sharing the nodes).
+    pub fn with_owners(mut self, shards: Option<Arc<crate::attach::shards::Shards>>) -> Self {
+        self.owners = shards;
+        self
     }
 }
 
@@ -215,6 +223,11 @@ impl ClusterService for ClusterApi {
                     down_lag: ack.map_or(down_head, |a| down_head.saturating_sub(a)),
                     up_received_seq: head(&up_stream(&node)),
                     acked_known: ack.is_some(),
+                    owner: self
+                        .owners
+                        .as_ref()
+                        .and_then(|s| s.owner_of(&node))
+                        .unwrap_or_default(),
                     node,
                 }
             })

@@ -29,6 +29,11 @@ struct Common {
     /// cloudcore's CloudHub (QUIC), e.g. 127.0.0.1:10000.
     #[arg(long)]
     cloud_hub: Option<SocketAddr>,
+    /// More cloudcore replicas' CloudHubs (comma-separated), tried in turn
+    /// after `--cloud-hub`; a replica that does not own this node sends it
+    /// to the one that does.
+    #[arg(long, value_delimiter = ',')]
+    cloud_hubs: Vec<SocketAddr>,
     /// cloudcore's join endpoint (HTTPS), e.g. 127.0.0.1:10002.
     #[arg(long)]
     cloud_bootstrap: Option<SocketAddr>,
@@ -98,6 +103,10 @@ enum Command {
         /// First container restart back-off, seconds.
         #[arg(long)]
         restart_backoff_seconds: Option<f64>,
+        /// Seconds without a packet from cloudcore before its connection
+        /// counts as lost and the next replica is tried (default 90).
+        #[arg(long)]
+        hub_idle_timeout_seconds: Option<u64>,
         /// Rotate a container's log file past this many bytes (default
         /// 10 MiB).
         #[arg(long)]
@@ -145,6 +154,9 @@ fn config(c: &Common) -> Result<Config, String> {
     if let Some(v) = c.cloud_hub {
         cfg.cloud_hub = v;
     }
+    if !c.cloud_hubs.is_empty() {
+        cfg.cloud_hubs = c.cloud_hubs.clone();
+    }
     if let Some(v) = c.cloud_bootstrap {
         cfg.cloud_bootstrap = v;
     }
@@ -184,6 +196,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
             mqtt_addr,
             grpc_addr,
             restart_backoff_seconds,
+            hub_idle_timeout_seconds,
             container_log_max_size,
             container_log_max_files,
             cri_socket,
@@ -208,6 +221,9 @@ fn real_main(cli: Cli) -> Result<(), String> {
             }
             if let Some(v) = restart_backoff_seconds {
                 cfg.restart_backoff_seconds = v;
+            }
+            if let Some(v) = hub_idle_timeout_seconds {
+                cfg.hub_idle_timeout_seconds = v;
             }
             if let Some(v) = container_log_max_size {
                 cfg.container_log_max_size = v;

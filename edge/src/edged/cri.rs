@@ -2,9 +2,12 @@
 //! driven over its unix socket with the Kubernetes Container Runtime
 //! Interface (`runtime.v1`).
 //!
-//! Each pod gets one sandbox, made when its first container starts and
-//! labelled with the pod's uid; it shares the node's network (pod
-//! networking through CNI is not configured by keel). Containers write
+//! Each pod gets one sandbox, made before its first container starts and
+//! labelled with the pod's uid. A pod without `hostNetwork` gets a network
+//! of its own when the runtime reports its network ready (containerd with
+//! a CNI configuration): its sandbox's IP is the pod's IP, and its host
+//! ports are mapped by the CNI plugins. Otherwise (and for `hostNetwork`)
+//! the sandbox shares the node's network. Containers write
 //! their output to the pod's log directory in the CRI format, which
 //! `kubectl logs` reads as for the process runtime. A container's end is
 //! learnt by polling its status; `OOMKilled` comes from the runtime.
@@ -27,7 +30,8 @@ use tracing::{debug, info, warn};
 
 use super::Error;
 use super::runtime::{
-    BoxFuture, ContainerHandle, ExitStatus, LaunchSpec, PodRef, PullPolicy, Runtime, StopSignal,
+    BoxFuture, ContainerHandle, ExitStatus, LaunchSpec, PodNetwork, PodRef, PullPolicy, Runtime,
+    StopSignal,
 };
 
 /// Label naming the pod uid on sandboxes and containers keel makes.
@@ -125,11 +129,119 @@ async fn pod_sandboxes(
     .map(|r| r.items)
 }
 
-/// The namespaces of keel's pods and containers: the node's network, a
-/// PID namespace per container, IPC shared in the pod.
-fn namespaces() -> Option<cri::NamespaceOption> {
+/// Whether the runtime can give pods a network of their own: its
+/// `NetworkReady` condition (containerd: a CNI configuration is loaded).
+async fn network_ready(rt: &mut RuntimeServiceClient<Channel>) -> bool {
+    match timed(
+        "Status",
+        CALL_TIMEOUT,
+        rt.status(cri::StatusRequest { verbose: false }),
+    )
+    .await
+    {
+        Ok(r) => r.status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.r#type == "NetworkReady" && c.status)
+        }),
+        Err(e) => {
+            warn!(error = %e, "cannot read the runtime's status; pods share the node's network");
+            false
+        }
+    }
+}
+
+/// The pod's log directory (the sandbox's), where `spec`'s log file is
+/// `<container>/<n>.log`.
+fn pod_log_dir(spec: &LaunchSpec) -> Result<&Path, Error> {
+    spec.log_file
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| Error::Runtime("log file outside a pod log directory".into()))
+}
+
+/// Stops the sandbox `id` of pod `uid` (its network torn down) and
+/// removes it; failures are logged.
+async fn remove_sandbox(rt: &mut RuntimeServiceClient<Channel>, id: &str, uid: &str) {
+    let stopped = timed(
+        "StopPodSandbox",
+        CALL_TIMEOUT,
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        }),
+    )
+    .await
+    .map(drop);
+    let removed = timed(
+        "RemovePodSandbox",
+        CALL_TIMEOUT,
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        }),
+    )
+    .await
+    .map(drop);
+    for r in [stopped, removed] {
+        if let Err(e) = r {
+            warn!(pod_uid = %uid, sandbox = %id, error = %e, "cannot remove pod sandbox");
+        }
+    }
+}
+
+/// The sandbox `id` as its status describes it, and whether it is ready.
+async fn sandbox_status(
+    rt: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<(Sandbox, bool), Error> {
+    let r = timed(
+        "PodSandboxStatus",
+        CALL_TIMEOUT,
+        rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_owned(),
+            verbose: false,
+        }),
+    )
+    .await?;
+    let status = r.status.unwrap_or_default();
+    let ready = status.state == cri::PodSandboxState::SandboxReady as i32;
+    let own_network = status
+        .linux
+        .and_then(|l| l.namespaces)
+        .and_then(|n| n.options)
+        .is_some_and(|o| o.network == cri::NamespaceMode::Pod as i32);
+    let sandbox = Sandbox {
+        id: id.to_owned(),
+        attempt: status.metadata.as_ref().map_or(0, |m| m.attempt),
+        own_network,
+        ip: status
+            .network
+            .map(|n| n.ip)
+            .filter(|ip| own_network && !ip.is_empty()),
+    };
+    Ok((sandbox, ready))
+}
+
+/// A pod's sandbox.
+#[derive(Debug, Clone)]
+struct Sandbox {
+    id: String,
+    /// It has a network namespace of its own (else the node's).
+    own_network: bool,
+    /// Its IP on a pod network; `None` on the node's network.
+    ip: Option<String>,
+    /// The pod's how-manieth sandbox (CRI attempt).
+    attempt: u32,
+}
+
+/// The namespaces of keel's pods and containers: the node's network or the
+/// pod's, a PID namespace per container, IPC shared in the pod.
+fn namespaces(own_network: bool) -> Option<cri::NamespaceOption> {
     Some(cri::NamespaceOption {
-        network: cri::NamespaceMode::Node as i32,
+        network: if own_network {
+            cri::NamespaceMode::Pod as i32
+        } else {
+            cri::NamespaceMode::Node as i32
+        },
         pid: cri::NamespaceMode::Container as i32,
         ipc: cri::NamespaceMode::Pod as i32,
     })
@@ -141,7 +253,7 @@ pub struct CriRuntime {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     /// Pod uid → its sandbox.
-    sandboxes: Mutex<HashMap<String, String>>,
+    sandboxes: Mutex<HashMap<String, Sandbox>>,
 }
 
 impl std::fmt::Debug for CriRuntime {
@@ -198,59 +310,116 @@ impl CriRuntime {
         }))
     }
 
-    fn sandboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn sandboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sandbox>> {
         self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sandbox_config(pod: &PodRef, log_dir: &Path) -> cri::PodSandboxConfig {
+    fn sandbox_config(
+        pod: &PodRef,
+        network: &PodNetwork,
+        own_network: bool,
+        log_dir: &Path,
+        attempt: u32,
+    ) -> cri::PodSandboxConfig {
+        let protocol = |p: &str| match p {
+            "UDP" => cri::Protocol::Udp,
+            "SCTP" => cri::Protocol::Sctp,
+            _ => cri::Protocol::Tcp,
+        };
         cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: pod.name.clone(),
                 uid: pod.uid.clone(),
                 namespace: pod.namespace.clone(),
-                attempt: 0,
+                attempt,
             }),
-            // No hostname: the sandbox shares the node's UTS namespace
-            // with its network.
-            hostname: String::new(),
+            // On the node's network the sandbox shares the node's UTS
+            // namespace too, and has no hostname of its own.
+            hostname: if own_network {
+                pod.name.clone()
+            } else {
+                String::new()
+            },
+            port_mappings: if own_network {
+                network
+                    .host_ports
+                    .iter()
+                    .map(|p| cri::PortMapping {
+                        protocol: protocol(&p.protocol) as i32,
+                        container_port: i32::from(p.container_port),
+                        host_port: i32::from(p.host_port),
+                        host_ip: p.host_ip.clone(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             log_directory: log_dir.to_string_lossy().into_owned(),
             labels: [(POD_UID_LABEL.to_owned(), pod.uid.clone())].into(),
             annotations: HashMap::new(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: String::new(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: namespaces(),
+                    namespace_options: namespaces(own_network),
                     ..Default::default()
                 }),
             }),
         }
     }
 
-    /// The pod's ready sandbox: known, found by label, or made now.
-    async fn sandbox(&self, pod: &PodRef, log_dir: &Path) -> Result<String, Error> {
-        if let Some(id) = self.sandboxes().get(&pod.uid).cloned() {
-            return Ok(id);
-        }
+    /// The pod's ready sandbox: known, found by label, or made now (with a
+    /// network of its own unless the pod asks for the node's or the
+    /// runtime has none to give). Sandboxes of the pod that are no longer
+    /// ready (their containers died with them, as at a reboot) are removed
+    /// first, and the new one takes the next attempt number.
+    async fn sandbox(&self, spec: &LaunchSpec) -> Result<Sandbox, Error> {
+        let pod = &spec.isolated.pod;
         let mut rt = self.runtime.clone();
-        let found = pod_sandboxes(&mut rt, &pod.uid, true).await?;
-        let id = match found.into_iter().next() {
-            Some(s) => s.id,
+        let known = self.sandboxes().get(&pod.uid).cloned();
+        if let Some(known) = known {
+            match sandbox_status(&mut rt, &known.id).await {
+                Ok((s, true)) => return Ok(s),
+                _ => {
+                    self.sandboxes().remove(&pod.uid);
+                }
+            }
+        }
+        let log_dir = pod_log_dir(spec)?;
+        let all = pod_sandboxes(&mut rt, &pod.uid, false).await?;
+        let ready = all
+            .iter()
+            .find(|s| s.state == cri::PodSandboxState::SandboxReady as i32);
+        let id = match ready {
+            Some(s) => s.id.clone(),
             None => {
+                let attempt = all
+                    .iter()
+                    .filter_map(|s| s.metadata.as_ref())
+                    .map(|m| m.attempt.saturating_add(1))
+                    .max()
+                    .unwrap_or(0);
+                for old in &all {
+                    remove_sandbox(&mut rt, &old.id, &pod.uid).await;
+                }
+                let network = &spec.isolated.network;
+                let own_network = !network.host && network_ready(&mut rt).await;
+                let config = Self::sandbox_config(pod, network, own_network, log_dir, attempt);
                 let r = timed(
                     "RunPodSandbox",
                     CALL_TIMEOUT,
                     rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-                        config: Some(Self::sandbox_config(pod, log_dir)),
+                        config: Some(config),
                         runtime_handler: String::new(),
                     }),
                 )
                 .await?;
-                info!(pod = %format!("{}/{}", pod.namespace, pod.name), sandbox = %r.pod_sandbox_id, "pod sandbox ready");
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), sandbox = %r.pod_sandbox_id, own_network, attempt, "pod sandbox ready");
                 r.pod_sandbox_id
             }
         };
-        self.sandboxes().insert(pod.uid.clone(), id.clone());
-        Ok(id)
+        let (sandbox, _) = sandbox_status(&mut rt, &id).await?;
+        self.sandboxes().insert(pod.uid.clone(), sandbox.clone());
+        Ok(sandbox)
     }
 
     /// Makes sure `image` is on the node, pulling it as `policy` says.
@@ -320,11 +489,7 @@ impl CriRuntime {
 
     async fn start_async(&self, spec: &LaunchSpec) -> Result<Arc<CriContainer>, Error> {
         let iso = &spec.isolated;
-        let log_dir = spec
-            .log_file
-            .parent()
-            .and_then(Path::parent)
-            .ok_or_else(|| Error::Runtime("log file outside a pod log directory".into()))?;
+        let log_dir = pod_log_dir(spec)?;
         let log_path = spec
             .log_file
             .strip_prefix(log_dir)
@@ -335,7 +500,12 @@ impl CriRuntime {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         self.ensure_image(&spec.image, iso.pull_policy).await?;
-        let sandbox = self.sandbox(&iso.pod, log_dir).await?;
+        let Sandbox {
+            id: sandbox,
+            own_network,
+            attempt,
+            ..
+        } = self.sandbox(spec).await?;
         let mut rt = self.runtime.clone();
         // The previous run of this container (exited) goes: its log stays.
         self.remove_exited(&sandbox, &spec.name).await;
@@ -390,13 +560,13 @@ impl CriRuntime {
             annotations: HashMap::new(),
             log_path,
             stdin: spec.stdin,
-            stdin_once: false,
+            stdin_once: iso.stdin_once,
             tty: false,
             linux: Some(cri::LinuxContainerConfig {
                 resources: Some(limits),
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     privileged: iso.privileged,
-                    namespace_options: namespaces(),
+                    namespace_options: namespaces(own_network),
                     run_as_user: iso.run_as_user.map(|value| cri::Int64Value { value }),
                     readonly_rootfs: iso.read_only_root,
                     supplemental_groups: Vec::new(),
@@ -411,7 +581,13 @@ impl CriRuntime {
             rt.create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: sandbox.clone(),
                 config: Some(config),
-                sandbox_config: Some(Self::sandbox_config(&iso.pod, log_dir)),
+                sandbox_config: Some(Self::sandbox_config(
+                    &iso.pod,
+                    &iso.network,
+                    own_network,
+                    log_dir,
+                    attempt,
+                )),
             }),
         )
         .await?;
@@ -445,6 +621,7 @@ impl CriRuntime {
             image_ref,
             spec.state_file.clone(),
             rotation(spec),
+            spec.stdin,
         ))
     }
 
@@ -635,11 +812,9 @@ impl Runtime for CriRuntime {
             Some(s) if matches => {
                 info!(container = %id, "adopting a container left running");
                 let attempt = s.metadata.as_ref().map_or(0, |m| m.attempt);
-                if let Some(dir) = spec.log_file.parent().and_then(Path::parent) {
-                    // Its sandbox, for the containers to come.
-                    let sandbox = block_on(self.sandbox(&spec.isolated.pod, dir))??;
-                    debug!(%sandbox, "the adopted container's sandbox");
-                }
+                // Its sandbox, for the containers to come.
+                let sandbox = block_on(self.sandbox(spec))??;
+                debug!(sandbox = %sandbox.id, "the adopted container's sandbox");
                 Ok(Some(super::runtime::Adopted {
                     handle: CriContainer::follow(
                         self.runtime.clone(),
@@ -647,6 +822,7 @@ impl Runtime for CriRuntime {
                         s.image_ref.clone(),
                         state_file.to_path_buf(),
                         rotation(spec),
+                        spec.stdin,
                     ),
                     restart_count: attempt,
                     started_at_ns: s.started_at,
@@ -664,8 +840,12 @@ impl Runtime for CriRuntime {
         true
     }
 
+    fn pod_ip(&self, spec: &LaunchSpec) -> Result<Option<String>, Error> {
+        Ok(block_on(self.sandbox(spec))??.ip)
+    }
+
     fn pod_removed(&self, pod: &PodRef) -> BoxFuture<'static, ()> {
-        let known = self.sandboxes().remove(&pod.uid);
+        let known = self.sandboxes().remove(&pod.uid).map(|s| s.id);
         let mut rt = self.runtime.clone();
         let uid = pod.uid.clone();
         Box::pin(async move {
@@ -676,30 +856,7 @@ impl Runtime for CriRuntime {
             ids.sort();
             ids.dedup();
             for id in ids {
-                for r in [
-                    timed(
-                        "StopPodSandbox",
-                        CALL_TIMEOUT,
-                        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                            pod_sandbox_id: id.clone(),
-                        }),
-                    )
-                    .await
-                    .map(drop),
-                    timed(
-                        "RemovePodSandbox",
-                        CALL_TIMEOUT,
-                        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                            pod_sandbox_id: id.clone(),
-                        }),
-                    )
-                    .await
-                    .map(drop),
-                ] {
-                    if let Err(e) = r {
-                        warn!(pod_uid = %uid, sandbox = %id, error = %e, "cannot remove pod sandbox");
-                    }
-                }
+                remove_sandbox(&mut rt, &id, &uid).await;
             }
         })
     }
@@ -712,6 +869,58 @@ struct CriContainer {
     image_ref: String,
     runtime: RuntimeServiceClient<Channel>,
     exited: watch::Receiver<Option<Result<ExitStatus, String>>>,
+    /// Its spec asked for stdin (`stdin: true`).
+    has_stdin: bool,
+    /// Its stdin as attach sessions write to it.
+    stdin: tokio::sync::Mutex<AttachedStdin>,
+}
+
+/// A container's stdin, written through one CRI `Attach` session (stdin
+/// only; output is read from the container's log) opened at the first
+/// write and kept for the container's life, so that attach sessions one
+/// after the other write to it in turn.
+enum AttachedStdin {
+    NotOpen,
+    Open(tokio::io::DuplexStream),
+    /// Closed (`stdinOnce`, or writing failed).
+    Closed,
+}
+
+/// Opens a stdin-only attach session to container `id`; what is written
+/// to the returned pipe reaches its stdin, and the pipe's end closes it
+/// (for a `stdinOnce` container; otherwise only the session ends).
+async fn attach_stdin(
+    mut rt: RuntimeServiceClient<Channel>,
+    id: String,
+) -> Result<tokio::io::DuplexStream, Error> {
+    let url = timed(
+        "Attach",
+        CALL_TIMEOUT,
+        rt.attach(cri::AttachRequest {
+            container_id: id.clone(),
+            stdin: true,
+            tty: false,
+            stdout: false,
+            stderr: false,
+        }),
+    )
+    .await?
+    .url;
+    let conn = super::cristream::upgrade(&url).await?;
+    let (caller, stdin) = tokio::io::duplex(64 << 10);
+    let (_, resize) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let pipes = super::cristream::Pipes {
+            stdin,
+            stdout: tokio::io::sink(),
+            stderr: tokio::io::sink(),
+            resize,
+            cancel: None,
+        };
+        let status = super::cristream::run(conn, super::cristream::Outputs::Nothing, pipes).await;
+        debug!(container = %id, status = ?status.as_deref().map(String::from_utf8_lossy), "attach session ended");
+    });
+    Ok(caller)
 }
 
 impl std::fmt::Debug for CriContainer {
@@ -729,6 +938,7 @@ impl CriContainer {
         image_ref: String,
         state_file: PathBuf,
         rotation: super::crilog::Rotation,
+        has_stdin: bool,
     ) -> Arc<CriContainer> {
         let (tx, exited) = watch::channel(None);
         let mut rt = runtime.clone();
@@ -795,6 +1005,8 @@ impl CriContainer {
             image_ref,
             runtime,
             exited,
+            has_stdin,
+            stdin: tokio::sync::Mutex::new(AttachedStdin::NotOpen),
         })
     }
 }
@@ -802,6 +1014,32 @@ impl CriContainer {
 impl ContainerHandle for CriContainer {
     fn id(&self) -> String {
         format!("containerd://{}", self.id)
+    }
+
+    fn write_stdin(&self, data: Option<bytes::Bytes>) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt as _;
+            if !self.has_stdin {
+                return Err(Error::Unsupported("stdin"));
+            }
+            let mut stdin = self.stdin.lock().await;
+            let Some(data) = data else {
+                *stdin = AttachedStdin::Closed;
+                return Ok(());
+            };
+            if matches!(*stdin, AttachedStdin::NotOpen) {
+                *stdin =
+                    AttachedStdin::Open(attach_stdin(self.runtime.clone(), self.id.clone()).await?);
+            }
+            let AttachedStdin::Open(pipe) = &mut *stdin else {
+                return Err(Error::NotRunning);
+            };
+            if let Err(e) = pipe.write_all(&data).await {
+                *stdin = AttachedStdin::Closed;
+                return Err(Error::Runtime(format!("writing to stdin: {e}")));
+            }
+            Ok(())
+        })
     }
 
     fn image_id(&self) -> String {
@@ -943,13 +1181,9 @@ fn status_exit_code(message: &[u8]) -> Option<i32> {
 
 /// Runs `command` in container `id` through the runtime's streaming
 /// server: CRI `Exec` gives a URL, which speaks the kubelet's
-/// remotecommand protocol over a WebSocket (`v4.channel.k8s.io`: a byte
-/// of channel, then data; 0 stdin, 1 stdout, 2 stderr, 3 the status, 4
-/// terminal size). Its streams are handed to the caller as pipes; the
+/// remote-command protocol over SPDY (`cristream`). Its streams are handed
+/// to the caller as pipes (the end of stdin reaches the command); the
 /// returned sender resizes the terminal.
-///
-/// v4 cannot say that stdin ended: the command sees its stdin close only
-/// when the session ends.
 async fn stream_exec(
     mut rt: RuntimeServiceClient<Channel>,
     id: String,
@@ -962,11 +1196,6 @@ async fn stream_exec(
     ),
     Error,
 > {
-    use futures::{SinkExt as _, StreamExt as _};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-
     if command.is_empty() {
         return Err(Error::Runtime("exec: empty command".into()));
     }
@@ -984,93 +1213,29 @@ async fn stream_exec(
     )
     .await?
     .url;
-    let ws_url = url
-        .strip_prefix("http://")
-        .map(|rest| format!("ws://{rest}"))
-        .ok_or_else(|| Error::Runtime(format!("exec: unexpected streaming URL {url:?}")))?;
-    let host = ws_url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let mut request = ws_url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| Error::Runtime(format!("exec: {e}")))?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
-    );
-    let tcp = tokio::net::TcpStream::connect(&host)
-        .await
-        .map_err(|e| Error::Runtime(format!("exec: connecting to {host}: {e}")))?;
-    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
-        .await
-        .map_err(|e| Error::Runtime(format!("exec: {e}")))?;
-    let (mut ws_tx, mut ws_rx) = ws.split();
-
+    let conn = super::cristream::upgrade(&url).await?;
     const PIPE: usize = 64 << 10;
-    let (stdin_caller, mut stdin_ours) = tokio::io::duplex(PIPE);
-    let (mut stdout_ours, stdout_caller) = tokio::io::duplex(PIPE);
-    let (mut stderr_ours, stderr_caller) = tokio::io::duplex(PIPE);
+    let (stdin_caller, stdin) = tokio::io::duplex(PIPE);
+    let (stdout, stdout_caller) = tokio::io::duplex(PIPE);
+    let (stderr, stderr_caller) = tokio::io::duplex(PIPE);
     let (result_tx, result_rx) = tokio::sync::oneshot::channel();
-    let (cancel_tx, mut cancel_rx) = tokio::sync::oneshot::channel::<()>();
-    let (resize_tx, mut resize_rx) = tokio::sync::mpsc::channel::<(u16, u16)>(4);
+    let (cancel_tx, cancel) = tokio::sync::oneshot::channel::<()>();
+    let (resize_tx, resize) = tokio::sync::mpsc::channel::<(u16, u16)>(4);
     tokio::spawn(async move {
-        let mut code = None;
-        let mut stdin_open = true;
-        let mut buf = vec![0u8; 32 << 10];
-        loop {
-            tokio::select! {
-                msg = ws_rx.next() => match msg {
-                    Some(Ok(Message::Binary(data))) => {
-                        let (Some(&ch), Some(rest)) = (data.first(), data.get(1..)) else {
-                            continue;
-                        };
-                        let written = match ch {
-                            1 => stdout_ours.write_all(rest).await,
-                            2 => stderr_ours.write_all(rest).await,
-                            3 => {
-                                code = status_exit_code(rest);
-                                Ok(())
-                            }
-                            _ => Ok(()),
-                        };
-                        // A caller that stopped reading: the session ends.
-                        if written.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => {}
-                },
-                n = stdin_ours.read(&mut buf), if stdin_open => match n {
-                    Ok(0) | Err(_) => stdin_open = false,
-                    Ok(n) => {
-                        let mut m = Vec::with_capacity(n + 1);
-                        m.push(0u8);
-                        m.extend_from_slice(buf.get(..n).unwrap_or_default());
-                        if ws_tx.send(Message::Binary(m.into())).await.is_err() {
-                            break;
-                        }
-                    }
-                },
-                Some((cols, rows)) = resize_rx.recv() => {
-                    let size = serde_json::json!({"Width": cols, "Height": rows}).to_string();
-                    let mut m = vec![4u8];
-                    m.extend_from_slice(size.as_bytes());
-                    let _ = ws_tx.send(Message::Binary(m.into())).await;
-                }
-                _ = &mut cancel_rx => {
-                    let _ = ws_tx.send(Message::Close(None)).await;
-                    return;
-                }
-            }
-        }
-        let _ = stdout_ours.shutdown().await;
-        let _ = stderr_ours.shutdown().await;
-        let _ = result_tx.send(match code {
+        let pipes = super::cristream::Pipes {
+            stdin,
+            stdout,
+            stderr,
+            resize,
+            cancel: Some(cancel),
+        };
+        let outputs = if tty {
+            super::cristream::Outputs::Terminal
+        } else {
+            super::cristream::Outputs::Both
+        };
+        let status = super::cristream::run(conn, outputs, pipes).await;
+        let _ = result_tx.send(match status.as_deref().and_then(status_exit_code) {
             Some(code) => Ok(ExitStatus {
                 code: Some(code),
                 signal: None,

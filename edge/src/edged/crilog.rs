@@ -259,12 +259,60 @@ impl Reader {
             return Ok(true);
         }
         if rotated(&self.file, &self.path).await {
-            self.next = Some(tokio::fs::File::open(&self.path).await?);
+            self.next = Some(next_after(&self.file, &self.path).await?);
             return Ok(true);
         }
         Ok(false)
     }
 }
+
+/// The log file written after the one `f` reads, which was rotated away
+/// from `path`: when it has been moved to `path.k` (rotated `k` times
+/// since), `path.{k-1}`, or `path` itself for `k = 1`. A follower that
+/// fell behind by more than one rotation thus reads every file in turn
+/// instead of jumping to the newest. If `f` is gone (rotated past the
+/// files kept), the oldest file kept.
+async fn next_after(f: &tokio::fs::File, path: &std::path::Path) -> io::Result<tokio::fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let name = |k: u32| -> std::path::PathBuf {
+        if k == 0 {
+            return path.to_owned();
+        }
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{k}"));
+        name.into()
+    };
+    let open = f.metadata().await?;
+    // Files move up while this looks: a few tries.
+    for _ in 0..4 {
+        let mut oldest = None;
+        let mut found = None;
+        for k in 1..=MAX_ROTATED {
+            match tokio::fs::metadata(name(k)).await {
+                Ok(m) if m.ino() == open.ino() && m.dev() == open.dev() => {
+                    found = Some(k);
+                    break;
+                }
+                Ok(_) => oldest = Some(k),
+                Err(_) => break,
+            }
+        }
+        let next = match (found, oldest) {
+            (Some(k), _) => name(k - 1),
+            (None, Some(k)) => name(k),
+            (None, None) => name(0),
+        };
+        match tokio::fs::File::open(&next).await {
+            Ok(file) => return Ok(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    tokio::fs::File::open(path).await
+}
+
+/// The most rotated files a follower looks through.
+const MAX_ROTATED: u32 = 64;
 
 /// Whether the file at `path` is no longer the one `f` reads (the log was
 /// rotated: a new file is there).
@@ -426,5 +474,41 @@ mod tests {
         let plain = parse(b"just a line");
         assert_eq!((plain.time, plain.content), (None, &b"just a line"[..]));
         assert_eq!(parse(b"2026-01-01T00:00:00Z stdin F x").time, None);
+    }
+
+    /// A follower more than one rotation behind reads every file in turn:
+    /// after the one it read (now `.2`), `.1`, then the current one.
+    #[tokio::test]
+    async fn a_follower_behind_by_two_rotations_reads_the_file_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let rotation = Rotation {
+            path: path.clone(),
+            max_size: 1,
+            max_files: 4,
+        };
+        tokio::fs::write(&path, "2026-01-01T00:00:00Z stdout F first\n")
+            .await
+            .unwrap();
+        let mut r = Reader::open(&path).await.unwrap();
+        let mut text = Vec::new();
+        let drain = async |r: &mut Reader, text: &mut Vec<u8>| {
+            while r.read(|e| render(e, false, text)).await.unwrap() {}
+        };
+        drain(&mut r, &mut text).await;
+        for (n, line) in ["second", "third"].iter().enumerate() {
+            rotation.move_aside().await.unwrap();
+            let entry = format!("2026-01-01T00:00:0{n}Z stdout F {line}\n");
+            tokio::fs::write(&path, entry).await.unwrap();
+        }
+        // Behind by two rotations: the old file ends, then `.1`, then the
+        // current one.
+        for _ in 0..4 {
+            if !r.rotated().await.unwrap() {
+                break;
+            }
+            drain(&mut r, &mut text).await;
+        }
+        assert_eq!(String::from_utf8_lossy(&text), "first\nsecond\nthird\n");
     }
 }

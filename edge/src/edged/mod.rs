@@ -71,7 +71,9 @@
 //! started once, Succeeded/Failed when every container exited and none
 //! will restart (or an init container failed with `restartPolicy: Never`),
 //! else Running. Conditions: Initialized, Ready, ContainersReady,
-//! PodScheduled. `hostIP`/`podIP` are the node's IP (host network);
+//! PodScheduled. `hostIP` is the node's IP; `podIP` (from the first
+//! container start on) is the pod's own on a pod network (a CRI runtime
+//! with CNI, a pod without `hostNetwork`), else the node's;
 //! `qosClass` is derived from requests and limits. Container states follow
 //! kubelet: running, waiting (`ContainerCreating`, `PodInitializing`,
 //! `CrashLoopBackOff`, `RunContainerError`, `CreateContainerConfigError`),
@@ -109,6 +111,7 @@
 
 mod cri;
 pub(crate) mod crilog;
+mod cristream;
 mod plan;
 mod probe;
 mod runtime;
@@ -132,8 +135,8 @@ use tracing::{info, warn};
 pub use cri::{CriRuntime, import_image};
 pub use runtime::{
     Adopted, BindMount, BoxFuture, ContainerHandle, ExecExit, ExecOutput, ExecProcess, ExecStdin,
-    ExitStatus, Isolated, LaunchSpec, PodRef, ProcessRuntime, PullPolicy, Runtime, StopSignal,
-    TerminalResize,
+    ExitStatus, HostPort, Isolated, LaunchSpec, PodNetwork, PodRef, ProcessRuntime, PullPolicy,
+    Runtime, StopSignal, TerminalResize,
 };
 
 /// The `runtimeClassName` of pods that run as host processes on a node
@@ -249,7 +252,8 @@ pub struct EdgedConfig {
     /// Directory Edged owns: per-pod dirs, volumes, logs, pid files.
     pub root: PathBuf,
     pub node_name: String,
-    /// Reported as `status.hostIP` and `status.podIP` (host network).
+    /// Reported as `status.hostIP`, and as `status.podIP` of pods on the
+    /// node's network.
     pub host_ip: String,
     /// Restart back-off start (kubelet: 10 s), doubled per restart.
     pub backoff_base: Duration,

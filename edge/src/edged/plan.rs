@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::EdgedConfig;
 use super::probe::ProbeSpec;
+use super::runtime::{HostPort, PodNetwork};
 
 /// Grace period when a pod is removed: `terminationGracePeriodSeconds`
 /// (default 30 s) capped at this.
@@ -22,6 +23,13 @@ pub(crate) enum RestartPolicy {
     OnFailure,
     Never,
 }
+
+/// Stands for the pod's IP in a plan (environment values, arguments, probe
+/// hosts): the IP is known only once the runtime has made the pod's
+/// network, just before its containers start, when the pod worker puts it
+/// in (`LaunchSpec::fill_pod_ip`, `ProbeSpec::at_pod_ip`). No value from a
+/// spec can hold it: a NUL cannot pass through `execve`.
+pub(crate) const POD_IP: &str = "\0pod-ip\0";
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PodPlan {
@@ -41,6 +49,8 @@ pub(crate) struct PodPlan {
     pub runtime_class: Option<String>,
     /// `spec.securityContext` (the containers' own settings win).
     pub security: Value,
+    /// `spec.hostNetwork` and the containers' host ports.
+    pub network: PodNetwork,
 }
 
 impl PodPlan {
@@ -211,7 +221,24 @@ pub(crate) fn plan_pod(
         .iter()
         .chain(array_at(spec, "containers"))
         .collect();
+    let network = PodNetwork {
+        host: bool_at(spec, "hostNetwork"),
+        host_ports: all
+            .iter()
+            .flat_map(|c| array_at(c, "ports"))
+            .filter_map(|p| {
+                let port = |key: &str| u16::try_from(p.get(key)?.as_u64()?).ok().filter(|p| *p > 0);
+                Some(HostPort {
+                    container_port: port("containerPort")?,
+                    host_port: port("hostPort")?,
+                    protocol: str_at(p, "protocol").unwrap_or("TCP").to_owned(),
+                    host_ip: str_at(p, "hostIP").unwrap_or_default().to_owned(),
+                })
+            })
+            .collect(),
+    };
     Ok(PodPlan {
+        network,
         runtime_class: str_at(spec, "runtimeClassName")
             .filter(|c| !c.is_empty())
             .map(str::to_owned),
@@ -344,7 +371,7 @@ impl PodCtx<'_> {
         let probe = |key: &str| {
             c.get(key)
                 .filter(|p| p.is_object())
-                .map(|p| ProbeSpec::parse(p, &ports, &self.cfg.host_ip))
+                .map(|p| ProbeSpec::parse(p, &ports, POD_IP))
         };
         Ok(ContainerPlan {
             image,
@@ -479,9 +506,9 @@ impl PodCtx<'_> {
             "spec.serviceAccountName" => {
                 Some(str_at(pod.get("spec")?, "serviceAccountName")?.to_owned())
             }
-            "status.hostIP" | "status.podIP" | "status.hostIPs" | "status.podIPs" => {
-                Some(self.cfg.host_ip.clone())
-            }
+            "status.hostIP" | "status.hostIPs" => Some(self.cfg.host_ip.clone()),
+            // Known once the pod's sandbox is made (see `POD_IP`).
+            "status.podIP" | "status.podIPs" => Some(POD_IP.to_owned()),
             _ => {
                 if let Some(rest) = path.strip_prefix("metadata.labels") {
                     meta_map("labels", rest)

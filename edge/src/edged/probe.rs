@@ -56,8 +56,20 @@ fn threshold(probe: &Value, key: &str, default: u64) -> u32 {
 }
 
 impl ProbeSpec {
+    /// The probe with `pod_ip` for a host given as `plan::POD_IP` (the
+    /// default host of HTTP and TCP probes).
+    pub fn at_pod_ip(mut self, pod_ip: &str) -> ProbeSpec {
+        if let ProbeAction::Http { host, .. } | ProbeAction::Tcp { host, .. } = &mut self.action
+            && host.contains(super::plan::POD_IP)
+        {
+            *host = host.replace(super::plan::POD_IP, pod_ip);
+        }
+        self
+    }
+
     /// Parses a Kubernetes probe; `ports` are the container's (name, port)
-    /// pairs for named ports; `host_ip` is the default host.
+    /// pairs for named ports; `host_ip` is the default host (the pod's IP,
+    /// or `plan::POD_IP` for it).
     pub fn parse(probe: &Value, ports: &[(String, u16)], host_ip: &str) -> ProbeSpec {
         let port_of = |handler: &Value| -> Result<u16, String> {
             match handler.get("port") {

@@ -79,6 +79,26 @@ pub struct PodRef {
     pub uid: String,
 }
 
+/// A port of the node forwarded to a container (`ports[].hostPort`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub container_port: u16,
+    pub host_port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// `hostIP`, or empty for every address.
+    pub host_ip: String,
+}
+
+/// The network a pod's spec asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodNetwork {
+    /// `spec.hostNetwork`: the node's network namespace.
+    pub host: bool,
+    /// The containers' ports that name a `hostPort`.
+    pub host_ports: Vec<HostPort>,
+}
+
 /// A volume a container sees at `container_path`: the host directory or
 /// file `host_path`, bind-mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +127,7 @@ pub enum PullPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Isolated {
     pub pod: PodRef,
+    pub network: PodNetwork,
     /// `command` and `args` as the spec gives them, `$(VAR)` expanded;
     /// empty ones take the image's entrypoint and command.
     pub command: Vec<String>,
@@ -129,6 +150,9 @@ pub struct Isolated {
     pub pull_policy: PullPolicy,
     /// How many times this container was started before (CRI attempt).
     pub attempt: u32,
+    /// `stdinOnce`: the container's stdin closes when the first attach
+    /// session that wrote to it ends.
+    pub stdin_once: bool,
 }
 
 /// Signals Edged sends to a container (to its whole process group for the
@@ -218,6 +242,17 @@ pub trait Runtime: Send + Sync + Debug + 'static {
     /// process runtime's host process in the pod directory.
     fn isolates(&self) -> bool {
         false
+    }
+
+    /// The pod's own IP address when this runtime gives the pod a network
+    /// of its own (a CRI runtime whose CNI is set up, for a pod without
+    /// `hostNetwork`), making the pod's sandbox if need be; `None` when the
+    /// pod shares the node's network. Edged asks with the spec of the
+    /// container it is about to start (every start: the runtime remembers),
+    /// as the kubelet makes the sandbox first.
+    fn pod_ip(&self, spec: &LaunchSpec) -> Result<Option<String>, Error> {
+        let _ = spec;
+        Ok(None)
     }
 
     /// The pod is gone from this node: release what the runtime holds for

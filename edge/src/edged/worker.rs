@@ -16,9 +16,10 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, info, warn};
 
 use super::plan::{
-    ContainerPlan, MountPlan, PodPlan, RestartPolicy, VolumePlan, safe_component, safe_relative,
+    ContainerPlan, MountPlan, POD_IP, PodPlan, RestartPolicy, VolumePlan, safe_component,
+    safe_relative,
 };
-use super::probe::{ProbeEvent, run_probes};
+use super::probe::{ProbeEvent, ProbeSpec, run_probes};
 use super::runtime::{
     BindMount, ContainerHandle, ExitStatus, Isolated, LaunchSpec, PodRef, PullPolicy, StopSignal,
 };
@@ -358,6 +359,9 @@ pub(crate) struct Worker {
     events_rx: mpsc::Receiver<Event>,
     next_run_id: u64,
     stopping: bool,
+    /// The pod's IP once known: its sandbox's on a pod network, else the
+    /// node's.
+    pod_ip: Option<String>,
 }
 
 impl Worker {
@@ -398,6 +402,7 @@ impl Worker {
             events_rx,
             next_run_id: 0,
             stopping: false,
+            pod_ip: None,
         }
     }
 
@@ -682,8 +687,32 @@ impl Worker {
         }
     }
 
-    /// Everything needed to launch `plan`, or (reason, message).
+    /// The container's launch spec, with the pod's IP in it: the runtime
+    /// makes the pod's network first (a CRI sandbox) if it has one to make.
     fn prepare(
+        &mut self,
+        plan: &ContainerPlan,
+        log_seq: u32,
+        attempt: u32,
+    ) -> Result<LaunchSpec, (&'static str, String)> {
+        let mut spec = self.launch_spec(plan, log_seq, attempt)?;
+        let ip = self
+            .runtime()
+            .pod_ip(&spec)
+            .map_err(|e| {
+                (
+                    "ContainerCreating",
+                    format!("Failed to create pod sandbox: {e}"),
+                )
+            })?
+            .unwrap_or_else(|| self.shared.cfg.host_ip.clone());
+        fill_pod_ip(&mut spec, &ip);
+        self.pod_ip = Some(ip);
+        Ok(spec)
+    }
+
+    /// Everything needed to launch `plan`, or (reason, message).
+    fn launch_spec(
         &mut self,
         plan: &ContainerPlan,
         log_seq: u32,
@@ -886,6 +915,7 @@ impl Worker {
         }
         Ok(Isolated {
             pod: self.pod_ref(),
+            network: self.plan.network.clone(),
             command: launch.command.clone(),
             args: launch.spec_args.clone(),
             working_dir: plan
@@ -905,6 +935,7 @@ impl Worker {
             cpu_request_millis: quantity("/resources/requests/cpu"),
             pull_policy,
             attempt,
+            stdin_once: plan.spec.get("stdinOnce").and_then(Value::as_bool) == Some(true),
         })
     }
 
@@ -989,7 +1020,12 @@ impl Worker {
         let Some(c) = self.ctrs.get_mut(i) else {
             return;
         };
-        c.adoptable = false;
+        // A container left running stays adoptable until something runs:
+        // a start that failed before adopting it (containerd still coming
+        // up, its sandbox not found yet) tries to adopt it again.
+        if started.is_ok() {
+            c.adoptable = false;
+        }
         let (handle, adopted) = match started {
             Ok(started) => started,
             Err((reason, message)) => {
@@ -1043,12 +1079,14 @@ impl Worker {
             && (plan.startup.is_some() || plan.liveness.is_some() || plan.readiness.is_some());
         if probed {
             let events = self.events_tx.clone();
+            let ip = self.pod_ip.as_deref().unwrap_or(&self.shared.cfg.host_ip);
+            let at_ip = |p: &Option<ProbeSpec>| p.clone().map(|p| p.at_pod_ip(ip));
             tasks.push(self.tasks.spawn(run_probes(
                 handle.clone(),
                 now,
-                plan.startup.clone(),
-                plan.liveness.clone(),
-                plan.readiness.clone(),
+                at_ip(&plan.startup),
+                at_ip(&plan.liveness),
+                at_ip(&plan.readiness),
                 events,
                 move |event| Event::Probe { run_id, event },
             )));
@@ -1298,10 +1336,13 @@ impl Worker {
             "conditions": condition_json,
             "hostIP": ip,
             "hostIPs": [{"ip": ip}],
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
             "startTime": rfc3339(self.start_time),
         });
+        // Known once the pod's network is (a pod network: its sandbox).
+        if let Some(pod_ip) = &self.pod_ip {
+            put(&mut status, "podIP", json!(pod_ip));
+            put(&mut status, "podIPs", json!([{ "ip": pod_ip }]));
+        }
         let mut messages: Vec<&str> = self.volume_error.iter().map(String::as_str).collect();
         messages.extend(self.mount_warnings.iter().map(String::as_str));
         if !messages.is_empty() {
@@ -1363,5 +1404,28 @@ impl Worker {
         };
         put(&mut s, "lastState", last);
         s
+    }
+}
+
+/// Puts the pod's IP where the plan holds its place (`plan::POD_IP`): in
+/// environment values and the arguments expanded from them.
+fn fill_pod_ip(spec: &mut LaunchSpec, ip: &str) {
+    let fill = |s: &mut String| {
+        if s.contains(POD_IP) {
+            *s = s.replace(POD_IP, ip);
+        }
+    };
+    fill(&mut spec.program);
+    let i = &mut spec.isolated;
+    for s in spec
+        .args
+        .iter_mut()
+        .chain(&mut i.command)
+        .chain(&mut i.args)
+    {
+        fill(s);
+    }
+    for (_, v) in spec.env.iter_mut().chain(&mut i.env) {
+        fill(v);
     }
 }

@@ -676,6 +676,7 @@ pub fn start_cloud(dir: &Path) -> (Cloud, String, String) {
         api,
         hub,
         bootstrap,
+        stream: String::new(),
         proc: Proc(Some(child)),
     };
     wait_for("cloudcore to serve", Duration::from_secs(60), || {

@@ -39,16 +39,22 @@ pub fn on_path(tool: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{tool} is missing: run the tests with ./dev test"))
 }
 
-/// A stream's value of metric `name` in cloudcore's `/metrics` at `addr`
-/// (0 when absent or unreachable).
-pub fn metric(addr: &str, name: &str, stream: &str) -> u64 {
+/// cloudcore's whole `/metrics` page at `addr` (empty when unreachable).
+pub fn metrics_text(addr: &str) -> String {
     use std::io::Read as _;
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return 0;
+        return String::new();
     };
     let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// A stream's value of metric `name` in cloudcore's `/metrics` at `addr`
+/// (0 when absent or unreachable).
+pub fn metric(addr: &str, name: &str, stream: &str) -> u64 {
+    let text = metrics_text(addr);
     // An empty `stream`: a metric without labels.
     let prefix = if stream.is_empty() {
         format!("{name} ")
@@ -182,6 +188,8 @@ pub struct Cloud {
     pub api: String,
     pub hub: String,
     pub bootstrap: String,
+    /// Attached mode: where it serves its nodes' kubelet streaming API.
+    pub stream: String,
     pub proc: Proc,
 }
 
@@ -240,6 +248,7 @@ impl Cloud {
             api,
             hub,
             bootstrap,
+            stream: String::new(),
             proc: Proc(Some(child)),
         };
         wait_for("cloudcore to serve", Duration::from_secs(60), || {
@@ -258,6 +267,19 @@ impl Cloud {
         bootstrap: Option<String>,
         webhook: Option<String>,
     ) -> Cloud {
+        Self::start_attached_with(dir, kubeconfig, hub, bootstrap, webhook, &[])
+    }
+
+    /// [`Cloud::start_attached`] with more flags for `cloudcore run`.
+    pub fn start_attached_with(
+        dir: &Path,
+        kubeconfig: &Path,
+        hub: Option<String>,
+        bootstrap: Option<String>,
+        webhook: Option<String>,
+        extra: &[&str],
+    ) -> Cloud {
+        let stream = format!("127.0.0.1:{}", free_port());
         let hub = hub.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()));
         let bootstrap = bootstrap.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let webhook = webhook.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
@@ -268,8 +290,12 @@ impl Cloud {
             .unwrap();
         let out = dir.with_extension("out");
         let stdout = std::fs::File::create(&out).unwrap();
+        // The admin gRPC API only when asked for.
+        let grpc = (!extra.contains(&"--grpc-addr")).then_some("--no-grpc");
         let child = Command::new(cloudcore_bin())
-            .args(["run", "--no-grpc", "--data-dir"])
+            .arg("run")
+            .args(grpc)
+            .arg("--data-dir")
             .arg(dir)
             .arg("--kubeconfig")
             .arg(kubeconfig)
@@ -281,10 +307,11 @@ impl Cloud {
                 "--webhook-addr",
                 &webhook,
                 "--stream-addr",
-                &format!("127.0.0.1:{}", free_port()),
+                &stream,
                 "--api-addr",
                 &format!("127.0.0.1:{}", free_port()),
             ])
+            .args(extra)
             .stdout(stdout)
             .stderr(log)
             .spawn()
@@ -294,6 +321,7 @@ impl Cloud {
             api: webhook,
             hub,
             bootstrap,
+            stream,
             proc: Proc(Some(child)),
         };
         wait_for(
@@ -313,6 +341,44 @@ impl Cloud {
 
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("admin.kubeconfig")
+    }
+
+    /// `kubectl ARGS` (a shell word list) against the cloud on a terminal
+    /// of its own sized 123 columns by 45 rows (`script` gives kubectl
+    /// one), for at most a minute. kubectl logs its requests (`-v=6`) on
+    /// that terminal, so a failure shows how far it got. `script`'s own
+    /// input stays open until kubectl ends: at the end of its input it
+    /// would type an end-of-file into the terminal. `timeout` runs in
+    /// the foreground (`--foreground`): without it, it moves itself and
+    /// kubectl into a process group of their own, in the terminal's
+    /// background, and the kernel stops kubectl (SIGTTOU) as soon as it
+    /// puts the terminal in raw mode: it then sits silent until killed.
+    pub fn k_on_terminal(&self, args: &str) -> Output {
+        let mut child = Command::new("script")
+            .args([
+                "-qec",
+                &format!(
+                    "stty cols 123 rows 45; timeout --foreground 60 {} -v=6 --kubeconfig {} --cache-dir {} {args}",
+                    kubectl_bin().display(),
+                    self.kubeconfig().display(),
+                    self.dir.with_extension("kube-cache").display()
+                ),
+                "/dev/null",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take();
+        let out = child.wait_with_output().unwrap();
+        drop(input);
+        out
+    }
+
+    /// The last `lines` lines of this cloudcore's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.dir.with_extension("log"), lines)
     }
 
     pub fn k(&self, args: &[&str]) -> Output {
@@ -484,4 +550,11 @@ impl Edge {
             .success()
             .then(|| serde_json::from_slice(&o.stdout).unwrap())
     }
+}
+
+/// The last `lines` lines of the file at `path` (empty if unreadable).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }

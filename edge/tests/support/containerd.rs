@@ -48,6 +48,23 @@ pub struct Containerd {
     child: Option<Child>,
     dir: PathBuf,
     pub socket: PathBuf,
+    /// The CNI bridge its pods' networks hang on, and their subnet.
+    pub bridge: String,
+    pub subnet: String,
+}
+
+/// A CNI configuration giving each pod an address on a bridge of its own
+/// (`bridge`, gateway to the host, no masquerading) and its host ports
+/// (portmap); the IPAM state stays under `dir`.
+pub fn cni_config(dir: &Path, bridge: &str, subnet: &str) -> String {
+    format!(
+        r#"{{"cniVersion":"0.4.0","name":"{bridge}","plugins":[
+  {{"type":"bridge","bridge":"{bridge}","isGateway":true,"ipMasq":false,"hairpinMode":true,
+    "ipam":{{"type":"host-local","dataDir":"{ipam}","ranges":[[{{"subnet":"{subnet}"}}]]}}}},
+  {{"type":"portmap","capabilities":{{"portMappings":true}}}}
+]}}"#,
+        ipam = dir.join("cni-ipam").display(),
+    )
 }
 
 impl Containerd {
@@ -59,10 +76,13 @@ impl Containerd {
             .find(|p| p.exists())
             .unwrap_or_else(|| tool("runc"));
         let socket = dir.join("containerd.sock");
-        // Loopback only: pods share the node's network.
+        // A bridge and a subnet of this process's own (tests in parallel).
+        let pid = std::process::id();
+        let bridge = format!("kt{pid}");
+        let subnet = format!("10.{}.{}.0/24", 200 + (pid >> 8) % 50, pid % 256);
         std::fs::write(
-            dir.join("net.d/10-lo.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"lo","plugins":[{"type":"loopback"}]}"#,
+            dir.join("net.d/10-keel.conflist"),
+            cni_config(dir, &bridge, &subnet),
         )
         .unwrap();
         let d = dir.display();
@@ -109,6 +129,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             child: Some(child),
             dir: dir.to_owned(),
             socket,
+            bridge,
+            subnet,
         };
         wait_for("containerd to answer", Duration::from_secs(60), || {
             c.ctr(&["version"]).status.success()
@@ -122,6 +144,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.start_again("containerd to answer again");
+    }
+
+    /// Starts containerd again on the same config (its log appended) and
+    /// waits until it answers.
+    fn start_again(&mut self, what: &str) {
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(self.dir.join("containerd.log"))
@@ -135,11 +163,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 .spawn()
                 .unwrap(),
         );
-        wait_for(
-            "containerd to answer again",
-            Duration::from_secs(60),
-            || self.ctr(&["version"]).status.success(),
-        );
+        wait_for(what, Duration::from_secs(60), || {
+            self.ctr(&["version"]).status.success()
+        });
     }
 
     /// containerd's pid.
@@ -158,8 +184,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
+impl Containerd {
+    /// What a node's reboot does: every container, sandbox and shim
+    /// killed, containerd too, the pods' network namespaces, bridge and
+    /// host-port rules gone, mounts undone; then containerd starts again
+    /// on the same root (images and metadata kept).
+    pub fn reboot(&mut self) {
+        self.power_off();
+        self.start_again("containerd to answer after the reboot");
+    }
+
+    fn power_off(&mut self) {
         // What still runs is killed and deleted, so the shims exit.
         let tasks = self.ctr(&["tasks", "ls", "-q"]);
         for id in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
@@ -190,6 +225,29 @@ impl Drop for Containerd {
                 }
             }
         }
+        // Network namespaces of sandboxes still there (their veths go with
+        // them), then the bridge.
+        let prefix = self.subnet.trim_end_matches(".0/24").to_owned() + ".";
+        for ns in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = ns.file_name().to_string_lossy().into_owned();
+            let addrs = Command::new(tool("ip"))
+                .args(["-n", &name, "-o", "-4", "addr"])
+                .output();
+            if addrs.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&prefix)) {
+                let _ = Command::new(tool("ip"))
+                    .args(["netns", "delete", &name])
+                    .status();
+            }
+        }
+        let _ = Command::new(tool("ip"))
+            .args(["link", "delete", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        remove_host_ports(&self.bridge);
         // Its mounts (snapshots, sandbox shm) under the test's directory.
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         let dir = self.dir.display().to_string();
@@ -202,5 +260,41 @@ impl Drop for Containerd {
         for m in points {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.power_off();
+    }
+}
+
+/// Removes the host-port rules the CNI portmap plugin left for network
+/// `name` (sandboxes killed without their network torn down).
+pub fn remove_host_ports(name: &str) {
+    let iptables = |args: &[&str]| {
+        Command::new(tool("iptables"))
+            .args(["-t", "nat"])
+            .args(args)
+            .output()
+    };
+    let Ok(listed) = iptables(&["-L", "CNI-HOSTPORT-DNAT", "-n", "--line-numbers"]) else {
+        return;
+    };
+    let tag = format!("dnat name: \"{name}\"");
+    // (rule number, the chain it jumps to), deleted from the last.
+    let mut found: Vec<(u32, String)> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|l| l.contains(&tag))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.to_owned()))
+        })
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    for (n, chain) in found {
+        let _ = iptables(&["-D", "CNI-HOSTPORT-DNAT", &n.to_string()]);
+        let _ = iptables(&["-F", &chain]);
+        let _ = iptables(&["-X", &chain]);
     }
 }

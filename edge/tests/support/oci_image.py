@@ -20,7 +20,7 @@ import tarfile
 APPLETS = ["sh", "sleep", "echo", "cat", "head", "tail", "tr", "touch", "test",
            "ls", "id", "dd", "rm", "mkdir", "mv", "cp", "true", "false", "wc",
            "env", "date", "grep", "ps", "hostname", "uname", "tar", "printf",
-           "seq", "wget"]
+           "seq", "wget", "httpd", "ip", "tty", "stty"]
 
 
 def digest(data: bytes) -> str:
