@@ -708,6 +708,16 @@ impl From<Error> for ApiError {
                 "not_a_node_certificate",
                 e.to_string(),
             ),
+            // One of several replicas that cannot reach the state they
+            // share: nothing is admitted, the client may retry.
+            Error::Shared { .. } => {
+                tracing::warn!(error = %e, "bootstrap request refused");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cluster_unavailable",
+                    e.to_string(),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "bootstrap request failed");
                 Self::new(
@@ -923,7 +933,7 @@ async fn renew(
         let issued = st
             .ca
             .sign_node_renewal(&request.csr, &who, st.options.node_cert_validity)?;
-        st.ca.revoke(&old)?;
+        st.ca.revoke_replaced(&der)?;
         Ok(issued)
     })
     .await?;

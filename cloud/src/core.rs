@@ -197,6 +197,7 @@ pub struct Running {
     metrics: Option<tokio::task::JoinHandle<()>>,
     grpc: Option<GrpcServer>,
     compactor: tokio::task::JoinHandle<()>,
+    admission: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The hub's stateless-reset secret, created once (0600) in the data
@@ -260,6 +261,24 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     }
     let ca = Arc::new(ClusterCa::load_or_create(&cfg.data_dir)?);
     let tokens = Arc::new(TokenStore::open(&cfg.data_dir, &ca.ca_hash())?);
+    // Replicas share join tokens, issued certificates and revocations
+    // through the cluster; what the others did is merged before this one
+    // admits anyone.
+    let shared_admission = match cfg
+        .kubernetes
+        .as_ref()
+        .and_then(|k| Some((k, k.replica.as_ref()?)))
+    {
+        Some((k, r)) => {
+            let (client, _, _) = crate::attach::client_for(k).await?;
+            let store = Arc::new(crate::attach::admission::SecretAdmission::new(client, r));
+            ca.share(store.clone());
+            tokens.share(store.clone());
+            let seen = crate::attach::admission::merge_now(&store, &ca, &tokens).await?;
+            Some((store, seen))
+        }
+        None => None,
+    };
     let names: Vec<&str> = cfg.server_names.iter().map(String::as_str).collect();
     let server = ca.server_cert(&names)?;
     let store = Store::open(cfg.data_dir.join("log"), store_options())?;
@@ -318,6 +337,15 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         },
     )?;
     guard.set_hub(hub.stats_handle());
+    let admission = shared_admission.map(|(store, seen)| {
+        tokio::spawn(crate::attach::admission::run(
+            store,
+            ca.clone(),
+            tokens.clone(),
+            hub.stats_handle(),
+            seen,
+        ))
+    });
     if let (Some(a), Some(s)) = (&attached, &shards) {
         let bound = hub.local_addr()?;
         if !s.set_address(bound) {
@@ -405,6 +433,7 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
         metrics,
         grpc,
         compactor,
+        admission,
     })
 }
 
@@ -425,6 +454,9 @@ impl Running {
             m.abort();
         }
         self.compactor.abort();
+        if let Some(a) = self.admission {
+            a.abort();
+        }
         self.bootstrap.shutdown().await;
         self.hub.shutdown().await;
         info!("cloudcore stopped");

@@ -119,6 +119,15 @@ pub enum Error {
     /// The system random number generator failed.
     #[error("system random number generator failed")]
     Random,
+    /// The admission state replicas share (join tokens, issued and revoked
+    /// certificates) could not be read or written.
+    #[error("shared admission state, {what}: {message}")]
+    Shared {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        message: String,
+    },
 }
 
 impl Error {

@@ -7,6 +7,7 @@
 //! which an edge node joins and later renews its certificate
 //! ([`bootstrap`]). Errors are one enum, [`Error`].
 
+pub mod admission;
 pub mod api;
 pub mod attach;
 pub mod bootstrap;

@@ -39,7 +39,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -57,6 +57,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, S
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
+use crate::admission::{SharedAdmission, SharedShard};
 use crate::error::{Error, Result};
 
 /// ALPN protocol of the QUIC sync hub.
@@ -386,6 +387,25 @@ impl ClusterCa {
         self.revocations.revoke(serial)
     }
 
+    /// Revokes a node certificate (DER) that is being replaced, as
+    /// [`ClusterCa::revoke`] does, and in the replicas' shared state when
+    /// this cloudcore is one of several.
+    ///
+    /// # Errors
+    /// [`Error::NotANodeCertificate`], an unreadable certificate, or an
+    /// error persisting the revocation.
+    pub fn revoke_replaced(&self, der: &[u8]) -> Result<()> {
+        let node = node_name_from_cert(der)?;
+        let serial = serial_of_cert(der)?;
+        let not_after = not_after_of_cert(der)?;
+        self.revocations.revoke_of(&node, &serial, not_after)
+    }
+
+    /// Makes this CA one of several replicas' (see [`crate::admission`]).
+    pub fn share(&self, shared: Arc<dyn SharedAdmission>) {
+        self.revocations.share(shared);
+    }
+
     /// Whether a serial number (same syntax as [`ClusterCa::revoke`]) is revoked.
     /// An unparseable serial is reported as not revoked.
     #[must_use]
@@ -452,6 +472,9 @@ pub struct Revocations {
     ledger_path: PathBuf,
     serials: Mutex<BTreeSet<String>>,
     ledger: Mutex<Ledger>,
+    /// Set when this cloudcore is one of several replicas: what it issues
+    /// and revokes goes there first (see [`crate::admission`]).
+    shared: OnceLock<Arc<dyn SharedAdmission>>,
 }
 
 /// The ledger (`issued.log`) in memory.
@@ -468,17 +491,18 @@ struct Ledger {
     lines: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A node certificate in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct IssuedRecord {
-    node: String,
-    number: u64,
+pub struct IssuedRecord {
+    pub(crate) node: String,
+    pub(crate) number: u64,
     /// Unix seconds.
-    issued_at: u64,
+    pub(crate) issued_at: u64,
     /// Unix seconds.
-    not_after: u64,
+    pub(crate) not_after: u64,
     #[serde(default)]
-    renewal: bool,
+    pub(crate) renewal: bool,
 }
 
 /// One line of `issued.log`.
@@ -602,6 +626,7 @@ impl Revocations {
             ledger_path,
             serials: Mutex::new(BTreeSet::new()),
             ledger: Mutex::new(Ledger::default()),
+            shared: OnceLock::new(),
         };
         if torn {
             // Appending after a torn line would corrupt the next one.
@@ -661,48 +686,196 @@ impl Revocations {
         not_after: SystemTime,
         renewal: bool,
     ) -> Result<()> {
-        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let now = unix_secs(SystemTime::now());
-        ledger.last = ledger.last.saturating_add(1);
+        let mut record = IssuedRecord {
+            node: node.to_owned(),
+            number: 0,
+            issued_at: now,
+            not_after: unix_secs(not_after),
+            renewal,
+        };
+        // One of several replicas: numbered in the node's shard, and there
+        // before anyone holds it.
+        if let Some(shared) = self.shared.get() {
+            let local_last = self.lock_ledger().last;
+            shared.update(node, &mut |s| {
+                s.prune(now);
+                s.last = s.last.max(local_last).saturating_add(1);
+                record.number = s.last;
+                s.issued.insert(serial.to_owned(), record.clone());
+                Ok(true)
+            })?;
+        }
+        let mut ledger = self.lock_ledger();
+        if self.shared.get().is_none() {
+            ledger.last = ledger.last.saturating_add(1);
+            record.number = ledger.last;
+        }
         let entry = LedgerLine::Issued {
             serial: serial.to_owned(),
-            record: IssuedRecord {
-                node: node.to_owned(),
-                number: ledger.last,
-                issued_at: now,
-                not_after: unix_secs(not_after),
-                renewal,
-            },
+            record,
         };
         ledger.apply(entry.clone());
         self.append_ledger(&mut ledger, &entry)?;
+        self.compact_ledger(&mut ledger, now)
+    }
+
+    /// Rewrites the ledger without expired certificates once they
+    /// dominate it.
+    fn compact_ledger(&self, ledger: &mut Ledger, now: u64) -> Result<()> {
         let live = ledger.issued.len() + ledger.revoked_nodes.len();
         if ledger.lines > live.saturating_mul(2).saturating_add(LEDGER_SLACK) {
             ledger.issued.retain(|_, r| r.not_after > now);
-            self.rewrite_ledger(&mut ledger)?;
+            self.rewrite_ledger(ledger)?;
         }
         Ok(())
     }
 
+    fn lock_ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn revoke_node(&self, node: &str) -> Result<Vec<String>> {
-        let serials = {
-            let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = unix_secs(SystemTime::now());
+        // One of several replicas: the bar and the revoked serials go to
+        // the node's shard first, numbered in its sequence.
+        let mut shared_bar = None;
+        let mut serials: Vec<String> = Vec::new();
+        if let Some(shared) = self.shared.get() {
+            let local_last = self.lock_ledger().last;
+            shared.update(node, &mut |s| {
+                s.prune(now);
+                s.last = s.last.max(local_last);
+                let bar = s.last;
+                serials.clear();
+                for (serial, r) in s.issued.iter().filter(|(_, r)| r.node == node) {
+                    serials.push(serial.clone());
+                    s.revoked.insert(serial.clone(), r.not_after);
+                }
+                let b = s.barred.entry(node.to_owned()).or_insert(bar);
+                *b = (*b).max(bar);
+                shared_bar = Some(*b);
+                Ok(true)
+            })?;
+        }
+        {
+            let mut ledger = self.lock_ledger();
             let entry = LedgerLine::RevokedNode {
                 node: node.to_owned(),
-                bar: ledger.last,
+                bar: shared_bar.unwrap_or(ledger.last),
             };
             ledger.apply(entry.clone());
-            let serials: Vec<String> = ledger
-                .issued
-                .iter()
-                .filter(|(_, r)| r.node == node)
-                .map(|(s, _)| s.clone())
-                .collect();
+            serials.extend(
+                ledger
+                    .issued
+                    .iter()
+                    .filter(|(_, r)| r.node == node)
+                    .map(|(s, _)| s.clone()),
+            );
             self.append_ledger(&mut ledger, &entry)?;
-            serials
-        };
+        }
+        serials.sort();
+        serials.dedup();
         tracing::warn!(node, certificates = serials.len(), "node revoked");
         self.revoke_all(&serials)
+    }
+
+    /// Revokes one certificate of `node` (a renewal's predecessor), in the
+    /// node's shard first when this cloudcore is one of several replicas.
+    fn revoke_of(&self, node: &str, serial: &str, not_after: SystemTime) -> Result<()> {
+        let serial = normalize_serial(serial)?;
+        if let Some(shared) = self.shared.get() {
+            let now = unix_secs(SystemTime::now());
+            shared.update(node, &mut |s| {
+                s.prune(now);
+                let changed = s
+                    .revoked
+                    .insert(serial.clone(), unix_secs(not_after))
+                    .is_none();
+                Ok(changed)
+            })?;
+        }
+        self.revoke_all(std::slice::from_ref(&serial)).map(|_| ())
+    }
+
+    /// Makes this the store of one of several replicas: from now on what
+    /// it issues and revokes goes to `shared` first. Set once.
+    pub fn share(&self, shared: Arc<dyn SharedAdmission>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// Merges a shard of the replicas' shared state into the local files:
+    /// certificates other replicas issued, nodes they barred (and every
+    /// certificate of such a node known here but not issued after the
+    /// bar), serials they revoked. Returns the nodes barred by this merge,
+    /// whose connections are to be closed.
+    ///
+    /// # Errors
+    /// An I/O error persisting the merge (what was merged so far holds in
+    /// memory).
+    pub fn merge(&self, shard: &SharedShard) -> Result<Vec<String>> {
+        let now = unix_secs(SystemTime::now());
+        let mut revoke: Vec<String> = Vec::new();
+        let mut barred = Vec::new();
+        {
+            let mut ledger = self.lock_ledger();
+            for (serial, record) in &shard.issued {
+                if record.not_after <= now || ledger.issued.contains_key(serial) {
+                    continue;
+                }
+                let entry = LedgerLine::Issued {
+                    serial: serial.clone(),
+                    record: record.clone(),
+                };
+                ledger.apply(entry.clone());
+                self.append_ledger(&mut ledger, &entry)?;
+            }
+            for (node, bar) in &shard.barred {
+                if ledger.revoked_nodes.get(node).is_some_and(|b| b >= bar) {
+                    continue;
+                }
+                revoke.extend(
+                    ledger
+                        .issued
+                        .iter()
+                        .filter(|(serial, r)| {
+                            r.node == *node
+                                && !shard
+                                    .issued
+                                    .get(*serial)
+                                    .is_some_and(|s| s.node == *node && s.number > *bar)
+                        })
+                        .map(|(s, _)| s.clone()),
+                );
+                let entry = LedgerLine::RevokedNode {
+                    node: node.clone(),
+                    bar: *bar,
+                };
+                ledger.apply(entry.clone());
+                self.append_ledger(&mut ledger, &entry)?;
+                barred.push(node.clone());
+            }
+            self.compact_ledger(&mut ledger, now)?;
+        }
+        {
+            let known = self.serials.lock().unwrap_or_else(PoisonError::into_inner);
+            revoke.extend(
+                shard
+                    .revoked
+                    .keys()
+                    .filter(|s| !known.contains(*s))
+                    .cloned(),
+            );
+        }
+        if !revoke.is_empty() {
+            revoke.sort();
+            revoke.dedup();
+            self.revoke_all(&revoke)?;
+        }
+        for node in &barred {
+            tracing::warn!(%node, "node revoked by another replica");
+        }
+        Ok(barred)
     }
 
     /// Appends one line and fsyncs it (and the directory, when the file is

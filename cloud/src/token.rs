@@ -13,11 +13,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::admission::SharedAdmission;
 use crate::error::{Error, Result, TokenError};
 use crate::pki::{hex, random_bytes, validate_node_name, write_atomic};
 
@@ -149,17 +150,28 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TokenRecord {
-    node: String,
+/// A join token as stored: the node it is bound to and its secret's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub(crate) node: String,
     /// Hex SHA-256 of the secret.
-    secret_sha256: String,
+    pub(crate) secret_sha256: String,
     /// Unix seconds.
-    created_at: u64,
+    pub(crate) created_at: u64,
     /// Unix seconds.
-    expires_at: u64,
+    pub(crate) expires_at: u64,
     /// Unix seconds of redemption, if redeemed.
-    used_at: Option<u64>,
+    pub(crate) used_at: Option<u64>,
+}
+
+impl TokenRecord {
+    /// Whether it is still kept at `now` (Unix seconds): until a day past
+    /// its expiry, for operators.
+    pub(crate) fn retained_at(&self, now: u64) -> bool {
+        self.expires_at
+            .saturating_add(RETAIN_AFTER_EXPIRY.as_secs())
+            > now
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -174,6 +186,10 @@ pub struct TokenStore {
     path: PathBuf,
     ca_hash: String,
     state: Mutex<TokenFile>,
+    /// Set when this cloudcore is one of several replicas: tokens live
+    /// there, and `tokens.json` only passes on those `cloudcore token`
+    /// writes to it (see [`TokenStore::publish_local`]).
+    shared: OnceLock<Arc<dyn SharedAdmission>>,
 }
 
 impl TokenStore {
@@ -212,6 +228,7 @@ impl TokenStore {
             path,
             ca_hash: ca_hash.to_owned(),
             state: Mutex::new(state),
+            shared: OnceLock::new(),
         })
     }
 
@@ -237,13 +254,18 @@ impl TokenStore {
             expires_at: expires_s,
             used_at: None,
         };
-        let (mut state, _file) = self.lock_synced()?;
-        let retain = RETAIN_AFTER_EXPIRY.as_secs();
-        state
-            .tokens
-            .retain(|_, r| r.expires_at.saturating_add(retain) > now_s);
-        state.tokens.insert(id.clone(), record);
-        self.persist(&state)?;
+        if let Some(shared) = self.shared.get() {
+            shared.update(node, &mut |s| {
+                s.prune(now_s);
+                s.tokens.insert(id.clone(), record.clone());
+                Ok(true)
+            })?;
+        } else {
+            let (mut state, _file) = self.lock_synced()?;
+            state.tokens.retain(|_, r| r.retained_at(now_s));
+            state.tokens.insert(id.clone(), record);
+            self.persist(&state)?;
+        }
         tracing::info!(node, token_id = %id, ttl_secs = ttl.as_secs(), "created join token");
         Ok(JoinToken {
             token,
@@ -259,8 +281,14 @@ impl TokenStore {
     /// # Errors
     /// [`Error::Token`] with the reason.
     pub fn check(&self, token: &str, node: &str, now: SystemTime) -> Result<()> {
+        if let Some(shared) = self.shared.get() {
+            self.publish_local()?;
+            let s = shared.read(node)?;
+            self.validate(&s.tokens, token, node, now)?;
+            return Ok(());
+        }
         let (state, _file) = self.lock_synced()?;
-        self.validate(&state, token, node, now)?;
+        self.validate(&state.tokens, token, node, now)?;
         Ok(())
     }
 
@@ -276,8 +304,21 @@ impl TokenStore {
     /// [`Error::Token`] with the reason, or an I/O error persisting the use
     /// (the token then stays used in memory: it fails closed).
     pub fn redeem(&self, token: &str, node: &str, now: SystemTime) -> Result<()> {
+        if let Some(shared) = self.shared.get() {
+            self.publish_local()?;
+            let mut used = String::new();
+            shared.update(node, &mut |s| {
+                used = self.validate(&s.tokens, token, node, now)?;
+                if let Some(record) = s.tokens.get_mut(&used) {
+                    record.used_at = Some(unix_secs(now));
+                }
+                Ok(true)
+            })?;
+            tracing::info!(node, token_id = %used, "redeemed join token");
+            return Ok(());
+        }
         let (mut state, _file) = self.lock_synced()?;
-        let id = self.validate(&state, token, node, now)?;
+        let id = self.validate(&state.tokens, token, node, now)?;
         if let Some(record) = state.tokens.get_mut(&id) {
             record.used_at = Some(unix_secs(now));
         }
@@ -292,9 +333,20 @@ impl TokenStore {
     /// An I/O error persisting the change.
     pub fn delete(&self, id: &str) -> Result<bool> {
         let (mut state, _file) = self.lock_synced()?;
-        let existed = state.tokens.remove(id).is_some();
+        let mut existed = state.tokens.remove(id).is_some();
         if existed {
             self.persist(&state)?;
+        }
+        drop(state);
+        if let Some(shared) = self.shared.get() {
+            let holder = shared
+                .read_all()?
+                .into_iter()
+                .find_map(|s| s.tokens.get(id).map(|t| t.node.clone()));
+            if let Some(node) = holder {
+                shared.update(&node, &mut |s| Ok(s.tokens.remove(id).is_some()))?;
+                existed = true;
+            }
         }
         Ok(existed)
     }
@@ -310,17 +362,82 @@ impl TokenStore {
         state
             .tokens
             .retain(|_, r| r.node != node || r.used_at.is_some());
-        let deleted = before - state.tokens.len();
+        let mut deleted = before - state.tokens.len();
         if deleted > 0 {
             self.persist(&state)?;
+        }
+        drop(state);
+        if let Some(shared) = self.shared.get() {
+            let mut there = 0;
+            shared.update(node, &mut |s| {
+                let before = s.tokens.len();
+                s.tokens
+                    .retain(|_, r| r.node != node || r.used_at.is_some());
+                there = before - s.tokens.len();
+                Ok(there > 0)
+            })?;
+            deleted += there;
+        }
+        if deleted > 0 {
             tracing::info!(node, deleted, "deleted the node's unused join tokens");
         }
         Ok(deleted)
     }
 
+    /// Makes this the token store of one of several replicas: tokens are
+    /// created, redeemed and deleted in `shared` from now on. Set once.
+    pub fn share(&self, shared: Arc<dyn SharedAdmission>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// One of several replicas: moves the unused tokens `cloudcore token`
+    /// wrote to this replica's `tokens.json` into the shared state, where
+    /// every replica finds them, and returns how many it moved. Does
+    /// nothing for a single cloudcore.
+    ///
+    /// # Errors
+    /// The shared state or the file cannot be read or written; what was
+    /// not moved stays in the file for the next call.
+    pub fn publish_local(&self) -> Result<usize> {
+        let Some(shared) = self.shared.get() else {
+            return Ok(0);
+        };
+        let (mut state, _file) = self.lock_synced()?;
+        let now = unix_secs(SystemTime::now());
+        let waiting: Vec<(String, TokenRecord)> = state
+            .tokens
+            .iter()
+            .filter(|(_, r)| r.used_at.is_none() && r.expires_at > now)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        let mut moved = 0;
+        let mut outcome = Ok(());
+        for (id, record) in waiting {
+            let put = shared.update(&record.node, &mut |s| {
+                if s.tokens.contains_key(&id) {
+                    return Ok(false);
+                }
+                s.prune(now);
+                s.tokens.insert(id.clone(), record.clone());
+                Ok(true)
+            });
+            if let Err(e) = put {
+                outcome = Err(e);
+                break;
+            }
+            state.tokens.remove(&id);
+            moved += 1;
+        }
+        if moved > 0 {
+            self.persist(&state)?;
+            tracing::info!(moved, "join tokens passed on to the replicas");
+        }
+        outcome.map(|()| moved)
+    }
+
     fn validate(
         &self,
-        state: &TokenFile,
+        tokens: &BTreeMap<String, TokenRecord>,
         token: &str,
         node: &str,
         now: SystemTime,
@@ -329,7 +446,7 @@ impl TokenStore {
         if parsed.ca_hash != self.ca_hash {
             return Err(TokenError::Unknown);
         }
-        let record = state.tokens.get(parsed.id).ok_or(TokenError::Unknown)?;
+        let record = tokens.get(parsed.id).ok_or(TokenError::Unknown)?;
         let presented = sha256_hex(parsed.secret.as_bytes());
         if !constant_time_eq(presented.as_bytes(), record.secret_sha256.as_bytes())
             || parsed.node != record.node

@@ -239,7 +239,7 @@ fn light_name(i: usize) -> String {
 }
 
 /// An edge node made of keel-edge's EdgeHub and MetaManager alone, in this
-/// process: it joins through `cloud`, knows every hub in `hubs`, and
+/// process: it joins through `cloud` with `token`, knows every hub in `hubs`, and
 /// writes counter values into its Node's status (an extended resource in
 /// `capacity`), one every `every`, each once the previous is durable, until
 /// `STOP_COUNTING`. Returns its count so far.
@@ -248,12 +248,12 @@ fn light_node(
     dir: &Path,
     name: &str,
     cloud: &Cloud,
+    token: String,
     hubs: &[String],
     every: Duration,
 ) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
     use keel_edge::{bootstrap, hub, meta::MetaManager};
     let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let token = cloud.token(name);
     let bootstrap_addr = cloud.bootstrap.parse().unwrap();
     let home: std::net::SocketAddr = cloud.hub.parse().unwrap();
     let alternates: Vec<std::net::SocketAddr> = hubs
@@ -515,6 +515,11 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
     let node_watch = tmp.path().join("nodes.watch");
     let mut nw = watch(&k8s, "nodes", "node-role.kubernetes.io/edge", &node_watch);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // Each joins through one replica with a token another replica made
+    // (join tokens are shared through the cluster).
+    let tokens: Vec<String> = (0..LIGHT)
+        .map(|i| token_from(&replicas[(i + 1) % REPLICAS], &light_name(i)))
+        .collect();
     let light: Vec<_> = (0..LIGHT)
         .map(|i| {
             let n = light_name(i);
@@ -523,6 +528,7 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
                 &tmp.path().join(&n),
                 &n,
                 replicas[i % REPLICAS].cloud(),
+                tokens[i].clone(),
                 &hubs,
                 Duration::from_millis(1000),
             )
@@ -725,6 +731,65 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
             "{o:?}"
         );
     }
+    // A token is used once, whichever replica it is presented to.
+    let again = rt.block_on(keel_edge::bootstrap::join(
+        replicas[(1 + 2) % REPLICAS]
+            .cloud()
+            .bootstrap
+            .parse()
+            .unwrap(),
+        &tokens[1],
+        &light_name(1),
+        &tmp.path().join("rejoin"),
+    ));
+    let err = format!("{:?}", again.err().expect("a used token joined again"));
+    assert!(err.contains("already used"), "{err}");
+    // A node revoked through a replica that does not own it loses its
+    // connection on its owner and is refused by every replica.
+    let node = light_name(0);
+    let owner = replicas
+        .iter()
+        .find(|r| {
+            owners.contains(&format!(
+                "keel_node_owner{{node=\"{node}\",replica=\"{}\"}} 1",
+                r.id
+            ))
+        })
+        .unwrap()
+        .id
+        .clone();
+    let by = replicas.iter().find(|r| r.id != owner).unwrap();
+    eprintln!("revoking {node} (owned by {owner}) through {}", by.id);
+    let o = keel_cli(by.cloud(), &by.grpc, &["node", "revoke", &node]);
+    assert!(o.status.success(), "{o:?}");
+    let connected_anywhere = || {
+        replicas.iter().any(|r| {
+            let o = keel_cli(r.cloud(), &r.grpc, &["nodes", "-o", "json"]);
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| n["node"] == node.as_str() && n["connected"] == true)
+        })
+    };
+    wait_for(
+        "the revoked node disconnected everywhere",
+        Duration::from_secs(30),
+        || !connected_anywhere(),
+    );
+    // It keeps trying every replica (its idle timeout is 6 s); none takes it.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(!connected_anywhere(), "a revoked node connected again");
+    }
     drop(edges);
     rt.shutdown_background();
+}
+
+/// A join token for `node`, made by `replica` through its admin API.
+fn token_from(replica: &Replica, node: &str) -> String {
+    let o = keel_cli(replica.cloud(), &replica.grpc, &["token", "create", node]);
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
 }

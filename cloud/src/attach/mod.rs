@@ -37,6 +37,7 @@
 //!   and `not-ready` without a time limit, so the cluster never evicts
 //!   them while a node is offline.
 
+pub mod admission;
 mod kinds;
 pub mod shards;
 mod streams;
