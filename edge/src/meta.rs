@@ -435,8 +435,11 @@ impl MetaManager {
             let (Some(was), Some(mut now)) = (old.get_json(&key), new.get_json(&key)) else {
                 continue;
             };
-            // Another object under the same name: nothing to carry over.
-            if was.pointer("/metadata/uid") != now.pointer("/metadata/uid") {
+            // Another object under the same name (a pod made again):
+            // nothing to carry over. Not for this node's own Node: there is
+            // only ever one, and a replica that never had the node makes
+            // its own copy (with a uid of its own) as it takes it over.
+            if key != own && was.pointer("/metadata/uid") != now.pointer("/metadata/uid") {
                 continue;
             }
             let Some(status) = was.get("status").filter(|s| now.get("status") != Some(*s)) else {
@@ -630,6 +633,82 @@ mod tests {
             Read::Records(seg) => seg.records,
             Read::Snapshot { .. } => panic!("no compaction on the cloud here"),
         }
+    }
+
+    /// A cloud's `down` stream for node `n1` holding its Node object with
+    /// `uid` and `ticks` in its status, written by `actor`, compacted to
+    /// its head and brought to `epoch`.
+    fn cloud_with_node(
+        dir: &std::path::Path,
+        actor: &str,
+        uid: &str,
+        ticks: &str,
+        epoch: u64,
+    ) -> Store {
+        let cloud = Store::open(dir, StoreOptions::default()).unwrap();
+        cloud.create_stream("n1/down", Role::Writer, 1).unwrap();
+        let mut objects = ObjectStore::new();
+        let change = objects
+            .edit_merge_patch(
+                "nodes/n1",
+                &ActorId::from_name(actor),
+                &json!({"metadata": {"name": "n1", "uid": uid},
+                        "status": {"capacity": {"ticks": ticks}}}),
+            )
+            .unwrap()
+            .unwrap();
+        cloud
+            .append(
+                "n1/down",
+                vec![Entry::new(actor, "nodes/n1", PayloadKind::Change, change)],
+            )
+            .unwrap();
+        let head = cloud.info("n1/down").unwrap().head.seq;
+        cloud.compact("n1/down", head, &CrdtFold).unwrap();
+        cloud.begin_epoch("n1/down", epoch).unwrap();
+        cloud
+    }
+
+    /// A replica that never had the node takes it over with a Node object
+    /// of its own making (another uid) and the cluster's older status: the
+    /// node writes what it recorded meanwhile again, on the new document.
+    #[tokio::test]
+    async fn own_node_status_is_reasserted_over_a_new_owners_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = cloud_with_node(&dir.path().join("a"), "replica-a", "uid-a", "3", 2);
+        let store = Store::open(dir.path().join("edge"), StoreOptions::default()).unwrap();
+        let meta = MetaManager::open(store.clone(), "n1").unwrap();
+        store
+            .install_snapshot("n1/down", a.snapshot("n1/down").unwrap())
+            .unwrap();
+        meta.snapshot_installed("n1", "n1/down");
+        assert_eq!(
+            meta.object("nodes/n1").unwrap()["status"]["capacity"]["ticks"],
+            "3"
+        );
+        // Recorded while no replica owns it.
+        for t in ["4", "5"] {
+            assert!(
+                meta.update("nodes/n1", |o| o["status"]["capacity"]["ticks"] = json!(t))
+                    .unwrap()
+            );
+        }
+        let b = cloud_with_node(&dir.path().join("b"), "replica-b", "uid-b", "3", 3);
+        store
+            .install_snapshot("n1/down", b.snapshot("n1/down").unwrap())
+            .unwrap();
+        meta.snapshot_installed("n1", "n1/down");
+        let now = meta.object("nodes/n1").unwrap();
+        assert_eq!(now["metadata"]["uid"], "uid-b");
+        assert_eq!(now["status"]["capacity"]["ticks"], "5");
+        // What goes up applies on the new owner's document.
+        let mut cloud_b = ObjectStore::new();
+        load_stream(&b, "n1/down", &mut cloud_b).unwrap();
+        load_stream(&store, "n1/up", &mut cloud_b).unwrap();
+        assert_eq!(
+            cloud_b.get_json("nodes/n1").unwrap()["status"]["capacity"]["ticks"],
+            "5"
+        );
     }
 
     #[tokio::test]

@@ -2,9 +2,9 @@
 //! cluster: one Secret per shard, `keel-admission-<shard>` in the
 //! replicas' namespace, labelled `keel.io/admission`, its `state.json` the
 //! shard's [`SharedShard`]. Written by compare-and-swap on the Secret's
-//! `resourceVersion`; read back by every replica every
-//! [`MERGE_INTERVAL`] and merged into its local files, closing the
-//! connections of nodes another replica barred.
+//! `resourceVersion`; watched by every replica and merged into its local
+//! files as they change, closing the connections of nodes another replica
+//! barred.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,8 +27,8 @@ use crate::token::TokenStore;
 /// The label on every shard's Secret.
 pub const LABEL: &str = "keel.io/admission";
 const KEY: &str = "state.json";
-/// How often a replica merges what the others changed.
-pub const MERGE_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a replica passes on the tokens `cloudcore token` wrote.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest a request to the API server may take here.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Writes tried before giving up on a contended shard.
@@ -65,7 +65,8 @@ fn decode(secret: &Secret) -> Result<SharedShard> {
 }
 
 impl SecretAdmission {
-    /// The store in `replica.namespace`, reached with `client`.
+    /// The store in `replica.namespace`, reached with `client`. Must run
+    /// inside a tokio runtime (its calls are run there).
     #[must_use]
     pub fn new(client: kube::Client, replica: &ReplicaConfig) -> Self {
         SecretAdmission {
@@ -194,30 +195,25 @@ impl SharedAdmission for SecretAdmission {
     }
 }
 
-/// Merges every shard changed since the last pass into the local files,
-/// and moves the tokens `cloudcore token` left in them to the shared
-/// state; returns the nodes barred by this pass.
-fn merge_pass(
+/// Merges one shard's Secret into the local files if it changed since
+/// it was last merged; returns the nodes barred by it.
+fn merge_one(
     ca: &ClusterCa,
-    tokens: &TokenStore,
-    all: &BTreeMap<String, Secret>,
+    secret: &Secret,
     seen: &mut BTreeMap<String, String>,
 ) -> Result<Vec<String>> {
-    let mut barred = Vec::new();
-    for (name, secret) in all {
-        let version = secret.metadata.resource_version.clone().unwrap_or_default();
-        if seen.get(name) == Some(&version) {
-            continue;
-        }
-        let state = decode(secret)?;
-        barred.extend(ca.revocations().merge(&state)?);
-        seen.insert(name.clone(), version);
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let version = secret.metadata.resource_version.clone().unwrap_or_default();
+    if seen.get(&name) == Some(&version) {
+        return Ok(Vec::new());
     }
-    tokens.publish_local()?;
+    let barred = ca.revocations().merge(&decode(secret)?)?;
+    seen.insert(name, version);
     Ok(barred)
 }
 
-/// The first merge, before this replica admits anyone.
+/// The first merge, before this replica admits anyone: every shard, and
+/// the tokens `cloudcore token` left in the local file.
 ///
 /// # Errors
 /// The Secrets cannot be read, or the merge cannot be persisted.
@@ -230,57 +226,71 @@ pub async fn merge_now(
     let (ca, tokens) = (Arc::clone(ca), Arc::clone(tokens));
     tokio::task::spawn_blocking(move || {
         let mut seen = BTreeMap::new();
-        merge_pass(&ca, &tokens, &all, &mut seen).map(|_| seen)
+        for secret in all.values() {
+            merge_one(&ca, secret, &mut seen)?;
+        }
+        tokens.publish_local()?;
+        Ok(seen)
     })
     .await
     .map_err(|e| shared("merging the admission state", e))?
 }
 
-/// Merges what the other replicas change, every [`MERGE_INTERVAL`], and
-/// closes the connection of each node one of them barred.
+/// Merges what the other replicas change as the API server reports it (a
+/// watch on the shards' Secrets), closing the connection of each node one
+/// of them barred; every [`PUBLISH_INTERVAL`], passes on the tokens
+/// `cloudcore token` wrote to the local file.
 pub async fn run(
     store: Arc<SecretAdmission>,
     ca: Arc<ClusterCa>,
     tokens: Arc<TokenStore>,
     hub: HubHandle,
-    mut seen: BTreeMap<String, String>,
+    seen: BTreeMap<String, String>,
 ) {
-    let mut tick = tokio::time::interval(MERGE_INTERVAL);
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher;
+    let seen = Arc::new(std::sync::Mutex::new(seen));
+    let cfg = watcher::Config::default().labels(LABEL);
+    let mut events = watcher(store.api.clone(), cfg).default_backoff().boxed();
+    let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let all = match SecretAdmission::list(&store.api).await {
-            Ok(all) => all,
-            Err(e) => {
-                warn!(error = %e, "cannot read the replicas' admission state");
+        let secret = tokio::select! {
+            ev = events.next() => match ev {
+                Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => s,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watch of the replicas' admission state failed; retrying");
+                    continue;
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                let t = Arc::clone(&tokens);
+                match tokio::task::spawn_blocking(move || t.publish_local()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot pass join tokens on to the replicas"),
+                    Err(e) => warn!(error = %e, "token task failed"),
+                }
                 continue;
             }
         };
-        let (c, t) = (Arc::clone(&ca), Arc::clone(&tokens));
-        let pass = tokio::task::spawn_blocking(move || {
-            let out = merge_pass(&c, &t, &all, &mut seen);
-            (out, seen)
+        let (c, s) = (Arc::clone(&ca), Arc::clone(&seen));
+        let merged = tokio::task::spawn_blocking(move || {
+            let mut seen = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            merge_one(&c, &secret, &mut seen)
         })
         .await;
-        let barred = match pass {
-            Ok((out, s)) => {
-                seen = s;
-                out
-            }
-            Err(e) => {
-                warn!(error = %e, "admission merge task failed");
-                seen = BTreeMap::new();
-                continue;
-            }
-        };
-        match barred {
-            Ok(nodes) => {
+        match merged {
+            Ok(Ok(nodes)) => {
                 for node in nodes {
                     info!(%node, "closing the connection of a node revoked on another replica");
                     hub.disconnect(&node, crate::grpc::REVOKED_REASON);
                 }
             }
-            Err(e) => warn!(error = %e, "cannot merge the replicas' admission state"),
+            Ok(Err(e)) => warn!(error = %e, "cannot merge the replicas' admission state"),
+            Err(e) => warn!(error = %e, "admission merge task failed"),
         }
     }
 }
