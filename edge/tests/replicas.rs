@@ -423,6 +423,13 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
     // Kept when the test fails (the replicas' and edges' logs are there).
     let tmp = KeptOnFailure(tempfile::tempdir().unwrap().keep());
     eprintln!("state and logs in {}", tmp.path().display());
+    // The in-process nodes' logs, beside the replicas' and edgecores'.
+    let log = std::fs::File::create(tmp.path().join("light-nodes.log")).unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .try_init();
     let k8s = ControlPlane::start(K8sOptions {
         unreachable_toleration_secs: 300,
         node_monitor_grace_secs: 25,
@@ -742,7 +749,7 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
         &light_name(1),
         &tmp.path().join("rejoin"),
     ));
-    let err = format!("{:?}", again.err().expect("a used token joined again"));
+    let err = format!("{:?}", again.expect_err("a used token joined again"));
     assert!(err.contains("already used"), "{err}");
     // A node revoked through a replica that does not own it loses its
     // connection on its owner and is refused by every replica.
