@@ -131,8 +131,8 @@ struct Replica {
     /// When its last cluster write lands: its writes land in order (one
     /// write-back queue, each write awaited).
     last_land: u64,
-    /// What it owned after its previous pass.
-    owned: BTreeSet<u32>,
+    /// What it owned after its previous pass, and in which epoch.
+    owned: BTreeMap<u32, u64>,
 }
 
 impl Replica {
@@ -192,7 +192,7 @@ impl Sim {
                 connected: BTreeSet::new(),
                 quiet: BTreeMap::new(),
                 last_land: 0,
-                owned: BTreeSet::new(),
+                owned: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         let r = replicas.len();
@@ -277,8 +277,14 @@ impl Sim {
                     core.written(&w, ok);
                 }
             }
-            let after = core.owned(self.now);
-            let lost: BTreeSet<u32> = before.difference(&after).copied().collect();
+            // Lost: no longer owned, or owned again in a new epoch (as
+            // `Shards::run` counts).
+            let after = core.owned_epochs(self.now);
+            let lost: BTreeSet<u32> = before
+                .iter()
+                .filter(|(s, e)| after.get(*s) != Some(*e))
+                .map(|(s, _)| *s)
+                .collect();
             rep.owned = after;
             if lost.is_empty() {
                 continue;

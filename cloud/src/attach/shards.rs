@@ -263,6 +263,19 @@ impl ShardCore {
             .collect()
     }
 
+    /// The shards this replica may act as owner of at `now`, with the
+    /// epoch it owns each in. A shard whose epoch changed between two
+    /// looks was lost in between (its Lease lapsed and was taken again):
+    /// what its nodes sent meanwhile was not written to the cluster, so
+    /// they must come back through a takeover.
+    pub fn owned_epochs(&self, now: u64) -> BTreeMap<u32, u64> {
+        self.table
+            .iter()
+            .filter(|(_, h)| h.replica == self.id && h.mine_until.is_some_and(|t| t > now))
+            .map(|(s, h)| (*s, h.epoch))
+            .collect()
+    }
+
     /// Forgets every shard (a replica that stops).
     pub fn clear(&mut self) {
         self.table.clear();
@@ -477,21 +490,29 @@ impl Shards {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // What it owned after the previous pass: a shard lost meanwhile
         // (its renewals failing until its time ran out) counts too.
-        let mut before = BTreeSet::new();
+        // A shard owned again in a new epoch counts as lost: its nodes come
+        // back through a takeover (what they sent while it had lapsed was
+        // not written to the cluster).
+        let mut before: BTreeMap<u32, u64> = BTreeMap::new();
         loop {
             tick.tick().await;
             if let Err(e) = self.pass().await {
                 warn!(replica = %self.cfg.id, error = %e, "shard lease pass failed");
             }
-            let after = self.owned();
-            let lost: BTreeSet<u32> = before.difference(&after).copied().collect();
+            let after = lock(&self.core).owned_epochs(self.now());
+            let lost: BTreeSet<u32> = before
+                .iter()
+                .filter(|(s, e)| after.get(*s) != Some(*e))
+                .map(|(s, _)| *s)
+                .collect();
             before = after;
             if !lost.is_empty() {
                 for node in hub.connected() {
                     if lost.contains(&shard_of(&node, self.cfg.shards)) {
                         let addr = match self.route(&node) {
                             Route::Elsewhere { addr, .. } => addr,
-                            _ => String::new(),
+                            Route::Here { .. } => self.address(),
+                            Route::Nobody => String::new(),
                         };
                         hub.move_node(&node, &addr);
                     }
