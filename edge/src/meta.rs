@@ -701,7 +701,15 @@ mod tests {
         let now = meta.object("nodes/n1").unwrap();
         assert_eq!(now["metadata"]["uid"], "uid-b");
         assert_eq!(now["status"]["capacity"]["ticks"], "5");
-        // What goes up applies on the new owner's document.
+        // What goes up applies on the new owner's document, once durable
+        // (two edits and the re-assertion).
+        for _ in 0..1000 {
+            if store.info("n1/up").unwrap().head.seq >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.info("n1/up").unwrap().head.seq, 3);
         let mut cloud_b = ObjectStore::new();
         load_stream(&b, "n1/down", &mut cloud_b).unwrap();
         load_stream(&store, "n1/up", &mut cloud_b).unwrap();
