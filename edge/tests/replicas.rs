@@ -129,6 +129,23 @@ fn pods(k8s: &ControlPlane, app: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// A pod's name, node, phase, deletion and scheduling condition, for a
+/// failure's output.
+fn pod_state(p: &Value) -> String {
+    let scheduled = p["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"))
+        .map(|c| format!("{} {}", c["status"], c["message"]))
+        .unwrap_or_default();
+    format!(
+        "{} on {} {} deleting={} scheduled={scheduled}",
+        p["metadata"]["name"],
+        p["spec"]["nodeName"],
+        p["status"]["phase"],
+        !p["metadata"]["deletionTimestamp"].is_null()
+    )
+}
+
 fn ready(n: &Value) -> bool {
     n["status"]["conditions"]
         .as_array()
@@ -551,16 +568,26 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
         k8s.kubectl_ok(&["label", "node", &node_name(i), "keel-test/runs-pods=true"]);
     }
     k8s.apply_yaml(&web());
+    let mut last = String::new();
     wait_for(
         "web running on every node",
         Duration::from_secs(120),
         || {
             let p = pods(&k8s, "web");
-            p.len() == NODES
+            let ok = p.len() == NODES
                 && p.iter().all(|p| {
                     p["status"]["phase"] == "Running"
                         && p["metadata"]["deletionTimestamp"].is_null()
-                })
+                });
+            if !ok {
+                // What is missing, for a failure's output, when it changes.
+                let now = format!("{:?}", p.iter().map(pod_state).collect::<Vec<_>>());
+                if now != last {
+                    eprintln!("web not yet: {now}");
+                    last = now;
+                }
+            }
+            ok
         },
     );
     let web_before: BTreeMap<String, Value> = pods(&k8s, "web")
@@ -724,14 +751,30 @@ fn replicas_share_the_nodes_and_fail_over_with_nothing_lost() {
         );
     }
     // `keel nodes` names each node's owner, as the Leases say.
+    // A shard being handed from one replica to another has no owner for
+    // a moment (shown as none), so this waits for a settled view.
     for r in &replicas {
-        let o = keel_cli(r.cloud(), &r.grpc, &["nodes", "-o", "json"]);
-        assert!(o.status.success(), "{o:?}");
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        for n in v["nodes"].as_array().unwrap() {
-            let owner = n["owner"].as_str().unwrap_or_default();
-            assert!(h.contains_key(owner), "{n}");
-        }
+        let mut last = String::new();
+        wait_for(
+            "every node's owner in `keel nodes`",
+            Duration::from_secs(30),
+            || {
+                let o = keel_cli(r.cloud(), &r.grpc, &["nodes", "-o", "json"]);
+                assert!(o.status.success(), "{o:?}");
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+                let h = holders(&k8s);
+                let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+                let off: Vec<&Value> = nodes
+                    .iter()
+                    .filter(|n| !h.contains_key(n["owner"].as_str().unwrap_or_default()))
+                    .collect();
+                if !off.is_empty() && format!("{off:?}") != last {
+                    last = format!("{off:?}");
+                    eprintln!("{}: owners not yet known: {last}", r.id);
+                }
+                !nodes.is_empty() && off.is_empty()
+            },
+        );
         let o = keel_cli(r.cloud(), &r.grpc, &["nodes"]);
         assert!(
             String::from_utf8_lossy(&o.stdout).contains("OWNER"),
