@@ -17,7 +17,10 @@
 //! receiver's `Hello`) may be unacknowledged. Loss is repaired by
 //! go-back-N from the last ack: on a duplicate ack (the receiver saw a gap)
 //! or when acks stop for `retransmit_ms`. Duplicates are harmless: the
-//! receiver drops what it already holds.
+//! receiver drops what it already holds. A peer that answers pings but
+//! acknowledges nothing through `max_unacked_retransmits` retransmissions
+//! in a row has a stuck side: the link closes (`IdleTimeout`) and the next
+//! connection starts again from both sides' durable cursors.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -113,6 +116,12 @@ pub struct LinkConfig {
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
     pub retransmit_ms: u64,
+    /// Retransmissions in a row that bring no acknowledgement before this
+    /// side gives up and closes the link (`IdleTimeout`): the peer answers
+    /// pings but takes nothing it is sent (its side of the link is stuck).
+    /// The next connection starts again from both sides' durable cursors,
+    /// so nothing is lost; 0 never gives up.
+    pub max_unacked_retransmits: u32,
     /// Largest snapshot (sum of object keys and states) and most chunks
     /// this side accepts for one stream; beyond either the link closes.
     pub max_snapshot_bytes: u64,
@@ -140,6 +149,7 @@ impl LinkConfig {
             ping_interval_ms: 15_000,
             idle_timeout_ms: 60_000,
             retransmit_ms: 2_000,
+            max_unacked_retransmits: 30,
             max_snapshot_bytes: 256 << 20,
             max_snapshot_chunks: 65_536,
             fault: None,
@@ -296,6 +306,8 @@ struct PeerState {
     /// (last seq of a sent segment, its bytes), oldest first.
     inflight: VecDeque<(u64, u64)>,
     last_progress: u64,
+    /// Retransmissions since the peer last acknowledged anything new.
+    unacked_retransmits: u32,
     window_records: u64,
     window_bytes: u64,
 }
@@ -581,6 +593,7 @@ impl Link {
             snapshot_sent: false,
             inflight: VecDeque::new(),
             last_progress: now,
+            unacked_retransmits: 0,
             window_records,
             window_bytes,
         });
@@ -775,6 +788,7 @@ impl Link {
         if cursor.seq > p.acked.seq || (p.need_snapshot && cursor.epoch > p.acked.epoch) {
             p.acked = cursor;
             p.last_progress = now;
+            p.unacked_retransmits = 0;
             if p.sent.seq < cursor.seq {
                 p.sent = cursor;
             }
@@ -838,12 +852,29 @@ impl Link {
             self.ping_nonce += 1;
             self.control.push_back(Frame::Ping(self.ping_nonce));
         }
+        let limit = self.cfg.max_unacked_retransmits;
+        let mut give_up = None;
         if let Some(p) = self.outbound.peer.as_mut() {
+            // Only what was actually sent again counts: after a rewind
+            // nothing is in flight until the sender may send (a cloud
+            // waiting for its catch-up turn sends nothing and counts none).
             let waiting = p.sent.seq > p.acked.seq || (p.need_snapshot && p.snapshot_sent);
             if waiting && now.saturating_sub(p.last_progress) >= self.cfg.retransmit_ms {
-                p.rewind(now);
-                self.stats.rewinds += 1;
+                p.unacked_retransmits = p.unacked_retransmits.saturating_add(1);
+                if limit > 0 && p.unacked_retransmits > limit {
+                    give_up = Some((p.sent.seq, p.acked.seq));
+                } else {
+                    p.rewind(now);
+                    self.stats.rewinds += 1;
+                }
             }
+        }
+        if let Some((sent, acked)) = give_up {
+            let msg = format!(
+                "the peer acknowledged nothing of {} through {limit} retransmissions (seq {sent} sent, {acked} acknowledged): starting over",
+                self.outbound.name
+            );
+            self.close(ErrorCode::IdleTimeout, msg);
         }
     }
 

@@ -332,3 +332,57 @@ fn list_lengths_are_checked_before_decoding() {
     let ok = encode_frame(&Frame::Ping(1));
     assert_eq!(decode_frame(&ok), Ok(Frame::Ping(1)));
 }
+
+/// A peer that answers pings but never acknowledges what it is sent (its
+/// side of the link is stuck): the sender retransmits, and after
+/// `max_unacked_retransmits` retransmissions in a row without an
+/// acknowledgement it closes the link so that a new connection starts
+/// over. An acknowledgement in between starts the count again.
+#[test]
+fn a_peer_that_acknowledges_nothing_is_given_up_on() {
+    let mut r = rig(|c| {
+        c.retransmit_ms = 1_000;
+        c.max_unacked_retransmits = 4;
+        c.ping_interval_ms = 500;
+        c.idle_timeout_ms = 60_000;
+    });
+    let down = down_stream(NODE);
+    let entry = || Entry::new("kubectl", "pods/default/p", PayloadKind::Change, vec![1u8]);
+    r.cloud.append(&down, vec![entry()]).unwrap();
+    let mut now = 1;
+    // Sends what it has; the peer pings and never acks, so every
+    // retransmission time it sends the same segment again.
+    let mut step = |r: &mut Rig, now: &mut u64| -> usize {
+        let mut segments = 0;
+        while let Some((_, f)) = r.link.poll_transmit(&r.cloud) {
+            segments += usize::from(matches!(f, Frame::Segment(_)));
+        }
+        *now += 1_000;
+        r.link.handle_frame(*now, Frame::Ping(*now), &r.cloud);
+        r.link.handle_timeout(*now);
+        segments
+    };
+    let mut sent = 0;
+    for _ in 0..3 {
+        sent += step(&mut r, &mut now);
+    }
+    assert!(!r.link.is_closed(), "{:?}", r.link.closed());
+    assert_eq!(sent, 3, "sent once, then again at each retransmission time");
+    // The peer acknowledges: the count starts again.
+    let head = r.cloud.info(&down).unwrap().head;
+    r.link.handle_frame(
+        now,
+        Frame::Ack {
+            stream: down.clone(),
+            cursor: head,
+        },
+        &r.cloud,
+    );
+    r.cloud.append(&down, vec![entry()]).unwrap();
+    for _ in 0..4 {
+        step(&mut r, &mut now);
+        assert!(!r.link.is_closed(), "{:?}", r.link.closed());
+    }
+    step(&mut r, &mut now);
+    r.closed_with(ErrorCode::IdleTimeout, "acknowledged nothing");
+}
