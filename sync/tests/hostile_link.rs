@@ -352,7 +352,7 @@ fn a_peer_that_acknowledges_nothing_is_given_up_on() {
     let mut now = 1;
     // Sends what it has; the peer pings and never acks, so every
     // retransmission time it sends the same segment again.
-    let mut step = |r: &mut Rig, now: &mut u64| -> usize {
+    let step = |r: &mut Rig, now: &mut u64| -> usize {
         let mut segments = 0;
         while let Some((_, f)) = r.link.poll_transmit(&r.cloud) {
             segments += usize::from(matches!(f, Frame::Segment(_)));
