@@ -280,11 +280,7 @@ impl Sim {
             // Lost: no longer owned, or owned again in a new epoch (as
             // `Shards::run` counts).
             let after = core.owned_epochs(self.now);
-            let lost: BTreeSet<u32> = before
-                .iter()
-                .filter(|(s, e)| after.get(*s) != Some(*e))
-                .map(|(s, _)| *s)
-                .collect();
+            let lost = ShardCore::lost_between(&before, &after);
             rep.owned = after;
             if lost.is_empty() {
                 continue;

@@ -276,6 +276,16 @@ impl ShardCore {
             .collect()
     }
 
+    /// The shards lost between two looks at [`ShardCore::owned_epochs`]:
+    /// no longer owned, or owned again in a new epoch.
+    pub fn lost_between(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> BTreeSet<u32> {
+        before
+            .iter()
+            .filter(|(s, e)| after.get(*s) != Some(*e))
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     /// Forgets every shard (a replica that stops).
     pub fn clear(&mut self) {
         self.table.clear();
@@ -500,11 +510,7 @@ impl Shards {
                 warn!(replica = %self.cfg.id, error = %e, "shard lease pass failed");
             }
             let after = lock(&self.core).owned_epochs(self.now());
-            let lost: BTreeSet<u32> = before
-                .iter()
-                .filter(|(s, e)| after.get(*s) != Some(*e))
-                .map(|(s, _)| *s)
-                .collect();
+            let lost = ShardCore::lost_between(&before, &after);
             before = after;
             if !lost.is_empty() {
                 for node in hub.connected() {
