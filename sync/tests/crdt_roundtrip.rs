@@ -997,6 +997,31 @@ mod fuzz {
         (s, vec![c1, c2, c3])
     }
 
+    /// A case the fuzzer found: one byte of the third change turned into a
+    /// rich-text mark whose end precedes its begin. automerge 0.12 accepts
+    /// such a change but then saves a document it cannot load again; keel
+    /// documents never hold marks, so the change is refused up front.
+    #[test]
+    fn a_change_with_marks_is_refused() {
+        let (_, changes) = history();
+        let mut bad = changes[2].clone();
+        let at = 9 + ((((bad.len() - 9) as u128) * 16_282_075_126_284_451_172u128) >> 64) as usize;
+        bad[at] = 7;
+        reseal(&mut bad);
+        let mut r = ObjectStore::new();
+        for c in &changes[..2] {
+            r.apply_change("k", c).unwrap();
+        }
+        let before = r.get_json("k").unwrap();
+        let err = r.apply_change("k", &bad).unwrap_err();
+        assert!(err.to_string().contains("mark"), "{err}");
+        assert_eq!(r.get_json("k").unwrap(), before);
+        let mut l = ObjectStore::new();
+        l.load("k", &r.save("k").unwrap()).unwrap();
+        assert_eq!(l.get_json("k").unwrap(), before);
+        assert!(fold_change(Some(&r.save("k").unwrap()), &bad).is_err());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 

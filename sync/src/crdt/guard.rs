@@ -125,11 +125,35 @@ fn split_chunks(mut rest: &[u8]) -> Result<Vec<(u8, &[u8])>, CrdtError> {
     Ok(out)
 }
 
+/// Rich-text marks have no place in a keel document (objects are JSON; text
+/// is read as a plain string), and automerge 0.12 accepts a change whose mark
+/// ends before it begins, then saves a document it cannot load again. So a
+/// mark op is refused wherever a change is checked.
+fn refuse_marks(i: usize, action: &automerge::legacy::OpType) -> Result<(), CrdtError> {
+    use automerge::legacy::OpType;
+    match action {
+        OpType::MarkBegin(_) | OpType::MarkEnd(_) => Err(CrdtError::InvalidChange(format!(
+            "op {i}: a rich-text mark (keel documents hold none)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The checks of [`check_change`] that need no document: for a change
+/// whose dependencies are missing, kept aside until they arrive.
+pub(crate) fn check_alone(change: &Change) -> Result<(), CrdtError> {
+    let expanded: ExpandedChange = guarded("decoding a change", || change.decode())?;
+    for (i, op) in expanded.operations.iter().enumerate() {
+        refuse_marks(i, &op.action)?;
+    }
+    Ok(())
+}
+
 /// Structural checks of `change` against the document it is about to be
 /// applied to (`None`: a fresh document): every op must target the root, an
 /// object created earlier in the same change, or an object that exists in
 /// `doc`; map keys only on maps, list positions only on lists/text; only list
-/// ops may insert.
+/// ops may insert; no rich-text marks.
 pub(crate) fn check_change(doc: Option<&Automerge>, change: &Change) -> Result<(), CrdtError> {
     check_in_batch(doc, change, &mut HashMap::new())
 }
@@ -151,6 +175,7 @@ pub(crate) fn check_in_batch(
     let invalid = |i: usize, why: String| CrdtError::InvalidChange(format!("op {i}: {why}"));
     let start = expanded.start_op.get();
     for (i, op) in expanded.operations.iter().enumerate() {
+        refuse_marks(i, &op.action)?;
         let obj_type = match &op.obj {
             ObjectId::Root => Some(ObjType::Map),
             ObjectId::Id(id) => created.get(id).copied().or_else(|| {

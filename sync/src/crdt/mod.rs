@@ -68,7 +68,9 @@ use serde_json::Value;
 pub use actor::ActorId;
 pub use json::MAX_DEPTH;
 
-use guard::{Chunk, Created, check_change, check_in_batch, guarded, parse_change, parse_state};
+use guard::{
+    Chunk, Created, check_alone, check_change, check_in_batch, guarded, parse_change, parse_state,
+};
 pub use json::merge_patch;
 
 /// Errors of the object store. Malformed input of any kind (change bytes,
@@ -1053,6 +1055,8 @@ pub fn fold_change(state: Option<&[u8]>, change: &[u8]) -> Result<Vec<u8>, CrdtE
     }
     if change.deps().iter().all(|d| has_change(&doc, d)) {
         check_change(Some(&doc), &change)?;
+    } else {
+        check_alone(&change)?;
     }
     let before = doc.get_heads();
     let doc = guarded("folding a change", move || {
