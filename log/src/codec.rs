@@ -98,9 +98,47 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
 
 /// [`encode_record`], appended to `out`.
 pub fn encode_record_into(r: &Record, out: &mut Vec<u8>) {
+    out.push(FORMAT_V1);
+    encode_record_body(r, out);
+}
+
+/// The length of the protobuf encoding of `keel.v1.Record` for `r` (what
+/// [`encode_record_body`] writes).
+pub fn record_body_len(r: &Record) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let varint = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    };
+    let delimited = |tag: u32, len: usize| {
+        if len == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(len as u64) + len
+        }
+    };
+    varint(1, r.seq)
+        + varint(2, r.epoch)
+        + varint(3, r.hlc)
+        + delimited(4, r.origin.len())
+        + delimited(5, r.key.len())
+        + key_len(6)
+        + encoded_len_varint(kind_to_proto(r.kind) as i32 as u64)
+        + delimited(7, r.payload.len())
+        + key_len(8)
+        + encoded_len_varint(r.hash.0.len() as u64)
+        + r.hash.0.len()
+}
+
+/// Writes exactly prost's encoding of `keel.v1.Record` for `r`, straight
+/// from the record (no intermediate message, no copies of its strings).
+/// The kind is never the default value, so it is always written.
+pub fn encode_record_body(r: &Record, out: &mut Vec<u8>) {
     use prost::encoding::{WireType, encode_key, encode_varint, int32, string, uint64};
     let out = &mut *out;
-    out.push(FORMAT_V1);
     if r.seq != 0 {
         uint64::encode(1, &r.seq, out);
     }
@@ -166,6 +204,7 @@ mod tests {
             let mut via_prost = vec![FORMAT_V1];
             record_to_proto(&r).encode(&mut via_prost).unwrap();
             prop_assert_eq!(&bytes, &via_prost);
+            prop_assert_eq!(record_body_len(&r), bytes.len() - 1);
             prop_assert_eq!(decode_record(&bytes).unwrap(), r);
         }
     }

@@ -5,7 +5,9 @@
 
 use bytes::Bytes;
 
-use crate::codec::{CodecError, record_from_proto, record_to_proto};
+use crate::codec::{
+    CodecError, encode_record_body, record_body_len, record_from_proto, record_to_proto,
+};
 use crate::record::validate_stream_name;
 use crate::store::{ObjectSnapshot, Segment, Snapshot};
 use crate::{Cursor, Hash};
@@ -65,6 +67,57 @@ pub fn segment_to_proto(s: &Segment) -> keel_proto::Segment {
         prev_hash: Bytes::copy_from_slice(s.prev.hash.as_bytes()),
         records: s.records.iter().map(record_to_proto).collect(),
         compression: keel_proto::Compression::None as i32,
+    }
+}
+
+/// The length of the protobuf encoding of `keel.v1.Segment` for `s` (what
+/// [`encode_segment_body`] writes).
+pub fn segment_body_len(s: &Segment) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let varint = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    };
+    let delimited = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let stream = if s.stream.is_empty() {
+        0
+    } else {
+        delimited(1, s.stream.len())
+    };
+    stream
+        + varint(2, s.epoch)
+        + varint(3, s.prev.seq)
+        + delimited(4, s.prev.hash.0.len())
+        + s.records
+            .iter()
+            .map(|r| delimited(5, record_body_len(r)))
+            .sum::<usize>()
+}
+
+/// Writes exactly prost's encoding of [`segment_to_proto`]`(s)`, straight
+/// from the segment: no intermediate message, no copies of the records'
+/// strings or payloads beyond the output itself.
+pub fn encode_segment_body(s: &Segment, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, string, uint64};
+    if !s.stream.is_empty() {
+        string::encode(1, &s.stream, out);
+    }
+    if s.epoch != 0 {
+        uint64::encode(2, &s.epoch, out);
+    }
+    if s.prev.seq != 0 {
+        uint64::encode(3, &s.prev.seq, out);
+    }
+    encode_key(4, WireType::LengthDelimited, out);
+    encode_varint(s.prev.hash.0.len() as u64, out);
+    out.extend_from_slice(&s.prev.hash.0);
+    for r in &s.records {
+        encode_key(5, WireType::LengthDelimited, out);
+        encode_varint(record_body_len(r) as u64, out);
+        encode_record_body(r, out);
     }
 }
 

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use keel_log::wire::{
-    WireError, cursor_from_proto, cursor_to_proto, segment_from_proto, segment_to_proto,
-    snapshot_from_proto, snapshot_to_proto,
+    WireError, cursor_from_proto, cursor_to_proto, encode_segment_body, segment_body_len,
+    segment_from_proto, segment_to_proto, snapshot_from_proto, snapshot_to_proto,
 };
 use keel_log::{Cursor, Segment, Snapshot};
 use prost::Message;
@@ -177,7 +177,19 @@ pub fn frame_from_proto(p: keel_proto::Frame) -> Result<Frame, FrameError> {
 
 /// Encodes a frame (without any length prefix; the transport frames it).
 pub fn encode_frame(f: &Frame) -> Bytes {
-    Bytes::from(frame_to_proto(f).encode_to_vec())
+    match f {
+        // The bulk of the traffic: written straight from the records.
+        Frame::Segment(s) => {
+            use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+            let len = segment_body_len(s);
+            let mut out = Vec::with_capacity(1 + encoded_len_varint(len as u64) + len);
+            encode_key(2, WireType::LengthDelimited, &mut out);
+            encode_varint(len as u64, &mut out);
+            encode_segment_body(s, &mut out);
+            Bytes::from(out)
+        }
+        _ => Bytes::from(frame_to_proto(f).encode_to_vec()),
+    }
 }
 
 /// Decodes and checks a frame received from a peer. List lengths are
@@ -188,6 +200,18 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
         return Err(FrameError::TooLarge(bytes.len()));
     }
     check_list_lengths(bytes)?;
+    let p = keel_proto::Frame::decode(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
+    frame_from_proto(p)
+}
+
+/// [`decode_frame`] of a buffer the frame may keep: the records' payloads
+/// and hashes are slices of `bytes`, not copies (the buffer lives while
+/// any of them does).
+pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    check_list_lengths(&bytes)?;
     let p = keel_proto::Frame::decode(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
     frame_from_proto(p)
 }
@@ -281,5 +305,65 @@ mod wire {
             failed = r.is_err();
             Some(r)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use keel_log::{Hash, PayloadKind, Record};
+    use proptest::prelude::*;
+
+    fn record() -> impl Strategy<Value = Record> {
+        (
+            (
+                1u64..,
+                prop_oneof![Just(0u64), any::<u64>()],
+                prop_oneof![Just(0u64), any::<u64>()],
+            ),
+            (".{0,12}", ".{0,30}", 0u8..3),
+            (
+                prop::collection::vec(any::<u8>(), 0..200),
+                any::<[u8; 32]>(),
+            ),
+        )
+            .prop_map(
+                |((seq, epoch, hlc), (origin, key, kind), (payload, hash))| Record {
+                    seq,
+                    epoch,
+                    hlc,
+                    origin,
+                    key,
+                    kind: match kind {
+                        0 => PayloadKind::Change,
+                        1 => PayloadKind::Tombstone,
+                        _ => PayloadKind::Event,
+                    },
+                    payload: payload.into(),
+                    hash: Hash(hash),
+                },
+            )
+    }
+
+    proptest! {
+        /// A segment frame written straight from the records is byte for
+        /// byte what prost writes for the same frame.
+        #[test]
+        fn segment_frames_encode_as_prost_does(
+            stream in "[a-z/]{0,20}",
+            epoch in prop_oneof![Just(0u64), any::<u64>()],
+            prev_seq in prop_oneof![Just(0u64), any::<u64>()],
+            prev_hash in any::<[u8; 32]>(), records in prop::collection::vec(record(), 0..5),
+        ) {
+            let f = Frame::Segment(Segment {
+                stream,
+                epoch,
+                prev: Cursor { epoch, seq: prev_seq, hash: Hash(prev_hash) },
+                records,
+            });
+            prop_assert_eq!(encode_frame(&f).to_vec(), frame_to_proto(&f).encode_to_vec());
+        }
     }
 }

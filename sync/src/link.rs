@@ -483,6 +483,18 @@ impl Link {
         }
     }
 
+    /// [`Self::handle_bytes`] of a buffer the link may keep: records take
+    /// their payloads as slices of it instead of copies.
+    pub fn handle_shared(&mut self, now: u64, bytes: bytes::Bytes, src: &dyn LogSource) {
+        if self.closed.is_some() {
+            return;
+        }
+        match crate::frame::decode_frame_shared(bytes) {
+            Ok(f) => self.handle_frame(now, f, src),
+            Err(e) => self.close(ErrorCode::Malformed, format!("malformed frame: {e}")),
+        }
+    }
+
     /// One decoded frame from the peer.
     pub fn handle_frame(&mut self, now: u64, frame: Frame, src: &dyn LogSource) {
         if self.closed.is_some() {

@@ -459,7 +459,7 @@ async fn drive(
                     room.send(a);
                 }
             }
-            Some(bytes) = ctrl_in.recv() => link.handle_bytes(now(), &bytes, &store),
+            Some(bytes) = ctrl_in.recv() => link.handle_shared(now(), bytes.into(), &store),
             Some(done) = done_rx.recv() => match done {
                 Ok((stream, cursor)) => link.handle_persisted(&stream, cursor),
                 Err(Unpersisted::Refused(r)) => {
@@ -484,7 +484,7 @@ async fn drive(
             // The peer's Hello travels on its control stream, which QUIC
             // may deliver after the first bulk frames: bulk waits for it.
             Some(bytes) = bulk_in.recv(), if link.is_established() => {
-                link.handle_bytes(now(), &bytes, &store)
+                link.handle_shared(now(), bytes.into(), &store)
             }
             _ = store.wait_head(&out_stream, seen_head) => {}
             _ = tokio::time::sleep_until(deadline) => link.handle_timeout(now()),

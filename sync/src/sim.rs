@@ -854,7 +854,7 @@ impl Sim {
             if *conn != m.conn {
                 continue;
             }
-            link.handle_bytes(now, &m.bytes, log);
+            link.handle_shared(now, m.bytes.clone(), log);
             self.drive(target, edge);
         }
     }
@@ -1505,7 +1505,7 @@ impl Pair {
                 let mut store = store;
                 while let Some((_, frame)) = from_link.poll_transmit(from_log) {
                     progress = true;
-                    to_link.handle_bytes(0, &encode_frame(&frame), to_log);
+                    to_link.handle_shared(0, encode_frame(&frame), to_log);
                     while let Some(a) = to_link.poll_action() {
                         let Action::Persist { stream, records } = a else {
                             return Err("unexpected snapshot".into());

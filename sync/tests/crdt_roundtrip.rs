@@ -1025,6 +1025,42 @@ mod fuzz {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
+        /// The author read from a change's header is the one automerge
+        /// parses: every change automerge accepts has it, and mutated bytes
+        /// either fail both ways or name the same actor.
+        #[test]
+        fn the_header_names_the_author_automerge_parses(
+            which in 0usize..3,
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            seal in any::<bool>(),
+        ) {
+            let (_, changes) = history();
+            let mut bytes = changes[which].clone();
+            for (at, byte) in &edits {
+                let i = at.index(bytes.len());
+                bytes[i] = *byte;
+            }
+            if seal {
+                reseal(&mut bytes);
+            }
+            let header = keel_sync::crdt::change_actor(&bytes);
+            let parsed = Change::try_from(&bytes[..]).ok().filter(|c| {
+                bytes.get(4..8) == c.hash().0.get(..4) && bytes.get(8) == Some(&1)
+            });
+            if let Some(c) = parsed {
+                let raw = c.actor_id().to_bytes().to_vec();
+                match header {
+                    Ok(a) => prop_assert_eq!(a.as_bytes().to_vec(), raw),
+                    Err(CrdtError::ForeignActor(n)) => prop_assert_eq!(n, raw.len()),
+                    Err(e) => prop_assert!(false, "automerge parses it, the header check says {e}"),
+                }
+            }
+            if edits.is_empty() {
+                let want = if which == 1 { edge() } else { cloud() };
+                prop_assert_eq!(keel_sync::crdt::change_actor(&bytes).unwrap(), want);
+            }
+        }
+
         /// Mutated (and re-sealed) changes never panic, and whatever is
         /// accepted leaves a store that saves, loads and agrees with a second
         /// replica that accepted the same bytes.

@@ -81,6 +81,9 @@ pub enum CrdtError {
     /// The bytes are not one well-formed automerge change.
     #[error("malformed change: {0}")]
     MalformedChange(#[source] automerge::LoadChangeError),
+    /// The change's chunk header is not that of one uncompressed change.
+    #[error("malformed change header: {0}")]
+    MalformedHeader(&'static str),
     /// The change's checksum does not match its contents (corruption).
     #[error("change checksum does not match its contents")]
     BadChecksum,
@@ -128,15 +131,15 @@ pub enum CrdtError {
     Recreate(String),
 }
 
-/// The actor of one change (checked as [`ObjectStore::apply_change`]
-/// checks it: checksum verified, compressed chunks refused), for checking
-/// who wrote it before it is kept anywhere.
+/// The actor of one change, for checking who wrote it before it is kept
+/// anywhere: from the change's header, whose framing and checksum are
+/// checked as [`ObjectStore::apply_change`] checks them (compressed chunks
+/// refused). Its ops are checked when it is applied.
 pub fn change_actor(bytes: &[u8]) -> Result<ActorId, CrdtError> {
-    let change = parse_change(bytes)?;
-    let raw = change.actor_id().to_bytes();
+    let raw = guard::header_actor(bytes)?;
     let id: [u8; 16] = raw
         .try_into()
-        .map_err(|_| CrdtError::ForeignActor(raw.len()))?;
+        .map_err(|r: Vec<u8>| CrdtError::ForeignActor(r.len()))?;
     Ok(ActorId::from_bytes(id))
 }
 
