@@ -174,8 +174,14 @@ impl MemLog {
         name: &str,
         records: Vec<Record>,
     ) -> Result<Vec<Record>, String> {
+        self.append_fresh(name, records).map(<[Record]>::to_vec)
+    }
+
+    /// [`Self::append_replicated`], returning the records appended as they
+    /// are held (no copies).
+    pub fn append_fresh(&mut self, name: &str, records: Vec<Record>) -> Result<&[Record], String> {
         let s = self.streams.get_mut(name).ok_or("unknown stream")?;
-        let mut fresh = Vec::new();
+        let before = s.records.len();
         for r in records {
             let head = s.head();
             if r.seq <= head.seq {
@@ -197,10 +203,9 @@ impl MemLog {
                 ));
             }
             self.hlc.observe(r.hlc);
-            s.records.push(r.clone());
-            fresh.push(r);
+            s.records.push(r);
         }
-        Ok(fresh)
+        Ok(s.records.get(before..).unwrap_or_default())
     }
 
     fn install(&mut self, name: &str, snapshot: Snapshot) {
@@ -1510,9 +1515,9 @@ impl Pair {
                         let Action::Persist { stream, records } = a else {
                             return Err("unexpected snapshot".into());
                         };
-                        let fresh = to_log.append_replicated(&stream, records)?;
+                        let fresh = to_log.append_fresh(&stream, records)?;
                         if let Some(store) = store.as_deref_mut() {
-                            apply_records(store, &fresh).map_err(|e| e.to_string())?;
+                            apply_records(store, fresh).map_err(|e| e.to_string())?;
                         }
                         moved += fresh.len() as u64;
                         if let Some(c) = to_log.head(&stream) {
