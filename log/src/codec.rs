@@ -102,35 +102,45 @@ pub fn encode_record_into(r: &Record, out: &mut Vec<u8>) {
     encode_record_body(r, out);
 }
 
+/// Encoded length of a varint field holding `v` (prost skips zero).
+pub(crate) fn varint_field_len(tag: u32, v: u64) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    if v == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(v)
+    }
+}
+
+/// Encoded length of a length-delimited field of `len` bytes, written
+/// even when empty.
+pub(crate) fn delimited_field_len(tag: u32, len: usize) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// [`delimited_field_len`] of a string or bytes field (prost skips it when
+/// empty).
+pub(crate) fn nonempty_field_len(tag: u32, len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        delimited_field_len(tag, len)
+    }
+}
+
 /// The length of the protobuf encoding of `keel.v1.Record` for `r` (what
 /// [`encode_record_body`] writes).
 pub fn record_body_len(r: &Record) -> usize {
-    use prost::encoding::{encoded_len_varint, key_len};
-    let varint = |tag: u32, v: u64| {
-        if v == 0 {
-            0
-        } else {
-            key_len(tag) + encoded_len_varint(v)
-        }
-    };
-    let delimited = |tag: u32, len: usize| {
-        if len == 0 {
-            0
-        } else {
-            key_len(tag) + encoded_len_varint(len as u64) + len
-        }
-    };
-    varint(1, r.seq)
-        + varint(2, r.epoch)
-        + varint(3, r.hlc)
-        + delimited(4, r.origin.len())
-        + delimited(5, r.key.len())
-        + key_len(6)
-        + encoded_len_varint(kind_to_proto(r.kind) as i32 as u64)
-        + delimited(7, r.payload.len())
-        + key_len(8)
-        + encoded_len_varint(r.hash.0.len() as u64)
-        + r.hash.0.len()
+    varint_field_len(1, r.seq)
+        + varint_field_len(2, r.epoch)
+        + varint_field_len(3, r.hlc)
+        + nonempty_field_len(4, r.origin.len())
+        + nonempty_field_len(5, r.key.len())
+        + prost::encoding::key_len(6)
+        + prost::encoding::encoded_len_varint(kind_to_proto(r.kind) as i32 as u64)
+        + nonempty_field_len(7, r.payload.len())
+        + delimited_field_len(8, r.hash.0.len())
 }
 
 /// Writes exactly prost's encoding of `keel.v1.Record` for `r`, straight

@@ -6,7 +6,8 @@
 use bytes::Bytes;
 
 use crate::codec::{
-    CodecError, encode_record_body, record_body_len, record_from_proto, record_to_proto,
+    CodecError, delimited_field_len, encode_record_body, nonempty_field_len, record_body_len,
+    record_from_proto, record_to_proto, varint_field_len,
 };
 use crate::record::validate_stream_name;
 use crate::store::{ObjectSnapshot, Segment, Snapshot};
@@ -73,27 +74,13 @@ pub fn segment_to_proto(s: &Segment) -> keel_proto::Segment {
 /// The length of the protobuf encoding of `keel.v1.Segment` for `s` (what
 /// [`encode_segment_body`] writes).
 pub fn segment_body_len(s: &Segment) -> usize {
-    use prost::encoding::{encoded_len_varint, key_len};
-    let varint = |tag: u32, v: u64| {
-        if v == 0 {
-            0
-        } else {
-            key_len(tag) + encoded_len_varint(v)
-        }
-    };
-    let delimited = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
-    let stream = if s.stream.is_empty() {
-        0
-    } else {
-        delimited(1, s.stream.len())
-    };
-    stream
-        + varint(2, s.epoch)
-        + varint(3, s.prev.seq)
-        + delimited(4, s.prev.hash.0.len())
+    nonempty_field_len(1, s.stream.len())
+        + varint_field_len(2, s.epoch)
+        + varint_field_len(3, s.prev.seq)
+        + delimited_field_len(4, s.prev.hash.0.len())
         + s.records
             .iter()
-            .map(|r| delimited(5, record_body_len(r)))
+            .map(|r| delimited_field_len(5, record_body_len(r)))
             .sum::<usize>()
 }
 

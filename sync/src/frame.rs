@@ -196,22 +196,22 @@ pub fn encode_frame(f: &Frame) -> Bytes {
 /// counted on the wire first, so a small frame of many empty entries is
 /// refused before anything is allocated for them.
 pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
-    if bytes.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(bytes.len()));
-    }
-    check_list_lengths(bytes)?;
-    let p = keel_proto::Frame::decode(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
-    frame_from_proto(p)
+    decode_from(bytes)
 }
 
 /// [`decode_frame`] of a buffer the frame may keep: the records' payloads
 /// and hashes are slices of `bytes`, not copies (the buffer lives while
 /// any of them does).
 pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
-    if bytes.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(bytes.len()));
+    decode_from(bytes)
+}
+
+fn decode_from<B: bytes::Buf + AsRef<[u8]>>(bytes: B) -> Result<Frame, FrameError> {
+    let len = bytes.as_ref().len();
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
     }
-    check_list_lengths(&bytes)?;
+    check_list_lengths(bytes.as_ref())?;
     let p = keel_proto::Frame::decode(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
     frame_from_proto(p)
 }

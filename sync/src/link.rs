@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, VecDeque};
 use keel_log::{Cursor, CursorCheck, Hash, ObjectSnapshot, Read, ReadLimits, Record, Snapshot};
 use tracing::{debug, warn};
 
-use crate::frame::{ErrorCode, Frame, Hello, decode_frame};
+use crate::frame::{ErrorCode, Frame, FrameError, Hello, decode_frame, decode_frame_shared};
 
 /// The sender's log, as the link needs to see it.
 pub trait LogSource {
@@ -474,22 +474,25 @@ impl Link {
     /// Bytes of one frame from the peer. Anything that does not decode
     /// closes the link.
     pub fn handle_bytes(&mut self, now: u64, bytes: &[u8], src: &dyn LogSource) {
-        if self.closed.is_some() {
-            return;
-        }
-        match decode_frame(bytes) {
-            Ok(f) => self.handle_frame(now, f, src),
-            Err(e) => self.close(ErrorCode::Malformed, format!("malformed frame: {e}")),
-        }
+        self.handle_decoded(now, || decode_frame(bytes), src);
     }
 
     /// [`Self::handle_bytes`] of a buffer the link may keep: records take
     /// their payloads as slices of it instead of copies.
     pub fn handle_shared(&mut self, now: u64, bytes: bytes::Bytes, src: &dyn LogSource) {
+        self.handle_decoded(now, || decode_frame_shared(bytes), src);
+    }
+
+    fn handle_decoded(
+        &mut self,
+        now: u64,
+        decode: impl FnOnce() -> Result<Frame, FrameError>,
+        src: &dyn LogSource,
+    ) {
         if self.closed.is_some() {
             return;
         }
-        match crate::frame::decode_frame_shared(bytes) {
+        match decode() {
             Ok(f) => self.handle_frame(now, f, src),
             Err(e) => self.close(ErrorCode::Malformed, format!("malformed frame: {e}")),
         }

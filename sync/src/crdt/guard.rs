@@ -53,7 +53,7 @@ pub(crate) fn parse_change(bytes: &[u8]) -> Result<Change, CrdtError> {
 /// change is applied. This is the check on the sync path, once per record
 /// received, where parsing every op would cost more than the rest of the
 /// receive path together.
-pub(crate) fn header_actor(bytes: &[u8]) -> Result<Vec<u8>, CrdtError> {
+pub(crate) fn header_actor(bytes: &[u8]) -> Result<&[u8], CrdtError> {
     use sha2::Digest;
     let bad = |why: &'static str| CrdtError::MalformedHeader(why);
     if bytes.get(..4) != Some(&MAGIC[..]) {
@@ -91,7 +91,7 @@ pub(crate) fn header_actor(bytes: &[u8]) -> Result<Vec<u8>, CrdtError> {
         .ok()
         .and_then(|n| rest.get(..n))
         .ok_or(bad("truncated actor"))?;
-    Ok(actor.to_vec())
+    Ok(actor)
 }
 
 /// One unsigned LEB128 number (at most 64 bits) and what follows it.

@@ -139,7 +139,7 @@ pub fn change_actor(bytes: &[u8]) -> Result<ActorId, CrdtError> {
     let raw = guard::header_actor(bytes)?;
     let id: [u8; 16] = raw
         .try_into()
-        .map_err(|r: Vec<u8>| CrdtError::ForeignActor(r.len()))?;
+        .map_err(|_| CrdtError::ForeignActor(raw.len()))?;
     Ok(ActorId::from_bytes(id))
 }
 
