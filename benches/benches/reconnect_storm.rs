@@ -7,7 +7,11 @@
 //! `cargo bench -p keel-benches --bench reconnect_storm` (criterion, 10+
 //! storms), or with `KEEL_STORM_ONCE=1` two (cold, then warm); `KEEL_STORM_TRACE=1`
 //! prints progress twice a second; `KEEL_STORM_MAX_HANDSHAKES` sets the
-//! cloud's handshakes in flight (`0`: no bound).
+//! ceiling of the cloud's handshakes in flight (`0`: no bound).
+//! `KEEL_STORM_BARE=1` runs quinn and TLS alone on both sides, configured
+//! as the hub and the edges configure them, with no link and no log: what
+//! a connection costs before keel (its RSS per idle connection, its
+//! handshakes/s).
 //!
 //! The first storm is cold (full TLS handshakes), the later ones warm (the
 //! nodes resume their sessions with the hub's tickets). Each storm
@@ -17,9 +21,13 @@
 //! time of the cloud process and of this one (the simulated edges).
 //!
 //! The cloud runs in a child process (this binary with `KEEL_STORM_CLOUD`
-//! set) so that its RSS is its own; the edges share client endpoints (one per 500 nodes)
-//! and one log store in this process. Each storm: all connections close,
-//! both sides append 10 records per node, then all reconnect at once.
+//! set) so that its RSS is its own; the edges share client endpoints (one
+//! per 500 nodes) and one log store in this process, or, with
+//! `KEEL_STORM_EDGE_PROCS=P`, in P child processes of their own (for
+//! 50,000 nodes: `KEEL_STORM_NODES=50000 KEEL_STORM_EDGE_PROCS=4`). Each
+//! storm: all connections close, both sides append 10 records per node,
+//! then all reconnect at once. An edge gives a handshake 10 s and backs
+//! off as EdgeHub does.
 
 #![allow(
     clippy::unwrap_used,
@@ -95,6 +103,20 @@ impl Sink for Quiet {
     fn snapshot_installed(&self, _: &str, _: &str) {}
 }
 
+/// The lines of this process's stdin (the parent's commands), for async
+/// code.
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// Child: the cloud. Commands on stdin: `append`, `rss`; answers on stdout.
 fn cloud(dir: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,7 +129,8 @@ fn cloud(dir: &str) {
         // Session tickets, as cloudcore's hub: storms after the first
         // resume their TLS sessions.
         let tickets = pki::HubTickets::new(&[7; 32]).unwrap();
-        let tls = pki::hub_tls_config(&ca, &server.cert_pem, &server.key_pem, tickets).unwrap();
+        let tls =
+            pki::hub_tls_config(&ca, &server.cert_pem, &server.key_pem, tickets.clone()).unwrap();
         let store = Store::open(
             std::path::Path::new(dir).join("log"),
             StoreOptions::default(),
@@ -121,6 +144,9 @@ fn cloud(dir: &str) {
             store
                 .create_stream(&up_stream(&node(i)), Role::Replica, 1)
                 .unwrap();
+        }
+        if std::env::var_os("KEEL_STORM_BARE").is_some() {
+            return bare_cloud(tls, tickets).await;
         }
         let mut opts = HubOptions::default();
         if let Some(k) = std::env::var("KEEL_STORM_MAX_HANDSHAKES")
@@ -139,14 +165,7 @@ fn cloud(dir: &str) {
         .unwrap();
         println!("addr {}", hub.local_addr().unwrap());
         let mut round = 0;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut rx = stdin_lines();
         while let Some(cmd) = rx.recv().await {
             match cmd.as_str() {
                 "append" => {
@@ -165,10 +184,11 @@ fn cloud(dir: &str) {
                 }
                 "rss" => println!("rss {} connected {}", rss_kib(), hub.connected().len()),
                 "turned-away" => println!(
-                    "{}",
+                    "{} {}",
                     hub.stats()
                         .turned_away
-                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    tickets.opened()
                 ),
                 _ => break,
             }
@@ -177,10 +197,46 @@ fn cloud(dir: &str) {
     });
 }
 
-struct Edges {
-    configs: Vec<quinn::ClientConfig>,
-    store: Store,
-    _dir: tempfile::TempDir,
+/// Child, `KEEL_STORM_BARE`: quinn and TLS alone, as the hub configures
+/// them (same TLS, transport and endpoint), holding every connection and
+/// running nothing on it: what a connection costs before keel's link.
+async fn bare_cloud(tls: rustls::ServerConfig, tickets: Arc<pki::HubTickets>) {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(keel_cloud::hub::transport(
+        HubOptions::default().idle_timeout,
+        None,
+    )));
+    let ep =
+        keel_sync::quic::server_endpoint(server, "127.0.0.1:0".parse().unwrap(), Some(&[7; 32]))
+            .unwrap();
+    println!("addr {}", ep.local_addr().unwrap());
+    let held: Arc<std::sync::Mutex<Vec<quinn::Connection>>> = Arc::default();
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                if let Ok(c) = incoming.await {
+                    h.lock().unwrap().push(c);
+                }
+            });
+        }
+    });
+    let mut rx = stdin_lines();
+    while let Some(cmd) = rx.recv().await {
+        match cmd.as_str() {
+            "append" => println!("ok"),
+            "rss" => {
+                let mut h = held.lock().unwrap();
+                h.retain(|c| c.close_reason().is_none());
+                println!("rss {} connected {}", rss_kib(), h.len());
+            }
+            "turned-away" => println!("0 {}", tickets.opened()),
+            _ => break,
+        }
+        std::io::stdout().flush().unwrap();
+    }
 }
 
 #[derive(Default)]
@@ -190,6 +246,443 @@ struct Progress {
     last_connect_ns: AtomicU64,
     /// When each node was caught up both ways, from the storm's start.
     done_at: std::sync::Mutex<Vec<Duration>>,
+}
+
+/// The simulated edges of one process: nodes `first, first + step, …`,
+/// their identities (kept across storms: their TLS session tickets),
+/// one log store, and one client endpoint (UDP socket) per 500 nodes.
+struct Fleet {
+    nodes: Vec<usize>,
+    configs: Vec<quinn::ClientConfig>,
+    store: Store,
+    rt: tokio::runtime::Runtime,
+    endpoints: Vec<quinn::Endpoint>,
+    conns: Arc<std::sync::Mutex<Vec<quinn::Connection>>>,
+    round: usize,
+    /// Bumped when a storm is over: its nodes stop reconnecting.
+    generation: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+/// Nodes per client endpoint: a fleet's packets do not share one socket
+/// buffer, and one socket for 10,000 handshakes would measure the
+/// bench's own drops.
+const PER_ENDPOINT: usize = 500;
+
+/// What one fleet measured in one storm.
+struct FleetRun {
+    done_at: Vec<Duration>,
+    last_connect: Duration,
+    cpu: f64,
+}
+
+impl Fleet {
+    /// Identities signed by the cloud's CA (in `ca_dir`) for `nodes`.
+    fn new(ca_dir: &std::path::Path, nodes: Vec<usize>) -> Fleet {
+        let ca = ClusterCa::load_or_create(ca_dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let configs = nodes
+            .iter()
+            .map(|&i| {
+                let name = node(i);
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+                let mut params = rcgen::CertificateParams::default();
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, name.clone());
+                let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+                let cert = ca
+                    .sign_node_csr(&csr, &name, pki::DEFAULT_NODE_CERT_VALIDITY)
+                    .unwrap();
+                let tls =
+                    pki::client_tls_config(ca.cert_pem(), &cert.cert_pem, &key.serialize_pem())
+                        .unwrap();
+                let mut cfg = quinn::ClientConfig::new(Arc::new(
+                    quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+                ));
+                cfg.transport_config(Arc::new(keel_cloud::hub::transport(
+                    Duration::from_secs(90),
+                    Some(Duration::from_secs(25)),
+                )));
+                store
+                    .create_stream(&up_stream(&name), Role::Writer, 1)
+                    .unwrap();
+                store
+                    .create_stream(&down_stream(&name), Role::Replica, 1)
+                    .unwrap();
+                cfg
+            })
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut fleet = Fleet {
+            nodes,
+            configs,
+            store,
+            rt,
+            endpoints: Vec::new(),
+            conns: Arc::default(),
+            round: 0,
+            generation: Arc::default(),
+            _dir: dir,
+        };
+        fleet.endpoints = fleet.new_endpoints();
+        fleet
+    }
+
+    fn new_endpoints(&self) -> Vec<quinn::Endpoint> {
+        self.rt.block_on(async {
+            (0..self.nodes.len().div_ceil(PER_ENDPOINT))
+                .map(|_| keel_sync::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap())
+                .collect()
+        })
+    }
+
+    /// Every connection closed; each node writes 10 more records.
+    fn offline_round(&mut self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.rt.block_on(async {
+            for e in &self.endpoints {
+                e.close(0u32.into(), b"storm round over");
+            }
+            for e in &self.endpoints {
+                e.wait_idle().await;
+            }
+        });
+        self.endpoints = self.new_endpoints();
+        self.round += 1;
+        let tickets: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|&i| {
+                self.store
+                    .append_async(&up_stream(&node(i)), entries(&node(i), self.round))
+                    .unwrap()
+            })
+            .collect();
+        self.rt.block_on(async {
+            for t in tickets {
+                t.await.unwrap();
+            }
+        });
+        self.conns.lock().unwrap().clear();
+    }
+
+    /// Every node connects at once and runs its link until caught up both
+    /// ways (the cloud wrote as many records per node as it did).
+    fn storm(&self, addr: SocketAddr) -> FleetRun {
+        let want = (self.round * BEHIND) as u64;
+        let n = self.nodes.len();
+        let progress = Arc::new(Progress::default());
+        let trace = std::env::var_os("KEEL_STORM_TRACE").is_some();
+        let bare = std::env::var_os("KEEL_STORM_BARE").is_some();
+        let cpu_before = cpu_secs(std::process::id());
+        let start = Instant::now();
+        let mut sinks = Vec::with_capacity(n);
+        self.rt.block_on(async {
+            for (k, &i) in self.nodes.iter().enumerate() {
+                let name = node(i);
+                let sink = Arc::new(EdgeSink {
+                    progress: progress.clone(),
+                    start,
+                    want_up: want,
+                    want_down: want,
+                    store: self.store.clone(),
+                    state: Default::default(),
+                });
+                sinks.push((name.clone(), sink.clone()));
+                let (ep, cfg, store, conns) = (
+                    self.endpoints[k / PER_ENDPOINT].clone(),
+                    self.configs[k].clone(),
+                    self.store.clone(),
+                    self.conns.clone(),
+                );
+                let (generation, this) = (self.generation.clone(), self.generation.load(Ordering::SeqCst));
+                tokio::spawn(async move {
+                    // As an edgecore: a handshake gets 10 s, and one
+                    // turned away or lost is tried again after EdgeHub's
+                    // jittered back-off; a link that closes (the hub gave
+                    // up on a handshake the client had finished) connects
+                    // again. Until the storm is over.
+                    let defaults = keel_edge::hub::EdgeHubOptions::new(addr, name.clone());
+                    let mut attempt = 0;
+                    while generation.load(Ordering::SeqCst) == this {
+                    let conn = loop {
+                        if generation.load(Ordering::SeqCst) != this {
+                            return;
+                        }
+                        let connecting = ep.connect_with(cfg.clone(), addr, "127.0.0.1").unwrap();
+                        match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+                            Ok(Ok(c)) => break c,
+                            Ok(Err(e)) if trace => eprintln!("{name}: {e}; retrying"),
+                            Err(_) if trace => eprintln!("{name}: handshake timed out; retrying"),
+                            _ => {}
+                        }
+                        let wait = keel_edge::hub::backoff(
+                            attempt,
+                            defaults.backoff_min,
+                            defaults.backoff_max,
+                            rand_u64(),
+                        );
+                        attempt += 1;
+                        tokio::time::sleep(wait).await;
+                    };
+                    conns.lock().unwrap().push(conn.clone());
+                    if bare {
+                        // Connected is all a bare storm asks.
+                        sink.connected(&name);
+                        sink.check(true, true);
+                        conn.closed().await;
+                        return;
+                    }
+                    let head = store.info(&down_stream(&name)).unwrap().head;
+                    let mut link = LinkConfig::new(name.clone(), Side::Edge, head);
+                    link.ping_interval_ms = defaults.ping_interval.as_millis() as u64;
+                    link.idle_timeout_ms = defaults.link_idle_timeout.as_millis() as u64;
+                    run_link(conn, store.clone(), link, sink.clone(), None).await;
+                    }
+                });
+            }
+            let mut last_trace = Instant::now();
+            let (mut last_done, mut last_change) = (0, Instant::now());
+            while progress.done.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let done = progress.done.load(Ordering::SeqCst);
+                if done != last_done {
+                    (last_done, last_change) = (done, Instant::now());
+                } else if last_change.elapsed() > Duration::from_secs(30) {
+                    // No node caught up for 30 s: say which are behind.
+                    last_change = Instant::now();
+                    for (name, sink) in &sinks {
+                        let st = *sink.state.lock().unwrap();
+                        if !(st.0 && st.1) {
+                            let down = self.store.info(&down_stream(name)).map(|i| i.head.seq);
+                            eprintln!(
+                                "{name} behind after {:.0} s: down persisted {} (head {down:?}), up acknowledged {}",
+                                start.elapsed().as_secs_f64(),
+                                st.0,
+                                st.1
+                            );
+                        }
+                    }
+                }
+                if trace && last_trace.elapsed() > Duration::from_millis(500) {
+                    last_trace = Instant::now();
+                    eprintln!(
+                        "storm {:.1}s: {} connected, {} caught up",
+                        start.elapsed().as_secs_f64(),
+                        progress.connected.load(Ordering::SeqCst),
+                        progress.done.load(Ordering::SeqCst)
+                    );
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(600),
+                    "storm stuck: {} connected, {} caught up of {n}",
+                    progress.connected.load(Ordering::SeqCst),
+                    progress.done.load(Ordering::SeqCst)
+                );
+            }
+        });
+        let done_at = progress.done_at.lock().unwrap().clone();
+        FleetRun {
+            done_at,
+            last_connect: Duration::from_nanos(progress.last_connect_ns.load(Ordering::SeqCst)),
+            cpu: cpu_secs(std::process::id()) - cpu_before,
+        }
+    }
+
+    /// UDP bytes both ways of every connection so far, and how many are
+    /// still open.
+    fn wire(&self) -> (u64, usize, usize) {
+        let conns = self.conns.lock().unwrap();
+        let bytes = conns
+            .iter()
+            .map(|c| {
+                let s = c.stats();
+                s.udp_tx.bytes + s.udp_rx.bytes
+            })
+            .sum();
+        let open = conns.iter().filter(|c| c.close_reason().is_none()).count();
+        (bytes, conns.len(), open)
+    }
+}
+
+/// Child, `KEEL_STORM_FLEET=k/P`: the fleet of nodes `k, k + P, …`.
+/// Commands on stdin (`round`, `storm ADDR`, `wire`), one answer line
+/// each on stdout.
+fn fleet_child(spec: &str, ca_dir: &str) {
+    let (k, p) = spec.split_once('/').unwrap();
+    let (k, p): (usize, usize) = (k.parse().unwrap(), p.parse().unwrap());
+    let mut fleet = Fleet::new(
+        std::path::Path::new(ca_dir),
+        (k..nodes()).step_by(p).collect(),
+    );
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("round") => {
+                fleet.offline_round();
+                println!("ok");
+            }
+            Some("storm") => {
+                let addr = words.next().unwrap().parse().unwrap();
+                let run = fleet.storm(addr);
+                let times: Vec<String> = run
+                    .done_at
+                    .iter()
+                    .map(|d| d.as_micros().to_string())
+                    .collect();
+                println!(
+                    "{} {} {}",
+                    run.cpu,
+                    run.last_connect.as_micros(),
+                    times.join(",")
+                );
+            }
+            Some("wire") => {
+                let (bytes, all, open) = fleet.wire();
+                println!("{bytes} {all} {open}");
+            }
+            _ => break,
+        }
+        std::io::stdout().flush().unwrap();
+    }
+}
+
+/// The edges: one fleet in this process, or fleets in child processes
+/// (`KEEL_STORM_EDGE_PROCS`), driven in lockstep.
+enum Edges {
+    Here(Box<Fleet>),
+    Children(Vec<FleetChild>),
+}
+
+struct FleetChild {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl FleetChild {
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.to, "{cmd}").unwrap();
+        self.to.flush().unwrap();
+    }
+    fn answer(&mut self) -> String {
+        self.from.next().unwrap().unwrap()
+    }
+}
+
+impl Edges {
+    fn new(ca_dir: &std::path::Path) -> Edges {
+        let procs: usize = std::env::var("KEEL_STORM_EDGE_PROCS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        if procs <= 1 {
+            return Edges::Here(Box::new(Fleet::new(ca_dir, (0..nodes()).collect())));
+        }
+        let mut children: Vec<FleetChild> = (0..procs)
+            .map(|k| {
+                let mut child = Command::new(std::env::current_exe().unwrap())
+                    .env("KEEL_STORM_FLEET", format!("{k}/{procs}"))
+                    .env("KEEL_STORM_CA", ca_dir)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let to = child.stdin.take().unwrap();
+                let from = BufReader::new(child.stdout.take().unwrap()).lines();
+                FleetChild { child, to, from }
+            })
+            .collect();
+        for c in &mut children {
+            assert_eq!(c.answer(), "ready");
+        }
+        Edges::Children(children)
+    }
+
+    fn offline_round(&mut self) {
+        match self {
+            Edges::Here(f) => f.offline_round(),
+            Edges::Children(cs) => {
+                for c in cs.iter_mut() {
+                    c.send("round");
+                }
+                for c in cs.iter_mut() {
+                    assert_eq!(c.answer(), "ok");
+                }
+            }
+        }
+    }
+
+    fn storm(&mut self, addr: SocketAddr) -> FleetRun {
+        match self {
+            Edges::Here(f) => f.storm(addr),
+            Edges::Children(cs) => {
+                for c in cs.iter_mut() {
+                    c.send(&format!("storm {addr}"));
+                }
+                let mut all = FleetRun {
+                    done_at: Vec::new(),
+                    last_connect: Duration::ZERO,
+                    cpu: 0.0,
+                };
+                for c in cs.iter_mut() {
+                    let line = c.answer();
+                    let mut parts = line.splitn(3, ' ');
+                    all.cpu += parts.next().unwrap().parse::<f64>().unwrap();
+                    let last = Duration::from_micros(parts.next().unwrap().parse().unwrap());
+                    all.last_connect = all.last_connect.max(last);
+                    all.done_at.extend(
+                        parts
+                            .next()
+                            .unwrap_or_default()
+                            .split(',')
+                            .filter(|t| !t.is_empty())
+                            .map(|t| Duration::from_micros(t.parse().unwrap())),
+                    );
+                }
+                all
+            }
+        }
+    }
+
+    fn wire(&mut self) -> (u64, usize, usize) {
+        match self {
+            Edges::Here(f) => f.wire(),
+            Edges::Children(cs) => {
+                let mut sum = (0, 0, 0);
+                for c in cs.iter_mut() {
+                    c.send("wire");
+                    let line = c.answer();
+                    let v: Vec<u64> = line
+                        .split_whitespace()
+                        .map(|x| x.parse().unwrap())
+                        .collect();
+                    sum.0 += v[0];
+                    sum.1 += v[1] as usize;
+                    sum.2 += v[2] as usize;
+                }
+                sum
+            }
+        }
+    }
+}
+
+impl Drop for Edges {
+    fn drop(&mut self) {
+        if let Edges::Children(cs) = self {
+            for c in cs.iter_mut() {
+                c.send("quit");
+                let _ = c.child.wait();
+            }
+        }
+    }
 }
 
 /// CPU time (user + system) of process `pid`, from `/proc`.
@@ -304,191 +797,41 @@ fn storm(c: &mut Criterion) {
     };
 
     // Node identities from the cloud's CA (created by the child).
-    let ca = ClusterCa::load_or_create(dir.path()).unwrap();
-    let edir = tempfile::tempdir().unwrap();
-    let store = Store::open(edir.path(), StoreOptions::default()).unwrap();
-    let configs: Vec<quinn::ClientConfig> = (0..n)
-        .map(|i| {
-            let name = node(i);
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-            let mut params = rcgen::CertificateParams::default();
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name.clone());
-            let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-            let cert = ca
-                .sign_node_csr(&csr, &name, pki::DEFAULT_NODE_CERT_VALIDITY)
-                .unwrap();
-            let tls = pki::client_tls_config(ca.cert_pem(), &cert.cert_pem, &key.serialize_pem())
-                .unwrap();
-            let mut cfg = quinn::ClientConfig::new(Arc::new(
-                quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-            ));
-            cfg.transport_config(Arc::new(keel_cloud::hub::transport(
-                Duration::from_secs(90),
-                Some(Duration::from_secs(25)),
-            )));
-            store
-                .create_stream(&up_stream(&name), Role::Writer, 1)
-                .unwrap();
-            store
-                .create_stream(&down_stream(&name), Role::Replica, 1)
-                .unwrap();
-            cfg
-        })
-        .collect();
-    let edges = Edges {
-        configs,
-        store,
-        _dir: edir,
-    };
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    // One client endpoint (UDP socket) per 500 nodes: a fleet's packets do
-    // not share one socket buffer, and one socket for 10,000 handshakes
-    // would measure the bench's own drops.
-    let per_endpoint = 500;
-    let endpoints_for = || -> Vec<quinn::Endpoint> {
-        rt.block_on(async {
-            (0..n.div_ceil(per_endpoint))
-                .map(|_| keel_sync::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap())
-                .collect()
-        })
-    };
-    let mut endpoints = endpoints_for();
+    let mut edges = Edges::new(dir.path());
     let rss_before = ask("rss");
-    let mut round = 0usize;
     let mut report = Vec::new();
-    let conns: Arc<std::sync::Mutex<Vec<quinn::Connection>>> = Arc::default();
 
     let mut storm_once = || -> Duration {
         // Everyone offline; both sides write 10 records per node.
-        rt.block_on(async {
-            for e in &endpoints {
-                e.close(0u32.into(), b"storm round over");
-            }
-            for e in &endpoints {
-                e.wait_idle().await;
-            }
-        });
-        endpoints = endpoints_for();
-        round += 1;
+        edges.offline_round();
         assert_eq!(ask("append"), "ok");
-        let tickets: Vec<_> = (0..n)
-            .map(|i| {
-                edges
-                    .store
-                    .append_async(&up_stream(&node(i)), entries(&node(i), round))
-                    .unwrap()
-            })
-            .collect();
-        rt.block_on(async {
-            for t in tickets {
-                t.await.unwrap();
-            }
-        });
-        let want = (round * BEHIND) as u64;
-        let progress = Arc::new(Progress::default());
-        conns.lock().unwrap().clear();
-        let trace_errors = std::env::var_os("KEEL_STORM_TRACE").is_some();
-        let turned_away_before: u64 = ask("turned-away").parse().unwrap_or(0);
+        let counters = |line: String| -> (u64, u64) {
+            let mut v = line.split_whitespace().map(|x| x.parse().unwrap_or(0));
+            (v.next().unwrap_or(0), v.next().unwrap_or(0))
+        };
+        let (turned_away_before, resumed_before) = counters(ask("turned-away"));
         let drops_before = udp_drops();
-        let cpu_before = (cpu_secs(cloud_pid), cpu_secs(std::process::id()));
-        let start = Instant::now();
-        rt.block_on(async {
-            for i in 0..n {
-                let name = node(i);
-                let sink = Arc::new(EdgeSink {
-                    progress: progress.clone(),
-                    start,
-                    want_up: want,
-                    want_down: want,
-                    store: edges.store.clone(),
-                    state: Default::default(),
-                });
-                let (ep, cfg, store, conns) = (
-                    endpoints[i / per_endpoint].clone(),
-                    edges.configs[i].clone(),
-                    edges.store.clone(),
-                    conns.clone(),
-                );
-                tokio::spawn(async move {
-                    // A handshake refused or lost in the storm is retried
-                    // after EdgeHub's jittered back-off.
-                    let defaults = keel_edge::hub::EdgeHubOptions::new(addr, name.clone());
-                    let mut attempt = 0;
-                    let conn = loop {
-                        match ep
-                            .connect_with(cfg.clone(), addr, "127.0.0.1")
-                            .unwrap()
-                            .await
-                        {
-                            Ok(c) => break c,
-                            Err(e) => {
-                                if trace_errors {
-                                    eprintln!("{name}: {e}; retrying");
-                                }
-                                let wait = keel_edge::hub::backoff(
-                                    attempt,
-                                    defaults.backoff_min,
-                                    defaults.backoff_max,
-                                    rand_u64(),
-                                );
-                                attempt += 1;
-                                tokio::time::sleep(wait).await;
-                            }
-                        }
-                    };
-                    conns.lock().unwrap().push(conn.clone());
-                    let head = store.info(&down_stream(&name)).unwrap().head;
-                    let mut link = LinkConfig::new(name.clone(), Side::Edge, head);
-                    link.ping_interval_ms = defaults.ping_interval.as_millis() as u64;
-                    link.idle_timeout_ms = defaults.link_idle_timeout.as_millis() as u64;
-                    run_link(conn, store, link, sink, None).await;
-                });
-            }
-            let trace = std::env::var_os("KEEL_STORM_TRACE").is_some();
-            let mut last_trace = Instant::now();
-            while progress.done.load(Ordering::SeqCst) < n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if trace && last_trace.elapsed() > Duration::from_millis(500) {
-                    last_trace = Instant::now();
-                    eprintln!(
-                        "storm {:.1}s: {} connected, {} caught up",
-                        start.elapsed().as_secs_f64(),
-                        progress.connected.load(Ordering::SeqCst),
-                        progress.done.load(Ordering::SeqCst)
-                    );
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(600),
-                    "storm stuck: {} connected, {} caught up of {n}",
-                    progress.connected.load(Ordering::SeqCst),
-                    progress.done.load(Ordering::SeqCst)
-                );
-            }
-        });
-        let took = start.elapsed();
-        let hs = progress.last_connect_ns.load(Ordering::SeqCst) as f64 / 1e9;
-        let mut done_at = progress.done_at.lock().unwrap().clone();
+        let cloud_cpu_before = cpu_secs(cloud_pid);
+        let run = edges.storm(addr);
+        let cloud_cpu = cpu_secs(cloud_pid) - cloud_cpu_before;
+        let mut done_at = run.done_at;
         done_at.sort();
+        let took = done_at.last().copied().unwrap_or_default();
         let at = |p: usize| done_at[(done_at.len() * p / 100).min(done_at.len() - 1)].as_secs_f64();
         let drops = udp_drops();
-        let turned_away: u64 = ask("turned-away").parse().unwrap_or(0);
+        let (turned_away, resumed) = counters(ask("turned-away"));
         report.push(StormReport {
             took,
             p50: at(50),
             p90: at(90),
             p99: at(99),
-            handshakes_per_sec: n as f64 / hs,
+            handshakes_per_sec: n as f64 / run.last_connect.as_secs_f64(),
             turned_away: turned_away - turned_away_before,
+            resumed: resumed - resumed_before,
             udp_in_errors: drops.0 - drops_before.0,
             udp_rcvbuf_errors: drops.1 - drops_before.1,
-            cloud_cpu: cpu_secs(cloud_pid) - cpu_before.0,
-            edges_cpu: cpu_secs(std::process::id()) - cpu_before.1,
+            cloud_cpu,
+            edges_cpu: run.cpu,
         });
         took
     };
@@ -513,36 +856,19 @@ fn storm(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
-    let wire = || -> u64 {
-        conns
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                let s = c.stats();
-                s.udp_tx.bytes + s.udp_rx.bytes
-            })
-            .sum()
-    };
-    let open0 = conns.lock().unwrap().len();
-    let before = wire();
+    let (before, open0, _) = edges.wire();
     std::thread::sleep(Duration::from_secs(idle_secs));
-    let after = wire();
-    let open = conns
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| c.close_reason().is_none())
-        .count();
+    let (after, _, open) = edges.wire();
     for (i, r) in report.iter().enumerate() {
         let kind = if i == 0 { "cold" } else { "warm" };
         eprintln!(
-            "storm {kind}: {n} nodes caught up both ways: 50 % {:.2} s, 90 % {:.2} s, 99 % {:.2} s, 100 % {:.2} s; handshakes {:.0}/s; turned away {}; kernel UDP drops {} (receive-buffer {}); CPU: cloud {:.1} s, edges {:.1} s",
+            "storm {kind}: {n} nodes caught up both ways: 50 % {:.2} s, 90 % {:.2} s, 99 % {:.2} s, 100 % {:.2} s; handshakes {:.0}/s ({} resumed); turned away {}; kernel UDP drops {} (receive-buffer {}); CPU: cloud {:.1} s, edges {:.1} s",
             r.p50,
             r.p90,
             r.p99,
             r.took.as_secs_f64(),
             r.handshakes_per_sec,
+            r.resumed,
             r.turned_away,
             r.udp_in_errors,
             r.udp_rcvbuf_errors,
@@ -567,6 +893,7 @@ fn storm(c: &mut Criterion) {
         after - before,
         (after - before) as f64 / idle_secs as f64 / open0.max(1) as f64
     );
+    drop(edges);
     let _ = to_cloud.write_all(b"quit\n");
     let _ = child.kill();
     let _ = child.wait();
@@ -580,6 +907,7 @@ struct StormReport {
     p99: f64,
     handshakes_per_sec: f64,
     turned_away: u64,
+    resumed: u64,
     udp_in_errors: u64,
     udp_rcvbuf_errors: u64,
     cloud_cpu: f64,
@@ -603,6 +931,13 @@ fn main() {
     }
     if let Ok(dir) = std::env::var("KEEL_STORM_CLOUD") {
         cloud(&dir);
+        return;
+    }
+    if let (Ok(spec), Ok(dir)) = (
+        std::env::var("KEEL_STORM_FLEET"),
+        std::env::var("KEEL_STORM_CA"),
+    ) {
+        fleet_child(&spec, &dir);
         return;
     }
     let mut c = Criterion::default().configure_from_args();

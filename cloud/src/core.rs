@@ -310,12 +310,8 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
     // Session tickets sealed with a key derived from the hub's persisted
     // secret: nodes resume their TLS sessions across cloudcore restarts.
     let hub_secret = reset_secret(&cfg.data_dir)?;
-    let hub_tls = pki::hub_tls_config(
-        &ca,
-        &server.cert_pem,
-        &server.key_pem,
-        pki::HubTickets::new(&hub_secret)?,
-    )?;
+    let tickets = pki::HubTickets::new(&hub_secret)?;
+    let hub_tls = pki::hub_tls_config(&ca, &server.cert_pem, &server.key_pem, tickets.clone())?;
     // Closes a revoked node's link that raced its revocation.
     let guard = RevokedNodeGuard::new(Arc::new(PlaneSink(plane)), ca.clone());
     // One of several replicas: the hub takes only this one's nodes.
@@ -385,10 +381,15 @@ pub async fn start(cfg: &Config) -> Result<Running, CoreError> {
 
     let (metrics, metrics_addr) = match cfg.metrics_addr {
         Some(a) => {
-            let (task, addr) =
-                metrics::serve(a, registry.clone(), hub.stats_handle(), shards.clone())
-                    .await
-                    .map_err(io(format!("binding metrics on {a}")))?;
+            let (task, addr) = metrics::serve(
+                a,
+                registry.clone(),
+                hub.stats_handle(),
+                shards.clone(),
+                tickets,
+            )
+            .await
+            .map_err(io(format!("binding metrics on {a}")))?;
             (Some(task), Some(addr))
         }
         None => (None, None),
@@ -475,6 +476,7 @@ mod metrics {
         registry: Arc<Registry>,
         hub: crate::hub::HubHandle,
         shards: Option<Arc<crate::attach::shards::Shards>>,
+        tickets: Arc<crate::pki::HubTickets>,
     ) -> std::io::Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
@@ -483,12 +485,17 @@ mod metrics {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (registry, hub, shards) = (registry.clone(), hub.clone(), shards.clone());
+                let (registry, hub, shards, tickets) = (
+                    registry.clone(),
+                    hub.clone(),
+                    shards.clone(),
+                    tickets.clone(),
+                );
                 tokio::spawn(async move {
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let body = if req.uri().path() == "/metrics" {
-                                render(&registry, &hub, shards.as_deref())
+                                render(&registry, &hub, shards.as_deref(), &tickets)
                             } else {
                                 String::new()
                             };
@@ -523,6 +530,7 @@ mod metrics {
         registry: &Registry,
         hub: &crate::hub::HubHandle,
         shards: Option<&crate::attach::shards::Shards>,
+        tickets: &crate::pki::HubTickets,
     ) -> String {
         let mut out = String::new();
         if let Some(s) = shards {
@@ -557,6 +565,11 @@ mod metrics {
                 v.load(Ordering::Relaxed)
             ));
         }
+        out.push_str("# HELP keel_hub_resumed_sessions_total Handshakes that resumed a TLS session with one of the hub's tickets.\n# TYPE keel_hub_resumed_sessions_total counter\n");
+        out.push_str(&format!(
+            "keel_hub_resumed_sessions_total {}\n",
+            tickets.opened()
+        ));
         out.push_str("# HELP keel_hub_link_violations_total Links closed because the node broke a rule, by rule.\n# TYPE keel_hub_link_violations_total counter\n");
         for (rule, v) in [
             ("forbidden", &s.forbidden),

@@ -40,10 +40,12 @@ pub struct HubOptions {
     /// Secret for QUIC stateless-reset tokens; keep it across restarts
     /// (see `keel_sync::quic::server_endpoint`). Random if `None`.
     pub reset_secret: Option<[u8; 32]>,
-    /// Handshakes in flight at once. A connection attempt beyond them is
-    /// refused at once (QUIC `CONNECTION_REFUSED`), and the edge comes back
-    /// after its jittered back-off, instead of waiting out QUIC's
-    /// retransmission timers behind a saturated process.
+    /// Handshakes in flight at once, at most. A connection attempt beyond
+    /// the hub's limit is refused at once (QUIC `CONNECTION_REFUSED`), and
+    /// the edge comes back after its jittered back-off, instead of waiting
+    /// out QUIC's retransmission timers behind a saturated process. The
+    /// limit itself follows the measured handshake throughput (see
+    /// `HandshakeGate`); this is its ceiling.
     pub max_handshakes: usize,
     /// Checked against every connection's client certificate after its
     /// handshake: a resumed TLS session (`pki::hub_tls_config`) never
@@ -97,7 +99,7 @@ impl Default for HubOptions {
             ping_interval: Duration::from_secs(600),
             link_idle_timeout: Duration::from_secs(1800),
             reset_secret: None,
-            max_handshakes: 256,
+            max_handshakes: 1024,
             revocations: None,
             router: None,
         }
@@ -410,19 +412,65 @@ impl CloudHub {
         let st = state.clone();
         let accept = tokio::spawn(async move {
             let mut arrival = 0u64;
-            let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let max = st.opts.max_handshakes.max(1);
-            while let Some(incoming) = ep.accept().await {
-                if handshaking.load(Ordering::Acquire) >= max {
-                    st.stats.turned_away.fetch_add(1, Ordering::Relaxed);
-                    incoming.refuse();
-                    continue;
-                }
-                handshaking.fetch_add(1, Ordering::AcqRel);
-                let slot = HandshakeSlot(handshaking.clone());
+            let gate = Arc::new(HandshakeGate::new(st.opts.max_handshakes));
+            // Attempts beyond the limit wait here, oldest first, at most
+            // WAITING_PER_SLOT per slot and for at most HANDSHAKE_WAIT;
+            // beyond, they are turned away.
+            let mut waiting: std::collections::VecDeque<(tokio::time::Instant, quinn::Incoming)> =
+                std::collections::VecDeque::new();
+            let mut start = |incoming: quinn::Incoming, slot: HandshakeSlot| {
                 arrival += 1;
-                let st = st.clone();
-                tokio::spawn(async move { st.serve(incoming, slot, arrival).await });
+                let (st, id) = (st.clone(), arrival);
+                tokio::spawn(async move { st.serve(incoming, slot, id).await });
+            };
+            let turn_away = |incoming: quinn::Incoming| {
+                st.stats.turned_away.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+            };
+            loop {
+                while !waiting.is_empty()
+                    && let Some(slot) = gate.enter()
+                {
+                    if let Some((_, incoming)) = waiting.pop_front() {
+                        start(incoming, slot);
+                    }
+                }
+                while waiting
+                    .front()
+                    .is_some_and(|(t, _)| t.elapsed() >= HANDSHAKE_WAIT)
+                {
+                    if let Some((_, incoming)) = waiting.pop_front() {
+                        turn_away(incoming);
+                    }
+                }
+                let expiry = waiting.front().map(|(t, _)| *t + HANDSHAKE_WAIT);
+                tokio::select! {
+                    incoming = ep.accept() => {
+                        let Some(incoming) = incoming else { break };
+                        if !waiting.is_empty() || !gate.has_room() {
+                            gate.pressed();
+                            if waiting.len() < gate.limit().saturating_mul(WAITING_PER_SLOT) {
+                                waiting.push_back((tokio::time::Instant::now(), incoming));
+                            } else {
+                                turn_away(incoming);
+                            }
+                        } else if let Some(slot) = gate.enter() {
+                            start(incoming, slot);
+                        } else {
+                            waiting.push_back((tokio::time::Instant::now(), incoming));
+                        }
+                    }
+                    () = gate.freed.notified(), if !waiting.is_empty() => {}
+                    () = async {
+                        match expiry {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
+            }
+            for (_, incoming) in waiting {
+                turn_away(incoming);
             }
         });
         info!(addr = %endpoint.local_addr().map_err(crate::Error::Net)?, "cloudhub listening");
@@ -467,12 +515,120 @@ impl CloudHub {
 /// How long [`CloudHub::shutdown`] waits for closed connections to drain.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
-/// One of the `max_handshakes` slots, given back when dropped.
-struct HandshakeSlot(Arc<std::sync::atomic::AtomicUsize>);
+/// How long a handshake should wait for the hub's CPU at most: the limit
+/// on handshakes in flight is the measured throughput times this. Well
+/// under a client's first retransmission timeout (about 1 s with QUIC's
+/// initial RTT of 333 ms), so an admitted node never retransmits.
+const HANDSHAKE_LATENCY_TARGET: Duration = Duration::from_millis(400);
+/// The limit never goes below this (a cold hub has measured nothing, and
+/// clients that stall their handshakes hold a slot for up to
+/// `HANDSHAKE_TIMEOUT`).
+const HANDSHAKE_FLOOR: usize = 64;
+/// How long an attempt beyond the limit may wait for a slot before it is
+/// turned away: well within the 10 s an edge gives a handshake. While it
+/// waits, the client's retransmitted Initials are buffered by quinn.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(4);
+/// Attempts that may wait, per slot of the limit.
+const WAITING_PER_SLOT: usize = 10;
+/// How often the limit follows the measured throughput.
+const HANDSHAKE_WINDOW: Duration = Duration::from_millis(250);
+
+/// Handshakes in flight, bounded by a limit that follows the hub's
+/// measured handshake throughput: `throughput × HANDSHAKE_LATENCY_TARGET`,
+/// between [`HANDSHAKE_FLOOR`] and `max_handshakes`. It only comes down
+/// while attempts are being turned away (a quiet hub measures its
+/// arrivals, not its capacity).
+#[derive(Debug)]
+struct HandshakeGate {
+    in_flight: std::sync::atomic::AtomicUsize,
+    limit: std::sync::atomic::AtomicUsize,
+    ceiling: usize,
+    /// Signalled whenever a slot is given back.
+    freed: tokio::sync::Notify,
+    window: Mutex<GateWindow>,
+}
+
+#[derive(Debug)]
+struct GateWindow {
+    start: std::time::Instant,
+    finished: u64,
+    turned_away: u64,
+}
+
+impl HandshakeGate {
+    fn new(ceiling: usize) -> HandshakeGate {
+        let ceiling = ceiling.max(1);
+        HandshakeGate {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            // A cold hub starts low and rises with what it measures: all
+            // of a storm admitted at once overflows the socket's buffer
+            // and the dropped Initials wait out the clients' timers.
+            limit: std::sync::atomic::AtomicUsize::new(HANDSHAKE_FLOOR.min(ceiling)),
+            ceiling,
+            freed: tokio::sync::Notify::new(),
+            window: Mutex::new(GateWindow {
+                start: std::time::Instant::now(),
+                finished: 0,
+                turned_away: 0,
+            }),
+        }
+    }
+
+    /// A slot for one more handshake, or `None` (the caller holds the
+    /// attempt back or turns it away).
+    fn enter(self: &Arc<Self>) -> Option<HandshakeSlot> {
+        if !self.has_room() {
+            return None;
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(HandshakeSlot(self.clone()))
+    }
+
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) < self.limit()
+    }
+
+    /// An attempt found no room: the limit may come down.
+    fn pressed(&self) {
+        self.count(|w| w.turned_away += 1);
+    }
+
+    /// The current limit.
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut GateWindow)) {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut w);
+        let elapsed = w.start.elapsed();
+        if elapsed < HANDSHAKE_WINDOW {
+            return;
+        }
+        let rate = w.finished as f64 / elapsed.as_secs_f64();
+        let want = (rate * HANDSHAKE_LATENCY_TARGET.as_secs_f64()) as usize;
+        let want = want.clamp(HANDSHAKE_FLOOR.min(self.ceiling), self.ceiling);
+        let now = self.limit.load(Ordering::Acquire);
+        // Up whenever the hub did more; down only under pressure.
+        if want > now || w.turned_away > 0 {
+            self.limit.store(want, Ordering::Release);
+        }
+        *w = GateWindow {
+            start: std::time::Instant::now(),
+            finished: 0,
+            turned_away: 0,
+        };
+    }
+}
+
+/// One of the gate's slots, given back when dropped.
+struct HandshakeSlot(Arc<HandshakeGate>);
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.count(|w| w.finished += 1);
+        self.0.freed.notify_one();
     }
 }
 
@@ -688,4 +844,41 @@ fn peer_node(
         return Err("certificate revoked or expired".into());
     }
     node_name_from_cert(first).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gate's limit comes down to what the hub finishes while it turns
+    /// attempts away, and goes back up when it finishes more.
+    #[test]
+    fn the_handshake_limit_follows_measured_throughput() {
+        let gate = Arc::new(HandshakeGate::new(1000));
+        // A cold gate starts at the floor.
+        let slots: Vec<HandshakeSlot> = (0..1000).map_while(|_| gate.enter()).collect();
+        assert_eq!(slots.len(), HANDSHAKE_FLOOR);
+        gate.pressed();
+        drop(slots);
+        // Thousands per second: the limit rises.
+        for _ in 0..2000 {
+            drop(gate.enter());
+        }
+        std::thread::sleep(HANDSHAKE_WINDOW + Duration::from_millis(10));
+        drop(gate.enter());
+        let risen = gate.limit();
+        assert!(risen > HANDSHAKE_FLOOR, "limit {risen}");
+        // A quarter second in which one handshake finishes while attempts
+        // find no room: down to the floor.
+        let mut slots: Vec<HandshakeSlot> = (0..risen).map_while(|_| gate.enter()).collect();
+        assert_eq!(slots.len(), risen);
+        assert!(gate.enter().is_none(), "the limit holds");
+        gate.pressed();
+        std::thread::sleep(HANDSHAKE_WINDOW + Duration::from_millis(10));
+        slots.truncate(risen - 1);
+        assert_eq!(gate.limit(), HANDSHAKE_FLOOR, "down to the floor");
+        assert!(gate.enter().is_none(), "beyond the limit");
+        slots.clear();
+        assert!(gate.enter().is_some(), "room again");
+    }
 }

@@ -105,7 +105,15 @@ pub const RESERVED_NAMES: [&str; 4] = [
 /// nothing depends on a process-wide default.
 #[must_use]
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    // AES-128-GCM with SHA-256 first (ring's default starts with
+    // AES-256-GCM-SHA384): TLS 1.3's mandatory suite, SHA-256 has CPU
+    // instructions where SHA-384 has none, and a handshake's key schedule
+    // and every packet cost less (the cloud hub's storms of handshakes).
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// A certificate issued by the cluster CA for a key held elsewhere (a CSR).
@@ -1028,7 +1036,9 @@ pub(crate) enum ClientAuth {
 /// The rustls server configuration of the QUIC hub: TLS 1.3 only, ALPN
 /// [`ALPN_SYNC`], and a client certificate that chains to the cluster CA, is
 /// within its validity, has EKU clientAuth and is not revoked, checked at
-/// every handshake (no session resumption).
+/// every handshake (no session resumption). The server sends its own
+/// certificate only: every node already trusts the cluster CA (it pinned
+/// it when it joined).
 ///
 /// The result converts with `quinn::crypto::rustls::QuicServerConfig::try_from`.
 ///
@@ -1039,12 +1049,13 @@ pub fn server_tls_config(
     server_cert_pem: &str,
     server_key_pem: &str,
 ) -> Result<rustls::ServerConfig> {
-    build_server_config(
+    server_config_with(
         ca,
         server_cert_pem,
         server_key_pem,
         ClientAuth::Required,
         ALPN_SYNC,
+        Chain::LeafOnly,
     )
 }
 
@@ -1064,7 +1075,10 @@ pub fn hub_tls_config(
 ) -> Result<rustls::ServerConfig> {
     let mut config = server_tls_config(ca, server_cert_pem, server_key_pem)?;
     config.ticketer = tickets;
-    config.send_tls13_tickets = 1;
+    // A client uses each ticket once, and one used on an attempt the hub
+    // turned away (a storm) is gone: a few in hand keep the next attempt
+    // a resumption.
+    config.send_tls13_tickets = HUB_TICKETS_PER_HANDSHAKE;
     Ok(config)
 }
 
@@ -1077,6 +1091,7 @@ pub fn hub_tls_config(
 pub struct HubTickets {
     key: ring::aead::LessSafeKey,
     rng: ring::rand::SystemRandom,
+    opened: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for HubTickets {
@@ -1084,6 +1099,9 @@ impl fmt::Debug for HubTickets {
         f.debug_struct("HubTickets").finish_non_exhaustive()
     }
 }
+
+/// Session tickets the hub sends after each handshake.
+pub const HUB_TICKETS_PER_HANDSHAKE: usize = 4;
 
 /// How long a hub session ticket may be used (a day).
 pub const HUB_TICKET_LIFETIME_SECS: u32 = 24 * 3600;
@@ -1099,7 +1117,14 @@ impl HubTickets {
         Ok(Arc::new(HubTickets {
             key: ring::aead::LessSafeKey::new(ring::aead::UnboundKey::from(okm)),
             rng: ring::rand::SystemRandom::new(),
+            opened: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// Tickets that opened: handshakes that resumed a session (rustls
+    /// still refuses an opened ticket that has expired or does not fit).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -1136,8 +1161,21 @@ impl rustls::server::ProducesTickets for HubTickets {
             .key
             .open_in_place(nonce, ring::aead::Aad::empty(), &mut buf)
             .ok()?;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(plain.to_vec())
     }
+}
+
+/// Whether a server sends the cluster CA after its own certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    /// Leaf and CA: for clients that may not hold the CA yet (a joining
+    /// node pins its hash, kubectl reads it from the chain).
+    WithCa,
+    /// The leaf alone: every client of the hub already trusts the CA, and
+    /// a storm of handshakes sends one certificate less each.
+    LeafOnly,
 }
 
 pub(crate) fn build_server_config(
@@ -1147,10 +1185,30 @@ pub(crate) fn build_server_config(
     client_auth: ClientAuth,
     alpn: &[u8],
 ) -> Result<rustls::ServerConfig> {
+    server_config_with(
+        ca,
+        server_cert_pem,
+        server_key_pem,
+        client_auth,
+        alpn,
+        Chain::WithCa,
+    )
+}
+
+fn server_config_with(
+    ca: &ClusterCa,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+    client_auth: ClientAuth,
+    alpn: &[u8],
+    send: Chain,
+) -> Result<rustls::ServerConfig> {
     let provider = crypto_provider();
     let verifier = client_verifier(ca, client_auth, Arc::clone(&provider))?;
     let mut chain = certs_from_pem(server_cert_pem)?;
-    chain.push(ca.cert_der.clone());
+    if send == Chain::WithCa {
+        chain.push(ca.cert_der.clone());
+    }
     let key = key_from_pem(server_key_pem)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

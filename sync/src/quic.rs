@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use keel_log::{Cursor, Record, Store};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -109,11 +110,10 @@ fn close_code(code: ErrorCode) -> quinn::VarInt {
 async fn write_frames(
     mut send: quinn::SendStream,
     kind: u8,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<Bytes>,
 ) -> Result<(), DriverError> {
     send.write_all(&[kind]).await?;
-    while let Some(f) = rx.recv().await {
-        let bytes = encode_frame(&f);
+    while let Some(bytes) = rx.recv().await {
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
         send.write_all(&len.to_be_bytes()).await?;
         send.write_all(&bytes).await?;
@@ -222,16 +222,33 @@ async fn blocking<R: Send + 'static>(
         .map_err(|e| Unpersisted::Failed(format!("sink: {e}")))
 }
 
+/// Records durable in a stream, for the sink once their ack is on its way.
+type Durable = Option<(String, Vec<Record>)>;
+
 /// Persists one action of the link: waits for the sink's room, has the
-/// sink admit the records, appends them and waits until durable, then
-/// hands them to the sink.
+/// sink admit the records, appends them and waits until durable. The
+/// records come back for [`Sink::persisted`], which the persist task calls
+/// after it has reported them durable: the ack does not wait for the fold.
 async fn persist(
     store: &Store,
     sink: &Arc<dyn Sink>,
     node: &str,
     stream: String,
     action: Action,
-) -> Persisted {
+) -> (Persisted, Durable) {
+    match persist_action(store, sink, node, stream, action).await {
+        Ok((stream, cursor, durable)) => (Ok((stream, cursor)), durable),
+        Err(e) => (Err(e), None),
+    }
+}
+
+async fn persist_action(
+    store: &Store,
+    sink: &Arc<dyn Sink>,
+    node: &str,
+    stream: String,
+    action: Action,
+) -> Result<(String, Cursor, Durable), Unpersisted> {
     sink.room().await;
     match action {
         Action::Persist { records, .. } => {
@@ -244,9 +261,7 @@ async fn persist(
                 .map_err(|e| Unpersisted::Failed(e.to_string()))?
                 .await
                 .map_err(|e| Unpersisted::Failed(e.to_string()))?;
-            let (s, n, st) = (sink.clone(), node.to_owned(), stream.clone());
-            blocking(move || s.persisted(&n, &st, &records)).await?;
-            Ok((stream, cursor))
+            Ok((stream.clone(), cursor, Some((stream, records))))
         }
         Action::InstallSnapshot { snapshot, .. } => {
             let (store, s, n, st) = (store.clone(), sink.clone(), node.to_owned(), stream.clone());
@@ -257,7 +272,7 @@ async fn persist(
             })
             .await?
             .map_err(|e| Unpersisted::Failed(e.to_string()))?;
-            Ok((stream, cursor))
+            Ok((stream, cursor, None))
         }
     }
 }
@@ -289,8 +304,11 @@ async fn drive(
         (Err(e), _) | (_, Err(e)) => return lost(format!("opening streams: {e}")),
     };
     let _ = ctrl_send.set_priority(10);
-    let (ctrl_tx, ctrl_out) = mpsc::channel::<Frame>(1024);
-    let (bulk_tx, bulk_out) = mpsc::channel::<Frame>(BULK_QUEUE);
+    // Channels carry encoded frames and boxed actions: a tokio channel
+    // allocates its first block of 32 slots when it is made, and an idle
+    // connection should not hold 32 `Frame`s' worth of each.
+    let (ctrl_tx, ctrl_out) = mpsc::channel::<Bytes>(1024);
+    let (bulk_tx, bulk_out) = mpsc::channel::<Bytes>(BULK_QUEUE);
     let writers = tokio::spawn(async move {
         let (a, b) = tokio::join!(
             write_frames(ctrl_send, CONTROL, ctrl_out),
@@ -323,24 +341,39 @@ async fn drive(
     }
 
     // Persistence runs in order on its own task; completions come back here.
-    let (persist_tx, mut persist_rx) = mpsc::channel::<(String, Action)>(PERSIST_QUEUE);
-    let (done_tx, mut done_rx) = mpsc::channel::<Persisted>(PERSIST_QUEUE);
+    let (persist_tx, mut persist_rx) = mpsc::channel::<Box<(String, Action)>>(PERSIST_QUEUE);
+    let (done_tx, mut done_rx) = mpsc::channel::<Box<Persisted>>(PERSIST_QUEUE);
     {
         let store = store.clone();
         let sink = sink.clone();
         let node = node.clone();
         tokio::spawn(async move {
-            while let Some((stream, action)) = persist_rx.recv().await {
-                let r = persist(&store, &sink, &node, stream, action).await;
+            while let Some(next) = persist_rx.recv().await {
+                let (stream, action) = *next;
+                let (r, durable) = persist(&store, &sink, &node, stream, action).await;
                 let stop = r.is_err();
-                if done_tx.send(r).await.is_err() || stop {
+                let reported = done_tx.send(Box::new(r)).await.is_ok();
+                // The fold runs after the ack went to the link, and before
+                // the next action's admit (which may read what it folds).
+                // The owner hears of durable records even when the link
+                // has closed meanwhile.
+                if let Some((st, records)) = durable {
+                    let (s, n) = (sink.clone(), node.clone());
+                    if blocking(move || s.persisted(&n, &st, &records))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if !reported || stop {
                     return;
                 }
             }
         });
     }
     // An action the persist queue had no room for: queued first once it has.
-    let mut persist_stash: Option<(String, Action)> = None;
+    let mut persist_stash: Option<Box<(String, Action)>> = None;
 
     let mut permit: Option<Box<dyn Send>> = None;
     let mut admitted = pacer.is_none();
@@ -349,13 +382,16 @@ async fn drive(
     // A control frame the writer had no room for: sent first next time
     // (control frames are never dropped; the link coalesces acks and
     // pongs, so what waits behind it stays small).
-    let mut ctrl_stash: Option<Frame> = None;
+    let mut ctrl_stash: Option<Bytes> = None;
     let mut progress = Instant::now();
 
     let closed = loop {
         // Outputs: control frames always, bulk while the writer has room
         // and this link has its turn.
-        while let Some(f) = ctrl_stash.take().or_else(|| link.poll_control()) {
+        while let Some(f) = ctrl_stash
+            .take()
+            .or_else(|| link.poll_control().map(|f| encode_frame(&f)))
+        {
             if let Err(mpsc::error::TrySendError::Full(f)) = ctrl_tx.try_send(f) {
                 ctrl_stash = Some(f);
                 break;
@@ -372,7 +408,9 @@ async fn drive(
                     stream.clone()
                 }
             };
-            if let Err(mpsc::error::TrySendError::Full(a)) = persist_tx.try_send((stream, a)) {
+            if let Err(mpsc::error::TrySendError::Full(a)) =
+                persist_tx.try_send(Box::new((stream, a)))
+            {
                 persist_stash = Some(a);
             }
         }
@@ -399,7 +437,10 @@ async fn drive(
         if let Some(c) = link.closed().cloned() {
             // Let the Error frame reach the writer; the connection close
             // carries the reason as well.
-            while let Some(f) = ctrl_stash.take().or_else(|| link.poll_control()) {
+            while let Some(f) = ctrl_stash
+                .take()
+                .or_else(|| link.poll_control().map(|f| encode_frame(&f)))
+            {
                 let _ = ctrl_tx.try_send(f);
             }
             break c;
@@ -408,10 +449,12 @@ async fn drive(
             while bulk_tx.capacity() > 0 {
                 match link.poll_transmit(&store) {
                     Some((_, f @ Frame::Segment(_))) | Some((_, f @ Frame::Snapshot { .. })) => {
-                        let _ = bulk_tx.try_send(f);
+                        let _ = bulk_tx.try_send(encode_frame(&f));
                     }
                     Some((_, f)) => {
-                        if let Err(mpsc::error::TrySendError::Full(f)) = ctrl_tx.try_send(f) {
+                        if let Err(mpsc::error::TrySendError::Full(f)) =
+                            ctrl_tx.try_send(encode_frame(&f))
+                        {
                             ctrl_stash = Some(f);
                             break;
                         }
@@ -460,7 +503,7 @@ async fn drive(
                 }
             }
             Some(bytes) = ctrl_in.recv() => link.handle_shared(now(), bytes.into(), &store),
-            Some(done) = done_rx.recv() => match done {
+            Some(done) = done_rx.recv() => match *done {
                 Ok((stream, cursor)) => link.handle_persisted(&stream, cursor),
                 Err(Unpersisted::Refused(r)) => {
                     warn!(code = ?r.code, reason = %r.message, "refused the peer's records");
