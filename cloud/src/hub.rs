@@ -41,11 +41,12 @@ pub struct HubOptions {
     /// (see `keel_sync::quic::server_endpoint`). Random if `None`.
     pub reset_secret: Option<[u8; 32]>,
     /// Handshakes in flight at once, at most. A connection attempt beyond
-    /// the hub's limit is refused at once (QUIC `CONNECTION_REFUSED`), and
-    /// the edge comes back after its jittered back-off, instead of waiting
-    /// out QUIC's retransmission timers behind a saturated process. The
-    /// limit itself follows the measured handshake throughput (see
-    /// `HandshakeGate`); this is its ceiling.
+    /// the hub's limit waits for a slot a bounded time, then is refused
+    /// (QUIC `CONNECTION_REFUSED`) and the edge comes back after its
+    /// jittered back-off, instead of waiting out QUIC's retransmission
+    /// timers behind a saturated process. The limit itself follows the
+    /// measured handshake throughput (see `HandshakeGate`); this is its
+    /// ceiling.
     pub max_handshakes: usize,
     /// Checked against every connection's client certificate after its
     /// handshake: a resumed TLS session (`pki::hub_tls_config`) never
@@ -447,17 +448,18 @@ impl CloudHub {
                 tokio::select! {
                     incoming = ep.accept() => {
                         let Some(incoming) = incoming else { break };
-                        if !waiting.is_empty() || !gate.has_room() {
+                        // Nobody jumps the queue.
+                        if waiting.is_empty()
+                            && let Some(slot) = gate.enter()
+                        {
+                            start(incoming, slot);
+                        } else {
                             gate.pressed();
                             if waiting.len() < gate.limit().saturating_mul(WAITING_PER_SLOT) {
                                 waiting.push_back((tokio::time::Instant::now(), incoming));
                             } else {
                                 turn_away(incoming);
                             }
-                        } else if let Some(slot) = gate.enter() {
-                            start(incoming, slot);
-                        } else {
-                            waiting.push_back((tokio::time::Instant::now(), incoming));
                         }
                     }
                     () = gate.freed.notified(), if !waiting.is_empty() => {}
