@@ -5,9 +5,13 @@
 //! Pong, Error) and bulk (segments, snapshot chunks), marked by a first byte
 //! 0 or 1 and carrying frames as `u32 BE length ‖ protobuf`. The control
 //! stream has the higher send priority and its own writer, so acks and
-//! pings never queue behind catch-up. Reading and writing happen in small
-//! tasks; the driver loop itself never waits on the network, so two peers
-//! cannot deadlock on each other's flow control.
+//! pings never queue behind catch-up.
+//!
+//! A link is one task. Its readers, writers and the persist pipeline are
+//! futures the driver loop polls alongside its own events (channels
+//! between them keep each bounded); none of them waits on another, so two
+//! peers cannot deadlock on each other's flow control, and an idle link
+//! costs one task's state, not six tasks'.
 //!
 //! A link that closes (malformed frame, unauthorised stream, idle timeout)
 //! closes the QUIC connection with the error code and message as the
@@ -309,69 +313,71 @@ async fn drive(
     // connection should not hold 32 `Frame`s' worth of each.
     let (ctrl_tx, ctrl_out) = mpsc::channel::<Bytes>(1024);
     let (bulk_tx, bulk_out) = mpsc::channel::<Bytes>(BULK_QUEUE);
-    let writers = tokio::spawn(async move {
+    let mut writers = std::pin::pin!(async move {
         let (a, b) = tokio::join!(
             write_frames(ctrl_send, CONTROL, ctrl_out),
             write_frames(bulk_send, BULK, bulk_out)
         );
         a.and(b)
     });
+    let mut writers_done = false;
 
-    // The peer's two streams.
+    // The peer's two streams, each read as it is accepted; a stream that
+    // is not well-formed reports why on `bad`.
     let (ctrl_in_tx, mut ctrl_in) = mpsc::channel::<Vec<u8>>(64);
     let (bulk_in_tx, mut bulk_in) = mpsc::channel::<Vec<u8>>(BULK_IN_QUEUE);
     let (bad_tx, mut bad_rx) = mpsc::channel::<String>(2);
     let (established_tx, established_rx) = tokio::sync::watch::channel(false);
-    {
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            for _ in 0..2 {
-                let Ok(recv) = conn.accept_uni().await else {
-                    return;
-                };
-                let (c, b, bad) = (ctrl_in_tx.clone(), bulk_in_tx.clone(), bad_tx.clone());
-                let est = established_rx.clone();
-                tokio::spawn(async move {
-                    if let Some(why) = read_frames(recv, c, b, est).await {
-                        let _ = bad.send(why).await;
-                    }
-                });
+    let read_one = || {
+        let (c, b, bad) = (ctrl_in_tx.clone(), bulk_in_tx.clone(), bad_tx.clone());
+        let est = established_rx.clone();
+        async move {
+            let Ok(recv) = conn.accept_uni().await else {
+                return;
+            };
+            if let Some(why) = read_frames(recv, c, b, est).await {
+                let _ = bad.send(why).await;
             }
-        });
-    }
+        }
+    };
+    let (first, second) = (read_one(), read_one());
+    let mut readers = std::pin::pin!(async move {
+        tokio::join!(first, second);
+    });
+    let mut readers_done = false;
+    drop((ctrl_in_tx, bulk_in_tx, bad_tx));
 
-    // Persistence runs in order on its own task; completions come back here.
+    // Persistence runs in order, alongside the loop; completions come
+    // back on `done`.
     let (persist_tx, mut persist_rx) = mpsc::channel::<Box<(String, Action)>>(PERSIST_QUEUE);
     let (done_tx, mut done_rx) = mpsc::channel::<Box<Persisted>>(PERSIST_QUEUE);
-    {
-        let store = store.clone();
-        let sink = sink.clone();
-        let node = node.clone();
-        tokio::spawn(async move {
-            while let Some(next) = persist_rx.recv().await {
-                let (stream, action) = *next;
-                let (r, durable) = persist(&store, &sink, &node, stream, action).await;
-                let stop = r.is_err();
-                let reported = done_tx.send(Box::new(r)).await.is_ok();
-                // The fold runs after the ack went to the link, and before
-                // the next action's admit (which may read what it folds).
-                // The owner hears of durable records even when the link
-                // has closed meanwhile.
-                if let Some((st, records)) = durable {
-                    let (s, n) = (sink.clone(), node.clone());
-                    if blocking(move || s.persisted(&n, &st, &records))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                if !reported || stop {
+    let (p_store, p_sink, p_node) = (store.clone(), sink.clone(), node.clone());
+    let mut persister = std::pin::pin!(async move {
+        let (store, sink, node) = (p_store, p_sink, p_node);
+        while let Some(next) = persist_rx.recv().await {
+            let (stream, action) = *next;
+            let (r, durable) = persist(&store, &sink, &node, stream, action).await;
+            let stop = r.is_err();
+            let reported = done_tx.send(Box::new(r)).await.is_ok();
+            // The fold runs after the ack went to the link, and before
+            // the next action's admit (which may read what it folds).
+            // The owner hears of durable records even when the link has
+            // closed meanwhile.
+            if let Some((st, records)) = durable {
+                let (s, n) = (sink.clone(), node.clone());
+                if blocking(move || s.persisted(&n, &st, &records))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
-        });
-    }
+            if !reported || stop {
+                return;
+            }
+        }
+    });
+    let mut persister_done = false;
     // An action the persist queue had no room for: queued first once it has.
     let mut persist_stash: Option<Box<(String, Action)>> = None;
 
@@ -494,6 +500,11 @@ async fn drive(
 
         tokio::select! {
             biased;
+            // The link's own futures first: they are polled on every turn
+            // (and finish only when the link is going away).
+            _ = &mut readers, if !readers_done => readers_done = true,
+            _ = &mut writers, if !writers_done => writers_done = true,
+            _ = &mut persister, if !persister_done => persister_done = true,
             Some(why) = bad_rx.recv() => link.close(ErrorCode::Malformed, why),
             // The control writer has room again for a stashed frame.
             Ok(room) = ctrl_tx.reserve(), if ctrl_stash.is_some() => drop(room),
@@ -543,9 +554,16 @@ async fn drive(
     // more: wait for it.
     drop(persist_tx);
     drop(persist_stash);
-    while done_rx.recv().await.is_some() {}
+    let drain = async { while done_rx.recv().await.is_some() {} };
+    if persister_done {
+        drain.await;
+    } else {
+        tokio::join!(persister, drain);
+    }
     // Give the writers a moment to flush the Error frame.
-    let _ = tokio::time::timeout(Duration::from_millis(200), writers).await;
+    if !writers_done {
+        let _ = tokio::time::timeout(Duration::from_millis(200), writers).await;
+    }
     if !closed.by_peer {
         warn!(code = ?closed.code, message = %closed.message, "sync link closed");
     }

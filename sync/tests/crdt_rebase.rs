@@ -240,3 +240,23 @@ fn deleted_objects_are_forgotten_after_two_sweeps_and_never_come_back() {
     assert_eq!(c.forget_deleted(), 0);
     assert_eq!(c.get_json(KEY).unwrap()["metadata"]["name"], "web-1");
 }
+
+#[test]
+fn a_batch_waits_for_no_more_changes_than_one_call_per_change() {
+    let (mut c, _, _, ups) = setup(301, 0);
+    // The first change of the edge's never arrives: every other one waits.
+    let results = c.apply_changes(KEY, ups[1..].iter().map(Vec::as_slice));
+    let max = keel_sync::crdt::MAX_QUEUED_PER_OBJECT;
+    assert_eq!(c.queued(KEY), max);
+    for (i, r) in results.iter().enumerate() {
+        if i < max {
+            assert_eq!(r.as_ref().unwrap(), &Applied::Queued, "change {i}");
+        } else {
+            assert!(r.is_err(), "change {i} is past the bound: {r:?}");
+        }
+    }
+    // The missing change lets the waiting ones in.
+    assert_eq!(c.apply_change(KEY, &ups[0]).unwrap(), Applied::New);
+    assert_eq!(c.queued(KEY), 0);
+    assert_eq!(c.history_len(KEY), 1 + 1 + max);
+}

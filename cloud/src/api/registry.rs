@@ -19,7 +19,7 @@
 //! Watchers see events in seq order, once durable; a list's
 //! resourceVersion is the last durable seq.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use keel_log::{Cursor, Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, Ticket};
@@ -1124,41 +1124,58 @@ impl Registry {
         let mut inner = lock(&self.inner);
         let mut commit = Commit::new();
         let own_node = format!("nodes/{node}");
-        for r in records {
-            if r.kind != PayloadKind::Change {
-                continue;
+        // Batched per object: each object's changes in these records are
+        // applied in one call, its JSON view is read once and it gets one
+        // watch event (objects are independent CRDTs, so the order across
+        // objects does not matter; within one it is the records' order).
+        let mut per_key: Vec<(&str, Vec<&Record>)> = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for r in records.iter().filter(|r| r.kind == PayloadKind::Change) {
+            let i = *slot.entry(&r.key).or_insert_with(|| {
+                per_key.push((&r.key, Vec::new()));
+                per_key.len() - 1
+            });
+            if let Some((_, rs)) = per_key.get_mut(i) {
+                rs.push(r);
             }
-            let allowed =
-                r.key == own_node || inner.bound.get(&r.key).is_some_and(|s| s.contains(node));
+        }
+        for (key, recs) in per_key {
+            let allowed = key == own_node || inner.bound.get(key).is_some_and(|s| s.contains(node));
             if !allowed {
                 // (Also every record of a deleted object that a re-fold
                 // on start-up meets again: harmless, hence debug there.)
                 if refold {
-                    debug!(%node, key = %r.key, "a node's change to an object no longer bound to it");
+                    debug!(%node, %key, "a node's change to an object no longer bound to it");
                 } else {
-                    warn!(%node, key = %r.key, "node wrote an object not bound to it; ignored");
+                    warn!(%node, %key, "node wrote an object not bound to it; ignored");
                 }
                 continue;
             }
-            let before = inner.view.get(&r.key).map(|s| s.obj.clone());
-            match inner.objects.apply_change(&r.key, &r.payload) {
-                Ok(Applied::New) => {}
-                Ok(_) => continue,
-                Err(e) => {
-                    warn!(%node, key = %r.key, error = %e, "node change unusable; ignored");
-                    continue;
+            let before = inner.view.get(key).map(|s| s.obj.clone());
+            let results = inner
+                .objects
+                .apply_changes(key, recs.iter().map(|r| &*r.payload));
+            let mut seq = None;
+            for (r, applied) in recs.iter().zip(results) {
+                match applied {
+                    Ok(Applied::New) => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(%node, %key, error = %e, "node change unusable; ignored");
+                        continue;
+                    }
+                }
+                let entry = Entry::new(node, key, PayloadKind::Change, r.payload.clone());
+                match self.append_cluster(&mut inner, &mut commit, entry) {
+                    Ok(s) => seq = Some(s),
+                    Err(e) => warn!(%node, error = %e, "could not record a node change"),
                 }
             }
-            let Some(mut obj) = inner.objects.get_json(&r.key) else {
+            let Some(mut seq) = seq else {
                 continue;
             };
-            let entry = Entry::new(node, &r.key, PayloadKind::Change, r.payload.clone());
-            let mut seq = match self.append_cluster(&mut inner, &mut commit, entry) {
-                Ok(seq) => seq,
-                Err(e) => {
-                    warn!(%node, error = %e, "could not record a node change");
-                    continue;
-                }
+            let Some(mut obj) = inner.objects.get_json(key) else {
+                continue;
             };
             // A node owns only the status of what is bound to it: anything
             // else it changed is put back by a cloud change right after
@@ -1167,7 +1184,7 @@ impl Registry {
             if let Some(before) = &before
                 && !same_but_status(before, &obj)
             {
-                warn!(%node, key = %r.key, "node changed fields it does not own; the cloud puts them back");
+                warn!(%node, %key, "node changed fields it does not own; the cloud puts them back");
                 let mut fixed = (**before).clone();
                 match (fixed.as_object_mut(), obj.get("status")) {
                     (Some(f), Some(st)) => {
@@ -1178,27 +1195,25 @@ impl Registry {
                     }
                     _ => {}
                 }
-                match self.correct(&mut inner, &mut commit, &r.key, &fixed) {
+                match self.correct(&mut inner, &mut commit, key, &fixed) {
                     Ok(Some(s)) => {
                         seq = s;
-                        obj = inner.objects.get_json(&r.key).unwrap_or(fixed);
+                        obj = inner.objects.get_json(key).unwrap_or(fixed);
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        warn!(%node, key = %r.key, error = %e, "could not put back the fields")
+                        warn!(%node, %key, error = %e, "could not put back the fields")
                     }
                 }
             }
-            let existed = inner.view.contains_key(&r.key);
-            if !changed.contains(&r.key) {
-                changed.push(r.key.clone());
-            }
+            let existed = inner.view.contains_key(key);
+            changed.push(key.to_owned());
             let obj = Arc::new(obj);
             let stored = Stored {
                 obj: obj.clone(),
                 rv: seq,
             };
-            inner.stage(&mut commit, &r.key, Some(stored), seq);
+            inner.stage(&mut commit, key, Some(stored), seq);
             commit.events.push(Arc::new(WatchEvent {
                 rv: seq,
                 kind: if existed {
@@ -1206,7 +1221,7 @@ impl Registry {
                 } else {
                     EventKind::Added
                 },
-                key: r.key.clone(),
+                key: key.to_owned(),
                 object: obj,
             }));
         }

@@ -618,11 +618,23 @@ impl ObjectStore {
                 Err(e) => out.push(Err(e)),
             }
         }
-        let (slots, changes): (Vec<usize>, Vec<Change>) = parsed.into_iter().unzip();
-        let results = self.entry_mut(key).ingest_batch(changes);
-        for (slot, r) in slots.into_iter().zip(results) {
+        let slots: Vec<(usize, ChangeHash)> = parsed.iter().map(|(i, c)| (*i, c.hash())).collect();
+        let entry = self.entry_mut(key);
+        let results = entry.ingest_batch(parsed.into_iter().map(|(_, c)| c).collect());
+        // The same bound on waiting changes as one call per change: past
+        // it, the latest of the batch are dropped.
+        for ((slot, hash), r) in slots.into_iter().zip(results).rev() {
+            let r = if r == Applied::Queued && entry.pending.len() > MAX_QUEUED_PER_OBJECT {
+                entry.pending.remove(&hash);
+                Err(CrdtError::TooManyQueued {
+                    key: key.to_owned(),
+                    max: MAX_QUEUED_PER_OBJECT,
+                })
+            } else {
+                Ok(r)
+            };
             if let Some(o) = out.get_mut(slot) {
-                *o = Ok(r);
+                *o = r;
             }
         }
         out
