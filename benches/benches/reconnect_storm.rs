@@ -876,6 +876,17 @@ fn storm(c: &mut Criterion) {
             r.edges_cpu,
         );
     }
+    let cap = |f: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{f}"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into())
+    };
+    eprintln!(
+        "UDP socket buffers: keel asks {} bytes, the kernel caps them at net.core.rmem_max {} / wmem_max {}",
+        keel_sync::quic::UDP_BUFFER_BYTES,
+        cap("rmem_max"),
+        cap("wmem_max")
+    );
     eprintln!("cloud process before connections: {rss_before}");
     let kib = |s: &str| -> u64 {
         s.split_whitespace()
