@@ -291,7 +291,9 @@ async fn a_crowd_beyond_the_handshake_bound_is_turned_away_and_comes_back() {
         ..HubOptions::default()
     });
     let edge = Edge::new();
-    let nodes: Vec<String> = (0..40).map(|i| format!("crowd-{i:02}")).collect();
+    // Two in flight and up to 17 waiting per slot (34): a crowd of 80
+    // leaves more than 40 with neither.
+    let nodes: Vec<String> = (0..80).map(|i| format!("crowd-{i:02}")).collect();
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     for node in &nodes {
