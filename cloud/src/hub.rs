@@ -532,11 +532,12 @@ const HANDSHAKE_FLOOR: usize = 64;
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(7);
 /// Attempts that may wait, per slot of the limit: what the measured
 /// throughput serves within `HANDSHAKE_WAIT` (the limit is the throughput
-/// times 400 ms). Measured with `reconnect_storm` at 10,000 nodes: a 4 s
+/// times `HANDSHAKE_LATENCY_TARGET`), 17. Measured with `reconnect_storm` at 10,000 nodes: a 4 s
 /// wait (and 10 per slot) turned away 62,900 attempts of the cold storm
 /// and the last node came at 47.7 s; 7 s (17 per slot) turned away 39,300
 /// and the last came at 43.7 s, 90 % at 20 s instead of 26 s.
-const WAITING_PER_SLOT: usize = 17;
+const WAITING_PER_SLOT: usize =
+    (HANDSHAKE_WAIT.as_millis() / HANDSHAKE_LATENCY_TARGET.as_millis()) as usize;
 /// How often the limit follows the measured throughput.
 const HANDSHAKE_WINDOW: Duration = Duration::from_millis(250);
 
