@@ -56,8 +56,10 @@
 //! changes by that stream's writer.
 
 mod actor;
+mod columnar;
 mod guard;
 pub mod json;
+mod shadow;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -72,6 +74,7 @@ use guard::{
     Chunk, Created, check_alone, check_change, check_in_batch, guarded, parse_change, parse_state,
 };
 pub use json::merge_patch;
+use shadow::Shadow;
 
 /// Errors of the object store. Malformed input of any kind (change bytes,
 /// snapshot bytes, JSON) is reported here; nothing panics on input.
@@ -177,7 +180,22 @@ struct Entry {
     diverged: Option<Value>,
     /// Without a document at the last [`ObjectStore::forget_deleted`].
     gone_at_sweep: bool,
+    /// The fold's fast path (see [`shadow`]): a shadow of the document and
+    /// of `tail`, when there is one.
+    fast: Option<Box<Shadow>>,
+    /// Changes folded by the fast path that the document does not hold
+    /// yet, in causal order, each with its hash. Only ever non-empty with a
+    /// shadow; handed to automerge by [`Entry::flush`] before anything else
+    /// reads or changes the document.
+    tail: Vec<(ChangeHash, Vec<u8>)>,
+    /// The document's history holds something the shadow cannot represent:
+    /// no fast path until the document is replaced.
+    no_fast: bool,
 }
+
+/// Most changes an object's fast-path tail holds before they are handed
+/// to automerge together.
+const MAX_TAIL: usize = 64;
 
 /// The commit message that marks a rebase root.
 const REBASE_MESSAGE: &str = "keel: rebase";
@@ -228,6 +246,123 @@ fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
 }
 
 impl Entry {
+    /// The fast path (see [`shadow`]): fold `bytes` without automerge if
+    /// it is one change that is causally next for this document. `false`
+    /// (nothing changed) when it is not, or not for the fast path; the
+    /// caller then takes the slow path, which decides (and reports) what
+    /// the change is.
+    fn try_fast(&mut self, bytes: &[u8]) -> bool {
+        if self.doc.is_none() || !self.pending.is_empty() || self.tail.len() >= MAX_TAIL {
+            return false;
+        }
+        let Some(change) = columnar::decode(bytes) else {
+            return false;
+        };
+        let hash = ChangeHash(change.hash);
+        if self.dead.contains(&hash) {
+            return false;
+        }
+        if self.shadow_mut().is_none() {
+            return false;
+        }
+        let (doc, tail) = (&self.doc, &self.tail);
+        let known = |h: &[u8; 32]| {
+            let h = ChangeHash(*h);
+            tail.iter().any(|(t, _)| *t == h) || doc.as_ref().is_some_and(|d| has_change(d, &h))
+        };
+        let Some(shadow) = self.fast.as_deref_mut() else {
+            return false;
+        };
+        if !shadow.fold_next(&change, known) {
+            return false;
+        }
+        self.tail.push((hash, bytes.to_vec()));
+        true
+    }
+
+    /// The shadow, built from the document's history if there is none yet
+    /// (once: `no_fast` remembers a history it cannot represent).
+    fn shadow_mut(&mut self) -> Option<&mut Shadow> {
+        if self.fast.is_none() && !self.no_fast && self.tail.is_empty() {
+            let doc = self.doc.as_ref()?;
+            let history = guarded("reading a document's history", || doc.get_changes(&[]));
+            let mut fast = Box::new(Shadow::new());
+            let built = history.is_ok_and(|h| {
+                h.iter()
+                    .all(|c| columnar::decode(c.raw_bytes()).is_some_and(|c| fast.fold_applied(&c)))
+            });
+            if built {
+                self.fast = Some(fast);
+            } else {
+                self.no_fast = true;
+            }
+        }
+        self.fast.as_deref_mut()
+    }
+
+    /// Fold changes automerge has just applied into the shadow, if there is
+    /// one; a change it cannot represent drops it.
+    fn fold_into_shadow<'a>(&mut self, applied: impl IntoIterator<Item = &'a [u8]>) {
+        let Some(fast) = self.fast.as_deref_mut() else {
+            return;
+        };
+        for bytes in applied {
+            if !columnar::decode(bytes).is_some_and(|c| fast.fold_applied(&c)) {
+                self.fast = None;
+                self.no_fast = true;
+                return;
+            }
+        }
+    }
+
+    /// Hand the fast path's tail to automerge, so that the document holds
+    /// every change applied. A change automerge refuses (only ever a
+    /// hand-made one that the fast path's checks let through) is
+    /// discarded, as on the slow path, and the shadow is dropped (the view
+    /// is the document's again).
+    fn flush(&mut self) {
+        if self.tail.is_empty() {
+            return;
+        }
+        let tail = std::mem::take(&mut self.tail);
+        // The shadow holds these already: keep it out of the way.
+        let fast = self.fast.take();
+        let mut batch = Vec::with_capacity(tail.len());
+        let mut broken = false;
+        for (hash, bytes) in &tail {
+            match parse_change(bytes) {
+                Ok(c) => batch.push(c),
+                Err(error) => {
+                    tracing::warn!(%hash, %error, "fast-path change refused by automerge; discarded");
+                    self.dead.insert(*hash);
+                    broken = true;
+                }
+            }
+        }
+        if self.apply_batch(batch.clone()).is_err() {
+            broken = true;
+            for c in batch {
+                let hash = c.hash();
+                if let Err(error) = self.apply_ready(c) {
+                    tracing::warn!(%hash, %error, "fast-path change refused by automerge; discarded");
+                    self.dead.insert(hash);
+                }
+            }
+        }
+        if !broken {
+            self.fast = fast;
+        }
+    }
+
+    /// The document (with the tail) as JSON: `None` if it does not exist.
+    fn view(&self) -> Option<Value> {
+        let doc = self.doc.as_ref()?;
+        Some(match &self.fast {
+            Some(fast) => fast.render(),
+            None => json::read_root(doc),
+        })
+    }
+
     fn is_ready(&self, change: &Change) -> bool {
         match &self.doc {
             None => change.deps().is_empty(),
@@ -238,7 +373,9 @@ impl Entry {
     fn knows(&self, hash: &ChangeHash) -> Option<Applied> {
         if self.dead.contains(hash) {
             Some(Applied::Discarded)
-        } else if self.doc.as_ref().is_some_and(|d| has_change(d, hash)) {
+        } else if self.doc.as_ref().is_some_and(|d| has_change(d, hash))
+            || self.tail.iter().any(|(h, _)| h == hash)
+        {
             Some(Applied::Duplicate)
         } else if self.pending.contains_key(hash) {
             Some(Applied::Queued)
@@ -249,6 +386,7 @@ impl Entry {
 
     /// Route one change: discard, queue, or apply (then drain the queue).
     fn ingest(&mut self, change: Change) -> Result<Applied, CrdtError> {
+        self.flush();
         let hash = change.hash();
         if let Some(known) = self.knows(&hash) {
             return Ok(known);
@@ -277,8 +415,13 @@ impl Entry {
     /// held beyond the root is kept as `diverged`. Atomic: on error the
     /// entry is left as it was.
     fn rebase_to(&mut self, change: Change) -> Result<(), CrdtError> {
+        self.flush();
         check_change(None, &change)?;
         let hash = change.hash();
+        let mut fast = Box::new(Shadow::new());
+        let fast = columnar::decode(change.raw_bytes())
+            .is_some_and(|c| fast.fold_applied(&c))
+            .then_some(fast);
         let doc = guarded("applying a rebase root", move || {
             let mut doc = Automerge::new();
             doc.apply_changes([change]).map(|()| doc)
@@ -297,6 +440,8 @@ impl Entry {
         dead.extend(std::mem::take(&mut self.pending).into_keys());
         self.dead = dead;
         self.doc = Some(doc);
+        self.fast = fast;
+        self.no_fast = false;
         Ok(())
     }
 
@@ -305,6 +450,7 @@ impl Entry {
     fn apply_ready(&mut self, change: Change) -> Result<(), CrdtError> {
         check_change(self.doc.as_ref(), &change)?;
         let hash = change.hash();
+        let bytes = change.raw_bytes().to_vec();
         let base = self.doc.clone().unwrap_or_default();
         let doc = guarded("applying a change", move || {
             let mut doc = base;
@@ -315,6 +461,7 @@ impl Entry {
         }
         verify_faithful(&doc, &[hash])?;
         self.doc = Some(doc);
+        self.fold_into_shadow(std::iter::once(bytes.as_slice()));
         Ok(())
     }
 
@@ -328,6 +475,11 @@ impl Entry {
             check_in_batch(self.doc.as_ref(), change, &mut created)?;
         }
         let hashes: Vec<ChangeHash> = batch.iter().map(Change::hash).collect();
+        let raw: Vec<Vec<u8>> = if self.fast.is_some() {
+            batch.iter().map(|c| c.raw_bytes().to_vec()).collect()
+        } else {
+            Vec::new()
+        };
         let base = self.doc.clone().unwrap_or_default();
         let doc = guarded("applying a batch of changes", move || {
             let mut doc = base;
@@ -338,6 +490,7 @@ impl Entry {
         }
         verify_faithful(&doc, &hashes)?;
         self.doc = Some(doc);
+        self.fold_into_shadow(raw.iter().map(Vec::as_slice));
         Ok(())
     }
 
@@ -423,6 +576,7 @@ impl Entry {
     /// Route a batch of changes for this object. Unknown changes are queued
     /// and the queue drained once, so ready changes go to automerge together.
     fn ingest_batch(&mut self, changes: Vec<Change>) -> Vec<Applied> {
+        self.flush();
         // A rebase root cuts the batch: what comes before it is applied
         // (and then superseded) before the root replaces the document.
         let mut out = Vec::with_capacity(changes.len());
@@ -483,6 +637,15 @@ impl Entry {
         if loaded.get_heads().is_empty() {
             return Ok(());
         }
+        self.flush();
+        let merged = self.merge_doc_flushed(loaded);
+        // The shadow is built again from the merged history when needed.
+        self.fast = None;
+        self.no_fast = false;
+        merged
+    }
+
+    fn merge_doc_flushed(&mut self, loaded: Automerge) -> Result<(), CrdtError> {
         // A document that starts from a rebase root this replica has not
         // met replaces what it holds (its root first, then the rest).
         let root = loaded.get_changes_meta(&[]).into_iter().find(|m| {
@@ -567,6 +730,11 @@ impl ObjectStore {
     /// [`MAX_QUEUED_PER_OBJECT`] per object: beyond that it is dropped with
     /// [`CrdtError::TooManyQueued`] (whoever sent it must send it again).
     pub fn apply_change(&mut self, key: &str, change: &[u8]) -> Result<Applied, CrdtError> {
+        if let Some(entry) = self.entries.get_mut(key)
+            && entry.try_fast(change)
+        {
+            return Ok(Applied::New);
+        }
         let change = parse_change(change)?;
         let hash = change.hash();
         let entry = self.entry_mut(key);
@@ -590,11 +758,42 @@ impl ObjectStore {
         key: &str,
         changes: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Option<Value>, CrdtError> {
-        let mut entry = self.entries.get(key).cloned().unwrap_or_default();
-        for bytes in changes {
-            entry.ingest(parse_change(bytes)?)?;
+        let changes: Vec<&[u8]> = changes.into_iter().collect();
+        let current = self.entries.get(key);
+        // Fast: fold them into a copy of the shadow alone.
+        if let Some(e) = current
+            && e.doc.is_some()
+            && e.pending.is_empty()
+            && let Some(fast) = &e.fast
+        {
+            let mut fast = fast.clone();
+            let mut folded: Vec<[u8; 32]> = Vec::new();
+            let all = changes.iter().all(|bytes| {
+                columnar::decode(bytes).is_some_and(|c| {
+                    let known = |h: &[u8; 32]| {
+                        let hash = ChangeHash(*h);
+                        folded.contains(h)
+                            || e.tail.iter().any(|(t, _)| *t == hash)
+                            || e.doc.as_ref().is_some_and(|d| has_change(d, &hash))
+                    };
+                    let ok = !e.dead.contains(&ChangeHash(c.hash)) && fast.fold_next(&c, known);
+                    if ok {
+                        folded.push(c.hash);
+                    }
+                    ok
+                })
+            });
+            if all {
+                return Ok(Some(fast.render()));
+            }
         }
-        Ok(entry.doc.as_ref().map(json::read_root))
+        let mut entry = current.cloned().unwrap_or_default();
+        for bytes in changes {
+            if !entry.try_fast(bytes) {
+                entry.ingest(parse_change(bytes)?)?;
+            }
+        }
+        Ok(entry.view())
     }
 
     /// Apply several changes to one object's document at once, with one
@@ -609,7 +808,18 @@ impl ObjectStore {
     ) -> Vec<Result<Applied, CrdtError>> {
         let mut out = Vec::new();
         let mut parsed = Vec::new();
+        let mut fast = self.entries.get_mut(key);
         for bytes in changes {
+            // The fast path while it lasts; once a change leaves it, the
+            // rest go to automerge with it (in order).
+            if parsed.is_empty()
+                && let Some(entry) = fast.as_deref_mut()
+                && entry.try_fast(bytes)
+            {
+                out.push(Ok(Applied::New));
+                continue;
+            }
+            fast = None;
             match parse_change(bytes) {
                 Ok(c) => {
                     parsed.push((out.len(), c));
@@ -617,6 +827,9 @@ impl ObjectStore {
                 }
                 Err(e) => out.push(Err(e)),
             }
+        }
+        if parsed.is_empty() {
+            return out;
         }
         let slots: Vec<(usize, ChangeHash)> = parsed.iter().map(|(i, c)| (*i, c.hash())).collect();
         let entry = self.entry_mut(key);
@@ -653,6 +866,10 @@ impl ObjectStore {
                 .dead
                 .extend(doc.get_changes_meta(&[]).into_iter().map(|m| m.hash));
         }
+        let tail = std::mem::take(&mut entry.tail);
+        entry.dead.extend(tail.into_iter().map(|(h, _)| h));
+        entry.fast = None;
+        entry.no_fast = false;
         entry.drain_pending();
     }
 
@@ -682,8 +899,7 @@ impl ObjectStore {
     /// The object as JSON (an object, keys sorted), or `None` if it does not
     /// exist.
     pub fn get_json(&self, key: &str) -> Option<Value> {
-        let doc = self.entries.get(key)?.doc.as_ref()?;
-        Some(json::read_root(doc))
+        self.entries.get(key)?.view()
     }
 
     /// Keys of the objects that exist, in sorted order.
@@ -702,16 +918,24 @@ impl ObjectStore {
     /// The bytes of every change in the object's document, in causal
     /// order (what a replica that has never seen the object needs).
     pub fn changes(&self, key: &str) -> Vec<Vec<u8>> {
-        self.entries
-            .get(key)
-            .and_then(|e| e.doc.as_ref())
-            .map(|d| {
-                d.get_changes(&[])
-                    .into_iter()
-                    .map(|c| c.raw_bytes().to_vec())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(entry) = self.entries.get(key) else {
+            return Vec::new();
+        };
+        let Some(doc) = entry.doc.as_ref() else {
+            return Vec::new();
+        };
+        doc.get_changes(&[])
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .chain(entry.tail.iter().map(|(_, b)| b.clone()))
+            .collect()
+    }
+
+    /// Number of applied changes of `key` that the fold's fast path holds
+    /// and automerge's document does not yet (see [`shadow`]): they are
+    /// handed over together when the document is needed.
+    pub fn fast_tail(&self, key: &str) -> usize {
+        self.entries.get(key).map_or(0, |e| e.tail.len())
     }
 
     /// Number of changes for `key` waiting for their dependencies.
@@ -722,10 +946,15 @@ impl ObjectStore {
     /// Hashes of the current heads of the object's document, sorted (empty if
     /// it does not exist). Equal heads mean equal change sets.
     pub fn heads(&self, key: &str) -> Vec<[u8; 32]> {
-        let mut heads: Vec<[u8; 32]> = self
-            .entries
-            .get(key)
-            .and_then(|e| e.doc.as_ref())
+        let Some(entry) = self.entries.get(key).filter(|e| e.doc.is_some()) else {
+            return Vec::new();
+        };
+        if let Some(fast) = &entry.fast {
+            return fast.heads().to_vec();
+        }
+        let mut heads: Vec<[u8; 32]> = entry
+            .doc
+            .as_ref()
             .map(|d| d.get_heads().into_iter().map(|h| h.0).collect())
             .unwrap_or_default();
         heads.sort_unstable();
@@ -793,6 +1022,7 @@ impl ObjectStore {
     ) -> Result<Option<Vec<u8>>, CrdtError> {
         let am_actor = actor.to_automerge();
         let entry = self.entry_mut(key);
+        entry.flush();
         if entry.pending.values().any(|c| *c.actor_id() == am_actor) {
             return Err(CrdtError::PendingOwnChanges {
                 key: key.to_owned(),
@@ -811,7 +1041,11 @@ impl ObjectStore {
         let (hash, _) = tx.commit();
         match hash {
             None => Ok(None),
-            Some(hash) => change_bytes(doc, &hash).map(Some),
+            Some(hash) => {
+                let bytes = change_bytes(doc, &hash)?;
+                entry.fold_into_shadow([bytes.as_slice()]);
+                Ok(Some(bytes))
+            }
         }
     }
 
@@ -824,6 +1058,7 @@ impl ObjectStore {
         let Some(entry) = self.entries.get_mut(key) else {
             return Ok(None);
         };
+        entry.flush();
         let Some(doc) = entry.doc.as_ref() else {
             return Ok(None);
         };
@@ -863,15 +1098,24 @@ impl ObjectStore {
     /// How many changes the object's document holds (0 if it does not
     /// exist): what decides whether a rebase is worth it.
     pub fn history_len(&self, key: &str) -> usize {
-        self.entries
-            .get(key)
-            .and_then(|e| e.doc.as_ref())
-            .map_or(0, |d| d.get_changes_meta(&[]).len())
+        self.entries.get(key).map_or(0, |e| {
+            e.doc
+                .as_ref()
+                .map_or(0, |d| d.get_changes_meta(&[]).len() + e.tail.len())
+        })
     }
 
     /// The object's op counter (0 if it does not exist): cheap, and never
     /// less than the number of changes its document holds.
     pub fn op_count(&self, key: &str) -> u64 {
+        if let Some(fast) = self
+            .entries
+            .get(key)
+            .filter(|e| e.doc.is_some())
+            .and_then(|e| e.fast.as_ref())
+        {
+            return fast.max_op();
+        }
         self.entries
             .get(key)
             .and_then(|e| e.doc.as_ref())
@@ -887,10 +1131,11 @@ impl ObjectStore {
 
     /// Whether the object's live document holds the change with `hash`.
     pub fn has_change(&self, key: &str, hash: &[u8; 32]) -> bool {
-        self.entries
-            .get(key)
-            .and_then(|e| e.doc.as_ref())
-            .is_some_and(|d| has_change(d, &ChangeHash(*hash)))
+        let hash = ChangeHash(*hash);
+        self.entries.get(key).is_some_and(|e| {
+            e.doc.as_ref().is_some_and(|d| has_change(d, &hash))
+                || e.tail.iter().any(|(h, _)| *h == hash)
+        })
     }
 
     /// After a rebase root replaced the object's document: what this
@@ -943,6 +1188,9 @@ impl ObjectStore {
     pub fn save(&self, key: &str) -> Option<Vec<u8>> {
         let entry = self.entries.get(key)?;
         let mut bytes = entry.doc.as_ref()?.save();
+        for (_, change) in &entry.tail {
+            bytes.extend_from_slice(change);
+        }
         for change in entry.pending.values() {
             bytes.extend_from_slice(change.raw_bytes());
         }
@@ -1000,6 +1248,8 @@ fn create(
         }
         let bytes = change_bytes(&doc, &hash)?;
         entry.doc = Some(doc);
+        entry.fast = None;
+        entry.no_fast = false;
         entry.drain_pending();
         return Ok(bytes);
     }

@@ -1,0 +1,452 @@
+//! The fold's fast path: a shadow of one object's document that folds the
+//! common change without automerge.
+//!
+//! Almost every change keel carries is *causally next* for its object: its
+//! dependencies are the object's current heads (the node writes its status
+//! on top of what it last saw, the cloud its spec), and each op overwrites
+//! exactly the values that are visible now. For such a change automerge's
+//! merge is plain sequential application — a put replaces the value, an
+//! insert goes right after its reference (its op id is the greatest in the
+//! document), a delete removes — and that is what [`Shadow::fold_next`]
+//! does, on a tree of the document's live ops (id, value) per map key and
+//! list element, in a few microseconds instead of automerge's few hundred.
+//! Anything else (a concurrent change, an op whose predecessors are not
+//! exactly the live values, a shape keel does not write) is refused and
+//! goes to automerge, which stays the document format and does every merge
+//! of concurrent edits; changes automerge applied are folded into the
+//! shadow afterwards with [`Shadow::fold_applied`] (general map semantics:
+//! predecessors out, the new op in, the greatest op id visible).
+//!
+//! The object store keeps the changes folded here as a *tail* of raw bytes
+//! and hands them to automerge in one batch when the document is needed
+//! (an edit, a rebase, a concurrent change, or a full tail); the JSON view
+//! is rendered from the shadow, which renders exactly what
+//! [`super::json::read_root`] renders from the document.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Number, Value};
+
+use super::columnar::{DELETE, Decoded, Key, LocalId, MAKE_LIST, MAKE_MAP, PUT, Scalar};
+use super::json::MAX_DEPTH;
+
+/// An op id: counter, then the actor (an index into [`Shadow::actors`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Id {
+    ctr: u64,
+    actor: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Val {
+    Null,
+    Bool(bool),
+    Uint(u64),
+    Int(i64),
+    F64(f64),
+    Str(Box<str>),
+    /// A map or list object: the object's id is the op's own.
+    Map,
+    List,
+}
+
+/// The live ops of one map key or list element (usually one; several after
+/// concurrent puts, the greatest id visible).
+type Slot = Vec<(Id, Val)>;
+
+#[derive(Debug, Clone)]
+enum Obj {
+    Map(BTreeMap<Box<str>, Slot>),
+    /// Elements in order, deleted ones kept (an insert may refer to them),
+    /// each with the id of the op that inserted it.
+    List(Vec<(Id, Slot)>),
+}
+
+/// The shadow of one document; see the module documentation.
+#[derive(Debug, Clone)]
+pub(crate) struct Shadow {
+    actors: Vec<Vec<u8>>,
+    actor_index: HashMap<Vec<u8>, u32>,
+    /// Last sequence number of each actor.
+    seqs: Vec<u64>,
+    max_op: u64,
+    /// Sorted.
+    heads: Vec<[u8; 32]>,
+    /// Objects by id; `None` is the root map.
+    objs: HashMap<Option<Id>, Obj>,
+}
+
+/// An op's key, with actors interned.
+#[derive(Debug, Clone, Copy)]
+enum K<'a> {
+    Prop(&'a str),
+    Head,
+    Elem(Id),
+}
+
+/// A change undone: what an op replaced.
+enum Undo {
+    Slot(Option<Id>, SlotAt, Slot),
+    Inserted(Option<Id>, usize),
+    Created(Id),
+}
+
+#[derive(Clone)]
+enum SlotAt {
+    Key(Box<str>),
+    Index(usize),
+}
+
+impl Shadow {
+    /// The shadow of an empty document.
+    pub(crate) fn new() -> Shadow {
+        Shadow {
+            actors: Vec::new(),
+            actor_index: HashMap::new(),
+            seqs: Vec::new(),
+            max_op: 0,
+            heads: Vec::new(),
+            objs: HashMap::from([(None, Obj::Map(BTreeMap::new()))]),
+        }
+    }
+
+    /// The document's heads, sorted.
+    pub(crate) fn heads(&self) -> &[[u8; 32]] {
+        &self.heads
+    }
+
+    /// The greatest op counter in the document.
+    pub(crate) fn max_op(&self) -> u64 {
+        self.max_op
+    }
+
+    /// Fold a change that is causally next (see the module documentation):
+    /// its dependencies are every current head, and perhaps changes the
+    /// document holds already (`known`; automerge names the author's own
+    /// previous change when it is not a head). `false`, with the shadow
+    /// unchanged, if it is not one.
+    pub(crate) fn fold_next(&mut self, c: &Decoded<'_>, known: impl Fn(&[u8; 32]) -> bool) -> bool {
+        let sorted = c.deps.windows(2).all(|w| w.first() < w.get(1));
+        if !sorted
+            || self.heads.is_empty()
+            || !self.heads.iter().all(|h| c.deps.binary_search(h).is_ok())
+            || !c
+                .deps
+                .iter()
+                .all(|d| self.heads.binary_search(d).is_ok() || known(d))
+        {
+            return false;
+        }
+        let author = self.actor_index.get(c.actor).copied();
+        let last_seq = author.and_then(|a| self.seqs.get(a as usize).copied());
+        if c.seq != last_seq.unwrap_or(0) + 1 || Some(c.start_op) != self.max_op.checked_add(1) {
+            return false;
+        }
+        self.others_as_automerge_writes_them(c) && self.fold(c, true)
+    }
+
+    /// Fold a change automerge has applied to the document (in causal
+    /// order). `false` if this shadow cannot represent it (the caller then
+    /// drops the shadow); the shadow is then left as it was.
+    pub(crate) fn fold_applied(&mut self, c: &Decoded<'_>) -> bool {
+        self.fold(c, false)
+    }
+
+    /// automerge rebuilds a change's other actors as the actors its ops
+    /// refer to, sorted, and its predecessors sorted by op id: a change
+    /// that lists them otherwise would not rebuild bit for bit.
+    fn others_as_automerge_writes_them(&self, c: &Decoded<'_>) -> bool {
+        if c.others.windows(2).any(|w| w.first() >= w.get(1)) || c.others.contains(&c.actor) {
+            return false;
+        }
+        let mut used = vec![false; c.others.len()];
+        let mut mark = |id: LocalId| {
+            if let Some(u) = id.0.checked_sub(1).and_then(|i| used.get_mut(i as usize)) {
+                *u = true;
+            }
+        };
+        for op in &c.ops {
+            if let Some(o) = op.obj {
+                mark(o);
+            }
+            if let Key::Elem(e) = op.key {
+                mark(e);
+            }
+        }
+        for p in &c.preds {
+            mark(*p);
+        }
+        if used.contains(&false) {
+            return false;
+        }
+        c.ops.iter().all(|op| {
+            c.preds.get(op.preds.clone()).is_some_and(|ps| {
+                ps.windows(2).all(|w| match (w.first(), w.get(1)) {
+                    (Some(a), Some(b)) => (a.1, c.actor_at(a.0)) < (b.1, c.actor_at(b.0)),
+                    _ => false,
+                })
+            })
+        })
+    }
+
+    fn fold(&mut self, c: &Decoded<'_>, strict: bool) -> bool {
+        let actors_before = self.actors.len();
+        // The change's actor indices, interned.
+        let mut local = Vec::with_capacity(1 + c.others.len());
+        for bytes in std::iter::once(c.actor).chain(c.others.iter().copied()) {
+            local.push(self.intern(bytes));
+        }
+        let mut undo = Vec::new();
+        let mut ok = true;
+        for (i, op) in c.ops.iter().enumerate() {
+            let applied = (|| {
+                let id = Id {
+                    ctr: c.start_op.checked_add(i as u64)?,
+                    actor: *local.first()?,
+                };
+                let to_id = |l: LocalId| -> Option<Id> {
+                    Some(Id {
+                        ctr: l.1,
+                        actor: *local.get(usize::try_from(l.0).ok()?)?,
+                    })
+                };
+                let obj = match op.obj {
+                    None => None,
+                    Some(o) => Some(to_id(o)?),
+                };
+                let preds: Vec<Id> = c
+                    .preds
+                    .get(op.preds.clone())?
+                    .iter()
+                    .map(|p| to_id(*p))
+                    .collect::<Option<_>>()?;
+                let key = match op.key {
+                    Key::Prop(k) => K::Prop(k),
+                    Key::Head => K::Head,
+                    Key::Elem(e) => K::Elem(to_id(e)?),
+                };
+                let val = match (op.action, op.value) {
+                    (MAKE_MAP, Scalar::Null) => Some(Val::Map),
+                    (MAKE_LIST, Scalar::Null) => Some(Val::List),
+                    (DELETE, Scalar::Null) => None,
+                    (PUT, s) => Some(match s {
+                        Scalar::Null => Val::Null,
+                        Scalar::Bool(b) => Val::Bool(b),
+                        Scalar::Uint(u) => Val::Uint(u),
+                        Scalar::Int(i) => Val::Int(i),
+                        Scalar::F64(f) => Val::F64(f),
+                        Scalar::Str(s) => Val::Str(s.into()),
+                    }),
+                    _ => return None,
+                };
+                self.apply_op(obj, key, op.insert, id, &preds, val, strict, &mut undo)
+            })();
+            if applied.is_none() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            for u in undo.into_iter().rev() {
+                self.undo(u);
+            }
+            self.actors.truncate(actors_before);
+            self.seqs.truncate(actors_before);
+            self.actor_index
+                .retain(|_, i| (*i as usize) < actors_before);
+            return false;
+        }
+        if let Some(seq) = local.first().and_then(|a| self.seqs.get_mut(*a as usize)) {
+            *seq = (*seq).max(c.seq);
+        }
+        if let Some(n) = (c.ops.len() as u64).checked_sub(1) {
+            self.max_op = self.max_op.max(c.start_op.saturating_add(n));
+        }
+        self.heads.retain(|h| !c.deps.contains(h));
+        if let Err(at) = self.heads.binary_search(&c.hash) {
+            self.heads.insert(at, c.hash);
+        }
+        true
+    }
+
+    fn intern(&mut self, bytes: &[u8]) -> u32 {
+        if let Some(i) = self.actor_index.get(bytes) {
+            return *i;
+        }
+        let i = self.actors.len() as u32;
+        self.actors.push(bytes.to_vec());
+        self.actor_index.insert(bytes.to_vec(), i);
+        self.seqs.push(0);
+        i
+    }
+
+    /// automerge's op order: counter, then actor bytes.
+    fn greater(&self, a: Id, b: Id) -> bool {
+        (a.ctr, self.actors.get(a.actor as usize)) > (b.ctr, self.actors.get(b.actor as usize))
+    }
+
+    /// Apply one op; `None` if it cannot be (nothing changed by this op).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_op(
+        &mut self,
+        obj: Option<Id>,
+        key: K<'_>,
+        insert: bool,
+        id: Id,
+        preds: &[Id],
+        val: Option<Val>,
+        strict: bool,
+        undo: &mut Vec<Undo>,
+    ) -> Option<()> {
+        if matches!(val, Some(Val::Map | Val::List)) && self.objs.contains_key(&Some(id)) {
+            return None;
+        }
+        let made = match &val {
+            Some(Val::Map) => Some(Obj::Map(BTreeMap::new())),
+            Some(Val::List) => Some(Obj::List(Vec::new())),
+            _ => None,
+        };
+        // Replace the live ops of a slot: in strict mode the predecessors
+        // must be exactly the live ops (and a delete must delete something).
+        let replace = |slot: &mut Slot| -> Option<Slot> {
+            if strict {
+                let same =
+                    slot.len() == preds.len() && slot.iter().all(|(live, _)| preds.contains(live));
+                if !same || (val.is_none() && preds.is_empty()) {
+                    return None;
+                }
+            }
+            let old = slot.clone();
+            slot.retain(|(live, _)| !preds.contains(live));
+            if let Some(v) = &val {
+                slot.push((id, v.clone()));
+            }
+            Some(old)
+        };
+        // For an insert: the element right after the reference, if any.
+        let mut next_after = None;
+        match (self.objs.get_mut(&obj)?, key) {
+            (Obj::Map(map), K::Prop(k)) if !insert => {
+                let entry = map.entry(k.into()).or_default();
+                let old = replace(entry)?;
+                if entry.is_empty() {
+                    map.remove(k);
+                }
+                undo.push(Undo::Slot(obj, SlotAt::Key(k.into()), old));
+            }
+            (Obj::List(list), K::Head | K::Elem(_)) if insert => {
+                let at = match key {
+                    K::Elem(e) => list.iter().position(|(el, _)| *el == e)? + 1,
+                    _ => 0,
+                };
+                if !preds.is_empty() {
+                    return None;
+                }
+                let v = val.clone()?;
+                next_after = list.get(at).map(|(n, _)| *n);
+                list.insert(at, (id, vec![(id, v)]));
+                undo.push(Undo::Inserted(obj, at));
+            }
+            (Obj::List(list), K::Elem(e)) => {
+                let at = list.iter().position(|(el, _)| *el == e)?;
+                let (_, slot) = list.get_mut(at)?;
+                let old = replace(slot)?;
+                undo.push(Undo::Slot(obj, SlotAt::Index(at), old));
+            }
+            _ => return None,
+        }
+        // With a greater element right after the reference, RGA would
+        // place the insert past it: not a case the shadow handles.
+        if next_after.is_some_and(|n| self.greater(n, id)) {
+            return None;
+        }
+        if let Some(o) = made {
+            self.objs.insert(Some(id), o);
+            undo.push(Undo::Created(id));
+        }
+        Some(())
+    }
+
+    fn undo(&mut self, u: Undo) {
+        match u {
+            Undo::Created(id) => {
+                self.objs.remove(&Some(id));
+            }
+            Undo::Inserted(obj, at) => {
+                if let Some(Obj::List(list)) = self.objs.get_mut(&obj)
+                    && at < list.len()
+                {
+                    list.remove(at);
+                }
+            }
+            Undo::Slot(obj, at, old) => match (self.objs.get_mut(&obj), at) {
+                (Some(Obj::Map(map)), SlotAt::Key(k)) => {
+                    if old.is_empty() {
+                        map.remove(&k);
+                    } else {
+                        map.insert(k, old);
+                    }
+                }
+                (Some(Obj::List(list)), SlotAt::Index(i)) => {
+                    if let Some((_, slot)) = list.get_mut(i) {
+                        *slot = old;
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+
+    /// The document as JSON, as [`super::json::read_root`] renders it.
+    pub(crate) fn render(&self) -> Value {
+        self.render_map(None, 0)
+    }
+
+    fn winner<'s>(&self, slot: &'s Slot) -> Option<&'s (Id, Val)> {
+        let mut best: Option<&(Id, Val)> = None;
+        for live in slot {
+            if best.is_none_or(|b| self.greater(live.0, b.0)) {
+                best = Some(live);
+            }
+        }
+        best
+    }
+
+    fn render_val(&self, (id, val): &(Id, Val), depth: usize) -> Value {
+        match val {
+            Val::Null => Value::Null,
+            Val::Bool(b) => Value::Bool(*b),
+            Val::Uint(u) => Value::Number(Number::from(*u)),
+            Val::Int(i) => Value::Number(Number::from(*i)),
+            Val::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
+            Val::Str(s) => Value::String(s.to_string()),
+            Val::Map | Val::List if depth >= MAX_DEPTH => Value::Null,
+            Val::Map => self.render_map(Some(*id), depth),
+            Val::List => self.render_list(Some(*id), depth),
+        }
+    }
+
+    fn render_map(&self, obj: Option<Id>, depth: usize) -> Value {
+        let mut out = Map::new();
+        if let Some(Obj::Map(map)) = self.objs.get(&obj) {
+            for (k, slot) in map {
+                if let Some(w) = self.winner(slot) {
+                    out.insert(k.to_string(), self.render_val(w, depth + 1));
+                }
+            }
+        }
+        Value::Object(out)
+    }
+
+    fn render_list(&self, obj: Option<Id>, depth: usize) -> Value {
+        let mut out = Vec::new();
+        if let Some(Obj::List(list)) = self.objs.get(&obj) {
+            for (_, slot) in list {
+                if let Some(w) = self.winner(slot) {
+                    out.push(self.render_val(w, depth + 1));
+                }
+            }
+        }
+        Value::Array(out)
+    }
+}

@@ -1,0 +1,290 @@
+//! The fold's fast path: a change that is causally next is folded without
+//! automerge, and whatever path a change takes, every store renders what
+//! automerge renders from the same changes.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use keel_sync::crdt::{ActorId, Applied, ObjectStore};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+const KEY: &str = "pods/default/web-0";
+
+fn cloud() -> ActorId {
+    ActorId::from_name("cloud")
+}
+fn edge() -> ActorId {
+    ActorId::from_name("edge-1")
+}
+
+/// What automerge alone renders for the object `store` holds: its saved
+/// state (document, then the fast path's tail as loose changes) loaded
+/// into a fresh store, whose view is read from the document.
+fn automerge_view(store: &ObjectStore) -> Option<Value> {
+    let saved = store.save(KEY)?;
+    let mut fresh = ObjectStore::new();
+    fresh.load(KEY, &saved).unwrap();
+    assert_eq!(fresh.fast_tail(KEY), 0);
+    fresh.get_json(KEY)
+}
+
+fn status(i: u64) -> Value {
+    json!({"status": {
+        "phase": if i.is_multiple_of(2) { "Running" } else { "Pending" },
+        "podIP": format!("10.42.0.{}", i % 250),
+        "conditions": [
+            {"type": "Ready", "status": if i.is_multiple_of(2) { "True" } else { "False" }},
+            {"type": "ContainersReady", "status": "True"}
+        ],
+        "containerStatuses": [{"name": "app", "ready": i.is_multiple_of(2), "restartCount": i}]
+    }})
+}
+
+#[test]
+fn pod_status_changes_take_the_fast_path_until_the_document_is_needed() {
+    let mut cloud_store = ObjectStore::new();
+    let create = cloud_store
+        .edit_merge_patch(
+            KEY,
+            &cloud(),
+            &json!({"kind": "Pod", "spec": {"nodeName": "edge-1"}}),
+        )
+        .unwrap()
+        .unwrap();
+    let mut node = ObjectStore::new();
+    node.apply_change(KEY, &create).unwrap();
+    let (statuses, views): (Vec<Vec<u8>>, Vec<Option<Value>>) = (0..10)
+        .map(|i| {
+            let c = node
+                .edit_merge_patch(KEY, &edge(), &status(i))
+                .unwrap()
+                .unwrap();
+            (c, node.get_json(KEY))
+        })
+        .unzip();
+    for (i, c) in statuses.iter().enumerate() {
+        assert_eq!(cloud_store.apply_change(KEY, c).unwrap(), Applied::New);
+        assert_eq!(
+            cloud_store.fast_tail(KEY),
+            i + 1,
+            "change {i} took the slow path"
+        );
+        assert_eq!(cloud_store.get_json(KEY), views[i]);
+    }
+    assert_eq!(cloud_store.heads(KEY), node.heads(KEY));
+    assert_eq!(cloud_store.history_len(KEY), 11);
+    assert!(cloud_store.has_change(KEY, &node.heads(KEY)[0]));
+    assert_eq!(automerge_view(&cloud_store), node.get_json(KEY));
+    // A duplicate is a duplicate, whichever path holds the original.
+    assert_eq!(
+        cloud_store.apply_change(KEY, &statuses[9]).unwrap(),
+        Applied::Duplicate
+    );
+    assert_eq!(
+        cloud_store.apply_change(KEY, &statuses[3]).unwrap(),
+        Applied::Duplicate
+    );
+    // An edit needs the document: the tail goes to automerge first.
+    let spec = cloud_store
+        .edit_merge_patch(
+            KEY,
+            &cloud(),
+            &json!({"spec": {"nodeName": "edge-1", "x": 1}}),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(cloud_store.fast_tail(KEY), 0);
+    assert_eq!(node.apply_change(KEY, &spec).unwrap(), Applied::New);
+    assert_eq!(node.fast_tail(KEY), 1);
+    assert_eq!(node.get_json(KEY), cloud_store.get_json(KEY));
+    assert_eq!(automerge_view(&node), cloud_store.get_json(KEY));
+    // A batch: all fast.
+    let more: Vec<Vec<u8>> = (10..20)
+        .map(|i| {
+            node.edit_merge_patch(KEY, &edge(), &status(i))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let r = cloud_store.apply_changes(KEY, more.iter().map(Vec::as_slice));
+    assert!(r.iter().all(|r| matches!(r, Ok(Applied::New))));
+    assert_eq!(cloud_store.fast_tail(KEY), 10);
+    assert_eq!(cloud_store.get_json(KEY), node.get_json(KEY));
+    // A preview sees the same.
+    let next = node
+        .edit_merge_patch(KEY, &edge(), &status(99))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        cloud_store.preview(KEY, [next.as_slice()]).unwrap(),
+        node.get_json(KEY)
+    );
+    assert_eq!(cloud_store.fast_tail(KEY), 10);
+}
+
+#[test]
+fn a_full_tail_goes_to_automerge_and_the_fast_path_goes_on() {
+    let mut a = ObjectStore::new();
+    let mut b = ObjectStore::new();
+    let c = a
+        .edit_merge_patch(KEY, &cloud(), &json!({"n": 0}))
+        .unwrap()
+        .unwrap();
+    b.apply_change(KEY, &c).unwrap();
+    let mut max_tail = 0;
+    for i in 1..300 {
+        let c = a
+            .edit_merge_patch(KEY, &edge(), &json!({"n": i}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.apply_change(KEY, &c).unwrap(), Applied::New);
+        max_tail = max_tail.max(b.fast_tail(KEY));
+    }
+    assert!(max_tail > 1 && max_tail <= 64, "{max_tail}");
+    assert_eq!(b.get_json(KEY), Some(json!({"n": 299})));
+    assert_eq!(automerge_view(&b), Some(json!({"n": 299})));
+    assert_eq!(b.history_len(KEY), 300);
+}
+
+#[test]
+fn a_tombstone_and_a_rebase_drop_the_tail_with_the_history() {
+    let mut a = ObjectStore::new();
+    let mut b = ObjectStore::new();
+    let first = a
+        .edit_merge_patch(KEY, &cloud(), &json!({"n": 0}))
+        .unwrap()
+        .unwrap();
+    b.apply_change(KEY, &first).unwrap();
+    let second = a
+        .edit_merge_patch(KEY, &edge(), &json!({"n": 1}))
+        .unwrap()
+        .unwrap();
+    b.apply_change(KEY, &second).unwrap();
+    assert_eq!(b.fast_tail(KEY), 1);
+    b.apply_tombstone(KEY);
+    assert!(!b.contains(KEY));
+    assert_eq!(b.fast_tail(KEY), 0);
+    assert_eq!(b.apply_change(KEY, &second).unwrap(), Applied::Discarded);
+    // Rebase with a tail.
+    let mut c = ObjectStore::new();
+    c.apply_change(KEY, &first).unwrap();
+    c.apply_change(KEY, &second).unwrap();
+    let root = c.rebase(KEY, &cloud()).unwrap().unwrap();
+    assert_eq!(c.get_json(KEY), Some(json!({"n": 1})));
+    assert_eq!(c.history_len(KEY), 1);
+    let after = a
+        .edit_merge_patch(KEY, &edge(), &json!({"n": 2}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.apply_change(KEY, &after).unwrap(), Applied::Discarded);
+    let mut d = ObjectStore::new();
+    d.apply_change(KEY, &root).unwrap();
+    let on_root = d
+        .edit_merge_patch(KEY, &edge(), &json!({"n": 3}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.apply_change(KEY, &on_root).unwrap(), Applied::New);
+    assert_eq!(c.fast_tail(KEY), 1);
+    assert_eq!(c.get_json(KEY), Some(json!({"n": 3})));
+}
+
+fn leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|i| json!(i)),
+        (i64::MAX as u64..=u64::MAX).prop_map(|u| json!(u)),
+        prop::num::f64::NORMAL.prop_map(|f| json!(f)),
+        Just(json!(0.0)),
+        Just(json!(-0.0)),
+        "[a-z0-9é ]{0,12}".prop_map(Value::String),
+    ]
+}
+
+fn value() -> impl Strategy<Value = Value> {
+    leaf().prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-e]", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<String, Value>>())),
+        ]
+    })
+}
+
+/// One edit: who writes, which field, the value, and whether the other
+/// writer hears of it (and of everything before it) right away.
+fn edit() -> impl Strategy<Value = (bool, u8, Value, bool)> {
+    (any::<bool>(), 0u8..3, value(), any::<bool>())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Two writers edit one object, sometimes in step, sometimes
+    /// concurrently; an observer applies every change in the order it was
+    /// made (fast path or automerge, as each change allows). All three, and
+    /// automerge alone, render the same object in the end, and the
+    /// observer renders what automerge renders after every change.
+    #[test]
+    fn every_store_renders_what_automerge_renders(edits in prop::collection::vec(edit(), 1..24)) {
+        let mut writers = [ObjectStore::new(), ObjectStore::new()];
+        let actors = [cloud(), edge()];
+        let mut observer = ObjectStore::new();
+        let create = writers[0].edit_merge_patch(KEY, &actors[0], &json!({"kind": "Pod"})).unwrap().unwrap();
+        writers[1].apply_change(KEY, &create).unwrap();
+        observer.apply_change(KEY, &create).unwrap();
+        let mut unheard: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+        let mut fast = 0;
+        for (who, field, v, sync) in edits {
+            let w = usize::from(who);
+            let field = ["spec", "status", "metadata"][usize::from(field)];
+            let Some(c) = writers[w].edit_merge_patch(KEY, &actors[w], &json!({ field: v })).unwrap() else {
+                continue;
+            };
+            let before = observer.fast_tail(KEY);
+            prop_assert_eq!(observer.apply_change(KEY, &c).unwrap(), Applied::New);
+            if observer.fast_tail(KEY) > before {
+                fast += 1;
+            }
+            prop_assert_eq!(observer.get_json(KEY), automerge_view(&observer));
+            unheard[w].push(c);
+            if sync {
+                for c in std::mem::take(&mut unheard[w]) {
+                    writers[1 - w].apply_change(KEY, &c).unwrap();
+                }
+            }
+        }
+        for w in 0..2 {
+            for c in std::mem::take(&mut unheard[w]) {
+                writers[1 - w].apply_change(KEY, &c).unwrap();
+            }
+        }
+        let want = automerge_view(&writers[0]);
+        prop_assert_eq!(writers[0].get_json(KEY), want.clone());
+        prop_assert_eq!(writers[1].get_json(KEY), want.clone());
+        prop_assert_eq!(observer.get_json(KEY), want.clone());
+        prop_assert_eq!(automerge_view(&writers[1]), want);
+        prop_assert_eq!(observer.heads(KEY), writers[0].heads(KEY));
+        let _ = fast;
+    }
+
+    /// A writer's changes in order, all causally next: every one is folded
+    /// by the fast path, and the result is automerge's.
+    #[test]
+    fn sequential_changes_all_take_the_fast_path(values in prop::collection::vec(value(), 1..16)) {
+        let mut writer = ObjectStore::new();
+        let mut reader = ObjectStore::new();
+        let create = writer.edit_merge_patch(KEY, &cloud(), &json!({"kind": "Pod"})).unwrap().unwrap();
+        reader.apply_change(KEY, &create).unwrap();
+        let mut made = 0;
+        for (i, v) in values.into_iter().enumerate() {
+            let actor = if i % 3 == 0 { cloud() } else { edge() };
+            if let Some(c) = writer.edit_merge_patch(KEY, &actor, &json!({"status": v})).unwrap() {
+                made += 1;
+                prop_assert_eq!(reader.apply_change(KEY, &c).unwrap(), Applied::New);
+                prop_assert_eq!(reader.fast_tail(KEY), made, "change {} took the slow path", i);
+            }
+        }
+        prop_assert_eq!(reader.get_json(KEY), writer.get_json(KEY));
+        prop_assert_eq!(automerge_view(&reader), writer.get_json(KEY));
+    }
+}
