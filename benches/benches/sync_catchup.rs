@@ -4,12 +4,21 @@
 //!   behind in each direction, caught up through both link state machines
 //!   (frames encoded and decoded, chains verified, records persisted to the
 //!   in-memory log).
-//! - `catchup/1000-nodes/with-crdt-apply`: the same for 1,000 nodes, also
-//!   applying every record to both sides' CRDT object stores (a rate, so
-//!   comparable; 10,000 nodes would take minutes per sample).
-//! - `automerge/apply-pod-status/history-N`: applying pod-status-sized
-//!   changes one at a time to a pod whose document already holds N changes;
-//!   `history-N/one-batch`: the same changes handed over in one batch.
+//! - `catchup/crdt-apply/10000-objects/history-H`: 1,000 nodes with 10 pods
+//!   each (10,000 objects whose documents hold H changes, loaded from saved
+//!   state as cloudcore loads them), each node sending one real automerge
+//!   pod-status change per pod (the common case: one change per object per
+//!   segment), through both link state machines and applied to the cloud's
+//!   object store. Elements are changes applied.
+//! - `catchup/1000-nodes/concurrent-edits`: the links-only shape for 1,000
+//!   nodes, applying every record to both sides' object stores, where each
+//!   pod's spec (cloud) and status (node) were edited concurrently while
+//!   apart: every change needs automerge's merge.
+//! - `crdt/apply-pod-status/history-N`: pod-status changes applied one at a
+//!   time to a pod whose document holds N changes (the fold's fast path);
+//!   `/then-automerge`: the same, then handed to automerge's document
+//!   (what an edit, a rebase or a full tail costs); `/one-batch`: handed
+//!   over together.
 //!
 //! `cargo bench -p keel-benches --bench sync_catchup`
 //!
@@ -28,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keel_log::{Entry, PayloadKind, Role};
-use keel_sync::crdt::{ActorId, ObjectStore};
+use keel_sync::crdt::{ActorId, Applied, ObjectStore};
 use keel_sync::link::{LogSource, down_stream, up_stream};
 use keel_sync::sim::{MemLog, Pair};
 use serde_json::json;
@@ -136,17 +145,20 @@ fn pairs(templates: &[Template], nodes: usize, with_objects: bool) -> Vec<Pair> 
 }
 
 fn catchup(c: &mut Criterion) {
-    let start = Instant::now();
     let all = std::env::var("KEEL_CATCHUP_NODES")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(NODES)
         .max(10);
+    if !wanted(&format!("catchup/{all}-nodes")) && !wanted(&format!("catchup/{}-nodes", all / 10)) {
+        return;
+    }
+    let start = Instant::now();
     let t: Vec<Template> = (0..all).map(|i| template(&format!("edge-{i}"))).collect();
     eprintln!("{all} node templates made in {:?}", start.elapsed());
     for (nodes, name, with_objects) in [
         (all, "links-only", false),
-        (all / 10, "with-crdt-apply", true),
+        (all / 10, "concurrent-edits", true),
     ] {
         let mut g = c.benchmark_group(format!("catchup/{nodes}-nodes"));
         g.sample_size(10)
@@ -174,11 +186,142 @@ fn catchup(c: &mut Criterion) {
     }
 }
 
-fn automerge_apply(c: &mut Criterion) {
+/// Nodes and pods per node of the CRDT-apply catch-up: 10,000 objects.
+const APPLY_NODES: usize = 1_000;
+const PODS: usize = 10;
+
+/// The saved state of a pod whose document holds `history` changes: its
+/// creation by the cloud, then status changes by a node that ran it before.
+fn pod_with_history(history: usize) -> Vec<u8> {
+    let key = "pods/default/template";
+    let mut s = ObjectStore::new();
+    s.edit_merge_patch(key, &ActorId::from_name("cloud"), &json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"nodeName": "edge-past", "containers": [{"name": "app", "image": "registry.local/app:1"}]}}))
+        .unwrap();
+    let past = ActorId::from_name("edge-past");
+    for i in 1..history as u64 {
+        s.edit_merge_patch(key, &past, &status(i)).unwrap();
+    }
+    s.settle(key);
+    assert_eq!(s.history_len(key), history);
+    s.save(key).unwrap()
+}
+
+/// One node of the CRDT-apply catch-up: the cloud holding its pods, the
+/// node's log one status change per pod ahead.
+struct ApplyTemplate {
+    cloud: MemLog,
+    edge: MemLog,
+    cloud_store: ObjectStore,
+}
+
+/// `base` holds the node's pods (`pods/default/web-P`, as the cloud and the
+/// node both hold them): the node writes one status change to each.
+fn apply_template(node: &str, base: &ObjectStore, round: u64) -> ApplyTemplate {
+    let (down, up) = (down_stream(node), up_stream(node));
+    let cloud = MemLog::with_streams([(down.clone(), Role::Writer), (up.clone(), Role::Replica)]);
+    let mut edge = MemLog::with_streams([(up.clone(), Role::Writer), (down, Role::Replica)]);
+    let mut edge_store = base.clone();
+    let actor = ActorId::from_name(node);
+    for p in 0..PODS {
+        let key = format!("pods/default/web-{p}");
+        let change = edge_store
+            .edit_merge_patch(&key, &actor, &status(round + p as u64))
+            .unwrap()
+            .unwrap();
+        edge.append_local(
+            &up,
+            Entry::new(node, key, PayloadKind::Change, change),
+            p as u64 + 1,
+        );
+    }
+    ApplyTemplate {
+        cloud,
+        edge,
+        cloud_store: base.clone(),
+    }
+}
+
+/// Whether the command line's filter (if any) may select a benchmark whose
+/// name starts with `group`: the setup of groups not run is skipped.
+fn wanted(group: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| group.contains(f.as_str()) || f.contains(group))
+}
+
+fn crdt_catchup(c: &mut Criterion) {
+    for history in [1usize, 1000] {
+        let group = format!("catchup/crdt-apply/{}-objects", APPLY_NODES * PODS);
+        if !wanted(&group) {
+            continue;
+        }
+        let start = Instant::now();
+        let saved = pod_with_history(history);
+        let mut base = ObjectStore::new();
+        for p in 0..PODS {
+            base.load(&format!("pods/default/web-{p}"), &saved).unwrap();
+        }
+        let t: Vec<ApplyTemplate> = (0..APPLY_NODES)
+            .map(|i| apply_template(&format!("edge-{i}"), &base, 1000 + i as u64))
+            .collect();
+        eprintln!(
+            "{} objects with {history} changes of history made in {:?}",
+            APPLY_NODES * PODS,
+            start.elapsed()
+        );
+        let mut g = c.benchmark_group(group);
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_secs(2))
+            .throughput(Throughput::Elements((APPLY_NODES * PODS) as u64));
+        g.bench_function(format!("history-{history}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut ps: Vec<Pair> = t
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            Pair::new(
+                                &format!("edge-{i}"),
+                                t.cloud.clone(),
+                                t.edge.clone(),
+                                Some((t.cloud_store.clone(), ObjectStore::new())),
+                            )
+                        })
+                        .collect();
+                    let start = Instant::now();
+                    let mut moved = 0;
+                    for p in &mut ps {
+                        moved += p.run().unwrap();
+                    }
+                    total += start.elapsed();
+                    assert_eq!(moved, (APPLY_NODES * PODS) as u64);
+                    // Every change applied (not queued, not refused).
+                    let p = ps.first().unwrap();
+                    let store = &p.objects.as_ref().unwrap().0;
+                    assert_eq!(store.history_len("pods/default/web-0"), history + 1);
+                    drop(ps);
+                }
+                total
+            })
+        });
+        g.finish();
+    }
+}
+
+fn crdt_apply(c: &mut Criterion) {
     const N: u64 = 100;
     let (ca, ea) = (ActorId::from_name("cloud"), ActorId::from_name("edge-1"));
     let key = "pods/default/web-0";
-    let mut g = c.benchmark_group("automerge/apply-pod-status");
+    let mut g = c.benchmark_group("crdt/apply-pod-status");
     g.sample_size(10).throughput(Throughput::Elements(N));
     for history in [0u64, 100, 1000] {
         // A pod whose document holds `history` status changes, and the next
@@ -211,29 +354,40 @@ fn automerge_apply(c: &mut Criterion) {
         for ch in &past {
             base.apply_change(key, ch).unwrap();
         }
-        g.bench_function(format!("history-{history}"), |b| {
-            b.iter_batched(
-                || base.clone(),
-                |mut s| {
-                    for ch in &next {
-                        s.apply_change(key, ch).unwrap();
-                    }
-                    s
-                },
-                criterion::BatchSize::LargeInput,
-            )
-        });
+        base.settle(key);
+        for settle in [false, true] {
+            let name = if settle {
+                format!("history-{history}/then-automerge")
+            } else {
+                format!("history-{history}")
+            };
+            g.bench_function(name, |b| {
+                b.iter_batched(
+                    || base.clone(),
+                    |mut s| {
+                        for ch in &next {
+                            assert_eq!(s.apply_change(key, ch).unwrap(), Applied::New);
+                            if settle && s.fast_tail(key) == 64 {
+                                s.settle(key);
+                            }
+                        }
+                        if settle {
+                            s.settle(key);
+                        }
+                        s
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
+            });
+        }
         // The same N changes handed over together (as catch-up after an
-        // offline period does for one object): one automerge call.
+        // offline period does for one object).
         g.bench_function(format!("history-{history}/one-batch"), |b| {
             b.iter_batched(
                 || base.clone(),
                 |mut s| {
                     let r = s.apply_changes(key, next.iter().map(Vec::as_slice));
-                    assert!(
-                        r.iter()
-                            .all(|r| matches!(r, Ok(keel_sync::crdt::Applied::New)))
-                    );
+                    assert!(r.iter().all(|r| matches!(r, Ok(Applied::New))));
                     s
                 },
                 criterion::BatchSize::LargeInput,
@@ -243,5 +397,5 @@ fn automerge_apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, catchup, automerge_apply);
+criterion_group!(benches, catchup, crdt_catchup, crdt_apply);
 criterion_main!(benches);

@@ -3,7 +3,7 @@
 //! automerge renders from the same changes.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use keel_sync::crdt::{ActorId, Applied, ObjectStore};
+use keel_sync::crdt::{ActorId, Applied, ObjectStore, render_saved};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -21,10 +21,13 @@ fn edge() -> ActorId {
 /// into a fresh store, whose view is read from the document.
 fn automerge_view(store: &ObjectStore) -> Option<Value> {
     let saved = store.save(KEY)?;
+    let rendered = render_saved(&saved).unwrap();
+    // A store that loads it (its shadow read from the document) agrees.
     let mut fresh = ObjectStore::new();
     fresh.load(KEY, &saved).unwrap();
     assert_eq!(fresh.fast_tail(KEY), 0);
-    fresh.get_json(KEY)
+    assert_eq!(fresh.get_json(KEY), rendered);
+    rendered
 }
 
 fn status(i: u64) -> Value {

@@ -201,52 +201,34 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
         pred_ctr,
     ] = cols;
 
-    let action = rle(action, Reader::uleb)?;
-    let n = action.len();
-    if n > MAX_OPS {
-        return None;
-    }
-    let fit = |v: Option<Vec<Option<u64>>>| v.filter(|v| v.len() <= n);
-    let obj_actor = fit(rle(obj_actor, Reader::uleb))?;
-    let obj_ctr = fit(rle(obj_ctr, Reader::uleb))?;
-    let key_actor = fit(rle(key_actor, Reader::uleb))?;
-    let key_ctr = delta(key_ctr, n)?;
-    let key_str = rle(key_str, Reader::str)?;
-    let insert = booleans(insert, n)?;
-    let meta = fit(rle(meta, Reader::uleb))?;
-    let pred_group = fit(rle(pred_group, Reader::uleb))?;
-    let npreds = pred_group.iter().flatten().try_fold(0usize, |a, c| {
-        a.checked_add(usize::try_from(*c).ok()?)
-            .filter(|a| *a <= MAX_OPS)
-    })?;
-    let pred_actor = rle(pred_actor, Reader::uleb)?;
-    let pred_ctr = delta(pred_ctr, npreds)?;
-    if key_str.len() > n || pred_actor.len() != npreds || pred_ctr.len() != npreds {
-        return None;
-    }
-    let mut preds = Vec::with_capacity(npreds);
-    for (a, c) in pred_actor.iter().zip(&pred_ctr) {
-        preds.push(((*a)?, u64::try_from((*c)?).ok()?));
-    }
+    let mut action = Rle::new(action, Reader::uleb);
+    let mut obj_actor = Rle::new(obj_actor, Reader::uleb);
+    let mut obj_ctr = Rle::new(obj_ctr, Reader::uleb);
+    let mut key_actor = Rle::new(key_actor, Reader::uleb);
+    let mut key_ctr = Delta::new(key_ctr);
+    let mut key_str = Rle::new(key_str, Reader::str);
+    let mut insert = Bools::new(insert);
+    let mut meta = Rle::new(meta, Reader::uleb);
+    let mut pred_group = Rle::new(pred_group, Reader::uleb);
+    let mut pred_actor = Rle::new(pred_actor, Reader::uleb);
+    let mut pred_ctr = Delta::new(pred_ctr);
     let nactors = 1 + others.len() as u64;
-    if preds.iter().any(|(a, _)| *a >= nactors) {
-        return None;
-    }
-
     let mut raw = Reader(raw);
-    let mut ops = Vec::with_capacity(n);
-    let mut pred_at = 0usize;
-    let get = |v: &Vec<Option<u64>>, i: usize| v.get(i).copied().flatten();
-    for i in 0..n {
-        let obj = match (get(&obj_actor, i), get(&obj_ctr, i)) {
+    let mut ops = Vec::new();
+    let mut preds = Vec::new();
+    while let Some(act) = action.next() {
+        if ops.len() >= MAX_OPS {
+            return None;
+        }
+        let obj = match (obj_actor.next().flatten(), obj_ctr.next().flatten()) {
             (None, None) => None,
             (Some(a), Some(c)) if a < nactors && c > 0 => Some((a, c)),
             _ => return None,
         };
         let key = match (
-            key_str.get(i).copied().flatten(),
-            get(&key_actor, i),
-            key_ctr.get(i).copied().flatten(),
+            key_str.next().flatten(),
+            key_actor.next().flatten(),
+            key_ctr.next().flatten(),
         ) {
             (Some(s), None, None) => Key::Prop(s),
             (None, None, Some(0)) => Key::Head,
@@ -255,20 +237,42 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
             }
             _ => return None,
         };
-        let value = scalar(get(&meta, i).unwrap_or(0), &mut raw)?;
-        let count = usize::try_from(get(&pred_group, i).unwrap_or(0)).ok()?;
-        let end = pred_at.checked_add(count)?;
+        let value = scalar(meta.next().flatten().unwrap_or(0), &mut raw)?;
+        let count = usize::try_from(pred_group.next().flatten().unwrap_or(0)).ok()?;
+        let at = preds.len();
+        if at.checked_add(count)? > MAX_OPS {
+            return None;
+        }
+        for _ in 0..count {
+            let a = pred_actor.next().flatten()?;
+            let c = u64::try_from(pred_ctr.next().flatten()?).ok()?;
+            if a >= nactors {
+                return None;
+            }
+            preds.push((a, c));
+        }
         ops.push(Op {
             obj,
             key,
-            insert: *insert.get(i)?,
-            action: (*action.get(i)?)?,
+            insert: insert.next()?,
+            action: act?,
             value,
-            preds: pred_at..end,
+            preds: at..preds.len(),
         });
-        pred_at = end;
     }
-    if !raw.0.is_empty() {
+    let exhausted = action.done()
+        && obj_actor.done()
+        && obj_ctr.done()
+        && key_actor.done()
+        && key_ctr.done()
+        && key_str.done()
+        && insert.done()
+        && meta.done()
+        && pred_group.done()
+        && pred_actor.done()
+        && pred_ctr.done()
+        && raw.0.is_empty();
+    if !exhausted {
         return None;
     }
     let decoded = Decoded {
@@ -330,73 +334,123 @@ fn encode_body(c: &Decoded<'_>) -> Option<Vec<u8>> {
         put_prefixed(&mut out, a);
     }
     let ops = &c.ops;
-    let local = |id: Option<LocalId>| id.map(|(a, _)| a);
-    let mut cols: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SPECS.len());
-    let objs: Vec<Option<LocalId>> = ops.iter().map(|o| o.obj).collect();
-    cols.push((OBJ_ACTOR, rle_out(objs.iter().map(|o| local(*o)), put_uleb)));
-    cols.push((
-        OBJ_CTR,
-        rle_out(objs.iter().map(|o| o.map(|(_, c)| c)), put_uleb),
-    ));
+    // Every column into one buffer, in order, each one's length noted.
+    let mut data = Vec::with_capacity(c.body.len());
+    let mut lens = [0usize; 12];
+    let mut mark = |data: &Vec<u8>, i: usize, before: usize| {
+        if let Some(l) = lens.get_mut(i) {
+            *l = data.len() - before;
+        }
+    };
     let elem = |k: &Key<'_>| match k {
         Key::Elem(id) => Some(*id),
         _ => None,
     };
-    cols.push((
-        KEY_ACTOR,
-        rle_out(ops.iter().map(|o| local(elem(&o.key))), put_uleb),
-    ));
-    let key_ctrs: Vec<Option<i64>> = ops
-        .iter()
-        .map(|o| match o.key {
-            Key::Prop(_) => Some(None),
-            Key::Head => Some(Some(0)),
-            Key::Elem((_, c)) => i64::try_from(c).ok().map(Some),
-        })
-        .collect::<Option<_>>()?;
-    cols.push((KEY_CTR, delta_out(&key_ctrs)));
-    cols.push((
-        KEY_STR,
-        rle_out(
-            ops.iter().map(|o| match o.key {
-                Key::Prop(s) => Some(s),
-                _ => None,
-            }),
-            |out, s: &str| put_prefixed(out, s.as_bytes()),
-        ),
-    ));
-    cols.push((INSERT, bool_out(ops.iter().map(|o| o.insert))));
-    cols.push((
-        ACTION,
-        rle_out(ops.iter().map(|o| Some(o.action)), put_uleb),
-    ));
+    let b = data.len();
+    rle_out(
+        &mut data,
+        ops.iter().map(|o| o.obj.map(|(a, _)| a)),
+        put_uleb,
+    );
+    mark(&data, 0, b);
+    let b = data.len();
+    rle_out(
+        &mut data,
+        ops.iter().map(|o| o.obj.map(|(_, c)| c)),
+        put_uleb,
+    );
+    mark(&data, 1, b);
+    let b = data.len();
+    rle_out(
+        &mut data,
+        ops.iter().map(|o| elem(&o.key).map(|(a, _)| a)),
+        put_uleb,
+    );
+    mark(&data, 2, b);
+    let b = data.len();
+    let mut abs: i64 = 0;
+    let mut overflow = false;
+    rle_out(
+        &mut data,
+        ops.iter().map(|o| {
+            let v = match o.key {
+                Key::Prop(_) => None,
+                Key::Head => Some(0),
+                Key::Elem((_, c)) => Some(i64::try_from(c).unwrap_or_else(|_| {
+                    overflow = true;
+                    0
+                })),
+            };
+            v.map(|v| {
+                let d = v.saturating_sub(abs);
+                abs = v;
+                d
+            })
+        }),
+        put_sleb,
+    );
+    mark(&data, 3, b);
+    let b = data.len();
+    rle_out(
+        &mut data,
+        ops.iter().map(|o| match o.key {
+            Key::Prop(s) => Some(s),
+            _ => None,
+        }),
+        |out, s: &str| put_prefixed(out, s.as_bytes()),
+    );
+    mark(&data, 4, b);
+    let b = data.len();
+    bool_out(&mut data, ops.iter().map(|o| o.insert));
+    mark(&data, 5, b);
+    let b = data.len();
+    rle_out(&mut data, ops.iter().map(|o| Some(o.action)), put_uleb);
+    mark(&data, 6, b);
+    let b = data.len();
     let mut raw = Vec::new();
-    let metas: Vec<u64> = ops.iter().map(|o| put_scalar(&mut raw, o.value)).collect();
-    cols.push((VAL_META, rle_out(metas.into_iter().map(Some), put_uleb)));
-    cols.push((VAL_RAW, raw));
-    cols.push((
-        PRED_GROUP,
-        rle_out(ops.iter().map(|o| Some(o.preds.len() as u64)), put_uleb),
-    ));
-    cols.push((
-        PRED_ACTOR,
-        rle_out(c.preds.iter().map(|(a, _)| Some(*a)), put_uleb),
-    ));
-    let pred_ctrs: Vec<Option<i64>> = c
-        .preds
-        .iter()
-        .map(|(_, ctr)| i64::try_from(*ctr).ok().map(Some))
-        .collect::<Option<_>>()?;
-    cols.push((PRED_CTR, delta_out(&pred_ctrs)));
-    cols.retain(|(_, data)| !data.is_empty());
-    put_uleb(&mut out, cols.len() as u64);
-    for (spec, data) in &cols {
-        put_uleb(&mut out, *spec);
-        put_uleb(&mut out, data.len() as u64);
+    let metas = ops.iter().map(|o| Some(put_scalar(&mut raw, o.value)));
+    rle_out(&mut data, metas, put_uleb);
+    mark(&data, 7, b);
+    let b = data.len();
+    data.extend_from_slice(&raw);
+    mark(&data, 8, b);
+    let b = data.len();
+    rle_out(
+        &mut data,
+        ops.iter().map(|o| Some(o.preds.len() as u64)),
+        put_uleb,
+    );
+    mark(&data, 9, b);
+    let b = data.len();
+    rle_out(&mut data, c.preds.iter().map(|(a, _)| Some(*a)), put_uleb);
+    mark(&data, 10, b);
+    let b = data.len();
+    let mut abs: i64 = 0;
+    rle_out(
+        &mut data,
+        c.preds.iter().map(|(_, ctr)| {
+            let v = i64::try_from(*ctr).unwrap_or_else(|_| {
+                overflow = true;
+                0
+            });
+            let d = v.saturating_sub(abs);
+            abs = v;
+            Some(d)
+        }),
+        put_sleb,
+    );
+    mark(&data, 11, b);
+    if overflow {
+        return None;
     }
-    for (_, data) in &cols {
-        out.extend_from_slice(data);
+    put_uleb(&mut out, lens.iter().filter(|l| **l > 0).count() as u64);
+    for (spec, len) in SPECS.iter().zip(lens) {
+        if len > 0 {
+            put_uleb(&mut out, *spec);
+            put_uleb(&mut out, len as u64);
+        }
     }
+    out.extend_from_slice(&data);
     out.extend_from_slice(c.extra);
     Some(out)
 }
@@ -432,72 +486,153 @@ fn put_scalar(raw: &mut Vec<u8>, v: Scalar<'_>) -> u64 {
 // checked by encoding again).
 // ---------------------------------------------------------------------------
 
-/// A run-length encoded column: runs of `n > 0` repeats of one value,
-/// `-n` literal values, or `0` then a count of nulls.
-fn rle<'a, T: Copy>(
-    bytes: &'a [u8],
-    mut read: impl FnMut(&mut Reader<'a>) -> Option<T>,
-) -> Option<Vec<Option<T>>> {
-    let mut r = Reader(bytes);
-    let mut out = Vec::new();
-    while !r.0.is_empty() {
-        let count = r.sleb()?;
-        let n = usize::try_from(count.unsigned_abs()).ok()?;
-        if out.len().checked_add(n)? > MAX_OPS {
+/// A run-length encoded column, read lazily: runs of `n > 0` repeats of
+/// one value, `-n` literal values, or `0` then a count of nulls. Yields
+/// `Some(None)` for a null; stops (for good) at the end or at bad bytes
+/// ([`Rle::done`] tells them apart).
+struct Rle<'a, T, F> {
+    r: Reader<'a>,
+    read: F,
+    /// The value repeated (`None`: nulls), or literal values to read.
+    repeat: Option<Option<T>>,
+    left: u64,
+    failed: bool,
+}
+
+impl<'a, T: Copy, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T, F> {
+    fn new(bytes: &'a [u8], read: F) -> Self {
+        Rle {
+            r: Reader(bytes),
+            read,
+            repeat: None,
+            left: 0,
+            failed: false,
+        }
+    }
+
+    /// Read to the end without error.
+    fn done(&self) -> bool {
+        !self.failed && self.left == 0 && self.r.0.is_empty()
+    }
+
+    fn next(&mut self) -> Option<Option<T>> {
+        if self.failed {
             return None;
         }
-        if count > 0 {
-            let v = read(&mut r)?;
-            out.extend(std::iter::repeat_n(Some(v), n));
-        } else if count < 0 {
-            for _ in 0..n {
-                out.push(Some(read(&mut r)?));
-            }
-        } else {
-            let nulls = usize::try_from(r.uleb()?).ok()?;
-            if out.len().checked_add(nulls)? > MAX_OPS {
+        let v = self.step();
+        if v.is_none() && !self.r.0.is_empty() {
+            self.failed = true;
+        }
+        v
+    }
+
+    fn step(&mut self) -> Option<Option<T>> {
+        while self.left == 0 {
+            if self.r.0.is_empty() {
                 return None;
             }
-            out.extend(std::iter::repeat_n(None, nulls));
-        }
-    }
-    Some(out)
-}
-
-/// A delta column: a run-length column of differences, read back as the
-/// absolute values (nulls leave the running value alone).
-fn delta(bytes: &[u8], max: usize) -> Option<Vec<Option<i64>>> {
-    let deltas = rle(bytes, Reader::sleb)?;
-    if deltas.len() > max {
-        return None;
-    }
-    let mut abs: i64 = 0;
-    deltas
-        .into_iter()
-        .map(|d| match d {
-            None => Some(None),
-            Some(d) => {
-                abs = abs.checked_add(d)?;
-                Some(Some(abs))
+            let count = self.r.sleb()?;
+            if count > 0 {
+                self.repeat = Some(Some((self.read)(&mut self.r)?));
+                self.left = count.unsigned_abs();
+            } else if count < 0 {
+                self.repeat = None;
+                self.left = count.unsigned_abs();
+            } else {
+                self.repeat = Some(None);
+                self.left = self.r.uleb()?;
             }
-        })
-        .collect()
+        }
+        self.left -= 1;
+        match self.repeat {
+            Some(v) => Some(v),
+            None => match (self.read)(&mut self.r) {
+                Some(v) => Some(Some(v)),
+                None => {
+                    self.failed = true;
+                    None
+                }
+            },
+        }
+    }
 }
 
-/// A boolean column: alternating run lengths, starting with `false`.
-fn booleans(bytes: &[u8], max: usize) -> Option<Vec<bool>> {
-    let mut r = Reader(bytes);
-    let mut out = Vec::new();
-    let mut value = false;
-    while !r.0.is_empty() {
-        let n = usize::try_from(r.uleb()?).ok()?;
-        if out.len().checked_add(n)? > max {
-            return None;
+/// A delta column, read lazily: a run-length column of differences,
+/// yielding the absolute values (nulls leave the running value alone).
+struct Delta<'a> {
+    rle: Rle<'a, i64, fn(&mut Reader<'a>) -> Option<i64>>,
+    abs: i64,
+}
+
+impl<'a> Delta<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Delta {
+            rle: Rle::new(bytes, Reader::sleb),
+            abs: 0,
         }
-        out.extend(std::iter::repeat_n(value, n));
-        value = !value;
     }
-    Some(out)
+
+    fn done(&self) -> bool {
+        self.rle.done()
+    }
+
+    fn next(&mut self) -> Option<Option<i64>> {
+        match self.rle.next()? {
+            None => Some(None),
+            Some(d) => match self.abs.checked_add(d) {
+                Some(a) => {
+                    self.abs = a;
+                    Some(Some(a))
+                }
+                None => {
+                    self.rle.failed = true;
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// A boolean column, read lazily: alternating run lengths, starting with
+/// `false`.
+struct Bools<'a> {
+    r: Reader<'a>,
+    value: bool,
+    left: u64,
+    failed: bool,
+}
+
+impl<'a> Bools<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Bools {
+            r: Reader(bytes),
+            value: true,
+            left: 0,
+            failed: false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        !self.failed && self.left == 0 && self.r.0.is_empty()
+    }
+
+    fn next(&mut self) -> Option<bool> {
+        while self.left == 0 {
+            if self.r.0.is_empty() {
+                return None;
+            }
+            match self.r.uleb() {
+                Some(n) => self.left = n,
+                None => {
+                    self.failed = true;
+                    return None;
+                }
+            }
+            self.value = !self.value;
+        }
+        self.left -= 1;
+        Some(self.value)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -505,9 +640,10 @@ fn booleans(bytes: &[u8], max: usize) -> Option<Vec<bool>> {
 // ---------------------------------------------------------------------------
 
 fn rle_out<T: Copy + PartialEq>(
+    out: &mut Vec<u8>,
     values: impl Iterator<Item = Option<T>>,
     mut put: impl FnMut(&mut Vec<u8>, T),
-) -> Vec<u8> {
+) {
     enum State<T> {
         Empty,
         InitialNulls,
@@ -516,7 +652,6 @@ fn rle_out<T: Copy + PartialEq>(
         Run(T, u64),
         Literal(Vec<T>, T),
     }
-    let mut out = Vec::new();
     let flush_literal = |out: &mut Vec<u8>, run: &[T], put: &mut dyn FnMut(&mut Vec<u8>, T)| {
         put_sleb(out, -(run.len() as i64));
         for v in run {
@@ -537,17 +672,17 @@ fn rle_out<T: Copy + PartialEq>(
             }
             (State::Nulls(n), None) => State::Nulls(n + 1),
             (State::Lone(o), None) => {
-                flush_literal(&mut out, &[o], &mut put);
+                flush_literal(out, &[o], &mut put);
                 State::Nulls(1)
             }
             (State::Run(o, n), None) => {
-                put_sleb(&mut out, n as i64);
-                put(&mut out, o);
+                put_sleb(out, n as i64);
+                put(out, o);
                 State::Nulls(1)
             }
             (State::Literal(mut run, last), None) => {
                 run.push(last);
-                flush_literal(&mut out, &run, &mut put);
+                flush_literal(out, &run, &mut put);
                 State::Nulls(1)
             }
             (State::Empty, Some(v)) => State::Lone(v),
@@ -555,12 +690,12 @@ fn rle_out<T: Copy + PartialEq>(
             (State::Lone(o), Some(v)) => State::Literal(vec![o], v),
             (State::Run(o, n), Some(v)) if o == v => State::Run(o, n + 1),
             (State::Run(o, n), Some(v)) => {
-                put_sleb(&mut out, n as i64);
-                put(&mut out, o);
+                put_sleb(out, n as i64);
+                put(out, o);
                 State::Lone(v)
             }
             (State::Literal(run, last), Some(v)) if last == v => {
-                flush_literal(&mut out, &run, &mut put);
+                flush_literal(out, &run, &mut put);
                 State::Run(v, 2)
             }
             (State::Literal(mut run, last), Some(v)) => {
@@ -568,13 +703,13 @@ fn rle_out<T: Copy + PartialEq>(
                 State::Literal(run, v)
             }
             (State::InitialNulls, Some(v)) => {
-                put_sleb(&mut out, 0);
-                put_uleb(&mut out, nulls_at_start);
+                put_sleb(out, 0);
+                put_uleb(out, nulls_at_start);
                 State::Lone(v)
             }
             (State::Nulls(n), Some(v)) => {
-                put_sleb(&mut out, 0);
-                put_uleb(&mut out, n);
+                put_sleb(out, 0);
+                put_uleb(out, n);
                 State::Lone(v)
             }
         };
@@ -582,52 +717,35 @@ fn rle_out<T: Copy + PartialEq>(
     match state {
         State::Empty | State::InitialNulls => {}
         State::Nulls(n) => {
-            put_sleb(&mut out, 0);
-            put_uleb(&mut out, n);
+            put_sleb(out, 0);
+            put_uleb(out, n);
         }
-        State::Lone(v) => flush_literal(&mut out, &[v], &mut put),
+        State::Lone(v) => flush_literal(out, &[v], &mut put),
         State::Run(v, n) => {
-            put_sleb(&mut out, n as i64);
-            put(&mut out, v);
+            put_sleb(out, n as i64);
+            put(out, v);
         }
         State::Literal(mut run, last) => {
             run.push(last);
-            flush_literal(&mut out, &run, &mut put);
+            flush_literal(out, &run, &mut put);
         }
     }
-    out
 }
 
-fn delta_out(values: &[Option<i64>]) -> Vec<u8> {
-    let mut abs: i64 = 0;
-    rle_out(
-        values.iter().map(|v| {
-            v.map(|v| {
-                let d = v.saturating_sub(abs);
-                abs = v;
-                d
-            })
-        }),
-        put_sleb,
-    )
-}
-
-fn bool_out(values: impl Iterator<Item = bool>) -> Vec<u8> {
-    let mut out = Vec::new();
+fn bool_out(out: &mut Vec<u8>, values: impl Iterator<Item = bool>) {
     let (mut last, mut count) = (false, 0u64);
     for v in values {
         if v == last {
             count += 1;
         } else {
-            put_uleb(&mut out, count);
+            put_uleb(out, count);
             last = v;
             count = 1;
         }
     }
     if count > 0 {
-        put_uleb(&mut out, count);
+        put_uleb(out, count);
     }
-    out
 }
 
 // ---------------------------------------------------------------------------

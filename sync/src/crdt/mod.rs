@@ -280,21 +280,14 @@ impl Entry {
         true
     }
 
-    /// The shadow, built from the document's history if there is none yet
-    /// (once: `no_fast` remembers a history it cannot represent).
+    /// The shadow, read from the document if there is none yet (once:
+    /// `no_fast` remembers a document it cannot represent).
     fn shadow_mut(&mut self) -> Option<&mut Shadow> {
         if self.fast.is_none() && !self.no_fast && self.tail.is_empty() {
             let doc = self.doc.as_ref()?;
-            let history = guarded("reading a document's history", || doc.get_changes(&[]));
-            let mut fast = Box::new(Shadow::new());
-            let built = history.is_ok_and(|h| {
-                h.iter()
-                    .all(|c| columnar::decode(c.raw_bytes()).is_some_and(|c| fast.fold_applied(&c)))
-            });
-            if built {
-                self.fast = Some(fast);
-            } else {
-                self.no_fast = true;
+            match guarded("reading a document", || Shadow::from_doc(doc)) {
+                Ok(Some(fast)) => self.fast = Some(Box::new(fast)),
+                _ => self.no_fast = true,
             }
         }
         self.fast.as_deref_mut()
@@ -639,9 +632,11 @@ impl Entry {
         }
         self.flush();
         let merged = self.merge_doc_flushed(loaded);
-        // The shadow is built again from the merged history when needed.
+        // The shadow is read again from the merged document now, while
+        // loading, rather than on the first change that needs it.
         self.fast = None;
         self.no_fast = false;
+        self.shadow_mut();
         merged
     }
 
@@ -936,6 +931,14 @@ impl ObjectStore {
     /// handed over together when the document is needed.
     pub fn fast_tail(&self, key: &str) -> usize {
         self.entries.get(key).map_or(0, |e| e.tail.len())
+    }
+
+    /// Hands the fast path's tail of `key` to automerge now (see
+    /// [`shadow`]), as any edit, rebase or concurrent change would first.
+    pub fn settle(&mut self, key: &str) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.flush();
+        }
     }
 
     /// Number of changes for `key` waiting for their dependencies.
@@ -1336,6 +1339,14 @@ pub fn fold_change(state: Option<&[u8]>, change: &[u8]) -> Result<Vec<u8>, CrdtE
         .collect();
     verify_faithful(&doc, &applied)?;
     guarded("saving a folded document", || doc.save())
+}
+
+/// The object held in saved state (as [`ObjectStore::save`] and
+/// [`fold_change`] make it) as automerge alone renders it, without the
+/// fold's fast path: for checking the fast path against automerge.
+pub fn render_saved(bytes: &[u8]) -> Result<Option<Value>, CrdtError> {
+    let doc = load_for_fold(bytes)?;
+    Ok((!doc.get_heads().is_empty()).then(|| json::read_root(&doc)))
 }
 
 /// One change of saved state: its hash and its bytes.

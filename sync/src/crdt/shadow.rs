@@ -23,8 +23,11 @@
 //! is rendered from the shadow, which renders exactly what
 //! [`super::json::read_root`] renders from the document.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap as HashMap;
+
+use automerge::{Automerge, Cursor, ObjId as ExId, ObjType, ROOT, ReadDoc};
 use serde_json::{Map, Number, Value};
 
 use super::columnar::{DELETE, Decoded, Key, LocalId, MAKE_LIST, MAKE_MAP, PUT, Scalar};
@@ -85,15 +88,15 @@ enum K<'a> {
 }
 
 /// A change undone: what an op replaced.
-enum Undo {
-    Slot(Option<Id>, SlotAt, Slot),
+enum Undo<'a> {
+    Slot(Option<Id>, SlotAt<'a>, Slot),
     Inserted(Option<Id>, usize),
     Created(Id),
 }
 
 #[derive(Clone)]
-enum SlotAt {
-    Key(Box<str>),
+enum SlotAt<'a> {
+    Key(&'a str),
     Index(usize),
 }
 
@@ -102,12 +105,106 @@ impl Shadow {
     pub(crate) fn new() -> Shadow {
         Shadow {
             actors: Vec::new(),
-            actor_index: HashMap::new(),
+            actor_index: HashMap::default(),
             seqs: Vec::new(),
             max_op: 0,
             heads: Vec::new(),
-            objs: HashMap::from([(None, Obj::Map(BTreeMap::new()))]),
+            objs: HashMap::from_iter([(None, Obj::Map(BTreeMap::new()))]),
         }
+    }
+
+    /// The shadow of `doc`, read through automerge's API (cheaper than
+    /// replaying its history): `None` for what the shadow does not
+    /// represent (text, tables, counters, timestamps, bytes). List
+    /// elements are known by their ids from cursors; deleted elements are
+    /// not (an insert that refers to one takes the slow path).
+    pub(crate) fn from_doc(doc: &Automerge) -> Option<Shadow> {
+        let mut s = Shadow::new();
+        for meta in doc.get_changes_meta(&[]) {
+            let a = s.intern(meta.actor.to_bytes()) as usize;
+            let seq = s.seqs.get_mut(a)?;
+            *seq = (*seq).max(meta.seq);
+            s.max_op = s.max_op.max(meta.max_op);
+        }
+        s.heads = doc.get_heads().into_iter().map(|h| h.0).collect();
+        s.heads.sort_unstable();
+        let mut todo: Vec<(Option<Id>, ExId, ObjType)> = vec![(None, ROOT, ObjType::Map)];
+        while let Some((id, exid, typ)) = todo.pop() {
+            let obj = match typ {
+                ObjType::Map => {
+                    let mut map = BTreeMap::new();
+                    for item in doc.map_range(&exid, ..) {
+                        let slot =
+                            s.slot(doc.get_all(&exid, item.key.as_ref()).ok()?, &mut todo)?;
+                        map.insert(item.key.as_ref().into(), slot);
+                    }
+                    Obj::Map(map)
+                }
+                ObjType::List => {
+                    let mut list = Vec::new();
+                    for i in 0..doc.length(&exid) {
+                        let cursor = match doc.get_cursor(&exid, i, None).ok()? {
+                            c @ Cursor::Op(_) => c.to_string(),
+                            _ => return None,
+                        };
+                        let (ctr, actor) = cursor.split_once('@')?;
+                        let actor = automerge::ActorId::try_from(actor).ok()?;
+                        let elem = Id {
+                            ctr: ctr.parse().ok()?,
+                            actor: s.intern(actor.to_bytes()),
+                        };
+                        let slot = s.slot(doc.get_all(&exid, i).ok()?, &mut todo)?;
+                        list.push((elem, slot));
+                    }
+                    Obj::List(list)
+                }
+                _ => return None,
+            };
+            s.objs.insert(id, obj);
+        }
+        Some(s)
+    }
+
+    /// The live ops of one key or element, from automerge's values; the
+    /// objects among them are queued to be read.
+    fn slot(
+        &mut self,
+        values: Vec<(automerge::Value<'_>, ExId)>,
+        todo: &mut Vec<(Option<Id>, ExId, ObjType)>,
+    ) -> Option<Slot> {
+        use automerge::{ScalarValue as S, Value as V};
+        let mut slot = Vec::with_capacity(values.len());
+        for (value, exid) in values {
+            let ExId::Id(ctr, actor, _) = &exid else {
+                return None;
+            };
+            let id = Id {
+                ctr: *ctr,
+                actor: self.intern(actor.to_bytes()),
+            };
+            let val = match value {
+                V::Object(t @ ObjType::Map) | V::Object(t @ ObjType::List) => {
+                    todo.push((Some(id), exid.clone(), t));
+                    if t == ObjType::Map {
+                        Val::Map
+                    } else {
+                        Val::List
+                    }
+                }
+                V::Object(_) => return None,
+                V::Scalar(sc) => match sc.as_ref() {
+                    S::Null => Val::Null,
+                    S::Boolean(b) => Val::Bool(*b),
+                    S::Uint(u) => Val::Uint(*u),
+                    S::Int(i) => Val::Int(*i),
+                    S::F64(f) => Val::F64(*f),
+                    S::Str(st) => Val::Str(st.as_str().into()),
+                    _ => return None,
+                },
+            };
+            slot.push((id, val));
+        }
+        Some(slot)
     }
 
     /// The document's heads, sorted.
@@ -198,6 +295,7 @@ impl Shadow {
         }
         let mut undo = Vec::new();
         let mut ok = true;
+        let mut preds: Vec<Id> = Vec::new();
         for (i, op) in c.ops.iter().enumerate() {
             let applied = (|| {
                 let id = Id {
@@ -214,12 +312,10 @@ impl Shadow {
                     None => None,
                     Some(o) => Some(to_id(o)?),
                 };
-                let preds: Vec<Id> = c
-                    .preds
-                    .get(op.preds.clone())?
-                    .iter()
-                    .map(|p| to_id(*p))
-                    .collect::<Option<_>>()?;
+                preds.clear();
+                for p in c.preds.get(op.preds.clone())? {
+                    preds.push(to_id(*p)?);
+                }
                 let key = match op.key {
                     Key::Prop(k) => K::Prop(k),
                     Key::Head => K::Head,
@@ -287,16 +383,16 @@ impl Shadow {
 
     /// Apply one op; `None` if it cannot be (nothing changed by this op).
     #[allow(clippy::too_many_arguments)]
-    fn apply_op(
+    fn apply_op<'a>(
         &mut self,
         obj: Option<Id>,
-        key: K<'_>,
+        key: K<'a>,
         insert: bool,
         id: Id,
         preds: &[Id],
         val: Option<Val>,
         strict: bool,
-        undo: &mut Vec<Undo>,
+        undo: &mut Vec<Undo<'a>>,
     ) -> Option<()> {
         if matches!(val, Some(Val::Map | Val::List)) && self.objs.contains_key(&Some(id)) {
             return None;
@@ -316,8 +412,12 @@ impl Shadow {
                     return None;
                 }
             }
-            let old = slot.clone();
-            slot.retain(|(live, _)| !preds.contains(live));
+            let old = std::mem::take(slot);
+            slot.extend(
+                old.iter()
+                    .filter(|(live, _)| !preds.contains(live))
+                    .cloned(),
+            );
             if let Some(v) = &val {
                 slot.push((id, v.clone()));
             }
@@ -327,12 +427,24 @@ impl Shadow {
         let mut next_after = None;
         match (self.objs.get_mut(&obj)?, key) {
             (Obj::Map(map), K::Prop(k)) if !insert => {
-                let entry = map.entry(k.into()).or_default();
-                let old = replace(entry)?;
-                if entry.is_empty() {
-                    map.remove(k);
-                }
-                undo.push(Undo::Slot(obj, SlotAt::Key(k.into()), old));
+                let old = match map.get_mut(k) {
+                    Some(entry) => {
+                        let old = replace(entry)?;
+                        if entry.is_empty() {
+                            map.remove(k);
+                        }
+                        old
+                    }
+                    None => {
+                        let mut entry = Vec::new();
+                        let old = replace(&mut entry)?;
+                        if !entry.is_empty() {
+                            map.insert(k.into(), entry);
+                        }
+                        old
+                    }
+                };
+                undo.push(Undo::Slot(obj, SlotAt::Key(k), old));
             }
             (Obj::List(list), K::Head | K::Elem(_)) if insert => {
                 let at = match key {
@@ -382,9 +494,9 @@ impl Shadow {
             Undo::Slot(obj, at, old) => match (self.objs.get_mut(&obj), at) {
                 (Some(Obj::Map(map)), SlotAt::Key(k)) => {
                     if old.is_empty() {
-                        map.remove(&k);
+                        map.remove(k);
                     } else {
-                        map.insert(k, old);
+                        map.insert(k.into(), old);
                     }
                 }
                 (Some(Obj::List(list)), SlotAt::Index(i)) => {
