@@ -252,7 +252,10 @@ impl Entry {
     /// caller then takes the slow path, which decides (and reports) what
     /// the change is.
     fn try_fast(&mut self, bytes: &[u8]) -> bool {
-        if self.doc.is_none() || !self.pending.is_empty() || self.tail.len() >= MAX_TAIL {
+        let Some(doc) = self.doc.as_ref() else {
+            return false;
+        };
+        if !self.pending.is_empty() {
             return false;
         }
         let Some(change) = columnar::decode(bytes) else {
@@ -261,6 +264,16 @@ impl Entry {
         let hash = ChangeHash(change.hash);
         if self.dead.contains(&hash) {
             return false;
+        }
+        if self.fast.is_none() {
+            // Read the shadow only for a change that follows every head.
+            let heads = doc.get_heads();
+            if !heads.iter().all(|h| change.deps.contains(&h.0)) {
+                return false;
+            }
+        }
+        if self.tail.len() >= MAX_TAIL {
+            self.flush();
         }
         if self.shadow_mut().is_none() {
             return false;
