@@ -236,7 +236,9 @@ impl Shadow {
         }
         let author = self.actor_index.get(c.actor).copied();
         let last_seq = author.and_then(|a| self.seqs.get(a as usize).copied());
-        if c.seq != last_seq.unwrap_or(0) + 1 || Some(c.start_op) != self.max_op.checked_add(1) {
+        if last_seq.unwrap_or(0).checked_add(1) != Some(c.seq)
+            || self.max_op.checked_add(1) != Some(c.start_op)
+        {
             return false;
         }
         self.others_as_automerge_writes_them(c) && self.fold(c, true)
