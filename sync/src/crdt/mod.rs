@@ -245,6 +245,12 @@ fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
     doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
 }
 
+/// Whether the change with `hash` is applied: in the document, or in the
+/// fast path's tail waiting to be handed to it.
+fn holds(doc: Option<&Automerge>, tail: &[(ChangeHash, Vec<u8>)], hash: &ChangeHash) -> bool {
+    tail.iter().any(|(t, _)| t == hash) || doc.is_some_and(|d| has_change(d, hash))
+}
+
 impl Entry {
     /// The fast path (see [`shadow`]): fold `bytes` without automerge if
     /// it is one change that is causally next for this document. `false`
@@ -279,10 +285,7 @@ impl Entry {
             return false;
         }
         let (doc, tail) = (&self.doc, &self.tail);
-        let known = |h: &[u8; 32]| {
-            let h = ChangeHash(*h);
-            tail.iter().any(|(t, _)| *t == h) || doc.as_ref().is_some_and(|d| has_change(d, &h))
-        };
+        let known = |h: &[u8; 32]| holds(doc.as_ref(), tail, &ChangeHash(*h));
         let Some(shadow) = self.fast.as_deref_mut() else {
             return false;
         };
@@ -379,9 +382,7 @@ impl Entry {
     fn knows(&self, hash: &ChangeHash) -> Option<Applied> {
         if self.dead.contains(hash) {
             Some(Applied::Discarded)
-        } else if self.doc.as_ref().is_some_and(|d| has_change(d, hash))
-            || self.tail.iter().any(|(h, _)| h == hash)
-        {
+        } else if holds(self.doc.as_ref(), &self.tail, hash) {
             Some(Applied::Duplicate)
         } else if self.pending.contains_key(hash) {
             Some(Applied::Queued)
@@ -456,7 +457,7 @@ impl Entry {
     fn apply_ready(&mut self, change: Change) -> Result<(), CrdtError> {
         check_change(self.doc.as_ref(), &change)?;
         let hash = change.hash();
-        let bytes = change.raw_bytes().to_vec();
+        let bytes = self.fast.is_some().then(|| change.raw_bytes().to_vec());
         let base = self.doc.clone().unwrap_or_default();
         let doc = guarded("applying a change", move || {
             let mut doc = base;
@@ -467,7 +468,7 @@ impl Entry {
         }
         verify_faithful(&doc, &[hash])?;
         self.doc = Some(doc);
-        self.fold_into_shadow(std::iter::once(bytes.as_slice()));
+        self.fold_into_shadow(bytes.as_deref());
         Ok(())
     }
 
@@ -779,10 +780,7 @@ impl ObjectStore {
             let all = changes.iter().all(|bytes| {
                 columnar::decode(bytes).is_some_and(|c| {
                     let known = |h: &[u8; 32]| {
-                        let hash = ChangeHash(*h);
-                        folded.contains(h)
-                            || e.tail.iter().any(|(t, _)| *t == hash)
-                            || e.doc.as_ref().is_some_and(|d| has_change(d, &hash))
+                        folded.contains(h) || holds(e.doc.as_ref(), &e.tail, &ChangeHash(*h))
                     };
                     let ok = !e.dead.contains(&ChangeHash(c.hash)) && fast.fold_next(&c, known);
                     if ok {
@@ -1148,10 +1146,9 @@ impl ObjectStore {
     /// Whether the object's live document holds the change with `hash`.
     pub fn has_change(&self, key: &str, hash: &[u8; 32]) -> bool {
         let hash = ChangeHash(*hash);
-        self.entries.get(key).is_some_and(|e| {
-            e.doc.as_ref().is_some_and(|d| has_change(d, &hash))
-                || e.tail.iter().any(|(h, _)| *h == hash)
-        })
+        self.entries
+            .get(key)
+            .is_some_and(|e| holds(e.doc.as_ref(), &e.tail, &hash))
     }
 
     /// After a rebase root replaced the object's document: what this
