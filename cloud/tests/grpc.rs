@@ -19,25 +19,12 @@ use std::time::{Duration, Instant};
 use keel_log::{Entry, PayloadKind, Read, ReadLimits, Record, Role, Store, StoreOptions};
 use serde_json::Value;
 
+#[path = "support/ports.rs"]
+mod ports;
 #[path = "support/kubectl.rs"]
 mod support;
+use ports::{free_port, free_udp_port};
 use support::kubectl_bin;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+#[path = "support/ports.rs"]
+mod ports;
 #[path = "support/kubectl.rs"]
 mod support;
+use ports::{free_port, free_udp_port};
 use support::kubectl_bin;
 
 /// A cloudcore process and kubectl pointed at it.
@@ -37,22 +40,6 @@ impl Drop for Cluster {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Cluster {
@@ -75,7 +62,7 @@ impl Cluster {
                 &metrics,
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("cloudcore.stderr")).unwrap())
             .spawn()
             .unwrap();
         let kubeconfig = dir.path().join("admin.kubeconfig");
@@ -94,7 +81,8 @@ impl Cluster {
             }
             assert!(
                 c.child.try_wait().unwrap().is_none(),
-                "cloudcore exited during start-up"
+                "cloudcore exited during start-up: {}",
+                std::fs::read_to_string(c.dir.path().join("cloudcore.stderr")).unwrap_or_default()
             );
             assert!(
                 start.elapsed() < Duration::from_secs(30),

@@ -176,9 +176,21 @@ pub(crate) struct Reader {
 
 impl Reader {
     pub(crate) async fn open(path: &std::path::Path) -> io::Result<Reader> {
+        // A rotation moves the file aside before it creates the new one: a
+        // reader arriving in between waits for the new one a little.
+        let mut tries = 0;
+        let file = loop {
+            match tokio::fs::File::open(path).await {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 10 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                r => break r?,
+            }
+        };
         Ok(Reader {
             path: path.to_owned(),
-            file: tokio::fs::File::open(path).await?,
+            file,
             line: Vec::new(),
             next: None,
             buf: vec![0u8; 64 << 10],

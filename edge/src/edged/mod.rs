@@ -546,14 +546,22 @@ impl Edged {
         let dir = logs_dir(&self.shared.cfg.root)
             .join(dir_name)
             .join(container);
+        // A run's log is `{run}.log`, rotated to `{run}.log.{k}`. While it
+        // rotates, `{run}.log` is briefly missing: its rotated files still
+        // name the run, so the run's path stays the same for a follower.
         let mut runs: Vec<u32> = std::fs::read_dir(&dir)
             .ok()?
             .filter_map(|e| {
                 let name = e.ok()?.file_name();
-                name.to_str()?.strip_suffix(".log")?.parse().ok()
+                let (run, rest) = name.to_str()?.split_once(".log")?;
+                let rotated = rest
+                    .strip_prefix('.')
+                    .is_some_and(|k| k.parse::<u32>().is_ok());
+                (rest.is_empty() || rotated).then(|| run.parse().ok())?
             })
             .collect();
         runs.sort_unstable_by(|a, b| b.cmp(a));
+        runs.dedup();
         let run = runs.get(usize::from(previous))?;
         Some(dir.join(format!("{run}.log")))
     }

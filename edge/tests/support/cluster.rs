@@ -13,6 +13,10 @@ use serde_json::Value;
 
 use super::support::kubectl_bin;
 
+#[path = "../../../cloud/tests/support/ports.rs"]
+mod ports;
+pub use ports::{free_port, free_udp_port};
+
 pub fn cloudcore_bin() -> PathBuf {
     let edgecore = PathBuf::from(env!("CARGO_BIN_EXE_edgecore"));
     let bin = edgecore.with_file_name("cloudcore");
@@ -85,22 +89,6 @@ pub fn proc_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
