@@ -214,8 +214,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     let mut pred_ctr = Delta::new(pred_ctr);
     let nactors = 1 + others.len() as u64;
     let mut raw = Reader(raw);
-    let mut ops = Vec::new();
-    let mut preds = Vec::new();
+    // (A pod-status change has 7 to 30 ops.)
+    let mut ops = Vec::with_capacity(32);
+    let mut preds = Vec::with_capacity(32);
     while let Some(act) = action.next() {
         if ops.len() >= MAX_OPS {
             return None;

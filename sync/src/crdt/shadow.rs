@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
+use smallvec::SmallVec;
 
 use automerge::{Automerge, Cursor, ObjId as ExId, ObjType, ROOT, ReadDoc};
 use serde_json::{Map, Number, Value};
@@ -53,9 +54,9 @@ enum Val {
     List,
 }
 
-/// The live ops of one map key or list element (usually one; several after
-/// concurrent puts, the greatest id visible).
-type Slot = Vec<(Id, Val)>;
+/// The live ops of one map key or list element (usually one, held inline;
+/// several after concurrent puts, the greatest id visible).
+type Slot = SmallVec<[(Id, Val); 1]>;
 
 #[derive(Debug, Clone)]
 enum Obj {
@@ -173,7 +174,7 @@ impl Shadow {
         todo: &mut Vec<(Option<Id>, ExId, ObjType)>,
     ) -> Option<Slot> {
         use automerge::{ScalarValue as S, Value as V};
-        let mut slot = Vec::with_capacity(values.len());
+        let mut slot = Slot::with_capacity(values.len());
         for (value, exid) in values {
             let ExId::Id(ctr, actor, _) = &exid else {
                 return None;
@@ -295,7 +296,7 @@ impl Shadow {
         for bytes in std::iter::once(c.actor).chain(c.others.iter().copied()) {
             local.push(self.intern(bytes));
         }
-        let mut undo = Vec::new();
+        let mut undo = Vec::with_capacity(c.ops.len());
         let mut ok = true;
         let mut preds: Vec<Id> = Vec::new();
         for (i, op) in c.ops.iter().enumerate() {
@@ -404,13 +405,15 @@ impl Shadow {
             Some(Val::List) => Some(Obj::List(Vec::new())),
             _ => None,
         };
-        // Replace the live ops of a slot: in strict mode the predecessors
-        // must be exactly the live ops (and a delete must delete something).
+        // Replace the live ops of a slot (`val` is put in after): in
+        // strict mode the predecessors must be exactly the live ops (and a
+        // delete must delete something).
+        let deletes = val.is_none();
         let replace = |slot: &mut Slot| -> Option<Slot> {
             if strict {
                 let same =
                     slot.len() == preds.len() && slot.iter().all(|(live, _)| preds.contains(live));
-                if !same || (val.is_none() && preds.is_empty()) {
+                if !same || (deletes && preds.is_empty()) {
                     return None;
                 }
             }
@@ -420,11 +423,9 @@ impl Shadow {
                     .filter(|(live, _)| !preds.contains(live))
                     .cloned(),
             );
-            if let Some(v) = &val {
-                slot.push((id, v.clone()));
-            }
             Some(old)
         };
+        let mut val = val;
         // For an insert: the element right after the reference, if any.
         let mut next_after = None;
         match (self.objs.get_mut(&obj)?, key) {
@@ -432,14 +433,20 @@ impl Shadow {
                 let old = match map.get_mut(k) {
                     Some(entry) => {
                         let old = replace(entry)?;
+                        if let Some(v) = val.take() {
+                            entry.push((id, v));
+                        }
                         if entry.is_empty() {
                             map.remove(k);
                         }
                         old
                     }
                     None => {
-                        let mut entry = Vec::new();
+                        let mut entry = Slot::new();
                         let old = replace(&mut entry)?;
+                        if let Some(v) = val.take() {
+                            entry.push((id, v));
+                        }
                         if !entry.is_empty() {
                             map.insert(k.into(), entry);
                         }
@@ -456,15 +463,18 @@ impl Shadow {
                 if !preds.is_empty() {
                     return None;
                 }
-                let v = val.clone()?;
+                let v = val.take()?;
                 next_after = list.get(at).map(|(n, _)| *n);
-                list.insert(at, (id, vec![(id, v)]));
+                list.insert(at, (id, smallvec::smallvec![(id, v)]));
                 undo.push(Undo::Inserted(obj, at));
             }
             (Obj::List(list), K::Elem(e)) => {
                 let at = list.iter().position(|(el, _)| *el == e)?;
                 let (_, slot) = list.get_mut(at)?;
                 let old = replace(slot)?;
+                if let Some(v) = val.take() {
+                    slot.push((id, v));
+                }
                 undo.push(Undo::Slot(obj, SlotAt::Index(at), old));
             }
             _ => return None,
