@@ -11,7 +11,7 @@ use crate::codec::{
 };
 use crate::record::validate_stream_name;
 use crate::store::{ObjectSnapshot, Segment, Snapshot};
-use crate::{Cursor, Hash};
+use crate::{Cursor, Hash, Record};
 
 /// Why a segment, snapshot or cursor from a peer was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -114,40 +114,268 @@ pub fn segment_from_proto(p: keel_proto::Segment) -> Result<Segment, WireError> 
     validate_stream_name(&p.stream).map_err(|_| WireError::StreamName)?;
     let prev_hash =
         Hash::from_slice(&p.prev_hash).ok_or(WireError::HashLength(p.prev_hash.len()))?;
+    let mut chain = Chain::new(p.epoch, p.prev_seq, prev_hash)?;
     let mut records = Vec::with_capacity(p.records.len());
-    let mut want = p.prev_seq.checked_add(1).ok_or(WireError::Overflow)?;
-    let mut prev = prev_hash;
     for (index, rp) in p.records.into_iter().enumerate() {
         let r = record_from_proto(rp).map_err(|source| WireError::Record { index, source })?;
-        if r.seq != want {
-            return Err(WireError::Gap { want, got: r.seq });
+        chain.check(&r)?;
+        records.push(r);
+    }
+    Ok(chain.segment(p.stream, records))
+}
+
+/// The checks that tie a segment's records together, one record at a
+/// time: contiguous seqs, one epoch, each hash chaining to the one before.
+struct Chain {
+    epoch: u64,
+    prev: Cursor,
+    want: u64,
+    last: Hash,
+}
+
+impl Chain {
+    fn new(epoch: u64, prev_seq: u64, prev_hash: Hash) -> Result<Chain, WireError> {
+        Ok(Chain {
+            epoch,
+            prev: Cursor {
+                // The epoch of the record before a segment is not carried;
+                // the chain hash pins it.
+                epoch,
+                seq: prev_seq,
+                hash: prev_hash,
+            },
+            want: prev_seq.checked_add(1).ok_or(WireError::Overflow)?,
+            last: prev_hash,
+        })
+    }
+
+    fn check(&mut self, r: &Record) -> Result<(), WireError> {
+        if r.seq != self.want {
+            return Err(WireError::Gap {
+                want: self.want,
+                got: r.seq,
+            });
         }
-        if r.epoch != p.epoch {
+        if r.epoch != self.epoch {
             return Err(WireError::Epoch {
                 seq: r.seq,
-                want: p.epoch,
+                want: self.epoch,
                 got: r.epoch,
             });
         }
-        if r.expected_hash(&prev) != r.hash {
+        if r.expected_hash(&self.last) != r.hash {
             return Err(WireError::Chain { seq: r.seq });
         }
-        prev = r.hash;
-        want = want.checked_add(1).ok_or(WireError::Overflow)?;
-        records.push(r);
+        self.last = r.hash;
+        self.want = self.want.checked_add(1).ok_or(WireError::Overflow)?;
+        Ok(())
     }
-    Ok(Segment {
-        stream: p.stream,
-        epoch: p.epoch,
-        prev: Cursor {
-            // The epoch of the record before a segment is not carried; the
-            // chain hash pins it.
-            epoch: p.epoch,
-            seq: p.prev_seq,
-            hash: prev_hash,
-        },
-        records,
-    })
+
+    fn segment(self, stream: String, records: Vec<Record>) -> Segment {
+        Segment {
+            stream,
+            epoch: self.epoch,
+            prev: self.prev,
+            records,
+        }
+    }
+}
+
+/// Decodes the body of a `keel.v1.Segment` straight into a verified
+/// segment whose payloads are slices of `bytes`, with no intermediate
+/// message: the receive path of the bulk of the sync traffic.
+///
+/// `None` unless the body has the plain shape protobuf encoders (keel's
+/// among them) write — fields in ascending order, each singular field at
+/// most once, no unknown fields, at most `max_records` records — *and*
+/// everything in it is valid. The caller then decodes the same bytes with
+/// prost and [`segment_from_proto`], which accept the other legal
+/// encodings and say precisely what is wrong with a bad one. So what this
+/// returns is always what that path returns (a property test holds them
+/// together), and it never accepts what that path refuses.
+pub fn decode_segment_body_fast(bytes: &Bytes, max_records: usize) -> Option<Segment> {
+    let mut r = fast::Reader::new(bytes);
+    let (mut stream, mut epoch, mut prev_seq, mut prev_hash) = (String::new(), 0, 0, None);
+    let mut chain: Option<Chain> = None;
+    let mut records = Vec::with_capacity(fast::count_records(bytes)?.min(max_records));
+    let mut last_field = 0;
+    while !r.done() {
+        let (field, wire) = r.key()?;
+        // Ascending; only the records (5) may repeat.
+        if field < last_field || (field == last_field && field != 5) {
+            return None;
+        }
+        last_field = field;
+        match (field, wire) {
+            (1, 2) => stream = r.string()?,
+            (2, 0) => epoch = r.varint()?,
+            (3, 0) => prev_seq = r.varint()?,
+            (4, 2) => prev_hash = Some(r.delimited()?),
+            (5, 2) => {
+                if records.len() >= max_records {
+                    return None;
+                }
+                let chain = match &mut chain {
+                    Some(c) => c,
+                    None => chain.insert(begin(&stream, epoch, prev_seq, prev_hash.as_ref())?),
+                };
+                let (start, end) = r.delimited_range()?;
+                let record = fast::record(fast::Reader {
+                    at: start,
+                    end,
+                    ..r
+                })?;
+                chain.check(&record).ok()?;
+                records.push(record);
+            }
+            (6, 0) => {
+                r.varint()?;
+            }
+            _ => return None,
+        }
+    }
+    let chain = match chain {
+        Some(c) => c,
+        None => begin(&stream, epoch, prev_seq, prev_hash.as_ref())?,
+    };
+    Some(chain.segment(stream, records))
+}
+
+/// The segment-level checks of [`segment_from_proto`], before its records.
+fn begin(stream: &str, epoch: u64, prev_seq: u64, prev_hash: Option<&Bytes>) -> Option<Chain> {
+    validate_stream_name(stream).ok()?;
+    let prev_hash = Hash::from_slice(prev_hash.map(Bytes::as_ref).unwrap_or_default())?;
+    Chain::new(epoch, prev_seq, prev_hash).ok()
+}
+
+/// The reading half of [`decode_segment_body_fast`]: protobuf's wire
+/// format as prost reads it, refusing (`None`) instead of erring.
+mod fast {
+    use bytes::Bytes;
+
+    use crate::Record;
+    use crate::codec::record_from_proto;
+
+    /// Reads `bytes[at..end]`; what it takes out of it are slices of
+    /// `bytes`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Reader<'a> {
+        pub(super) bytes: &'a Bytes,
+        pub(super) at: usize,
+        pub(super) end: usize,
+    }
+
+    impl<'a> Reader<'a> {
+        pub(super) fn new(bytes: &'a Bytes) -> Self {
+            Reader {
+                bytes,
+                at: 0,
+                end: bytes.len(),
+            }
+        }
+
+        pub(super) fn done(&self) -> bool {
+            self.at >= self.end
+        }
+
+        /// A varint as prost reads one: at most ten bytes, the tenth at
+        /// most 1.
+        pub(super) fn varint(&mut self) -> Option<u64> {
+            let mut v = 0u64;
+            for i in 0..10 {
+                if self.done() {
+                    return None;
+                }
+                let b = *self.bytes.get(self.at)?;
+                self.at += 1;
+                if i == 9 && b > 1 {
+                    return None;
+                }
+                v |= u64::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    return Some(v);
+                }
+            }
+            None
+        }
+
+        /// A field's number and wire type.
+        pub(super) fn key(&mut self) -> Option<(u64, u64)> {
+            let k = self.varint()?;
+            Some((k >> 3, k & 7))
+        }
+
+        pub(super) fn delimited_range(&mut self) -> Option<(usize, usize)> {
+            let len = usize::try_from(self.varint()?).ok()?;
+            let end = self.at.checked_add(len)?;
+            if end > self.end {
+                return None;
+            }
+            let start = std::mem::replace(&mut self.at, end);
+            Some((start, end))
+        }
+
+        pub(super) fn delimited(&mut self) -> Option<Bytes> {
+            let (start, end) = self.delimited_range()?;
+            Some(self.bytes.slice(start..end))
+        }
+
+        pub(super) fn string(&mut self) -> Option<String> {
+            let (start, end) = self.delimited_range()?;
+            let s = std::str::from_utf8(self.bytes.get(start..end)?).ok()?;
+            Some(s.to_owned())
+        }
+    }
+
+    /// How many records (field 5) a segment body holds, walking its
+    /// fields without reading them.
+    pub(super) fn count_records(bytes: &Bytes) -> Option<usize> {
+        let mut r = Reader::new(bytes);
+        let mut n = 0;
+        while !r.done() {
+            match r.key()? {
+                (5, 2) => {
+                    r.delimited_range()?;
+                    n += 1;
+                }
+                (_, 2) => {
+                    r.delimited_range()?;
+                }
+                (_, 0) => {
+                    r.varint()?;
+                }
+                _ => return None,
+            }
+        }
+        Some(n)
+    }
+
+    /// One `keel.v1.Record` body, checked as [`record_from_proto`] checks
+    /// it.
+    pub(super) fn record(mut r: Reader<'_>) -> Option<Record> {
+        let mut p = keel_proto::Record::default();
+        let mut last_field = 0;
+        while !r.done() {
+            let (field, wire) = r.key()?;
+            if field <= last_field {
+                return None;
+            }
+            last_field = field;
+            match (field, wire) {
+                (1, 0) => p.seq = r.varint()?,
+                (2, 0) => p.epoch = r.varint()?,
+                (3, 0) => p.hlc = r.varint()?,
+                (4, 2) => p.origin = r.string()?,
+                (5, 2) => p.key = r.string()?,
+                // int32, as prost reads it: the varint's low 32 bits.
+                (6, 0) => p.kind = r.varint()? as i32,
+                (7, 2) => p.payload = r.delimited()?,
+                (8, 2) => p.hash = r.delimited()?,
+                _ => return None,
+            }
+        }
+        record_from_proto(p).ok()
+    }
 }
 
 /// A snapshot chunk: its stream's base cursor and objects.

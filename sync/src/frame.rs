@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use keel_log::wire::{
-    WireError, cursor_from_proto, cursor_to_proto, encode_segment_body, segment_body_len,
-    segment_from_proto, segment_to_proto, snapshot_from_proto, snapshot_to_proto,
+    WireError, cursor_from_proto, cursor_to_proto, decode_segment_body_fast, encode_segment_body,
+    segment_body_len, segment_from_proto, segment_to_proto, snapshot_from_proto, snapshot_to_proto,
 };
 use keel_log::{Cursor, Segment, Snapshot};
 use prost::Message;
@@ -203,7 +203,47 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
 /// and hashes are slices of `bytes`, not copies (the buffer lives while
 /// any of them does).
 pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
+    if bytes.len() <= MAX_FRAME_BYTES
+        && let Some(segment) = segment_fast(&bytes)
+    {
+        return Ok(Frame::Segment(segment));
+    }
     decode_from(bytes)
+}
+
+/// A segment frame in the plain shape keel writes, decoded without prost
+/// ([`keel_log::wire::decode_segment_body_fast`]): `None` sends the frame
+/// down the general path, which decodes every legal encoding and names
+/// what is wrong with a bad one.
+fn segment_fast(bytes: &Bytes) -> Option<keel_log::Segment> {
+    // The frame's one field: body `segment` (2, length-delimited), to the
+    // end of the frame.
+    let (&key, rest) = bytes.split_first()?;
+    if key != (2 << 3 | 2) {
+        return None;
+    }
+    let (len, rest) = varint(rest)?;
+    if usize::try_from(len).ok()? != rest.len() {
+        return None;
+    }
+    let body = bytes.slice(bytes.len() - rest.len()..);
+    decode_segment_body_fast(&body, MAX_SEGMENT_RECORDS)
+}
+
+/// A length prefix, as prost reads a varint: at most ten bytes, the tenth
+/// at most 1.
+fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        if i == 9 && b > 1 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, bytes.get(i + 1..)?));
+        }
+    }
+    None
 }
 
 fn decode_from<B: bytes::Buf + AsRef<[u8]>>(bytes: B) -> Result<Frame, FrameError> {
@@ -310,7 +350,7 @@ mod wire {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use super::*;
     use keel_log::{Hash, PayloadKind, Record};
@@ -347,7 +387,175 @@ mod tests {
             )
     }
 
+    /// Segments whose records chain as a writer's do.
+    fn chained() -> impl Strategy<Value = Segment> {
+        (
+            ("[a-z]{1,8}/[a-z0-9-]{1,12}", 1u64..4, 0u64..1000),
+            any::<[u8; 32]>(),
+            prop::collection::vec(
+                (
+                    any::<u64>(),
+                    ".{0,8}",
+                    ".{0,20}",
+                    0u8..3,
+                    prop::collection::vec(any::<u8>(), 0..300),
+                ),
+                0..6,
+            ),
+        )
+            .prop_map(|((stream, epoch, prev_seq), prev_hash, parts)| {
+                let prev = Cursor {
+                    epoch,
+                    seq: prev_seq,
+                    hash: Hash(prev_hash),
+                };
+                let mut last = prev.hash;
+                let records = parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (hlc, origin, key, kind, payload))| {
+                        let kind = match kind {
+                            0 => PayloadKind::Change,
+                            1 => PayloadKind::Tombstone,
+                            _ => PayloadKind::Event,
+                        };
+                        let seq = prev_seq + 1 + i as u64;
+                        let hash = Record::chain_hash(
+                            &last, seq, epoch, hlc, &origin, &key, kind, &payload,
+                        );
+                        last = hash;
+                        Record {
+                            seq,
+                            epoch,
+                            hlc,
+                            origin,
+                            key,
+                            kind,
+                            payload: payload.into(),
+                            hash,
+                        }
+                    })
+                    .collect();
+                Segment {
+                    stream,
+                    epoch,
+                    prev,
+                    records,
+                }
+            })
+    }
+
+    /// A change to a frame's bytes: a byte set, a cut, or a run repeated.
+    fn mutate(bytes: &[u8], how: u8, at: usize, value: u8, len: usize) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        if b.is_empty() {
+            return b;
+        }
+        let at = at % b.len();
+        match how % 3 {
+            0 => b[at] = value,
+            1 => b.truncate(at),
+            _ => {
+                let end = (at + len).min(b.len());
+                let run = b[at..end].to_vec();
+                b.splice(at..at, run);
+            }
+        }
+        b
+    }
+
+    /// Legal encodings keel does not write (a field out of order, an
+    /// unknown field, a field twice) take prost's path and decode alike.
+    #[test]
+    fn other_legal_encodings_take_the_general_path() {
+        let seg = Segment {
+            stream: "up/edge-1".into(),
+            epoch: 1,
+            prev: Cursor::default(),
+            records: vec![],
+        };
+        let seg = Segment {
+            prev: Cursor {
+                epoch: 1,
+                ..seg.prev
+            },
+            ..seg
+        };
+        let body = |fields: &[&[u8]]| {
+            let body: Vec<u8> = fields.concat();
+            let mut b = vec![0x12];
+            prost::encoding::encode_varint(body.len() as u64, &mut b);
+            b.extend_from_slice(&body);
+            Bytes::from(b)
+        };
+        let mut stream = vec![0x0a, 9];
+        stream.extend_from_slice(b"up/edge-1");
+        let epoch: &[u8] = &[0x10, 1];
+        let mut hash = vec![0x22, 32];
+        hash.extend_from_slice(&[0; 32]);
+        let unknown: &[u8] = &[0x78, 5];
+        for (name, bytes, fast) in [
+            ("as written", body(&[&stream, epoch, &hash]), true),
+            ("out of order", body(&[epoch, &stream, &hash]), false),
+            (
+                "unknown field",
+                body(&[&stream, epoch, &hash, unknown]),
+                false,
+            ),
+            ("twice", body(&[&stream, epoch, epoch, &hash]), false),
+        ] {
+            assert_eq!(segment_fast(&bytes).is_some(), fast, "{name}");
+            assert_eq!(
+                decode_frame_shared(bytes),
+                Ok(Frame::Segment(seg.clone())),
+                "{name}"
+            );
+        }
+    }
+
     proptest! {
+        /// Segment frames as keel writes them take the decoder without
+        /// prost, and it gives what prost's path gives.
+        #[test]
+        fn written_segments_decode_without_prost(seg in chained()) {
+            let bytes = encode_frame(&Frame::Segment(seg.clone()));
+            prop_assert_eq!(segment_fast(&bytes), Some(seg.clone()));
+            prop_assert_eq!(decode_from(bytes.clone()), Ok(Frame::Segment(seg.clone())));
+            prop_assert_eq!(decode_frame_shared(bytes), Ok(Frame::Segment(seg)));
+        }
+
+        /// Whatever the decoder without prost accepts, prost's path
+        /// accepts too, as the same segment: changed bytes (which mostly
+        /// break the chain, the shape, or both) never slip through it.
+        #[test]
+        fn the_fast_decoder_accepts_nothing_prost_would_not(
+            seg in chained(),
+            changes in prop::collection::vec((any::<u8>(), any::<usize>(), any::<u8>(), 0usize..40), 1..4),
+        ) {
+            let mut bytes = encode_frame(&Frame::Segment(seg)).to_vec();
+            for (how, at, value, len) in changes {
+                bytes = mutate(&bytes, how, at, value, len);
+            }
+            let bytes = Bytes::from(bytes);
+            prop_assert_eq!(decode_frame_shared(bytes.clone()), decode_from(bytes.clone()));
+            if let Some(fast) = segment_fast(&bytes) {
+                prop_assert_eq!(decode_from(bytes), Ok(Frame::Segment(fast)));
+            }
+        }
+
+        /// Arbitrary bytes after a segment frame's key, likewise.
+        #[test]
+        fn arbitrary_segment_bodies_decode_alike(body in prop::collection::vec(any::<u8>(), 0..400)) {
+            let mut bytes = vec![0x12];
+            prost::encoding::encode_varint(body.len() as u64, &mut bytes);
+            bytes.extend_from_slice(&body);
+            let bytes = Bytes::from(bytes);
+            prop_assert_eq!(decode_frame_shared(bytes.clone()), decode_from(bytes.clone()));
+            if let Some(fast) = segment_fast(&bytes) {
+                prop_assert_eq!(decode_from(bytes), Ok(Frame::Segment(fast)));
+            }
+        }
+
         /// A segment frame written straight from the records is byte for
         /// byte what prost writes for the same frame.
         #[test]

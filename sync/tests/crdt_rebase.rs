@@ -260,3 +260,28 @@ fn a_batch_waits_for_no_more_changes_than_one_call_per_change() {
     assert_eq!(c.queued(KEY), 0);
     assert_eq!(c.history_len(KEY), 1 + 1 + max);
 }
+
+/// `is_rebase` reads the header alone, but never says yes to bytes that
+/// are not exactly a root: any cut or any changed byte of one is refused
+/// (the checksum or the framing fails), and so is a root's message on a
+/// change that has dependencies.
+#[test]
+fn only_whole_roots_are_roots() {
+    let (mut c, _, _, _) = setup(4, 2);
+    let root = c.rebase(KEY, &cloud()).unwrap().unwrap();
+    assert!(is_rebase(&root));
+    for cut in 0..root.len() {
+        assert!(!is_rebase(&root[..cut]), "cut at {cut}");
+    }
+    for at in 0..root.len() {
+        let mut b = root.clone();
+        b[at] ^= 0x01;
+        assert!(!is_rebase(&b), "byte {at} changed");
+    }
+    // The next change after the root depends on it.
+    let next = c
+        .edit_merge_patch(KEY, &cloud(), &json!({"status": {"phase": "Next"}}))
+        .unwrap()
+        .unwrap();
+    assert!(!is_rebase(&next));
+}

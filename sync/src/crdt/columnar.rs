@@ -18,7 +18,10 @@
 //! received. A hand-made change with, say, a literal run where automerge
 //! writes a repeat run goes to the slow path, which refuses it.
 
+use std::cell::RefCell;
+
 use sha2::Digest;
+use smallvec::SmallVec;
 
 /// Most ops in a change read here (a pod status has about ten; larger
 /// changes go to automerge).
@@ -290,7 +293,36 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
         extra,
         body,
     };
-    (encode_body(&decoded).as_deref() == Some(body)).then_some(decoded)
+    canonical(&decoded).then_some(decoded)
+}
+
+thread_local! {
+    /// [`encode_body`]'s buffers (body, columns, raw values), kept from one
+    /// change to the next: every change the fast path reads is written
+    /// again, and the allocations cost more than the writing.
+    static SCRATCH: RefCell<[Vec<u8>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// Most bytes [`SCRATCH`] keeps between changes (more is freed).
+const SCRATCH_KEEP: usize = 64 << 10;
+
+/// Whether [`encode_body`] gives back exactly the body `c` was read from.
+fn canonical(c: &Decoded<'_>) -> bool {
+    let check = |[out, data, raw]: &mut [Vec<u8>; 3]| {
+        let same = encode_body(c, out, data, raw) && out.as_slice() == c.body;
+        for b in [out, data, raw] {
+            b.clear();
+            if b.capacity() > SCRATCH_KEEP {
+                b.shrink_to(SCRATCH_KEEP);
+            }
+        }
+        same
+    };
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => check(&mut s),
+        // (Not reentrant; but never mind.)
+        Err(_) => check(&mut Default::default()),
+    })
 }
 
 /// The value of one op from its metadata and the raw value column.
@@ -317,26 +349,25 @@ fn scalar<'a>(meta: u64, raw: &mut Reader<'a>) -> Option<Scalar<'a>> {
     })
 }
 
-/// The body of `change` as automerge writes it (`None` if a value cannot
-/// be written: never for what [`decode`] returns).
-fn encode_body(c: &Decoded<'_>) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(c.body.len());
-    put_uleb(&mut out, c.deps.len() as u64);
+/// Writes the body of `change` into `out` as automerge writes it, with
+/// `data` and `raw` as working space (all three empty when called): `false`
+/// if a value cannot be written (never for what [`decode`] returns).
+fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut Vec<u8>) -> bool {
+    put_uleb(out, c.deps.len() as u64);
     for d in &c.deps {
         out.extend_from_slice(d);
     }
-    put_prefixed(&mut out, c.actor);
-    put_uleb(&mut out, c.seq);
-    put_uleb(&mut out, c.start_op);
-    put_sleb(&mut out, c.time);
-    put_prefixed(&mut out, c.message.as_bytes());
-    put_uleb(&mut out, c.others.len() as u64);
+    put_prefixed(out, c.actor);
+    put_uleb(out, c.seq);
+    put_uleb(out, c.start_op);
+    put_sleb(out, c.time);
+    put_prefixed(out, c.message.as_bytes());
+    put_uleb(out, c.others.len() as u64);
     for a in &c.others {
-        put_prefixed(&mut out, a);
+        put_prefixed(out, a);
     }
     let ops = &c.ops;
     // Every column into one buffer, in order, each one's length noted.
-    let mut data = Vec::with_capacity(c.body.len());
     let mut lens = [0usize; 12];
     let mut mark = |data: &Vec<u8>, i: usize, before: usize| {
         if let Some(l) = lens.get_mut(i) {
@@ -348,31 +379,23 @@ fn encode_body(c: &Decoded<'_>) -> Option<Vec<u8>> {
         _ => None,
     };
     let b = data.len();
-    rle_out(
-        &mut data,
-        ops.iter().map(|o| o.obj.map(|(a, _)| a)),
-        put_uleb,
-    );
-    mark(&data, 0, b);
+    rle_out(data, ops.iter().map(|o| o.obj.map(|(a, _)| a)), put_uleb);
+    mark(data, 0, b);
+    let b = data.len();
+    rle_out(data, ops.iter().map(|o| o.obj.map(|(_, c)| c)), put_uleb);
+    mark(data, 1, b);
     let b = data.len();
     rle_out(
-        &mut data,
-        ops.iter().map(|o| o.obj.map(|(_, c)| c)),
-        put_uleb,
-    );
-    mark(&data, 1, b);
-    let b = data.len();
-    rle_out(
-        &mut data,
+        data,
         ops.iter().map(|o| elem(&o.key).map(|(a, _)| a)),
         put_uleb,
     );
-    mark(&data, 2, b);
+    mark(data, 2, b);
     let b = data.len();
     let mut abs: i64 = 0;
     let mut overflow = false;
     rle_out(
-        &mut data,
+        data,
         ops.iter().map(|o| {
             let v = match o.key {
                 Key::Prop(_) => None,
@@ -390,45 +413,44 @@ fn encode_body(c: &Decoded<'_>) -> Option<Vec<u8>> {
         }),
         put_sleb,
     );
-    mark(&data, 3, b);
+    mark(data, 3, b);
     let b = data.len();
     rle_out(
-        &mut data,
+        data,
         ops.iter().map(|o| match o.key {
             Key::Prop(s) => Some(s),
             _ => None,
         }),
         |out, s: &str| put_prefixed(out, s.as_bytes()),
     );
-    mark(&data, 4, b);
+    mark(data, 4, b);
     let b = data.len();
-    bool_out(&mut data, ops.iter().map(|o| o.insert));
-    mark(&data, 5, b);
+    bool_out(data, ops.iter().map(|o| o.insert));
+    mark(data, 5, b);
     let b = data.len();
-    rle_out(&mut data, ops.iter().map(|o| Some(o.action)), put_uleb);
-    mark(&data, 6, b);
+    rle_out(data, ops.iter().map(|o| Some(o.action)), put_uleb);
+    mark(data, 6, b);
     let b = data.len();
-    let mut raw = Vec::new();
-    let metas = ops.iter().map(|o| Some(put_scalar(&mut raw, o.value)));
-    rle_out(&mut data, metas, put_uleb);
-    mark(&data, 7, b);
+    let metas = ops.iter().map(|o| Some(put_scalar(raw, o.value)));
+    rle_out(data, metas, put_uleb);
+    mark(data, 7, b);
     let b = data.len();
-    data.extend_from_slice(&raw);
-    mark(&data, 8, b);
+    data.extend_from_slice(raw);
+    mark(data, 8, b);
     let b = data.len();
     rle_out(
-        &mut data,
+        data,
         ops.iter().map(|o| Some(o.preds.len() as u64)),
         put_uleb,
     );
-    mark(&data, 9, b);
+    mark(data, 9, b);
     let b = data.len();
-    rle_out(&mut data, c.preds.iter().map(|(a, _)| Some(*a)), put_uleb);
-    mark(&data, 10, b);
+    rle_out(data, c.preds.iter().map(|(a, _)| Some(*a)), put_uleb);
+    mark(data, 10, b);
     let b = data.len();
     let mut abs: i64 = 0;
     rle_out(
-        &mut data,
+        data,
         c.preds.iter().map(|(_, ctr)| {
             let v = i64::try_from(*ctr).unwrap_or_else(|_| {
                 overflow = true;
@@ -440,20 +462,20 @@ fn encode_body(c: &Decoded<'_>) -> Option<Vec<u8>> {
         }),
         put_sleb,
     );
-    mark(&data, 11, b);
+    mark(data, 11, b);
     if overflow {
-        return None;
+        return false;
     }
-    put_uleb(&mut out, lens.iter().filter(|l| **l > 0).count() as u64);
+    put_uleb(out, lens.iter().filter(|l| **l > 0).count() as u64);
     for (spec, len) in SPECS.iter().zip(lens) {
         if len > 0 {
-            put_uleb(&mut out, *spec);
-            put_uleb(&mut out, len as u64);
+            put_uleb(out, *spec);
+            put_uleb(out, len as u64);
         }
     }
-    out.extend_from_slice(&data);
+    out.extend_from_slice(data);
     out.extend_from_slice(c.extra);
-    Some(out)
+    true
 }
 
 fn put_scalar(raw: &mut Vec<u8>, v: Scalar<'_>) -> u64 {
@@ -651,7 +673,7 @@ fn rle_out<T: Copy + PartialEq>(
         Nulls(u64),
         Lone(T),
         Run(T, u64),
-        Literal(Vec<T>, T),
+        Literal(SmallVec<[T; 16]>, T),
     }
     let flush_literal = |out: &mut Vec<u8>, run: &[T], put: &mut dyn FnMut(&mut Vec<u8>, T)| {
         put_sleb(out, -(run.len() as i64));
@@ -688,7 +710,7 @@ fn rle_out<T: Copy + PartialEq>(
             }
             (State::Empty, Some(v)) => State::Lone(v),
             (State::Lone(o), Some(v)) if o == v => State::Run(v, 2),
-            (State::Lone(o), Some(v)) => State::Literal(vec![o], v),
+            (State::Lone(o), Some(v)) => State::Literal(smallvec::smallvec![o], v),
             (State::Run(o, n), Some(v)) if o == v => State::Run(o, n + 1),
             (State::Run(o, n), Some(v)) => {
                 put_sleb(out, n as i64);

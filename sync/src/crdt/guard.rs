@@ -54,6 +54,12 @@ pub(crate) fn parse_change(bytes: &[u8]) -> Result<Change, CrdtError> {
 /// received, where parsing every op would cost more than the rest of the
 /// receive path together.
 pub(crate) fn header_actor(bytes: &[u8]) -> Result<&[u8], CrdtError> {
+    header(bytes).map(|h| h.actor)
+}
+
+/// [`header_actor`]'s reading of a change's header: framing and checksum
+/// checked, then the header read up to the actor.
+pub(crate) fn header(bytes: &[u8]) -> Result<Header<'_>, CrdtError> {
     use sha2::Digest;
     let bad = |why: &'static str| CrdtError::MalformedHeader(why);
     if bytes.get(..4) != Some(&MAGIC[..]) {
@@ -81,17 +87,45 @@ pub(crate) fn header_actor(bytes: &[u8]) -> Result<&[u8], CrdtError> {
         return Err(CrdtError::BadChecksum);
     }
     let (deps, rest) = uleb(body).ok_or(bad("bad dependency count"))?;
-    let deps = usize::try_from(deps)
-        .ok()
-        .and_then(|d| d.checked_mul(32))
-        .ok_or(bad("bad dependency count"))?;
-    let rest = rest.get(deps..).ok_or(bad("truncated dependencies"))?;
+    let deps = usize::try_from(deps).map_err(|_| bad("bad dependency count"))?;
+    let rest = deps
+        .checked_mul(32)
+        .and_then(|n| rest.get(n..))
+        .ok_or(bad("truncated dependencies"))?;
     let (actor_len, rest) = uleb(rest).ok_or(bad("bad actor length"))?;
-    let actor = usize::try_from(actor_len)
-        .ok()
-        .and_then(|n| rest.get(..n))
-        .ok_or(bad("truncated actor"))?;
-    Ok(actor)
+    let n = usize::try_from(actor_len).map_err(|_| bad("truncated actor"))?;
+    let (actor, rest) = rest.split_at_checked(n).ok_or(bad("truncated actor"))?;
+    Ok(Header { deps, actor, rest })
+}
+
+/// A change's header as far as [`header`] reads it.
+pub(crate) struct Header<'a> {
+    pub deps: usize,
+    pub actor: &'a [u8],
+    /// The body after the actor.
+    rest: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    /// The change's message (empty if none), read on from the actor.
+    pub(crate) fn message(&self) -> Result<&'a [u8], CrdtError> {
+        let bad = |why: &'static str| CrdtError::MalformedHeader(why);
+        // seq and start_op (unsigned), time (signed): skipped.
+        let rest = skip_leb(self.rest).ok_or(bad("bad seq"))?;
+        let rest = skip_leb(rest).ok_or(bad("bad start op"))?;
+        let rest = skip_leb(rest).ok_or(bad("bad time"))?;
+        let (len, rest) = uleb(rest).ok_or(bad("bad message length"))?;
+        usize::try_from(len)
+            .ok()
+            .and_then(|n| rest.get(..n))
+            .ok_or(bad("truncated message"))
+    }
+}
+
+/// What follows one LEB128 number (signed or not, at most ten bytes).
+fn skip_leb(bytes: &[u8]) -> Option<&[u8]> {
+    let end = bytes.iter().take(10).position(|b| b & 0x80 == 0)?;
+    bytes.get(end + 1..)
 }
 
 /// One unsigned LEB128 number (at most 64 bits) and what follows it.

@@ -208,9 +208,16 @@ fn is_rebase_root(change: &Change) -> bool {
 }
 
 /// Whether `bytes` is one change that rebases its object (see the module
-/// documentation): false for anything else, malformed bytes included.
+/// documentation): false for anything else, malformed bytes included. Read
+/// from the change's header alone (framing and checksum checked, ops not
+/// decoded: that happens when it is applied), as the cloud asks this of
+/// every change a node sends.
 pub fn is_rebase(bytes: &[u8]) -> bool {
-    parse_change(bytes).is_ok_and(|c| is_rebase_root(&c))
+    guard::header(bytes).is_ok_and(|h| {
+        h.deps == 0
+            && h.message()
+                .is_ok_and(|m| m.starts_with(REBASE_MESSAGE.as_bytes()))
+    })
 }
 
 /// The hash of one change (checked as [`ObjectStore::apply_change`]
