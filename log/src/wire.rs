@@ -197,7 +197,7 @@ pub fn decode_segment_body_fast(bytes: &Bytes, max_records: usize) -> Option<Seg
     let mut r = fast::Reader::new(bytes);
     let (mut stream, mut epoch, mut prev_seq, mut prev_hash) = (String::new(), 0, 0, None);
     let mut chain: Option<Chain> = None;
-    let mut records = Vec::with_capacity(fast::count_records(bytes)?.min(max_records));
+    let mut records = Vec::new();
     let mut last_field = 0;
     while !r.done() {
         let (field, wire) = r.key()?;
@@ -325,29 +325,6 @@ mod fast {
             let s = std::str::from_utf8(self.bytes.get(start..end)?).ok()?;
             Some(s.to_owned())
         }
-    }
-
-    /// How many records (field 5) a segment body holds, walking its
-    /// fields without reading them.
-    pub(super) fn count_records(bytes: &Bytes) -> Option<usize> {
-        let mut r = Reader::new(bytes);
-        let mut n = 0;
-        while !r.done() {
-            match r.key()? {
-                (5, 2) => {
-                    r.delimited_range()?;
-                    n += 1;
-                }
-                (_, 2) => {
-                    r.delimited_range()?;
-                }
-                (_, 0) => {
-                    r.varint()?;
-                }
-                _ => return None,
-            }
-        }
-        Some(n)
     }
 
     /// One `keel.v1.Record` body, checked as [`record_from_proto`] checks

@@ -200,8 +200,9 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
 }
 
 /// [`decode_frame`] of a buffer the frame may keep: the records' payloads
-/// and hashes are slices of `bytes`, not copies (the buffer lives while
-/// any of them does).
+/// are slices of `bytes`, not copies (the buffer lives while any of them
+/// does). A segment frame in the shape keel writes is read without prost
+/// ([`segment_fast`]); the result is the same either way, for any bytes.
 pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
     if bytes.len() <= MAX_FRAME_BYTES
         && let Some(segment) = segment_fast(&bytes)

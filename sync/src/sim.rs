@@ -182,7 +182,6 @@ impl MemLog {
     pub fn append_fresh(&mut self, name: &str, records: Vec<Record>) -> Result<&[Record], String> {
         let s = self.streams.get_mut(name).ok_or("unknown stream")?;
         let before = s.records.len();
-        s.records.reserve(records.len());
         for r in records {
             let head = s.head();
             if r.seq <= head.seq {

@@ -320,7 +320,8 @@ fn canonical(c: &Decoded<'_>) -> bool {
     };
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => check(&mut s),
-        // (Not reentrant; but never mind.)
+        // Only when already borrowed further up this thread's stack (it is
+        // not): fresh buffers then.
         Err(_) => check(&mut Default::default()),
     })
 }
@@ -673,7 +674,7 @@ fn rle_out<T: Copy + PartialEq>(
         Nulls(u64),
         Lone(T),
         Run(T, u64),
-        Literal(SmallVec<[T; 16]>, T),
+        Literal(SmallVec<[T; 4]>, T),
     }
     let flush_literal = |out: &mut Vec<u8>, run: &[T], put: &mut dyn FnMut(&mut Vec<u8>, T)| {
         put_sleb(out, -(run.len() as i64));
