@@ -278,25 +278,12 @@ mod fast {
             self.at >= self.end
         }
 
-        /// A varint as prost reads one: at most ten bytes, the tenth at
-        /// most 1.
+        /// A varint, read by prost's own reader.
         pub(super) fn varint(&mut self) -> Option<u64> {
-            let mut v = 0u64;
-            for i in 0..10 {
-                if self.done() {
-                    return None;
-                }
-                let b = *self.bytes.get(self.at)?;
-                self.at += 1;
-                if i == 9 && b > 1 {
-                    return None;
-                }
-                v |= u64::from(b & 0x7f) << (7 * i);
-                if b & 0x80 == 0 {
-                    return Some(v);
-                }
-            }
-            None
+            let mut rest = self.bytes.get(self.at..self.end)?;
+            let v = prost::encoding::decode_varint(&mut rest).ok()?;
+            self.at = self.end - rest.len();
+            Some(v)
         }
 
         /// A field's number and wire type.

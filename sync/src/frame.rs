@@ -219,32 +219,16 @@ pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
 fn segment_fast(bytes: &Bytes) -> Option<keel_log::Segment> {
     // The frame's one field: body `segment` (2, length-delimited), to the
     // end of the frame.
-    let (&key, rest) = bytes.split_first()?;
+    let (&key, mut rest) = bytes.split_first()?;
     if key != (2 << 3 | 2) {
         return None;
     }
-    let (len, rest) = varint(rest)?;
+    let len = prost::encoding::decode_varint(&mut rest).ok()?;
     if usize::try_from(len).ok()? != rest.len() {
         return None;
     }
     let body = bytes.slice(bytes.len() - rest.len()..);
     decode_segment_body_fast(&body, MAX_SEGMENT_RECORDS)
-}
-
-/// A length prefix, as prost reads a varint: at most ten bytes, the tenth
-/// at most 1.
-fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut v = 0u64;
-    for (i, &b) in bytes.iter().enumerate().take(10) {
-        if i == 9 && b > 1 {
-            return None;
-        }
-        v |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some((v, bytes.get(i + 1..)?));
-        }
-    }
-    None
 }
 
 fn decode_from<B: bytes::Buf + AsRef<[u8]>>(bytes: B) -> Result<Frame, FrameError> {
