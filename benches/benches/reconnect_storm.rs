@@ -4,6 +4,23 @@
 //! is caught up both ways, handshakes/s, and the cloud process's RSS with
 //! every connection idle.
 //!
+//! What the records are: by default real ones, as cloudcore and edgecore
+//! write them. The cloud is cloudcore's registry (the embedded control
+//! plane) behind the hub; each node runs 10 pods bound to it, and each
+//! round the cloud changes every pod's spec (a label, through the
+//! registry, which sends the change down) while the node, offline,
+//! writes every pod's status (an automerge change by its actor, from its
+//! copy of the pod). So each storm carries concurrent edits both ways:
+//! the cloud admits each node's changes (the status-only check) and folds
+//! them into its objects and the `cluster` stream; a node counts as
+//! caught up once its copy of every pod holds the round's spec and the
+//! cloud acknowledged its changes, and after the storm the bench checks
+//! that the cloud folded every status. Before the first storm every node
+//! connects once (with a TLS identity used only then, so the first storm
+//! is still cold) to receive its pods. `KEEL_STORM_PAYLOAD=events`
+//! replicates opaque event records instead, with a cloud that folds
+//! nothing (the link and the log alone, for comparison).
+//!
 //! `cargo bench -p keel-benches --bench reconnect_storm` (criterion, 10+
 //! storms), or with `KEEL_STORM_ONCE=1` two (cold, then warm); `KEEL_STORM_TRACE=1`
 //! prints progress twice a second; `KEEL_STORM_MAX_HANDSHAKES` sets the
@@ -45,10 +62,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use keel_cloud::api::registry::{Registry, Write as RegistryWrite, new_meta};
 use keel_cloud::hub::{CloudHub, HubOptions};
 use keel_cloud::pki::{self, ClusterCa};
+use keel_cloud::plane::{Embedded, PlaneSink};
 use keel_log::{Cursor, Entry, PayloadKind, Record, Role, Store, StoreOptions};
+use keel_sync::crdt::{ActorId, ObjectStore};
 use keel_sync::link::{LinkConfig, Side, down_stream, up_stream};
+use keel_sync::objects::apply_records;
 use keel_sync::quic::{Sink, run_link};
 
 const BEHIND: usize = 10;
@@ -62,6 +83,55 @@ fn nodes() -> usize {
 
 fn node(i: usize) -> String {
     format!("storm-{i:05}")
+}
+
+/// What each round's records are (`KEEL_STORM_PAYLOAD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Payload {
+    /// Pod specs from cloudcore's registry, pod statuses from the nodes:
+    /// automerge changes, folded on both sides (the default).
+    Pods,
+    /// Opaque event records, folded into nothing (`events`).
+    Events,
+}
+
+fn payload() -> Payload {
+    match std::env::var("KEEL_STORM_PAYLOAD").as_deref() {
+        Ok("events") => Payload::Events,
+        Ok("pods") | Err(_) => Payload::Pods,
+        Ok(other) => panic!("KEEL_STORM_PAYLOAD={other}: expected pods or events"),
+    }
+}
+
+/// Pod `k` of node `node` (`BEHIND` per node).
+fn pod_key(node: &str, k: usize) -> String {
+    format!("pods/default/{node}-p{k}")
+}
+
+/// Pod `k` of `node` as the cloud writes it in round `round`: the round
+/// is its `rev` label.
+fn pod(node: &str, k: usize, round: usize) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{node}-p{k}"), "namespace": "default",
+            "labels": {"app": "storm", "rev": round.to_string()}},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "registry.local/app:1"}]}})
+}
+
+/// The status a node reports for pod `k` in round `round` (what its
+/// kubelet would: phase, IP, conditions, container state); the round is
+/// the container's restart count.
+fn pod_status(k: usize, round: usize) -> serde_json::Value {
+    let t = format!("2026-11-23T08:{:02}:{:02}Z", round % 60, k % 60);
+    serde_json::json!({"status": {
+        "phase": "Running",
+        "podIP": format!("10.42.{}.{}", round % 250, k % 250),
+        "conditions": [
+            {"type": "Ready", "status": if round.is_multiple_of(2) { "True" } else { "False" }, "lastTransitionTime": t},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-11-23T08:00:00Z"}
+        ],
+        "containerStatuses": [{"name": "app", "ready": round.is_multiple_of(2), "restartCount": round,
+            "image": "registry.local/app:1", "state": {"running": {"startedAt": t}}}]
+    }})
 }
 
 fn entries(origin: &str, round: usize) -> Vec<Entry> {
@@ -137,15 +207,26 @@ fn cloud(dir: &str) {
         )
         .unwrap();
         let n = nodes();
-        for i in 0..n {
-            store
-                .create_stream(&down_stream(&node(i)), Role::Writer, 1)
-                .unwrap();
-            store
-                .create_stream(&up_stream(&node(i)), Role::Replica, 1)
-                .unwrap();
+        let bare = std::env::var_os("KEEL_STORM_BARE").is_some();
+        let registry = (payload() == Payload::Pods && !bare).then(|| {
+            // cloudcore's registry; it makes each node's streams when it
+            // binds the node's first pod.
+            Registry::open(store.clone()).unwrap()
+        });
+        match &registry {
+            Some(reg) => write_pods(reg, n, 0).await,
+            None => {
+                for i in 0..n {
+                    store
+                        .create_stream(&down_stream(&node(i)), Role::Writer, 1)
+                        .unwrap();
+                    store
+                        .create_stream(&up_stream(&node(i)), Role::Replica, 1)
+                        .unwrap();
+                }
+            }
         }
-        if std::env::var_os("KEEL_STORM_BARE").is_some() {
+        if bare {
             return bare_cloud(tls, tickets).await;
         }
         let mut opts = HubOptions::default();
@@ -155,11 +236,17 @@ fn cloud(dir: &str) {
         {
             opts.max_handshakes = if k == 0 { usize::MAX } else { k };
         }
+        // As cloudcore's hub: what nodes send is admitted and folded by
+        // the embedded control plane.
+        let sink: Arc<dyn Sink> = match &registry {
+            Some(reg) => Arc::new(PlaneSink(Arc::new(Embedded(reg.clone())))),
+            None => Arc::new(Quiet),
+        };
         let hub = CloudHub::bind(
             "127.0.0.1:0".parse().unwrap(),
             tls,
             store.clone(),
-            Arc::new(Quiet),
+            sink,
             opts,
         )
         .unwrap();
@@ -168,6 +255,13 @@ fn cloud(dir: &str) {
         let mut rx = stdin_lines();
         while let Some(cmd) = rx.recv().await {
             match cmd.as_str() {
+                "append" if registry.is_some() => {
+                    round += 1;
+                    if let Some(reg) = &registry {
+                        write_pods(reg, n, round).await;
+                    }
+                    println!("ok");
+                }
                 "append" => {
                     round += 1;
                     let tickets: Vec<_> = (0..n)
@@ -183,6 +277,19 @@ fn cloud(dir: &str) {
                     println!("ok");
                 }
                 "rss" => println!("rss {} connected {}", rss_kib(), hub.connected().len()),
+                "folded" => {
+                    // Pods whose status the cloud holds from this round.
+                    let mut folded = 0;
+                    if let Some(reg) = &registry {
+                        reg.scan("pods/", |p| {
+                            let restarts = p
+                                .pointer("/status/containerStatuses/0/restartCount")
+                                .and_then(serde_json::Value::as_u64);
+                            folded += usize::from(restarts == Some(round as u64));
+                        });
+                    }
+                    println!("{folded}");
+                }
                 "turned-away" => println!(
                     "{} {}",
                     hub.stats()
@@ -195,6 +302,46 @@ fn cloud(dir: &str) {
             std::io::stdout().flush().unwrap();
         }
     });
+}
+
+/// Writes round `round` of every node's pods through the registry (it
+/// sends each change down to the pod's node), and waits until they are
+/// durable.
+async fn write_pods(reg: &Registry, n: usize, round: usize) {
+    for i in 0..n {
+        let name = node(i);
+        for k in 0..BEHIND {
+            let (key, obj) = (pod_key(&name, k), pod(&name, k, round));
+            if i + 1 == n && k + 1 == BEHIND {
+                // Commits become durable in order: waiting for the last
+                // one waits for them all.
+                reg.write(&key, move |old| {
+                    Ok(Some(RegistryWrite::Put(next_pod(old, obj))))
+                })
+                .await
+                .unwrap();
+            } else {
+                reg.room().await;
+                reg.submit(&key, move |old| {
+                    Ok(Some(RegistryWrite::Put(next_pod(old, obj))))
+                })
+                .unwrap();
+            }
+        }
+    }
+}
+
+/// The pod to store: `obj` if it is new, else the pod held with `obj`'s
+/// labels (the status the node reported stays as folded).
+fn next_pod(old: Option<&serde_json::Value>, obj: serde_json::Value) -> serde_json::Value {
+    match old {
+        Some(old) => {
+            let mut next = old.clone();
+            next["metadata"]["labels"] = obj["metadata"]["labels"].clone();
+            next
+        }
+        None => new_meta(obj, None),
+    }
 }
 
 /// Child, `KEEL_STORM_BARE`: quinn and TLS alone, as the hub configures
@@ -254,6 +401,13 @@ struct Progress {
 struct Fleet {
     nodes: Vec<usize>,
     configs: Vec<quinn::ClientConfig>,
+    /// The same identities with TLS session caches of their own, for the
+    /// connection before the first storm (which stays cold).
+    prime_configs: Vec<quinn::ClientConfig>,
+    payload: Payload,
+    /// Each node's copy of its objects (its pods, its Node), with
+    /// [`Payload::Pods`].
+    objects: Vec<Arc<std::sync::Mutex<ObjectStore>>>,
     store: Store,
     rt: tokio::runtime::Runtime,
     endpoints: Vec<quinn::Endpoint>,
@@ -282,7 +436,7 @@ impl Fleet {
         let ca = ClusterCa::load_or_create(ca_dir).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let configs = nodes
+        let (configs, prime_configs): (Vec<_>, Vec<_>) = nodes
             .iter()
             .map(|&i| {
                 let name = node(i);
@@ -295,25 +449,29 @@ impl Fleet {
                 let cert = ca
                     .sign_node_csr(&csr, &name, pki::DEFAULT_NODE_CERT_VALIDITY)
                     .unwrap();
-                let tls =
-                    pki::client_tls_config(ca.cert_pem(), &cert.cert_pem, &key.serialize_pem())
-                        .unwrap();
-                let mut cfg = quinn::ClientConfig::new(Arc::new(
-                    quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-                ));
-                cfg.transport_config(Arc::new(keel_cloud::hub::transport(
-                    Duration::from_secs(90),
-                    Some(Duration::from_secs(25)),
-                )));
+                let config = || {
+                    let tls =
+                        pki::client_tls_config(ca.cert_pem(), &cert.cert_pem, &key.serialize_pem())
+                            .unwrap();
+                    let mut cfg = quinn::ClientConfig::new(Arc::new(
+                        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+                    ));
+                    cfg.transport_config(Arc::new(keel_cloud::hub::transport(
+                        Duration::from_secs(90),
+                        Some(Duration::from_secs(25)),
+                    )));
+                    cfg
+                };
                 store
                     .create_stream(&up_stream(&name), Role::Writer, 1)
                     .unwrap();
                 store
                     .create_stream(&down_stream(&name), Role::Replica, 1)
                     .unwrap();
-                cfg
+                (config(), config())
             })
-            .collect();
+            .unzip();
+        let objects = nodes.iter().map(|_| Arc::default()).collect();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -321,6 +479,9 @@ impl Fleet {
         let mut fleet = Fleet {
             nodes,
             configs,
+            prime_configs,
+            payload: payload(),
+            objects,
             store,
             rt,
             endpoints: Vec::new(),
@@ -341,26 +502,52 @@ impl Fleet {
         })
     }
 
-    /// Every connection closed; each node writes 10 more records.
-    fn offline_round(&mut self) {
+    /// Every connection closed (nodes stop reconnecting), on fresh
+    /// endpoints for the next connections.
+    fn disconnect_all(&mut self, why: &[u8]) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.rt.block_on(async {
             for e in &self.endpoints {
-                e.close(0u32.into(), b"storm round over");
+                e.close(0u32.into(), why);
             }
             for e in &self.endpoints {
                 e.wait_idle().await;
             }
         });
         self.endpoints = self.new_endpoints();
+        self.conns.lock().unwrap().clear();
+    }
+
+    /// Every connection closed; each node writes 10 more records.
+    fn offline_round(&mut self) {
+        self.disconnect_all(b"storm round over");
         self.round += 1;
         let tickets: Vec<_> = self
             .nodes
             .iter()
-            .map(|&i| {
-                self.store
-                    .append_async(&up_stream(&node(i)), entries(&node(i), self.round))
-                    .unwrap()
+            .zip(&self.objects)
+            .map(|(&i, objects)| {
+                let name = node(i);
+                let entries = match self.payload {
+                    Payload::Events => entries(&name, self.round),
+                    // The node's kubelet reports every pod's status: a
+                    // change by the node's actor to its copy of the pod.
+                    Payload::Pods => {
+                        let actor = ActorId::from_name(&name);
+                        let mut objects = objects.lock().unwrap();
+                        (0..BEHIND)
+                            .map(|k| {
+                                let key = pod_key(&name, k);
+                                let change = objects
+                                    .edit_merge_patch(&key, &actor, &pod_status(k, self.round))
+                                    .unwrap()
+                                    .unwrap();
+                                Entry::new(&name, key, PayloadKind::Change, change)
+                            })
+                            .collect()
+                    }
+                };
+                self.store.append_async(&up_stream(&name), entries).unwrap()
             })
             .collect();
         self.rt.block_on(async {
@@ -368,12 +555,32 @@ impl Fleet {
                 t.await.unwrap();
             }
         });
-        self.conns.lock().unwrap().clear();
     }
 
     /// Every node connects at once and runs its link until caught up both
     /// ways (the cloud wrote as many records per node as it did).
     fn storm(&self, addr: SocketAddr) -> FleetRun {
+        self.connect_all(addr, &self.configs, (self.round * BEHIND) as u64)
+    }
+
+    /// Before the first storm ([`Payload::Pods`]): every node connects
+    /// once, with identities whose TLS sessions are not kept for the
+    /// storms, and receives its pods.
+    fn prime(&mut self, addr: SocketAddr) {
+        self.connect_all(addr, &self.prime_configs, 0);
+        self.disconnect_all(b"primed");
+    }
+
+    /// Every node connects at once with `configs` and runs its link until
+    /// caught up: the cloud acknowledged `want_up` of its `up` stream, and
+    /// it holds the cloud's round [`Fleet::round`] (with
+    /// [`Payload::Events`]: that many records per node in `down`).
+    fn connect_all(
+        &self,
+        addr: SocketAddr,
+        configs: &[quinn::ClientConfig],
+        want_up: u64,
+    ) -> FleetRun {
         let want = (self.round * BEHIND) as u64;
         let n = self.nodes.len();
         let progress = Arc::new(Progress::default());
@@ -385,18 +592,21 @@ impl Fleet {
         self.rt.block_on(async {
             for (k, &i) in self.nodes.iter().enumerate() {
                 let name = node(i);
+                let objects = (self.payload == Payload::Pods).then(|| self.objects[k].clone());
                 let sink = Arc::new(EdgeSink {
                     progress: progress.clone(),
                     start,
-                    want_up: want,
+                    want_up,
                     want_down: want,
+                    want_rev: self.round.to_string(),
                     store: self.store.clone(),
-                    state: Default::default(),
+                    objects,
+                    state: std::sync::Mutex::new((false, want_up == 0)),
                 });
                 sinks.push((name.clone(), sink.clone()));
                 let (ep, cfg, store, conns) = (
                     self.endpoints[k / PER_ENDPOINT].clone(),
-                    self.configs[k].clone(),
+                    configs[k].clone(),
                     self.store.clone(),
                     self.conns.clone(),
                 );
@@ -529,6 +739,10 @@ fn fleet_child(spec: &str, ca_dir: &str) {
                 fleet.offline_round();
                 println!("ok");
             }
+            Some("prime") => {
+                fleet.prime(words.next().unwrap().parse().unwrap());
+                println!("ok");
+            }
             Some("storm") => {
                 let addr = words.next().unwrap().parse().unwrap();
                 let run = fleet.storm(addr);
@@ -612,6 +826,20 @@ impl Edges {
             Edges::Children(cs) => {
                 for c in cs.iter_mut() {
                     c.send("round");
+                }
+                for c in cs.iter_mut() {
+                    assert_eq!(c.answer(), "ok");
+                }
+            }
+        }
+    }
+
+    fn prime(&mut self, addr: SocketAddr) {
+        match self {
+            Edges::Here(f) => f.prime(addr),
+            Edges::Children(cs) => {
+                for c in cs.iter_mut() {
+                    c.send(&format!("prime {addr}"));
                 }
                 for c in cs.iter_mut() {
                     assert_eq!(c.answer(), "ok");
@@ -724,7 +952,12 @@ struct EdgeSink {
     start: Instant,
     want_up: u64,
     want_down: u64,
+    /// With [`Payload::Pods`]: the `rev` label of the round's pods.
+    want_rev: String,
     store: Store,
+    /// With [`Payload::Pods`]: the node's copy of its objects, which
+    /// what it receives is applied to.
+    objects: Option<Arc<std::sync::Mutex<ObjectStore>>>,
     state: std::sync::Mutex<(bool, bool)>,
 }
 
@@ -753,10 +986,23 @@ impl Sink for EdgeSink {
         keel_sync::quic::room_now()
     }
 
-    fn persisted(&self, node: &str, stream: &str, _: &[Record]) {
-        let head = self.store.info(stream).map(|i| i.head.seq).unwrap_or(0);
-        let _ = node;
-        self.check(head >= self.want_down, false);
+    fn persisted(&self, node: &str, stream: &str, records: &[Record]) {
+        let Some(objects) = &self.objects else {
+            let head = self.store.info(stream).map(|i| i.head.seq).unwrap_or(0);
+            return self.check(head >= self.want_down, false);
+        };
+        // As edgecore's MetaManager: what the cloud sent is applied to the
+        // node's objects; caught up once every pod holds the round's spec.
+        let mut objects = objects.lock().unwrap();
+        apply_records(&mut objects, records).unwrap();
+        let rev = |k| {
+            objects
+                .get_json(&pod_key(node, k))
+                .and_then(|p| p.pointer("/metadata/labels/rev").cloned())
+        };
+        let all =
+            (0..BEHIND).all(|k| rev(k).as_ref().and_then(|v| v.as_str()) == Some(&self.want_rev));
+        self.check(all, false);
     }
     fn snapshot_installed(&self, _: &str, _: &str) {}
     fn connected(&self, _: &str) {
@@ -800,11 +1046,22 @@ fn storm(c: &mut Criterion) {
     let mut edges = Edges::new(dir.path());
     let rss_before = ask("rss");
     let mut report = Vec::new();
+    let pods = payload() == Payload::Pods && std::env::var_os("KEEL_STORM_BARE").is_none();
+    if pods {
+        let start = Instant::now();
+        edges.prime(addr);
+        eprintln!(
+            "{n} nodes received their {BEHIND} pods each in {:.1} s (before the storms)",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let mut round = 0;
 
     let mut storm_once = || -> Duration {
         // Everyone offline; both sides write 10 records per node.
         edges.offline_round();
         assert_eq!(ask("append"), "ok");
+        round += 1;
         let counters = |line: String| -> (u64, u64) {
             let mut v = line.split_whitespace().map(|x| x.parse().unwrap_or(0));
             (v.next().unwrap_or(0), v.next().unwrap_or(0))
@@ -820,6 +1077,22 @@ fn storm(c: &mut Criterion) {
         let at = |p: usize| done_at[(done_at.len() * p / 100).min(done_at.len() - 1)].as_secs_f64();
         let drops = udp_drops();
         let (turned_away, resumed) = counters(ask("turned-away"));
+        if pods {
+            // The cloud folded every status the nodes reported.
+            let mut folded = 0;
+            for _ in 0..600 {
+                folded = ask("folded").parse::<usize>().unwrap();
+                if folded == n * BEHIND {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(
+                folded,
+                n * BEHIND,
+                "pod statuses of round {round} folded by the cloud"
+            );
+        }
         report.push(StormReport {
             took,
             p50: at(50),

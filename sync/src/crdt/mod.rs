@@ -260,7 +260,8 @@ fn holds(doc: Option<&Automerge>, tail: &[(ChangeHash, Vec<u8>)], hash: &ChangeH
 
 impl Entry {
     /// The fast path (see [`shadow`]): fold `bytes` without automerge if
-    /// it is one change that is causally next for this document. `false`
+    /// it is one change that is causally next for this document, or concurrent
+    /// with it and disjoint from what it does not know. `false`
     /// (nothing changed) when it is not, or not for the fast path; the
     /// caller then takes the slow path, which decides (and reports) what
     /// the change is.
@@ -279,9 +280,9 @@ impl Entry {
             return false;
         }
         if self.fast.is_none() {
-            // Read the shadow only for a change that follows every head.
-            let heads = doc.get_heads();
-            if !heads.iter().all(|h| change.deps.contains(&h.0)) {
+            // Read the shadow only for a change whose dependencies the
+            // document holds (not for one that will wait for others).
+            if !change.deps.iter().all(|d| has_change(doc, &ChangeHash(*d))) {
                 return false;
             }
         }

@@ -10,10 +10,24 @@
 //! document), a delete removes — and that is what [`Shadow::fold_next`]
 //! does, on a tree of the document's live ops (id, value) per map key and
 //! list element, in a few microseconds instead of automerge's few hundred.
-//! Anything else (a concurrent change, an op whose predecessors are not
-//! exactly the live values, a shape keel does not write) is refused and
-//! goes to automerge, which stays the document format and does every merge
-//! of concurrent edits; changes automerge applied are folded into the
+//!
+//! A change *concurrent* with what the document holds (its dependencies
+//! are held but are not every head: the node wrote its status while the
+//! cloud, apart, wrote the spec) folds the same way when it is *disjoint*
+//! from the concurrent edits: each op's predecessors are exactly the live
+//! ops of its key now (nothing concurrent touched that key), each op id
+//! is greater than its predecessors' (as automerge writes them), its op
+//! ids follow its author's earlier ones, and it inserts no list element
+//! (the shadow may not know the deleted elements an insert is ordered
+//! against). automerge's merge of such a change is again plain
+//! application: each touched key ends with the change's op alone, every
+//! other key keeps what it had.
+//!
+//! Anything else (a concurrent edit of the same key, an op whose
+//! predecessors are not exactly the live values, a shape keel does not
+//! write) is refused and goes to automerge, which stays the document
+//! format and does every merge of overlapping edits; changes automerge
+//! applied are folded into the
 //! shadow afterwards with [`Shadow::fold_applied`] (general map semantics:
 //! predecessors out, the new op in, the greatest op id visible).
 //!
@@ -27,6 +41,7 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 
 use automerge::{Automerge, Cursor, ObjId as ExId, ObjType, ROOT, ReadDoc};
 use serde_json::{Map, Number, Value};
@@ -48,7 +63,9 @@ enum Val {
     Uint(u64),
     Int(i64),
     F64(f64),
-    Str(Box<str>),
+    /// Held inline up to 23 bytes (most of what keel's objects hold:
+    /// names, phases, timestamps, images), shared beyond.
+    Str(SmolStr),
     /// A map or list object: the object's id is the op's own.
     Map,
     List,
@@ -60,7 +77,8 @@ type Slot = SmallVec<[(Id, Val); 1]>;
 
 #[derive(Debug, Clone)]
 enum Obj {
-    Map(BTreeMap<Box<str>, Slot>),
+    /// Keys inline up to 23 bytes (every key Kubernetes objects use).
+    Map(BTreeMap<SmolStr, Slot>),
     /// Elements in order, deleted ones kept (an insert may refer to them),
     /// each with the id of the op that inserted it.
     List(Vec<(Id, Slot)>),
@@ -73,11 +91,25 @@ pub(crate) struct Shadow {
     actor_index: HashMap<Vec<u8>, u32>,
     /// Last sequence number of each actor.
     seqs: Vec<u64>,
+    /// Greatest op counter of each actor.
+    max_ops: Vec<u64>,
     max_op: u64,
     /// Sorted.
     heads: Vec<[u8; 32]>,
     /// Objects by id; `None` is the root map.
     objs: HashMap<Option<Id>, Obj>,
+}
+
+/// How a change is folded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Causally next: each op's predecessors must be exactly the live ops.
+    Next,
+    /// Concurrent with what the document holds: as [`Mode::Next`], and
+    /// no inserts, and each op id greater than its predecessors'.
+    Concurrent,
+    /// Applied by automerge already: general map semantics.
+    Applied,
 }
 
 /// An op's key, with actors interned.
@@ -108,6 +140,7 @@ impl Shadow {
             actors: Vec::new(),
             actor_index: HashMap::default(),
             seqs: Vec::new(),
+            max_ops: Vec::new(),
             max_op: 0,
             heads: Vec::new(),
             objs: HashMap::from_iter([(None, Obj::Map(BTreeMap::new()))]),
@@ -125,6 +158,8 @@ impl Shadow {
             let a = s.intern(meta.actor.to_bytes()) as usize;
             let seq = s.seqs.get_mut(a)?;
             *seq = (*seq).max(meta.seq);
+            let max = s.max_ops.get_mut(a)?;
+            *max = (*max).max(meta.max_op);
             s.max_op = s.max_op.max(meta.max_op);
         }
         s.heads = doc.get_heads().into_iter().map(|h| h.0).collect();
@@ -218,16 +253,14 @@ impl Shadow {
         self.max_op
     }
 
-    /// Fold a change that is causally next (see the module documentation):
-    /// its dependencies are every current head, and perhaps changes the
-    /// document holds already (`known`; automerge names the author's own
-    /// previous change when it is not a head). `false`, with the shadow
-    /// unchanged, if it is not one.
+    /// Fold a change that is causally next, or concurrent and disjoint
+    /// (see the module documentation): its dependencies are changes the
+    /// document holds (current heads, or changes it holds already:
+    /// `known`). `false`, with the shadow unchanged, if it is neither.
     pub(crate) fn fold_next(&mut self, c: &Decoded<'_>, known: impl Fn(&[u8; 32]) -> bool) -> bool {
         let sorted = c.deps.windows(2).all(|w| w.first() < w.get(1));
         if !sorted
             || self.heads.is_empty()
-            || !self.heads.iter().all(|h| c.deps.binary_search(h).is_ok())
             || !c
                 .deps
                 .iter()
@@ -235,21 +268,33 @@ impl Shadow {
         {
             return false;
         }
+        let next = self.heads.iter().all(|h| c.deps.binary_search(h).is_ok());
         let author = self.actor_index.get(c.actor).copied();
         let last_seq = author.and_then(|a| self.seqs.get(a as usize).copied());
-        if last_seq.unwrap_or(0).checked_add(1) != Some(c.seq)
-            || self.max_op.checked_add(1) != Some(c.start_op)
-        {
+        if last_seq.unwrap_or(0).checked_add(1) != Some(c.seq) {
             return false;
         }
-        self.others_as_automerge_writes_them(c) && self.fold(c, true)
+        if next {
+            // It has seen every op: its own come after all of them.
+            if self.max_op.checked_add(1) != Some(c.start_op) {
+                return false;
+            }
+        } else {
+            // Its ops come after its author's earlier ones.
+            let author_max = author.and_then(|a| self.max_ops.get(a as usize).copied());
+            if c.start_op == 0 || c.start_op <= author_max.unwrap_or(0) {
+                return false;
+            }
+        }
+        let mode = if next { Mode::Next } else { Mode::Concurrent };
+        self.others_as_automerge_writes_them(c) && self.fold(c, mode)
     }
 
     /// Fold a change automerge has applied to the document (in causal
     /// order). `false` if this shadow cannot represent it (the caller then
     /// drops the shadow); the shadow is then left as it was.
     pub(crate) fn fold_applied(&mut self, c: &Decoded<'_>) -> bool {
-        self.fold(c, false)
+        self.fold(c, Mode::Applied)
     }
 
     /// automerge rebuilds a change's other actors as the actors its ops
@@ -289,7 +334,8 @@ impl Shadow {
         })
     }
 
-    fn fold(&mut self, c: &Decoded<'_>, strict: bool) -> bool {
+    fn fold(&mut self, c: &Decoded<'_>, mode: Mode) -> bool {
+        let strict = mode != Mode::Applied;
         let actors_before = self.actors.len();
         // The change's actor indices, interned.
         let mut local = Vec::with_capacity(1 + c.others.len());
@@ -318,6 +364,11 @@ impl Shadow {
                 preds.clear();
                 for p in c.preds.get(op.preds.clone())? {
                     preds.push(to_id(*p)?);
+                }
+                if mode == Mode::Concurrent
+                    && (op.insert || preds.iter().any(|p| !self.greater(id, *p)))
+                {
+                    return None;
                 }
                 let key = match op.key {
                     Key::Prop(k) => K::Prop(k),
@@ -351,6 +402,7 @@ impl Shadow {
             }
             self.actors.truncate(actors_before);
             self.seqs.truncate(actors_before);
+            self.max_ops.truncate(actors_before);
             self.actor_index
                 .retain(|_, i| (*i as usize) < actors_before);
             return false;
@@ -359,7 +411,14 @@ impl Shadow {
             *seq = (*seq).max(c.seq);
         }
         if let Some(n) = (c.ops.len() as u64).checked_sub(1) {
-            self.max_op = self.max_op.max(c.start_op.saturating_add(n));
+            let last = c.start_op.saturating_add(n);
+            self.max_op = self.max_op.max(last);
+            if let Some(max) = local
+                .first()
+                .and_then(|a| self.max_ops.get_mut(*a as usize))
+            {
+                *max = (*max).max(last);
+            }
         }
         self.heads.retain(|h| !c.deps.contains(h));
         if let Err(at) = self.heads.binary_search(&c.hash) {
@@ -376,6 +435,7 @@ impl Shadow {
         self.actors.push(bytes.to_vec());
         self.actor_index.insert(bytes.to_vec(), i);
         self.seqs.push(0);
+        self.max_ops.push(0);
         i
     }
 
