@@ -17,9 +17,9 @@
 //! from the concurrent edits: each op's predecessors are exactly the live
 //! ops of its key now (nothing concurrent touched that key), each op id
 //! is greater than its predecessors' (as automerge writes them), its op
-//! ids follow its author's earlier ones, and it inserts no list element
-//! (the shadow may not know the deleted elements an insert is ordered
-//! against). automerge's merge of such a change is again plain
+//! ids follow its author's earlier ones, and it inserts list elements
+//! only into lists it made itself (elsewhere the shadow may not know the
+//! deleted elements an insert is ordered against). automerge's merge of such a change is again plain
 //! application: each touched key ends with the change's op alone, every
 //! other key keeps what it had.
 //!
@@ -105,8 +105,9 @@ pub(crate) struct Shadow {
 enum Mode {
     /// Causally next: each op's predecessors must be exactly the live ops.
     Next,
-    /// Concurrent with what the document holds: as [`Mode::Next`], and
-    /// no inserts, and each op id greater than its predecessors'.
+    /// Concurrent with what the document holds: as [`Mode::Next`], with
+    /// inserts only into lists the change made, and each op id greater
+    /// than its predecessors'.
     Concurrent,
     /// Applied by automerge already: general map semantics.
     Applied,
@@ -365,8 +366,11 @@ impl Shadow {
                 for p in c.preds.get(op.preds.clone())? {
                     preds.push(to_id(*p)?);
                 }
+                // Inserts only into a list this change made: the shadow
+                // knows every element of that one.
+                let made_here = obj.is_some_and(|o| o.actor == id.actor && o.ctr >= c.start_op);
                 if mode == Mode::Concurrent
-                    && (op.insert || preds.iter().any(|p| !self.greater(id, *p)))
+                    && ((op.insert && !made_here) || preds.iter().any(|p| !self.greater(id, *p)))
                 {
                     return None;
                 }
