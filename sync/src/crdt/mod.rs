@@ -282,7 +282,10 @@ impl Entry {
         if self.fast.is_none() {
             // Read the shadow only for a change whose dependencies the
             // document holds (not for one that will wait for others).
-            if !change.deps.iter().all(|d| has_change(doc, &ChangeHash(*d))) {
+            let heads = doc.get_heads();
+            let held =
+                |d: &[u8; 32]| heads.iter().any(|h| h.0 == *d) || has_change(doc, &ChangeHash(*d));
+            if !change.deps.iter().all(held) {
                 return false;
             }
         }

@@ -41,7 +41,6 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
-use smol_str::SmolStr;
 
 use automerge::{Automerge, Cursor, ObjId as ExId, ObjType, ROOT, ReadDoc};
 use serde_json::{Map, Number, Value};
@@ -63,9 +62,7 @@ enum Val {
     Uint(u64),
     Int(i64),
     F64(f64),
-    /// Held inline up to 23 bytes (most of what keel's objects hold:
-    /// names, phases, timestamps, images), shared beyond.
-    Str(SmolStr),
+    Str(Box<str>),
     /// A map or list object: the object's id is the op's own.
     Map,
     List,
@@ -77,8 +74,7 @@ type Slot = SmallVec<[(Id, Val); 1]>;
 
 #[derive(Debug, Clone)]
 enum Obj {
-    /// Keys inline up to 23 bytes (every key Kubernetes objects use).
-    Map(BTreeMap<SmolStr, Slot>),
+    Map(BTreeMap<Box<str>, Slot>),
     /// Elements in order, deleted ones kept (an insert may refer to them),
     /// each with the id of the op that inserted it.
     List(Vec<(Id, Slot)>),
