@@ -436,10 +436,7 @@ impl Entry {
         self.flush();
         check_change(None, &change)?;
         let hash = change.hash();
-        let mut fast = Box::new(Shadow::new());
-        let fast = columnar::decode(change.raw_bytes())
-            .is_some_and(|c| fast.fold_applied(&c))
-            .then_some(fast);
+        let fast = fresh_shadow([change.raw_bytes()]);
         let doc = guarded("applying a rebase root", move || {
             let mut doc = Automerge::new();
             doc.apply_changes([change]).map(|()| doc)
@@ -468,7 +465,8 @@ impl Entry {
     fn apply_ready(&mut self, change: Change) -> Result<(), CrdtError> {
         check_change(self.doc.as_ref(), &change)?;
         let hash = change.hash();
-        let bytes = self.fast.is_some().then(|| change.raw_bytes().to_vec());
+        let fresh = self.doc.is_none();
+        let bytes = (self.fast.is_some() || fresh).then(|| change.raw_bytes().to_vec());
         let base = self.doc.clone().unwrap_or_default();
         let doc = guarded("applying a change", move || {
             let mut doc = base;
@@ -479,8 +477,20 @@ impl Entry {
         }
         verify_faithful(&doc, &[hash])?;
         self.doc = Some(doc);
-        self.fold_into_shadow(bytes.as_deref());
+        self.shadow_after(fresh, bytes.as_deref());
         Ok(())
+    }
+
+    /// The shadow after changes automerge applied: folded into it, or, for
+    /// a document they created, the shadow of just them (so that changes
+    /// after them take the fast path without reading the document).
+    fn shadow_after<'a>(&mut self, fresh: bool, applied: impl IntoIterator<Item = &'a [u8]>) {
+        if fresh {
+            self.fast = fresh_shadow(applied);
+            self.no_fast = false;
+        } else {
+            self.fold_into_shadow(applied);
+        }
     }
 
     /// Apply a causally ordered batch of ready changes with one automerge
@@ -493,7 +503,8 @@ impl Entry {
             check_in_batch(self.doc.as_ref(), change, &mut created)?;
         }
         let hashes: Vec<ChangeHash> = batch.iter().map(Change::hash).collect();
-        let raw: Vec<Vec<u8>> = if self.fast.is_some() {
+        let fresh = self.doc.is_none();
+        let raw: Vec<Vec<u8>> = if self.fast.is_some() || fresh {
             batch.iter().map(|c| c.raw_bytes().to_vec()).collect()
         } else {
             Vec::new()
@@ -508,7 +519,7 @@ impl Entry {
         }
         verify_faithful(&doc, &hashes)?;
         self.doc = Some(doc);
-        self.fold_into_shadow(raw.iter().map(Vec::as_slice));
+        self.shadow_after(fresh, raw.iter().map(Vec::as_slice));
         Ok(())
     }
 
@@ -1272,12 +1283,22 @@ fn create(
         }
         let bytes = change_bytes(&doc, &hash)?;
         entry.doc = Some(doc);
-        entry.fast = None;
+        entry.fast = fresh_shadow([bytes.as_slice()]);
         entry.no_fast = false;
         entry.drain_pending();
         return Ok(bytes);
     }
     Err(CrdtError::Recreate(key.to_owned()))
+}
+
+/// The shadow of a document made by `changes` alone (its first changes,
+/// in causal order): `None` if it cannot represent them.
+fn fresh_shadow<'a>(changes: impl IntoIterator<Item = &'a [u8]>) -> Option<Box<Shadow>> {
+    let mut fast = Box::new(Shadow::new());
+    changes
+        .into_iter()
+        .all(|bytes| columnar::decode(bytes).is_some_and(|c| fast.fold_applied(&c)))
+        .then_some(fast)
 }
 
 /// A fresh document whose one change, by `actor`, writes `value`
