@@ -13,7 +13,9 @@
 //! - `catchup/1000-nodes/concurrent-edits`: the links-only shape for 1,000
 //!   nodes, applying every record to both sides' object stores, where each
 //!   pod's spec (cloud) and status (node) were edited concurrently while
-//!   apart: every change needs automerge's merge.
+//!   apart: every change is concurrent with the other side's, on other
+//!   keys (the fold's fast path takes such changes; automerge merges
+//!   edits of one key).
 //! - `crdt/apply-pod-status/history-N`: 64 pod-status changes (one full
 //!   tail) applied one at a time to a pod whose document holds N changes
 //!   (the fold's fast path); `/then-automerge`: the same, then handed to
