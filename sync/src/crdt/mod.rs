@@ -260,8 +260,8 @@ fn holds(doc: Option<&Automerge>, tail: &[(ChangeHash, Vec<u8>)], hash: &ChangeH
 
 impl Entry {
     /// The fast path (see [`shadow`]): fold `bytes` without automerge if
-    /// it is one change that is causally next for this document, or concurrent
-    /// with it and disjoint from what it does not know. `false`
+    /// it is one change that is causally next for this document, or
+    /// concurrent with it and disjoint from what it does not know. `false`
     /// (nothing changed) when it is not, or not for the fast path; the
     /// caller then takes the slow path, which decides (and reports) what
     /// the change is.

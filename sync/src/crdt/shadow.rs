@@ -19,17 +19,17 @@
 //! is greater than its predecessors' (as automerge writes them), its op
 //! ids follow its author's earlier ones, and it inserts list elements
 //! only into lists it made itself (elsewhere the shadow may not know the
-//! deleted elements an insert is ordered against). automerge's merge of such a change is again plain
-//! application: each touched key ends with the change's op alone, every
-//! other key keeps what it had.
+//! deleted elements an insert is ordered against). automerge's merge of
+//! such a change is again plain application: each touched key ends with
+//! the change's op alone, every other key keeps what it had.
 //!
 //! Anything else (a concurrent edit of the same key, an op whose
 //! predecessors are not exactly the live values, a shape keel does not
 //! write) is refused and goes to automerge, which stays the document
 //! format and does every merge of overlapping edits; changes automerge
-//! applied are folded into the
-//! shadow afterwards with [`Shadow::fold_applied`] (general map semantics:
-//! predecessors out, the new op in, the greatest op id visible).
+//! applied are folded into the shadow afterwards with
+//! [`Shadow::fold_applied`] (general map semantics: predecessors out, the
+//! new op in, the greatest op id visible).
 //!
 //! The object store keeps the changes folded here as a *tail* of raw bytes
 //! and hands them to automerge in one batch when the document is needed
