@@ -480,7 +480,12 @@ impl Fleet {
             nodes,
             configs,
             prime_configs,
-            payload: payload(),
+            // A bare storm runs no link: nothing to write but records.
+            payload: if std::env::var_os("KEEL_STORM_BARE").is_some() {
+                Payload::Events
+            } else {
+                payload()
+            },
             objects,
             store,
             rt,
