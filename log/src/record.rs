@@ -127,25 +127,25 @@ impl Record {
         payload: &[u8],
     ) -> Hash {
         let mut h = blake3::Hasher::new_keyed(chain_key());
+        let parts: [&[u8]; 10] = [
+            &prev.0,
+            &seq.to_le_bytes(),
+            &epoch.to_le_bytes(),
+            &hlc.to_le_bytes(),
+            &[kind.tag()],
+            &(origin.len() as u32).to_le_bytes(),
+            origin.as_bytes(),
+            &(key.len() as u32).to_le_bytes(),
+            key.as_bytes(),
+            &(payload.len() as u64).to_le_bytes(),
+        ];
         // The fields before the payload go to the hasher in one piece
         // where they fit the buffer (keys and origins are short): each
         // `update` call costs about as much as hashing a few dozen bytes.
-        let head_len = FIXED_HEAD + origin.len() + key.len();
-        if head_len <= HEAD_BUF {
+        if FIXED_HEAD + origin.len() + key.len() <= HEAD_BUF {
             let mut buf = [0u8; HEAD_BUF];
             let mut at = 0;
-            for part in [
-                &prev.0[..],
-                &seq.to_le_bytes(),
-                &epoch.to_le_bytes(),
-                &hlc.to_le_bytes(),
-                &[kind.tag()],
-                &(origin.len() as u32).to_le_bytes(),
-                origin.as_bytes(),
-                &(key.len() as u32).to_le_bytes(),
-                key.as_bytes(),
-                &(payload.len() as u64).to_le_bytes(),
-            ] {
+            for part in parts {
                 let end = at + part.len();
                 if let Some(dst) = buf.get_mut(at..end) {
                     dst.copy_from_slice(part);
@@ -154,16 +154,9 @@ impl Record {
             }
             h.update(buf.get(..at).unwrap_or_default());
         } else {
-            h.update(&prev.0);
-            h.update(&seq.to_le_bytes());
-            h.update(&epoch.to_le_bytes());
-            h.update(&hlc.to_le_bytes());
-            h.update(&[kind.tag()]);
-            h.update(&(origin.len() as u32).to_le_bytes());
-            h.update(origin.as_bytes());
-            h.update(&(key.len() as u32).to_le_bytes());
-            h.update(key.as_bytes());
-            h.update(&(payload.len() as u64).to_le_bytes());
+            for part in parts {
+                h.update(part);
+            }
         }
         h.update(payload);
         Hash(*h.finalize().as_bytes())
