@@ -198,12 +198,15 @@ impl Deframer {
     }
 }
 
-/// Turns a session's output chunks into messages.
+/// Turns a session's output chunks into messages. Dropping the returned
+/// receiver drops `chunks` at once (not at the next chunk), so the
+/// session's reader going away reaches the node even from a silent
+/// command.
 pub fn deframe(mut chunks: mpsc::Receiver<Bytes>) -> mpsc::Receiver<Bytes> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut d = Deframer::default();
-        while let Some(c) = chunks.recv().await {
+        while let Some(c) = recv_while_wanted(&mut chunks, &tx).await {
             let Ok(msgs) = d.push(&c) else { return };
             for m in msgs {
                 if tx.send(m).await.is_err() {
@@ -213,6 +216,20 @@ pub fn deframe(mut chunks: mpsc::Receiver<Bytes>) -> mpsc::Receiver<Bytes> {
         }
     });
     rx
+}
+
+/// The next item of `from`, or `None` once it ends or once `to`'s receiver
+/// is gone (nobody wants what `from` would bring): for the tasks that
+/// relay one channel to another, so that a consumer going away is felt
+/// upstream without waiting for the next item.
+pub async fn recv_while_wanted<T, U>(
+    from: &mut mpsc::Receiver<T>,
+    to: &mpsc::Sender<U>,
+) -> Option<T> {
+    tokio::select! {
+        item = from.recv() => item,
+        () = to.closed() => None,
+    }
 }
 
 /// A running exec: messages to it (stdin, resize, close) and from it

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_api::exec::{ERROR, ExecFuture, ExecRequest, ExecStreams, PodExec, deframe, frame};
+use keel_api::exec::{
+    ERROR, ExecFuture, ExecRequest, ExecStreams, PodExec, deframe, frame, recv_while_wanted,
+};
 use keel_api::portforward::{ForwardFuture, ForwardRequest, ForwardStreams, PodPortForward};
 use keel_api::{LogRequest, LogsFuture, PodLogs, Status};
 use keel_sync::session::{SessionError, open_session};
@@ -182,7 +184,7 @@ impl PodExec for Tunnel {
             let (input, mut messages) = mpsc::channel::<Bytes>(16);
             let (framed_tx, framed) = mpsc::channel::<Bytes>(16);
             tokio::spawn(async move {
-                while let Some(m) = messages.recv().await {
+                while let Some(m) = recv_while_wanted(&mut messages, &framed_tx).await {
                     if framed_tx.send(frame(&m)).await.is_err() {
                         return;
                     }
@@ -199,7 +201,7 @@ impl PodExec for Tunnel {
             let (registry, req) = (self.registry.clone(), req.clone());
             tokio::spawn(async move {
                 let mut exit = None;
-                while let Some(m) = messages.recv().await {
+                while let Some(m) = recv_while_wanted(&mut messages, &tx).await {
                     if let Some((&ERROR, status)) = m.split_first() {
                         exit = serde_json::from_slice::<Value>(status).ok().map(|s| {
                             s.pointer("/details/causes/0/message")
@@ -239,7 +241,7 @@ impl PodPortForward for Tunnel {
             let (tx, output) = mpsc::channel::<Bytes>(16);
             let registry = self.registry.clone();
             tokio::spawn(async move {
-                while let Some(chunk) = from_node.recv().await {
+                while let Some(chunk) = recv_while_wanted(&mut from_node, &tx).await {
                     if tx.send(chunk).await.is_err() {
                         break;
                     }

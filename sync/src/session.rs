@@ -106,7 +106,10 @@ async fn read_header(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, SessionErr
     Ok(buf)
 }
 
-/// Copies a stream into a bounded channel until either ends.
+/// Copies a stream into a bounded channel until either ends. The
+/// consumer dropping its receiver stops the stream at once, even while
+/// the peer sends nothing: that is how the peer learns its output has no
+/// reader (an exec'd command whose client went away is killed then).
 fn pump_in(mut recv: quinn::RecvStream) -> mpsc::Receiver<Bytes> {
     let (tx, rx) = mpsc::channel(CHUNKS);
     tokio::spawn(async move {
@@ -117,7 +120,14 @@ fn pump_in(mut recv: quinn::RecvStream) -> mpsc::Receiver<Bytes> {
                 let _ = recv.stop(quinn::VarInt::from_u32(0));
                 return;
             };
-            match recv.read_chunk(CHUNK_BYTES, true).await {
+            let chunk = tokio::select! {
+                c = recv.read_chunk(CHUNK_BYTES, true) => c,
+                () = tx.closed() => {
+                    let _ = recv.stop(quinn::VarInt::from_u32(0));
+                    return;
+                }
+            };
+            match chunk {
                 Ok(Some(c)) => permit.send(c.bytes),
                 Ok(None) | Err(_) => return,
             }
@@ -127,10 +137,19 @@ fn pump_in(mut recv: quinn::RecvStream) -> mpsc::Receiver<Bytes> {
 }
 
 /// Copies a channel into a stream until the channel ends (then finishes
-/// the stream) or the peer stops reading.
+/// the stream) or the peer stops reading. A stop ends the copy (dropping
+/// the receiver, so its producer sees it closed) even while the channel
+/// is silent, not only at the next write.
 fn pump_out(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Bytes>) {
     tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
+        let stopped = send.stopped();
+        tokio::pin!(stopped);
+        loop {
+            let next = tokio::select! {
+                b = rx.recv() => b,
+                _ = &mut stopped => return,
+            };
+            let Some(b) = next else { break };
             if send.write_all(&b).await.is_err() {
                 return;
             }
