@@ -259,6 +259,11 @@ struct State {
     /// Pods deleted on the cluster that wait for their node to hold the
     /// tombstone: key → (node, `down` seq it must hold).
     deleting: BTreeMap<String, (String, u64)>,
+    /// Status writes skipped because this replica did not write its node's
+    /// status at that moment though the node was connected to it (a shard
+    /// lease renewed late, a takeover's quiet time): key → node. Written
+    /// once it does (the lease loop looks), dropped if the node leaves.
+    deferred_status: BTreeMap<String, String>,
 }
 
 /// cloudcore's side of an attached cluster.
@@ -397,6 +402,33 @@ impl Attached {
                 .taken_over
                 .get(node)
                 .is_none_or(|(t, _)| t.elapsed() >= TAKEOVER_QUIET)
+    }
+
+    /// Remembers that `key`'s status was not written because this replica
+    /// did not write `node`'s status just then: if the node is connected
+    /// here, the write is tried again once it does (nothing else would
+    /// queue it again if the node reports nothing new).
+    fn defer_status(&self, node: &str, key: &str) {
+        let mut st = lock(&self.state);
+        if st.connected.contains(node) {
+            debug!(%node, %key, "status write deferred: this replica does not write the node's status now");
+            st.deferred_status.insert(key.to_owned(), node.to_owned());
+        }
+    }
+
+    /// Queues the deferred status writes whose node's status this replica
+    /// writes now; forgets those whose node is no longer connected here.
+    fn retry_deferred_status(&self) {
+        let deferred = std::mem::take(&mut lock(&self.state).deferred_status);
+        let mut keep = BTreeMap::new();
+        for (key, node) in deferred {
+            if self.writes_status_of(&node) {
+                self.status_q.push(key);
+            } else if lock(&self.state).connected.contains(&node) {
+                keep.insert(key, node);
+            }
+        }
+        lock(&self.state).deferred_status.extend(keep);
     }
 
     /// Whether this replica owns `node` (always, unless it is one of
@@ -1084,6 +1116,7 @@ impl Attached {
             for node in quiet {
                 self.node_q.push(node);
             }
+            self.retry_deferred_status();
             for node in nodes {
                 if let Err(e) = self.renew_lease(&node).await {
                     warn!(%node, server = %self.server, error = %e, "lease renewal failed");
@@ -1298,6 +1331,7 @@ impl ControlPlane for Attached {
     fn node_reported(&self, node: &str, records: &[Record]) {
         let changed = self.registry.apply_from_node(node, records);
         if !changed.is_empty() && lock(&self.state).taken_over.remove(node).is_some() {
+            info!(%node, objects = changed.len(), "a node taken over re-asserted its status");
             // The node's own status (its re-assertion after a takeover
             // comes in one append): from now on what this replica holds,
             // and its Node is written (a write skipped while it was quiet,

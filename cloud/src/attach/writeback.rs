@@ -53,7 +53,10 @@ impl Attached {
         }
         // Only the replica the object's node is connected to writes its
         // status: a former owner's copy may be older than the cluster's.
-        if str_at(&mirror, "/spec/nodeName").is_some_and(|n| !self.writes_status_of(n)) {
+        if let Some(node) = str_at(&mirror, "/spec/nodeName")
+            && !self.writes_status_of(node)
+        {
+            self.defer_status(node, key);
             return Ok(());
         }
         let empty = Value::Object(Map::new());
