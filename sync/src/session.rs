@@ -16,6 +16,12 @@
 //! slow reader slows the writer and never grows memory. Session streams
 //! have a lower send priority than the link's control and bulk streams, so
 //! many sessions do not delay replication.
+//!
+//! Either side's reader going away reaches the other at once, even while
+//! nothing flows: dropping what a session's bytes are read into stops the
+//! stream (STOP_SENDING), and the peer's copy of its channel into the
+//! stream ends on that, dropping the channel's receiver, so its producer
+//! (an exec'd command's output) sees it closed.
 
 use std::future::Future;
 use std::pin::Pin;
