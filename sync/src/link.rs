@@ -122,6 +122,13 @@ pub struct LinkConfig {
     /// The next connection starts again from both sides' durable cursors,
     /// so nothing is lost; 0 never gives up.
     pub max_unacked_retransmits: u32,
+    /// How long the QUIC driver lets a peer that lacks records, and may be
+    /// sent them, acknowledge nothing before it closes the link
+    /// (`IdleTimeout`). Unlike `max_unacked_retransmits` this also covers
+    /// records that could not even be sent (the peer stopped reading the
+    /// bulk stream, so the writer waits on QUIC flow control); 0 never
+    /// gives up.
+    pub unacked_limit_ms: u64,
     /// Largest snapshot (sum of object keys and states) and most chunks
     /// this side accepts for one stream; beyond either the link closes.
     pub max_snapshot_bytes: u64,
@@ -150,6 +157,7 @@ impl LinkConfig {
             idle_timeout_ms: 60_000,
             retransmit_ms: 2_000,
             max_unacked_retransmits: 30,
+            unacked_limit_ms: 60_000,
             max_snapshot_bytes: 256 << 20,
             max_snapshot_chunks: 65_536,
             fault: None,

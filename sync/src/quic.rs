@@ -299,6 +299,7 @@ async fn drive(
     let start = Instant::now();
     let now = move || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     let node = cfg.node.clone();
+    let unacked_limit = Duration::from_millis(cfg.unacked_limit_ms);
     let mut link = Link::new(cfg, now());
     let out_stream = link.outbound_stream().to_owned();
 
@@ -390,6 +391,17 @@ async fn drive(
     // pongs, so what waits behind it stays small).
     let mut ctrl_stash: Option<Bytes> = None;
     let mut progress = Instant::now();
+    // A link whose peer lacks records this side holds for it, and which may
+    // send them (its catch-up turn taken, if it waits for turns), closes
+    // when the peer acknowledges nothing for `unacked_limit_ms`: the next
+    // connection starts from both sides' durable cursors. The sans-IO link
+    // gives up after unacknowledged retransmissions; this also covers what
+    // it never counts as sent. After a rewind, a bulk writer that waits on
+    // QUIC flow control (a peer that stopped reading the bulk stream) keeps
+    // the bulk queue full, nothing is sent again, and nothing counts as
+    // retransmitted, while pings and pongs go on.
+    // When the peer last acknowledged something, or lacked nothing.
+    let mut acked_at = Instant::now();
 
     let closed = loop {
         // Outputs: control frames always, bulk while the writer has room
@@ -435,6 +447,7 @@ async fn drive(
                 }
                 Event::Acked { stream, cursor } => {
                     progress = Instant::now();
+                    acked_at = Instant::now();
                     sink.acked(&node, &stream, cursor);
                 }
                 Event::Closed(_) => {}
@@ -487,6 +500,25 @@ async fn drive(
             progress = Instant::now();
             admission = Some(p.admit(lag));
         }
+        // The peer lacks records and acknowledges nothing: start over.
+        let lag = link.lag(&store).unwrap_or(0);
+        let owed = lag > 0 && admitted && !unacked_limit.is_zero();
+        if !owed {
+            acked_at = Instant::now();
+        } else if acked_at.elapsed() >= unacked_limit {
+            warn!(
+                lag,
+                bulk_room = bulk_tx.capacity(),
+                "the peer acknowledged nothing for {unacked_limit:?} while it lacks records: closing the link"
+            );
+            link.close(
+                ErrorCode::IdleTimeout,
+                format!(
+                    "the peer acknowledged nothing of {out_stream} for {unacked_limit:?} while it lacks {lag} records: starting over"
+                ),
+            );
+            continue;
+        }
         if let Some(h) = store.info(&out_stream).ok().map(|i| i.head.seq) {
             seen_head = seen_head.max(h);
         }
@@ -496,6 +528,9 @@ async fn drive(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         if permit.is_some() {
             deadline = deadline.min(progress + STALLED_PERMIT);
+        }
+        if owed {
+            deadline = deadline.min(acked_at + unacked_limit);
         }
 
         tokio::select! {

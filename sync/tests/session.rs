@@ -11,6 +11,8 @@ use bytes::Bytes;
 use keel_sync::session::{SessionFuture, SessionHandler, open_session, serve_sessions};
 use tokio::sync::mpsc;
 
+mod support;
+
 /// Hands each opened session's output sender and input receiver to the
 /// test, and answers with the output's receiver.
 struct Handler(mpsc::Sender<(mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>)>);
@@ -33,41 +35,15 @@ async fn connected() -> (
     quinn::Connection,
     mpsc::Receiver<(mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>)>,
 ) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let der = cert.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let server_config = quinn::ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
-    ));
-    let server =
-        keel_sync::quic::server_endpoint(server_config, ([127, 0, 0, 1], 0).into(), None).unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, client) = support::endpoints(None);
+    let (accepted, conn) = support::connect(&server, &client).await;
     let (opened_tx, opened) = mpsc::channel(4);
+    // The side that answers sessions (an edge node) serves whatever the
+    // other side opens.
     tokio::spawn(async move {
-        // The side that answers sessions (an edge node) dials nothing
-        // here: it accepts, and serves whatever the other side opens.
-        let conn = server.accept().await.unwrap().await.unwrap();
-        serve_sessions(conn, Arc::new(Handler(opened_tx))).await;
+        let _server = server;
+        serve_sessions(accepted, Arc::new(Handler(opened_tx))).await;
     });
-    let mut client = keel_sync::quic::client_endpoint(([127, 0, 0, 1], 0).into()).unwrap();
-    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
-    )));
-    let conn = client.connect(addr, "localhost").unwrap().await.unwrap();
     (client, conn, opened)
 }
 
