@@ -399,8 +399,8 @@ async fn drive(
     // it never counts as sent. After a rewind, a bulk writer that waits on
     // QUIC flow control (a peer that stopped reading the bulk stream) keeps
     // the bulk queue full, nothing is sent again, and nothing counts as
-    // retransmitted, while pings and pongs go on.
-    // When the peer last acknowledged something, or lacked nothing.
+    // retransmitted, while pings and pongs go on. `acked_at`: when the
+    // peer last acknowledged something, or lacked nothing.
     let mut acked_at = Instant::now();
 
     let closed = loop {
@@ -481,15 +481,18 @@ async fn drive(
                     None => break,
                 }
             }
-            // Caught up: give the turn back.
-            if permit.is_some() && link.lag(&store) == Some(0) {
-                permit = None;
-            }
+        }
+        // What the peer still lacks (read once per turn of the loop).
+        let lag = link.lag(&store);
+        // Caught up: give the turn back (a permit is held only while
+        // admitted).
+        if permit.is_some() && lag == Some(0) {
+            permit = None;
         }
         // A turn without progress goes back to the queue.
         if permit.is_some()
             && progress.elapsed() >= STALLED_PERMIT
-            && let (Some(p), Some(lag)) = (&pacer, link.lag(&store))
+            && let (Some(p), Some(lag)) = (&pacer, lag)
         {
             debug!(
                 lag,
@@ -501,7 +504,7 @@ async fn drive(
             admission = Some(p.admit(lag));
         }
         // The peer lacks records and acknowledges nothing: start over.
-        let lag = link.lag(&store).unwrap_or(0);
+        let lag = lag.unwrap_or(0);
         let owed = lag > 0 && admitted && !unacked_limit.is_zero();
         if !owed {
             acked_at = Instant::now();
