@@ -305,6 +305,13 @@ fn value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// A map wider than the fold keeps in its small form, with nulls (a merge
+/// patch deletes those keys).
+fn wide() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map("[a-z]{1,2}", leaf(), 0..80)
+        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<String, Value>>()))
+}
+
 /// One edit: who writes, which field, the value, and whether the other
 /// writer hears of it (and of everything before it) right away.
 fn edit() -> impl Strategy<Value = (bool, u8, Value, bool)> {
@@ -383,6 +390,25 @@ proptest! {
             }
         }
         prop_assert_eq!(reader.get_json(KEY), writer.get_json(KEY));
+        prop_assert_eq!(automerge_view(&reader), writer.get_json(KEY));
+    }
+
+    /// Maps that grow past the fold's small form and shrink again (keys
+    /// added and deleted by merge patches): the fast path still renders
+    /// what automerge renders.
+    #[test]
+    fn wide_maps_render_what_automerge_renders(values in prop::collection::vec(wide(), 1..8)) {
+        let mut writer = ObjectStore::new();
+        let mut reader = ObjectStore::new();
+        let create = writer.edit_merge_patch(KEY, &cloud(), &json!({"kind": "Pod"})).unwrap().unwrap();
+        reader.apply_change(KEY, &create).unwrap();
+        for v in values {
+            if let Some(c) = writer.edit_merge_patch(KEY, &edge(), &json!({"status": v})).unwrap() {
+                prop_assert_eq!(reader.apply_change(KEY, &c).unwrap(), Applied::New);
+                prop_assert_eq!(reader.get_json(KEY), writer.get_json(KEY));
+            }
+        }
+        prop_assert!(reader.fast_tail(KEY) > 0);
         prop_assert_eq!(automerge_view(&reader), writer.get_json(KEY));
     }
 }

@@ -74,10 +74,100 @@ type Slot = SmallVec<[(Id, Val); 1]>;
 
 #[derive(Debug, Clone)]
 enum Obj {
-    Map(BTreeMap<Box<str>, Slot>),
+    Map(Keys),
     /// Elements in order, deleted ones kept (an insert may refer to them),
     /// each with the id of the op that inserted it.
     List(Vec<(Id, Slot)>),
+}
+
+/// Most keys a map keeps in a sorted vector; past them it moves to a
+/// B-tree.
+const SMALL_MAP: usize = 32;
+
+/// A map object's keys, in order. Most maps of a Kubernetes object hold a
+/// few keys: a sorted vector of them takes a fraction of a B-tree's memory
+/// (whose smallest node has room for 11) and is searched as fast. A map
+/// that grows past [`SMALL_MAP`] keys moves to a B-tree, so that a change
+/// adding many keys in any order costs no more than a B-tree's inserts.
+#[derive(Debug, Clone)]
+enum Keys {
+    /// Sorted keys, and their slots at the same indices (the keys apart, so
+    /// that a lookup reads their lengths from a few cache lines and
+    /// compares the bytes only of keys of the right length).
+    Small(Vec<Box<str>>, Vec<Slot>),
+    Large(BTreeMap<Box<str>, Slot>),
+}
+
+impl Keys {
+    fn new() -> Keys {
+        Keys::Small(Vec::new(), Vec::new())
+    }
+
+    fn find(keys: &[Box<str>], k: &str) -> Option<usize> {
+        keys.iter()
+            .position(|key| key.len() == k.len() && **key == *k)
+    }
+
+    fn get_mut(&mut self, k: &str) -> Option<&mut Slot> {
+        match self {
+            Keys::Small(keys, slots) => slots.get_mut(Keys::find(keys, k)?),
+            Keys::Large(m) => m.get_mut(k),
+        }
+    }
+
+    fn insert(&mut self, k: &str, slot: Slot) {
+        match self {
+            Keys::Small(keys, slots) => match keys.binary_search_by(|key| (**key).cmp(k)) {
+                Ok(at) => {
+                    if let Some(s) = slots.get_mut(at) {
+                        *s = slot;
+                    }
+                }
+                Err(at) if keys.len() < SMALL_MAP && at <= slots.len() => {
+                    keys.insert(at, k.into());
+                    slots.insert(at, slot);
+                }
+                Err(_) => {
+                    let mut m: BTreeMap<Box<str>, Slot> = std::mem::take(keys)
+                        .into_iter()
+                        .zip(std::mem::take(slots))
+                        .collect();
+                    m.insert(k.into(), slot);
+                    *self = Keys::Large(m);
+                }
+            },
+            Keys::Large(m) => {
+                m.insert(k.into(), slot);
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &str) {
+        match self {
+            Keys::Small(keys, slots) => {
+                if let Some(at) = Keys::find(keys, k)
+                    && at < slots.len()
+                {
+                    keys.remove(at);
+                    slots.remove(at);
+                }
+            }
+            Keys::Large(m) => {
+                m.remove(k);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
+        let (small, large) = match self {
+            Keys::Small(keys, slots) => (Some(keys.iter().map(|k| &**k).zip(slots)), None),
+            Keys::Large(m) => (None, Some(m.iter().map(|(k, s)| (&**k, s)))),
+        };
+        small
+            .into_iter()
+            .flatten()
+            .chain(large.into_iter().flatten())
+    }
 }
 
 /// The shadow of one document; see the module documentation.
@@ -140,7 +230,7 @@ impl Shadow {
             max_ops: Vec::new(),
             max_op: 0,
             heads: Vec::new(),
-            objs: HashMap::from_iter([(None, Obj::Map(BTreeMap::new()))]),
+            objs: HashMap::from_iter([(None, Obj::Map(Keys::new()))]),
         }
     }
 
@@ -165,11 +255,11 @@ impl Shadow {
         while let Some((id, exid, typ)) = todo.pop() {
             let obj = match typ {
                 ObjType::Map => {
-                    let mut map = BTreeMap::new();
+                    let mut map = Keys::new();
                     for item in doc.map_range(&exid, ..) {
                         let slot =
                             s.slot(doc.get_all(&exid, item.key.as_ref()).ok()?, &mut todo)?;
-                        map.insert(item.key.as_ref().into(), slot);
+                        map.insert(item.key.as_ref(), slot);
                     }
                     Obj::Map(map)
                 }
@@ -461,7 +551,7 @@ impl Shadow {
             return None;
         }
         let made = match &val {
-            Some(Val::Map) => Some(Obj::Map(BTreeMap::new())),
+            Some(Val::Map) => Some(Obj::Map(Keys::new())),
             Some(Val::List) => Some(Obj::List(Vec::new())),
             _ => None,
         };
@@ -508,7 +598,7 @@ impl Shadow {
                             entry.push((id, v));
                         }
                         if !entry.is_empty() {
-                            map.insert(k.into(), entry);
+                            map.insert(k, entry);
                         }
                         old
                     }
@@ -568,7 +658,7 @@ impl Shadow {
                     if old.is_empty() {
                         map.remove(k);
                     } else {
-                        map.insert(k.into(), old);
+                        map.insert(k, old);
                     }
                 }
                 (Some(Obj::List(list)), SlotAt::Index(i)) => {
@@ -613,7 +703,7 @@ impl Shadow {
     fn render_map(&self, obj: Option<Id>, depth: usize) -> Value {
         let mut out = Map::new();
         if let Some(Obj::Map(map)) = self.objs.get(&obj) {
-            for (k, slot) in map {
+            for (k, slot) in map.iter() {
                 if let Some(w) = self.winner(slot) {
                     out.insert(k.to_string(), self.render_val(w, depth + 1));
                 }
@@ -632,5 +722,52 @@ impl Shadow {
             }
         }
         Value::Array(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    fn slot(n: u64) -> Slot {
+        smallvec::smallvec![(Id { ctr: n, actor: 0 }, Val::Uint(n))]
+    }
+
+    /// [`Keys`] keeps what a B-tree keeps, in its order, across the move
+    /// from the small form to the large one, whatever the order of inserts.
+    #[test]
+    fn keys_behave_as_a_btree_map() {
+        for order in 0..3u64 {
+            let mut keys = Keys::new();
+            let mut want: BTreeMap<Box<str>, Slot> = BTreeMap::new();
+            for i in 0..(3 * SMALL_MAP as u64) {
+                let n = match order {
+                    0 => i,
+                    1 => 1000 - i,
+                    _ => (i * 37) % 101,
+                };
+                let k = format!("k{n}");
+                keys.insert(&k, slot(n));
+                want.insert(k.as_str().into(), slot(n));
+                if i % 5 == 0 {
+                    let gone = format!("k{}", n / 2);
+                    keys.remove(&gone);
+                    want.remove(gone.as_str());
+                }
+                if i % 7 == 0 {
+                    // Overwrite a present key.
+                    keys.insert(&k, slot(n + 1));
+                    want.insert(k.as_str().into(), slot(n + 1));
+                }
+                let got: Vec<(&str, &Slot)> = keys.iter().collect();
+                let expected: Vec<(&str, &Slot)> = want.iter().map(|(k, s)| (&**k, s)).collect();
+                assert_eq!(got, expected);
+                assert_eq!(keys.get_mut(&k).cloned(), want.get(k.as_str()).cloned());
+                assert!(keys.get_mut("absent").is_none());
+            }
+            assert!(matches!(keys, Keys::Large(_)));
+        }
     }
 }
