@@ -305,6 +305,18 @@ fn value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// A writer that created the pod, and a reader that applied the creation.
+fn writer_and_reader() -> (ObjectStore, ObjectStore) {
+    let mut writer = ObjectStore::new();
+    let mut reader = ObjectStore::new();
+    let create = writer
+        .edit_merge_patch(KEY, &cloud(), &json!({"kind": "Pod"}))
+        .unwrap()
+        .unwrap();
+    reader.apply_change(KEY, &create).unwrap();
+    (writer, reader)
+}
+
 /// A map wider than the fold keeps in its small form, with nulls (a merge
 /// patch deletes those keys).
 fn wide() -> impl Strategy<Value = Value> {
@@ -376,10 +388,7 @@ proptest! {
     /// by the fast path, and the result is automerge's.
     #[test]
     fn sequential_changes_all_take_the_fast_path(values in prop::collection::vec(value(), 1..16)) {
-        let mut writer = ObjectStore::new();
-        let mut reader = ObjectStore::new();
-        let create = writer.edit_merge_patch(KEY, &cloud(), &json!({"kind": "Pod"})).unwrap().unwrap();
-        reader.apply_change(KEY, &create).unwrap();
+        let (mut writer, mut reader) = writer_and_reader();
         let mut made = 0;
         for (i, v) in values.into_iter().enumerate() {
             let actor = if i % 3 == 0 { cloud() } else { edge() };
@@ -398,10 +407,7 @@ proptest! {
     /// what automerge renders.
     #[test]
     fn wide_maps_render_what_automerge_renders(values in prop::collection::vec(wide(), 1..8)) {
-        let mut writer = ObjectStore::new();
-        let mut reader = ObjectStore::new();
-        let create = writer.edit_merge_patch(KEY, &cloud(), &json!({"kind": "Pod"})).unwrap().unwrap();
-        reader.apply_change(KEY, &create).unwrap();
+        let (mut writer, mut reader) = writer_and_reader();
         for v in values {
             if let Some(c) = writer.edit_merge_patch(KEY, &edge(), &json!({"status": v})).unwrap() {
                 prop_assert_eq!(reader.apply_change(KEY, &c).unwrap(), Applied::New);
