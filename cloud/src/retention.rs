@@ -233,8 +233,8 @@ fn export(path: &PathBuf, stream: &str, events: &[Record]) -> Result<(), Retenti
             "stream": stream,
             "seq": r.seq,
             "timeMs": Hlc::physical_ms(r.hlc),
-            "origin": r.origin,
-            "key": r.key,
+            "origin": &*r.origin,
+            "key": &*r.key,
             "payload": payload,
         });
         out.extend_from_slice(line.to_string().as_bytes());

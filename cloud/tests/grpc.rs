@@ -405,8 +405,8 @@ fn replay_is_the_log_status_tokens_and_only_the_admin_is_served() {
             assert_eq!(g["seq"], w.seq);
             assert_eq!(g["epoch"], w.epoch);
             assert_eq!(g["hlc"], w.hlc);
-            assert_eq!(g["origin"], w.origin.as_str());
-            assert_eq!(g["key"], w.key.as_str());
+            assert_eq!(g["origin"], &*w.origin);
+            assert_eq!(g["key"], &*w.key);
             assert_eq!(g["hash"], hex(w.hash.as_bytes()));
             let payload = base64::engine::general_purpose::STANDARD
                 .decode(g["payload"].as_str().unwrap())

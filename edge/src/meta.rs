@@ -287,7 +287,7 @@ impl MetaManager {
         if let Err(e) = apply_records(&mut inner.objects, records) {
             warn!(node = %self.node, error = %e, "a record from the cloud was unusable; skipped");
         }
-        let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        let mut keys: Vec<&str> = records.iter().map(|r| &*r.key).collect();
         keys.sort_unstable();
         keys.dedup();
         // A rebase root the cloud made before it had folded all this node

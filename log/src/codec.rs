@@ -3,6 +3,7 @@
 //! a well-formed record is an error.
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use prost::Message;
 
 use crate::record::{MAX_KEY_LEN, MAX_PAYLOAD};
@@ -42,6 +43,34 @@ pub(crate) fn kind_to_proto(kind: PayloadKind) -> keel_proto::PayloadKind {
 /// Converts a protobuf record into a record, checking every field's shape
 /// (not the chain: that needs the previous hash).
 pub fn record_from_proto(p: keel_proto::Record) -> Result<Record, CodecError> {
+    record_from_fields(RecordFields {
+        seq: p.seq,
+        epoch: p.epoch,
+        hlc: p.hlc,
+        origin: p.origin.into(),
+        key: p.key.into(),
+        kind: p.kind,
+        payload: p.payload,
+        hash: p.hash,
+    })
+}
+
+/// The fields of a `keel.v1.Record` as read off the wire, before their
+/// checks.
+#[derive(Debug, Default)]
+pub(crate) struct RecordFields {
+    pub seq: u64,
+    pub epoch: u64,
+    pub hlc: u64,
+    pub origin: ByteString,
+    pub key: ByteString,
+    pub kind: i32,
+    pub payload: Bytes,
+    pub hash: Bytes,
+}
+
+/// [`record_from_proto`] of fields however they were read.
+pub(crate) fn record_from_fields(p: RecordFields) -> Result<Record, CodecError> {
     let kind = match keel_proto::PayloadKind::try_from(p.kind) {
         Ok(keel_proto::PayloadKind::Change) => PayloadKind::Change,
         Ok(keel_proto::PayloadKind::Tombstone) => PayloadKind::Tombstone,
@@ -79,8 +108,8 @@ pub fn record_to_proto(r: &Record) -> keel_proto::Record {
         seq: r.seq,
         epoch: r.epoch,
         hlc: r.hlc,
-        origin: r.origin.clone(),
-        key: r.key.clone(),
+        origin: r.origin.to_string(),
+        key: r.key.to_string(),
         kind: kind_to_proto(r.kind) as i32,
         payload: r.payload.clone(),
         hash: Bytes::copy_from_slice(r.hash.as_bytes()),
@@ -147,7 +176,7 @@ pub fn record_body_len(r: &Record) -> usize {
 /// from the record (no intermediate message, no copies of its strings).
 /// The kind is never the default value, so it is always written.
 pub fn encode_record_body(r: &Record, out: &mut Vec<u8>) {
-    use prost::encoding::{WireType, encode_key, encode_varint, int32, string, uint64};
+    use prost::encoding::{WireType, encode_key, encode_varint, int32, uint64};
     let out = &mut *out;
     if r.seq != 0 {
         uint64::encode(1, &r.seq, out);
@@ -158,11 +187,12 @@ pub fn encode_record_body(r: &Record, out: &mut Vec<u8>) {
     if r.hlc != 0 {
         uint64::encode(3, &r.hlc, out);
     }
-    if !r.origin.is_empty() {
-        string::encode(4, &r.origin, out);
-    }
-    if !r.key.is_empty() {
-        string::encode(5, &r.key, out);
+    for (tag, text) in [(4, &r.origin), (5, &r.key)] {
+        if !text.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(text.len() as u64, out);
+            out.extend_from_slice(text.as_bytes());
+        }
     }
     int32::encode(6, &(kind_to_proto(r.kind) as i32), out);
     if !r.payload.is_empty() {
@@ -209,7 +239,7 @@ mod tests {
             origin in ".{0,20}", key in ".{0,40}", kind in kind(),
             payload in prop::collection::vec(any::<u8>(), 0..300), hash in any::<[u8; 32]>(),
         ) {
-            let r = Record { seq, epoch, hlc, origin, key, kind, payload: payload.into(), hash: Hash(hash) };
+            let r = Record { seq, epoch, hlc, origin: origin.into(), key: key.into(), kind, payload: payload.into(), hash: Hash(hash) };
             let bytes = encode_record(&r);
             let mut via_prost = vec![FORMAT_V1];
             record_to_proto(&r).encode(&mut via_prost).unwrap();

@@ -35,6 +35,7 @@ mod ticket;
 mod wal;
 pub mod wire;
 
+pub use bytestring::ByteString;
 pub use clock::{Clock, Hlc, SystemClock};
 pub use error::{Error, Result};
 pub use fold::{ConcatFold, Fold, FoldError};

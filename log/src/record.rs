@@ -1,6 +1,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::{Error, Result};
 
@@ -68,10 +69,12 @@ pub struct Record {
     pub epoch: u64,
     /// Hybrid logical clock timestamp, see [`crate::Hlc`].
     pub hlc: u64,
-    /// Who made the change: a node name or an API user.
-    pub origin: String,
+    /// Who made the change: a node name or an API user. (A received
+    /// record's strings are slices of the bytes it came in, as its payload
+    /// is: cloning a record copies none of them.)
+    pub origin: ByteString,
     /// Object key, such as `pods/default/web-1`.
-    pub key: String,
+    pub key: ByteString,
     pub kind: PayloadKind,
     pub payload: Bytes,
     /// `blake3(prev_hash ‖ canonical(self))`.

@@ -803,19 +803,19 @@ impl Store {
                 },
             )?;
             for r in &seg.records {
-                if !states.contains_key(&r.key) {
+                if !states.contains_key(&*r.key) {
                     let old = match snap.get(&shared.snaps, snap_key(stream, &r.key))? {
                         Some(v) => Some(decode_snap(stream, &v).map(|(s, b)| (s, b.to_vec()))?),
                         None => None,
                     };
-                    states.insert(r.key.clone(), old);
+                    states.insert(r.key.to_string(), old);
                 }
-                let slot = states.entry(r.key.clone()).or_insert(None);
+                let slot = states.entry(r.key.to_string()).or_insert(None);
                 let next = fold
                     .fold(&r.key, slot.as_ref().map(|(_, s)| s.as_slice()), r)
                     .map_err(|source| Error::Fold {
                         stream: stream.to_owned(),
-                        key: r.key.clone(),
+                        key: r.key.to_string(),
                         source,
                     })?;
                 *slot = next.map(|s| (r.seq, s));
@@ -1550,8 +1550,8 @@ impl Shared {
                         seq,
                         epoch: s.epoch,
                         hlc: ts,
-                        origin: e.origin,
-                        key: e.key,
+                        origin: e.origin.into(),
+                        key: e.key.into(),
                         kind: e.kind,
                         payload: e.payload,
                         hash,

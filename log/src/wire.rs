@@ -249,6 +249,13 @@ pub fn decode_segment_body_fast(bytes: &Bytes, max_records: usize) -> Option<Seg
                     None => chain.insert(begin(&stream, epoch, prev_seq, prev_hash.as_ref())?),
                 };
                 let (start, end) = r.delimited_range()?;
+                if records.is_empty() {
+                    // Room for as many records as the rest of the body
+                    // holds of this one's size (no more than it could hold
+                    // of the smallest, nor than `max_records`).
+                    let each = (end - start).max(MIN_RECORD_BODY) + 2;
+                    records.reserve(max_records.min((r.end - start) / each + 1));
+                }
                 let record = fast::record(fast::Reader {
                     at: start,
                     end,
@@ -270,6 +277,10 @@ pub fn decode_segment_body_fast(bytes: &Bytes, max_records: usize) -> Option<Seg
     Some(chain.segment(stream, records))
 }
 
+/// The fewest bytes a record's body takes: its 32-byte hash (field 8),
+/// its non-zero seq (field 1) and its kind (field 6).
+const MIN_RECORD_BODY: usize = 34 + 2 + 2;
+
 /// The segment-level checks of [`segment_from_proto`], before its records.
 fn begin(stream: &str, epoch: u64, prev_seq: u64, prev_hash: Option<&Bytes>) -> Option<Chain> {
     validate_stream_name(stream).ok()?;
@@ -282,8 +293,10 @@ fn begin(stream: &str, epoch: u64, prev_seq: u64, prev_hash: Option<&Bytes>) -> 
 mod fast {
     use bytes::Bytes;
 
+    use bytestring::ByteString;
+
     use crate::Record;
-    use crate::codec::record_from_proto;
+    use crate::codec::{RecordFields, record_from_fields};
 
     /// Reads `bytes[at..end]`; what it takes out of it are slices of
     /// `bytes`.
@@ -336,6 +349,11 @@ mod fast {
             Some(self.bytes.slice(start..end))
         }
 
+        /// A string field, as a slice of the bytes.
+        pub(super) fn text(&mut self) -> Option<ByteString> {
+            ByteString::try_from(self.delimited()?).ok()
+        }
+
         pub(super) fn string(&mut self) -> Option<String> {
             let (start, end) = self.delimited_range()?;
             let s = std::str::from_utf8(self.bytes.get(start..end)?).ok()?;
@@ -343,10 +361,10 @@ mod fast {
         }
     }
 
-    /// One `keel.v1.Record` body, checked as [`record_from_proto`] checks
+    /// One `keel.v1.Record` body, checked as [`super::record_from_proto`] checks
     /// it.
     pub(super) fn record(mut r: Reader<'_>) -> Option<Record> {
-        let mut p = keel_proto::Record::default();
+        let mut p = RecordFields::default();
         let mut last_field = 0;
         while !r.done() {
             let (field, wire) = r.key()?;
@@ -358,8 +376,8 @@ mod fast {
                 (1, 0) => p.seq = r.varint()?,
                 (2, 0) => p.epoch = r.varint()?,
                 (3, 0) => p.hlc = r.varint()?,
-                (4, 2) => p.origin = r.string()?,
-                (5, 2) => p.key = r.string()?,
+                (4, 2) => p.origin = r.text()?,
+                (5, 2) => p.key = r.text()?,
                 // int32, as prost reads it: the varint's low 32 bits.
                 (6, 0) => p.kind = r.varint()? as i32,
                 (7, 2) => p.payload = r.delimited()?,
@@ -367,7 +385,7 @@ mod fast {
                 _ => return None,
             }
         }
-        record_from_proto(p).ok()
+        record_from_fields(p).ok()
     }
 }
 

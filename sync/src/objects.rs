@@ -117,7 +117,7 @@ pub fn apply_records(store: &mut ObjectStore, records: &[Record]) -> Result<(), 
         match r.kind {
             PayloadKind::Change => runs.entry(&r.key).or_default().push(&r.payload),
             PayloadKind::Tombstone => {
-                let run = runs.remove(r.key.as_str()).unwrap_or_default();
+                let run = runs.remove(&*r.key).unwrap_or_default();
                 flush(store, &r.key, run);
                 store.apply_tombstone(&r.key);
             }

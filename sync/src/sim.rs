@@ -25,9 +25,10 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use keel_log::{
-    Cursor, CursorCheck, Entry, Fold, Hash, Hlc, ObjectSnapshot, PayloadKind, Read, ReadLimits,
-    Record, Role, Segment, Snapshot,
+    ByteString, Cursor, CursorCheck, Entry, Fold, Hash, Hlc, ObjectSnapshot, PayloadKind, Read,
+    ReadLimits, Record, Role, Segment, Snapshot,
 };
 use serde_json::json;
 
@@ -76,7 +77,89 @@ pub struct MemStream {
     pub base: Cursor,
     pub objects: BTreeMap<String, (u64, Vec<u8>)>,
     /// Durable records after `base`.
-    pub records: Vec<Record>,
+    pub records: Records,
+}
+
+/// A stream's records after its base, held in the batches they were
+/// appended in: an append moves its batch in whole instead of growing one
+/// vector, which copies everything held each time it doubles.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    /// Each batch with the index (from the base) of its first record.
+    batches: Vec<(usize, Vec<Record>)>,
+    len: usize,
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `i`th record after the base.
+    pub fn get(&self, i: usize) -> Option<&Record> {
+        let b = self
+            .batches
+            .partition_point(|(s, _)| *s <= i)
+            .checked_sub(1)?;
+        let (start, batch) = self.batches.get(b)?;
+        batch.get(i - start)
+    }
+
+    pub fn last(&self) -> Option<&Record> {
+        self.batches.last().and_then(|(_, b)| b.last())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Record> {
+        self.batches.iter().flat_map(|(_, b)| b)
+    }
+
+    /// The batches, oldest first (none empty).
+    pub fn batches(&self) -> impl Iterator<Item = &[Record]> {
+        self.batches.iter().map(|(_, b)| b.as_slice())
+    }
+
+    /// One record, at the end of the last batch.
+    fn push(&mut self, r: Record) {
+        match self.batches.last_mut() {
+            Some((_, b)) => b.push(r),
+            None => self.batches.push((0, vec![r])),
+        }
+        self.len += 1;
+    }
+
+    /// A batch after the last, moved in; returns it as held.
+    fn push_batch(&mut self, batch: Vec<Record>) -> &[Record] {
+        if batch.is_empty() {
+            return &[];
+        }
+        self.batches.push((self.len, batch));
+        self.len += self.batches.last().map_or(0, |(_, b)| b.len());
+        self.batches
+            .last()
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or_default()
+    }
+
+    fn clear(&mut self) {
+        *self = Records::default();
+    }
+
+    /// Takes the first `n` records out.
+    fn take_front(&mut self, n: usize) -> Vec<Record> {
+        let all: Vec<Record> = std::mem::take(&mut self.batches)
+            .into_iter()
+            .flat_map(|(_, b)| b)
+            .collect();
+        let mut all = all.into_iter();
+        let front: Vec<Record> = all.by_ref().take(n).collect();
+        self.clear();
+        self.push_batch(all.collect());
+        front
+    }
 }
 
 impl MemStream {
@@ -89,7 +172,7 @@ impl MemStream {
                 hash: Hash::ZERO,
             },
             objects: BTreeMap::new(),
-            records: Vec::new(),
+            records: Records::default(),
         }
     }
     pub fn head(&self) -> Cursor {
@@ -109,6 +192,20 @@ impl MemStream {
             self.get(seq).map(Record::cursor)
         }
     }
+}
+
+/// A record's origin, key and payload in one buffer, as keel-log keeps a
+/// record (one value) and as records received in one frame share it:
+/// cloning the record then counts one reference, not three.
+fn one_buffer(origin: &str, key: &str, payload: &[u8]) -> (ByteString, ByteString, Bytes) {
+    let mut buf = Vec::with_capacity(origin.len() + key.len() + payload.len());
+    buf.extend_from_slice(origin.as_bytes());
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(payload);
+    let buf = Bytes::from(buf);
+    let (o, k) = (origin.len(), origin.len() + key.len());
+    let text = |range, s: &str| ByteString::try_from(buf.slice(range)).unwrap_or_else(|_| s.into());
+    (text(0..o, origin), text(o..k, key), buf.slice(k..))
 }
 
 /// A node's durable log, in memory, with keel-log's semantics.
@@ -154,14 +251,15 @@ impl MemLog {
             entry.kind,
             &entry.payload,
         );
+        let (origin, key, payload) = one_buffer(&entry.origin, &entry.key, &entry.payload);
         s.records.push(Record {
             seq,
             epoch: prev.epoch,
             hlc: ts,
-            origin: entry.origin,
-            key: entry.key,
+            origin,
+            key,
             kind: entry.kind,
-            payload: entry.payload,
+            payload,
             hash,
         });
         s.head()
@@ -178,34 +276,43 @@ impl MemLog {
     }
 
     /// [`Self::append_replicated`], returning the records appended as they
-    /// are held (no copies).
-    pub fn append_fresh(&mut self, name: &str, records: Vec<Record>) -> Result<&[Record], String> {
+    /// are held (no copies). All or nothing, as keel-log's batches.
+    pub fn append_fresh(
+        &mut self,
+        name: &str,
+        mut records: Vec<Record>,
+    ) -> Result<&[Record], String> {
         let s = self.streams.get_mut(name).ok_or("unknown stream")?;
-        let before = s.records.len();
-        for r in records {
-            let head = s.head();
-            if r.seq <= head.seq {
-                match s.cursor_at(r.seq) {
-                    Some(c) if c.hash == r.hash => continue,
-                    None if r.seq < s.base.seq => continue,
-                    _ => {
-                        return Err(format!(
-                            "{name}: a different record is held at seq {}",
-                            r.seq
-                        ));
-                    }
+        let head = s.head();
+        // What is held already (a prefix, or the chain breaks below).
+        let held = records.iter().take_while(|r| r.seq <= head.seq).count();
+        for r in records.get(..held).unwrap_or_default() {
+            match s.cursor_at(r.seq) {
+                Some(c) if c.hash == r.hash => {}
+                None if r.seq < s.base.seq => {}
+                _ => {
+                    return Err(format!(
+                        "{name}: a different record is held at seq {}",
+                        r.seq
+                    ));
                 }
             }
-            if r.seq != head.seq + 1 || r.expected_hash(&head.hash) != r.hash {
+        }
+        records.drain(..held);
+        let mut prev = head;
+        for r in &records {
+            if r.seq != prev.seq + 1 || r.expected_hash(&prev.hash) != r.hash {
                 return Err(format!(
                     "{name}: record seq {} does not extend head {}",
-                    r.seq, head.seq
+                    r.seq, prev.seq
                 ));
             }
-            self.hlc.observe(r.hlc);
-            s.records.push(r);
+            prev = r.cursor();
         }
-        Ok(s.records.get(before..).unwrap_or_default())
+        for r in &records {
+            self.hlc.observe(r.hlc);
+        }
+        Ok(s.records.push_batch(records))
     }
 
     fn install(&mut self, name: &str, snapshot: Snapshot) {
@@ -226,15 +333,15 @@ impl MemLog {
             return Ok(());
         }
         let n = usize::try_from(upto - s.base.seq).map_err(|e| e.to_string())?;
-        let folded: Vec<Record> = s.records.drain(..n).collect();
+        let folded = s.records.take_front(n);
         for r in &folded {
-            let prev = s.objects.get(&r.key).map(|(_, st)| st.as_slice());
+            let prev = s.objects.get(&*r.key).map(|(_, st)| st.as_slice());
             match fold.fold(&r.key, prev, r).map_err(|e| e.to_string())? {
                 Some(st) => {
-                    s.objects.insert(r.key.clone(), (r.seq, st));
+                    s.objects.insert(r.key.to_string(), (r.seq, st));
                 }
                 None => {
-                    s.objects.remove(&r.key);
+                    s.objects.remove(&*r.key);
                 }
             }
         }
@@ -246,7 +353,9 @@ impl MemLog {
 
     fn segment(s: &MemStream, stream: &str, after: u64, limits: ReadLimits) -> Segment {
         let prev = s.cursor_at(after).unwrap_or(s.base);
-        let mut records = Vec::new();
+        let held = s.head().seq.saturating_sub(after);
+        let mut records =
+            Vec::with_capacity(limits.max_records.min(usize::try_from(held).unwrap_or(0)));
         let mut bytes = 0;
         let mut seq = after + 1;
         while let Some(r) = s.get(seq) {
@@ -407,7 +516,7 @@ impl Node {
                     apply_snapshot_object(&mut store, &o)
                         .map_err(|e| format!("{}: {e}", self.name))?;
                 }
-                for r in &ms.records {
+                for r in ms.records.iter() {
                     apply_record(&mut store, r)
                         .map_err(|e| format!("{} seq {}: {e}", self.name, r.seq))?;
                 }
@@ -1306,7 +1415,10 @@ impl Sim {
         if let Some(h) = self.cfg.hostile {
             let name = edge_name(h);
             if let Some(s) = self.cloud.log.streams.get(&up_stream(&name))
-                && let Err(r) = check_node_records(&name, &s.records)
+                && let Err(r) = s
+                    .records
+                    .batches()
+                    .try_for_each(|b| check_node_records(&name, b))
             {
                 bad.push(format!(
                     "the cloud kept a record the hostile {name} may not write: {}",

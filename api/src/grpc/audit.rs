@@ -135,7 +135,7 @@ pub(super) fn audit(store: &Store, key: &str, streams: &[String]) -> Result<Audi
             hlc: r.hlc,
             time_ms: hlc_millis(r.hlc),
             origin_kind: origin_kind(&r.origin) as i32,
-            origin: r.origin,
+            origin: r.origin.into(),
             kind: kind_proto(r.kind) as i32,
             patch_json: serde_json::to_string(&patch).unwrap_or_else(|_| "[]".into()),
             hash: r.hash.to_hex(),

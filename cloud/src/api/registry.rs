@@ -397,7 +397,7 @@ impl Registry {
                 let rebase =
                     r.kind == PayloadKind::Change && keel_sync::crdt::is_rebase(&r.payload);
                 if r.kind != PayloadKind::Event && !rebase {
-                    rvs.insert(r.key.clone(), r.seq);
+                    rvs.insert(r.key.to_string(), r.seq);
                 }
                 after = r.seq;
             }

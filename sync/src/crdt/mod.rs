@@ -135,9 +135,9 @@ pub enum CrdtError {
 }
 
 /// The actor of one change, for checking who wrote it before it is kept
-/// anywhere: from the change's header, whose framing and checksum are
-/// checked as [`ObjectStore::apply_change`] checks them (compressed chunks
-/// refused). Its ops are checked when it is applied.
+/// anywhere: from the change's header, whose framing is checked as
+/// [`ObjectStore::apply_change`] checks it (compressed chunks refused). Its
+/// checksum and ops are checked when it is applied.
 pub fn change_actor(bytes: &[u8]) -> Result<ActorId, CrdtError> {
     let raw = guard::header_actor(bytes)?;
     let id: [u8; 16] = raw

@@ -239,3 +239,58 @@ fn pair_catches_up_both_ways() {
         pair.edge.head(&up_stream(node))
     );
 }
+
+/// The in-memory log's batches read as one vector: whatever mix of single
+/// records, batches, compactions and resets, every index gives what a
+/// vector given the same records gives.
+#[test]
+fn records_read_as_one_vector() {
+    use proptest::prelude::*;
+    let record = |i: usize| Record {
+        seq: i as u64 + 1,
+        epoch: 1,
+        hlc: 0,
+        origin: "edge-1".into(),
+        key: format!("k{i}").into(),
+        kind: PayloadKind::Event,
+        payload: Bytes::new(),
+        hash: Hash::ZERO,
+    };
+    // (0: push one, 1: push a batch of n, 2: take n from the front, 3: clear)
+    let ops = prop::collection::vec((0u8..4, 0usize..6), 0..40);
+    proptest!(|(ops in ops)| {
+        let (mut held, mut want, mut next) = (Records::default(), Vec::new(), 0);
+        for (op, n) in ops {
+            match op {
+                0 => {
+                    held.push(record(next));
+                    want.push(record(next));
+                    next += 1;
+                }
+                1 => {
+                    let batch: Vec<Record> = (next..next + n).map(record).collect();
+                    next += n;
+                    let pushed = held.push_batch(batch.clone()).to_vec();
+                    prop_assert_eq!(pushed, batch.clone());
+                    want.extend(batch);
+                }
+                2 => {
+                    let n = n.min(want.len());
+                    prop_assert_eq!(held.take_front(n), want.drain(..n).collect::<Vec<_>>());
+                }
+                _ => {
+                    held.clear();
+                    want.clear();
+                }
+            }
+            prop_assert_eq!(held.len(), want.len());
+            prop_assert_eq!(held.is_empty(), want.is_empty());
+            prop_assert_eq!(held.last(), want.last());
+            prop_assert!(held.iter().eq(want.iter()));
+            prop_assert!(held.batches().all(|b| !b.is_empty()));
+            for i in 0..=want.len() {
+                prop_assert_eq!(held.get(i), want.get(i));
+            }
+        }
+    });
+}
