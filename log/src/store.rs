@@ -71,6 +71,9 @@ pub enum VerifyOnOpen {
 /// Growth of unflushed memtables after which the records memtable is
 /// rotated (see `Shared::bound_memtables`).
 const MEMTABLE_ROTATE_BYTES: u64 = 4 << 20;
+/// Every how many rotations of the records memtable the other keyspaces'
+/// are rotated too.
+const SMALL_ROTATION_EVERY: u64 = 4;
 /// Unflushed memtable bytes past which staging waits for flushes.
 const MEMTABLE_STALL_BYTES: u64 = 48 << 20;
 /// The commit journal's file in the store's directory.
@@ -308,7 +311,8 @@ impl Batch {
 struct Committing {
     heads: BTreeMap<String, StreamState>,
     hlc: Hlc,
-    rotated_at: u64,
+    /// Write-buffer size at the last rotation, and rotations so far.
+    rotated_at: (u64, u64),
     journal: Wal,
 }
 
@@ -513,7 +517,7 @@ impl Store {
         *lock(&shared.committing) = Some(Committing {
             heads: shared.read_state().clone(),
             hlc: Hlc::new(hlc),
-            rotated_at: 0,
+            rotated_at: (0, 0),
             journal,
         });
         let committer = shared.clone();
@@ -1167,15 +1171,24 @@ impl Shared {
     /// [`MEMTABLE_ROTATE_BYTES`] of growth, and staging waits while more
     /// than [`MEMTABLE_STALL_BYTES`] is unflushed: appends then queue up
     /// behind it, and their writers wait for their tickets (backpressure).
-    fn bound_memtables(&self, rotated_at: &mut u64) {
+    ///
+    /// The records memtable, which grows the most, is rotated every time;
+    /// the others (snapshots, stream metas, the commit marker) every
+    /// [`SMALL_ROTATION_EVERY`]th time, so that fjall's old journals are
+    /// still released soon (each waits for every keyspace to flush past
+    /// it) without the fsyncs of four flushes at every rotation, which
+    /// compete with the commit journal's for the disk.
+    fn bound_memtables(&self, (rotated_at, rotations): &mut (u64, u64)) {
         let size = self.db.write_buffer_size();
         if size < *rotated_at {
             *rotated_at = size;
         }
         if size >= *rotated_at + MEMTABLE_ROTATE_BYTES {
-            // Records grow the most; snapshots with every compaction; the
-            // commit marker with every group.
-            for ks in [&self.records, &self.snaps, &self.streams, &self.commits] {
+            *rotations += 1;
+            let all = rotations.is_multiple_of(SMALL_ROTATION_EVERY);
+            let small = [&self.snaps, &self.streams, &self.commits];
+            let rotate = std::iter::once(&self.records).chain(small.into_iter().filter(|_| all));
+            for ks in rotate {
                 if let Err(e) = ks.rotate_memtable() {
                     warn!(error = %e, "rotating a memtable failed");
                 }
