@@ -91,46 +91,132 @@ const SMALL_MAP: usize = 32;
 /// adding many keys in any order costs no more than a B-tree's inserts.
 #[derive(Debug, Clone)]
 enum Keys {
-    /// Sorted keys, and their slots at the same indices (the keys apart, so
-    /// that a lookup reads their lengths from a few cache lines and
-    /// compares the bytes only of keys of the right length).
-    Small(Vec<Box<str>>, Vec<Slot>),
+    Small(SmallKeys),
     Large(BTreeMap<Box<str>, Slot>),
+}
+
+/// The room a map's first key makes for the bytes of its keys.
+const KEYS_TEXT: usize = 64;
+
+/// A few keys, sorted, with their slots at the same indices. The keys'
+/// bytes are in one string, one after another: a lookup reads a few cache
+/// lines (the ends, then the bytes of keys of the right length) rather
+/// than one allocation per key, and a new key allocates nothing of its
+/// own.
+#[derive(Debug, Clone, Default)]
+struct SmallKeys {
+    text: String,
+    /// Where each key ends in `text`.
+    ends: Vec<usize>,
+    slots: Vec<Slot>,
+}
+
+impl SmallKeys {
+    /// Where key `i` starts in `text`.
+    fn start(&self, i: usize) -> usize {
+        i.checked_sub(1)
+            .and_then(|p| self.ends.get(p))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn key(&self, i: usize) -> &str {
+        let end = self.ends.get(i).copied().unwrap_or(0);
+        self.text.get(self.start(i)..end).unwrap_or_default()
+    }
+
+    fn find(&self, k: &str) -> Option<usize> {
+        let mut start = 0;
+        for (i, &end) in self.ends.iter().enumerate() {
+            if end - start == k.len() && self.text.as_bytes().get(start..end) == Some(k.as_bytes())
+            {
+                return Some(i);
+            }
+            start = end;
+        }
+        None
+    }
+
+    fn search(&self, k: &str) -> Result<usize, usize> {
+        let (mut lo, mut hi) = (0, self.ends.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.key(mid).cmp(k) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(lo)
+    }
+
+    fn insert_at(&mut self, at: usize, k: &str, slot: Slot) {
+        let start = self.start(at);
+        if !self.text.is_char_boundary(start) || at > self.slots.len() {
+            return;
+        }
+        if self.text.capacity() == 0 {
+            // Room for the few short keys most maps hold, at once.
+            self.text.reserve(KEYS_TEXT.max(k.len()));
+        }
+        self.text.insert_str(start, k);
+        for end in self.ends.iter_mut().skip(at) {
+            *end += k.len();
+        }
+        self.ends.insert(at, start + k.len());
+        self.slots.insert(at, slot);
+    }
+
+    fn remove_at(&mut self, at: usize) {
+        let (start, Some(&end)) = (self.start(at), self.ends.get(at)) else {
+            return;
+        };
+        if at >= self.slots.len() || !self.text.is_char_boundary(end) {
+            return;
+        }
+        self.text.replace_range(start..end, "");
+        self.ends.remove(at);
+        for e in self.ends.iter_mut().skip(at) {
+            *e -= end - start;
+        }
+        self.slots.remove(at);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
+        (0..self.ends.len()).map(|i| self.key(i)).zip(&self.slots)
+    }
 }
 
 impl Keys {
     fn new() -> Keys {
-        Keys::Small(Vec::new(), Vec::new())
-    }
-
-    fn find(keys: &[Box<str>], k: &str) -> Option<usize> {
-        keys.iter()
-            .position(|key| key.len() == k.len() && **key == *k)
+        Keys::Small(SmallKeys::default())
     }
 
     fn get_mut(&mut self, k: &str) -> Option<&mut Slot> {
         match self {
-            Keys::Small(keys, slots) => slots.get_mut(Keys::find(keys, k)?),
+            Keys::Small(small) => {
+                let at = small.find(k)?;
+                small.slots.get_mut(at)
+            }
             Keys::Large(m) => m.get_mut(k),
         }
     }
 
     fn insert(&mut self, k: &str, slot: Slot) {
         match self {
-            Keys::Small(keys, slots) => match keys.binary_search_by(|key| (**key).cmp(k)) {
+            Keys::Small(small) => match small.search(k) {
                 Ok(at) => {
-                    if let Some(s) = slots.get_mut(at) {
+                    if let Some(s) = small.slots.get_mut(at) {
                         *s = slot;
                     }
                 }
-                Err(at) if keys.len() < SMALL_MAP && at <= slots.len() => {
-                    keys.insert(at, k.into());
-                    slots.insert(at, slot);
-                }
+                Err(at) if small.ends.len() < SMALL_MAP => small.insert_at(at, k, slot),
                 Err(_) => {
-                    let mut m: BTreeMap<Box<str>, Slot> = std::mem::take(keys)
-                        .into_iter()
-                        .zip(std::mem::take(slots))
+                    let mut taken = std::mem::take(small);
+                    let slots = std::mem::take(&mut taken.slots);
+                    let mut m: BTreeMap<Box<str>, Slot> = (0..taken.ends.len())
+                        .map(|i| Box::<str>::from(taken.key(i)))
+                        .zip(slots)
                         .collect();
                     m.insert(k.into(), slot);
                     *self = Keys::Large(m);
@@ -144,12 +230,9 @@ impl Keys {
 
     fn remove(&mut self, k: &str) {
         match self {
-            Keys::Small(keys, slots) => {
-                if let Some(at) = Keys::find(keys, k)
-                    && at < slots.len()
-                {
-                    keys.remove(at);
-                    slots.remove(at);
+            Keys::Small(small) => {
+                if let Some(at) = small.find(k) {
+                    small.remove_at(at);
                 }
             }
             Keys::Large(m) => {
@@ -160,7 +243,7 @@ impl Keys {
 
     fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
         let (small, large) = match self {
-            Keys::Small(keys, slots) => (Some(keys.iter().map(|k| &**k).zip(slots)), None),
+            Keys::Small(small) => (Some(small.iter()), None),
             Keys::Large(m) => (None, Some(m.iter().map(|(k, s)| (&**k, s)))),
         };
         small
@@ -766,6 +849,9 @@ mod tests {
                 assert_eq!(got, expected);
                 assert_eq!(keys.get_mut(&k).cloned(), want.get(k.as_str()).cloned());
                 assert!(keys.get_mut("absent").is_none());
+                for (k, slot) in &want {
+                    assert_eq!(keys.get_mut(k), Some(&mut slot.clone()));
+                }
             }
             assert!(matches!(keys, Keys::Large(_)));
         }
