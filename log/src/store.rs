@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tracing::{debug, error, info, warn};
 
@@ -793,7 +794,7 @@ impl Store {
             return Ok(horizon);
         }
         // Fold in chunks so memory holds object states, not the records.
-        let mut states: BTreeMap<String, Option<(u64, Vec<u8>)>> = BTreeMap::new();
+        let mut states: BTreeMap<ByteString, Option<(u64, Vec<u8>)>> = BTreeMap::new();
         let mut prev = horizon;
         while prev.seq < upto {
             let seg = shared.segment_in(
@@ -812,9 +813,9 @@ impl Store {
                         Some(v) => Some(decode_snap(stream, &v).map(|(s, b)| (s, b.to_vec()))?),
                         None => None,
                     };
-                    states.insert(r.key.to_string(), old);
+                    states.insert(r.key.clone(), old);
                 }
-                let slot = states.entry(r.key.to_string()).or_insert(None);
+                let slot = states.entry(r.key.clone()).or_insert(None);
                 let next = fold
                     .fold(&r.key, slot.as_ref().map(|(_, s)| s.as_slice()), r)
                     .map_err(|source| Error::Fold {

@@ -85,18 +85,18 @@ pub struct MemStream {
 /// vector, which copies everything held each time it doubles.
 #[derive(Debug, Clone, Default)]
 pub struct Records {
-    /// Each batch with the index (from the base) of its first record.
+    /// Each batch (none empty) with the index (from the base) of its
+    /// first record.
     batches: Vec<(usize, Vec<Record>)>,
-    len: usize,
 }
 
 impl Records {
     pub fn len(&self) -> usize {
-        self.len
+        self.batches.last().map_or(0, |(start, b)| start + b.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.batches.is_empty()
     }
 
     /// The `i`th record after the base.
@@ -128,7 +128,6 @@ impl Records {
             Some((_, b)) => b.push(r),
             None => self.batches.push((0, vec![r])),
         }
-        self.len += 1;
     }
 
     /// A batch after the last, moved in; returns it as held.
@@ -136,8 +135,7 @@ impl Records {
         if batch.is_empty() {
             return &[];
         }
-        self.batches.push((self.len, batch));
-        self.len += self.batches.last().map_or(0, |(_, b)| b.len());
+        self.batches.push((self.len(), batch));
         self.batches
             .last()
             .map(|(_, b)| b.as_slice())
@@ -150,14 +148,12 @@ impl Records {
 
     /// Takes the first `n` records out.
     fn take_front(&mut self, n: usize) -> Vec<Record> {
-        let all: Vec<Record> = std::mem::take(&mut self.batches)
+        let mut front: Vec<Record> = std::mem::take(&mut self.batches)
             .into_iter()
             .flat_map(|(_, b)| b)
             .collect();
-        let mut all = all.into_iter();
-        let front: Vec<Record> = all.by_ref().take(n).collect();
-        self.clear();
-        self.push_batch(all.collect());
+        let rest = front.split_off(n.min(front.len()));
+        self.push_batch(rest);
         front
     }
 }
