@@ -39,6 +39,7 @@ impl Sink for Recorder {
     }
 
     fn persisted(&self, _node: &str, stream: &str, records: &[Record]) {
+        std::thread::sleep(Duration::from_millis(30));
         self.records
             .lock()
             .unwrap()
@@ -241,8 +242,13 @@ async fn edge_and_cloud_sync_both_ways_and_resume_without_resending() {
         .append(&up, entries(10, "edge-a", "offline"))
         .unwrap();
     e.start(&c, "edge-a", &creds);
+    // The sinks hear of records after they are durable (the ack does not
+    // wait for the fold): wait for them too.
     eventually("resume", || {
-        head(&c.store, &up).seq == 60 && head(&e.store, &down).seq == 65
+        head(&c.store, &up).seq == 60
+            && head(&e.store, &down).seq == 65
+            && c.sink.seqs(&up).len() >= 60
+            && e.sink.seqs(&down).len() >= 65
     })
     .await;
     assert_eq!(head(&c.store, &up), head(&e.store, &up));
@@ -317,9 +323,12 @@ async fn a_crowd_beyond_the_handshake_bound_is_turned_away_and_comes_back() {
         "every node caught up both ways",
         Duration::from_secs(120),
         || {
+            // The sinks hear of records after they are durable.
             nodes.iter().all(|n| {
                 head(&c.store, &up_stream(n)).seq == 5
                     && head(&edge.store, &down_stream(n)).seq == 5
+                    && c.sink.seqs(&up_stream(n)).len() >= 5
+                    && edge.sink.seqs(&down_stream(n)).len() >= 5
             })
         },
     )
@@ -409,9 +418,14 @@ async fn a_storm_of_500_nodes_catches_up_with_nothing_lost_across_a_hub_restart(
     for t in write_both("first", 10) {
         t.await.unwrap();
     }
+    // Caught up, and heard of by both sinks (which hear of records after
+    // they are durable).
     let all_at = |seq: u64| {
         nodes.iter().all(|n| {
-            head(&store, &up_stream(n)).seq == seq && head(&edge.store, &down_stream(n)).seq == seq
+            head(&store, &up_stream(n)).seq == seq
+                && head(&edge.store, &down_stream(n)).seq == seq
+                && sink.seqs(&up_stream(n)).last() == Some(&seq)
+                && edge.sink.seqs(&down_stream(n)).last() == Some(&seq)
         })
     };
     let mut stops = Vec::new();
