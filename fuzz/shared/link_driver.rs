@@ -246,7 +246,19 @@ impl Driver<'_> {
             );
         }
         self.frames_out += 1;
+        // A segment sent as its log held it is checked as the segment it
+        // decodes to, and must encode to exactly that segment's bytes.
+        let frame = match frame {
+            Frame::EncodedSegment(e) => {
+                let seg = e.decode().expect("a segment this side sends decodes");
+                let seg = Frame::Segment(seg);
+                assert_eq!(encode_frame(&Frame::EncodedSegment(e)), encode_frame(&seg));
+                seg
+            }
+            f => f,
+        };
         match &frame {
+            Frame::EncodedSegment(_) => unreachable!("decoded above"),
             Frame::Error { .. } => {
                 assert!(closed, "an Error frame went out on an open link");
                 self.error_sent = true;

@@ -109,6 +109,155 @@ pub fn encode_segment_body(s: &Segment, out: &mut Vec<u8>) {
     }
 }
 
+/// Writes one record as a segment body carries it: field 5 (`records`),
+/// its length, its body. A log that keeps its records in this form sends
+/// them by copying ([`EncodedSegment`]) instead of encoding them again.
+pub fn encode_record_entry(r: &Record, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(5, WireType::LengthDelimited, out);
+    encode_varint(record_body_len(r) as u64, out);
+    encode_record_body(r, out);
+}
+
+/// A segment in its wire form: exactly what [`encode_segment_body`]
+/// writes for the same records, put together from records a log holds
+/// already encoded ([`encode_record_entry`]) by copying their bytes. What
+/// the sender needs to account for it is beside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedSegment {
+    pub stream: String,
+    /// The record (or horizon) the first record chains to.
+    pub prev: Cursor,
+    /// The cursor after the last record.
+    pub end: Cursor,
+    /// How many records it holds.
+    pub records: usize,
+    /// The records' [`Record::size_hint`]s, summed.
+    pub size: usize,
+    /// The segment as the `segment` body of a `keel.v1.Frame` (its field
+    /// key and length, then the `keel.v1.Segment`): the frame a sender
+    /// writes, as is.
+    pub frame: Bytes,
+}
+
+/// The field of `keel.v1.Frame`'s body that carries a segment.
+pub const FRAME_SEGMENT_FIELD: u32 = 2;
+
+/// Room left before a segment being put together for the frame's field
+/// key (one byte) and the body's length (a varint).
+const FRAME_HEADROOM: usize = 1 + 10;
+
+impl EncodedSegment {
+    /// Starts a segment of `stream` after `prev` whose records are of
+    /// `epoch`, with room for `capacity` bytes of records.
+    pub fn builder(
+        stream: &str,
+        epoch: u64,
+        prev: Cursor,
+        capacity: usize,
+    ) -> EncodedSegmentBuilder {
+        use prost::encoding::{WireType, encode_key, encode_varint, uint64};
+        let mut out = Vec::with_capacity(
+            FRAME_HEADROOM + nonempty_field_len(1, stream.len()) + 2 * 11 + 34 + capacity,
+        );
+        out.resize(FRAME_HEADROOM, 0);
+        if !stream.is_empty() {
+            encode_key(1, WireType::LengthDelimited, &mut out);
+            encode_varint(stream.len() as u64, &mut out);
+            out.extend_from_slice(stream.as_bytes());
+        }
+        if epoch != 0 {
+            uint64::encode(2, &epoch, &mut out);
+        }
+        if prev.seq != 0 {
+            uint64::encode(3, &prev.seq, &mut out);
+        }
+        encode_key(4, WireType::LengthDelimited, &mut out);
+        encode_varint(prev.hash.0.len() as u64, &mut out);
+        out.extend_from_slice(&prev.hash.0);
+        EncodedSegmentBuilder {
+            out,
+            stream: stream.to_owned(),
+            prev,
+            end: prev,
+            records: 0,
+            size: 0,
+        }
+    }
+
+    /// The `keel.v1.Segment` body (the frame without its field key and
+    /// length).
+    pub fn body(&self) -> Bytes {
+        use prost::encoding::{decode_key, decode_varint};
+        let mut rest = &self.frame[..];
+        let at = match (decode_key(&mut rest), decode_varint(&mut rest)) {
+            (Ok(_), Ok(_)) => self.frame.len() - rest.len(),
+            _ => 0,
+        };
+        self.frame.slice(at..)
+    }
+
+    /// The segment it carries, decoded and verified as a receiver would.
+    pub fn decode(&self) -> Result<Segment, WireError> {
+        use prost::Message;
+        let p = keel_proto::Segment::decode(self.body())
+            .map_err(|e| WireError::Decode(e.to_string()))?;
+        segment_from_proto(p)
+    }
+}
+
+/// An [`EncodedSegment`] being put together.
+#[derive(Debug)]
+pub struct EncodedSegmentBuilder {
+    out: Vec<u8>,
+    stream: String,
+    prev: Cursor,
+    end: Cursor,
+    records: usize,
+    size: usize,
+}
+
+impl EncodedSegmentBuilder {
+    /// Appends records held as [`encode_record_entry`] wrote them, one
+    /// after another: `count` of them, the last ending at `end`, their
+    /// size hints summing to `size`.
+    pub fn extend(&mut self, entries: &[u8], count: usize, end: Cursor, size: usize) {
+        self.out.extend_from_slice(entries);
+        self.records += count;
+        self.size += size;
+        self.end = end;
+    }
+
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn finish(self) -> EncodedSegment {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let mut out = self.out;
+        // The frame's field key and the body's length, just before it.
+        let mut prefix = Vec::with_capacity(FRAME_HEADROOM);
+        encode_key(FRAME_SEGMENT_FIELD, WireType::LengthDelimited, &mut prefix);
+        encode_varint(out.len().saturating_sub(FRAME_HEADROOM) as u64, &mut prefix);
+        let at = FRAME_HEADROOM - prefix.len();
+        if let Some(room) = out.get_mut(at..FRAME_HEADROOM) {
+            room.copy_from_slice(&prefix);
+        }
+        EncodedSegment {
+            stream: self.stream,
+            prev: self.prev,
+            end: self.end,
+            records: self.records,
+            size: self.size,
+            frame: Bytes::from(out).slice(at..),
+        }
+    }
+}
+
 /// Reads one byte of each cache line the records' strings and payloads
 /// occupy, before any of them is copied. The reads do not depend on each
 /// other, so the CPU has their cache misses outstanding together rather

@@ -4,8 +4,9 @@
 
 use bytes::Bytes;
 use keel_log::wire::{
-    WireError, cursor_from_proto, cursor_to_proto, decode_segment_body_fast, encode_segment_body,
-    segment_body_len, segment_from_proto, segment_to_proto, snapshot_from_proto, snapshot_to_proto,
+    EncodedSegment, WireError, cursor_from_proto, cursor_to_proto, decode_segment_body_fast,
+    encode_segment_body, segment_body_len, segment_from_proto, segment_to_proto,
+    snapshot_from_proto, snapshot_to_proto,
 };
 use keel_log::{Cursor, Segment, Snapshot};
 use prost::Message;
@@ -63,6 +64,9 @@ pub use keel_proto::ErrorCode;
 pub enum Frame {
     Hello(Hello),
     Segment(Segment),
+    /// A segment as its log held it, already in wire form (the sender's
+    /// side of [`Frame::Segment`]: it decodes as one).
+    EncodedSegment(EncodedSegment),
     Ack {
         stream: String,
         cursor: Cursor,
@@ -85,7 +89,10 @@ impl Frame {
     /// Control frames (everything but segments and snapshots) must never
     /// wait behind bulk data.
     pub fn is_control(&self) -> bool {
-        !matches!(self, Frame::Segment(_) | Frame::Snapshot { .. })
+        !matches!(
+            self,
+            Frame::Segment(_) | Frame::EncodedSegment(_) | Frame::Snapshot { .. }
+        )
     }
 }
 
@@ -107,6 +114,11 @@ pub fn frame_to_proto(f: &Frame) -> keel_proto::Frame {
             window_bytes: h.window_bytes,
         }),
         Frame::Segment(s) => Body::Segment(segment_to_proto(s)),
+        // Its body was written by keel's own encoder (a log's records
+        // copied), so it decodes.
+        Frame::EncodedSegment(s) => {
+            Body::Segment(prost::Message::decode(s.body()).unwrap_or_default())
+        }
         Frame::Ack { stream, cursor } => Body::Ack(keel_proto::Ack {
             cursor: Some(cursor_to_proto(stream, cursor)),
         }),
@@ -188,6 +200,8 @@ pub fn encode_frame(f: &Frame) -> Bytes {
             encode_segment_body(s, &mut out);
             Bytes::from(out)
         }
+        // Framed already, from the records as the log held them.
+        Frame::EncodedSegment(s) => s.frame.clone(),
         _ => Bytes::from(frame_to_proto(f).encode_to_vec()),
     }
 }
@@ -539,6 +553,39 @@ mod tests {
             if let Some(fast) = segment_fast(&bytes) {
                 prop_assert_eq!(decode_from(bytes), Ok(Frame::Segment(fast)));
             }
+        }
+
+        /// A segment put together from its records' entries, in one or
+        /// more pieces, is the frame written from the segment, byte for
+        /// byte, and the peer decodes it to the segment.
+        #[test]
+        fn encoded_segments_are_the_segment_frame(seg in chained(), cut in any::<usize>()) {
+            let mut entries = Vec::new();
+            let mut ends = Vec::new();
+            for r in &seg.records {
+                keel_log::wire::encode_record_entry(r, &mut entries);
+                ends.push(entries.len());
+            }
+            let mut enc = EncodedSegment::builder(&seg.stream, seg.epoch, seg.prev, 0);
+            let cut = cut % (seg.records.len() + 1);
+            let at = if cut == 0 { 0 } else { ends[cut - 1] };
+            let size = |rs: &[keel_log::Record]| rs.iter().map(keel_log::Record::size_hint).sum::<usize>();
+            for (bytes, records) in [
+                (&entries[..at], &seg.records[..cut]),
+                (&entries[at..], &seg.records[cut..]),
+            ] {
+                if let Some(last) = records.last() {
+                    enc.extend(bytes, records.len(), last.cursor(), size(records));
+                }
+            }
+            let enc = enc.finish();
+            prop_assert_eq!(enc.records, seg.records.len());
+            prop_assert_eq!(enc.end, seg.end());
+            prop_assert_eq!(enc.size, size(&seg.records));
+            prop_assert_eq!(enc.decode(), Ok(seg.clone()));
+            let bytes = encode_frame(&Frame::EncodedSegment(enc));
+            prop_assert_eq!(&bytes, &encode_frame(&Frame::Segment(seg.clone())));
+            prop_assert_eq!(decode_frame_shared(bytes), Ok(Frame::Segment(seg)));
         }
 
         /// A segment frame written straight from the records is byte for

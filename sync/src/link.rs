@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use keel_log::wire::EncodedSegment;
 use keel_log::{Cursor, CursorCheck, Hash, ObjectSnapshot, Read, ReadLimits, Record, Snapshot};
 use tracing::{debug, warn};
 
@@ -41,6 +42,18 @@ pub trait LogSource {
         stream: &str,
         limits: ReadLimits,
     ) -> Result<(Snapshot, keel_log::Segment), keel_log::Error>;
+    /// [`Self::read`] of a log that holds its records in wire form: the
+    /// records after `after` as the segment they make, copied as held.
+    /// `None` (the default) when it cannot (records not held encoded, or
+    /// a snapshot needed): the link then reads them with [`Self::read`].
+    fn read_encoded(
+        &self,
+        _stream: &str,
+        _after: u64,
+        _limits: ReadLimits,
+    ) -> Result<Option<EncodedSegment>, keel_log::Error> {
+        Ok(None)
+    }
 }
 
 impl LogSource for keel_log::Store {
@@ -518,6 +531,12 @@ impl Link {
                 self.close(ErrorCode::Malformed, "first frame must be Hello");
             }
             Frame::Segment(seg) => self.on_segment(seg),
+            // What a peer sends decodes as a segment; one handed over in
+            // wire form is decoded as the peer's would be.
+            Frame::EncodedSegment(e) => match e.decode() {
+                Ok(seg) => self.on_segment(seg),
+                Err(e) => self.close(ErrorCode::Malformed, format!("malformed segment: {e}")),
+            },
             Frame::Snapshot {
                 stream,
                 snapshot,
@@ -1017,6 +1036,14 @@ impl Link {
         if p.sent.seq >= head.seq {
             return Ok(None);
         }
+        // A log that holds its records encoded sends them as it holds them.
+        if let Some(enc) = src.read_encoded(&name, p.sent.seq, limits)? {
+            if enc.records == 0 {
+                return Ok(None);
+            }
+            Self::note_sent_as(p, enc.end, enc.size, enc.records, &mut self.stats);
+            return Ok(Some(Frame::EncodedSegment(enc)));
+        }
         match src.read(&name, p.sent.seq, limits)? {
             Read::Records(seg) => {
                 if seg.records.is_empty() {
@@ -1035,14 +1062,22 @@ impl Link {
     }
 
     fn note_sent(p: &mut PeerState, seg: &keel_log::Segment, stats: &mut LinkStats) {
-        let end = seg.end();
         let bytes: usize = seg.records.iter().map(Record::size_hint).sum();
+        Self::note_sent_as(p, seg.end(), bytes, seg.records.len(), stats);
+    }
+
+    /// [`Self::note_sent`] of a segment ending at `end`, of `records`
+    /// records whose size hints sum to `bytes`.
+    fn note_sent_as(
+        p: &mut PeerState,
+        end: Cursor,
+        bytes: usize,
+        records: usize,
+        stats: &mut LinkStats,
+    ) {
         p.inflight.push_back((end.seq, bytes as u64));
-        if p.sent.seq == p.acked.seq {
-            // Nothing was in flight: the retransmission clock starts now.
-        }
         p.sent = end;
-        stats.records_sent += seg.records.len() as u64;
+        stats.records_sent += records as u64;
     }
 }
 

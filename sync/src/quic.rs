@@ -467,7 +467,9 @@ async fn drive(
         if admitted {
             while bulk_tx.capacity() > 0 {
                 match link.poll_transmit(&store) {
-                    Some((_, f @ Frame::Segment(_))) | Some((_, f @ Frame::Snapshot { .. })) => {
+                    Some((_, f @ Frame::Segment(_)))
+                    | Some((_, f @ Frame::EncodedSegment(_)))
+                    | Some((_, f @ Frame::Snapshot { .. })) => {
                         let _ = bulk_tx.try_send(encode_frame(&f));
                     }
                     Some((_, f)) => {

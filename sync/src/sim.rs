@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use keel_log::wire::EncodedSegment;
 use keel_log::{
     ByteString, Cursor, CursorCheck, Entry, Fold, Hash, Hlc, ObjectSnapshot, PayloadKind, Read,
     ReadLimits, Record, Role, Segment, Snapshot,
@@ -85,60 +86,145 @@ pub struct MemStream {
 /// vector, which copies everything held each time it doubles.
 #[derive(Debug, Clone, Default)]
 pub struct Records {
-    /// Each batch (none empty) with the index (from the base) of its
-    /// first record.
-    batches: Vec<(usize, Vec<Record>)>,
+    /// None empty.
+    batches: Vec<Batch>,
+}
+
+/// Records appended together.
+#[derive(Debug, Clone)]
+struct Batch {
+    /// The index (from the base) of its first record.
+    start: usize,
+    records: Vec<Record>,
+    /// The records in wire form, for a writer's records (appended
+    /// locally: the writer sends them); a replica's records are never
+    /// sent on, and are not held twice.
+    wire: Option<Wire>,
+}
+
+/// Records as a segment carries them ([`keel_log::wire::encode_record_entry`]),
+/// one after another, as keel-log holds each record as its encoding.
+#[derive(Debug, Clone, Default)]
+struct Wire {
+    bytes: Vec<u8>,
+    /// Each record's end in `bytes`, and its size hint.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Wire {
+    fn push(&mut self, r: &Record) {
+        keel_log::wire::encode_record_entry(r, &mut self.bytes);
+        self.ends.push((self.bytes.len(), r.size_hint()));
+    }
+
+    /// Where record `i` starts.
+    fn start_of(&self, i: usize) -> usize {
+        i.checked_sub(1)
+            .and_then(|p| self.ends.get(p))
+            .map_or(0, |(end, _)| *end)
+    }
+
+    /// The records from `i` on.
+    fn split_off(&mut self, i: usize) -> Wire {
+        let at = self.start_of(i);
+        let bytes = self.bytes.split_off(at.min(self.bytes.len()));
+        let ends = self
+            .ends
+            .split_off(i.min(self.ends.len()))
+            .into_iter()
+            .map(|(end, hint)| (end - at, hint))
+            .collect();
+        Wire { bytes, ends }
+    }
+}
+
+impl Batch {
+    fn end(&self) -> usize {
+        self.start + self.records.len()
+    }
 }
 
 impl Records {
     pub fn len(&self) -> usize {
-        self.batches.last().map_or(0, |(start, b)| start + b.len())
+        self.batches.last().map_or(0, Batch::end)
     }
 
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
 
-    /// The `i`th record after the base.
-    pub fn get(&self, i: usize) -> Option<&Record> {
+    /// The batch holding the `i`th record after the base, and the
+    /// record's index in it.
+    fn locate(&self, i: usize) -> Option<(usize, usize)> {
         let b = self
             .batches
-            .partition_point(|(s, _)| *s <= i)
+            .partition_point(|b| b.start <= i)
             .checked_sub(1)?;
-        let (start, batch) = self.batches.get(b)?;
-        batch.get(i - start)
+        let batch = self.batches.get(b)?;
+        (i < batch.end()).then(|| (b, i - batch.start))
+    }
+
+    /// The `i`th record after the base.
+    pub fn get(&self, i: usize) -> Option<&Record> {
+        let (b, j) = self.locate(i)?;
+        self.batches.get(b)?.records.get(j)
     }
 
     pub fn last(&self) -> Option<&Record> {
-        self.batches.last().and_then(|(_, b)| b.last())
+        self.batches.last().and_then(|b| b.records.last())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Record> {
-        self.batches.iter().flat_map(|(_, b)| b)
+        self.batches.iter().flat_map(|b| &b.records)
     }
 
     /// The batches, oldest first (none empty).
     pub fn batches(&self) -> impl Iterator<Item = &[Record]> {
-        self.batches.iter().map(|(_, b)| b.as_slice())
+        self.batches.iter().map(|b| b.records.as_slice())
     }
 
-    /// One record, at the end of the last batch.
+    /// One record written here, at the end of the last batch (a new one
+    /// after replicated records).
     fn push(&mut self, r: Record) {
+        let start = self.len();
         match self.batches.last_mut() {
-            Some((_, b)) => b.push(r),
-            None => self.batches.push((0, vec![r])),
+            Some(Batch {
+                records,
+                wire: Some(wire),
+                ..
+            }) => {
+                wire.push(&r);
+                records.push(r);
+            }
+            _ => {
+                let mut wire = Wire::default();
+                wire.push(&r);
+                self.batches.push(Batch {
+                    start,
+                    records: vec![r],
+                    wire: Some(wire),
+                });
+            }
         }
     }
 
-    /// A batch after the last, moved in; returns it as held.
+    /// A replicated batch after the last, moved in; returns it as held.
     fn push_batch(&mut self, batch: Vec<Record>) -> &[Record] {
-        if batch.is_empty() {
+        self.push_held(batch, None)
+    }
+
+    fn push_held(&mut self, records: Vec<Record>, wire: Option<Wire>) -> &[Record] {
+        if records.is_empty() {
             return &[];
         }
-        self.batches.push((self.len(), batch));
+        self.batches.push(Batch {
+            start: self.len(),
+            records,
+            wire,
+        });
         self.batches
             .last()
-            .map(|(_, b)| b.as_slice())
+            .map(|b| b.records.as_slice())
             .unwrap_or_default()
     }
 
@@ -148,13 +234,62 @@ impl Records {
 
     /// Takes the first `n` records out.
     fn take_front(&mut self, n: usize) -> Vec<Record> {
-        let mut front: Vec<Record> = std::mem::take(&mut self.batches)
-            .into_iter()
-            .flat_map(|(_, b)| b)
-            .collect();
-        let rest = front.split_off(n.min(front.len()));
-        self.push_batch(rest);
+        let mut front = Vec::with_capacity(n.min(self.len()));
+        let held = std::mem::take(&mut self.batches);
+        for mut b in held {
+            let take = n.saturating_sub(front.len()).min(b.records.len());
+            let rest = b.records.split_off(take);
+            front.append(&mut b.records);
+            let wire = b.wire.as_mut().map(|w| w.split_off(take));
+            self.push_held(rest, wire);
+        }
         front
+    }
+
+    /// The records after the `i`th as the segment [`MemLog::segment`]
+    /// reads, in wire form: `None` if one of them is not held so.
+    fn encoded(
+        &self,
+        stream: &str,
+        prev: Cursor,
+        mut i: usize,
+        limits: ReadLimits,
+    ) -> Option<EncodedSegment> {
+        let (mut b, first) = self.locate(i)?;
+        let batch = self.batches.get(b)?;
+        let epoch = batch.records.get(first)?.epoch;
+        // Room for the rest of this batch, as far as the limits go.
+        let room = batch.wire.as_ref().map_or(0, |w| {
+            (w.bytes.len() - w.start_of(first)).min(limits.max_bytes.saturating_add(1 << 16))
+        });
+        let mut seg = EncodedSegment::builder(stream, epoch, prev, room);
+        // Whether the segment is full before a record that would add
+        // `size` to `records` records of `bytes` (as `MemLog::segment`).
+        let full = |records: usize, bytes: usize| {
+            records >= limits.max_records.max(1) || (bytes >= limits.max_bytes && records > 0)
+        };
+        while let Some(batch) = self.batches.get(b) {
+            if full(seg.records(), seg.size()) {
+                break;
+            }
+            let wire = batch.wire.as_ref()?;
+            let from = i - batch.start;
+            let mut to = from;
+            let mut size = 0;
+            for (_, hint) in wire.ends.get(from..).unwrap_or_default() {
+                if full(seg.records() + (to - from), seg.size() + size) {
+                    break;
+                }
+                size += hint;
+                to += 1;
+            }
+            let end = batch.records.get(to.checked_sub(1)?)?.cursor();
+            let bytes = wire.bytes.get(wire.start_of(from)..wire.start_of(to))?;
+            seg.extend(bytes, to - from, end, size);
+            i = batch.start + to;
+            b += 1;
+        }
+        Some(seg.finish())
     }
 }
 
@@ -435,6 +570,21 @@ impl LogSource for MemLog {
             Self::snapshot_of(s),
             Self::segment(s, stream, s.base.seq, limits),
         ))
+    }
+    fn read_encoded(
+        &self,
+        stream: &str,
+        after: u64,
+        limits: ReadLimits,
+    ) -> Result<Option<EncodedSegment>, keel_log::Error> {
+        let s = self.stream(stream)?;
+        if after < s.base.seq || after >= s.head().seq {
+            return Ok(None);
+        }
+        let (Some(prev), Ok(i)) = (s.cursor_at(after), usize::try_from(after - s.base.seq)) else {
+            return Ok(None);
+        };
+        Ok(s.records.encoded(stream, prev, i, limits))
     }
 }
 

@@ -294,3 +294,83 @@ fn records_read_as_one_vector() {
         }
     });
 }
+
+/// A writer's records read in wire form are, byte for byte, the segment
+/// [`MemLog::segment`] reads and the link would encode, within the same
+/// limits; a range holding a replicated record is not served so.
+#[test]
+fn records_in_wire_form_encode_as_their_segment() {
+    use proptest::prelude::*;
+    let record = |i: usize, payload: usize| Record {
+        seq: i as u64 + 1,
+        epoch: 1 + (i as u64 / 7),
+        hlc: i as u64 * 3,
+        origin: "edge-1".into(),
+        key: format!("pods/default/p{i}").into(),
+        kind: PayloadKind::Change,
+        payload: Bytes::from(vec![i as u8; payload]),
+        hash: Hash([i as u8; 32]),
+    };
+    // (0: push one local record, 1: push a replicated batch of n,
+    // 2: take n from the front), n, payload size.
+    let ops = prop::collection::vec((0u8..3, 0usize..6, 0usize..300), 0..30);
+    let limits = prop::collection::vec((1usize..8, 1usize..2_000), 1..4);
+    proptest!(|(ops in ops, limits in limits)| {
+        let (mut held, mut want, mut next) = (Records::default(), Vec::new(), 0);
+        for (op, n, payload) in ops {
+            match op {
+                0 => {
+                    held.push(record(next, payload));
+                    want.push((record(next, payload), true));
+                    next += 1;
+                }
+                1 => {
+                    let batch: Vec<Record> = (next..next + n).map(|i| record(i, payload)).collect();
+                    next += n;
+                    held.push_batch(batch.clone());
+                    want.extend(batch.into_iter().map(|r| (r, false)));
+                }
+                _ => {
+                    let n = n.min(want.len());
+                    held.take_front(n);
+                    want.drain(..n);
+                }
+            }
+            for i in 0..want.len() {
+                for &(max_records, max_bytes) in &limits {
+                    let lim = ReadLimits { max_records, max_bytes };
+                    let prev = Cursor { epoch: 9, seq: 41, hash: Hash([7; 32]) };
+                    let got = held.encoded("up/edge-1", prev, i, lim);
+                    // The records MemLog::segment takes from the i-th on.
+                    let (mut records, mut local, mut bytes) = (Vec::new(), true, 0);
+                    for (r, l) in want.get(i..).unwrap_or_default() {
+                        if records.len() >= max_records.max(1) || (bytes >= max_bytes && !records.is_empty()) {
+                            break;
+                        }
+                        bytes += r.size_hint();
+                        local &= *l;
+                        records.push(r.clone());
+                    }
+                    let Some(got) = got else {
+                        prop_assert!(!local, "records {i}.. held in wire form not served so");
+                        continue;
+                    };
+                    prop_assert!(local, "a replicated record served in wire form");
+                    let seg = Segment {
+                        stream: "up/edge-1".into(),
+                        epoch: records.first().map(|r| r.epoch).unwrap_or(prev.epoch),
+                        prev,
+                        records,
+                    };
+                    prop_assert_eq!(got.records, seg.records.len());
+                    prop_assert_eq!(got.end, seg.end());
+                    prop_assert_eq!(got.size, bytes);
+                    prop_assert_eq!(
+                        encode_frame(&crate::frame::Frame::EncodedSegment(got)),
+                        encode_frame(&crate::frame::Frame::Segment(seg))
+                    );
+                }
+            }
+        }
+    });
+}
