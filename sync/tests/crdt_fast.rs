@@ -149,6 +149,46 @@ fn a_full_tail_goes_to_automerge_and_the_fast_path_goes_on() {
 }
 
 #[test]
+fn many_actors_taking_turns_take_the_fast_path() {
+    // More writers than a shadow finds by scanning its actors (it then
+    // keeps an index of them): each one's changes are still known as that
+    // actor's next ones.
+    let mut a = ObjectStore::new();
+    let mut b = ObjectStore::new();
+    let c = a
+        .edit_merge_patch(KEY, &cloud(), &json!({"n": 0}))
+        .unwrap()
+        .unwrap();
+    b.apply_change(KEY, &c).unwrap();
+    let actors: Vec<ActorId> = (0..40)
+        .map(|i| ActorId::from_name(&format!("edge-{i}")))
+        .collect();
+    let mut last = Vec::new();
+    let mut max_tail = 0;
+    for round in 0..3u64 {
+        for (i, actor) in actors.iter().enumerate() {
+            let n = round * 100 + i as u64;
+            let c = a
+                .edit_merge_patch(KEY, actor, &json!({"n": n, "by": i}))
+                .unwrap()
+                .unwrap();
+            assert_eq!(b.apply_change(KEY, &c).unwrap(), Applied::New);
+            max_tail = max_tail.max(b.fast_tail(KEY));
+            last = c;
+        }
+    }
+    // Folded without automerge, a full tail at a time.
+    assert!(max_tail >= 60, "{max_tail}");
+    // A change already held is one, by whichever path it was folded.
+    assert_eq!(b.apply_change(KEY, &last).unwrap(), Applied::Duplicate);
+    let want = json!({"n": 239, "by": 39});
+    assert_eq!(b.get_json(KEY), Some(want.clone()));
+    assert_eq!(automerge_view(&b), Some(want));
+    assert_eq!(b.history_len(KEY), 1 + 3 * actors.len());
+    assert_eq!(b.heads(KEY), a.heads(KEY));
+}
+
+#[test]
 fn a_tombstone_and_a_rebase_drop_the_tail_with_the_history() {
     let mut a = ObjectStore::new();
     let mut b = ObjectStore::new();
