@@ -126,13 +126,7 @@ fn pod_status_changes_take_the_fast_path_until_the_document_is_needed() {
 
 #[test]
 fn a_full_tail_goes_to_automerge_and_the_fast_path_goes_on() {
-    let mut a = ObjectStore::new();
-    let mut b = ObjectStore::new();
-    let c = a
-        .edit_merge_patch(KEY, &cloud(), &json!({"n": 0}))
-        .unwrap()
-        .unwrap();
-    b.apply_change(KEY, &c).unwrap();
+    let (mut a, mut b) = created(&json!({"n": 0}));
     let mut max_tail = 0;
     for i in 1..300 {
         let c = a
@@ -150,16 +144,9 @@ fn a_full_tail_goes_to_automerge_and_the_fast_path_goes_on() {
 
 #[test]
 fn many_actors_taking_turns_take_the_fast_path() {
-    // More writers than a shadow finds by scanning its actors (it then
-    // keeps an index of them): each one's changes are still known as that
-    // actor's next ones.
-    let mut a = ObjectStore::new();
-    let mut b = ObjectStore::new();
-    let c = a
-        .edit_merge_patch(KEY, &cloud(), &json!({"n": 0}))
-        .unwrap()
-        .unwrap();
-    b.apply_change(KEY, &c).unwrap();
+    // Many writers of one object, one change each in turn: each one's
+    // change is known by the shadow's actor index as that actor's next.
+    let (mut a, mut b) = created(&json!({"n": 0}));
     let actors: Vec<ActorId> = (0..40)
         .map(|i| ActorId::from_name(&format!("edge-{i}")))
         .collect();
@@ -347,10 +334,16 @@ fn value() -> impl Strategy<Value = Value> {
 
 /// A writer that created the pod, and a reader that applied the creation.
 fn writer_and_reader() -> (ObjectStore, ObjectStore) {
+    created(&json!({"kind": "Pod"}))
+}
+
+/// A writer that created the object with `patch`, and a reader that
+/// applied its creation.
+fn created(patch: &Value) -> (ObjectStore, ObjectStore) {
     let mut writer = ObjectStore::new();
     let mut reader = ObjectStore::new();
     let create = writer
-        .edit_merge_patch(KEY, &cloud(), &json!({"kind": "Pod"}))
+        .edit_merge_patch(KEY, &cloud(), patch)
         .unwrap()
         .unwrap();
     reader.apply_change(KEY, &create).unwrap();
