@@ -11,8 +11,19 @@
 //! A group commit is durable when its entry in the commit journal
 //! ([`crate::wal`], file `commits.journal`) is; fjall's own journal is
 //! synced at the commit journal's checkpoints.
+//!
+//! A group's writes reach fjall from its journal entry, on the *apply
+//! thread* (in commit order, beside the next groups' syncs) or, for a
+//! small group when that thread is idle, on the committing thread before
+//! the sync. A group is acknowledged once its entry is synced, whether or
+//! not fjall has it yet: whatever reads fjall (reads, cursor checks,
+//! compaction, staging that looks at what is held) first waits for the
+//! groups handed to the apply thread ([`Shared::settled`]), and a
+//! checkpoint does too before it frees the journal's space. A crash
+//! loses nothing the journal holds: recovery applies the entries fjall
+//! lacks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
@@ -89,9 +100,14 @@ const APPLIED: &[u8] = b"applied";
 /// ring (32 MiB) cloudcore took 2.8 s to start after a 10-minute soak.
 const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// Groups whose commit journal entry is at least this large are written
-/// to fjall while the journal syncs (on its sync thread); smaller ones
-/// sync on the committing thread (the hand-offs would cost more).
-const SYNC_BESIDE_BYTES: usize = 16 << 10;
+/// to fjall on the apply thread, beside the journal's sync and the next
+/// groups; smaller ones are written on the committing thread when the
+/// apply thread is idle (the hand-off would cost more).
+const APPLY_BESIDE_BYTES: usize = 16 << 10;
+/// Most bytes of journal entries waiting for the apply thread (at least
+/// one entry waits, whatever its size): the committing thread waits for
+/// room beyond it.
+const APPLY_QUEUE_BYTES: usize = 16 << 20;
 
 /// Options for [`Store::open`].
 #[derive(Clone, Debug)]
@@ -312,9 +328,22 @@ impl Batch {
 struct Committing {
     heads: BTreeMap<String, StreamState>,
     hlc: Hlc,
-    /// Write-buffer size at the last rotation, and rotations so far.
-    rotated_at: (u64, u64),
     journal: Wal,
+}
+
+/// Commit journal entries waiting to be written to fjall, in commit order
+/// (see the module documentation).
+#[derive(Default)]
+struct Applies {
+    entries: VecDeque<(Option<wal::Written>, Vec<u8>)>,
+    /// Bytes of `entries`.
+    bytes: usize,
+    /// The apply thread is writing one (taken off `entries`).
+    busy: bool,
+    /// Entries handed over so far, and written to fjall so far.
+    handed: u64,
+    applied: u64,
+    shutdown: bool,
 }
 
 struct Pending {
@@ -347,12 +376,19 @@ struct Shared {
     committed: AtomicU64,
     /// Tasks waiting for a stream's durable head to move.
     watchers: Mutex<BTreeMap<String, Vec<std::task::Waker>>>,
+    /// Groups handed to the apply thread.
+    applies: Mutex<Applies>,
+    applies_cv: Condvar,
+    /// Write-buffer size at the last rotation, and rotations so far (by
+    /// whichever thread writes to fjall).
+    rotated_at: Mutex<(u64, u64)>,
     opts: StoreOptions,
 }
 
 struct Committer {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    commit: Option<JoinHandle<()>>,
+    apply: Option<JoinHandle<()>>,
 }
 
 impl Drop for Committer {
@@ -360,7 +396,7 @@ impl Drop for Committer {
         lock(&self.shared.queue).shutdown = true;
         self.shared.queue_cv.notify_all();
         // The commit thread makes what is queued durable, then exits.
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.commit.take() {
             let _ = t.join();
         }
         // A clean close leaves everything in fjall, synced, and an empty
@@ -375,6 +411,12 @@ impl Drop for Committer {
             if let Err(e) = closed {
                 warn!(error = %e, "closing the log store");
             }
+        }
+        // The apply thread writes what it was handed, then exits.
+        lock(&self.shared.applies).shutdown = true;
+        self.shared.applies_cv.notify_all();
+        if let Some(t) = self.apply.take() {
+            let _ = t.join();
         }
     }
 }
@@ -511,6 +553,9 @@ impl Store {
             groups: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             watchers: Mutex::new(BTreeMap::new()),
+            applies: Mutex::new(Applies::default()),
+            applies_cv: Condvar::new(),
+            rotated_at: Mutex::new((0, 0)),
             opts,
         });
         let journal = shared.replay_commit_journal(&path.join(COMMIT_JOURNAL))?;
@@ -518,21 +563,27 @@ impl Store {
         *lock(&shared.committing) = Some(Committing {
             heads: shared.read_state().clone(),
             hlc: Hlc::new(hlc),
-            rotated_at: (0, 0),
             journal,
         });
-        let committer = shared.clone();
-        let threads = vec![
+        let applier = shared.clone();
+        let apply = std::thread::Builder::new()
+            .name("keel-log-apply".into())
+            .spawn(move || applier.apply_loop())?;
+        // (Dropped on an early return: the apply thread then stops.)
+        let mut committer = Committer {
+            shared: shared.clone(),
+            commit: None,
+            apply: Some(apply),
+        };
+        let commits = shared.clone();
+        committer.commit = Some(
             std::thread::Builder::new()
                 .name("keel-log-commit".into())
-                .spawn(move || committer.commit_loop())?,
-        ];
+                .spawn(move || commits.commit_loop())?,
+        );
         info!(path = %path.display(), streams = shared.read_state().len(), "log store open");
         Ok(Store {
-            _committer: Arc::new(Committer {
-                shared: shared.clone(),
-                threads,
-            }),
+            _committer: Arc::new(committer),
             shared,
         })
     }
@@ -693,7 +744,7 @@ impl Store {
         }
         // Head first, then the snapshot: the snapshot then holds every
         // record up to the head, and a horizon consistent with the records.
-        let snap = self.shared.db.snapshot();
+        let snap = self.shared.settled();
         let horizon = self.shared.horizon_in(&snap, stream)?;
         if after < horizon.seq {
             let objects = self.shared.objects_in(&snap, stream)?;
@@ -734,7 +785,7 @@ impl Store {
                 CursorCheck::Ahead
             });
         }
-        let snap = self.shared.db.snapshot();
+        let snap = self.shared.settled();
         let horizon = self.shared.horizon_in(&snap, stream)?;
         if cursor.seq < horizon.seq {
             return Ok(CursorCheck::BelowHorizon);
@@ -754,7 +805,7 @@ impl Store {
     /// The snapshot at the stream's compaction horizon.
     pub fn snapshot(&self, stream: &str) -> Result<Snapshot> {
         self.info(stream)?;
-        let snap = self.shared.db.snapshot();
+        let snap = self.shared.settled();
         Ok(Snapshot {
             base: self.shared.horizon_in(&snap, stream)?,
             objects: self.shared.objects_in(&snap, stream)?,
@@ -765,7 +816,7 @@ impl Store {
     /// returns the head, or [`Error::Corrupt`] naming the first bad seq.
     pub fn verify(&self, stream: &str) -> Result<Cursor> {
         let st = self.info(stream)?;
-        let snap = self.shared.db.snapshot();
+        let snap = self.shared.settled();
         let horizon = self.shared.horizon_in(&snap, stream)?;
         self.shared
             .verify_range(&snap, stream, horizon, st.head.seq)
@@ -788,7 +839,7 @@ impl Store {
             });
         }
         let shared = &self.shared;
-        let snap = shared.db.snapshot();
+        let snap = shared.settled();
         let horizon = shared.horizon_in(&snap, stream)?;
         if upto <= horizon.seq {
             return Ok(horizon);
@@ -871,6 +922,7 @@ impl Store {
     /// every check, to prove that verification catches tampering.
     #[doc(hidden)]
     pub fn tamper_record(&self, stream: &str, seq: u64, bytes: Vec<u8>) -> Result<()> {
+        self.shared.settle();
         self.shared.records.insert(record_key(stream, seq), bytes)?;
         self.shared.db.persist(PersistMode::SyncAll)?;
         Ok(())
@@ -1076,7 +1128,7 @@ impl Shared {
         // The highest HLC of the streams this store writes, and of the
         // replicas (bounded like a live replicated record).
         let (mut max_hlc, mut max_replica) = (0, 0);
-        let snap = self.db.snapshot();
+        let snap = self.settled();
         for g in snap.iter(&self.streams) {
             let (k, v) = g.into_inner()?;
             let name = std::str::from_utf8(&k)
@@ -1179,7 +1231,9 @@ impl Shared {
     /// still released soon (each waits for every keyspace to flush past
     /// it) without the fsyncs of four flushes at every rotation, which
     /// compete with the commit journal's for the disk.
-    fn bound_memtables(&self, (rotated_at, rotations): &mut (u64, u64)) {
+    fn bound_memtables(&self) {
+        let mut guard = lock(&self.rotated_at);
+        let (rotated_at, rotations) = &mut *guard;
         let size = self.db.write_buffer_size();
         if size < *rotated_at {
             *rotated_at = size;
@@ -1279,12 +1333,13 @@ impl Shared {
         for (done, r) in group.results {
             done.complete(r);
         }
-        self.bound_memtables(&mut c.rotated_at);
     }
 
-    /// Writes a group's entry to the commit journal, its writes (with the
-    /// `applied` marker) to fjall, and syncs the journal. A group larger
-    /// than the whole journal goes through fjall's journal, synced.
+    /// Writes a group's entry to the commit journal and syncs it; its
+    /// writes (with the `applied` marker) go to fjall on the apply thread,
+    /// or here before the sync for a small group when that thread is idle.
+    /// A group larger than the whole journal goes through fjall's journal,
+    /// synced.
     fn make_durable(&self, c: &mut Committing, batch: Batch) -> Result<()> {
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(Error::Poisoned);
@@ -1301,41 +1356,117 @@ impl Shared {
             }
             Err(wal::Full::TooLarge) => None,
         };
-        let beside = (written.is_some() && batch.entry.len() >= SYNC_BESIDE_BYTES)
-            .then(|| c.journal.sync_begin());
-        let applied = self.apply_entry(written, &batch.entry);
-        let synced = beside.map(|t| c.journal.sync_end(t));
-        applied?;
+        let Some(w) = written else {
+            self.settle();
+            self.apply_entry(None, &batch.entry)?;
+            self.bound_memtables();
+            self.db.persist(PersistMode::SyncAll)?;
+            c.journal.checkpoint();
+            return Ok(());
+        };
+        if batch.entry.len() >= APPLY_BESIDE_BYTES || !self.apply_idle() {
+            self.hand_over(w, batch.entry);
+        } else {
+            self.apply_entry(Some(w), &batch.entry)?;
+            self.bound_memtables();
+        }
         if let Some(d) = self.opts.slow_sync {
             std::thread::sleep(d);
         }
         if self.opts.fail_sync_at_group == Some(ordinal) {
             return Err(Error::Io(std::io::Error::other("injected fsync failure")));
         }
-        match written {
-            Some(_) => {
-                match synced {
-                    Some(r) => r?,
-                    None => c.journal.sync()?,
-                }
-                if c.journal.live_bytes() > (c.journal.capacity() / 2).min(CHECKPOINT_BYTES) {
-                    self.checkpoint(c)?;
-                }
-            }
-            None => {
-                self.db.persist(PersistMode::SyncAll)?;
-                c.journal.checkpoint();
-            }
+        c.journal.sync()?;
+        if c.journal.live_bytes() > (c.journal.capacity() / 2).min(CHECKPOINT_BYTES) {
+            self.checkpoint(c)?;
         }
         Ok(())
     }
 
     /// Syncs fjall's journal: every group written to fjall so far is then
-    /// durable there, and the commit journal's space is free again.
+    /// durable there, and the commit journal's space is free again. Waits
+    /// for the apply thread first (the space of an entry fjall does not
+    /// hold is not free).
     fn checkpoint(&self, c: &mut Committing) -> Result<()> {
+        self.settle();
         self.db.persist(PersistMode::SyncAll)?;
         c.journal.checkpoint();
         Ok(())
+    }
+
+    /// Whether the apply thread has nothing to write (only the committing
+    /// thread hands it anything, so it stays so until that thread does).
+    fn apply_idle(&self) -> bool {
+        let a = lock(&self.applies);
+        a.entries.is_empty() && !a.busy
+    }
+
+    /// Hands a journal entry to the apply thread, once there is room.
+    fn hand_over(&self, w: wal::Written, entry: Vec<u8>) {
+        let mut a = lock(&self.applies);
+        while !a.entries.is_empty() && a.bytes + entry.len() > APPLY_QUEUE_BYTES {
+            a = self
+                .applies_cv
+                .wait(a)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        a.bytes += entry.len();
+        a.entries.push_back((Some(w), entry));
+        a.handed += 1;
+        self.applies_cv.notify_all();
+    }
+
+    /// Waits until fjall holds every group handed to the apply thread so
+    /// far (each group published so far included).
+    fn settle(&self) {
+        let mut a = lock(&self.applies);
+        let target = a.handed;
+        while a.applied < target {
+            a = self
+                .applies_cv
+                .wait(a)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// A snapshot of fjall holding every group published so far.
+    fn settled(&self) -> fjall::Snapshot {
+        self.settle();
+        self.db.snapshot()
+    }
+
+    /// The apply thread: writes handed entries to fjall in order, until
+    /// the store shuts down with nothing left. A failed write poisons the
+    /// store (the journal holds the entry: recovery writes it again).
+    fn apply_loop(self: Arc<Self>) {
+        loop {
+            let (written, entry) = {
+                let mut a = lock(&self.applies);
+                loop {
+                    if let Some(e) = a.entries.pop_front() {
+                        a.bytes -= e.1.len();
+                        a.busy = true;
+                        break e;
+                    }
+                    if a.shutdown {
+                        return;
+                    }
+                    a = self
+                        .applies_cv
+                        .wait(a)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            if let Err(e) = self.apply_entry(written, &entry) {
+                self.poison(&e);
+            }
+            drop(entry);
+            self.bound_memtables();
+            let mut a = lock(&self.applies);
+            a.busy = false;
+            a.applied += 1;
+            self.applies_cv.notify_all();
+        }
     }
 
     /// Applies the commit journal's entries that fjall does not hold (its
@@ -1606,7 +1737,7 @@ impl Shared {
                         }
                         if fresh.is_empty() && r.seq < head.seq {
                             // Older than the durable head: compare on disk.
-                            let snap = self.db.snapshot();
+                            let snap = self.settled();
                             if matches!(self.record_in(&snap, stream, r.seq), Ok(held) if held.hash == r.hash)
                             {
                                 continue;
@@ -1649,7 +1780,7 @@ impl Shared {
                     });
                 }
                 let prefix = stream_prefix(stream);
-                let snap = self.db.snapshot();
+                let snap = self.settled();
                 for g in snap.prefix(&self.records, &prefix) {
                     batch.remove(Space::Records, &g.key()?);
                 }

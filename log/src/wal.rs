@@ -19,10 +19,8 @@
 //! (`O_DIRECT`) where the file system allows it: the write goes to the disk
 //! at once, so the fdatasync that follows only flushes the disk's cache
 //! (measured here, interleaved: 5–9 % less per commit than a buffered write
-//! and its fdatasync, for 4 KiB to 96 KiB). An entry larger than 16 KiB is written
-//! when it is synced, on the sync thread when the store syncs it beside
-//! its own work. Where direct I/O is refused (tmpfs, some file systems),
-//! entries are written through the page cache.
+//! and its fdatasync, for 4 KiB to 96 KiB). Where direct I/O is refused
+//! (tmpfs, some file systems), entries are written through the page cache.
 //!
 //! Recovery: fjall recovers a prefix of its batches, whose last `applied`
 //! names commit `A` ending at `E`. The entries after `A` are read from the
@@ -43,7 +41,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 const MAGIC: [u8; 4] = *b"KLJ1";
 /// Bytes before an entry's payload.
@@ -53,12 +50,6 @@ const GROW_STEP: u64 = 1 << 20;
 /// Entries start at multiples of this: the alignment direct I/O needs of
 /// offsets, lengths and buffers on any disk.
 pub(crate) const ALIGN: u64 = 4096;
-
-/// Entries up to this size are written with direct I/O at once: the
-/// committing thread waits for their sync anyway. Larger ones are written
-/// with direct I/O when they are synced, by the sync thread where the store
-/// syncs them beside its work (see [`Wal::sync_begin`]).
-const DIRECT_MAX: u64 = 16 << 10;
 
 /// `n` rounded up to a multiple of [`ALIGN`].
 fn align_up(n: u64) -> u64 {
@@ -250,25 +241,6 @@ pub(crate) struct Wal {
     /// Where an entry is built: large enough to hold it at an address
     /// aligned to [`ALIGN`], as direct I/O needs.
     buf: Vec<u8>,
-    /// An entry built in `buf`, to be written with direct I/O when synced.
-    unwritten: Option<Unwritten>,
-    syncer: Syncer,
-}
-
-/// Where an entry waiting to be written is: `buf[from..from + len]`, for
-/// offset `at` of the ring.
-#[derive(Debug, Clone, Copy)]
-struct Unwritten {
-    from: usize,
-    len: usize,
-    at: u64,
-}
-
-impl Unwritten {
-    fn bytes(self, buf: &[u8]) -> std::io::Result<&[u8]> {
-        buf.get(self.from..self.from + self.len)
-            .ok_or_else(|| std::io::Error::other("commit journal buffer"))
-    }
 }
 
 /// Writes `bytes` at `at` with direct I/O if given, else through the
@@ -361,15 +333,9 @@ impl Wal {
         }
         let max = max.max(GROW_STEP);
         let direct = open_direct(path);
-        let syncer = Syncer::start(
-            file.try_clone()?,
-            direct.as_ref().and_then(|d| d.try_clone().ok()),
-        )?;
         let mut wal = Wal {
-            syncer,
             file,
             direct,
-            unwritten: None,
             max,
             len,
             pos: align_up(last.end),
@@ -464,9 +430,6 @@ impl Wal {
 
     /// Writes the entry, `n` bytes with its padding, at `at`.
     fn write_at(&mut self, at: u64, n: u64, payload: &[u8]) -> std::io::Result<Written> {
-        // The store syncs each entry before it appends the next, so none
-        // waits here; if one did, it is written before `buf` is reused.
-        self.write_unwritten()?;
         if at + n > self.len {
             let to = (at + n).div_ceil(GROW_STEP) * GROW_STEP;
             self.grow_to(to.min(self.max).max(at + n))?;
@@ -505,14 +468,10 @@ impl Wal {
         }
         match &self.direct {
             Some(d) if aligned && at.is_multiple_of(ALIGN) => {
-                if n <= DIRECT_MAX {
-                    let mut refused = false;
-                    write_entry(Some(d), &self.file, entry, at, &mut refused)?;
-                    if refused {
-                        self.direct = None;
-                    }
-                } else {
-                    self.unwritten = Some(Unwritten { from, len, at });
+                let mut refused = false;
+                write_entry(Some(d), &self.file, entry, at, &mut refused)?;
+                if refused {
+                    self.direct = None;
                 }
             }
             _ => self.file.write_all_at(entry, at)?,
@@ -527,187 +486,11 @@ impl Wal {
         })
     }
 
-    /// Writes the entry waiting for its sync, if any (on this thread).
-    fn write_unwritten(&mut self) -> std::io::Result<()> {
-        let Some(u) = self.unwritten.take() else {
-            return Ok(());
-        };
-        let mut refused = false;
-        write_entry(
-            self.direct.as_ref(),
-            &self.file,
-            u.bytes(&self.buf)?,
-            u.at,
-            &mut refused,
-        )?;
-        if refused {
-            self.direct = None;
-        }
-        Ok(())
-    }
-
     /// Makes every entry written so far durable (data only: the ring's
     /// length does not change while entries are written into it, except
     /// when it grows, which syncs its length itself).
     pub(crate) fn sync(&mut self) -> std::io::Result<()> {
-        self.write_unwritten()?;
         self.file.sync_data()
-    }
-
-    /// Starts [`Wal::sync`] on the sync thread (with the write of an entry
-    /// that waits for it), so that the caller can work meanwhile;
-    /// [`Wal::sync_end`] waits for it. Two hand-offs between threads:
-    /// worth it for large entries only.
-    pub(crate) fn sync_begin(&mut self) -> SyncTicket {
-        let job = self.unwritten.take().map(|entry| WriteJob {
-            buf: std::mem::take(&mut self.buf),
-            entry,
-        });
-        self.syncer.ask(job)
-    }
-
-    pub(crate) fn sync_end(&mut self, t: SyncTicket) -> std::io::Result<()> {
-        let (r, buf, refused) = self.syncer.wait(t);
-        if let Some(buf) = buf {
-            self.buf = buf;
-        }
-        if refused {
-            self.direct = None;
-        }
-        r
-    }
-}
-
-/// An entry the sync thread writes before it syncs (the buffer goes back
-/// to the ring after).
-#[derive(Debug)]
-struct WriteJob {
-    buf: Vec<u8>,
-    entry: Unwritten,
-}
-
-/// A sync started with [`Wal::sync_begin`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SyncTicket(u64);
-
-#[derive(Debug, Default)]
-struct SyncState {
-    asked: u64,
-    done: u64,
-    /// The entry to write before the next sync.
-    job: Option<WriteJob>,
-    /// The buffer of the last entry written, back for the ring.
-    returned: Option<Vec<u8>>,
-    /// Direct I/O was refused: the ring writes through the cache from now.
-    refused: bool,
-    /// A failed write or sync (the store is then poisoned by the caller).
-    failed: Option<(std::io::ErrorKind, String)>,
-    stop: bool,
-}
-
-#[derive(Debug, Default)]
-struct SyncShared {
-    state: Mutex<SyncState>,
-    cv: Condvar,
-}
-
-/// The ring's sync thread.
-#[derive(Debug)]
-struct Syncer {
-    shared: Arc<SyncShared>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Syncer {
-    /// `file` writes through the cache and syncs; `direct` writes entries
-    /// handed over with a sync.
-    fn start(file: File, direct: Option<File>) -> std::io::Result<Syncer> {
-        let shared = Arc::new(SyncShared::default());
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("keel-log-sync".into())
-            .spawn(move || {
-                let mut st = s.state.lock().unwrap_or_else(PoisonError::into_inner);
-                loop {
-                    while st.asked == st.done && !st.stop {
-                        st = s.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
-                    }
-                    if st.asked == st.done {
-                        return;
-                    }
-                    let target = st.asked;
-                    let job = st.job.take();
-                    drop(st);
-                    let mut refused = false;
-                    let written = match &job {
-                        Some(j) => j.entry.bytes(&j.buf).and_then(|bytes| {
-                            write_entry(direct.as_ref(), &file, bytes, j.entry.at, &mut refused)
-                        }),
-                        None => Ok(()),
-                    };
-                    let r = written.and_then(|()| file.sync_data());
-                    st = s.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    if let Err(e) = r {
-                        st.failed.get_or_insert((e.kind(), e.to_string()));
-                    }
-                    st.refused |= refused;
-                    if let Some(j) = job {
-                        st.returned = Some(j.buf);
-                    }
-                    st.done = target;
-                    s.cv.notify_all();
-                }
-            })?;
-        Ok(Syncer {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Asks for a sync, after writing `job` if given.
-    fn ask(&self, job: Option<WriteJob>) -> SyncTicket {
-        let mut st = self.lock();
-        st.asked += 1;
-        if job.is_some() {
-            st.job = job;
-        }
-        self.shared.cv.notify_all();
-        SyncTicket(st.asked)
-    }
-
-    /// Waits for sync `t`: its outcome, the buffer of the entry it wrote,
-    /// and whether direct I/O was refused.
-    fn wait(&self, t: SyncTicket) -> (std::io::Result<()>, Option<Vec<u8>>, bool) {
-        let mut st = self.lock();
-        while st.done < t.0 {
-            st = self
-                .shared
-                .cv
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        let r = match &st.failed {
-            Some((kind, why)) => Err(std::io::Error::new(*kind, why.clone())),
-            None => Ok(()),
-        };
-        (r, st.returned.take(), st.refused)
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        self.lock().stop = true;
-        self.shared.cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -868,10 +651,9 @@ mod tests {
         }
     }
 
-    /// Entries synced beside the caller's work are written by the sync
-    /// thread; the ring gets its buffer back for the next one.
+    /// Entries of any size, each synced before the next, replay.
     #[test]
-    fn entries_synced_beside_replay() {
+    fn entries_of_any_size_replay() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ring");
         let (mut wal, _) = replay(&path, 4 * GROW_STEP, None);
@@ -879,10 +661,7 @@ mod tests {
         for (i, n) in [(1, 100 << 10), (2, 10), (3, 40 << 10), (4, 20 << 10)] {
             let p = payload(i, n);
             let w = wal.append(&p).unwrap().unwrap();
-            let t = wal.sync_begin();
-            wal.sync_end(t).unwrap();
-            assert!(wal.unwritten.is_none());
-            assert!(wal.buf.len() >= p.len(), "the buffer came back");
+            wal.sync().unwrap();
             written.push((w, p));
         }
         drop(wal);

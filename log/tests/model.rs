@@ -45,7 +45,9 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let s = 0..STREAMS;
     prop_oneof![
-        4 => (s.clone(), prop::collection::vec((0u8..5, prop::bool::weighted(0.1), prop::collection::vec(any::<u8>(), 0..300)), 1..12))
+        // Now and then a payload of a few KB: groups past 16 KB reach
+        // fjall on the store's apply thread.
+        4 => (s.clone(), prop::collection::vec((0u8..5, prop::bool::weighted(0.1), prop_oneof![9 => prop::collection::vec(any::<u8>(), 0..300), 1 => prop::collection::vec(any::<u8>(), 2000..6000)]), 1..12))
             .prop_map(|(s, entries)| Op::Append { s, entries }),
         3 => (s.clone(), 0.0..=1.0f64, 1usize..20, 1usize..3000)
             .prop_map(|(s, at, max_records, max_bytes)| Op::Read { s, at, max_records, max_bytes }),

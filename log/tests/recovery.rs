@@ -516,3 +516,91 @@ fn journals_are_retired_under_sustained_writes_and_compaction() {
     assert_eq!(store.info(S).unwrap().head, end);
     assert_eq!(store.snapshot(S).unwrap().objects.len(), 4);
 }
+
+/// Groups large enough to reach fjall on the store's apply thread are
+/// readable the moment they are acknowledged: a read, a cursor check and a
+/// verify right after each append see all of it, while another thread
+/// reads and compacts beside the appends; a small commit journal makes
+/// checkpoints (which wait for the apply thread) frequent. All of it is
+/// there after a reopen.
+#[test]
+fn large_groups_are_readable_as_soon_as_they_are_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        commit_journal_bytes: 1 << 20,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    store.create_stream(S, Role::Writer, 1).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let group = |b: usize| -> Vec<Entry> {
+        (0..32)
+            .map(|i| {
+                let mut p = format!("g{b}-{i}-").into_bytes();
+                p.resize(2000, b'.');
+                Entry::new(
+                    "edge-1",
+                    format!("pods/default/p{}", i % 5),
+                    PayloadKind::Change,
+                    p,
+                )
+            })
+            .collect()
+    };
+    let last = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let head = store.info(S).unwrap().head;
+                if head.seq > 0 {
+                    assert_eq!(store.check_cursor(S, &head).unwrap(), CursorCheck::Match);
+                    if head.seq.is_multiple_of(3) {
+                        store.compact(S, head.seq / 2, &ConcatFold).unwrap();
+                    }
+                }
+            }
+        });
+        let mut last = None;
+        for b in 0..150 {
+            let head = store.append(S, group(b)).unwrap();
+            assert_eq!(head.seq, 32 * (b as u64 + 1));
+            assert_eq!(store.check_cursor(S, &head).unwrap(), CursorCheck::Match);
+            let read = store
+                .read(
+                    S,
+                    head.seq - 32,
+                    ReadLimits {
+                        max_records: 64,
+                        max_bytes: 1 << 20,
+                    },
+                )
+                .unwrap();
+            let Read::Records(seg) = read else {
+                panic!("the tail is above the horizon")
+            };
+            assert_eq!(seg.records.len(), 32);
+            assert_eq!(seg.end(), head);
+            assert!(
+                seg.records[31]
+                    .payload
+                    .starts_with(format!("g{b}-31-").as_bytes())
+            );
+            if b.is_multiple_of(10) {
+                assert_eq!(store.verify(S).unwrap(), head);
+            }
+            last = Some(head);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        last.unwrap()
+    });
+    drop(store);
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            verify_on_open: VerifyOnOpen::Full,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert_eq!(store.info(S).unwrap().head, last);
+    assert_eq!(store.verify(S).unwrap(), last);
+}
