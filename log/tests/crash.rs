@@ -27,10 +27,9 @@ fn stream(i: usize) -> String {
     format!("crash-node-{i}/up")
 }
 
-/// Stream 0 writes records of 6 KB (groups of 6 to 24 KB, some of them
-/// past the size the store writes to fjall on its apply thread, so a kill
-/// also lands while acknowledged groups wait for that thread); the others
-/// 200 bytes.
+/// Stream 0 writes records of 6 KB (groups of 6 to 24 KB, past the size
+/// the store writes to fjall on its apply thread, so a kill also lands
+/// while acknowledged groups wait for that thread); the others 200 bytes.
 fn payload(i: usize, counter: u64) -> Vec<u8> {
     let mut p = format!("{i}:{counter}:").into_bytes();
     p.resize(if i == 0 { 6000 } else { 200 }, b'x');

@@ -45,7 +45,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let s = 0..STREAMS;
     prop_oneof![
-        // Now and then a payload of a few KB: groups past 16 KB reach
+        // Now and then a payload of a few KB: groups past 4 KiB reach
         // fjall on the store's apply thread.
         4 => (s.clone(), prop::collection::vec((0u8..5, prop::bool::weighted(0.1), prop_oneof![9 => prop::collection::vec(any::<u8>(), 0..300), 1 => prop::collection::vec(any::<u8>(), 2000..6000)]), 1..12))
             .prop_map(|(s, entries)| Op::Append { s, entries }),
