@@ -11,7 +11,9 @@
 //! appends of all streams become one entry of the commit journal (a ring
 //! whose blocks are written before use, so its fdatasync commits data
 //! alone) and one atomic fjall batch, and one fdatasync of the commit
-//! journal makes the group durable; only then are the callers completed.
+//! journal makes the group durable; only then are the callers completed
+//! (the fjall batch of a large group may be written after, on the apply
+//! thread; whatever reads fjall waits for it first).
 //! fjall's own journal is synced at checkpoints; on open, the commit
 //! journal's entries that fjall lost are applied again. A blocking
 //! [`Store::append`] that finds no group being committed commits its own

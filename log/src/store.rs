@@ -130,6 +130,11 @@ pub struct StoreOptions {
     /// slow disk), which widens the window a crash test aims at.
     #[doc(hidden)]
     pub slow_sync: Option<std::time::Duration>,
+    /// Fault injection for tests: the apply thread takes this much longer
+    /// to write each group to fjall, so that acknowledged groups wait for
+    /// it (what reads, checkpoints and a crash must cope with).
+    #[doc(hidden)]
+    pub slow_apply: Option<std::time::Duration>,
     /// How far ahead of this store's clock a replicated record's HLC may
     /// move it (a peer's clock skew). Beyond it, the record is kept as it
     /// is (its hash covers the HLC) but the local clock only advances to
@@ -150,6 +155,7 @@ impl Default for StoreOptions {
             max_group_bytes: 64 << 20,
             fail_sync_at_group: None,
             slow_sync: None,
+            slow_apply: None,
             max_clock_skew_ms: 5 * 60 * 1000,
             commit_journal_bytes: 16 << 20,
         }
@@ -335,6 +341,38 @@ struct Committing {
     journal: Wal,
 }
 
+/// Counts the entry the apply thread took as applied (or as failed, if it
+/// was not written, or on a panic) and wakes whoever waits for it.
+struct ApplyGuard<'a> {
+    shared: &'a Shared,
+    failed: bool,
+}
+
+impl ApplyGuard<'_> {
+    fn applied(self) {
+        // (Drop does it.)
+    }
+}
+
+impl Drop for ApplyGuard<'_> {
+    fn drop(&mut self) {
+        let mut a = lock(&self.shared.applies);
+        a.applied += 1;
+        if self.failed {
+            a.failed = true;
+            if std::thread::panicking() {
+                // The thread is gone: nothing handed over will be written.
+                self.shared.poisoned.store(true, Ordering::SeqCst);
+                a.entries.clear();
+                a.bytes = 0;
+                a.applied = a.handed;
+                a.busy = false;
+            }
+        }
+        self.shared.applies_cv.notify_all();
+    }
+}
+
 /// Commit journal entries waiting to be written to fjall, in commit order
 /// (see the module documentation).
 #[derive(Default)]
@@ -344,9 +382,12 @@ struct Applies {
     bytes: usize,
     /// The apply thread is writing one (taken off `entries`).
     busy: bool,
-    /// Entries handed over so far, and written to fjall so far.
+    /// Entries handed over so far, and taken care of so far (written to
+    /// fjall, or failed).
     handed: u64,
     applied: u64,
+    /// An entry could not be written: fjall lacks a published group.
+    failed: bool,
     shutdown: bool,
 }
 
@@ -426,7 +467,8 @@ impl Drop for Committer {
 }
 
 /// A durable log store. Cheap to clone; all clones share one database and
-/// one group-commit thread, which stops when the last clone is dropped.
+/// one group-commit thread and one apply thread, which stop when the last
+/// clone is dropped.
 #[derive(Clone)]
 pub struct Store {
     shared: Arc<Shared>,
@@ -748,7 +790,7 @@ impl Store {
         }
         // Head first, then the snapshot: the snapshot then holds every
         // record up to the head, and a horizon consistent with the records.
-        let snap = self.shared.settled();
+        let snap = self.shared.settled()?;
         let horizon = self.shared.horizon_in(&snap, stream)?;
         if after < horizon.seq {
             let objects = self.shared.objects_in(&snap, stream)?;
@@ -789,7 +831,7 @@ impl Store {
                 CursorCheck::Ahead
             });
         }
-        let snap = self.shared.settled();
+        let snap = self.shared.settled()?;
         let horizon = self.shared.horizon_in(&snap, stream)?;
         if cursor.seq < horizon.seq {
             return Ok(CursorCheck::BelowHorizon);
@@ -809,7 +851,7 @@ impl Store {
     /// The snapshot at the stream's compaction horizon.
     pub fn snapshot(&self, stream: &str) -> Result<Snapshot> {
         self.info(stream)?;
-        let snap = self.shared.settled();
+        let snap = self.shared.settled()?;
         Ok(Snapshot {
             base: self.shared.horizon_in(&snap, stream)?,
             objects: self.shared.objects_in(&snap, stream)?,
@@ -820,7 +862,7 @@ impl Store {
     /// returns the head, or [`Error::Corrupt`] naming the first bad seq.
     pub fn verify(&self, stream: &str) -> Result<Cursor> {
         let st = self.info(stream)?;
-        let snap = self.shared.settled();
+        let snap = self.shared.settled()?;
         let horizon = self.shared.horizon_in(&snap, stream)?;
         self.shared
             .verify_range(&snap, stream, horizon, st.head.seq)
@@ -843,7 +885,7 @@ impl Store {
             });
         }
         let shared = &self.shared;
-        let snap = shared.settled();
+        let snap = shared.settled()?;
         let horizon = shared.horizon_in(&snap, stream)?;
         if upto <= horizon.seq {
             return Ok(horizon);
@@ -896,11 +938,22 @@ impl Store {
                 None => batch.remove(&shared.snaps, snap_key(stream, key)),
             }
         }
+        // The new horizon is written with no group staged or waiting for
+        // the apply thread: a group published while this folded (which
+        // may write the stream's meta, as an epoch change does) is in
+        // fjall before it, and every group staged after it sees it.
+        let mut committing = lock(&shared.committing);
+        shared.settle()?;
         let meta = {
             let mut state = shared.write_state();
             let s = state
                 .get_mut(stream)
                 .ok_or_else(|| Error::UnknownStream(stream.to_owned()))?;
+            if s.horizon != horizon || s.epoch != st.epoch {
+                // A snapshot was installed or an epoch begun meanwhile:
+                // what was folded is not the stream's history any more.
+                return Ok(s.horizon);
+            }
             let mut m = s.clone();
             m.horizon = new_horizon;
             encode_meta(&m)
@@ -910,6 +963,10 @@ impl Store {
         if let Some(s) = shared.write_state().get_mut(stream) {
             s.horizon = new_horizon;
         }
+        if let Some(s) = committing.as_mut().and_then(|c| c.heads.get_mut(stream)) {
+            s.horizon = new_horizon;
+        }
+        drop(committing);
         // The records below the horizon are now unreachable; drop them in
         // chunks. A crash here leaves leftovers that recovery removes.
         shared.delete_records(stream, horizon.seq + 1, new_horizon.seq)?;
@@ -926,7 +983,7 @@ impl Store {
     /// every check, to prove that verification catches tampering.
     #[doc(hidden)]
     pub fn tamper_record(&self, stream: &str, seq: u64, bytes: Vec<u8>) -> Result<()> {
-        self.shared.settle();
+        self.shared.settle()?;
         self.shared.records.insert(record_key(stream, seq), bytes)?;
         self.shared.db.persist(PersistMode::SyncAll)?;
         Ok(())
@@ -1132,7 +1189,7 @@ impl Shared {
         // The highest HLC of the streams this store writes, and of the
         // replicas (bounded like a live replicated record).
         let (mut max_hlc, mut max_replica) = (0, 0);
-        let snap = self.settled();
+        let snap = self.settled()?;
         for g in snap.iter(&self.streams) {
             let (k, v) = g.into_inner()?;
             let name = std::str::from_utf8(&k)
@@ -1361,18 +1418,18 @@ impl Shared {
             Err(wal::Full::TooLarge) => None,
         };
         let Some(w) = written else {
-            self.settle();
+            self.settle()?;
             self.apply_entry(None, &batch.entry)?;
-            self.bound_memtables();
             self.db.persist(PersistMode::SyncAll)?;
             c.journal.checkpoint();
+            self.bound_memtables();
             return Ok(());
         };
-        if batch.entry.len() >= APPLY_BESIDE_BYTES || !self.apply_idle() {
-            self.hand_over(w, batch.entry);
-        } else {
+        let inline = batch.entry.len() < APPLY_BESIDE_BYTES && self.apply_idle();
+        if inline {
             self.apply_entry(Some(w), &batch.entry)?;
-            self.bound_memtables();
+        } else {
+            self.hand_over(w, batch.entry);
         }
         if let Some(d) = self.opts.slow_sync {
             std::thread::sleep(d);
@@ -1384,6 +1441,9 @@ impl Shared {
         if c.journal.live_bytes() > (c.journal.capacity() / 2).min(CHECKPOINT_BYTES) {
             self.checkpoint(c)?;
         }
+        if inline {
+            self.bound_memtables();
+        }
         Ok(())
     }
 
@@ -1392,7 +1452,10 @@ impl Shared {
     /// for the apply thread first (the space of an entry fjall does not
     /// hold is not free).
     fn checkpoint(&self, c: &mut Committing) -> Result<()> {
-        self.settle();
+        self.settle()?;
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Poisoned);
+        }
         self.db.persist(PersistMode::SyncAll)?;
         c.journal.checkpoint();
         Ok(())
@@ -1421,8 +1484,9 @@ impl Shared {
     }
 
     /// Waits until fjall holds every group handed to the apply thread so
-    /// far (each group published so far included).
-    fn settle(&self) {
+    /// far (each group published so far included): [`Error::Poisoned`] if
+    /// one of them could not be written (fjall then lacks it).
+    fn settle(&self) -> Result<()> {
         let mut a = lock(&self.applies);
         let target = a.handed;
         while a.applied < target {
@@ -1431,17 +1495,23 @@ impl Shared {
                 .wait(a)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        if a.failed {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
     }
 
     /// A snapshot of fjall holding every group published so far.
-    fn settled(&self) -> fjall::Snapshot {
-        self.settle();
-        self.db.snapshot()
+    fn settled(&self) -> Result<fjall::Snapshot> {
+        self.settle()?;
+        Ok(self.db.snapshot())
     }
 
     /// The apply thread: writes handed entries to fjall in order, until
     /// the store shuts down with nothing left. A failed write poisons the
-    /// store (the journal holds the entry: recovery writes it again).
+    /// store; from then on entries are counted but not written (a later
+    /// entry's `applied` marker would make recovery skip the failed one,
+    /// which the journal still holds: recovery writes it again).
     fn apply_loop(self: Arc<Self>) {
         loop {
             let (written, entry) = {
@@ -1461,14 +1531,28 @@ impl Shared {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
             };
-            if let Err(e) = self.apply_entry(written, &entry) {
-                self.poison(&e);
+            // A panic below would leave every waiter waiting: the guard
+            // counts the entry as failed and wakes them.
+            let mut guard = ApplyGuard {
+                shared: &self,
+                failed: true,
+            };
+            if let Some(d) = self.opts.slow_apply {
+                std::thread::sleep(d);
+            }
+            if !self.poisoned.load(Ordering::SeqCst) {
+                match self.apply_entry(written, &entry) {
+                    Ok(()) => guard.failed = false,
+                    Err(e) => self.poison(&e),
+                }
             }
             drop(entry);
+            guard.applied();
+            // (After the waiters are woken: fjall holds the entry; a stall
+            // for flushes holds back only the next one.)
             self.bound_memtables();
             let mut a = lock(&self.applies);
             a.busy = false;
-            a.applied += 1;
             self.applies_cv.notify_all();
         }
     }
@@ -1741,7 +1825,7 @@ impl Shared {
                         }
                         if fresh.is_empty() && r.seq < head.seq {
                             // Older than the durable head: compare on disk.
-                            let snap = self.settled();
+                            let snap = self.settled()?;
                             if matches!(self.record_in(&snap, stream, r.seq), Ok(held) if held.hash == r.hash)
                             {
                                 continue;
@@ -1784,7 +1868,7 @@ impl Shared {
                     });
                 }
                 let prefix = stream_prefix(stream);
-                let snap = self.settled();
+                let snap = self.settled()?;
                 for g in snap.prefix(&self.records, &prefix) {
                     batch.remove(Space::Records, &g.key()?);
                 }

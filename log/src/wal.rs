@@ -243,19 +243,15 @@ pub(crate) struct Wal {
     buf: Vec<u8>,
 }
 
-/// Writes `bytes` at `at` with direct I/O if given, else through the
-/// cache; also through the cache where the file system refuses direct I/O
-/// (then `refused` is set).
+/// Writes `bytes` at `at` with direct I/O; through the cache where the
+/// file system refuses direct I/O (then `refused` is set).
 fn write_entry(
-    direct: Option<&File>,
+    direct: &File,
     cached: &File,
     bytes: &[u8],
     at: u64,
     refused: &mut bool,
 ) -> std::io::Result<()> {
-    let Some(direct) = direct else {
-        return cached.write_all_at(bytes, at);
-    };
     match direct.write_all_at(bytes, at) {
         // Refused before anything was written.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -469,7 +465,7 @@ impl Wal {
         match &self.direct {
             Some(d) if aligned && at.is_multiple_of(ALIGN) => {
                 let mut refused = false;
-                write_entry(Some(d), &self.file, entry, at, &mut refused)?;
+                write_entry(d, &self.file, entry, at, &mut refused)?;
                 if refused {
                     self.direct = None;
                 }

@@ -37,7 +37,16 @@ fn payload(i: usize, counter: u64) -> Vec<u8> {
 }
 
 fn child(dir: &str) {
-    let store = Store::open(dir, StoreOptions::default()).expect("child open");
+    // The apply thread slowed down, so that a kill lands while
+    // acknowledged groups still wait for it, and a small commit journal
+    // that wraps often (a checkpoint that freed the space of an entry
+    // fjall does not hold yet would let it be overwritten).
+    let opts = StoreOptions {
+        slow_apply: Some(Duration::from_millis(2)),
+        commit_journal_bytes: 1 << 20,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir, opts).expect("child open");
     let mut handles = Vec::new();
     for i in 0..STREAMS {
         let store = store.clone();

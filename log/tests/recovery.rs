@@ -520,14 +520,23 @@ fn journals_are_retired_under_sustained_writes_and_compaction() {
 /// Groups large enough to reach fjall on the store's apply thread are
 /// readable the moment they are acknowledged: a read, a cursor check and a
 /// verify right after each append see all of it, while another thread
-/// reads and compacts beside the appends; a small commit journal makes
-/// checkpoints (which wait for the apply thread) frequent. All of it is
-/// there after a reopen.
+/// reads and compacts beside the appends. The apply thread is slowed down
+/// so that acknowledged groups do wait for it; a small commit journal
+/// makes checkpoints (which wait for it too) frequent. All of it is there
+/// after a reopen.
 #[test]
 fn large_groups_are_readable_as_soon_as_they_are_acknowledged() {
+    /// Stops the reader when the writer ends, also when it fails.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
         commit_journal_bytes: 1 << 20,
+        slow_apply: Some(std::time::Duration::from_millis(3)),
         ..StoreOptions::default()
     };
     let store = Store::open(dir.path(), opts.clone()).unwrap();
@@ -559,6 +568,7 @@ fn large_groups_are_readable_as_soon_as_they_are_acknowledged() {
                 }
             }
         });
+        let _stop = Stop(&stop);
         let mut last = None;
         for b in 0..150 {
             let head = store.append(S, group(b)).unwrap();
@@ -589,7 +599,6 @@ fn large_groups_are_readable_as_soon_as_they_are_acknowledged() {
             }
             last = Some(head);
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         last.unwrap()
     });
     drop(store);
