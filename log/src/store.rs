@@ -348,12 +348,6 @@ struct ApplyGuard<'a> {
     failed: bool,
 }
 
-impl ApplyGuard<'_> {
-    fn applied(self) {
-        // (Drop does it.)
-    }
-}
-
 impl Drop for ApplyGuard<'_> {
     fn drop(&mut self) {
         let mut a = lock(&self.shared.applies);
@@ -366,7 +360,6 @@ impl Drop for ApplyGuard<'_> {
                 a.entries.clear();
                 a.bytes = 0;
                 a.applied = a.handed;
-                a.busy = false;
             }
         }
         self.shared.applies_cv.notify_all();
@@ -377,13 +370,11 @@ impl Drop for ApplyGuard<'_> {
 /// (see the module documentation).
 #[derive(Default)]
 struct Applies {
-    entries: VecDeque<(Option<wal::Written>, Vec<u8>)>,
+    entries: VecDeque<(wal::Written, Vec<u8>)>,
     /// Bytes of `entries`.
     bytes: usize,
-    /// The apply thread is writing one (taken off `entries`).
-    busy: bool,
     /// Entries handed over so far, and taken care of so far (written to
-    /// fjall, or failed).
+    /// fjall, or failed): equal when the apply thread has nothing to do.
     handed: u64,
     applied: u64,
     /// An entry could not be written: fjall lacks a published group.
@@ -1465,7 +1456,7 @@ impl Shared {
     /// thread hands it anything, so it stays so until that thread does).
     fn apply_idle(&self) -> bool {
         let a = lock(&self.applies);
-        a.entries.is_empty() && !a.busy
+        a.applied == a.handed
     }
 
     /// Hands a journal entry to the apply thread, once there is room.
@@ -1478,7 +1469,7 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         a.bytes += entry.len();
-        a.entries.push_back((Some(w), entry));
+        a.entries.push_back((w, entry));
         a.handed += 1;
         self.applies_cv.notify_all();
     }
@@ -1519,7 +1510,6 @@ impl Shared {
                 loop {
                     if let Some(e) = a.entries.pop_front() {
                         a.bytes -= e.1.len();
-                        a.busy = true;
                         break e;
                     }
                     if a.shutdown {
@@ -1541,19 +1531,16 @@ impl Shared {
                 std::thread::sleep(d);
             }
             if !self.poisoned.load(Ordering::SeqCst) {
-                match self.apply_entry(written, &entry) {
+                match self.apply_entry(Some(written), &entry) {
                     Ok(()) => guard.failed = false,
                     Err(e) => self.poison(&e),
                 }
             }
             drop(entry);
-            guard.applied();
+            drop(guard);
             // (After the waiters are woken: fjall holds the entry; a stall
             // for flushes holds back only the next one.)
             self.bound_memtables();
-            let mut a = lock(&self.applies);
-            a.busy = false;
-            self.applies_cv.notify_all();
         }
     }
 
