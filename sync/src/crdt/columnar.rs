@@ -99,12 +99,12 @@ pub(crate) struct Op<'a> {
 pub(crate) struct Decoded<'a> {
     /// The change hash (SHA-256 of type, length and body).
     pub hash: [u8; 32],
-    pub deps: Vec<[u8; 32]>,
+    pub deps: SmallVec<[[u8; 32]; 2]>,
     pub actor: &'a [u8],
     pub seq: u64,
     pub start_op: u64,
     pub message: &'a str,
-    pub others: Vec<&'a [u8]>,
+    pub others: SmallVec<[&'a [u8]; 4]>,
     pub ops: Vec<Op<'a>>,
     pub preds: Vec<LocalId>,
     time: i64,
@@ -148,7 +148,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     if ndeps > body.len() / 32 {
         return None;
     }
-    let mut deps = Vec::with_capacity(ndeps);
+    let mut deps = SmallVec::with_capacity(ndeps);
     for _ in 0..ndeps {
         deps.push(r.take(32)?.try_into().ok()?);
     }
@@ -164,7 +164,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     if nothers > body.len() {
         return None;
     }
-    let mut others = Vec::with_capacity(nothers);
+    let mut others = SmallVec::with_capacity(nothers);
     for _ in 0..nothers {
         others.push(r.prefixed()?);
     }
@@ -173,7 +173,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
         return None;
     }
     let mut cols: [&[u8]; 12] = [&[]; 12];
-    let mut lens = Vec::with_capacity(ncols);
+    let mut lens = [(0usize, 0usize); SPECS.len()];
     let mut last = None;
     for _ in 0..ncols {
         let spec = r.uleb()?;
@@ -183,9 +183,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
             return None;
         }
         last = Some(at);
-        lens.push((at, len));
+        *lens.get_mut(at)? = (at, len);
     }
-    for (at, len) in lens {
+    for (at, len) in lens.into_iter().filter(|(_, len)| *len > 0) {
         *cols.get_mut(at)? = r.take(len)?;
     }
     let extra = r.0;
@@ -668,19 +668,25 @@ fn rle_out<T: Copy + PartialEq>(
     values: impl Iterator<Item = Option<T>>,
     mut put: impl FnMut(&mut Vec<u8>, T),
 ) {
+    /// A literal run's values but its last are written to `lit` as they
+    /// come (`n` of them), and copied out after its length once it ends.
     enum State<T> {
         Empty,
         InitialNulls,
         Nulls(u64),
         Lone(T),
         Run(T, u64),
-        Literal(SmallVec<[T; 4]>, T),
+        Literal(u64, T),
     }
-    let flush_literal = |out: &mut Vec<u8>, run: &[T], put: &mut dyn FnMut(&mut Vec<u8>, T)| {
-        put_sleb(out, -(run.len() as i64));
-        for v in run {
-            put(out, *v);
-        }
+    thread_local! {
+        static LITERAL: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut lit = LITERAL.take();
+    lit.clear();
+    let flush_literal = |out: &mut Vec<u8>, lit: &mut Vec<u8>, n: u64| {
+        put_sleb(out, -(n as i64));
+        out.extend_from_slice(lit);
+        lit.clear();
     };
     let mut state = State::Empty;
     let mut nulls_at_start = 0u64;
@@ -696,7 +702,8 @@ fn rle_out<T: Copy + PartialEq>(
             }
             (State::Nulls(n), None) => State::Nulls(n + 1),
             (State::Lone(o), None) => {
-                flush_literal(out, &[o], &mut put);
+                put(&mut lit, o);
+                flush_literal(out, &mut lit, 1);
                 State::Nulls(1)
             }
             (State::Run(o, n), None) => {
@@ -704,27 +711,30 @@ fn rle_out<T: Copy + PartialEq>(
                 put(out, o);
                 State::Nulls(1)
             }
-            (State::Literal(mut run, last), None) => {
-                run.push(last);
-                flush_literal(out, &run, &mut put);
+            (State::Literal(n, last), None) => {
+                put(&mut lit, last);
+                flush_literal(out, &mut lit, n + 1);
                 State::Nulls(1)
             }
             (State::Empty, Some(v)) => State::Lone(v),
             (State::Lone(o), Some(v)) if o == v => State::Run(v, 2),
-            (State::Lone(o), Some(v)) => State::Literal(smallvec::smallvec![o], v),
+            (State::Lone(o), Some(v)) => {
+                put(&mut lit, o);
+                State::Literal(1, v)
+            }
             (State::Run(o, n), Some(v)) if o == v => State::Run(o, n + 1),
             (State::Run(o, n), Some(v)) => {
                 put_sleb(out, n as i64);
                 put(out, o);
                 State::Lone(v)
             }
-            (State::Literal(run, last), Some(v)) if last == v => {
-                flush_literal(out, &run, &mut put);
+            (State::Literal(n, last), Some(v)) if last == v => {
+                flush_literal(out, &mut lit, n);
                 State::Run(v, 2)
             }
-            (State::Literal(mut run, last), Some(v)) => {
-                run.push(last);
-                State::Literal(run, v)
+            (State::Literal(n, last), Some(v)) => {
+                put(&mut lit, last);
+                State::Literal(n + 1, v)
             }
             (State::InitialNulls, Some(v)) => {
                 put_sleb(out, 0);
@@ -744,15 +754,22 @@ fn rle_out<T: Copy + PartialEq>(
             put_sleb(out, 0);
             put_uleb(out, n);
         }
-        State::Lone(v) => flush_literal(out, &[v], &mut put),
+        State::Lone(v) => {
+            put(&mut lit, v);
+            flush_literal(out, &mut lit, 1);
+        }
         State::Run(v, n) => {
             put_sleb(out, n as i64);
             put(out, v);
         }
-        State::Literal(mut run, last) => {
-            run.push(last);
-            flush_literal(out, &run, &mut put);
+        State::Literal(n, last) => {
+            put(&mut lit, last);
+            flush_literal(out, &mut lit, n + 1);
         }
+    }
+    if lit.capacity() <= SCRATCH_KEEP {
+        lit.clear();
+        LITERAL.set(lit);
     }
 }
 

@@ -41,6 +41,7 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 
 use automerge::{Automerge, Cursor, ObjId as ExId, ObjType, ROOT, ReadDoc};
 use serde_json::{Map, Number, Value};
@@ -62,7 +63,9 @@ enum Val {
     Uint(u64),
     Int(i64),
     F64(f64),
-    Str(Box<str>),
+    /// Inline up to 23 bytes (most values of a Kubernetes object: phases,
+    /// IPs, timestamps, image names): a put allocates nothing for them.
+    Str(SmolStr),
     /// A map or list object: the object's id is the op's own.
     Map,
     List,
@@ -98,36 +101,35 @@ enum Keys {
 /// The room a map's first key makes for the bytes of its keys.
 const KEYS_TEXT: usize = 64;
 
-/// A few keys, sorted, with their slots at the same indices. The keys'
-/// bytes are in one string, one after another: a lookup reads a few cache
-/// lines (the ends, then the bytes of keys of the right length) rather
-/// than one allocation per key, and a new key allocates nothing of its
-/// own.
+/// A few keys, sorted, each with its slot. The keys' bytes are in one
+/// string, one after another: a lookup reads a few cache lines (the ends,
+/// then the bytes of keys of the right length) rather than one allocation
+/// per key, and a new key allocates nothing of its own.
 #[derive(Debug, Clone, Default)]
 struct SmallKeys {
     text: String,
-    /// Where each key ends in `text`.
-    ends: Vec<usize>,
-    slots: Vec<Slot>,
+    /// Where each key ends in `text`, and its slot.
+    entries: Vec<(usize, Slot)>,
 }
 
 impl SmallKeys {
+    fn end(&self, i: usize) -> Option<usize> {
+        self.entries.get(i).map(|(end, _)| *end)
+    }
+
     /// Where key `i` starts in `text`.
     fn start(&self, i: usize) -> usize {
-        i.checked_sub(1)
-            .and_then(|p| self.ends.get(p))
-            .copied()
-            .unwrap_or(0)
+        i.checked_sub(1).and_then(|p| self.end(p)).unwrap_or(0)
     }
 
     fn key(&self, i: usize) -> &str {
-        let end = self.ends.get(i).copied().unwrap_or(0);
+        let end = self.end(i).unwrap_or(0);
         self.text.get(self.start(i)..end).unwrap_or_default()
     }
 
     fn find(&self, k: &str) -> Option<usize> {
         let mut start = 0;
-        for (i, &end) in self.ends.iter().enumerate() {
+        for (i, &(end, _)) in self.entries.iter().enumerate() {
             if end - start == k.len() && self.text.as_bytes().get(start..end) == Some(k.as_bytes())
             {
                 return Some(i);
@@ -138,7 +140,7 @@ impl SmallKeys {
     }
 
     fn search(&self, k: &str) -> Result<usize, usize> {
-        let (mut lo, mut hi) = (0, self.ends.len());
+        let (mut lo, mut hi) = (0, self.entries.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.key(mid).cmp(k) {
@@ -152,7 +154,7 @@ impl SmallKeys {
 
     fn insert_at(&mut self, at: usize, k: &str, slot: Slot) {
         let start = self.start(at);
-        if !self.text.is_char_boundary(start) || at > self.slots.len() {
+        if !self.text.is_char_boundary(start) || at > self.entries.len() {
             return;
         }
         if self.text.capacity() == 0 {
@@ -160,30 +162,34 @@ impl SmallKeys {
             self.text.reserve(KEYS_TEXT.max(k.len()));
         }
         self.text.insert_str(start, k);
-        for end in self.ends.iter_mut().skip(at) {
+        for (end, _) in self.entries.iter_mut().skip(at) {
             *end += k.len();
         }
-        self.ends.insert(at, start + k.len());
-        self.slots.insert(at, slot);
+        self.entries.insert(at, (start + k.len(), slot));
     }
 
     fn remove_at(&mut self, at: usize) {
-        let (start, Some(&end)) = (self.start(at), self.ends.get(at)) else {
+        let (start, Some(end)) = (self.start(at), self.end(at)) else {
             return;
         };
-        if at >= self.slots.len() || !self.text.is_char_boundary(end) {
+        if !self.text.is_char_boundary(end) {
             return;
         }
         self.text.replace_range(start..end, "");
-        self.ends.remove(at);
-        for e in self.ends.iter_mut().skip(at) {
+        self.entries.remove(at);
+        for (e, _) in self.entries.iter_mut().skip(at) {
             *e -= end - start;
         }
-        self.slots.remove(at);
+    }
+
+    fn slot_mut(&mut self, at: usize) -> Option<&mut Slot> {
+        self.entries.get_mut(at).map(|(_, slot)| slot)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
-        (0..self.ends.len()).map(|i| self.key(i)).zip(&self.slots)
+        (0..self.entries.len())
+            .map(|i| self.key(i))
+            .zip(self.entries.iter().map(|(_, slot)| slot))
     }
 }
 
@@ -196,7 +202,7 @@ impl Keys {
         match self {
             Keys::Small(small) => {
                 let at = small.find(k)?;
-                small.slots.get_mut(at)
+                small.slot_mut(at)
             }
             Keys::Large(m) => m.get_mut(k),
         }
@@ -206,18 +212,20 @@ impl Keys {
         match self {
             Keys::Small(small) => match small.search(k) {
                 Ok(at) => {
-                    if let Some(s) = small.slots.get_mut(at) {
+                    if let Some(s) = small.slot_mut(at) {
                         *s = slot;
                     }
                 }
-                Err(at) if small.ends.len() < SMALL_MAP => small.insert_at(at, k, slot),
+                Err(at) if small.entries.len() < SMALL_MAP => small.insert_at(at, k, slot),
                 Err(_) => {
                     let mut taken = std::mem::take(small);
-                    let slots = std::mem::take(&mut taken.slots);
-                    let mut m: BTreeMap<Box<str>, Slot> = (0..taken.ends.len())
+                    let keys: Vec<Box<str>> = (0..taken.entries.len())
                         .map(|i| Box::<str>::from(taken.key(i)))
-                        .zip(slots)
                         .collect();
+                    let slots = std::mem::take(&mut taken.entries)
+                        .into_iter()
+                        .map(|(_, s)| s);
+                    let mut m: BTreeMap<Box<str>, Slot> = keys.into_iter().zip(slots).collect();
                     m.insert(k.into(), slot);
                     *self = Keys::Large(m);
                 }
@@ -253,15 +261,29 @@ impl Keys {
     }
 }
 
+/// One actor of a document.
+#[derive(Debug, Clone)]
+struct Actor {
+    /// Its id (keel's are 16 bytes: held inline).
+    bytes: SmallVec<[u8; 16]>,
+    /// Its last sequence number.
+    seq: u64,
+    /// Its greatest op counter.
+    max_op: u64,
+}
+
+/// Up to this many actors a document's actor is found by a scan (a
+/// document usually has two or three: the cloud and the nodes that ran
+/// it); past them through [`Shadow::actor_index`].
+const ACTOR_SCAN: usize = 8;
+
 /// The shadow of one document; see the module documentation.
 #[derive(Debug, Clone)]
 pub(crate) struct Shadow {
-    actors: Vec<Vec<u8>>,
-    actor_index: HashMap<Vec<u8>, u32>,
-    /// Last sequence number of each actor.
-    seqs: Vec<u64>,
-    /// Greatest op counter of each actor.
-    max_ops: Vec<u64>,
+    actors: Vec<Actor>,
+    /// Every actor's index, by its bytes, once there are more than
+    /// [`ACTOR_SCAN`] (empty before).
+    actor_index: HashMap<Box<[u8]>, u32>,
     max_op: u64,
     /// Sorted.
     heads: Vec<[u8; 32]>,
@@ -309,8 +331,6 @@ impl Shadow {
         Shadow {
             actors: Vec::new(),
             actor_index: HashMap::default(),
-            seqs: Vec::new(),
-            max_ops: Vec::new(),
             max_op: 0,
             heads: Vec::new(),
             objs: HashMap::from_iter([(None, Obj::Map(Keys::new()))]),
@@ -326,10 +346,9 @@ impl Shadow {
         let mut s = Shadow::new();
         for meta in doc.get_changes_meta(&[]) {
             let a = s.intern(meta.actor.to_bytes()) as usize;
-            let seq = s.seqs.get_mut(a)?;
-            *seq = (*seq).max(meta.seq);
-            let max = s.max_ops.get_mut(a)?;
-            *max = (*max).max(meta.max_op);
+            let actor = s.actors.get_mut(a)?;
+            actor.seq = actor.seq.max(meta.seq);
+            actor.max_op = actor.max_op.max(meta.max_op);
             s.max_op = s.max_op.max(meta.max_op);
         }
         s.heads = doc.get_heads().into_iter().map(|h| h.0).collect();
@@ -404,7 +423,7 @@ impl Shadow {
                     S::Uint(u) => Val::Uint(*u),
                     S::Int(i) => Val::Int(*i),
                     S::F64(f) => Val::F64(*f),
-                    S::Str(st) => Val::Str(st.as_str().into()),
+                    S::Str(st) => Val::Str(SmolStr::new(st.as_str())),
                     _ => return None,
                 },
             };
@@ -439,8 +458,10 @@ impl Shadow {
             return false;
         }
         let next = self.heads.iter().all(|h| c.deps.binary_search(h).is_ok());
-        let author = self.actor_index.get(c.actor).copied();
-        let last_seq = author.and_then(|a| self.seqs.get(a as usize).copied());
+        let author = self
+            .find_actor(c.actor)
+            .and_then(|a| self.actors.get(a as usize));
+        let last_seq = author.map(|a| a.seq);
         if last_seq.unwrap_or(0).checked_add(1) != Some(c.seq) {
             return false;
         }
@@ -451,7 +472,7 @@ impl Shadow {
             }
         } else {
             // Its ops come after its author's earlier ones.
-            let author_max = author.and_then(|a| self.max_ops.get(a as usize).copied());
+            let author_max = author.map(|a| a.max_op);
             if c.start_op == 0 || c.start_op <= author_max.unwrap_or(0) {
                 return false;
             }
@@ -474,7 +495,7 @@ impl Shadow {
         if c.others.windows(2).any(|w| w.first() >= w.get(1)) || c.others.contains(&c.actor) {
             return false;
         }
-        let mut used = vec![false; c.others.len()];
+        let mut used: SmallVec<[bool; 8]> = smallvec::smallvec![false; c.others.len()];
         let mut mark = |id: LocalId| {
             if let Some(u) = id.0.checked_sub(1).and_then(|i| used.get_mut(i as usize)) {
                 *u = true;
@@ -508,13 +529,21 @@ impl Shadow {
         let strict = mode != Mode::Applied;
         let actors_before = self.actors.len();
         // The change's actor indices, interned.
-        let mut local = Vec::with_capacity(1 + c.others.len());
+        let mut local: SmallVec<[u32; 4]> = SmallVec::with_capacity(1 + c.others.len());
         for bytes in std::iter::once(c.actor).chain(c.others.iter().copied()) {
             local.push(self.intern(bytes));
         }
-        let mut undo = Vec::with_capacity(c.ops.len());
+        // One undo entry per op, one more per object made; room for the
+        // objects made, at once.
+        let made = c
+            .ops
+            .iter()
+            .filter(|op| matches!(op.action, MAKE_MAP | MAKE_LIST))
+            .count();
+        self.objs.reserve(made);
+        let mut undo = Vec::with_capacity(c.ops.len() + made);
         let mut ok = true;
-        let mut preds: Vec<Id> = Vec::new();
+        let mut preds: SmallVec<[Id; 4]> = SmallVec::new();
         for (i, op) in c.ops.iter().enumerate() {
             let applied = (|| {
                 let id = Id {
@@ -558,7 +587,7 @@ impl Shadow {
                         Scalar::Uint(u) => Val::Uint(u),
                         Scalar::Int(i) => Val::Int(i),
                         Scalar::F64(f) => Val::F64(f),
-                        Scalar::Str(s) => Val::Str(s.into()),
+                        Scalar::Str(s) => Val::Str(SmolStr::new(s)),
                     }),
                     _ => return None,
                 };
@@ -574,23 +603,24 @@ impl Shadow {
                 self.undo(u);
             }
             self.actors.truncate(actors_before);
-            self.seqs.truncate(actors_before);
-            self.max_ops.truncate(actors_before);
-            self.actor_index
-                .retain(|_, i| (*i as usize) < actors_before);
+            if self.actors.len() > ACTOR_SCAN {
+                self.actor_index
+                    .retain(|_, i| (*i as usize) < actors_before);
+            } else {
+                self.actor_index.clear();
+            }
             return false;
         }
-        if let Some(seq) = local.first().and_then(|a| self.seqs.get_mut(*a as usize)) {
-            *seq = (*seq).max(c.seq);
-        }
-        if let Some(n) = (c.ops.len() as u64).checked_sub(1) {
-            let last = c.start_op.saturating_add(n);
+        let last = (c.ops.len() as u64)
+            .checked_sub(1)
+            .map(|n| c.start_op.saturating_add(n));
+        if let Some(last) = last {
             self.max_op = self.max_op.max(last);
-            if let Some(max) = local
-                .first()
-                .and_then(|a| self.max_ops.get_mut(*a as usize))
-            {
-                *max = (*max).max(last);
+        }
+        if let Some(author) = local.first().and_then(|a| self.actors.get_mut(*a as usize)) {
+            author.seq = author.seq.max(c.seq);
+            if let Some(last) = last {
+                author.max_op = author.max_op.max(last);
             }
         }
         self.heads.retain(|h| !c.deps.contains(h));
@@ -600,21 +630,45 @@ impl Shadow {
         true
     }
 
+    /// The index of an actor the document knows.
+    fn find_actor(&self, bytes: &[u8]) -> Option<u32> {
+        if self.actors.len() > ACTOR_SCAN {
+            return self.actor_index.get(bytes).copied();
+        }
+        let i = self.actors.iter().position(|a| *a.bytes == *bytes)?;
+        u32::try_from(i).ok()
+    }
+
     fn intern(&mut self, bytes: &[u8]) -> u32 {
-        if let Some(i) = self.actor_index.get(bytes) {
-            return *i;
+        if let Some(i) = self.find_actor(bytes) {
+            return i;
         }
         let i = self.actors.len() as u32;
-        self.actors.push(bytes.to_vec());
-        self.actor_index.insert(bytes.to_vec(), i);
-        self.seqs.push(0);
-        self.max_ops.push(0);
+        self.actors.push(Actor {
+            bytes: SmallVec::from_slice(bytes),
+            seq: 0,
+            max_op: 0,
+        });
+        if self.actors.len() > ACTOR_SCAN {
+            if self.actor_index.is_empty() {
+                for (j, a) in self.actors.iter().enumerate() {
+                    self.actor_index.insert(a.bytes.as_slice().into(), j as u32);
+                }
+            } else {
+                self.actor_index.insert(bytes.into(), i);
+            }
+        }
         i
+    }
+
+    /// The bytes of an interned actor.
+    fn actor_bytes(&self, i: u32) -> Option<&[u8]> {
+        self.actors.get(i as usize).map(|a| a.bytes.as_slice())
     }
 
     /// automerge's op order: counter, then actor bytes.
     fn greater(&self, a: Id, b: Id) -> bool {
-        (a.ctr, self.actors.get(a.actor as usize)) > (b.ctr, self.actors.get(b.actor as usize))
+        (a.ctr, self.actor_bytes(a.actor)) > (b.ctr, self.actor_bytes(b.actor))
     }
 
     /// Apply one op; `None` if it cannot be (nothing changed by this op).
