@@ -313,17 +313,28 @@ enum K<'a> {
 }
 
 /// A change undone: what an op replaced.
-enum Undo<'a> {
-    Slot(Option<Id>, SlotAt<'a>, Slot),
+enum Undo {
+    Slot(Option<Id>, SlotAt, Slot),
     Inserted(Option<Id>, usize),
     Created(Id),
 }
 
 #[derive(Clone)]
-enum SlotAt<'a> {
-    Key(&'a str),
+enum SlotAt {
+    /// The map key of the change's op of this index.
+    Key(usize),
     Index(usize),
 }
+
+thread_local! {
+    /// A fold's undo entries, kept from one fold to the next: the entries
+    /// of a change are written to memory a previous fold wrote, not to
+    /// memory just allocated (whose first writes miss the cache).
+    static UNDO: std::cell::Cell<Vec<Undo>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Most undo entries [`UNDO`] keeps between folds (more are freed).
+const UNDO_KEEP: usize = 256;
 
 impl Shadow {
     /// The shadow of an empty document.
@@ -541,7 +552,9 @@ impl Shadow {
             .filter(|op| matches!(op.action, MAKE_MAP | MAKE_LIST))
             .count();
         self.objs.reserve(made);
-        let mut undo = Vec::with_capacity(c.ops.len() + made);
+        let mut undo = UNDO.take();
+        undo.clear();
+        undo.reserve(c.ops.len() + made);
         let mut ok = true;
         let mut preds: SmallVec<[Id; 4]> = SmallVec::new();
         for (i, op) in c.ops.iter().enumerate() {
@@ -591,17 +604,24 @@ impl Shadow {
                     }),
                     _ => return None,
                 };
-                self.apply_op(obj, key, op.insert, id, &preds, val, strict, &mut undo)
+                self.apply_op(obj, (i, key), op.insert, id, &preds, val, strict, &mut undo)
             })();
             if applied.is_none() {
                 ok = false;
                 break;
             }
         }
-        if !ok {
-            for u in undo.into_iter().rev() {
-                self.undo(u);
+        let undone = !ok;
+        if undone {
+            for u in undo.drain(..).rev() {
+                self.undo(u, c);
             }
+        }
+        undo.clear();
+        if undo.capacity() <= UNDO_KEEP {
+            UNDO.set(undo);
+        }
+        if undone {
             self.actors.truncate(actors_before);
             if self.actors.len() > ACTOR_SCAN {
                 self.actor_index
@@ -671,18 +691,19 @@ impl Shadow {
         (a.ctr, self.actor_bytes(a.actor)) > (b.ctr, self.actor_bytes(b.actor))
     }
 
-    /// Apply one op; `None` if it cannot be (nothing changed by this op).
+    /// Apply one op (the change's `op`th, with its key); `None` if it
+    /// cannot be (nothing changed by this op).
     #[allow(clippy::too_many_arguments)]
-    fn apply_op<'a>(
+    fn apply_op(
         &mut self,
         obj: Option<Id>,
-        key: K<'a>,
+        (op, key): (usize, K<'_>),
         insert: bool,
         id: Id,
         preds: &[Id],
         val: Option<Val>,
         strict: bool,
-        undo: &mut Vec<Undo<'a>>,
+        undo: &mut Vec<Undo>,
     ) -> Option<()> {
         if matches!(val, Some(Val::Map | Val::List)) && self.objs.contains_key(&Some(id)) {
             return None;
@@ -740,7 +761,7 @@ impl Shadow {
                         old
                     }
                 };
-                undo.push(Undo::Slot(obj, SlotAt::Key(k), old));
+                undo.push(Undo::Slot(obj, SlotAt::Key(op), old));
             }
             (Obj::List(list), K::Head | K::Elem(_)) if insert => {
                 let at = match key {
@@ -778,7 +799,7 @@ impl Shadow {
         Some(())
     }
 
-    fn undo(&mut self, u: Undo) {
+    fn undo(&mut self, u: Undo, c: &Decoded<'_>) {
         match u {
             Undo::Created(id) => {
                 self.objs.remove(&Some(id));
@@ -791,7 +812,10 @@ impl Shadow {
                 }
             }
             Undo::Slot(obj, at, old) => match (self.objs.get_mut(&obj), at) {
-                (Some(Obj::Map(map)), SlotAt::Key(k)) => {
+                (Some(Obj::Map(map)), SlotAt::Key(i)) => {
+                    let Some(Key::Prop(k)) = c.ops.get(i).map(|op| op.key) else {
+                        return;
+                    };
                     if old.is_empty() {
                         map.remove(k);
                     } else {
