@@ -173,7 +173,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
         return None;
     }
     let mut cols: [&[u8]; 12] = [&[]; 12];
-    let mut lens = [(0usize, 0usize); SPECS.len()];
+    // Each column's length, by its place in SPECS (none is empty).
+    let mut lens = [0usize; SPECS.len()];
     let mut last = None;
     for _ in 0..ncols {
         let spec = r.uleb()?;
@@ -183,10 +184,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
             return None;
         }
         last = Some(at);
-        *lens.get_mut(at)? = (at, len);
+        *lens.get_mut(at)? = len;
     }
-    for (at, len) in lens.into_iter().filter(|(_, len)| *len > 0) {
-        *cols.get_mut(at)? = r.take(len)?;
+    for (col, len) in cols.iter_mut().zip(lens) {
+        if len > 0 {
+            *col = r.take(len)?;
+        }
     }
     let extra = r.0;
     let [
@@ -297,10 +300,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
 }
 
 thread_local! {
-    /// [`encode_body`]'s buffers (body, columns, raw values), kept from one
-    /// change to the next: every change the fast path reads is written
-    /// again, and the allocations cost more than the writing.
-    static SCRATCH: RefCell<[Vec<u8>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// [`encode_body`]'s buffers (body head, columns, raw values, a
+    /// literal run), kept from one change to the next: every change the
+    /// fast path reads is written again, and the allocations cost more
+    /// than the writing.
+    static SCRATCH: RefCell<[Vec<u8>; 4]> =
+        const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// Most bytes [`SCRATCH`] keeps between changes (more is freed).
@@ -308,15 +313,15 @@ const SCRATCH_KEEP: usize = 64 << 10;
 
 /// Whether [`encode_body`] gives back exactly the body `c` was read from.
 fn canonical(c: &Decoded<'_>) -> bool {
-    let check = |[out, data, raw]: &mut [Vec<u8>; 3]| {
+    let check = |[out, data, raw, lit]: &mut [Vec<u8>; 4]| {
         // The body is the head, the columns, then the extra bytes (which
         // are the body's last bytes, as read): compared where they are,
         // not copied together first.
-        let same = encode_body(c, out, data, raw)
+        let same = encode_body(c, out, data, raw, lit)
             && c.body.len() == out.len() + data.len() + c.extra.len()
             && c.body.get(..out.len()) == Some(out.as_slice())
             && c.body.get(out.len()..out.len() + data.len()) == Some(data.as_slice());
-        for b in [out, data, raw] {
+        for b in [out, data, raw, lit] {
             b.clear();
             if b.capacity() > SCRATCH_KEEP {
                 b.shrink_to(SCRATCH_KEEP);
@@ -358,10 +363,16 @@ fn scalar<'a>(meta: u64, raw: &mut Reader<'a>) -> Option<Scalar<'a>> {
 
 /// Writes the body of `change` as automerge writes it, but for the extra
 /// bytes after the columns: its head (dependencies to column lengths) into
-/// `out`, its columns into `data`, with `raw` as working space (all three
-/// empty when called). `false` if a value cannot be written (never for
-/// what [`decode`] returns).
-fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut Vec<u8>) -> bool {
+/// `out`, its columns into `data`, with `raw` and `lit` as working space
+/// (all four empty when called). `false` if a value cannot be written
+/// (never for what [`decode`] returns).
+fn encode_body(
+    c: &Decoded<'_>,
+    out: &mut Vec<u8>,
+    data: &mut Vec<u8>,
+    raw: &mut Vec<u8>,
+    lit: &mut Vec<u8>,
+) -> bool {
     put_uleb(out, c.deps.len() as u64);
     for d in &c.deps {
         out.extend_from_slice(d);
@@ -388,14 +399,25 @@ fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut
         _ => None,
     };
     let b = data.len();
-    rle_out(data, ops.iter().map(|o| o.obj.map(|(a, _)| a)), put_uleb);
+    rle_out(
+        data,
+        lit,
+        ops.iter().map(|o| o.obj.map(|(a, _)| a)),
+        put_uleb,
+    );
     mark(data, 0, b);
     let b = data.len();
-    rle_out(data, ops.iter().map(|o| o.obj.map(|(_, c)| c)), put_uleb);
+    rle_out(
+        data,
+        lit,
+        ops.iter().map(|o| o.obj.map(|(_, c)| c)),
+        put_uleb,
+    );
     mark(data, 1, b);
     let b = data.len();
     rle_out(
         data,
+        lit,
         ops.iter().map(|o| elem(&o.key).map(|(a, _)| a)),
         put_uleb,
     );
@@ -405,6 +427,7 @@ fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut
     let mut overflow = false;
     rle_out(
         data,
+        lit,
         ops.iter().map(|o| {
             let v = match o.key {
                 Key::Prop(_) => None,
@@ -426,6 +449,7 @@ fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut
     let b = data.len();
     rle_out(
         data,
+        lit,
         ops.iter().map(|o| match o.key {
             Key::Prop(s) => Some(s),
             _ => None,
@@ -437,11 +461,11 @@ fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut
     bool_out(data, ops.iter().map(|o| o.insert));
     mark(data, 5, b);
     let b = data.len();
-    rle_out(data, ops.iter().map(|o| Some(o.action)), put_uleb);
+    rle_out(data, lit, ops.iter().map(|o| Some(o.action)), put_uleb);
     mark(data, 6, b);
     let b = data.len();
     let metas = ops.iter().map(|o| Some(put_scalar(raw, o.value)));
-    rle_out(data, metas, put_uleb);
+    rle_out(data, lit, metas, put_uleb);
     mark(data, 7, b);
     let b = data.len();
     data.extend_from_slice(raw);
@@ -449,17 +473,19 @@ fn encode_body(c: &Decoded<'_>, out: &mut Vec<u8>, data: &mut Vec<u8>, raw: &mut
     let b = data.len();
     rle_out(
         data,
+        lit,
         ops.iter().map(|o| Some(o.preds.len() as u64)),
         put_uleb,
     );
     mark(data, 9, b);
     let b = data.len();
-    rle_out(data, c.preds.iter().map(|(a, _)| Some(*a)), put_uleb);
+    rle_out(data, lit, c.preds.iter().map(|(a, _)| Some(*a)), put_uleb);
     mark(data, 10, b);
     let b = data.len();
     let mut abs: i64 = 0;
     rle_out(
         data,
+        lit,
         c.preds.iter().map(|(_, ctr)| {
             let v = i64::try_from(*ctr).unwrap_or_else(|_| {
                 overflow = true;
@@ -669,8 +695,11 @@ impl<'a> Bools<'a> {
 // Column encoders, as automerge's.
 // ---------------------------------------------------------------------------
 
+/// Writes `values` to `out` as automerge's RLE column, with `lit` (empty)
+/// as working space.
 fn rle_out<T: Copy + PartialEq>(
     out: &mut Vec<u8>,
+    lit: &mut Vec<u8>,
     values: impl Iterator<Item = Option<T>>,
     mut put: impl FnMut(&mut Vec<u8>, T),
 ) {
@@ -684,11 +713,6 @@ fn rle_out<T: Copy + PartialEq>(
         Run(T, u64),
         Literal(u64, T),
     }
-    thread_local! {
-        static LITERAL: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-    }
-    let mut lit = LITERAL.take();
-    lit.clear();
     let flush_literal = |out: &mut Vec<u8>, lit: &mut Vec<u8>, n: u64| {
         put_sleb(out, -(n as i64));
         out.extend_from_slice(lit);
@@ -708,8 +732,8 @@ fn rle_out<T: Copy + PartialEq>(
             }
             (State::Nulls(n), None) => State::Nulls(n + 1),
             (State::Lone(o), None) => {
-                put(&mut lit, o);
-                flush_literal(out, &mut lit, 1);
+                put(lit, o);
+                flush_literal(out, lit, 1);
                 State::Nulls(1)
             }
             (State::Run(o, n), None) => {
@@ -718,14 +742,14 @@ fn rle_out<T: Copy + PartialEq>(
                 State::Nulls(1)
             }
             (State::Literal(n, last), None) => {
-                put(&mut lit, last);
-                flush_literal(out, &mut lit, n + 1);
+                put(lit, last);
+                flush_literal(out, lit, n + 1);
                 State::Nulls(1)
             }
             (State::Empty, Some(v)) => State::Lone(v),
             (State::Lone(o), Some(v)) if o == v => State::Run(v, 2),
             (State::Lone(o), Some(v)) => {
-                put(&mut lit, o);
+                put(lit, o);
                 State::Literal(1, v)
             }
             (State::Run(o, n), Some(v)) if o == v => State::Run(o, n + 1),
@@ -735,11 +759,11 @@ fn rle_out<T: Copy + PartialEq>(
                 State::Lone(v)
             }
             (State::Literal(n, last), Some(v)) if last == v => {
-                flush_literal(out, &mut lit, n);
+                flush_literal(out, lit, n);
                 State::Run(v, 2)
             }
             (State::Literal(n, last), Some(v)) => {
-                put(&mut lit, last);
+                put(lit, last);
                 State::Literal(n + 1, v)
             }
             (State::InitialNulls, Some(v)) => {
@@ -761,21 +785,17 @@ fn rle_out<T: Copy + PartialEq>(
             put_uleb(out, n);
         }
         State::Lone(v) => {
-            put(&mut lit, v);
-            flush_literal(out, &mut lit, 1);
+            put(lit, v);
+            flush_literal(out, lit, 1);
         }
         State::Run(v, n) => {
             put_sleb(out, n as i64);
             put(out, v);
         }
         State::Literal(n, last) => {
-            put(&mut lit, last);
-            flush_literal(out, &mut lit, n + 1);
+            put(lit, last);
+            flush_literal(out, lit, n + 1);
         }
-    }
-    if lit.capacity() <= SCRATCH_KEEP {
-        lit.clear();
-        LITERAL.set(lit);
     }
 }
 

@@ -218,14 +218,16 @@ impl Keys {
                 }
                 Err(at) if small.entries.len() < SMALL_MAP => small.insert_at(at, k, slot),
                 Err(_) => {
-                    let mut taken = std::mem::take(small);
-                    let keys: Vec<Box<str>> = (0..taken.entries.len())
-                        .map(|i| Box::<str>::from(taken.key(i)))
-                        .collect();
-                    let slots = std::mem::take(&mut taken.entries)
+                    let SmallKeys { text, entries } = std::mem::take(small);
+                    let mut start = 0;
+                    let mut m: BTreeMap<Box<str>, Slot> = entries
                         .into_iter()
-                        .map(|(_, s)| s);
-                    let mut m: BTreeMap<Box<str>, Slot> = keys.into_iter().zip(slots).collect();
+                        .map(|(end, slot)| {
+                            let k = text.get(start..end).unwrap_or_default();
+                            start = end;
+                            (k.into(), slot)
+                        })
+                        .collect();
                     m.insert(k.into(), slot);
                     *self = Keys::Large(m);
                 }
