@@ -353,7 +353,7 @@ impl Driver<'_> {
         };
         match a {
             Action::Persist { stream, records } => {
-                for r in &records {
+                for r in records.iter() {
                     if self.side == Side::Cloud {
                         assert_eq!(
                             r.origin, NODE,

@@ -49,3 +49,4 @@ pub use store::{
     StoreOptions, StoreStats, StreamInfo, VerifyOnOpen,
 };
 pub use ticket::Ticket;
+pub use wire::Chained;

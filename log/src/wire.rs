@@ -199,10 +199,17 @@ impl EncodedSegment {
 
     /// The segment it carries, decoded and verified as a receiver would.
     pub fn decode(&self) -> Result<Segment, WireError> {
+        self.decode_chained()
+            .map(|(stream, chained)| chained.into_segment(stream))
+    }
+
+    /// [`EncodedSegment::decode`], returning the stream and the records as
+    /// the chain it checked them to be.
+    pub fn decode_chained(&self) -> Result<(String, Chained), WireError> {
         use prost::Message;
         let p = keel_proto::Segment::decode(self.body())
             .map_err(|e| WireError::Decode(e.to_string()))?;
-        segment_from_proto(p)
+        segment_from_proto_chained(p)
     }
 }
 
@@ -289,6 +296,12 @@ const TOUCH_BYTES: usize = 64 << 10;
 /// Decodes and verifies a segment: contiguous seqs after `prev_seq`, one
 /// epoch, and an unbroken hash chain from `prev_hash`.
 pub fn segment_from_proto(p: keel_proto::Segment) -> Result<Segment, WireError> {
+    segment_from_proto_chained(p).map(|(stream, chained)| chained.into_segment(stream))
+}
+
+/// [`segment_from_proto`], returning the segment's stream and its records
+/// as the chain it checked them to be.
+pub fn segment_from_proto_chained(p: keel_proto::Segment) -> Result<(String, Chained), WireError> {
     validate_stream_name(&p.stream).map_err(|_| WireError::StreamName)?;
     let prev_hash =
         Hash::from_slice(&p.prev_hash).ok_or(WireError::HashLength(p.prev_hash.len()))?;
@@ -299,7 +312,7 @@ pub fn segment_from_proto(p: keel_proto::Segment) -> Result<Segment, WireError> 
         chain.check(&r)?;
         records.push(r);
     }
-    Ok(chain.segment(p.stream, records))
+    Ok((p.stream, chain.chained(records)))
 }
 
 /// The checks that tie a segment's records together, one record at a
@@ -349,13 +362,103 @@ impl Chain {
         Ok(())
     }
 
-    fn segment(self, stream: String, records: Vec<Record>) -> Segment {
-        Segment {
-            stream,
+    fn chained(self, records: Vec<Record>) -> Chained {
+        Chained {
             epoch: self.epoch,
             prev: self.prev,
             records,
         }
+    }
+}
+
+/// Records checked to form one chain: contiguous seqs from `prev.seq + 1`,
+/// all of one epoch, each record's hash its chain hash after the record
+/// before it (the first's after `prev.hash`).
+///
+/// Only a check makes one ([`Chained::verify`], or this module's segment
+/// decoders, which check each record as they read it), so a store appends
+/// one to a replica whose head is its `prev` (or holds a prefix of it)
+/// without hashing its records again ([`crate::Store::append_chained`]):
+/// each link of a received chain is verified once, where it is decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chained {
+    epoch: u64,
+    prev: Cursor,
+    records: Vec<Record>,
+}
+
+impl Chained {
+    /// Checks that `records` chain from `prev` within `epoch`.
+    pub fn verify(epoch: u64, prev: Cursor, records: Vec<Record>) -> Result<Chained, WireError> {
+        let mut chain = Chain::new(epoch, prev.seq, prev.hash)?;
+        for r in &records {
+            chain.check(r)?;
+        }
+        Ok(chain.chained(records))
+    }
+
+    /// Checks a segment as a decoder checks one it reads (its stream name,
+    /// then its chain): the segment's stream and its records.
+    pub fn from_segment(seg: Segment) -> Result<(String, Chained), WireError> {
+        validate_stream_name(&seg.stream).map_err(|_| WireError::StreamName)?;
+        let chained = Chained::verify(seg.epoch, seg.prev, seg.records)?;
+        Ok((seg.stream, chained))
+    }
+
+    /// The records' epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The record (or horizon) the first record chains to.
+    pub fn prev(&self) -> Cursor {
+        self.prev
+    }
+
+    /// Cursor after the last record (`prev` when there is none).
+    pub fn end(&self) -> Cursor {
+        self.records.last().map(Record::cursor).unwrap_or(self.prev)
+    }
+
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    pub fn into_records(self) -> Vec<Record> {
+        self.records
+    }
+
+    /// The segment of `stream` these records make.
+    pub fn into_segment(self, stream: String) -> Segment {
+        Segment {
+            stream,
+            epoch: self.epoch,
+            prev: self.prev,
+            records: self.records,
+        }
+    }
+
+    /// Drops the first `n` records (all of them if there are fewer): what
+    /// is left chains from the last record dropped.
+    pub fn skip(&mut self, n: usize) {
+        let n = n.min(self.records.len());
+        if let Some(last) = n.checked_sub(1).and_then(|i| self.records.get(i)) {
+            self.prev = last.cursor();
+        }
+        self.records.drain(..n);
+    }
+
+    /// Drops the last record: what is left is still a chain from `prev`.
+    pub fn pop(&mut self) -> Option<Record> {
+        self.records.pop()
+    }
+}
+
+impl std::ops::Deref for Chained {
+    type Target = [Record];
+
+    fn deref(&self) -> &[Record] {
+        &self.records
     }
 }
 
@@ -372,6 +475,13 @@ impl Chain {
 /// returns is always what that path returns (a property test holds them
 /// together), and it never accepts what that path refuses.
 pub fn decode_segment_body_fast(bytes: &Bytes, max_records: usize) -> Option<Segment> {
+    decode_segment_body_chained(bytes, max_records)
+        .map(|(stream, chained)| chained.into_segment(stream))
+}
+
+/// [`decode_segment_body_fast`], returning the segment's stream and its
+/// records as the chain the decoder checked them to be.
+pub fn decode_segment_body_chained(bytes: &Bytes, max_records: usize) -> Option<(String, Chained)> {
     let mut r = fast::Reader::new(bytes);
     let (mut stream, mut epoch, mut prev_seq, mut prev_hash) = (String::new(), 0, 0, None);
     let mut chain: Option<Chain> = None;
@@ -423,7 +533,7 @@ pub fn decode_segment_body_fast(bytes: &Bytes, max_records: usize) -> Option<Seg
         Some(c) => c,
         None => begin(&stream, epoch, prev_seq, prev_hash.as_ref())?,
     };
-    Some(chain.segment(stream, records))
+    Some((stream, chain.chained(records)))
 }
 
 /// The fewest bytes a record's body takes: its 32-byte hash (field 8),

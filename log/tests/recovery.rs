@@ -13,8 +13,9 @@
 use std::path::{Path, PathBuf};
 
 use keel_log::codec::{decode_record, encode_record};
+use keel_log::wire::WireError;
 use keel_log::{
-    ConcatFold, CursorCheck, Entry, Error, PayloadKind, Read, ReadLimits, Role, Store,
+    Chained, ConcatFold, CursorCheck, Entry, Error, PayloadKind, Read, ReadLimits, Role, Store,
     StoreOptions, VerifyOnOpen,
 };
 
@@ -321,6 +322,82 @@ fn replica_accepts_only_chain_extensions_and_redelivery_is_harmless() {
         writer.create_stream(S, Role::Replica, 1),
         Err(Error::RoleConflict { .. })
     ));
+}
+
+/// Records checked to chain when they were received are appended with
+/// the same outcomes as [`Store::append_replicated`]'s, though their hashes
+/// are not computed again: the chain's junction with the replica's head is
+/// still checked, and a chain that does not make one is refused.
+#[test]
+fn a_checked_chain_joins_the_replica_only_at_its_head() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let writer = Store::open(a.path(), StoreOptions::default()).unwrap();
+    let replica = Store::open(b.path(), StoreOptions::default()).unwrap();
+    writer.create_stream(S, Role::Writer, 1).unwrap();
+    replica.create_stream(S, Role::Replica, 1).unwrap();
+    writer.append(S, entries(20, "x")).unwrap();
+    let Read::Records(seg) = writer.read(S, 0, ReadLimits::default()).unwrap() else {
+        panic!()
+    };
+    let chain = |from: usize, to: usize| {
+        let prev = from
+            .checked_sub(1)
+            .map_or(seg.prev, |i| seg.records[i].cursor());
+        Chained::verify(seg.epoch, prev, seg.records[from..to].to_vec()).unwrap()
+    };
+
+    // A forged record is no chain: it cannot be made into one.
+    let mut forged = seg.records[..3].to_vec();
+    forged[1].payload = bytes::Bytes::from_static(b"forged");
+    assert!(matches!(
+        Chained::verify(seg.epoch, seg.prev, forged),
+        Err(WireError::Chain { seq: 2 })
+    ));
+    assert!(matches!(
+        Chained::verify(seg.epoch, seg.prev, seg.records[1..3].to_vec()),
+        Err(WireError::Gap { want: 1, got: 2 })
+    ));
+
+    assert_eq!(replica.append_chained(S, chain(0, 10)).unwrap().seq, 10);
+    // Overlap: what is held is skipped, what is new joins at the head.
+    assert_eq!(replica.append_chained(S, chain(5, 15)).unwrap().seq, 15);
+    assert_eq!(replica.append_chained(S, chain(0, 15)).unwrap().seq, 15);
+    // A gap is refused.
+    assert!(matches!(
+        replica.append_chained(S, chain(16, 20)),
+        Err(Error::ChainMismatch { seq: 17, .. })
+    ));
+    // A chain of the right seqs from another history does not join.
+    let other = tempfile::tempdir().unwrap();
+    let other = Store::open(other.path(), StoreOptions::default()).unwrap();
+    other.create_stream(S, Role::Writer, 1).unwrap();
+    other.append(S, entries(20, "y")).unwrap();
+    let Read::Records(theirs) = other.read(S, 15, ReadLimits::default()).unwrap() else {
+        panic!()
+    };
+    let theirs = Chained::verify(theirs.epoch, theirs.prev, theirs.records).unwrap();
+    assert!(matches!(
+        replica.append_chained(S, theirs),
+        Err(Error::ChainMismatch { seq: 16, .. })
+    ));
+    // Nor does a held record of another history in front of it.
+    let Read::Records(theirs) = other.read(S, 14, ReadLimits::default()).unwrap() else {
+        panic!()
+    };
+    let theirs = Chained::verify(theirs.epoch, theirs.prev, theirs.records).unwrap();
+    assert!(matches!(
+        replica.append_chained(S, theirs),
+        Err(Error::ChainMismatch { seq: 15, .. })
+    ));
+    assert_eq!(replica.info(S).unwrap().head.seq, 15);
+    // A chain whose front was dropped joins where it now starts.
+    let mut rest = chain(12, 20);
+    rest.skip(3);
+    assert_eq!(rest.prev(), seg.records[14].cursor());
+    let head = replica.append_chained(S, rest).unwrap();
+    assert_eq!(head, writer.info(S).unwrap().head);
+    assert_eq!(writer.check_cursor(S, &head).unwrap(), CursorCheck::Match);
 }
 
 #[test]

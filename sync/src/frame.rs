@@ -4,11 +4,11 @@
 
 use bytes::Bytes;
 use keel_log::wire::{
-    EncodedSegment, WireError, cursor_from_proto, cursor_to_proto, decode_segment_body_fast,
+    EncodedSegment, WireError, cursor_from_proto, cursor_to_proto, decode_segment_body_chained,
     encode_segment_body, segment_body_len, segment_from_proto, segment_to_proto,
     snapshot_from_proto, snapshot_to_proto,
 };
-use keel_log::{Cursor, Segment, Snapshot};
+use keel_log::{Chained, Cursor, Segment, Snapshot};
 use prost::Message;
 
 /// Largest encoded frame accepted: one record of the largest payload
@@ -216,21 +216,46 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
 /// [`decode_frame`] of a buffer the frame may keep: the records' payloads
 /// are slices of `bytes`, not copies (the buffer lives while any of them
 /// does). A segment frame in the shape keel writes is read without prost
-/// ([`segment_fast`]); the result is the same either way, for any bytes.
+/// ([`segment_chained`]); the result is the same either way, for any bytes.
 pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
+    decode_received(bytes).map(|r| match r {
+        Received::Frame(f) => f,
+        Received::Chained(stream, records) => Frame::Segment(records.into_segment(stream)),
+    })
+}
+
+/// A frame from the peer as a link takes it: a segment read by the fast
+/// decoder keeps the proof that its chain was checked, so that the store
+/// does not hash its records again.
+pub(crate) enum Received {
+    Frame(Frame),
+    /// A segment: its stream, and its records as the chain they were
+    /// checked to be.
+    Chained(String, Chained),
+}
+
+/// [`decode_frame_shared`], keeping a fast-read segment's proof.
+pub(crate) fn decode_received(bytes: Bytes) -> Result<Received, FrameError> {
     if bytes.len() <= MAX_FRAME_BYTES
-        && let Some(segment) = segment_fast(&bytes)
+        && let Some((stream, records)) = segment_chained(&bytes)
     {
-        return Ok(Frame::Segment(segment));
+        return Ok(Received::Chained(stream, records));
     }
-    decode_from(bytes)
+    decode_from(bytes).map(Received::Frame)
+}
+
+/// [`segment_chained`]'s segment, as its tests compare it.
+#[cfg(test)]
+fn segment_fast(bytes: &Bytes) -> Option<Segment> {
+    segment_chained(bytes).map(|(stream, records)| records.into_segment(stream))
 }
 
 /// A segment frame in the plain shape keel writes, decoded without prost
-/// ([`keel_log::wire::decode_segment_body_fast`]): `None` sends the frame
+/// ([`keel_log::wire::decode_segment_body_chained`]): its stream, and its
+/// records as the chain they were checked to be. `None` sends the frame
 /// down the general path, which decodes every legal encoding and names
 /// what is wrong with a bad one.
-fn segment_fast(bytes: &Bytes) -> Option<keel_log::Segment> {
+fn segment_chained(bytes: &Bytes) -> Option<(String, Chained)> {
     // The frame's one field: body `segment` (2, length-delimited), to the
     // end of the frame.
     let (&key, mut rest) = bytes.split_first()?;
@@ -242,7 +267,7 @@ fn segment_fast(bytes: &Bytes) -> Option<keel_log::Segment> {
         return None;
     }
     let body = bytes.slice(bytes.len() - rest.len()..);
-    decode_segment_body_fast(&body, MAX_SEGMENT_RECORDS)
+    decode_segment_body_chained(&body, MAX_SEGMENT_RECORDS)
 }
 
 fn decode_from<B: bytes::Buf + AsRef<[u8]>>(bytes: B) -> Result<Frame, FrameError> {

@@ -25,10 +25,12 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use keel_log::wire::EncodedSegment;
-use keel_log::{Cursor, CursorCheck, Hash, ObjectSnapshot, Read, ReadLimits, Record, Snapshot};
+use keel_log::{
+    Chained, Cursor, CursorCheck, Hash, ObjectSnapshot, Read, ReadLimits, Record, Snapshot,
+};
 use tracing::{debug, warn};
 
-use crate::frame::{ErrorCode, Frame, FrameError, Hello, decode_frame, decode_frame_shared};
+use crate::frame::{ErrorCode, Frame, FrameError, Hello, Received, decode_frame, decode_received};
 
 /// The sender's log, as the link needs to see it.
 pub trait LogSource {
@@ -218,7 +220,9 @@ pub enum Action {
     /// durable, apply them, then call [`Link::handle_persisted`].
     Persist {
         stream: String,
-        records: Vec<Record>,
+        /// Checked to chain as they were received (the store appends them
+        /// with [`keel_log::Store::append_chained`], not hashing them again).
+        records: Chained,
     },
     /// Replace the local replica of `stream` with this snapshot, make it
     /// durable, then call [`Link::handle_persisted`] with its base.
@@ -495,26 +499,34 @@ impl Link {
     /// Bytes of one frame from the peer. Anything that does not decode
     /// closes the link.
     pub fn handle_bytes(&mut self, now: u64, bytes: &[u8], src: &dyn LogSource) {
-        self.handle_decoded(now, || decode_frame(bytes), src);
+        self.handle_decoded(now, || decode_frame(bytes).map(Received::Frame), src);
     }
 
     /// [`Self::handle_bytes`] of a buffer the link may keep: records take
     /// their payloads as slices of it instead of copies.
     pub fn handle_shared(&mut self, now: u64, bytes: bytes::Bytes, src: &dyn LogSource) {
-        self.handle_decoded(now, || decode_frame_shared(bytes), src);
+        self.handle_decoded(now, || decode_received(bytes), src);
     }
 
     fn handle_decoded(
         &mut self,
         now: u64,
-        decode: impl FnOnce() -> Result<Frame, FrameError>,
+        decode: impl FnOnce() -> Result<Received, FrameError>,
         src: &dyn LogSource,
     ) {
         if self.closed.is_some() {
             return;
         }
         match decode() {
-            Ok(f) => self.handle_frame(now, f, src),
+            Ok(Received::Frame(f)) => self.handle_frame(now, f, src),
+            Ok(Received::Chained(stream, records)) => {
+                self.last_recv = now;
+                if self.got_hello {
+                    self.on_segment(stream, records);
+                } else {
+                    self.close(ErrorCode::Malformed, "first frame must be Hello");
+                }
+            }
             Err(e) => self.close(ErrorCode::Malformed, format!("malformed frame: {e}")),
         }
     }
@@ -530,11 +542,16 @@ impl Link {
             _ if !self.got_hello => {
                 self.close(ErrorCode::Malformed, "first frame must be Hello");
             }
-            Frame::Segment(seg) => self.on_segment(seg),
+            // A segment handed over as a value is checked as a decoded one
+            // was (its chain is verified once, here or in the decoder).
+            Frame::Segment(seg) => match Chained::from_segment(seg) {
+                Ok((stream, records)) => self.on_segment(stream, records),
+                Err(e) => self.close(ErrorCode::Malformed, format!("malformed segment: {e}")),
+            },
             // What a peer sends decodes as a segment; one handed over in
             // wire form is decoded as the peer's would be.
-            Frame::EncodedSegment(e) => match e.decode() {
-                Ok(seg) => self.on_segment(seg),
+            Frame::EncodedSegment(e) => match e.decode_chained() {
+                Ok((stream, records)) => self.on_segment(stream, records),
                 Err(e) => self.close(ErrorCode::Malformed, format!("malformed segment: {e}")),
             },
             Frame::Snapshot {
@@ -652,40 +669,38 @@ impl Link {
         }
     }
 
-    fn on_segment(&mut self, seg: keel_log::Segment) {
-        let Some(inb) = self.inbound.get_mut(&seg.stream) else {
-            let msg = format!(
-                "node {:?} may not write stream {:?}",
-                self.cfg.node, seg.stream
-            );
+    /// A segment of `stream` from the peer, its chain checked.
+    fn on_segment(&mut self, stream: String, mut records: Chained) {
+        let Some(inb) = self.inbound.get_mut(&stream) else {
+            let msg = format!("node {:?} may not write stream {:?}", self.cfg.node, stream);
             return self.close(ErrorCode::Unauthorized, msg);
         };
         let exp = inb.expected;
-        let end = seg.end();
+        let (prev, end) = (records.prev(), records.end());
         if end.seq <= exp.seq {
-            self.stats.duplicate_records += seg.records.len() as u64;
+            self.stats.duplicate_records += records.len() as u64;
             // Acks are idempotent: the sender resent what this side holds
             // (its ack was lost, or it timed out), so it hears it again.
             if end.seq <= inb.durable.seq {
-                self.acks.insert(seg.stream.clone(), inb.durable);
+                self.acks.insert(stream, inb.durable);
             }
             return;
         }
-        if seg.prev.seq > exp.seq {
+        if prev.seq > exp.seq {
             // A gap: something before this was lost. Tell the sender once
             // (a repeated ack makes it go back), and drop this segment.
             if inb.nacked_at != Some(exp.seq) {
                 inb.nacked_at = Some(exp.seq);
-                self.acks.insert(seg.stream.clone(), inb.durable);
+                self.acks.insert(stream, inb.durable);
             }
             return;
         }
         // Overlap or exact continuation: keep what is new, checking the
         // junction against what was accepted before.
-        let junction_ok = if seg.prev.seq == exp.seq {
-            seg.prev.hash == exp.hash
+        let junction_ok = if prev.seq == exp.seq {
+            prev.hash == exp.hash
         } else {
-            seg.records
+            records
                 .iter()
                 .find(|r| r.seq == exp.seq)
                 .is_some_and(|r| r.hash == exp.hash)
@@ -693,13 +708,13 @@ impl Link {
         if !junction_ok {
             let msg = format!(
                 "segment of {} does not extend the accepted chain at seq {}",
-                seg.stream, exp.seq
+                stream, exp.seq
             );
             return self.close(ErrorCode::ChainMismatch, msg);
         }
-        let skipped = seg.records.iter().take_while(|r| r.seq <= exp.seq).count();
+        let skipped = records.iter().take_while(|r| r.seq <= exp.seq).count();
         self.stats.duplicate_records += skipped as u64;
-        let mut records: Vec<Record> = seg.records.into_iter().skip(skipped).collect();
+        records.skip(skipped);
         // The window this side granted: the peer may have at most that
         // many records (and may only start a segment while below that many
         // bytes) unacknowledged.
@@ -715,7 +730,7 @@ impl Link {
         if out_records + new_records > window_records || out_bytes >= window_bytes {
             let msg = format!(
                 "the peer exceeded its window on {}: {} records / {out_bytes} bytes unacknowledged, then {new_records} more (window {window_records} records, {window_bytes} bytes)",
-                seg.stream, out_records
+                stream, out_records
             );
             return self.close(ErrorCode::Limit, msg);
         }
@@ -733,14 +748,11 @@ impl Link {
         inb.nacked_at = None;
         match self.cfg.fault {
             Some(Fault::AckBeforePersist) => {
-                self.acks.insert(seg.stream.clone(), end);
+                self.acks.insert(stream.clone(), end);
             }
             Some(Fault::SkipRecord) | None => {}
         }
-        self.actions.push_back(Action::Persist {
-            stream: seg.stream,
-            records,
-        });
+        self.actions.push_back(Action::Persist { stream, records });
     }
 
     fn on_snapshot(&mut self, stream: String, snapshot: Snapshot, chunk: u32, last: bool) {

@@ -261,11 +261,15 @@ async fn persist_action(
                 .await?
                 .map_err(Unpersisted::Refused)?;
             let cursor = store
-                .append_replicated_async(&stream, records.clone())
+                .append_chained_async(&stream, records.clone())
                 .map_err(|e| Unpersisted::Failed(e.to_string()))?
                 .await
                 .map_err(|e| Unpersisted::Failed(e.to_string()))?;
-            Ok((stream.clone(), cursor, Some((stream, records))))
+            Ok((
+                stream.clone(),
+                cursor,
+                Some((stream, records.into_records())),
+            ))
         }
         Action::InstallSnapshot { snapshot, .. } => {
             let (store, s, n, st) = (store.clone(), sink.clone(), node.to_owned(), stream.clone());

@@ -90,7 +90,7 @@ impl Rig {
     fn persisted_all(&mut self) {
         while let Some(a) = self.link.poll_action() {
             if let Action::Persist { stream, records } = a {
-                let c = self.cloud.append_replicated(&stream, records).unwrap();
+                let c = self.cloud.append_chained(&stream, records).unwrap();
                 self.link.handle_persisted(&stream, c);
             }
         }
