@@ -255,8 +255,9 @@ fn failed_fsync_poisons_the_store() {
     assert!(!store.is_poisoned());
 }
 
-#[test]
-fn replica_accepts_only_chain_extensions_and_redelivery_is_harmless() {
+/// A writer of [`S`] holding 20 records, a replica of it holding none, and
+/// the writer's records (the directories live as long as the first value).
+fn writer_and_replica() -> ([tempfile::TempDir; 2], Store, Store, keel_log::Segment) {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let writer = Store::open(a.path(), StoreOptions::default()).unwrap();
@@ -267,6 +268,12 @@ fn replica_accepts_only_chain_extensions_and_redelivery_is_harmless() {
     let Read::Records(seg) = writer.read(S, 0, ReadLimits::default()).unwrap() else {
         panic!()
     };
+    ([a, b], writer, replica, seg)
+}
+
+#[test]
+fn replica_accepts_only_chain_extensions_and_redelivery_is_harmless() {
+    let (_dirs, writer, replica, seg) = writer_and_replica();
 
     assert_eq!(
         replica
@@ -330,16 +337,7 @@ fn replica_accepts_only_chain_extensions_and_redelivery_is_harmless() {
 /// still checked, and a chain that does not make one is refused.
 #[test]
 fn a_checked_chain_joins_the_replica_only_at_its_head() {
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
-    let writer = Store::open(a.path(), StoreOptions::default()).unwrap();
-    let replica = Store::open(b.path(), StoreOptions::default()).unwrap();
-    writer.create_stream(S, Role::Writer, 1).unwrap();
-    replica.create_stream(S, Role::Replica, 1).unwrap();
-    writer.append(S, entries(20, "x")).unwrap();
-    let Read::Records(seg) = writer.read(S, 0, ReadLimits::default()).unwrap() else {
-        panic!()
-    };
+    let (_dirs, writer, replica, seg) = writer_and_replica();
     let chain = |from: usize, to: usize| {
         let prev = from
             .checked_sub(1)
