@@ -607,10 +607,10 @@ impl Link {
                 ),
             );
         }
-        let name = self.outbound.name.clone();
+        let name = &self.outbound.name;
         let mut cursor = Cursor::default();
         for (stream, c) in &h.cursors {
-            if *stream != name {
+            if stream != name {
                 return self.close(
                     ErrorCode::Unauthorized,
                     format!("node {:?} may not read stream {stream:?}", self.cfg.node),
@@ -618,7 +618,7 @@ impl Link {
             }
             cursor = *c;
         }
-        let check = match src.check_cursor(&name, &cursor) {
+        let check = match src.check_cursor(name, &cursor) {
             Ok(c) => c,
             Err(e) => return self.close(ErrorCode::Internal, format!("checking cursor: {e}")),
         };
@@ -638,8 +638,8 @@ impl Link {
                 return self.close(
                     ErrorCode::ChainMismatch,
                     format!(
-                        "peer holds {name} up to seq {} but this side's log ends before it",
-                        cursor.seq
+                        "peer holds {} up to seq {} but this side's log ends before it",
+                        self.outbound.name, cursor.seq
                     ),
                 );
             }
@@ -663,7 +663,7 @@ impl Link {
         // after a reconnect even when nothing new is sent).
         if !need_snapshot && acked.seq > 0 {
             self.events.push_back(Event::Acked {
-                stream: name,
+                stream: self.outbound.name.clone(),
                 cursor: acked,
             });
         }
