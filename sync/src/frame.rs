@@ -5,8 +5,8 @@
 use bytes::Bytes;
 use keel_log::wire::{
     EncodedSegment, WireError, cursor_from_proto, cursor_to_proto, decode_segment_body_chained,
-    encode_segment_body, segment_body_len, segment_from_proto, segment_to_proto,
-    snapshot_from_proto, snapshot_to_proto,
+    encode_segment_body, segment_body_len, segment_from_proto, segment_from_proto_chained,
+    segment_to_proto, snapshot_from_proto, snapshot_to_proto,
 };
 use keel_log::{Chained, Cursor, Segment, Snapshot};
 use prost::Message;
@@ -218,15 +218,12 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
 /// does). A segment frame in the shape keel writes is read without prost
 /// ([`segment_chained`]); the result is the same either way, for any bytes.
 pub fn decode_frame_shared(bytes: Bytes) -> Result<Frame, FrameError> {
-    decode_received(bytes).map(|r| match r {
-        Received::Frame(f) => f,
-        Received::Chained(stream, records) => Frame::Segment(records.into_segment(stream)),
-    })
+    decode_received(bytes).map(Received::into_frame)
 }
 
-/// A frame from the peer as a link takes it: a segment read by the fast
-/// decoder keeps the proof that its chain was checked, so that the store
-/// does not hash its records again.
+/// A frame from the peer as a link takes it: a segment keeps the proof
+/// that its chain was checked as it was decoded, so that the store does
+/// not hash its records again.
 pub(crate) enum Received {
     Frame(Frame),
     /// A segment: its stream, and its records as the chain they were
@@ -234,14 +231,28 @@ pub(crate) enum Received {
     Chained(String, Chained),
 }
 
-/// [`decode_frame_shared`], keeping a fast-read segment's proof.
+impl Received {
+    fn into_frame(self) -> Frame {
+        match self {
+            Received::Frame(f) => f,
+            Received::Chained(stream, records) => Frame::Segment(records.into_segment(stream)),
+        }
+    }
+}
+
+/// [`decode_frame_shared`], keeping a segment's proof.
 pub(crate) fn decode_received(bytes: Bytes) -> Result<Received, FrameError> {
     if bytes.len() <= MAX_FRAME_BYTES
         && let Some((stream, records)) = segment_chained(&bytes)
     {
         return Ok(Received::Chained(stream, records));
     }
-    decode_from(bytes).map(Received::Frame)
+    received_from(bytes)
+}
+
+/// [`decode_frame`], keeping a segment's proof.
+pub(crate) fn decode_received_copy(bytes: &[u8]) -> Result<Received, FrameError> {
+    received_from(bytes)
 }
 
 /// [`segment_chained`]'s segment, as its tests compare it.
@@ -271,13 +282,25 @@ fn segment_chained(bytes: &Bytes) -> Option<(String, Chained)> {
 }
 
 fn decode_from<B: bytes::Buf + AsRef<[u8]>>(bytes: B) -> Result<Frame, FrameError> {
+    received_from(bytes).map(Received::into_frame)
+}
+
+/// [`decode_from`], keeping a segment's proof.
+fn received_from<B: bytes::Buf + AsRef<[u8]>>(bytes: B) -> Result<Received, FrameError> {
+    use keel_proto::frame::Body;
     let len = bytes.as_ref().len();
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len));
     }
     check_list_lengths(bytes.as_ref())?;
     let p = keel_proto::Frame::decode(bytes).map_err(|e| FrameError::Decode(e.to_string()))?;
-    frame_from_proto(p)
+    match p.body {
+        Some(Body::Segment(s)) => {
+            let (stream, records) = segment_from_proto_chained(s)?;
+            Ok(Received::Chained(stream, records))
+        }
+        body => frame_from_proto(keel_proto::Frame { body }).map(Received::Frame),
+    }
 }
 
 /// The repeated fields of a frame body, by body field number: (field of

@@ -30,7 +30,9 @@ use keel_log::{
 };
 use tracing::{debug, warn};
 
-use crate::frame::{ErrorCode, Frame, FrameError, Hello, Received, decode_frame, decode_received};
+use crate::frame::{
+    ErrorCode, Frame, FrameError, Hello, Received, decode_received, decode_received_copy,
+};
 
 /// The sender's log, as the link needs to see it.
 pub trait LogSource {
@@ -499,7 +501,7 @@ impl Link {
     /// Bytes of one frame from the peer. Anything that does not decode
     /// closes the link.
     pub fn handle_bytes(&mut self, now: u64, bytes: &[u8], src: &dyn LogSource) {
-        self.handle_decoded(now, || decode_frame(bytes).map(Received::Frame), src);
+        self.handle_decoded(now, || decode_received_copy(bytes), src);
     }
 
     /// [`Self::handle_bytes`] of a buffer the link may keep: records take
