@@ -405,11 +405,6 @@ impl Chained {
         Ok((seg.stream, chained))
     }
 
-    /// The records' epoch.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     /// The record (or horizon) the first record chains to.
     pub fn prev(&self) -> Cursor {
         self.prev

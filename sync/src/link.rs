@@ -520,30 +520,32 @@ impl Link {
             return;
         }
         match decode() {
-            Ok(Received::Frame(f)) => self.handle_frame(now, f, src),
-            Ok(Received::Chained(stream, records)) => {
-                self.last_recv = now;
-                if self.got_hello {
-                    self.on_segment(stream, records);
-                } else {
-                    self.close(ErrorCode::Malformed, "first frame must be Hello");
-                }
-            }
+            Ok(r) => self.handle_received(now, r, src),
             Err(e) => self.close(ErrorCode::Malformed, format!("malformed frame: {e}")),
         }
     }
 
     /// One decoded frame from the peer.
     pub fn handle_frame(&mut self, now: u64, frame: Frame, src: &dyn LogSource) {
+        self.handle_received(now, Received::Frame(frame), src);
+    }
+
+    /// One decoded frame from the peer, a segment's chain checked already.
+    fn handle_received(&mut self, now: u64, received: Received, src: &dyn LogSource) {
         if self.closed.is_some() {
             return;
         }
         self.last_recv = now;
+        let frame = match received {
+            Received::Frame(f @ Frame::Hello(_)) => f,
+            _ if !self.got_hello => {
+                return self.close(ErrorCode::Malformed, "first frame must be Hello");
+            }
+            Received::Chained(stream, records) => return self.on_segment(stream, records),
+            Received::Frame(f) => f,
+        };
         match frame {
             Frame::Hello(h) => self.on_hello(now, h, src),
-            _ if !self.got_hello => {
-                self.close(ErrorCode::Malformed, "first frame must be Hello");
-            }
             // A segment handed over as a value is checked as a decoded one
             // was (its chain is verified once, here or in the decoder).
             Frame::Segment(seg) => match Chained::from_segment(seg) {
