@@ -13,10 +13,15 @@
 //! **Canonical bytes only.** automerge keeps a change as its op set and
 //! rebuilds the change from it when asked (saving, `get_changes`); keel
 //! refuses a change that would not rebuild bit for bit (`verify_faithful`).
-//! A change read here is accepted only if [`encode_body`] — the column
-//! encoders automerge uses, written again — gives back exactly the bytes
-//! received. A hand-made change with, say, a literal run where automerge
-//! writes a repeat run goes to the slow path, which refuses it.
+//! A change read here is accepted only if it is written exactly as
+//! automerge's encoders write it — numbers in as few bytes as they need,
+//! runs as its run-length encoder makes them (a repeat of at least two, a
+//! literal whose neighbours differ, no run that continues the one before,
+//! no column of nulls alone), booleans with no empty run but the first —
+//! so that [`encode_body`] (those encoders, written again) gives back the
+//! bytes received. The readers check this as they read, without writing
+//! the change again; a hand-made change with, say, a literal run where
+//! automerge writes a repeat run goes to the slow path, which refuses it.
 
 use std::cell::RefCell;
 
@@ -223,7 +228,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     // (A pod-status change has 7 to 30 ops.)
     let mut ops = Vec::with_capacity(32);
     let mut preds = Vec::with_capacity(32);
-    while let Some(act) = action.next() {
+    while !action.at_end() {
+        let act = action.next()?;
         if ops.len() >= MAX_OPS {
             return None;
         }
@@ -244,8 +250,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
             }
             _ => return None,
         };
-        let value = scalar(meta.next().flatten().unwrap_or(0), &mut raw)?;
-        let count = usize::try_from(pred_group.next().flatten().unwrap_or(0)).ok()?;
+        let value = scalar(meta.next().flatten()?, &mut raw)?;
+        let count = usize::try_from(pred_group.next().flatten()?).ok()?;
         let at = preds.len();
         if at.checked_add(count)? > MAX_OPS {
             return None;
@@ -296,7 +302,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
         extra,
         body,
     };
-    canonical(&decoded).then_some(decoded)
+    // The strict readers above accept exactly the bytes automerge's
+    // encoders write: what they read, `encode_body` writes again bit for
+    // bit. Checked on every change read in debug builds (the tests and
+    // the simulator); `tests::strict_columns_are_exactly_the_encoders`
+    // checks the readers against the encoders. (Were a change let through
+    // that automerge would not rebuild, the document would refuse it when
+    // the tail is handed over: `verify_faithful`.)
+    debug_assert!(
+        canonical(&decoded),
+        "a change read as canonical does not encode again to its bytes"
+    );
+    Some(decoded)
 }
 
 thread_local! {
@@ -545,7 +562,13 @@ fn put_scalar(raw: &mut Vec<u8>, v: Scalar<'_>) -> u64 {
 /// A run-length encoded column, read lazily: runs of `n > 0` repeats of
 /// one value, `-n` literal values, or `0` then a count of nulls. Yields
 /// `Some(None)` for a null; stops (for good) at the end or at bad bytes
-/// ([`Rle::done`] tells them apart).
+/// ([`Rle::done`] tells them apart). An empty column is all nulls.
+///
+/// Only the runs automerge's encoder writes are read (see [`rle_out`]):
+/// a repeat of at least two, a literal whose neighbours differ and that
+/// does not follow a literal, runs that do not continue the run before
+/// (a repeat of the same value, nulls after nulls), and no column of
+/// nulls alone (that one is left empty). Anything else fails the column.
 struct Rle<'a, T, F> {
     r: Reader<'a>,
     read: F,
@@ -553,9 +576,26 @@ struct Rle<'a, T, F> {
     repeat: Option<Option<T>>,
     left: u64,
     failed: bool,
+    /// The column was empty.
+    empty: bool,
+    /// The run before the next one.
+    last: Last<T>,
+    /// Every run so far was nulls.
+    only_nulls: bool,
 }
 
-impl<'a, T: Copy, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T, F> {
+/// The last run read of an RLE column, as far as the next one is
+/// concerned.
+#[derive(Clone, Copy)]
+enum Last<T> {
+    Start,
+    Nulls,
+    Repeat(T),
+    /// A literal run, and its last value so far.
+    Literal(T),
+}
+
+impl<'a, T: Copy + PartialEq, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T, F> {
     fn new(bytes: &'a [u8], read: F) -> Self {
         Rle {
             r: Reader(bytes),
@@ -563,20 +603,34 @@ impl<'a, T: Copy, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T, F> {
             repeat: None,
             left: 0,
             failed: false,
+            empty: bytes.is_empty(),
+            last: Last::Start,
+            only_nulls: true,
         }
     }
 
     /// Read to the end without error.
     fn done(&self) -> bool {
-        !self.failed && self.left == 0 && self.r.0.is_empty()
+        !self.failed && self.at_end() && (self.empty || !self.only_nulls)
+    }
+
+    /// Nothing more to read (the column may still have failed).
+    fn at_end(&self) -> bool {
+        self.left == 0 && self.r.0.is_empty()
     }
 
     fn next(&mut self) -> Option<Option<T>> {
         if self.failed {
             return None;
         }
+        if self.empty {
+            return Some(None);
+        }
         let v = self.step();
-        if v.is_none() && !self.r.0.is_empty() {
+        if v.is_none() {
+            // Bad bytes, a run automerge does not write, or fewer values
+            // than asked for (a column that is not empty holds one for
+            // every op).
             self.failed = true;
         }
         v
@@ -589,26 +643,51 @@ impl<'a, T: Copy, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T, F> {
             }
             let count = self.r.sleb()?;
             if count > 0 {
-                self.repeat = Some(Some((self.read)(&mut self.r)?));
+                let v = (self.read)(&mut self.r)?;
+                let continues = match self.last {
+                    Last::Repeat(p) | Last::Literal(p) => p == v,
+                    Last::Start | Last::Nulls => false,
+                };
+                if count < 2 || continues {
+                    return None;
+                }
+                self.last = Last::Repeat(v);
+                self.repeat = Some(Some(v));
                 self.left = count.unsigned_abs();
             } else if count < 0 {
+                if matches!(self.last, Last::Literal(_)) {
+                    return None;
+                }
                 self.repeat = None;
                 self.left = count.unsigned_abs();
             } else {
+                let n = self.r.uleb()?;
+                if n == 0 || matches!(self.last, Last::Nulls) {
+                    return None;
+                }
+                self.last = Last::Nulls;
                 self.repeat = Some(None);
-                self.left = self.r.uleb()?;
+                self.left = n;
+            }
+            if count != 0 {
+                self.only_nulls = false;
             }
         }
         self.left -= 1;
         match self.repeat {
             Some(v) => Some(v),
-            None => match (self.read)(&mut self.r) {
-                Some(v) => Some(Some(v)),
-                None => {
-                    self.failed = true;
-                    None
+            None => {
+                let v = (self.read)(&mut self.r)?;
+                // A literal value differs from the one before it (in
+                // this run, or the repeat before it).
+                if let Last::Repeat(p) | Last::Literal(p) = self.last
+                    && p == v
+                {
+                    return None;
                 }
-            },
+                self.last = Last::Literal(v);
+                Some(Some(v))
+            }
         }
     }
 }
@@ -650,12 +729,14 @@ impl<'a> Delta<'a> {
 }
 
 /// A boolean column, read lazily: alternating run lengths, starting with
-/// `false`.
+/// `false`. Only as automerge writes it: no run is empty but the first
+/// (when the first value is `true`).
 struct Bools<'a> {
     r: Reader<'a>,
     value: bool,
     left: u64,
     failed: bool,
+    first: bool,
 }
 
 impl<'a> Bools<'a> {
@@ -665,6 +746,7 @@ impl<'a> Bools<'a> {
             value: true,
             left: 0,
             failed: false,
+            first: true,
         }
     }
 
@@ -678,8 +760,11 @@ impl<'a> Bools<'a> {
                 return None;
             }
             match self.r.uleb() {
-                Some(n) => self.left = n,
-                None => {
+                Some(n) if n > 0 || self.first => {
+                    self.left = n;
+                    self.first = false;
+                }
+                _ => {
                     self.failed = true;
                     return None;
                 }
@@ -847,6 +932,11 @@ impl<'a> Reader<'a> {
             }
             value |= bits << (7 * i);
             if b & 0x80 == 0 {
+                // As automerge writes it: no more bytes than the value
+                // needs (a last byte of zeros after others is padding).
+                if i > 0 && b == 0 {
+                    return None;
+                }
                 self.0 = self.0.get(i as usize + 1..)?;
                 return Some(value);
             }
@@ -865,6 +955,13 @@ impl<'a> Reader<'a> {
             value |= i64::from(b & 0x7f) << shift;
             shift += 7;
             if b & 0x80 == 0 {
+                // No more bytes than the value needs: a last byte that
+                // only repeats the sign of the one before is padding.
+                if let Some(prev) = i.checked_sub(1).and_then(|p| self.0.get(p))
+                    && ((b == 0 && prev & 0x40 == 0) || (b == 0x7f && prev & 0x40 != 0))
+                {
+                    return None;
+                }
                 if shift < 64 && b & 0x40 != 0 {
                     value |= -1i64 << shift;
                 }
@@ -958,5 +1055,139 @@ mod tests {
             decode(&chunk(&extra)).is_some(),
             "extra bytes are kept as they are"
         );
+    }
+
+    use proptest::prelude::*;
+
+    /// A run of an RLE column as bytes could hold it, canonical or not.
+    #[derive(Debug, Clone)]
+    enum Run {
+        Repeat(i64, u64),
+        Literal(Vec<u64>),
+        Nulls(u64),
+    }
+
+    fn run() -> impl Strategy<Value = Run> {
+        prop_oneof![
+            (0i64..4, 0u64..3).prop_map(|(n, v)| Run::Repeat(n, v)),
+            prop::collection::vec(0u64..3, 0..4).prop_map(Run::Literal),
+            (0u64..3).prop_map(Run::Nulls),
+        ]
+    }
+
+    /// The bytes of `runs`, and the values they stand for.
+    fn column(runs: &[Run]) -> (Vec<u8>, Vec<Option<u64>>) {
+        let (mut bytes, mut values) = (Vec::new(), Vec::new());
+        for r in runs {
+            match r {
+                Run::Repeat(n, v) => {
+                    put_sleb(&mut bytes, *n);
+                    put_uleb(&mut bytes, *v);
+                    values.extend((0..*n).map(|_| Some(*v)));
+                }
+                Run::Literal(vs) => {
+                    put_sleb(&mut bytes, -(vs.len() as i64));
+                    for v in vs {
+                        put_uleb(&mut bytes, *v);
+                        values.push(Some(*v));
+                    }
+                }
+                Run::Nulls(n) => {
+                    put_sleb(&mut bytes, 0);
+                    put_uleb(&mut bytes, *n);
+                    values.extend((0..*n).map(|_| None));
+                }
+            }
+        }
+        (bytes, values)
+    }
+
+    proptest! {
+        /// Numbers are read only in as few bytes as they need: what is
+        /// read is what `put_uleb` / `put_sleb` write.
+        #[test]
+        fn leb_is_read_only_as_written(bytes in prop::collection::vec(any::<u8>(), 1..12), u in any::<u64>(), i in any::<i64>()) {
+            let mut r = Reader(&bytes);
+            if let Some(v) = r.uleb() {
+                let mut out = Vec::new();
+                put_uleb(&mut out, v);
+                prop_assert_eq!(&bytes[..bytes.len() - r.0.len()], out.as_slice());
+            }
+            let mut r = Reader(&bytes);
+            if let Some(v) = r.sleb() {
+                let mut out = Vec::new();
+                put_sleb(&mut out, v);
+                prop_assert_eq!(&bytes[..bytes.len() - r.0.len()], out.as_slice());
+            }
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            put_uleb(&mut a, u);
+            put_sleb(&mut b, i);
+            prop_assert_eq!(Reader(&a).uleb(), Some(u));
+            prop_assert_eq!(Reader(&b).sleb(), Some(i));
+        }
+
+        /// The strict RLE reader accepts a column exactly when automerge's
+        /// encoder writes its values so, and then reads those values.
+        #[test]
+        fn strict_columns_are_exactly_the_encoders(runs in prop::collection::vec(run(), 0..6)) {
+            let (bytes, values) = column(&runs);
+            let mut rle = Rle::new(&bytes, Reader::uleb);
+            let read: Option<Vec<Option<u64>>> = values.iter().map(|_| rle.next()).collect();
+            let accepted = read.as_ref() == Some(&values) && rle.done();
+            let (mut out, mut lit) = (Vec::new(), Vec::new());
+            rle_out(&mut out, &mut lit, values.iter().copied(), put_uleb);
+            prop_assert_eq!(accepted, out == bytes, "{:?} -> {:?} read {:?}", runs, bytes, read);
+        }
+
+        /// The same for boolean columns.
+        #[test]
+        fn strict_bools_are_exactly_the_encoder(runs in prop::collection::vec(0u64..3, 0..6)) {
+            let mut bytes = Vec::new();
+            let mut values = Vec::new();
+            for (i, n) in runs.iter().enumerate() {
+                put_uleb(&mut bytes, *n);
+                values.extend((0..*n).map(|_| i % 2 == 1));
+            }
+            let mut b = Bools::new(&bytes);
+            let read: Option<Vec<bool>> = values.iter().map(|_| b.next()).collect();
+            let accepted = read.as_ref() == Some(&values) && b.done();
+            let mut out = Vec::new();
+            bool_out(&mut out, values.iter().copied());
+            prop_assert_eq!(accepted, out == bytes, "{:?} read {:?}", runs, read);
+        }
+
+        /// A change whose body was altered (its checksum made to match) is
+        /// either not read, or read as bytes that encode again exactly.
+        #[test]
+        fn altered_changes_are_read_only_when_canonical(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..4),
+        ) {
+            let mut s = ObjectStore::new();
+            let change = s
+                .edit_merge_patch(
+                    "pods/default/web",
+                    &ActorId::from_name("cloud"),
+                    &serde_json::json!({"kind": "Pod", "metadata": {"labels": {"a": "1", "b": "1"}},
+                        "status": {"phase": "Running", "restartCount": 3, "ready": true,
+                        "conditions": [{"type": "Ready"}, {"type": "Ready", "x": null}]}}),
+                )
+                .unwrap()
+                .unwrap();
+            let mut body = decode(&change).unwrap().body.to_vec();
+            for (at, byte, how) in edits {
+                let i = at.index(body.len() + 1);
+                match how {
+                    0 if i < body.len() => body[i] = byte,
+                    1 => body.insert(i, byte),
+                    _ if i < body.len() => {
+                        body.remove(i);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(d) = decode(&chunk(&body)) {
+                prop_assert!(canonical(&d));
+            }
+        }
     }
 }

@@ -198,6 +198,18 @@ impl Keys {
         Keys::Small(SmallKeys::default())
     }
 
+    /// An empty map with room for `room` (past [`SMALL_MAP`] keys, a
+    /// B-tree's).
+    fn with_room(room: Room) -> Keys {
+        if room.entries > SMALL_MAP {
+            return Keys::Large(BTreeMap::new());
+        }
+        Keys::Small(SmallKeys {
+            text: String::with_capacity(room.text),
+            entries: Vec::with_capacity(room.entries),
+        })
+    }
+
     fn get_mut(&mut self, k: &str) -> Option<&mut Slot> {
         match self {
             Keys::Small(small) => {
@@ -289,8 +301,102 @@ pub(crate) struct Shadow {
     max_op: u64,
     /// Sorted.
     heads: Vec<[u8; 32]>,
-    /// Objects by id; `None` is the root map.
-    objs: HashMap<Option<Id>, Obj>,
+    objs: Objs,
+}
+
+/// Up to this many objects a document's object is found by a scan (a pod
+/// has a few dozen); past them through [`Objs::index`].
+const OBJ_SCAN: usize = 48;
+
+/// A document's objects, by id (`None` is the root map), in the order
+/// they were made. Held in vectors rather than a hash table: a change
+/// that makes objects (a pod's first status makes eight) appends them,
+/// where a table would grow by hashing every object again into memory
+/// just allocated; a lookup scans the ids (16 to 24 bytes each, the
+/// newest first: what a change writes into it mostly made itself).
+#[derive(Debug, Clone)]
+struct Objs {
+    ids: Vec<Option<Id>>,
+    objs: Vec<Obj>,
+    /// Every object's place, by its id, once there are more than
+    /// [`OBJ_SCAN`] (empty before).
+    index: HashMap<Option<Id>, u32>,
+}
+
+impl Objs {
+    fn new() -> Objs {
+        Objs {
+            ids: vec![None],
+            objs: vec![Obj::Map(Keys::new())],
+            index: HashMap::default(),
+        }
+    }
+
+    fn position(&self, id: &Option<Id>) -> Option<usize> {
+        if self.index.is_empty() {
+            self.ids.iter().rposition(|i| i == id)
+        } else {
+            self.index.get(id).map(|&i| i as usize)
+        }
+    }
+
+    fn contains(&self, id: &Option<Id>) -> bool {
+        self.position(id).is_some()
+    }
+
+    fn get(&self, id: &Option<Id>) -> Option<&Obj> {
+        self.objs.get(self.position(id)?)
+    }
+
+    fn get_mut(&mut self, id: &Option<Id>) -> Option<&mut Obj> {
+        let at = self.position(id)?;
+        self.objs.get_mut(at)
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.ids.reserve(n);
+        self.objs.reserve(n);
+    }
+
+    /// Put `obj` in as the object `id` (replacing one of that id).
+    fn insert(&mut self, id: Option<Id>, obj: Obj) {
+        if let Some(at) = self.position(&id)
+            && let Some(o) = self.objs.get_mut(at)
+        {
+            *o = obj;
+            return;
+        }
+        let at = self.ids.len() as u32;
+        self.ids.push(id);
+        self.objs.push(obj);
+        if self.ids.len() > OBJ_SCAN {
+            if self.index.is_empty() {
+                self.reindex();
+            } else {
+                self.index.insert(id, at);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &Option<Id>) {
+        let Some(at) = self.position(id) else {
+            return;
+        };
+        self.ids.remove(at);
+        self.objs.remove(at);
+        if self.ids.len() > OBJ_SCAN {
+            self.reindex();
+        } else {
+            self.index.clear();
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (i, id) in self.ids.iter().enumerate() {
+            self.index.insert(*id, i as u32);
+        }
+    }
 }
 
 /// How a change is folded.
@@ -312,6 +418,24 @@ enum K<'a> {
     Prop(&'a str),
     Head,
     Elem(Id),
+}
+
+/// Where an op writes: its object, its index in the change, its key,
+/// whether it inserts, and whether this change made the object.
+struct At<'a> {
+    obj: Option<Id>,
+    op: usize,
+    key: K<'a>,
+    insert: bool,
+    made_here: bool,
+}
+
+/// The room an object is made with: its keys or elements, and the bytes
+/// of its keys.
+#[derive(Debug, Clone, Copy, Default)]
+struct Room {
+    entries: usize,
+    text: usize,
 }
 
 /// A change undone: what an op replaced.
@@ -346,7 +470,7 @@ impl Shadow {
             actor_index: HashMap::default(),
             max_op: 0,
             heads: Vec::new(),
-            objs: HashMap::from_iter([(None, Obj::Map(Keys::new()))]),
+            objs: Objs::new(),
         }
     }
 
@@ -546,14 +670,37 @@ impl Shadow {
         for bytes in std::iter::once(c.actor).chain(c.others.iter().copied()) {
             local.push(self.intern(bytes));
         }
-        // One undo entry per op, one more per object made; room for the
-        // objects made, at once.
+        // Room for the objects made, at once; and for each of them (by
+        // the index of the op that makes it) the room it needs for what
+        // this change writes into it: its keys and their bytes, or its
+        // elements.
         let made = c
             .ops
             .iter()
             .filter(|op| matches!(op.action, MAKE_MAP | MAKE_LIST))
             .count();
         self.objs.reserve(made);
+        let mut room: SmallVec<[Room; 32]> = SmallVec::new();
+        if made > 0 {
+            room.resize(c.ops.len(), Room::default());
+            for op in &c.ops {
+                if let Some((0, ctr)) = op.obj
+                    && let Some(r) = ctr
+                        .checked_sub(c.start_op)
+                        .and_then(|i| room.get_mut(usize::try_from(i).ok()?))
+                {
+                    r.entries += 1;
+                    if let Key::Prop(k) = op.key {
+                        r.text += k.len();
+                    }
+                }
+            }
+        }
+        // The objects this change made so far: what it writes into them
+        // needs no undo entry (undoing their making removes them).
+        let mut created: SmallVec<[Id; 8]> = SmallVec::new();
+        // One undo entry per op on an object made before, one per object
+        // made.
         let mut undo = UNDO.take();
         undo.clear();
         undo.reserve(c.ops.len() + made);
@@ -581,7 +728,7 @@ impl Shadow {
                 }
                 // Inserts only into a list this change made: the shadow
                 // knows every element of that one.
-                let made_here = obj.is_some_and(|o| o.actor == id.actor && o.ctr >= c.start_op);
+                let made_here = obj.is_some_and(|o| created.contains(&o));
                 if mode == Mode::Concurrent
                     && ((op.insert && !made_here) || preds.iter().any(|p| !self.greater(id, *p)))
                 {
@@ -606,7 +753,20 @@ impl Shadow {
                     }),
                     _ => return None,
                 };
-                self.apply_op(obj, (i, key), op.insert, id, &preds, val, strict, &mut undo)
+                let makes = matches!(val, Some(Val::Map | Val::List));
+                let at = At {
+                    obj,
+                    op: i,
+                    key,
+                    insert: op.insert,
+                    made_here,
+                };
+                let room = room.get(i).copied().unwrap_or_default();
+                self.apply_op(at, id, &preds, (val, room), strict, &mut undo)?;
+                if makes {
+                    created.push(id);
+                }
+                Some(())
             })();
             if applied.is_none() {
                 ok = false;
@@ -693,27 +853,38 @@ impl Shadow {
         (a.ctr, self.actor_bytes(a.actor)) > (b.ctr, self.actor_bytes(b.actor))
     }
 
-    /// Apply one op (the change's `op`th, with its key); `None` if it
-    /// cannot be (nothing changed by this op).
-    #[allow(clippy::too_many_arguments)]
+    /// Apply one op (`val`, made with `room` if it is an object) where
+    /// `at` says; `None` if it cannot be (nothing changed by this op).
     fn apply_op(
         &mut self,
-        obj: Option<Id>,
-        (op, key): (usize, K<'_>),
-        insert: bool,
+        at: At<'_>,
         id: Id,
         preds: &[Id],
-        val: Option<Val>,
+        (val, room): (Option<Val>, Room),
         strict: bool,
         undo: &mut Vec<Undo>,
     ) -> Option<()> {
-        if matches!(val, Some(Val::Map | Val::List)) && self.objs.contains_key(&Some(id)) {
+        let At {
+            obj,
+            op,
+            key,
+            insert,
+            made_here,
+        } = at;
+        if matches!(val, Some(Val::Map | Val::List)) && self.objs.contains(&Some(id)) {
             return None;
         }
         let made = match &val {
-            Some(Val::Map) => Some(Obj::Map(Keys::new())),
-            Some(Val::List) => Some(Obj::List(Vec::new())),
+            Some(Val::Map) => Some(Obj::Map(Keys::with_room(room))),
+            Some(Val::List) => Some(Obj::List(Vec::with_capacity(room.entries))),
             _ => None,
+        };
+        // What an op writes into an object this change made needs no
+        // undo entry: undoing the making removes the object.
+        let mut undo_entry = |u: Undo| {
+            if !made_here {
+                undo.push(u);
+            }
         };
         // Replace the live ops of a slot (`val` is put in after): in
         // strict mode the predecessors must be exactly the live ops (and a
@@ -763,7 +934,7 @@ impl Shadow {
                         old
                     }
                 };
-                undo.push(Undo::Slot(obj, SlotAt::Key(op), old));
+                undo_entry(Undo::Slot(obj, SlotAt::Key(op), old));
             }
             (Obj::List(list), K::Head | K::Elem(_)) if insert => {
                 let at = match key {
@@ -776,7 +947,7 @@ impl Shadow {
                 let v = val.take()?;
                 next_after = list.get(at).map(|(n, _)| *n);
                 list.insert(at, (id, smallvec::smallvec![(id, v)]));
-                undo.push(Undo::Inserted(obj, at));
+                undo_entry(Undo::Inserted(obj, at));
             }
             (Obj::List(list), K::Elem(e)) => {
                 let at = list.iter().position(|(el, _)| *el == e)?;
@@ -785,7 +956,7 @@ impl Shadow {
                 if let Some(v) = val.take() {
                     slot.push((id, v));
                 }
-                undo.push(Undo::Slot(obj, SlotAt::Index(at), old));
+                undo_entry(Undo::Slot(obj, SlotAt::Index(at), old));
             }
             _ => return None,
         }
