@@ -142,6 +142,30 @@ fn a_full_tail_goes_to_automerge_and_the_fast_path_goes_on() {
     assert_eq!(b.history_len(KEY), 300);
 }
 
+/// A document of many objects (past the number the shadow finds by a
+/// scan, so that it finds them through an index) folds changes that make
+/// and change objects as automerge does.
+#[test]
+fn documents_of_many_objects_take_the_fast_path() {
+    let items = |n: u64, v: u64| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"name": format!("c{i}"), "v": v, "sub": {"x": i}}))
+            .collect()
+    };
+    let (mut a, mut b) = created(&json!({"list": items(20, 0)}));
+    for (i, n) in [(1u64, 30u64), (2, 40), (3, 40), (4, 10), (5, 60)] {
+        let c = a
+            .edit_merge_patch(KEY, &edge(), &json!({"list": items(n, i), "m": {"k": i}}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.apply_change(KEY, &c).unwrap(), Applied::New);
+        assert!(b.fast_tail(KEY) > 0, "change {i} took the fast path");
+        let want = json!({"list": items(n, i), "m": {"k": i}});
+        assert_eq!(b.get_json(KEY), Some(want.clone()));
+        assert_eq!(automerge_view(&b), Some(want));
+    }
+}
+
 #[test]
 fn many_actors_taking_turns_take_the_fast_path() {
     // Many writers of one object, one change each in turn: each one's

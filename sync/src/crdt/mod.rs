@@ -1295,10 +1295,11 @@ fn create(
 /// in causal order): `None` if it cannot represent them.
 fn fresh_shadow<'a>(changes: impl IntoIterator<Item = &'a [u8]>) -> Option<Box<Shadow>> {
     let mut fast = Box::new(Shadow::new());
-    changes
+    let all = changes
         .into_iter()
-        .all(|bytes| columnar::decode(bytes).is_some_and(|c| fast.fold_applied(&c)))
-        .then_some(fast)
+        .all(|bytes| columnar::decode(bytes).is_some_and(|c| fast.fold_applied(&c)));
+    fast.keep_room();
+    all.then_some(fast)
 }
 
 /// A fresh document whose one change, by `actor`, writes `value`

@@ -314,7 +314,7 @@ const OBJ_SCAN: usize = 48;
 /// where a table would grow by hashing every object again into memory
 /// just allocated; a lookup scans the ids (16 to 24 bytes each, the
 /// newest first: what a change writes into it mostly made itself).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Objs {
     ids: Vec<Option<Id>>,
     objs: Vec<Obj>,
@@ -323,11 +323,35 @@ struct Objs {
     index: HashMap<Option<Id>, u32>,
 }
 
+/// The room for objects a shadow keeps beyond those it holds when it is
+/// read or made (a pod's first status makes eight objects): a change that
+/// makes them moves no vector.
+const OBJ_ROOM: usize = 8;
+
+impl Clone for Objs {
+    /// A copy with the same room (a vector's clone keeps none).
+    fn clone(&self) -> Objs {
+        let mut ids = Vec::with_capacity(self.ids.capacity());
+        ids.extend_from_slice(&self.ids);
+        let mut objs = Vec::with_capacity(self.objs.capacity());
+        objs.extend(self.objs.iter().cloned());
+        Objs {
+            ids,
+            objs,
+            index: self.index.clone(),
+        }
+    }
+}
+
 impl Objs {
     fn new() -> Objs {
+        let mut ids = Vec::with_capacity(1 + OBJ_ROOM);
+        ids.push(None);
+        let mut objs = Vec::with_capacity(1 + OBJ_ROOM);
+        objs.push(Obj::Map(Keys::new()));
         Objs {
-            ids: vec![None],
-            objs: vec![Obj::Map(Keys::new())],
+            ids,
+            objs,
             index: HashMap::default(),
         }
     }
@@ -524,6 +548,7 @@ impl Shadow {
             };
             s.objs.insert(id, obj);
         }
+        s.keep_room();
         Some(s)
     }
 
@@ -567,6 +592,12 @@ impl Shadow {
             slot.push((id, val));
         }
         Some(slot)
+    }
+
+    /// Room for [`OBJ_ROOM`] more objects (after the changes that made a
+    /// document).
+    pub(crate) fn keep_room(&mut self) {
+        self.objs.reserve(OBJ_ROOM);
     }
 
     /// The document's heads, sorted.
