@@ -312,7 +312,7 @@ const OBJ_SCAN: usize = 48;
 /// they were made. Held in vectors rather than a hash table: a change
 /// that makes objects (a pod's first status makes eight) appends them,
 /// where a table would grow by hashing every object again into memory
-/// just allocated; a lookup scans the ids (16 to 24 bytes each, the
+/// just allocated; a lookup scans the ids (24 bytes each, the
 /// newest first: what a change writes into it mostly made itself).
 #[derive(Debug)]
 struct Objs {
