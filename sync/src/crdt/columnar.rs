@@ -23,8 +23,6 @@
 //! the change again; a hand-made change with, say, a literal run where
 //! automerge writes a repeat run goes to the slow path, which refuses it.
 
-use std::cell::RefCell;
-
 use sha2::Digest;
 use smallvec::SmallVec;
 
@@ -316,42 +314,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     Some(decoded)
 }
 
-thread_local! {
-    /// [`encode_body`]'s buffers (body head, columns, raw values, a
-    /// literal run), kept from one change to the next: every change the
-    /// fast path reads is written again, and the allocations cost more
-    /// than the writing.
-    static SCRATCH: RefCell<[Vec<u8>; 4]> =
-        const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
-}
-
-/// Most bytes [`SCRATCH`] keeps between changes (more is freed).
-const SCRATCH_KEEP: usize = 64 << 10;
-
-/// Whether [`encode_body`] gives back exactly the body `c` was read from.
+/// Whether [`encode_body`] gives back exactly the body `c` was read from
+/// (the strict readers' invariant; evaluated in debug builds and tests).
 fn canonical(c: &Decoded<'_>) -> bool {
-    let check = |[out, data, raw, lit]: &mut [Vec<u8>; 4]| {
-        // The body is the head, the columns, then the extra bytes (which
-        // are the body's last bytes, as read): compared where they are,
-        // not copied together first.
-        let same = encode_body(c, out, data, raw, lit)
-            && c.body.len() == out.len() + data.len() + c.extra.len()
-            && c.body.get(..out.len()) == Some(out.as_slice())
-            && c.body.get(out.len()..out.len() + data.len()) == Some(data.as_slice());
-        for b in [out, data, raw, lit] {
-            b.clear();
-            if b.capacity() > SCRATCH_KEEP {
-                b.shrink_to(SCRATCH_KEEP);
-            }
-        }
-        same
-    };
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut s) => check(&mut s),
-        // Only when already borrowed further up this thread's stack (it is
-        // not): fresh buffers then.
-        Err(_) => check(&mut Default::default()),
-    })
+    let (mut out, mut data, mut raw, mut lit) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The body is the head, the columns, then the extra bytes (which are
+    // the body's last bytes, as read).
+    encode_body(c, &mut out, &mut data, &mut raw, &mut lit)
+        && c.body.len() == out.len() + data.len() + c.extra.len()
+        && c.body.get(..out.len()) == Some(out.as_slice())
+        && c.body.get(out.len()..out.len() + data.len()) == Some(data.as_slice())
 }
 
 /// The value of one op from its metadata and the raw value column.
