@@ -79,27 +79,29 @@ fn header_unsealed(bytes: &[u8]) -> Result<Header<'_>, CrdtError> {
     if bytes.get(..4) != Some(&MAGIC[..]) {
         return Err(bad("bad magic bytes"));
     }
-    let kind = *bytes.get(8).ok_or(bad("truncated chunk header"))?;
+    let kind = *bytes.get(8).ok_or_else(|| bad("truncated chunk header"))?;
     match kind {
         CHUNK_CHANGE => {}
         CHUNK_COMPRESSED => return Err(CrdtError::Compressed),
         _ => return Err(bad("not a change chunk")),
     }
     let rest = bytes.get(9..).unwrap_or_default();
-    let (len, rest) = uleb(rest).ok_or(bad("bad chunk length"))?;
+    let (len, rest) = uleb(rest).ok_or_else(|| bad("bad chunk length"))?;
     if usize::try_from(len).ok() != Some(rest.len()) {
         return Err(bad("chunk length does not match the bytes"));
     }
     let body = rest;
-    let (deps, rest) = uleb(body).ok_or(bad("bad dependency count"))?;
+    let (deps, rest) = uleb(body).ok_or_else(|| bad("bad dependency count"))?;
     let deps = usize::try_from(deps).map_err(|_| bad("bad dependency count"))?;
     let rest = deps
         .checked_mul(32)
         .and_then(|n| rest.get(n..))
-        .ok_or(bad("truncated dependencies"))?;
-    let (actor_len, rest) = uleb(rest).ok_or(bad("bad actor length"))?;
+        .ok_or_else(|| bad("truncated dependencies"))?;
+    let (actor_len, rest) = uleb(rest).ok_or_else(|| bad("bad actor length"))?;
     let n = usize::try_from(actor_len).map_err(|_| bad("truncated actor"))?;
-    let (actor, rest) = rest.split_at_checked(n).ok_or(bad("truncated actor"))?;
+    let (actor, rest) = rest
+        .split_at_checked(n)
+        .ok_or_else(|| bad("truncated actor"))?;
     Ok(Header { deps, actor, rest })
 }
 
@@ -116,14 +118,14 @@ impl<'a> Header<'a> {
     pub(crate) fn message(&self) -> Result<&'a [u8], CrdtError> {
         let bad = |why: &'static str| CrdtError::MalformedHeader(why);
         // seq and start_op (unsigned), time (signed): skipped.
-        let rest = skip_leb(self.rest).ok_or(bad("bad seq"))?;
-        let rest = skip_leb(rest).ok_or(bad("bad start op"))?;
-        let rest = skip_leb(rest).ok_or(bad("bad time"))?;
-        let (len, rest) = uleb(rest).ok_or(bad("bad message length"))?;
+        let rest = skip_leb(self.rest).ok_or_else(|| bad("bad seq"))?;
+        let rest = skip_leb(rest).ok_or_else(|| bad("bad start op"))?;
+        let rest = skip_leb(rest).ok_or_else(|| bad("bad time"))?;
+        let (len, rest) = uleb(rest).ok_or_else(|| bad("bad message length"))?;
         usize::try_from(len)
             .ok()
             .and_then(|n| rest.get(..n))
-            .ok_or(bad("truncated message"))
+            .ok_or_else(|| bad("truncated message"))
     }
 }
 

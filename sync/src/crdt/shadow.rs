@@ -41,7 +41,6 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap as HashMap;
 use smallvec::SmallVec;
-use smol_str::SmolStr;
 
 use automerge::{Automerge, Cursor, ObjId as ExId, ObjType, ROOT, ReadDoc};
 use serde_json::{Map, Number, Value};
@@ -63,12 +62,57 @@ enum Val {
     Uint(u64),
     Int(i64),
     F64(f64),
-    /// Inline up to 23 bytes (most values of a Kubernetes object: phases,
-    /// IPs, timestamps, image names): a put allocates nothing for them.
-    Str(SmolStr),
+    /// Inline up to [`Text::INLINE`] bytes (most values of a Kubernetes
+    /// object: phases, IPs, timestamps, image names): a put allocates
+    /// nothing for them.
+    Str(Text),
     /// A map or list object: the object's id is the op's own.
     Map,
     List,
+}
+
+/// A string value: its bytes inline when they fit, else on the heap. Made
+/// by a copy (no scan of the bytes, as a general small-string type makes
+/// to pick among its forms).
+#[derive(Clone, PartialEq)]
+enum Text {
+    Inline { len: u8, bytes: [u8; Text::INLINE] },
+    Heap(Box<str>),
+}
+
+impl Text {
+    const INLINE: usize = 22;
+
+    fn new(s: &str) -> Text {
+        let mut bytes = [0; Text::INLINE];
+        match bytes.get_mut(..s.len()) {
+            Some(b) => {
+                b.copy_from_slice(s.as_bytes());
+                Text::Inline {
+                    len: s.len() as u8,
+                    bytes,
+                }
+            }
+            None => Text::Heap(s.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `str` whole: always UTF-8.
+            Text::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or_default(),
+            Text::Heap(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
 }
 
 /// The live ops of one map key or list element (usually one, held inline;
@@ -105,11 +149,23 @@ const KEYS_TEXT: usize = 64;
 /// string, one after another: a lookup reads a few cache lines (the ends,
 /// then the bytes of keys of the right length) rather than one allocation
 /// per key, and a new key allocates nothing of its own.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct SmallKeys {
     text: String,
     /// Where each key ends in `text`, and its slot.
     entries: Vec<(usize, Slot)>,
+}
+
+impl Clone for SmallKeys {
+    /// A copy with the same room (a vector's clone keeps none): a key
+    /// the map had room for moves nothing in the copy either.
+    fn clone(&self) -> SmallKeys {
+        let mut text = String::with_capacity(self.text.capacity());
+        text.push_str(&self.text);
+        let mut entries = Vec::with_capacity(self.entries.capacity());
+        entries.extend(self.entries.iter().cloned());
+        SmallKeys { text, entries }
+    }
 }
 
 impl SmallKeys {
@@ -292,7 +348,7 @@ struct Actor {
 const ACTOR_SCAN: usize = 8;
 
 /// The shadow of one document; see the module documentation.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Shadow {
     actors: Vec<Actor>,
     /// Every actor's index, by its bytes, once there are more than
@@ -302,6 +358,21 @@ pub(crate) struct Shadow {
     /// Sorted.
     heads: Vec<[u8; 32]>,
     objs: Objs,
+}
+
+impl Clone for Shadow {
+    /// A copy with the same room (see [`Shadow::keep_room`]).
+    fn clone(&self) -> Shadow {
+        let mut actors = Vec::with_capacity(self.actors.capacity());
+        actors.extend(self.actors.iter().cloned());
+        Shadow {
+            actors,
+            actor_index: self.actor_index.clone(),
+            max_op: self.max_op,
+            heads: self.heads.clone(),
+            objs: self.objs.clone(),
+        }
+    }
 }
 
 /// Up to this many objects a document's object is found by a scan (a pod
@@ -327,6 +398,14 @@ struct Objs {
 /// read or made (a pod's first status makes eight objects): a change that
 /// makes them moves no vector.
 const OBJ_ROOM: usize = 8;
+
+/// The room for actors a shadow keeps beyond those it holds (see
+/// [`Shadow::keep_room`]).
+const ACTOR_ROOM: usize = 2;
+
+/// The room for keys (of about eight bytes) a shadow's root map keeps
+/// beyond those it holds (see [`Shadow::keep_room`]).
+const ROOT_ROOM: usize = 2;
 
 impl Clone for Objs {
     /// A copy with the same room (a vector's clone keeps none).
@@ -585,7 +664,7 @@ impl Shadow {
                     S::Uint(u) => Val::Uint(*u),
                     S::Int(i) => Val::Int(*i),
                     S::F64(f) => Val::F64(*f),
-                    S::Str(st) => Val::Str(SmolStr::new(st.as_str())),
+                    S::Str(st) => Val::Str(Text::new(st.as_str())),
                     _ => return None,
                 },
             };
@@ -594,10 +673,17 @@ impl Shadow {
         Some(slot)
     }
 
-    /// Room for [`OBJ_ROOM`] more objects (after the changes that made a
-    /// document).
+    /// Room for [`OBJ_ROOM`] more objects, [`ACTOR_ROOM`] more actors
+    /// and [`ROOT_ROOM`] more keys of the root map (after the changes that
+    /// made a document: a pod's first status comes from a new actor, the
+    /// node, and adds `status` to the root).
     pub(crate) fn keep_room(&mut self) {
         self.objs.reserve(OBJ_ROOM);
+        self.actors.reserve(ACTOR_ROOM);
+        if let Some(Obj::Map(Keys::Small(root))) = self.objs.objs.first_mut() {
+            root.entries.reserve(ROOT_ROOM);
+            root.text.reserve(ROOT_ROOM * 8);
+        }
     }
 
     /// The document's heads, sorted.
@@ -780,7 +866,7 @@ impl Shadow {
                         Scalar::Uint(u) => Val::Uint(u),
                         Scalar::Int(i) => Val::Int(i),
                         Scalar::F64(f) => Val::F64(f),
-                        Scalar::Str(s) => Val::Str(SmolStr::new(s)),
+                        Scalar::Str(s) => Val::Str(Text::new(s)),
                     }),
                     _ => return None,
                 };
@@ -1058,7 +1144,7 @@ impl Shadow {
             Val::Uint(u) => Value::Number(Number::from(*u)),
             Val::Int(i) => Value::Number(Number::from(*i)),
             Val::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
-            Val::Str(s) => Value::String(s.to_string()),
+            Val::Str(s) => Value::String(s.as_str().to_owned()),
             Val::Map | Val::List if depth >= MAX_DEPTH => Value::Null,
             Val::Map => self.render_map(Some(*id), depth),
             Val::List => self.render_list(Some(*id), depth),
@@ -1098,6 +1184,25 @@ mod tests {
 
     fn slot(n: u64) -> Slot {
         smallvec::smallvec![(Id { ctr: n, actor: 0 }, Val::Uint(n))]
+    }
+
+    /// [`Text`] gives back the string it was made from, inline or not.
+    #[test]
+    fn text_gives_back_its_string() {
+        for s in [
+            "",
+            "a",
+            "Running",
+            "0123456789abcdefghijkl",
+            "0123456789abcdefghijklm",
+            "ééééééééééé",
+            "éééééééééééé",
+        ] {
+            let t = Text::new(s);
+            assert_eq!(t.as_str(), s);
+            assert_eq!(t.clone().as_str(), s);
+            assert_eq!(matches!(t, Text::Inline { .. }), s.len() <= 22, "{s}");
+        }
     }
 
     /// [`Keys`] keeps what a B-tree keeps, in its order, across the move
