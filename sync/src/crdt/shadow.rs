@@ -115,6 +115,14 @@ impl std::fmt::Debug for Text {
     }
 }
 
+/// A copy of `v` with the same room (a vector's clone keeps none): what
+/// the original had room for moves nothing in the copy either.
+fn clone_with_room<T: Clone>(v: &Vec<T>) -> Vec<T> {
+    let mut copy = Vec::with_capacity(v.capacity());
+    copy.extend_from_slice(v);
+    copy
+}
+
 /// The live ops of one map key or list element (usually one, held inline;
 /// several after concurrent puts, the greatest id visible).
 type Slot = SmallVec<[(Id, Val); 1]>;
@@ -162,9 +170,10 @@ impl Clone for SmallKeys {
     fn clone(&self) -> SmallKeys {
         let mut text = String::with_capacity(self.text.capacity());
         text.push_str(&self.text);
-        let mut entries = Vec::with_capacity(self.entries.capacity());
-        entries.extend(self.entries.iter().cloned());
-        SmallKeys { text, entries }
+        SmallKeys {
+            text,
+            entries: clone_with_room(&self.entries),
+        }
     }
 }
 
@@ -363,10 +372,8 @@ pub(crate) struct Shadow {
 impl Clone for Shadow {
     /// A copy with the same room (see [`Shadow::keep_room`]).
     fn clone(&self) -> Shadow {
-        let mut actors = Vec::with_capacity(self.actors.capacity());
-        actors.extend(self.actors.iter().cloned());
         Shadow {
-            actors,
+            actors: clone_with_room(&self.actors),
             actor_index: self.actor_index.clone(),
             max_op: self.max_op,
             heads: self.heads.clone(),
@@ -410,13 +417,9 @@ const ROOT_ROOM: usize = 2;
 impl Clone for Objs {
     /// A copy with the same room (a vector's clone keeps none).
     fn clone(&self) -> Objs {
-        let mut ids = Vec::with_capacity(self.ids.capacity());
-        ids.extend_from_slice(&self.ids);
-        let mut objs = Vec::with_capacity(self.objs.capacity());
-        objs.extend(self.objs.iter().cloned());
         Objs {
-            ids,
-            objs,
+            ids: clone_with_room(&self.ids),
+            objs: clone_with_room(&self.objs),
             index: self.index.clone(),
         }
     }
