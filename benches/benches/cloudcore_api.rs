@@ -20,6 +20,8 @@
     missing_docs
 )]
 
+// keel's allocator (see `keel_benches`).
+use keel_benches as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

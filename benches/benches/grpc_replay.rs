@@ -20,6 +20,8 @@
     missing_docs
 )]
 
+// keel's allocator (see `keel_benches`).
+use keel_benches as _;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

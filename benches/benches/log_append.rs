@@ -17,6 +17,8 @@
     missing_docs
 )]
 
+// keel's allocator (see `keel_benches`).
+use keel_benches as _;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 

@@ -54,6 +54,8 @@
     missing_docs
 )]
 
+// keel's allocator (see `keel_benches`).
+use keel_benches as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

@@ -35,6 +35,8 @@
     missing_docs
 )]
 
+// keel's allocator (see `keel_benches`).
+use keel_benches as _;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -9,6 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The benches run keel on the allocator its binaries run on (see
+/// ARCHITECTURE.md, "Memory"), so that what they measure in process is
+/// what cloudcore and edgecore do. A bench that uses nothing else of this
+/// library links it with `use keel_benches as _;`.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A release binary of this workspace (`cargo build --release --bins`).
 pub fn bin(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand};
 use keel_cloud::attach::KubernetesConfig;
 use keel_cloud::core::{self, Config};
 
+/// cloudcore runs on mimalloc: glibc's allocator hands the memory a
+/// catch-up frees back to the kernel and faults it in again for the next
+/// (see ARCHITECTURE.md, "Memory").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cloudcore",

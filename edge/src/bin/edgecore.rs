@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keel_edge::core::{self, Config};
 
+/// edgecore runs on mimalloc: glibc's allocator hands the memory a
+/// catch-up frees back to the kernel and faults it in again for the next
+/// (see ARCHITECTURE.md, "Memory").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "edgecore",

@@ -895,6 +895,13 @@ impl<'a> Reader<'a> {
     }
 
     fn uleb(&mut self) -> Option<u64> {
+        // Most numbers of a change fit in one byte.
+        if let Some((&b, rest)) = self.0.split_first()
+            && b & 0x80 == 0
+        {
+            self.0 = rest;
+            return Some(u64::from(b));
+        }
         let mut value: u64 = 0;
         for i in 0..10u32 {
             let b = *self.0.get(i as usize)?;
@@ -917,6 +924,13 @@ impl<'a> Reader<'a> {
     }
 
     fn sleb(&mut self) -> Option<i64> {
+        // One byte: -64..=63, its sign in bit 6.
+        if let Some((&b, rest)) = self.0.split_first()
+            && b & 0x80 == 0
+        {
+            self.0 = rest;
+            return Some(i64::from(((b << 1) as i8) >> 1));
+        }
         let mut value: i64 = 0;
         let mut shift = 0u32;
         for i in 0..10usize {
