@@ -252,7 +252,8 @@ fn apply_template(node: &str, base: &ObjectStore, round: u64) -> ApplyTemplate {
 fn wanted(group: &str) -> bool {
     let filters: Vec<String> = std::env::args()
         .skip(1)
-        .filter(|a| !a.starts_with('-'))
+        // Not the options' values (`--measurement-time 8`).
+        .filter(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
         .collect();
     filters.is_empty()
         || filters

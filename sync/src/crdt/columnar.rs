@@ -214,13 +214,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     let mut obj_actor = Rle::new(obj_actor, Reader::uleb);
     let mut obj_ctr = Rle::new(obj_ctr, Reader::uleb);
     let mut key_actor = Rle::new(key_actor, Reader::uleb);
-    let mut key_ctr = Delta::new(key_ctr);
+    let mut key_ctr = delta(key_ctr);
     let mut key_str = Rle::new(key_str, Reader::str);
     let mut insert = Bools::new(insert);
     let mut meta = Rle::new(meta, Reader::uleb);
     let mut pred_group = Rle::new(pred_group, Reader::uleb);
     let mut pred_actor = Rle::new(pred_actor, Reader::uleb);
-    let mut pred_ctr = Delta::new(pred_ctr);
+    let mut pred_ctr = delta(pred_ctr);
     let nactors = 1 + others.len() as u64;
     let mut raw = Reader(raw);
     // (A pod-status change has 7 to 30 ops.)
@@ -591,7 +591,21 @@ impl<'a, T: Copy + PartialEq, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T,
         self.left == 0 && self.r.0.is_empty()
     }
 
+    /// The next value: a run's next repeat without a call (most values
+    /// of a change's columns are repeats), the rest in [`Rle::next_read`].
+    #[inline]
     fn next(&mut self) -> Option<Option<T>> {
+        if self.left > 0
+            && !self.failed
+            && let Some(v) = self.repeat
+        {
+            self.left -= 1;
+            return Some(v);
+        }
+        self.next_read()
+    }
+
+    fn next_read(&mut self) -> Option<Option<T>> {
         if self.failed {
             return None;
         }
@@ -666,19 +680,21 @@ impl<'a, T: Copy + PartialEq, F: FnMut(&mut Reader<'a>) -> Option<T>> Rle<'a, T,
 
 /// A delta column, read lazily: a run-length column of differences,
 /// yielding the absolute values (nulls leave the running value alone).
-struct Delta<'a> {
-    rle: Rle<'a, i64, fn(&mut Reader<'a>) -> Option<i64>>,
+struct Delta<'a, F> {
+    rle: Rle<'a, i64, F>,
     abs: i64,
 }
 
-impl<'a> Delta<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Delta {
-            rle: Rle::new(bytes, Reader::sleb),
-            abs: 0,
-        }
+/// A [`Delta`] reader of `bytes` (its reader of differences a function
+/// item, not a pointer: inlined).
+fn delta<'a>(bytes: &'a [u8]) -> Delta<'a, impl FnMut(&mut Reader<'a>) -> Option<i64>> {
+    Delta {
+        rle: Rle::new(bytes, Reader::sleb),
+        abs: 0,
     }
+}
 
+impl<'a, F: FnMut(&mut Reader<'a>) -> Option<i64>> Delta<'a, F> {
     fn done(&self) -> bool {
         self.rle.done()
     }
@@ -894,14 +910,19 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.prefixed()?).ok()
     }
 
+    /// Most numbers of a change fit in one byte: read without a call.
+    #[inline]
     fn uleb(&mut self) -> Option<u64> {
-        // Most numbers of a change fit in one byte.
         if let Some((&b, rest)) = self.0.split_first()
             && b & 0x80 == 0
         {
             self.0 = rest;
             return Some(u64::from(b));
         }
+        self.uleb_long()
+    }
+
+    fn uleb_long(&mut self) -> Option<u64> {
         let mut value: u64 = 0;
         for i in 0..10u32 {
             let b = *self.0.get(i as usize)?;
@@ -923,14 +944,20 @@ impl<'a> Reader<'a> {
         None
     }
 
+    /// [`Reader::uleb`]'s signed twin (one byte: -64..=63, the sign in
+    /// bit 6).
+    #[inline]
     fn sleb(&mut self) -> Option<i64> {
-        // One byte: -64..=63, its sign in bit 6.
         if let Some((&b, rest)) = self.0.split_first()
             && b & 0x80 == 0
         {
             self.0 = rest;
             return Some(i64::from(((b << 1) as i8) >> 1));
         }
+        self.sleb_long()
+    }
+
+    fn sleb_long(&mut self) -> Option<i64> {
         let mut value: i64 = 0;
         let mut shift = 0u32;
         for i in 0..10usize {

@@ -275,6 +275,55 @@ impl Keys {
         })
     }
 
+    /// Changes the slot of `k` with `f` (an empty one if the map has no
+    /// `k`), found once: the key is then in the map if its slot is not
+    /// empty. `None` (the map unchanged) if `f` gives `None` and leaves
+    /// the slot as it was.
+    fn update<T>(&mut self, k: &str, f: impl FnOnce(&mut Slot) -> Option<T>) -> Option<T> {
+        match self {
+            Keys::Small(small) => match small.search(k) {
+                Ok(at) => {
+                    let slot = small.slot_mut(at)?;
+                    let out = f(slot)?;
+                    if slot.is_empty() {
+                        small.remove_at(at);
+                    }
+                    Some(out)
+                }
+                Err(at) => {
+                    let mut slot = Slot::new();
+                    let out = f(&mut slot)?;
+                    if !slot.is_empty() {
+                        if small.entries.len() < SMALL_MAP {
+                            small.insert_at(at, k, slot);
+                        } else {
+                            self.insert(k, slot);
+                        }
+                    }
+                    Some(out)
+                }
+            },
+            Keys::Large(m) => match m.get_mut(k) {
+                Some(slot) => {
+                    let out = f(slot)?;
+                    if slot.is_empty() {
+                        m.remove(k);
+                    }
+                    Some(out)
+                }
+                None => {
+                    let mut slot = Slot::new();
+                    let out = f(&mut slot)?;
+                    if !slot.is_empty() {
+                        m.insert(k.into(), slot);
+                    }
+                    Some(out)
+                }
+            },
+        }
+    }
+
+    #[cfg(test)]
     fn get_mut(&mut self, k: &str) -> Option<&mut Slot> {
         match self {
             Keys::Small(small) => {
@@ -1031,29 +1080,13 @@ impl Shadow {
         let mut next_after = None;
         match (self.objs.get_mut(&obj)?, key) {
             (Obj::Map(map), K::Prop(k)) if !insert => {
-                let old = match map.get_mut(k) {
-                    Some(entry) => {
-                        let old = replace(entry)?;
-                        if let Some(v) = val.take() {
-                            entry.push((id, v));
-                        }
-                        if entry.is_empty() {
-                            map.remove(k);
-                        }
-                        old
+                let old = map.update(k, |entry| {
+                    let old = replace(entry)?;
+                    if let Some(v) = val.take() {
+                        entry.push((id, v));
                     }
-                    None => {
-                        let mut entry = Slot::new();
-                        let old = replace(&mut entry)?;
-                        if let Some(v) = val.take() {
-                            entry.push((id, v));
-                        }
-                        if !entry.is_empty() {
-                            map.insert(k, entry);
-                        }
-                        old
-                    }
-                };
+                    Some(old)
+                })?;
                 undo_entry(Undo::Slot(obj, SlotAt::Key(op), old));
             }
             (Obj::List(list), K::Head | K::Elem(_)) if insert => {
@@ -1245,5 +1278,60 @@ mod tests {
             }
             assert!(matches!(keys, Keys::Large(_)));
         }
+    }
+
+    #[test]
+    fn update_behaves_as_a_btree_map() {
+        for order in 0..3u64 {
+            let mut keys = Keys::new();
+            let mut want: BTreeMap<Box<str>, Slot> = BTreeMap::new();
+            for i in 0..(4 * SMALL_MAP as u64) {
+                let n = match order {
+                    0 => i % 50,
+                    1 => 1000 - i % 70,
+                    _ => (i * 37) % 101,
+                };
+                let k = format!("k{n}");
+                // Put, empty (the key goes), or refuse (nothing changes).
+                let what = i % 4;
+                let before = want.get(k.as_str()).cloned();
+                let got = keys.update(&k, |s| match what {
+                    0 | 1 => {
+                        let old = s.clone();
+                        *s = slot(i);
+                        Some(old)
+                    }
+                    2 => Some(std::mem::take(s)),
+                    _ => None,
+                });
+                match what {
+                    0 | 1 => {
+                        want.insert(k.as_str().into(), slot(i));
+                    }
+                    2 => {
+                        want.remove(k.as_str());
+                    }
+                    _ => {}
+                }
+                if what == 3 {
+                    assert_eq!(got, None);
+                } else {
+                    assert_eq!(got, Some(before.unwrap_or_default()));
+                }
+                let got: Vec<(&str, &Slot)> = keys.iter().collect();
+                let expected: Vec<(&str, &Slot)> = want.iter().map(|(k, s)| (&**k, s)).collect();
+                assert_eq!(got, expected);
+            }
+        }
+        // Past SMALL_MAP keys through update alone: a B-tree.
+        let mut keys = Keys::new();
+        for n in 0..(2 * SMALL_MAP as u64) {
+            keys.update(&format!("k{n}"), |s| {
+                *s = slot(n);
+                Some(())
+            });
+        }
+        assert!(matches!(keys, Keys::Large(_)));
+        assert_eq!(keys.iter().count(), 2 * SMALL_MAP);
     }
 }
