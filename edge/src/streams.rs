@@ -4,7 +4,6 @@
 //! its stdin, stdout, stderr and exit code carried as `v5.channel.k8s.io`
 //! messages).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,9 +86,15 @@ impl<L: Logs> keel_sync::session::SessionHandler for Sessions<L> {
                         .and_then(|c| c.get("stdinOnce"))
                         .and_then(Value::as_bool)
                         .unwrap_or(false);
-                    attach(&self.edged, req, once, input)
+                    Ok((req, once))
                 });
-                Box::pin(std::future::ready(answer.map_err(|s| status_bytes(&s))))
+                let edged = self.edged.clone();
+                Box::pin(async move {
+                    let (req, once) = answer.map_err(|s| status_bytes(&s))?;
+                    attach(&edged, req, once, input)
+                        .await
+                        .map_err(|s| status_bytes(&s))
+                })
             }
             Some("portforward") => {
                 let req = match ForwardRequest::from_json(&v) {
@@ -311,7 +316,10 @@ async fn forward(
 /// on (read from its log, each entry on its stream's channel) until it
 /// exits, and with stdin, the client's input to its stdin (closed after
 /// the session when the container's `stdinOnce`).
-fn attach(
+///
+/// "From now on" is the log's end before any of the client's input is
+/// written: what the container answers to that input is always shown.
+async fn attach(
     edged: &Edged,
     req: ExecRequest,
     stdin_once: bool,
@@ -321,6 +329,10 @@ fn attach(
     let (handle, log) = edged
         .attach(&req.namespace, &req.pod, &container)
         .map_err(|e| Status::bad_request(e.to_string()))?;
+    let reader = match crilog::Reader::open(&log).await {
+        Ok(mut r) => r.seek(std::io::SeekFrom::End(0)).await.ok().map(|()| r),
+        Err(_) => None,
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     if req.stdin {
         let (handle, tx) = (handle.clone(), tx.clone());
@@ -347,7 +359,7 @@ fn attach(
     }
     debug!(pod = %req.pod, %container, "attached");
     tokio::spawn(async move {
-        if follow_output(&log, &*handle, &tx).await {
+        if follow_output(reader, &*handle, &tx).await {
             let status = exit_status(0).to_string();
             let _ = tx.send(frame(&message(ERROR, status.as_bytes()))).await;
         }
@@ -355,16 +367,17 @@ fn attach(
     Ok(rx)
 }
 
-/// Sends what the container writes from now on (its log's new entries,
-/// each on its stream's channel) until it exits (true) or the client goes
-/// away (false).
-async fn follow_output(log: &Path, handle: &dyn ContainerHandle, tx: &mpsc::Sender<Bytes>) -> bool {
-    let Ok(mut r) = crilog::Reader::open(log).await else {
+/// Sends what the container writes past `reader`'s position (its log's
+/// new entries, each on its stream's channel) until it exits (true) or the
+/// client goes away (false). Without a log to read, the session ends.
+async fn follow_output(
+    reader: Option<crilog::Reader>,
+    handle: &dyn ContainerHandle,
+    tx: &mpsc::Sender<Bytes>,
+) -> bool {
+    let Some(mut r) = reader else {
         return true;
     };
-    if r.seek(std::io::SeekFrom::End(0)).await.is_err() {
-        return true;
-    }
     let exited = handle.wait();
     tokio::pin!(exited);
     let mut exited_now = false;
