@@ -1066,6 +1066,8 @@ impl Shadow {
                 if !same || (deletes && preds.is_empty()) {
                     return None;
                 }
+                // Every live op is replaced.
+                return Some(std::mem::take(slot));
             }
             let old = std::mem::take(slot);
             slot.extend(
@@ -1080,14 +1082,16 @@ impl Shadow {
         let mut next_after = None;
         match (self.objs.get_mut(&obj)?, key) {
             (Obj::Map(map), K::Prop(k)) if !insert => {
-                let old = map.update(k, |entry| {
+                // The undo entry is written where the old slot is taken
+                // (not moved out through the map's return value).
+                map.update(k, |entry| {
                     let old = replace(entry)?;
                     if let Some(v) = val.take() {
                         entry.push((id, v));
                     }
-                    Some(old)
+                    undo_entry(Undo::Slot(obj, SlotAt::Key(op), old));
+                    Some(())
                 })?;
-                undo_entry(Undo::Slot(obj, SlotAt::Key(op), old));
             }
             (Obj::List(list), K::Head | K::Elem(_)) if insert => {
                 let at = match key {
