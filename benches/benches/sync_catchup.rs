@@ -27,6 +27,10 @@
 //! Making the 10,000 nodes' logs takes a few minutes before the first
 //! group; `KEEL_CATCHUP_NODES=N` makes N instead (for profiling: the rate
 //! per record hardly depends on N).
+//!
+//! Profiling the timed sections alone (set-up takes most of a run):
+//! `mkfifo ctl ctl.ack; KEEL_PERF_CTL=ctl perf record -g -D -1 --control
+//! fifo:ctl,ctl.ack -- target/release/deps/sync_catchup-* --bench FILTER`.
 
 #![allow(
     clippy::unwrap_used,
@@ -45,6 +49,23 @@ use keel_sync::crdt::{ActorId, Applied, ObjectStore};
 use keel_sync::link::{LogSource, down_stream, up_stream};
 use keel_sync::sim::{MemLog, Pair};
 use serde_json::json;
+
+/// With `KEEL_PERF_CTL=FIFO`, tells `perf record --control fifo:FIFO,FIFO.ack
+/// -D -1` to sample the timed sections alone (`enable` before each, `disable`
+/// after): set-up takes most of a run's time.
+fn perf_ctl(cmd: &str) {
+    use std::io::{Read, Write};
+    let Ok(fifo) = std::env::var("KEEL_PERF_CTL") else {
+        return;
+    };
+    let mut ctl = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    ctl.write_all(cmd.as_bytes()).unwrap();
+    let mut ack = [0u8; 5];
+    let _ = std::fs::File::open(format!("{fifo}.ack"))
+        .unwrap()
+        .read(&mut ack)
+        .unwrap();
+}
 
 const NODES: usize = 10_000;
 const BEHIND: u64 = 10;
@@ -174,12 +195,14 @@ fn catchup(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let mut ps = pairs(&t, nodes, with_objects);
+                    perf_ctl("enable\n");
                     let start = Instant::now();
                     let mut moved = 0;
                     for p in &mut ps {
                         moved += p.run().unwrap();
                     }
                     total += start.elapsed();
+                    perf_ctl("disable\n");
                     assert_eq!(moved, nodes as u64 * BEHIND * 2);
                     drop(ps);
                 }
@@ -221,12 +244,19 @@ struct ApplyTemplate {
 }
 
 /// `base` holds the node's pods (`pods/default/web-P`, as the cloud and the
-/// node both hold them): the node writes one status change to each.
-fn apply_template(node: &str, base: &ObjectStore, round: u64) -> ApplyTemplate {
+/// node both hold them; `edge_base` the same with their documents in
+/// memory, as the node writes to them): the node writes one status change
+/// to each.
+fn apply_template(
+    node: &str,
+    base: &ObjectStore,
+    edge_base: &ObjectStore,
+    round: u64,
+) -> ApplyTemplate {
     let (down, up) = (down_stream(node), up_stream(node));
     let cloud = MemLog::with_streams([(down.clone(), Role::Writer), (up.clone(), Role::Replica)]);
     let mut edge = MemLog::with_streams([(up.clone(), Role::Writer), (down, Role::Replica)]);
-    let mut edge_store = base.clone();
+    let mut edge_store = edge_base.clone();
     let actor = ActorId::from_name(node);
     for p in 0..PODS {
         let key = format!("pods/default/web-{p}");
@@ -273,8 +303,16 @@ fn crdt_catchup(c: &mut Criterion) {
         for p in 0..PODS {
             base.load(&format!("pods/default/web-{p}"), &saved).unwrap();
         }
+        // (Reading each document's history loads it: its copies share it.)
+        let edge_base = base.clone();
+        for p in 0..PODS {
+            assert_eq!(
+                edge_base.history_len(&format!("pods/default/web-{p}")),
+                history
+            );
+        }
         let t: Vec<ApplyTemplate> = (0..APPLY_NODES)
-            .map(|i| apply_template(&format!("edge-{i}"), &base, 1000 + i as u64))
+            .map(|i| apply_template(&format!("edge-{i}"), &base, &edge_base, 1000 + i as u64))
             .collect();
         eprintln!(
             "{} objects with {history} changes of history made in {:?}",
@@ -302,12 +340,14 @@ fn crdt_catchup(c: &mut Criterion) {
                             )
                         })
                         .collect();
+                    perf_ctl("enable\n");
                     let start = Instant::now();
                     let mut moved = 0;
                     for p in &mut ps {
                         moved += p.run().unwrap();
                     }
                     total += start.elapsed();
+                    perf_ctl("disable\n");
                     assert_eq!(moved, (APPLY_NODES * PODS) as u64);
                     // Every change applied (not queued, not refused).
                     let p = ps.first().unwrap();

@@ -155,14 +155,14 @@ fn uleb(bytes: &[u8]) -> Option<(u64, &[u8])> {
 /// Parse saved state: zero or more document chunks and change chunks, in any
 /// order (the output of `save`, of `fold_change`, or a concatenation of change
 /// bytes). Returns the chunks in order; nothing is applied.
-pub(crate) fn parse_state(bytes: &[u8]) -> Result<Vec<Chunk>, CrdtError> {
+pub(crate) fn parse_state(bytes: &[u8]) -> Result<Vec<Chunk<'_>>, CrdtError> {
     let mut out = Vec::new();
     for (kind, raw) in split_chunks(bytes)? {
         match kind {
             CHUNK_DOCUMENT => {
                 let doc = guarded("loading a document chunk", || Automerge::load(raw))?
                     .map_err(|e| CrdtError::MalformedSnapshot(e.to_string()))?;
-                out.push(Chunk::Document(Box::new(doc)));
+                out.push(Chunk::Document(Box::new(doc), raw));
             }
             CHUNK_CHANGE => out.push(Chunk::Change(Box::new(parse_change(raw)?))),
             CHUNK_COMPRESSED => return Err(CrdtError::Compressed),
@@ -177,8 +177,9 @@ pub(crate) fn parse_state(bytes: &[u8]) -> Result<Vec<Chunk>, CrdtError> {
 }
 
 #[derive(Debug)]
-pub(crate) enum Chunk {
-    Document(Box<Automerge>),
+pub(crate) enum Chunk<'a> {
+    /// A document, and the bytes of its chunk.
+    Document(Box<Automerge>, &'a [u8]),
     Change(Box<Change>),
 }
 

@@ -57,6 +57,7 @@
 
 mod actor;
 mod columnar;
+mod doc;
 mod guard;
 pub mod json;
 mod shadow;
@@ -70,6 +71,7 @@ use serde_json::Value;
 pub use actor::ActorId;
 pub use json::MAX_DEPTH;
 
+use doc::Doc;
 use guard::{
     Chunk, Created, check_alone, check_change, check_in_batch, guarded, parse_change, parse_state,
 };
@@ -163,10 +165,11 @@ pub enum Applied {
 
 #[derive(Debug, Clone, Default)]
 struct Entry {
-    /// The live document; `None` when the object does not exist. A document
-    /// is only ever stored with at least one change applied, and its automerge
+    /// The document (in memory, or as the bytes it was loaded from: see
+    /// [`doc`]); `None` when the object does not exist. A document is only
+    /// ever stored with at least one change applied, and its automerge
     /// queue is always empty (this module queues changes itself, below).
-    doc: Option<Automerge>,
+    doc: Option<Doc>,
     /// Changes whose dependencies are not all applied yet.
     pending: BTreeMap<ChangeHash, Change>,
     /// Hashes of changes removed by a tombstone or replaced by a rebase
@@ -254,11 +257,17 @@ fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
 
 /// Whether the change with `hash` is applied: in the document, or in the
 /// fast path's tail waiting to be handed to it.
-fn holds(doc: Option<&Automerge>, tail: &[(ChangeHash, Vec<u8>)], hash: &ChangeHash) -> bool {
-    tail.iter().any(|(t, _)| t == hash) || doc.is_some_and(|d| has_change(d, hash))
+/// (A saved document is loaded only if the tail does not hold it.)
+fn holds(doc: Option<&Doc>, tail: &[(ChangeHash, Vec<u8>)], hash: &ChangeHash) -> bool {
+    tail.iter().any(|(t, _)| t == hash) || doc.is_some_and(|d| has_change(d.get(), hash))
 }
 
 impl Entry {
+    /// The document, loaded if it is held saved.
+    fn doc(&self) -> Option<&Automerge> {
+        self.doc.as_ref().map(Doc::get)
+    }
+
     /// The fast path (see [`shadow`]): fold `bytes` without automerge if
     /// it is one change that is causally next for this document, or
     /// concurrent with it and disjoint from what it does not know. `false`
@@ -266,9 +275,9 @@ impl Entry {
     /// caller then takes the slow path, which decides (and reports) what
     /// the change is.
     fn try_fast(&mut self, bytes: &[u8]) -> bool {
-        let Some(doc) = self.doc.as_ref() else {
+        if self.doc.is_none() {
             return false;
-        };
+        }
         if !self.pending.is_empty() {
             return false;
         }
@@ -279,7 +288,9 @@ impl Entry {
         if self.dead.contains(&hash) {
             return false;
         }
-        if self.fast.is_none() {
+        if self.fast.is_none()
+            && let Some(doc) = self.doc()
+        {
             // Read the shadow only for a change whose dependencies the
             // document holds (not for one that will wait for others).
             let heads = doc.get_heads();
@@ -295,8 +306,8 @@ impl Entry {
         if self.shadow_mut().is_none() {
             return false;
         }
-        let (doc, tail) = (&self.doc, &self.tail);
-        let known = |h: &[u8; 32]| holds(doc.as_ref(), tail, &ChangeHash(*h));
+        let (doc, tail) = (self.doc.as_ref(), &self.tail);
+        let known = |h: &[u8; 32]| holds(doc, tail, &ChangeHash(*h));
         let Some(shadow) = self.fast.as_deref_mut() else {
             return false;
         };
@@ -311,7 +322,7 @@ impl Entry {
     /// `no_fast` remembers a document it cannot represent).
     fn shadow_mut(&mut self) -> Option<&mut Shadow> {
         if self.fast.is_none() && !self.no_fast && self.tail.is_empty() {
-            let doc = self.doc.as_ref()?;
+            let doc = self.doc()?;
             match guarded("reading a document", || Shadow::from_doc(doc)) {
                 Ok(Some(fast)) => self.fast = Some(Box::new(fast)),
                 _ => self.no_fast = true,
@@ -379,12 +390,12 @@ impl Entry {
         let doc = self.doc.as_ref()?;
         Some(match &self.fast {
             Some(fast) => fast.render(),
-            None => json::read_root(doc),
+            None => json::read_root(doc.get()),
         })
     }
 
     fn is_ready(&self, change: &Change) -> bool {
-        match &self.doc {
+        match self.doc() {
             None => change.deps().is_empty(),
             Some(doc) => change.deps().iter().all(|d| has_change(doc, d)),
         }
@@ -447,14 +458,14 @@ impl Entry {
         verify_faithful(&doc, &[hash])?;
         let mut dead: BTreeSet<ChangeHash> = BTreeSet::new();
         self.diverged = None;
-        if let Some(old) = self.doc.take() {
+        if let Some(old) = self.doc.take().map(Doc::into_doc) {
             self.diverged = json::merge_diff(&json::read_root(&doc), &json::read_root(&old));
             dead.extend(old.get_changes_meta(&[]).into_iter().map(|m| m.hash));
         }
         // What was waiting was built on the history the root replaces.
         dead.extend(std::mem::take(&mut self.pending).into_keys());
         self.dead = dead;
-        self.doc = Some(doc);
+        self.doc = Some(Doc::Live(doc));
         self.fast = fast;
         self.no_fast = false;
         Ok(())
@@ -463,11 +474,11 @@ impl Entry {
     /// Apply a causally ready change, atomically: on any error (or a panic
     /// inside automerge) the document is left as it was.
     fn apply_ready(&mut self, change: Change) -> Result<(), CrdtError> {
-        check_change(self.doc.as_ref(), &change)?;
+        check_change(self.doc(), &change)?;
         let hash = change.hash();
         let fresh = self.doc.is_none();
         let bytes = (self.fast.is_some() || fresh).then(|| change.raw_bytes().to_vec());
-        let base = self.doc.clone().unwrap_or_default();
+        let base = self.doc.as_ref().map(Doc::to_doc).unwrap_or_default();
         let doc = guarded("applying a change", move || {
             let mut doc = base;
             doc.apply_changes([change]).map(|()| doc)
@@ -476,7 +487,7 @@ impl Entry {
             return Err(CrdtError::InvalidChange(format!("{hash} was not applied")));
         }
         verify_faithful(&doc, &[hash])?;
-        self.doc = Some(doc);
+        self.doc = Some(Doc::Live(doc));
         self.shadow_after(fresh, bytes.as_deref());
         Ok(())
     }
@@ -500,7 +511,7 @@ impl Entry {
     fn apply_batch(&mut self, batch: Vec<Change>) -> Result<(), CrdtError> {
         let mut created = Created::new();
         for change in &batch {
-            check_in_batch(self.doc.as_ref(), change, &mut created)?;
+            check_in_batch(self.doc(), change, &mut created)?;
         }
         let hashes: Vec<ChangeHash> = batch.iter().map(Change::hash).collect();
         let fresh = self.doc.is_none();
@@ -509,7 +520,7 @@ impl Entry {
         } else {
             Vec::new()
         };
-        let base = self.doc.clone().unwrap_or_default();
+        let base = self.doc.as_ref().map(Doc::to_doc).unwrap_or_default();
         let doc = guarded("applying a batch of changes", move || {
             let mut doc = base;
             doc.apply_changes(batch).map(|()| doc)
@@ -518,7 +529,7 @@ impl Entry {
             return Err(CrdtError::InvalidChange(format!("{h} was not applied")));
         }
         verify_faithful(&doc, &hashes)?;
-        self.doc = Some(doc);
+        self.doc = Some(Doc::Live(doc));
         self.shadow_after(fresh, raw.iter().map(Vec::as_slice));
         Ok(())
     }
@@ -540,7 +551,7 @@ impl Entry {
                     self.pending.remove(hash);
                     self.dead.insert(*hash);
                     progressed = true;
-                } else if self.doc.as_ref().is_some_and(|d| has_change(d, hash)) {
+                } else if self.doc().is_some_and(|d| has_change(d, hash)) {
                     self.pending.remove(hash);
                     progressed = true;
                 }
@@ -556,8 +567,7 @@ impl Entry {
                         continue;
                     }
                     let ready = change.deps().iter().all(|d| {
-                        chosen_set.contains(d)
-                            || self.doc.as_ref().is_some_and(|doc| has_change(doc, d))
+                        chosen_set.contains(d) || self.doc().is_some_and(|doc| has_change(doc, d))
                     });
                     if ready {
                         chosen.push(*hash);
@@ -662,7 +672,8 @@ impl Entry {
 
     /// Merge a whole loaded document: its changes that are new to us, minus
     /// dead history, are applied as one batch.
-    fn merge_doc(&mut self, loaded: Automerge) -> Result<(), CrdtError> {
+    /// `raw`: the bytes of the document's chunk.
+    fn merge_doc(&mut self, loaded: Automerge, raw: &[u8]) -> Result<(), CrdtError> {
         if loaded.get_heads().is_empty() {
             return Ok(());
         }
@@ -673,10 +684,16 @@ impl Entry {
         self.fast = None;
         self.no_fast = false;
         self.shadow_mut();
-        merged
+        // A document adopted as it was loaded, whose shadow the fast path
+        // folds on: held as the bytes it came from until it is needed.
+        if matches!(merged, Ok(true)) && self.fast.is_some() && self.tail.is_empty() {
+            self.doc = Some(Doc::saved(raw));
+        }
+        merged.map(|_| ())
     }
 
-    fn merge_doc_flushed(&mut self, loaded: Automerge) -> Result<(), CrdtError> {
+    /// `true` if the document is now the loaded one, as it was loaded.
+    fn merge_doc_flushed(&mut self, loaded: Automerge) -> Result<bool, CrdtError> {
         // A document that starts from a rebase root this replica has not
         // met replaces what it holds (its root first, then the rest).
         let root = loaded.get_changes_meta(&[]).into_iter().find(|m| {
@@ -693,15 +710,16 @@ impl Entry {
         }
         if self.doc.is_none() && self.dead.is_empty() {
             // Fast path: adopt the loaded document as is.
-            self.doc = Some(loaded);
+            let whole = self.pending.is_empty();
+            self.doc = Some(Doc::Live(loaded));
             self.drain_pending();
-            return Ok(());
+            return Ok(whole);
         }
         let mut batch: Vec<Change> = guarded("reading loaded changes", || loaded.get_changes(&[]))?
             .into_iter()
             .filter(|c| {
                 let h = c.hash();
-                !self.dead.contains(&h) && !self.doc.as_ref().is_some_and(|d| has_change(d, &h))
+                !self.dead.contains(&h) && !self.doc().is_some_and(|d| has_change(d, &h))
             })
             .collect();
         // Anything depending (transitively) on dead history is dead too.
@@ -721,10 +739,10 @@ impl Entry {
             }
         }
         if batch.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let hashes: Vec<ChangeHash> = batch.iter().map(Change::hash).collect();
-        let base = self.doc.clone().unwrap_or_default();
+        let base = self.doc.as_ref().map(Doc::to_doc).unwrap_or_default();
         let doc = guarded("merging a loaded document", move || {
             let mut doc = base;
             doc.apply_changes(batch).map(|()| doc)
@@ -734,9 +752,9 @@ impl Entry {
                 "snapshot changes depend on history this store does not have".into(),
             ));
         }
-        self.doc = Some(doc);
+        self.doc = Some(Doc::Live(doc));
         self.drain_pending();
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -889,7 +907,7 @@ impl ObjectStore {
         let Some(entry) = self.entries.get_mut(key) else {
             return;
         };
-        if let Some(doc) = entry.doc.take() {
+        if let Some(doc) = entry.doc.take().map(Doc::into_doc) {
             entry
                 .dead
                 .extend(doc.get_changes_meta(&[]).into_iter().map(|m| m.hash));
@@ -949,7 +967,7 @@ impl ObjectStore {
         let Some(entry) = self.entries.get(key) else {
             return Vec::new();
         };
-        let Some(doc) = entry.doc.as_ref() else {
+        let Some(doc) = entry.doc() else {
             return Vec::new();
         };
         doc.get_changes(&[])
@@ -989,8 +1007,7 @@ impl ObjectStore {
             return fast.heads().to_vec();
         }
         let mut heads: Vec<[u8; 32]> = entry
-            .doc
-            .as_ref()
+            .doc()
             .map(|d| d.get_heads().into_iter().map(|h| h.0).collect())
             .unwrap_or_default();
         heads.sort_unstable();
@@ -1065,7 +1082,7 @@ impl ObjectStore {
                 actor,
             });
         }
-        let Some(doc) = entry.doc.as_mut() else {
+        let Some(doc) = entry.doc.as_mut().map(Doc::get_mut) else {
             return create(entry, key, am_actor, new).map(Some);
         };
         doc.set_actor(am_actor);
@@ -1095,7 +1112,7 @@ impl ObjectStore {
             return Ok(None);
         };
         entry.flush();
-        let Some(doc) = entry.doc.as_ref() else {
+        let Some(doc) = entry.doc() else {
             return Ok(None);
         };
         let history = doc.get_changes_meta(&[]);
@@ -1135,8 +1152,7 @@ impl ObjectStore {
     /// exist): what decides whether a rebase is worth it.
     pub fn history_len(&self, key: &str) -> usize {
         self.entries.get(key).map_or(0, |e| {
-            e.doc
-                .as_ref()
+            e.doc()
                 .map_or(0, |d| d.get_changes_meta(&[]).len() + e.tail.len())
         })
     }
@@ -1152,17 +1168,14 @@ impl ObjectStore {
         {
             return fast.max_op();
         }
-        self.entries
-            .get(key)
-            .and_then(|e| e.doc.as_ref())
-            .map_or(0, |d| {
-                d.get_heads()
-                    .iter()
-                    .filter_map(|h| d.get_change_by_hash(h))
-                    .map(|c| c.max_op())
-                    .max()
-                    .unwrap_or(0)
-            })
+        self.entries.get(key).and_then(Entry::doc).map_or(0, |d| {
+            d.get_heads()
+                .iter()
+                .filter_map(|h| d.get_change_by_hash(h))
+                .map(|c| c.max_op())
+                .max()
+                .unwrap_or(0)
+        })
     }
 
     /// Whether the object's live document holds the change with `hash`.
@@ -1243,7 +1256,7 @@ impl ObjectStore {
         let entry = self.entry_mut(key);
         for chunk in chunks {
             match chunk {
-                Chunk::Document(doc) => entry.merge_doc(*doc)?,
+                Chunk::Document(doc, raw) => entry.merge_doc(*doc, raw)?,
                 Chunk::Change(change) => {
                     entry.ingest(*change)?;
                 }
@@ -1282,7 +1295,7 @@ fn create(
             continue;
         }
         let bytes = change_bytes(&doc, &hash)?;
-        entry.doc = Some(doc);
+        entry.doc = Some(Doc::Live(doc));
         entry.fast = fresh_shadow([bytes.as_slice()]);
         entry.no_fast = false;
         entry.drain_pending();
@@ -1360,7 +1373,7 @@ pub fn fold_change(state: Option<&[u8]>, change: &[u8]) -> Result<Vec<u8>, CrdtE
         // The root replaces the state; it is checked as when applied.
         let mut entry = Entry::default();
         entry.rebase_to(change)?;
-        return entry.doc.as_ref().map_or(Ok(Vec::new()), |d| {
+        return entry.doc().map_or(Ok(Vec::new()), |d| {
             guarded("saving a rebased document", || d.save())
         });
     }
@@ -1401,7 +1414,7 @@ pub fn state_changes(bytes: &[u8]) -> Result<Vec<HashedChange>, CrdtError> {
     let mut out = Vec::new();
     for chunk in parse_state(bytes)? {
         match chunk {
-            Chunk::Document(doc) => {
+            Chunk::Document(doc, _) => {
                 let changes = guarded("reading a saved document", || doc.get_changes(&[]))?;
                 out.extend(
                     changes
@@ -1421,7 +1434,7 @@ fn load_for_fold(bytes: &[u8]) -> Result<Automerge, CrdtError> {
     let mut changes = Vec::new();
     for chunk in parse_state(bytes)? {
         match chunk {
-            Chunk::Document(loaded) => match doc.as_mut() {
+            Chunk::Document(loaded, _) => match doc.as_mut() {
                 None => doc = Some(*loaded),
                 Some(d) => {
                     let mut loaded = *loaded;
