@@ -128,7 +128,7 @@ impl Decoded<'_> {
 /// Read `bytes` as one change for the fast path: `None` if they are not
 /// one well-formed, canonical, uncompressed change chunk of the shapes keel
 /// writes (see the module documentation).
-pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
+pub(crate) fn decode<'a>(bytes: &'a [u8]) -> Option<Decoded<'a>> {
     if bytes.get(..4)? != MAGIC || *bytes.get(8)? != CHUNK_CHANGE {
         return None;
     }
@@ -215,7 +215,20 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     let mut obj_ctr = Rle::new(obj_ctr, Reader::uleb);
     let mut key_actor = Rle::new(key_actor, Reader::uleb);
     let mut key_ctr = delta(key_ctr);
-    let mut key_str = Rle::new(key_str, Reader::str);
+    // Keys are checked as UTF-8 once for the column when it is UTF-8
+    // whole (its lengths and run headers are then single bytes): a key is
+    // then UTF-8 exactly when it starts and ends on character boundaries.
+    let key_text = std::str::from_utf8(key_str).ok();
+    let key_column = key_str;
+    let mut key_str = Rle::new(key_str, |r: &mut Reader<'a>| -> Option<&'a str> {
+        let len = usize::try_from(r.uleb()?).ok()?;
+        let at = key_column.len() - r.0.len();
+        let bytes = r.take(len)?;
+        match key_text {
+            Some(text) => text.get(at..at + len),
+            None => std::str::from_utf8(bytes).ok(),
+        }
+    });
     let mut insert = Bools::new(insert);
     let mut meta = Rle::new(meta, Reader::uleb);
     let mut pred_group = Rle::new(pred_group, Reader::uleb);
@@ -327,6 +340,7 @@ fn canonical(c: &Decoded<'_>) -> bool {
 }
 
 /// The value of one op from its metadata and the raw value column.
+#[inline]
 fn scalar<'a>(meta: u64, raw: &mut Reader<'a>) -> Option<Scalar<'a>> {
     let len = usize::try_from(meta >> 4).ok()?;
     let bytes = raw.take(len)?;
@@ -906,10 +920,6 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 
-    fn str(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.prefixed()?).ok()
-    }
-
     /// Most numbers of a change fit in one byte: read without a call.
     #[inline]
     fn uleb(&mut self) -> Option<u64> {
@@ -1035,6 +1045,46 @@ mod tests {
         out.extend_from_slice(&head);
         out.extend_from_slice(body);
         out
+    }
+
+    /// Keys are read as UTF-8 whether their column is UTF-8 whole or not
+    /// (a key of 128 bytes or more has a length of two bytes, the first
+    /// not ASCII); a key that is not UTF-8 on its own is refused even when
+    /// the column around it is.
+    #[test]
+    fn keys_are_utf8_each() {
+        let long = "b".repeat(128);
+        let mut s = ObjectStore::new();
+        let change = s
+            .edit_merge_patch(
+                "pods/default/web",
+                &ActorId::from_name("cloud"),
+                &serde_json::json!({"aa": 1, "é日本🦀": 2, long.clone(): 3}),
+            )
+            .unwrap()
+            .unwrap();
+        let read = decode(&change).expect("automerge's own change is read");
+        let keys: Vec<&str> = read
+            .ops
+            .iter()
+            .filter_map(|op| match op.key {
+                Key::Prop(k) => Some(k),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, ["aa", long.as_str(), "é日本🦀"]);
+        // "aa", then the long key's length (0x80 0x01): a last byte of
+        // 0xc3 makes "a\xc3" (not UTF-8) and "\xc3\x80" ("À", UTF-8).
+        let body = read.body.to_vec();
+        let at = body
+            .windows(5)
+            .position(|w| w == [2, b'a', b'a', 0x80, 0x01])
+            .expect("the key column as expected");
+        let mut bad = body.clone();
+        bad[at + 2] = 0xc3;
+        assert!(decode(&chunk(&bad)).is_none());
+        bad[at + 2] = b'c';
+        assert!(decode(&chunk(&bad)).is_some(), "any other key is read");
     }
 
     /// Only canonical bytes are read: the same change with one number
