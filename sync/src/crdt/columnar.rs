@@ -235,6 +235,7 @@ pub(crate) fn decode<'a>(bytes: &'a [u8]) -> Option<Decoded<'a>> {
     let mut pred_actor = Rle::new(pred_actor, Reader::uleb);
     let mut pred_ctr = delta(pred_ctr);
     let nactors = 1 + others.len() as u64;
+    let mut raw_text = RawText::new(raw);
     let mut raw = Reader(raw);
     // (A pod-status change has 7 to 30 ops.)
     let mut ops = Vec::with_capacity(32);
@@ -261,7 +262,7 @@ pub(crate) fn decode<'a>(bytes: &'a [u8]) -> Option<Decoded<'a>> {
             }
             _ => return None,
         };
-        let value = scalar(meta.next().flatten()?, &mut raw)?;
+        let value = scalar(meta.next().flatten()?, &mut raw, &mut raw_text)?;
         let count = usize::try_from(pred_group.next().flatten()?).ok()?;
         let at = preds.len();
         if at.checked_add(count)? > MAX_OPS {
@@ -339,10 +340,64 @@ fn canonical(c: &Decoded<'_>) -> bool {
         && c.body.get(out.len()..out.len() + data.len()) == Some(data.as_slice())
 }
 
-/// The value of one op from its metadata and the raw value column.
-#[inline]
-fn scalar<'a>(meta: u64, raw: &mut Reader<'a>) -> Option<Scalar<'a>> {
+/// The raw value column's strings, checked as UTF-8 once for the column
+/// (not once per value): the column's runs of valid UTF-8, by where each
+/// starts. A value is UTF-8 on its own exactly when it lies inside one run
+/// and starts and ends on character boundaries there (a value that is
+/// UTF-8 starts with a byte that ends any sequence before it, and every
+/// byte outside the runs is invalid in any context it can have inside a
+/// value).
+struct RawText<'a> {
+    column: usize,
+    runs: SmallVec<[(usize, &'a str); 4]>,
+    /// The run the last value was found in (values are read in order).
+    at: usize,
+}
+
+impl<'a> RawText<'a> {
+    fn new(column: &'a [u8]) -> RawText<'a> {
+        let mut runs = SmallVec::new();
+        let mut start = 0;
+        for chunk in column.utf8_chunks() {
+            let valid = chunk.valid();
+            if !valid.is_empty() {
+                runs.push((start, valid));
+            }
+            start += valid.len() + chunk.invalid().len();
+        }
+        RawText {
+            column: column.len(),
+            runs,
+            at: 0,
+        }
+    }
+
+    /// The value of `len` bytes whose last byte is `left` bytes from the
+    /// end of the column, if it is UTF-8.
+    fn get(&mut self, left: usize, len: usize) -> Option<&'a str> {
+        if len == 0 {
+            return Some("");
+        }
+        let start = self.column.checked_sub(left)?;
+        while let Some(&(run, text)) = self.runs.get(self.at) {
+            if start < run {
+                return None;
+            }
+            if start < run + text.len() {
+                return text.get(start - run..start - run + len);
+            }
+            self.at += 1;
+        }
+        None
+    }
+}
+
+/// The value of one op from its metadata and the raw value column (with
+/// its strings checked as UTF-8).
+#[inline(always)]
+fn scalar<'a>(meta: u64, raw: &mut Reader<'a>, text: &mut RawText<'a>) -> Option<Scalar<'a>> {
     let len = usize::try_from(meta >> 4).ok()?;
+    let left = raw.0.len();
     let bytes = raw.take(len)?;
     let whole = |f: fn(&mut Reader<'a>) -> Option<u64>| {
         let mut r = Reader(bytes);
@@ -359,7 +414,7 @@ fn scalar<'a>(meta: u64, raw: &mut Reader<'a>) -> Option<Scalar<'a>> {
             Scalar::Int(v)
         }
         5 => Scalar::F64(f64::from_le_bytes(bytes.try_into().ok()?)),
-        6 => Scalar::Str(std::str::from_utf8(bytes).ok()?),
+        6 => Scalar::Str(text.get(left, len)?),
         _ => return None,
     })
 }
@@ -1166,6 +1221,40 @@ mod tests {
     }
 
     proptest! {
+        /// A raw column's value is read as a string exactly when it is
+        /// UTF-8 on its own, whatever the bytes around it: values cut from
+        /// bytes that mix ASCII, whole and cut multi-byte characters and
+        /// bytes that never start one.
+        #[test]
+        fn raw_strings_are_utf8_each(
+            parts in prop::collection::vec(prop_oneof![
+                Just(vec![b'a']),
+                Just("é".as_bytes().to_vec()),
+                Just("日".as_bytes().to_vec()),
+                Just("🦀".as_bytes().to_vec()),
+                Just(vec![0xc3]),
+                Just(vec![0xe6, 0x97]),
+                Just(vec![0x80]),
+                Just(vec![0xff]),
+                Just(vec![0xe0, 0x80]),
+            ], 0..24),
+            cuts in prop::collection::vec(0usize..6, 0..16),
+        ) {
+            let column: Vec<u8> = parts.concat();
+            let mut text = RawText::new(&column);
+            let mut at = 0;
+            for len in cuts.into_iter().chain([usize::MAX]) {
+                let len = len.min(column.len() - at);
+                let value = &column[at..at + len];
+                prop_assert_eq!(
+                    text.get(column.len() - at, len),
+                    std::str::from_utf8(value).ok(),
+                    "{:x?} at {} in {:x?}", value, at, column
+                );
+                at += len;
+            }
+        }
+
         /// Numbers are read only in as few bytes as they need: what is
         /// read is what `put_uleb` / `put_sleb` write.
         #[test]

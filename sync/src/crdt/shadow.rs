@@ -177,6 +177,16 @@ impl Clone for SmallKeys {
     }
 }
 
+/// `a.cmp(b)`, deciding on the first byte where it can (the keys of one
+/// map mostly differ there) without a call to compare the bytes.
+#[inline]
+fn cmp_keys(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.as_bytes().first(), b.as_bytes().first()) {
+        (Some(x), Some(y)) if x != y => x.cmp(y),
+        _ => a.cmp(b),
+    }
+}
+
 impl SmallKeys {
     fn end(&self, i: usize) -> Option<usize> {
         self.entries.get(i).map(|(end, _)| *end)
@@ -208,7 +218,7 @@ impl SmallKeys {
         let (mut lo, mut hi) = (0, self.entries.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.key(mid).cmp(k) {
+            match cmp_keys(self.key(mid), k) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => return Ok(mid),
@@ -217,10 +227,12 @@ impl SmallKeys {
         Err(lo)
     }
 
-    fn insert_at(&mut self, at: usize, k: &str, slot: Slot) {
+    /// Insert `k` with `slot` as key `at`: `false` (nothing changed) if
+    /// `at` is past the end.
+    fn insert_at(&mut self, at: usize, k: &str, slot: Slot) -> bool {
         let start = self.start(at);
         if !self.text.is_char_boundary(start) || at > self.entries.len() {
-            return;
+            return false;
         }
         if self.text.capacity() == 0 {
             // Room for the few short keys most maps hold, at once.
@@ -231,6 +243,7 @@ impl SmallKeys {
             *end += k.len();
         }
         self.entries.insert(at, (start + k.len(), slot));
+        true
     }
 
     fn remove_at(&mut self, at: usize) {
@@ -290,15 +303,24 @@ impl Keys {
                     }
                     Some(out)
                 }
-                Err(at) => {
+                // The new key's slot is made in its place (not apart and
+                // then moved in), and taken out again if `f` leaves it
+                // empty.
+                Err(at) if small.entries.len() < SMALL_MAP => {
+                    if !small.insert_at(at, k, Slot::new()) {
+                        return None;
+                    }
+                    let out = small.slot_mut(at).and_then(f);
+                    if small.slot_mut(at).is_none_or(|s| s.is_empty()) {
+                        small.remove_at(at);
+                    }
+                    out
+                }
+                Err(_) => {
                     let mut slot = Slot::new();
                     let out = f(&mut slot)?;
                     if !slot.is_empty() {
-                        if small.entries.len() < SMALL_MAP {
-                            small.insert_at(at, k, slot);
-                        } else {
-                            self.insert(k, slot);
-                        }
+                        self.insert(k, slot);
                     }
                     Some(out)
                 }
@@ -342,7 +364,9 @@ impl Keys {
                         *s = slot;
                     }
                 }
-                Err(at) if small.entries.len() < SMALL_MAP => small.insert_at(at, k, slot),
+                Err(at) if small.entries.len() < SMALL_MAP => {
+                    small.insert_at(at, k, slot);
+                }
                 Err(_) => {
                     let SmallKeys { text, entries } = std::mem::take(small);
                     let mut start = 0;
@@ -488,6 +512,10 @@ impl Objs {
     }
 
     fn position(&self, id: &Option<Id>) -> Option<usize> {
+        // The root is made first and never removed.
+        if id.is_none() && self.ids.first() == Some(&None) {
+            return Some(0);
+        }
         if self.index.is_empty() {
             self.ids.iter().rposition(|i| i == id)
         } else {
@@ -521,6 +549,11 @@ impl Objs {
             *o = obj;
             return;
         }
+        self.push_new(id, obj);
+    }
+
+    /// Put `obj` in as the object `id`, which the document does not hold.
+    fn push_new(&mut self, id: Option<Id>, obj: Obj) {
         let at = self.ids.len() as u32;
         self.ids.push(id);
         self.objs.push(obj);
@@ -575,14 +608,46 @@ enum K<'a> {
     Elem(Id),
 }
 
-/// Where an op writes: its object, its index in the change, its key,
-/// whether it inserts, and whether this change made the object.
-struct At<'a> {
-    obj: Option<Id>,
-    op: usize,
-    key: K<'a>,
-    insert: bool,
-    made_here: bool,
+/// What an op puts: a scalar, or a new map or list. Made into its [`Val`]
+/// where the value is kept ([`put_into`]), not apart and then moved: a
+/// value built apart is written piece by piece and then read back whole to
+/// be moved, which waits on the store buffer.
+#[derive(Debug, Clone, Copy)]
+enum Put<'a> {
+    Scalar(Scalar<'a>),
+    Map,
+    List,
+}
+
+/// Push `(id, put)` onto `slot`, its value written in place.
+fn put_into(slot: &mut Slot, id: Id, put: Put<'_>) {
+    slot.push((id, Val::Null));
+    let Some((_, v)) = slot.last_mut() else {
+        return;
+    };
+    match put {
+        Put::Map => *v = Val::Map,
+        Put::List => *v = Val::List,
+        Put::Scalar(s) => match s {
+            Scalar::Null => {}
+            Scalar::Bool(b) => *v = Val::Bool(b),
+            Scalar::Uint(u) => *v = Val::Uint(u),
+            Scalar::Int(i) => *v = Val::Int(i),
+            Scalar::F64(f) => *v = Val::F64(f),
+            Scalar::Str(s) if s.len() > Text::INLINE => *v = Val::Str(Text::Heap(s.into())),
+            Scalar::Str(s) => {
+                *v = Val::Str(Text::Inline {
+                    len: s.len() as u8,
+                    bytes: [0; Text::INLINE],
+                });
+                if let Val::Str(Text::Inline { bytes, .. }) = v
+                    && let Some(b) = bytes.get_mut(..s.len())
+                {
+                    b.copy_from_slice(s.as_bytes());
+                }
+            }
+        },
+    }
 }
 
 /// The room an object is made with: its keys or elements, and the bytes
@@ -908,30 +973,18 @@ impl Shadow {
                     Key::Head => K::Head,
                     Key::Elem(e) => K::Elem(to_id(e)?),
                 };
-                let val = match (op.action, op.value) {
-                    (MAKE_MAP, Scalar::Null) => Some(Val::Map),
-                    (MAKE_LIST, Scalar::Null) => Some(Val::List),
+                let put = match (op.action, op.value) {
+                    (MAKE_MAP, Scalar::Null) => Some(Put::Map),
+                    (MAKE_LIST, Scalar::Null) => Some(Put::List),
                     (DELETE, Scalar::Null) => None,
-                    (PUT, s) => Some(match s {
-                        Scalar::Null => Val::Null,
-                        Scalar::Bool(b) => Val::Bool(b),
-                        Scalar::Uint(u) => Val::Uint(u),
-                        Scalar::Int(i) => Val::Int(i),
-                        Scalar::F64(f) => Val::F64(f),
-                        Scalar::Str(s) => Val::Str(Text::new(s)),
-                    }),
+                    (PUT, s) => Some(Put::Scalar(s)),
                     _ => return None,
                 };
-                let makes = matches!(val, Some(Val::Map | Val::List));
-                let at = At {
-                    obj,
-                    op: i,
-                    key,
-                    insert: op.insert,
-                    made_here,
-                };
+                let makes = matches!(put, Some(Put::Map | Put::List));
                 let room = room.get(i).copied().unwrap_or_default();
-                self.apply_op(at, id, &preds, (val, room), strict, &mut undo)?;
+                self.apply_op(
+                    obj, i, key, op.insert, made_here, id, &preds, put, room, strict, &mut undo,
+                )?;
                 if makes {
                     created.push(id);
                 }
@@ -1022,30 +1075,35 @@ impl Shadow {
         (a.ctr, self.actor_bytes(a.actor)) > (b.ctr, self.actor_bytes(b.actor))
     }
 
-    /// Apply one op (`val`, made with `room` if it is an object) where
-    /// `at` says; `None` if it cannot be (nothing changed by this op).
+    /// Apply one op (`put`, made with `room` if it is an object) where
+    /// `at` says: its object, its index in the change, its key, whether it
+    /// inserts, and whether this change made the object. `None` if it
+    /// cannot be (nothing changed by this op).
+    #[allow(clippy::too_many_arguments)]
     fn apply_op(
         &mut self,
-        at: At<'_>,
+        obj: Option<Id>,
+        op: usize,
+        key: K<'_>,
+        insert: bool,
+        made_here: bool,
         id: Id,
         preds: &[Id],
-        (val, room): (Option<Val>, Room),
+        put: Option<Put<'_>>,
+        room: Room,
         strict: bool,
         undo: &mut Vec<Undo>,
     ) -> Option<()> {
-        let At {
-            obj,
-            op,
-            key,
-            insert,
-            made_here,
-        } = at;
-        if matches!(val, Some(Val::Map | Val::List)) && self.objs.contains(&Some(id)) {
+        // An op id past the document's greatest (every op of a change
+        // that is causally next) is no object's yet: ops of one change
+        // have ids of their own.
+        let new_id = id.ctr > self.max_op;
+        if matches!(put, Some(Put::Map | Put::List)) && !new_id && self.objs.contains(&Some(id)) {
             return None;
         }
-        let made = match &val {
-            Some(Val::Map) => Some(Obj::Map(Keys::with_room(room))),
-            Some(Val::List) => Some(Obj::List(Vec::with_capacity(room.entries))),
+        let made = match put {
+            Some(Put::Map) => Some(Obj::Map(Keys::with_room(room))),
+            Some(Put::List) => Some(Obj::List(Vec::with_capacity(room.entries))),
             _ => None,
         };
         // What an op writes into an object this change made needs no
@@ -1058,7 +1116,7 @@ impl Shadow {
         // Replace the live ops of a slot (`val` is put in after): in
         // strict mode the predecessors must be exactly the live ops (and a
         // delete must delete something).
-        let deletes = val.is_none();
+        let deletes = put.is_none();
         let replace = |slot: &mut Slot| -> Option<Slot> {
             if strict {
                 let same =
@@ -1077,7 +1135,7 @@ impl Shadow {
             );
             Some(old)
         };
-        let mut val = val;
+        let mut put = put;
         // For an insert: the element right after the reference, if any.
         let mut next_after = None;
         match (self.objs.get_mut(&obj)?, key) {
@@ -1086,8 +1144,8 @@ impl Shadow {
                 // (not moved out through the map's return value).
                 map.update(k, |entry| {
                     let old = replace(entry)?;
-                    if let Some(v) = val.take() {
-                        entry.push((id, v));
+                    if let Some(p) = put.take() {
+                        put_into(entry, id, p);
                     }
                     undo_entry(Undo::Slot(obj, SlotAt::Key(op), old));
                     Some(())
@@ -1101,17 +1159,18 @@ impl Shadow {
                 if !preds.is_empty() {
                     return None;
                 }
-                let v = val.take()?;
+                let p = put.take()?;
                 next_after = list.get(at).map(|(n, _)| *n);
-                list.insert(at, (id, smallvec::smallvec![(id, v)]));
+                list.insert(at, (id, Slot::new()));
+                put_into(&mut list.get_mut(at)?.1, id, p);
                 undo_entry(Undo::Inserted(obj, at));
             }
             (Obj::List(list), K::Elem(e)) => {
                 let at = list.iter().position(|(el, _)| *el == e)?;
                 let (_, slot) = list.get_mut(at)?;
                 let old = replace(slot)?;
-                if let Some(v) = val.take() {
-                    slot.push((id, v));
+                if let Some(p) = put.take() {
+                    put_into(slot, id, p);
                 }
                 undo_entry(Undo::Slot(obj, SlotAt::Index(at), old));
             }
@@ -1123,7 +1182,11 @@ impl Shadow {
             return None;
         }
         if let Some(o) = made {
-            self.objs.insert(Some(id), o);
+            if new_id {
+                self.objs.push_new(Some(id), o);
+            } else {
+                self.objs.insert(Some(id), o);
+            }
             undo.push(Undo::Created(id));
         }
         Some(())
