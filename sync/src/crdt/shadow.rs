@@ -229,6 +229,7 @@ impl SmallKeys {
 
     /// Insert `k` with `slot` as key `at`: `false` (nothing changed) if
     /// `at` is past the end.
+    #[inline(always)]
     fn insert_at(&mut self, at: usize, k: &str, slot: Slot) -> bool {
         let start = self.start(at);
         if !self.text.is_char_boundary(start) || at > self.entries.len() {
@@ -608,46 +609,48 @@ enum K<'a> {
     Elem(Id),
 }
 
-/// What an op puts: a scalar, or a new map or list. Made into its [`Val`]
-/// where the value is kept ([`put_into`]), not apart and then moved: a
-/// value built apart is written piece by piece and then read back whole to
-/// be moved, which waits on the store buffer.
+/// What an op puts: a scalar (the op's own, read where the change's ops
+/// are), or a new map or list. Made into its [`Val`] where the value is
+/// kept ([`put_into`]), not apart and then moved: a value built apart is
+/// written piece by piece and then read back whole to be moved, which
+/// waits on the store buffer.
 #[derive(Debug, Clone, Copy)]
-enum Put<'a> {
-    Scalar(Scalar<'a>),
+enum Put<'s, 'a> {
+    Scalar(&'s Scalar<'a>),
     Map,
     List,
 }
 
 /// Push `(id, put)` onto `slot`, its value written in place.
-fn put_into(slot: &mut Slot, id: Id, put: Put<'_>) {
-    slot.push((id, Val::Null));
-    let Some((_, v)) = slot.last_mut() else {
-        return;
-    };
-    match put {
-        Put::Map => *v = Val::Map,
-        Put::List => *v = Val::List,
-        Put::Scalar(s) => match s {
-            Scalar::Null => {}
-            Scalar::Bool(b) => *v = Val::Bool(b),
-            Scalar::Uint(u) => *v = Val::Uint(u),
-            Scalar::Int(i) => *v = Val::Int(i),
-            Scalar::F64(f) => *v = Val::F64(f),
-            Scalar::Str(s) if s.len() > Text::INLINE => *v = Val::Str(Text::Heap(s.into())),
+fn put_into(slot: &mut Slot, id: Id, put: Put<'_, '_>) {
+    let val = match put {
+        Put::Map => Val::Map,
+        Put::List => Val::List,
+        Put::Scalar(s) => match *s {
+            Scalar::Null => Val::Null,
+            Scalar::Bool(b) => Val::Bool(b),
+            Scalar::Uint(u) => Val::Uint(u),
+            Scalar::Int(i) => Val::Int(i),
+            Scalar::F64(f) => Val::F64(f),
+            Scalar::Str(s) if s.len() > Text::INLINE => Val::Str(Text::Heap(s.into())),
             Scalar::Str(s) => {
-                *v = Val::Str(Text::Inline {
-                    len: s.len() as u8,
-                    bytes: [0; Text::INLINE],
-                });
-                if let Val::Str(Text::Inline { bytes, .. }) = v
+                slot.push((
+                    id,
+                    Val::Str(Text::Inline {
+                        len: s.len() as u8,
+                        bytes: [0; Text::INLINE],
+                    }),
+                ));
+                if let Some((_, Val::Str(Text::Inline { bytes, .. }))) = slot.last_mut()
                     && let Some(b) = bytes.get_mut(..s.len())
                 {
                     b.copy_from_slice(s.as_bytes());
                 }
+                return;
             }
         },
-    }
+    };
+    slot.push((id, val));
 }
 
 /// The room an object is made with: its keys or elements, and the bytes
@@ -977,7 +980,7 @@ impl Shadow {
                     (MAKE_MAP, Scalar::Null) => Some(Put::Map),
                     (MAKE_LIST, Scalar::Null) => Some(Put::List),
                     (DELETE, Scalar::Null) => None,
-                    (PUT, s) => Some(Put::Scalar(s)),
+                    (PUT, _) => Some(Put::Scalar(&op.value)),
                     _ => return None,
                 };
                 let makes = matches!(put, Some(Put::Map | Put::List));
@@ -1089,7 +1092,7 @@ impl Shadow {
         made_here: bool,
         id: Id,
         preds: &[Id],
-        put: Option<Put<'_>>,
+        put: Option<Put<'_, '_>>,
         room: Room,
         strict: bool,
         undo: &mut Vec<Undo>,
@@ -1118,6 +1121,10 @@ impl Shadow {
         // delete must delete something).
         let deletes = put.is_none();
         let replace = |slot: &mut Slot| -> Option<Slot> {
+            if slot.is_empty() {
+                // A new key: nothing to check or to read.
+                return (!strict || (preds.is_empty() && !deletes)).then(Slot::new);
+            }
             if strict {
                 let same =
                     slot.len() == preds.len() && slot.iter().all(|(live, _)| preds.contains(live));
