@@ -101,6 +101,9 @@ pub fn apply_snapshot_object(
 /// is kept, so a tombstone still cuts the changes before it from those
 /// after. Returns the first error; the other records are applied anyway.
 pub fn apply_records(store: &mut ObjectStore, records: &[Record]) -> Result<(), CrdtError> {
+    if records.iter().all(|r| r.kind != PayloadKind::Tombstone) {
+        return apply_changes_only(store, records);
+    }
     let mut runs: std::collections::BTreeMap<&str, Vec<&[u8]>> = Default::default();
     let mut first_error = None;
     let mut flush = |store: &mut ObjectStore, key: &str, run: Vec<&[u8]>| {
@@ -126,6 +129,33 @@ pub fn apply_records(store: &mut ObjectStore, records: &[Record]) -> Result<(), 
     }
     for (key, run) in std::mem::take(&mut runs) {
         flush(store, key, run);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// [`apply_records`] for records without a tombstone (a segment's usual
+/// case): each object's changes in one run, the objects in key order, as
+/// there; grouped by a stable sort of one vector rather than a map of one
+/// vector per object.
+fn apply_changes_only(store: &mut ObjectStore, records: &[Record]) -> Result<(), CrdtError> {
+    let mut changes: Vec<(&str, &[u8])> = records
+        .iter()
+        .filter(|r| r.kind == PayloadKind::Change)
+        .map(|r| (&*r.key, &*r.payload))
+        .collect();
+    changes.sort_by(|a, b| a.0.cmp(b.0));
+    let mut first_error = None;
+    let mut results = Vec::new();
+    for run in changes.chunk_by(|a, b| a.0 == b.0) {
+        let Some(&(key, _)) = run.first() else {
+            continue;
+        };
+        store.apply_changes_into(key, run.iter().map(|(_, bytes)| *bytes), &mut results);
+        for r in results.drain(..) {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        }
     }
     first_error.map_or(Ok(()), Err)
 }

@@ -853,6 +853,19 @@ impl ObjectStore {
         changes: impl IntoIterator<Item = &'a [u8]>,
     ) -> Vec<Result<Applied, CrdtError>> {
         let mut out = Vec::new();
+        self.apply_changes_into(key, changes, &mut out);
+        out
+    }
+
+    /// [`Self::apply_changes`], its results written into `out` (emptied
+    /// first): a caller applying many objects' runs reuses one vector.
+    pub(crate) fn apply_changes_into<'a>(
+        &mut self,
+        key: &str,
+        changes: impl IntoIterator<Item = &'a [u8]>,
+        out: &mut Vec<Result<Applied, CrdtError>>,
+    ) {
+        out.clear();
         let mut parsed = Vec::new();
         let mut fast = self.entries.get_mut(key);
         for bytes in changes {
@@ -875,7 +888,7 @@ impl ObjectStore {
             }
         }
         if parsed.is_empty() {
-            return out;
+            return;
         }
         let slots: Vec<(usize, ChangeHash)> = parsed.iter().map(|(i, c)| (*i, c.hash())).collect();
         let entry = self.entry_mut(key);
@@ -896,7 +909,6 @@ impl ObjectStore {
                 *o = r;
             }
         }
-        out
     }
 
     /// The object was deleted: drop its document and remember its history as
