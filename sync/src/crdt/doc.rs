@@ -17,19 +17,27 @@ use automerge::Automerge;
 use super::CrdtError;
 use super::guard::guarded;
 
+/// (automerge's document is some 3.5 KB before it holds anything: it is
+/// boxed, so that an object's entry in the store is a few hundred bytes
+/// and the store's map nodes hold their entries' fields close together.)
 #[derive(Debug, Clone)]
 pub(super) enum Doc {
     /// In memory.
-    Live(Automerge),
+    Live(Box<Automerge>),
     /// The saved form of a document that loaded from these bytes before;
     /// loaded on the first read (and kept), made live on the first write.
     Saved {
         bytes: Arc<[u8]>,
-        loaded: OnceLock<Automerge>,
+        loaded: OnceLock<Box<Automerge>>,
     },
 }
 
 impl Doc {
+    /// A document in memory.
+    pub(super) fn live(doc: Automerge) -> Doc {
+        Doc::Live(Box::new(doc))
+    }
+
     /// A document held as `bytes` (one document chunk that loaded).
     pub(super) fn saved(bytes: &[u8]) -> Doc {
         Doc::Saved {
@@ -42,14 +50,14 @@ impl Doc {
     pub(super) fn get(&self) -> &Automerge {
         match self {
             Doc::Live(doc) => doc,
-            Doc::Saved { bytes, loaded } => loaded.get_or_init(|| load(bytes)),
+            Doc::Saved { bytes, loaded } => loaded.get_or_init(|| Box::new(load(bytes))),
         }
     }
 
     /// The document to change: live from now on (the bytes are dropped).
     pub(super) fn get_mut(&mut self) -> &mut Automerge {
         if let Doc::Saved { bytes, loaded } = self {
-            let doc = loaded.take().unwrap_or_else(|| load(bytes));
+            let doc = loaded.take().unwrap_or_else(|| Box::new(load(bytes)));
             *self = Doc::Live(doc);
         }
         match self {
@@ -62,8 +70,10 @@ impl Doc {
 
     pub(super) fn into_doc(self) -> Automerge {
         match self {
-            Doc::Live(doc) => doc,
-            Doc::Saved { bytes, loaded } => loaded.into_inner().unwrap_or_else(|| load(&bytes)),
+            Doc::Live(doc) => *doc,
+            Doc::Saved { bytes, loaded } => {
+                loaded.into_inner().map_or_else(|| load(&bytes), |doc| *doc)
+            }
         }
     }
 
@@ -71,8 +81,10 @@ impl Doc {
     /// it): a saved one not read yet is loaded into the copy alone.
     pub(super) fn to_doc(&self) -> Automerge {
         match self {
-            Doc::Live(doc) => doc.clone(),
-            Doc::Saved { bytes, loaded } => loaded.get().cloned().unwrap_or_else(|| load(bytes)),
+            Doc::Live(doc) => (**doc).clone(),
+            Doc::Saved { bytes, loaded } => loaded
+                .get()
+                .map_or_else(|| load(bytes), |doc| (**doc).clone()),
         }
     }
 

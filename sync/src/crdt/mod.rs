@@ -465,7 +465,7 @@ impl Entry {
         // What was waiting was built on the history the root replaces.
         dead.extend(std::mem::take(&mut self.pending).into_keys());
         self.dead = dead;
-        self.doc = Some(Doc::Live(doc));
+        self.doc = Some(Doc::live(doc));
         self.fast = fast;
         self.no_fast = false;
         Ok(())
@@ -487,7 +487,7 @@ impl Entry {
             return Err(CrdtError::InvalidChange(format!("{hash} was not applied")));
         }
         verify_faithful(&doc, &[hash])?;
-        self.doc = Some(Doc::Live(doc));
+        self.doc = Some(Doc::live(doc));
         self.shadow_after(fresh, bytes.as_deref());
         Ok(())
     }
@@ -529,7 +529,7 @@ impl Entry {
             return Err(CrdtError::InvalidChange(format!("{h} was not applied")));
         }
         verify_faithful(&doc, &hashes)?;
-        self.doc = Some(Doc::Live(doc));
+        self.doc = Some(Doc::live(doc));
         self.shadow_after(fresh, raw.iter().map(Vec::as_slice));
         Ok(())
     }
@@ -711,7 +711,7 @@ impl Entry {
         if self.doc.is_none() && self.dead.is_empty() {
             // Fast path: adopt the loaded document as is.
             let whole = self.pending.is_empty();
-            self.doc = Some(Doc::Live(loaded));
+            self.doc = Some(Doc::live(loaded));
             self.drain_pending();
             return Ok(whole);
         }
@@ -752,7 +752,7 @@ impl Entry {
                 "snapshot changes depend on history this store does not have".into(),
             ));
         }
-        self.doc = Some(Doc::Live(doc));
+        self.doc = Some(Doc::live(doc));
         self.drain_pending();
         Ok(false)
     }
@@ -1307,7 +1307,7 @@ fn create(
             continue;
         }
         let bytes = change_bytes(&doc, &hash)?;
-        entry.doc = Some(Doc::Live(doc));
+        entry.doc = Some(Doc::live(doc));
         entry.fast = fresh_shadow([bytes.as_slice()]);
         entry.no_fast = false;
         entry.drain_pending();
