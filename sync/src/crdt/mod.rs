@@ -185,7 +185,9 @@ struct Entry {
     gone_at_sweep: bool,
     /// The fold's fast path (see [`shadow`]): a shadow of the document and
     /// of `tail`, when there is one.
-    fast: Option<Box<Shadow>>,
+    /// (Held in the entry: it is read for every change the fast path
+    /// takes.)
+    fast: Option<Shadow>,
     /// Changes folded by the fast path that the document does not hold
     /// yet, in causal order, each with its hash. Only ever non-empty with a
     /// shadow; handed to automerge by [`Entry::flush`] before anything else
@@ -308,7 +310,7 @@ impl Entry {
         }
         let (doc, tail) = (self.doc.as_ref(), &self.tail);
         let known = |h: &[u8; 32]| holds(doc, tail, &ChangeHash(*h));
-        let Some(shadow) = self.fast.as_deref_mut() else {
+        let Some(shadow) = self.fast.as_mut() else {
             return false;
         };
         if !shadow.fold_next(&change, known) {
@@ -324,17 +326,17 @@ impl Entry {
         if self.fast.is_none() && !self.no_fast && self.tail.is_empty() {
             let doc = self.doc()?;
             match guarded("reading a document", || Shadow::from_doc(doc)) {
-                Ok(Some(fast)) => self.fast = Some(Box::new(fast)),
+                Ok(Some(fast)) => self.fast = Some(fast),
                 _ => self.no_fast = true,
             }
         }
-        self.fast.as_deref_mut()
+        self.fast.as_mut()
     }
 
     /// Fold changes automerge has just applied into the shadow, if there is
     /// one; a change it cannot represent drops it.
     fn fold_into_shadow<'a>(&mut self, applied: impl IntoIterator<Item = &'a [u8]>) {
-        let Some(fast) = self.fast.as_deref_mut() else {
+        let Some(fast) = self.fast.as_mut() else {
             return;
         };
         for bytes in applied {
@@ -1318,8 +1320,8 @@ fn create(
 
 /// The shadow of a document made by `changes` alone (its first changes,
 /// in causal order): `None` if it cannot represent them.
-fn fresh_shadow<'a>(changes: impl IntoIterator<Item = &'a [u8]>) -> Option<Box<Shadow>> {
-    let mut fast = Box::new(Shadow::new());
+fn fresh_shadow<'a>(changes: impl IntoIterator<Item = &'a [u8]>) -> Option<Shadow> {
+    let mut fast = Shadow::new();
     let all = changes
         .into_iter()
         .all(|bytes| columnar::decode(bytes).is_some_and(|c| fast.fold_applied(&c)));
