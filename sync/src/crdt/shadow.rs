@@ -621,7 +621,8 @@ enum Put<'s, 'a> {
     List,
 }
 
-/// Push `(id, put)` onto `slot`, its value written in place.
+/// Push `(id, put)` onto `slot`, its value written in place (a string
+/// as [`Text::new`] makes it, but in its slot).
 fn put_into(slot: &mut Slot, id: Id, put: Put<'_, '_>) {
     let val = match put {
         Put::Map => Val::Map,
@@ -1078,10 +1079,10 @@ impl Shadow {
         (a.ctr, self.actor_bytes(a.actor)) > (b.ctr, self.actor_bytes(b.actor))
     }
 
-    /// Apply one op (`put`, made with `room` if it is an object) where
-    /// `at` says: its object, its index in the change, its key, whether it
-    /// inserts, and whether this change made the object. `None` if it
-    /// cannot be (nothing changed by this op).
+    /// Apply one op (`put`, made with `room` if it is an object) at `obj`
+    /// and `key` (`op` is its index in the change; `made_here`: this
+    /// change made `obj`). `None` if it cannot be (nothing changed by this
+    /// op).
     #[allow(clippy::too_many_arguments)]
     fn apply_op(
         &mut self,
@@ -1189,11 +1190,8 @@ impl Shadow {
             return None;
         }
         if let Some(o) = made {
-            if new_id {
-                self.objs.push_new(Some(id), o);
-            } else {
-                self.objs.insert(Some(id), o);
-            }
+            // (No object has this id: checked above.)
+            self.objs.push_new(Some(id), o);
             undo.push(Undo::Created(id));
         }
         Some(())
