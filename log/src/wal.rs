@@ -234,10 +234,11 @@ pub(crate) struct Wal {
     pos: u64,
     /// The next entry's commit number.
     next: u64,
-    /// Start of the oldest entry not yet checkpointed (`None`: all free).
-    live_from: Option<u64>,
-    /// Bytes written since the last checkpoint.
+    /// Bytes of the entries not yet checkpointed.
     live_bytes: u64,
+    /// The entries not yet checkpointed, oldest first: commit number,
+    /// start, length with padding.
+    live: std::collections::VecDeque<(u64, u64, u64)>,
     /// Where an entry is built: large enough to hold it at an address
     /// aligned to [`ALIGN`], as direct I/O needs.
     buf: Vec<u8>,
@@ -336,8 +337,8 @@ impl Wal {
             len,
             pos: align_up(last.end),
             next: last.commit + 1,
-            live_from: None,
             live_bytes: 0,
+            live: std::collections::VecDeque::new(),
             buf: Vec::new(),
         };
         // A ring bigger than the bound (the bound was lowered) keeps its
@@ -351,9 +352,21 @@ impl Wal {
         Ok(wal)
     }
 
-    /// Bytes written since the last checkpoint.
+    /// Bytes of the entries not yet checkpointed.
     pub(crate) fn live_bytes(&self) -> u64 {
         self.live_bytes
+    }
+
+    /// Frees the entries up to commit `through` (their writes are durable
+    /// in fjall); a commit already freed changes nothing.
+    pub(crate) fn checkpoint_through(&mut self, through: u64) {
+        while let Some(&(commit, _, n)) = self.live.front() {
+            if commit > through {
+                break;
+            }
+            self.live.pop_front();
+            self.live_bytes -= n;
+        }
     }
 
     /// The ring's capacity once grown.
@@ -364,8 +377,8 @@ impl Wal {
     /// Frees every entry written so far (their writes are durable in
     /// fjall).
     pub(crate) fn checkpoint(&mut self) {
-        self.live_from = None;
         self.live_bytes = 0;
+        self.live.clear();
     }
 
     /// Empties the ring (every entry checkpointed: a clean close).
@@ -383,10 +396,20 @@ impl Wal {
             return Err(Full::TooLarge);
         }
         let fits_at = |at: u64| at + n <= self.max;
-        match self.live_from {
+        // The live entries lie from the oldest one's start to `pos`: in
+        // one piece while the newest starts at or after the oldest, else
+        // wrapped (from the oldest to where the ring was left, then from 0
+        // to `pos`). `pos` equal to the oldest's start is a full ring when
+        // wrapped, not an empty one.
+        let oldest = self.live.front().map(|&(_, at, _)| at);
+        let wrapped = match (oldest, self.live.back()) {
+            (Some(oldest), Some(&(_, newest, _))) => newest < oldest,
+            _ => false,
+        };
+        match oldest {
             None if fits_at(self.pos) => Ok(self.pos),
             None => Ok(0),
-            Some(oldest) if self.pos >= oldest => {
+            Some(oldest) if !wrapped => {
                 if fits_at(self.pos) {
                     Ok(self.pos)
                 } else if n <= oldest {
@@ -474,8 +497,8 @@ impl Wal {
         }
         self.next += 1;
         self.pos = at + n;
-        self.live_from.get_or_insert(at);
         self.live_bytes += n;
+        self.live.push_back((commit, at, n));
         Ok(Written {
             commit,
             end: self.pos,
@@ -679,5 +702,79 @@ mod tests {
             wal.append(&payload(1, 2 << 20)),
             Err(Full::TooLarge)
         ));
+    }
+
+    /// A ring filled exactly up to its oldest entry after wrapping is
+    /// full: the next entry must not go there (where the oldest is).
+    #[test]
+    fn a_ring_filled_to_its_oldest_entry_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = replay(&dir.path().join("ring"), GROW_STEP, None);
+        // Entries of exactly a quarter of the ring with their padding.
+        let quarter = payload(0, (GROW_STEP / 4) as usize - HEADER - 28);
+        assert_eq!(align_up((HEADER + quarter.len()) as u64), GROW_STEP / 4);
+        wal.append(&quarter).unwrap().unwrap();
+        wal.checkpoint();
+        for _ in 0..3 {
+            wal.append(&quarter).unwrap().unwrap();
+        }
+        // Wraps to 0 and ends where the oldest live entry starts.
+        let w = wal.append(&quarter).unwrap().unwrap();
+        assert_eq!(w.end, GROW_STEP / 4);
+        assert!(matches!(wal.append(&quarter), Err(Full::NoRoom)));
+        wal.checkpoint_through(w.commit - 3);
+        let w = wal.append(&quarter).unwrap().unwrap();
+        assert_eq!(w.end, GROW_STEP / 2, "into the freed entry's place");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Entries freed a few at a time (the oldest through some later
+        /// one, as fjall's journal is synced behind the writer) are the
+        /// only ones overwritten: from any marker at or past the freed
+        /// ones, replay gives back exactly the later entries.
+        #[test]
+        fn partly_freed_entries_are_never_overwritten(
+            sizes in proptest::collection::vec(1usize..300_000, 20..60),
+            frees in proptest::collection::vec(0usize..8, 60),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ring");
+            let max = GROW_STEP;
+            let (mut wal, _) = replay(&path, max, None);
+            let mut written: Vec<(Written, Vec<u8>)> = Vec::new();
+            // Commits up to this one are freed.
+            let mut freed = 0u64;
+            for (i, n) in sizes.iter().enumerate() {
+                let p = payload(i as u64, *n);
+                let w = loop {
+                    match wal.append(&p) {
+                        Ok(r) => break r.unwrap(),
+                        Err(Full::NoRoom) => {
+                            // Free the oldest live entry and up to a few more.
+                            let live = written.len() as u64 - freed;
+                            proptest::prop_assert!(live > 0, "no room in an empty ring");
+                            let k = (frees[i] as u64).min(live - 1);
+                            freed += 1 + k;
+                            wal.checkpoint_through(freed);
+                        }
+                        Err(Full::TooLarge) => unreachable!(),
+                    }
+                };
+                written.push((w, p));
+                let live: u64 = written.iter().skip(freed as usize).map(|(w, p)| {
+                    let _ = w;
+                    align_up((HEADER + p.len()) as u64)
+                }).sum();
+                proptest::prop_assert_eq!(wal.live_bytes(), live);
+            }
+            wal.sync().unwrap();
+            drop(wal);
+            for from in freed.max(1)..written.len() as u64 {
+                let (_, got) = replay(&path, max, Some(written[from as usize - 1].0));
+                proptest::prop_assert_eq!(&got, &written[from as usize..].to_vec(), "from {}", from);
+            }
+        }
     }
 }
