@@ -97,11 +97,11 @@ const MEMTABLE_STALL_BYTES: u64 = 48 << 20;
 /// each merge rewrites the whole second level: merging 16 flushes of 4
 /// MiB at a time instead of 4 made that work four times rarer. Measured
 /// on two cores, 32 writers, batches of 16 (with one background worker):
-/// 124–149k records/s before, 188–214k after (fjall's background CPU was
-/// more than half of the process's). One writer's keys do not interleave (its flushes are
-/// moved down, not merged) and are unchanged. fjall records a keyspace's
-/// strategy when the keyspace is created: stores created before keep
-/// theirs.
+/// 124–149k records/s before, 160–214k after (fjall's background CPU was
+/// more than half of the process's). One writer's keys do not
+/// interleave (its flushes are moved down, not merged) and are
+/// unchanged. fjall records a keyspace's strategy when the keyspace is
+/// created: stores created before keep theirs.
 const RECORDS_L0_TABLES: u8 = 16;
 const RECORDS_TABLE_BYTES: u64 = 16 << 20;
 /// The commit journal's file in the store's directory.
