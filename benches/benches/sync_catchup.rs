@@ -52,12 +52,21 @@ use serde_json::json;
 
 /// With `KEEL_PERF_CTL=FIFO`, tells `perf record --control fifo:FIFO,FIFO.ack
 /// -D -1` to sample the timed sections alone (`enable` before each, `disable`
-/// after): set-up takes most of a run's time.
-fn perf_ctl(cmd: &str) {
+/// after): set-up takes most of a run's time. Not a benchmark's first
+/// iteration (`warm` false), which criterion runs as its warm-up: that one
+/// grows the process onto memory it never touched, and the kernel's
+/// zeroing of those fresh huge pages (slow on a virtual machine whose host
+/// backs memory on first touch: about six times the iteration's own work)
+/// made a third or more of a whole profile, where the measured iterations
+/// reuse that memory and fault no page.
+fn perf_ctl(cmd: &str, warm: bool) {
     use std::io::{Read, Write};
     let Ok(fifo) = std::env::var("KEEL_PERF_CTL") else {
         return;
     };
+    if !warm {
+        return;
+    }
     let mut ctl = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     ctl.write_all(cmd.as_bytes()).unwrap();
     let mut ack = [0u8; 5];
@@ -190,19 +199,21 @@ fn catchup(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(10))
             .throughput(Throughput::Elements(nodes as u64 * BEHIND * 2));
+        let mut warm = false;
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let mut ps = pairs(&t, nodes, with_objects);
-                    perf_ctl("enable\n");
+                    perf_ctl("enable\n", warm);
                     let start = Instant::now();
                     let mut moved = 0;
                     for p in &mut ps {
                         moved += p.run().unwrap();
                     }
                     total += start.elapsed();
-                    perf_ctl("disable\n");
+                    perf_ctl("disable\n", warm);
+                    warm = true;
                     assert_eq!(moved, nodes as u64 * BEHIND * 2);
                     drop(ps);
                 }
@@ -324,6 +335,7 @@ fn crdt_catchup(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(200))
             .measurement_time(Duration::from_secs(2))
             .throughput(Throughput::Elements((APPLY_NODES * PODS) as u64));
+        let mut warm = false;
         g.bench_function(format!("history-{history}"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -340,14 +352,15 @@ fn crdt_catchup(c: &mut Criterion) {
                             )
                         })
                         .collect();
-                    perf_ctl("enable\n");
+                    perf_ctl("enable\n", warm);
                     let start = Instant::now();
                     let mut moved = 0;
                     for p in &mut ps {
                         moved += p.run().unwrap();
                     }
                     total += start.elapsed();
-                    perf_ctl("disable\n");
+                    perf_ctl("disable\n", warm);
+                    warm = true;
                     assert_eq!(moved, (APPLY_NODES * PODS) as u64);
                     // Every change applied (not queued, not refused).
                     let p = ps.first().unwrap();
