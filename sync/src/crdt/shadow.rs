@@ -247,6 +247,32 @@ impl SmallKeys {
         true
     }
 
+    /// Put `(id, put)` in as a new key `k` after the last one: `false`
+    /// (nothing changed) if `k` does not sort after every key, or the map
+    /// is full.
+    #[inline(always)]
+    fn push_last(&mut self, k: &str, id: Id, put: Put<'_, '_>) -> bool {
+        let n = self.entries.len();
+        if n >= SMALL_MAP
+            || n.checked_sub(1)
+                .is_some_and(|last| cmp_keys(self.key(last), k) != std::cmp::Ordering::Less)
+        {
+            return false;
+        }
+        if self.text.capacity() == 0 {
+            self.text.reserve(KEYS_TEXT.max(k.len()));
+        }
+        self.text.push_str(k);
+        // (Written where it is kept: a value pushed is written apart and
+        // then read back whole, which waits on the store buffer.)
+        let end = self.text.len();
+        self.entries.resize_with(n + 1, || (end, Slot::new()));
+        if let Some((_, slot)) = self.entries.last_mut() {
+            put_into(slot, id, put);
+        }
+        true
+    }
+
     fn remove_at(&mut self, at: usize) {
         let (start, Some(end)) = (self.start(at), self.end(at)) else {
             return;
@@ -411,6 +437,34 @@ impl Keys {
             .into_iter()
             .flatten()
             .chain(large.into_iter().flatten())
+    }
+}
+
+impl Obj {
+    /// Put `(id, put)` in after the object's last key or element, where
+    /// `key` (and `insert`) place it there: `false` (nothing changed)
+    /// anywhere else. What a change writes into an object it made itself
+    /// mostly goes there (automerge writes a new map's keys in order, a
+    /// new list's elements one after another): nothing to find.
+    #[inline(always)]
+    fn push_last(&mut self, key: K<'_>, insert: bool, id: Id, put: Put<'_, '_>) -> bool {
+        match (self, key) {
+            (Obj::Map(Keys::Small(small)), K::Prop(k)) if !insert => small.push_last(k, id, put),
+            (Obj::List(list), K::Head | K::Elem(_))
+                if insert
+                    && match key {
+                        K::Elem(e) => list.last().is_some_and(|(last, _)| *last == e),
+                        _ => list.is_empty(),
+                    } =>
+            {
+                list.resize_with(list.len() + 1, || (id, Slot::new()));
+                if let Some((_, slot)) = list.last_mut() {
+                    put_into(slot, id, put);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -1110,6 +1164,23 @@ impl Shadow {
             Some(Put::List) => Some(Obj::List(Vec::with_capacity(room.entries))),
             _ => None,
         };
+        // A new key or element at the end of an object this change made
+        // (nothing live there, nothing after it) is put there as the
+        // general path below would put it, and needs no undo entry.
+        if made_here
+            && preds.is_empty()
+            && let Some(p) = put
+            && self
+                .objs
+                .get_mut(&obj)
+                .is_some_and(|o| o.push_last(key, insert, id, p))
+        {
+            if let Some(o) = made {
+                self.objs.push_new(Some(id), o);
+                undo.push(Undo::Created(id));
+            }
+            return Some(());
+        }
         // What an op writes into an object this change made needs no
         // undo entry: undoing the making removes the object.
         let mut undo_entry = |u: Undo| {
