@@ -357,6 +357,18 @@ struct RawText<'a> {
 impl<'a> RawText<'a> {
     fn new(column: &'a [u8]) -> RawText<'a> {
         let mut runs = SmallVec::new();
+        // Mostly the column is UTF-8 whole (strings, and numbers whose
+        // bytes happen to be ASCII): one run, found by the fast check.
+        if let Ok(text) = std::str::from_utf8(column) {
+            if !text.is_empty() {
+                runs.push((0, text));
+            }
+            return RawText {
+                column: column.len(),
+                runs,
+                at: 0,
+            };
+        }
         let mut start = 0;
         for chunk in column.utf8_chunks() {
             let valid = chunk.valid();

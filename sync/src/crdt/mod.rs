@@ -316,7 +316,10 @@ impl Entry {
         if !shadow.fold_next(&change, known) {
             return false;
         }
-        self.tail.push((hash, bytes.to_vec()));
+        shadow::push_in_place(&mut self.tail, || (hash, Vec::new()));
+        if let Some((_, kept)) = self.tail.last_mut() {
+            *kept = bytes.to_vec();
+        }
         true
     }
 

@@ -123,6 +123,15 @@ fn clone_with_room<T: Clone>(v: &Vec<T>) -> Vec<T> {
     copy
 }
 
+/// Push the value `make` makes onto `v`, written where `v` keeps it. A
+/// value built apart and then pushed is written by narrow stores and read
+/// back by the push's wide loads, each spanning several of those stores:
+/// the loads wait until the stores have left the store buffer.
+#[inline(always)]
+pub(crate) fn push_in_place<T>(v: &mut Vec<T>, make: impl FnMut() -> T) {
+    v.resize_with(v.len() + 1, make);
+}
+
 /// The live ops of one map key or list element (usually one, held inline;
 /// several after concurrent puts, the greatest id visible).
 type Slot = SmallVec<[(Id, Val); 1]>;
@@ -266,7 +275,7 @@ impl SmallKeys {
         // (Written where it is kept: a value pushed is written apart and
         // then read back whole, which waits on the store buffer.)
         let end = self.text.len();
-        self.entries.resize_with(n + 1, || (end, Slot::new()));
+        push_in_place(&mut self.entries, || (end, Slot::new()));
         if let Some((_, slot)) = self.entries.last_mut() {
             put_into(slot, id, put);
         }
@@ -457,7 +466,7 @@ impl Obj {
                         _ => list.is_empty(),
                     } =>
             {
-                list.resize_with(list.len() + 1, || (id, Slot::new()));
+                push_in_place(list, || (id, Slot::new()));
                 if let Some((_, slot)) = list.last_mut() {
                     put_into(slot, id, put);
                 }
@@ -609,10 +618,34 @@ impl Objs {
 
     /// Put `obj` in as the object `id`, which the document does not hold.
     fn push_new(&mut self, id: Option<Id>, obj: Obj) {
-        let at = self.ids.len() as u32;
         self.ids.push(id);
         self.objs.push(obj);
+        self.index_last();
+    }
+
+    /// Make the object `id` (a map if `map`, else a list) with `room`: the
+    /// document does not hold it. Written in place (see [`push_in_place`]).
+    fn push_made(&mut self, id: Id, map: bool, room: Room) {
+        push_in_place(&mut self.ids, || Some(id));
+        push_in_place(&mut self.objs, || {
+            if map {
+                Obj::Map(Keys::with_room(room))
+            } else {
+                Obj::List(Vec::with_capacity(room.entries))
+            }
+        });
+        self.index_last();
+    }
+
+    /// Index the object pushed last, once there are more than
+    /// [`OBJ_SCAN`].
+    fn index_last(&mut self) {
         if self.ids.len() > OBJ_SCAN {
+            let (Some(at), Some(id)) = (self.ids.len().checked_sub(1), self.ids.last().copied())
+            else {
+                return;
+            };
+            let at = at as u32;
             if self.index.is_empty() {
                 self.reindex();
             } else {
@@ -1159,9 +1192,10 @@ impl Shadow {
         if matches!(put, Some(Put::Map | Put::List)) && !new_id && self.objs.contains(&Some(id)) {
             return None;
         }
+        // The object the op makes (a map or not), made once the op is in.
         let made = match put {
-            Some(Put::Map) => Some(Obj::Map(Keys::with_room(room))),
-            Some(Put::List) => Some(Obj::List(Vec::with_capacity(room.entries))),
+            Some(Put::Map) => Some(true),
+            Some(Put::List) => Some(false),
             _ => None,
         };
         // A new key or element at the end of an object this change made
@@ -1175,9 +1209,9 @@ impl Shadow {
                 .get_mut(&obj)
                 .is_some_and(|o| o.push_last(key, insert, id, p))
         {
-            if let Some(o) = made {
-                self.objs.push_new(Some(id), o);
-                undo.push(Undo::Created(id));
+            if let Some(map) = made {
+                self.objs.push_made(id, map, room);
+                push_in_place(undo, || Undo::Created(id));
             }
             return Some(());
         }
@@ -1260,10 +1294,10 @@ impl Shadow {
         if next_after.is_some_and(|n| self.greater(n, id)) {
             return None;
         }
-        if let Some(o) = made {
+        if let Some(map) = made {
             // (No object has this id: checked above.)
-            self.objs.push_new(Some(id), o);
-            undo.push(Undo::Created(id));
+            self.objs.push_made(id, map, room);
+            push_in_place(undo, || Undo::Created(id));
         }
         Some(())
     }
