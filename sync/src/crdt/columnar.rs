@@ -357,25 +357,28 @@ struct RawText<'a> {
 impl<'a> RawText<'a> {
     fn new(column: &'a [u8]) -> RawText<'a> {
         let mut runs = SmallVec::new();
-        // Mostly the column is UTF-8 whole (strings, and numbers whose
-        // bytes happen to be ASCII): one run, found by the fast check.
-        if let Ok(text) = std::str::from_utf8(column) {
-            if !text.is_empty() {
-                runs.push((0, text));
-            }
-            return RawText {
-                column: column.len(),
-                runs,
-                at: 0,
-            };
-        }
+        // Found with the standard check (which reads ASCII a word at a
+        // time) rather than the per-chunk walk (a byte at a time): a
+        // column is mostly strings, with a few bytes of numbers between
+        // them that are not UTF-8 (a restart count past 127).
         let mut start = 0;
-        for chunk in column.utf8_chunks() {
-            let valid = chunk.valid();
+        while let Some(rest) = column.get(start..).filter(|r| !r.is_empty()) {
+            let (valid, skip) = match std::str::from_utf8(rest) {
+                Ok(text) => (text, 0),
+                Err(e) => {
+                    let valid = rest
+                        .get(..e.valid_up_to())
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .unwrap_or_default();
+                    // (`None`: a sequence cut by the end, invalid to it.)
+                    let skip = e.error_len().unwrap_or(rest.len() - valid.len());
+                    (valid, skip)
+                }
+            };
             if !valid.is_empty() {
                 runs.push((start, valid));
             }
-            start += valid.len() + chunk.invalid().len();
+            start += valid.len() + skip.max(usize::from(valid.is_empty()));
         }
         RawText {
             column: column.len(),
