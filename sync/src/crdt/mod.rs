@@ -316,6 +316,7 @@ impl Entry {
         if !shadow.fold_next(&change, known) {
             return false;
         }
+        // The entry written in place, then its bytes (see `push_in_place`).
         shadow::push_in_place(&mut self.tail, || (hash, Vec::new()));
         if let Some((_, kept)) = self.tail.last_mut() {
             *kept = bytes.to_vec();

@@ -244,16 +244,21 @@ impl SmallKeys {
         if !self.text.is_char_boundary(start) || at > self.entries.len() {
             return false;
         }
-        if self.text.capacity() == 0 {
-            // Room for the few short keys most maps hold, at once.
-            self.text.reserve(KEYS_TEXT.max(k.len()));
-        }
+        self.room_for_first(k);
         self.text.insert_str(start, k);
         for (end, _) in self.entries.iter_mut().skip(at) {
             *end += k.len();
         }
         self.entries.insert(at, (start + k.len(), slot));
         true
+    }
+
+    /// Room for the few short keys most maps hold, at once, when the map
+    /// has none yet (`k` is its first).
+    fn room_for_first(&mut self, k: &str) {
+        if self.text.capacity() == 0 {
+            self.text.reserve(KEYS_TEXT.max(k.len()));
+        }
     }
 
     /// Put `(id, put)` in as a new key `k` after the last one: `false`
@@ -268,9 +273,7 @@ impl SmallKeys {
         {
             return false;
         }
-        if self.text.capacity() == 0 {
-            self.text.reserve(KEYS_TEXT.max(k.len()));
-        }
+        self.room_for_first(k);
         self.text.push_str(k);
         // (Written where it is kept: a value pushed is written apart and
         // then read back whole, which waits on the store buffer.)
@@ -1210,8 +1213,7 @@ impl Shadow {
                 .is_some_and(|o| o.push_last(key, insert, id, p))
         {
             if let Some(map) = made {
-                self.objs.push_made(id, map, room);
-                push_in_place(undo, || Undo::Created(id));
+                self.make(id, map, room, undo);
             }
             return Some(());
         }
@@ -1295,11 +1297,17 @@ impl Shadow {
             return None;
         }
         if let Some(map) = made {
-            // (No object has this id: checked above.)
-            self.objs.push_made(id, map, room);
-            push_in_place(undo, || Undo::Created(id));
+            self.make(id, map, room, undo);
         }
         Some(())
+    }
+
+    /// Make the object an op `id` makes (a map if `map`, else a list),
+    /// with `room`, and its undo entry. (No object has this id: checked
+    /// before the op is applied.)
+    fn make(&mut self, id: Id, map: bool, room: Room, undo: &mut Vec<Undo>) {
+        self.objs.push_made(id, map, room);
+        push_in_place(undo, || Undo::Created(id));
     }
 
     fn undo(&mut self, u: Undo, c: &Decoded<'_>) {
