@@ -132,6 +132,16 @@ pub(crate) fn push_in_place<T>(v: &mut Vec<T>, make: impl FnMut() -> T) {
     v.resize_with(v.len() + 1, make);
 }
 
+/// Push an entry `(at, slot)` onto `v` and put `(id, put)` into its slot,
+/// both written where `v` keeps them (see [`push_in_place`]).
+#[inline(always)]
+fn push_entry<T: Copy>(v: &mut Vec<(T, Slot)>, at: T, id: Id, put: Put<'_, '_>) {
+    push_in_place(v, || (at, Slot::new()));
+    if let Some((_, slot)) = v.last_mut() {
+        put_into(slot, id, put);
+    }
+}
+
 /// The live ops of one map key or list element (usually one, held inline;
 /// several after concurrent puts, the greatest id visible).
 type Slot = SmallVec<[(Id, Val); 1]>;
@@ -275,13 +285,7 @@ impl SmallKeys {
         }
         self.room_for_first(k);
         self.text.push_str(k);
-        // (Written where it is kept: a value pushed is written apart and
-        // then read back whole, which waits on the store buffer.)
-        let end = self.text.len();
-        push_in_place(&mut self.entries, || (end, Slot::new()));
-        if let Some((_, slot)) = self.entries.last_mut() {
-            put_into(slot, id, put);
-        }
+        push_entry(&mut self.entries, self.text.len(), id, put);
         true
     }
 
@@ -462,17 +466,14 @@ impl Obj {
     fn push_last(&mut self, key: K<'_>, insert: bool, id: Id, put: Put<'_, '_>) -> bool {
         match (self, key) {
             (Obj::Map(Keys::Small(small)), K::Prop(k)) if !insert => small.push_last(k, id, put),
-            (Obj::List(list), K::Head | K::Elem(_))
-                if insert
-                    && match key {
-                        K::Elem(e) => list.last().is_some_and(|(last, _)| *last == e),
-                        _ => list.is_empty(),
-                    } =>
+            (Obj::List(list), K::Head) if insert && list.is_empty() => {
+                push_entry(list, id, id, put);
+                true
+            }
+            (Obj::List(list), K::Elem(e))
+                if insert && list.last().is_some_and(|(last, _)| *last == e) =>
             {
-                push_in_place(list, || (id, Slot::new()));
-                if let Some((_, slot)) = list.last_mut() {
-                    put_into(slot, id, put);
-                }
+                push_entry(list, id, id, put);
                 true
             }
             _ => false,
